@@ -1,0 +1,328 @@
+"""Model configs: frozen, hashable dataclasses read from either generation of Aria's config.json.
+
+Two on-disk generations exist (aria-reference.md section 1):
+- transformers-native (`text_config.model_type == "aria_text"`): `intermediate_size` is the
+  expert width; rope theta in `rope_parameters` (transformers 5) or at the top level.
+- the original remote-code format (`"aria_moe_lm"`): the expert width is
+  `moe_intermediate_size`, and `intermediate_size` (13568) is unused and must be ignored.
+
+The configs are hashable so they can be static arguments of jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe an Aria model; the message names the field and value."""
+
+
+ORIGINAL_TEXT_MODEL_TYPE = "aria_moe_lm"
+TEXT_MODEL_TYPES = ("aria_text", ORIGINAL_TEXT_MODEL_TYPE)
+VISION_MODEL_TYPES = ("idefics3_vision", "aria_vision_model", "siglip_vision_model")
+SUPPORTED_ROPE_TYPES = ("default",)
+SUPPORTED_MOE_BACKENDS = ("auto", "ragged_dot", "dense")
+
+
+def _require(condition: bool, field: str, value: Any, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid config: {field}={value!r}: {why}")
+
+
+def _positive_ints(config: Any, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            field, value, "must be a positive integer",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AriaTextConfig:
+    """The MoE decoder. `intermediate_size` is the width of one routed expert."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    moe_num_experts: int
+    moe_topk: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    moe_num_shared_experts: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = 2
+    # How routed experts are computed: "ragged_dot" (sort tokens by expert, grouped matmul),
+    # "dense" (every expert on every token; the reference), "auto" (the best for the platform).
+    moe_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif self.eos_token_id is None:
+            object.__setattr__(self, "eos_token_id", ())
+        else:
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    def validate(self) -> None:
+        _positive_ints(self, (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "moe_num_experts",
+            "moe_topk", "max_position_embeddings",
+        ))
+        _require(
+            self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+            self.num_attention_heads, f"must divide hidden_size={self.hidden_size}",
+        )
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+            self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        _require(
+            self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings"
+        )
+        _require(
+            self.moe_topk <= self.moe_num_experts, "moe_topk", self.moe_topk,
+            f"cannot exceed moe_num_experts={self.moe_num_experts}",
+        )
+        _require(
+            isinstance(self.moe_num_shared_experts, int) and self.moe_num_shared_experts >= 0,
+            "moe_num_shared_experts", self.moe_num_shared_experts, "must be a non-negative integer",
+        )
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be positive")
+        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+        _require(
+            self.hidden_act in ("silu", "gelu_pytorch_tanh", "gelu"), "hidden_act", self.hidden_act,
+            "supported: silu, gelu, gelu_pytorch_tanh",
+        )
+        _require(
+            self.moe_backend in SUPPORTED_MOE_BACKENDS, "moe_backend", self.moe_backend,
+            f"supported: {', '.join(SUPPORTED_MOE_BACKENDS)}",
+        )
+
+    @property
+    def shared_expert_size(self) -> int:
+        return self.intermediate_size * self.moe_num_shared_experts
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "AriaTextConfig":
+        """Reads a `text_config` (or a text-only config.json) of either generation."""
+        model_type = d.get("model_type", "aria_text")
+        _require(
+            model_type in TEXT_MODEL_TYPES, "text_config.model_type", model_type,
+            f"expected one of {', '.join(TEXT_MODEL_TYPES)}",
+        )
+        width_key = "moe_intermediate_size" if model_type == ORIGINAL_TEXT_MODEL_TYPE else "intermediate_size"
+        required = {
+            "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": width_key,
+            "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+            "moe_num_experts": "moe_num_experts", "moe_topk": "moe_topk",
+        }
+        missing = [key for key in required.values() if key not in d]
+        if missing:
+            raise ConfigError(f"invalid config: missing field {missing[0]!r} in text config ({model_type})")
+        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            _require(not d.get(flag, False), flag, d.get(flag), "Aria has no such weights; only false is supported")
+
+        fields = {ours: d[theirs] for ours, theirs in required.items()}
+        for name in (
+            "num_key_value_heads", "head_dim", "moe_num_shared_experts", "rms_norm_eps",
+            "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
+        ):
+            if d.get(name) is not None:
+                fields[name] = d[name]
+        rope_theta, rope_type = _read_rope(d)
+        _require(
+            rope_type in SUPPORTED_ROPE_TYPES, "rope_type", rope_type,
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
+        )
+        if rope_theta is not None:
+            fields["rope_theta"] = float(rope_theta)
+        return cls(**fields)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The transformers-native text_config."""
+        return {
+            "model_type": "aria_text",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "moe_num_experts": self.moe_num_experts, "moe_topk": self.moe_topk,
+            "moe_num_shared_experts": self.moe_num_shared_experts, "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "max_position_embeddings": self.max_position_embeddings, "hidden_act": self.hidden_act,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_id),
+            "pad_token_id": self.pad_token_id, "tie_word_embeddings": False,
+        }
+
+
+def _read_rope(d: dict[str, Any]) -> tuple[float | None, str]:
+    """rope theta and type from `rope_parameters`, `rope_scaling` or the top-level `rope_theta`."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = params.get("rope_theta", d.get("rope_theta"))
+    return theta, rope_type
+
+
+@dataclasses.dataclass(frozen=True)
+class AriaVisionConfig:
+    """The SigLIP/Idefics3 vision tower. Defaults are the full-size values that hub configs omit."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 980
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    def __post_init__(self):
+        _positive_ints(self, (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "patch_size", "image_size", "num_channels",
+        ))
+        _require(
+            self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
+            self.num_attention_heads, f"must divide vision hidden_size={self.hidden_size}",
+        )
+        _require(
+            self.image_size % self.patch_size == 0, "vision_config.image_size", self.image_size,
+            f"must be a multiple of patch_size={self.patch_size}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "AriaVisionConfig":
+        # The hub file's `attention_heads` key is a typo that transformers ignores; so do we.
+        model_type = d.get("model_type", "idefics3_vision")
+        _require(
+            model_type in VISION_MODEL_TYPES, "vision_config.model_type", model_type,
+            f"expected one of {', '.join(VISION_MODEL_TYPES)}",
+        )
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: d[name] for name in names if d.get(name) is not None})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {"model_type": "idefics3_vision", **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AriaConfig:
+    """The whole model: vision tower, projector, text decoder."""
+
+    text_config: AriaTextConfig
+    vision_config: AriaVisionConfig = AriaVisionConfig()
+    # (number of patches of a crop, number of projector queries) pairs, e.g. ((1225, 128), (4900, 256)).
+    projector_patch_to_query: tuple[tuple[int, int], ...] = ((1225, 128), (4900, 256))
+    image_token_index: int = 9
+    pad_token_id: int = 2
+
+    def __post_init__(self):
+        pairs = tuple(sorted((int(k), int(v)) for k, v in dict(self.projector_patch_to_query).items()))
+        object.__setattr__(self, "projector_patch_to_query", pairs)
+        _require(len(pairs) > 0, "projector_patch_to_query_dict", {}, "must not be empty")
+        max_patches = self.vision_config.num_patches_per_side ** 2
+        for patches, queries in pairs:
+            side = math.isqrt(patches)
+            _require(
+                side * side == patches and 0 < patches <= max_patches,
+                "projector_patch_to_query_dict", dict(pairs),
+                f"key {patches} must be a square number of patches at most {max_patches}",
+            )
+            _require(queries > 0, "projector_patch_to_query_dict", dict(pairs),
+                     f"query count {queries} must be positive")
+        _require(
+            0 <= self.image_token_index < self.text_config.vocab_size, "image_token_index",
+            self.image_token_index, f"must be a token id below vocab_size={self.text_config.vocab_size}",
+        )
+
+    @property
+    def max_queries(self) -> int:
+        return max(queries for _, queries in self.projector_patch_to_query)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "AriaConfig":
+        if "text_config" not in d:
+            raise ConfigError("invalid config: missing field 'text_config' in a multimodal Aria config")
+        fields: dict[str, Any] = {
+            "text_config": AriaTextConfig.from_hf_dict(d["text_config"]),
+            "vision_config": AriaVisionConfig.from_hf_dict(d.get("vision_config") or {}),
+        }
+        if d.get("projector_patch_to_query_dict") is not None:
+            fields["projector_patch_to_query"] = tuple(d["projector_patch_to_query_dict"].items())
+        image_token = d.get("image_token_index", d.get("image_token_id"))
+        if image_token is not None:
+            fields["image_token_index"] = image_token
+        if d.get("pad_token_id") is not None:
+            fields["pad_token_id"] = d["pad_token_id"]
+        return cls(**fields)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "architectures": ["AriaForConditionalGeneration"], "model_type": "aria",
+            "text_config": self.text_config.to_hf_dict(),
+            "vision_config": self.vision_config.to_hf_dict(),
+            "projector_patch_to_query_dict": {str(k): v for k, v in self.projector_patch_to_query},
+            "image_token_index": self.image_token_index, "pad_token_id": self.pad_token_id,
+            "vision_feature_layer": -1,
+        }
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a model directory (or the file itself) as a dict, with a clear error."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        file = os.path.join(path, "config.json")
+    elif path.endswith(".json"):
+        file = path
+    else:  # a weights file: its config.json is beside it
+        file = os.path.join(os.path.dirname(path), "config.json")
+    if not os.path.isfile(file):
+        raise ConfigError(f"no config.json found at {path}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{file}: not valid JSON ({err})") from None
+
+
+def is_multimodal(d: dict[str, Any]) -> bool:
+    return "text_config" in d
+
+
+def text_config_from_pretrained(path: str | os.PathLike) -> AriaTextConfig:
+    """The text config of a text-only or a multimodal checkpoint directory."""
+    d = read_config_json(path)
+    return AriaTextConfig.from_hf_dict(d["text_config"] if is_multimodal(d) else d)
+
+
+def config_from_pretrained(path: str | os.PathLike) -> AriaConfig:
+    return AriaConfig.from_hf_dict(read_config_json(path))

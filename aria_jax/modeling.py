@@ -1,0 +1,105 @@
+"""The text decoder: embedding, a scanned stack of (attention, MoE) layers, final norm, lm_head.
+
+Everything here is functional Flax Linen: `TextDecoder.apply({"params": params}, ...)`. The layer
+stack is an `nn.scan`, so each layer parameter is stored once, stacked over a leading "layers"
+axis, and compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aria_jax.attention import Attention, causal_padding_mask
+from aria_jax.config import AriaTextConfig
+from aria_jax.layers import RMSNorm, default_kernel_init, param_with_axes, rope_cos_sin
+from aria_jax.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    config: AriaTextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        with jax.named_scope("attention"):
+            normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
+            x = x + Attention(cfg, name="self_attn", **kw)(normed, cos, sin, mask)
+        with jax.named_scope("moe"):
+            normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+            x = x + MoE(cfg, name="mlp", **kw)(normed)
+        return x, None
+
+
+class TextDecoder(nn.Module):
+    """Token ids (or embeddings) -> logits."""
+
+    config: AriaTextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = param_with_axes(
+            self, "embed_tokens", default_kernel_init, (cfg.vocab_size, cfg.hidden_size),
+            ("vocab", "embed"), self.param_dtype,
+        )
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, **kw)
+        self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
+        self.lm_head = param_with_axes(
+            self, "lm_head", default_kernel_init, (cfg.hidden_size, cfg.vocab_size),
+            ("embed", "vocab"), self.param_dtype,
+        )
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+        """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T) 1 = token, 0 = pad;
+        position_ids (B, T), by default counting only attended tokens so left padding is harmless."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        batch, length = x.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
+        x, _ = self.layers(x, cos, sin, causal_padding_mask(attention_mask))
+        x = self.norm(x)
+        return jnp.einsum("btd,dv->btv", x, self.lm_head.astype(self.dtype))
+
+
+def default_position_ids(attention_mask: jax.Array) -> jax.Array:
+    """Positions that count attended tokens only: cumsum(mask) - 1, with pads at 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def text_forward(params, config: AriaTextConfig, input_ids, attention_mask=None, position_ids=None,
+                 dtype=jnp.float32):
+    """Functional forward of the text model: (params pytree, config, inputs) -> logits (B, T, V)."""
+    return TextDecoder(config, dtype=dtype, param_dtype=dtype).apply(
+        {"params": params}, input_ids, attention_mask, position_ids
+    )
+
+
+def init_text_params(config: AriaTextConfig, rng: jax.Array, dtype=jnp.float32):
+    """Random parameters (unboxed) with the same tree the loader fills."""
+    model = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+    variables = model.init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+def text_param_shapes(config: AriaTextConfig, dtype=jnp.float32):
+    """The params tree as `ShapeDtypeStruct`s boxed with logical axis names, without allocating."""
+    model = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]

@@ -1,0 +1,1 @@
+"""The `aria-jax` command line: weight conversion and the user-facing subcommands."""

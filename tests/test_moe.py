@@ -1,0 +1,244 @@
+"""The MoE block's two routed-expert paths agree, values and gradients, and the router is
+"top-k on raw logits, softmax over the k selected" (aria-reference.md section 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aria_jax.config import AriaTextConfig
+from aria_jax.moe import MoE, route, routed_experts_dense, routed_experts_sorted
+
+TOLERANCE = 1e-5  # max abs diff, float32
+HIDDEN, WIDTH = 16, 12
+
+
+# jax.random compiles its hash for every output shape (~0.4 s each on CPU); drawing every array
+# from one fixed-size pool keeps that to a single compile.
+POOL_SIZE = 1 << 15
+_normal_pool = jax.jit(lambda key: jax.random.normal(key, (POOL_SIZE,), jnp.float32))
+
+
+def normal(seed: int, shape, scale: float = 1.0) -> np.ndarray:
+    """float32 N(0, scale^2) of the given shape, drawn with jax.random."""
+    size = int(np.prod(shape))
+    assert size <= POOL_SIZE
+    return np.asarray(_normal_pool(jax.random.key(seed)))[:size].reshape(shape) * np.float32(scale)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def inputs(seed, num_tokens, num_experts, top_k, expert_ids=None):
+    """(x, weights, expert_ids, gate_up, down): random x and expert weights (scaled by 1/sqrt(fan_in)),
+    softmax routing weights, and distinct random expert ids per token unless `expert_ids` is given."""
+    x = normal(4 * seed, (num_tokens, HIDDEN))
+    gate_up = normal(4 * seed + 1, (num_experts, HIDDEN, 2 * WIDTH), HIDDEN ** -0.5)
+    down = normal(4 * seed + 2, (num_experts, WIDTH, HIDDEN), WIDTH ** -0.5)
+    routing = normal(4 * seed + 3, (num_tokens, num_experts + top_k))
+    if expert_ids is None:
+        expert_ids = np.argsort(routing[:, :num_experts], axis=-1)[:, :top_k]   # a random k-subset
+    weights = softmax(routing[:, num_experts:])
+    return tuple(jnp.asarray(a) for a in (x, weights, np.asarray(expert_ids, np.int32), gate_up, down))
+
+
+def max_diff(a, b) -> float:
+    return float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(b))))
+
+
+def group_sizes(expert_ids, num_experts):
+    return np.bincount(np.asarray(expert_ids).reshape(-1), minlength=num_experts)
+
+
+# Routings where experts get no tokens / every token, built directly.
+def _empty_experts(num_tokens):        # E=6, only experts 1 and 4 are used (0, 2, 3, 5 are empty)
+    return [[1, 4] if t % 3 else [4, 1] for t in range(num_tokens)]
+
+
+def _one_expert_takes_all(num_tokens):  # E=5, top-1, every token to expert 3
+    return [[3] for _ in range(num_tokens)]
+
+
+def _one_expert_in_every_token(num_tokens):  # E=4, top-3, expert 0 in every token, last slot varies
+    return [[0, 2, 1 + 2 * (t % 2)] for t in range(num_tokens)]
+
+
+def _last_expert_only(num_tokens):      # E=4, top-1, all to the last expert (groups before it empty)
+    return [[3] for _ in range(num_tokens)]
+
+
+CASES = {
+    # name: (tokens, experts, top_k, routing builder; None = random routing)
+    "t16_e4_k2": (16, 4, 2, None),
+    "t33_e8_k1": (33, 8, 1, None),
+    "t7_e5_k5_topk_eq_experts": (7, 5, 5, None),
+    "t64_e8_k3": (64, 8, 3, None),
+    "t1_e6_k2_single_token": (1, 6, 2, None),
+    "t12_e6_k2_empty_experts": (12, 6, 2, _empty_experts),
+    "t10_e5_k1_one_expert_takes_all": (10, 5, 1, _one_expert_takes_all),
+    "t9_e4_k3_one_expert_in_every_token": (9, 4, 3, _one_expert_in_every_token),
+    "t8_e4_k1_last_expert_only": (8, 4, 1, _last_expert_only),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    name = request.param
+    tokens, experts, top_k, builder = CASES[name]
+    args = inputs(list(CASES).index(name), tokens, experts, top_k,
+                  None if builder is None else builder(tokens))
+    sizes = group_sizes(args[2], experts)
+    assert args[2].shape == (tokens, top_k)
+    assert all(len(set(row)) == top_k for row in np.asarray(args[2]).tolist())  # distinct per token
+    # The constructed cases must really be what their names say.
+    if "empty" in name or "only" in name or "takes_all" in name:
+        assert (sizes == 0).any(), sizes
+    if "takes_all" in name or "every_token" in name:
+        assert sizes.max() == tokens, sizes
+    assert sizes.sum() == tokens * top_k
+    return name, args
+
+
+def test_sorted_equals_dense(case):
+    name, args = case
+    dense = jax.jit(routed_experts_dense)(*args)
+    sorted_ = jax.jit(routed_experts_sorted)(*args)
+    assert sorted_.shape == dense.shape == args[0].shape
+    assert float(jnp.max(jnp.abs(dense))) > 0.1      # not a trivially-zero comparison
+    diff = max_diff(sorted_, dense)
+    print(f"[{name}] jitted sorted vs dense max|diff| = {diff:.2e}")
+    assert diff <= TOLERANCE, f"{name}: {diff}"
+
+
+# Op-by-op (un-jitted) execution compiles every primitive for every shape: two cases suffice.
+@pytest.mark.parametrize("case", ["t16_e4_k2", "t12_e6_k2_empty_experts"], indirect=True)
+def test_unjitted_sorted_equals_dense(case):
+    name, args = case
+    diff = max_diff(routed_experts_sorted(*args), jax.jit(routed_experts_dense)(*args))
+    print(f"[{name}] eager sorted vs dense max|diff| = {diff:.2e}")
+    assert diff <= TOLERANCE, f"{name}: {diff}"
+
+
+def test_dense_reference_is_the_per_token_sum(case):
+    """The dense path itself against a plain per-(token, slot) loop in numpy."""
+    name, (x, weights, ids, gate_up, down) = case
+    x, weights, ids, gate_up, down = map(np.asarray, (x, weights, ids, gate_up, down))
+    expected = np.zeros_like(x)
+    width = down.shape[1]
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            z = x[t] @ gate_up[ids[t, k]]
+            gate, up = z[:width], z[width:]
+            expected[t] += weights[t, k] * ((gate / (1 + np.exp(-gate)) * up) @ down[ids[t, k]])
+    diff = max_diff(jax.jit(routed_experts_dense)(x, weights, ids, gate_up, down), expected)
+    assert diff <= TOLERANCE, f"{name}: {diff}"
+
+
+def test_sorted_gradients_equal_dense(case):
+    """Gradients w.r.t. x, routing weights and both expert weight tensors (fine-tuning uses them),
+    of the outputs summed with random coefficients (a plain sum would not see outputs swapped
+    between hidden units), jitted."""
+    name, (x, weights, ids, gate_up, down) = case
+    cotangent = jnp.asarray(normal(99, x.shape))
+
+    def loss(fn):
+        def f(x, weights, gate_up, down):
+            return jnp.sum(fn(x, weights, ids, gate_up, down) * cotangent)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+
+    ours = loss(routed_experts_sorted)(x, weights, gate_up, down)
+    reference = loss(routed_experts_dense)(x, weights, gate_up, down)
+    for what, a, b in zip(("x", "weights", "gate_up", "down"), ours, reference):
+        assert a.shape == b.shape
+        diff = max_diff(a, b)
+        print(f"[{name}] grad {what} max|diff| = {diff:.2e}")
+        assert diff <= TOLERANCE, f"{name}: d/d{what} differs by {diff}"
+    # Unused experts get exactly zero gradient on both paths; used ones get some.
+    used = group_sizes(ids, gate_up.shape[0]) > 0
+    for grad in (ours[2], ours[3]):
+        norms = np.asarray(jnp.max(jnp.abs(grad), axis=(1, 2)))
+        assert (norms[~used] == 0).all() and (norms[used] > 0).all(), norms
+
+
+# ----------------------------------------------------------------------------- router
+
+def numpy_route(x, kernel, top_k):
+    logits = x.astype(np.float64) @ kernel.astype(np.float64)
+    ids = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
+    top = np.take_along_axis(logits, ids, axis=-1)
+    weights = np.exp(top - top.max(-1, keepdims=True))
+    return logits, weights / weights.sum(-1, keepdims=True), ids
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(20, 8, 2), (13, 6, 1), (9, 4, 4), (32, 64, 6)])
+def test_route_matches_numpy(tokens, experts, top_k):
+    x = jnp.asarray(normal(1000 + top_k, (tokens, HIDDEN)))
+    kernel = jnp.asarray(normal(2000 + top_k, (HIDDEN, experts)))
+    logits, weights, ids = route(x, kernel, top_k)
+    ref_logits, ref_weights, ref_ids = numpy_route(np.asarray(x), np.asarray(kernel), top_k)
+    # Test-data precondition: no near-ties that float32 rounding could reorder.
+    gaps = -np.diff(np.sort(ref_logits, axis=-1)[:, ::-1][:, : min(top_k + 1, experts)], axis=-1)
+    assert gaps.size == 0 or gaps.min() > 1e-4, gaps.min()
+    assert ids.shape == weights.shape == (tokens, top_k)
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(ids), ref_ids)
+    np.testing.assert_allclose(np.asarray(weights), ref_weights, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=0, atol=1e-6)
+    if top_k < experts:
+        # Not the softmax over all experts, restricted to the chosen ones (that would not sum to 1).
+        full = np.exp(ref_logits - ref_logits.max(-1, keepdims=True))
+        full /= full.sum(-1, keepdims=True)
+        assert np.abs(np.take_along_axis(full, ref_ids, -1) - np.asarray(weights)).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- the whole block
+
+def randomized(params, seed, router_scale=4.0):
+    """Every weight ~ N(0, 1/fan_in) (the default init's stddev 0.02 makes outputs ~1e-4, too
+    small for an absolute tolerance to mean anything); the router a few times larger."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        scale = max(leaf.shape[-2], 1) ** -0.5 * (router_scale if "router" in jax.tree_util.keystr(path) else 1.0)
+        out.append(jnp.asarray(normal(seed + i, leaf.shape, scale)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("experts,top_k,shared", [(4, 2, 2), (6, 1, 1), (3, 3, 0), (8, 3, 1)])
+def test_moe_module_backends_agree(experts, top_k, shared):
+    """The whole block, same params, moe_backend "dense" vs "ragged_dot" (and "auto")."""
+    config = AriaTextConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=1,
+        num_attention_heads=2, moe_num_experts=experts, moe_topk=top_k,
+        moe_num_shared_experts=shared, moe_backend="dense",
+    )
+    x = jnp.asarray(normal(3000 + experts, (2, 11, HIDDEN)))
+    shapes = jax.eval_shape(MoE(config).init, jax.random.key(0), x)
+    params = randomized(nn.meta.unbox(shapes), 4000 + 100 * experts)
+
+    def apply(backend, params):
+        return jax.jit(MoE(dataclasses.replace(config, moe_backend=backend)).apply)(params, x)
+
+    dense = apply("dense", params)
+    assert dense.shape == x.shape
+    assert float(jnp.max(jnp.abs(dense))) > 0.1
+    for backend in ("ragged_dot", "auto"):
+        diff = max_diff(apply(backend, params), dense)
+        print(f"[E{experts} k{top_k} shared{shared}] {backend} vs dense max|diff| = {diff:.2e}")
+        assert diff <= TOLERANCE, f"{backend}: {diff}"
+    # The block is routed + shared: with the routed experts' output zeroed what is left is the
+    # shared experts' part (exactly zero without shared experts), and it differs from the whole.
+    zeroed = {"params": {**params["params"], "experts_down": jnp.zeros_like(params["params"]["experts_down"])}}
+    shared_only = apply("ragged_dot", zeroed)
+    if shared:
+        assert float(jnp.max(jnp.abs(shared_only))) > 0.1
+    else:
+        assert float(jnp.max(jnp.abs(shared_only))) == 0.0
+    assert max_diff(dense, shared_only) > 0.1
