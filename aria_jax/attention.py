@@ -18,10 +18,11 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q: (B, T, N, H); k, v: (B, S, K, H) with K dividing N; mask: (B, T, S) True = attend.
+    """q: (B, T, N, H); k, v: (B, S, K, H) with K dividing N; mask: (B, T or 1, S) True = attend.
 
-    Query head n reads key/value head n // (N / K). Softmax in float32. A query row with no key
-    to attend (a left pad) yields finite garbage rather than NaN; callers ignore those rows.
+    Query head n reads key/value head n // (N / K). Scale H^-0.5, softmax in float32. A query
+    row with no key to attend (a left pad) yields finite garbage rather than NaN; callers
+    ignore those rows.
     """
     batch, length, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]

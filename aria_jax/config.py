@@ -271,7 +271,10 @@ class AriaConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaConfig":
         if "text_config" not in d:
-            raise ConfigError("invalid config: missing field 'text_config' in a multimodal Aria config")
+            raise ConfigError(
+                f"config.json has no 'text_config': a text-only model (model_type "
+                f"{d.get('model_type')!r}) without vision tower weights; load it with AriaTextForCausalLM"
+            )
         fields: dict[str, Any] = {
             "text_config": AriaTextConfig.from_hf_dict(d["text_config"]),
             "vision_config": AriaVisionConfig.from_hf_dict(d.get("vision_config") or {}),
@@ -296,8 +299,26 @@ class AriaConfig:
         }
 
 
+def read_json_object(path: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """A JSON file holding an object, or `error` with a one-line message naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise error(f"{path}: unreadable JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
+
+
+def read_optional_json(directory: str, name: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """`directory/name` as a dict, or {} when the file does not exist."""
+    path = os.path.join(directory, name)
+    return read_json_object(path, error) if os.path.isfile(path) else {}
+
+
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    """config.json of a model directory (or the file itself) as a dict, with a clear error."""
+    """config.json of a model directory (or the file itself, or the file beside a weights file)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         file = os.path.join(path, "config.json")
@@ -307,11 +328,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
         file = os.path.join(os.path.dirname(path), "config.json")
     if not os.path.isfile(file):
         raise ConfigError(f"no config.json found at {path}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{file}: not valid JSON ({err})") from None
+    return read_json_object(file)
 
 
 def is_multimodal(d: dict[str, Any]) -> bool:

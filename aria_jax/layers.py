@@ -55,3 +55,47 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with mean and variance in float32 (two-pass, as torch), then weight and bias."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (features,), (self.axis_name,), self.param_dtype)
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, (features,), (self.axis_name,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """x @ kernel (+ bias) with named dimensions: kernel (in..., out...), `in_axes` input dims."""
+
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]          # logical names of (in dims..., out dims...)
+    in_dims: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.in_dims:]
+        kernel = param_with_axes(self, "kernel", default_kernel_init, in_shape + self.out_shape, self.axes,
+                                 self.param_dtype).astype(self.dtype)
+        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((contract, tuple(range(self.in_dims))), ((), ())))
+        if self.use_bias:
+            bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape,
+                                   self.axes[self.in_dims:], self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y

@@ -1,8 +1,12 @@
-"""The text decoder: embedding, a scanned stack of (attention, MoE) layers, final norm, lm_head.
+"""The text decoder and the whole multimodal model.
 
-Everything here is functional Flax Linen: `TextDecoder.apply({"params": params}, ...)`. The layer
-stack is an `nn.scan`, so each layer parameter is stored once, stacked over a leading "layers"
-axis, and compile time does not grow with depth.
+`TextDecoder`: embedding, a scanned stack of (attention, MoE) layers, final norm, lm_head.
+`AriaModel`: vision tower + projector, whose image features replace the embeddings of the
+`<|img|>` tokens, then the text decoder.
+
+Everything here is functional Flax Linen: `Module.apply({"params": params}, ...)`. Layer stacks
+are `nn.scan`s, so each layer parameter is stored once, stacked over a leading "layers" axis,
+and compile time does not grow with depth.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.attention import Attention, causal_padding_mask
-from aria_jax.config import AriaTextConfig
+from aria_jax.config import AriaConfig, AriaTextConfig
 from aria_jax.layers import RMSNorm, default_kernel_init, param_with_axes, rope_cos_sin
 from aria_jax.moe import MoE
+from aria_jax.projector import Projector
+from aria_jax.vision import VisionTower, patch_mask_from_pixel_mask
 
 
 class DecoderLayer(nn.Module):
@@ -103,3 +109,82 @@ def text_param_shapes(config: AriaTextConfig, dtype=jnp.float32):
     """The params tree as `ShapeDtypeStruct`s boxed with logical axis names, without allocating."""
     model = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def merge_image_features(embeds: jax.Array, is_image_token: jax.Array, features: jax.Array) -> jax.Array:
+    """Writes `features` (M, D), in order, into the positions where `is_image_token` (B, T) is set,
+    row-major over batch then sequence. The caller checks that there are exactly M such positions."""
+    flat_mask = is_image_token.reshape(-1)
+    feature_index = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, features.shape[0] - 1)
+    gathered = jnp.take(features, feature_index, axis=0).reshape(embeds.shape)
+    return jnp.where(is_image_token[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class AriaModel(nn.Module):
+    """Images and tokens -> logits."""
+
+    config: AriaConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.vision_tower = VisionTower(cfg.vision_config, **kw)
+        self.multi_modal_projector = Projector(cfg, **kw)
+        self.language_model = TextDecoder(cfg.text_config, **kw)
+
+    def vision_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None):
+        """pixel_values (N, C, S, S), pixel_mask (N, S, S) -> vision tower output (N, P, D_vision)
+        and the patch mask (N, P)."""
+        n, _, height, width = pixel_values.shape
+        patch = self.config.vision_config.patch_size
+        if pixel_mask is None:
+            patch_mask = jnp.ones((n, height // patch, width // patch), bool)
+        else:
+            patch_mask = patch_mask_from_pixel_mask(pixel_mask.astype(bool), patch)
+        with jax.named_scope("vision_tower"):
+            return self.vision_tower(pixel_values, patch_mask), patch_mask.reshape(n, -1)
+
+    def image_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None) -> jax.Array:
+        """pixel_values (N, C, S, S), pixel_mask (N, S, S) -> projected features (N, Q, D_text)."""
+        features, patch_mask = self.vision_features(pixel_values, pixel_mask)
+        with jax.named_scope("projector"):
+            return self.multi_modal_projector(features, patch_mask)
+
+    def input_embeddings(self, input_ids, pixel_values=None, pixel_mask=None) -> jax.Array:
+        """Token embeddings with each crop's image features in place of its `<|img|>` tokens."""
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.image_features(pixel_values, pixel_mask)
+        return merge_image_features(
+            embeds, input_ids == self.config.image_token_index, features.reshape(-1, features.shape[-1])
+        )
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, pixel_mask=None):
+        embeds = self.input_embeddings(input_ids, pixel_values, pixel_mask)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def _init_inputs(config: AriaConfig):
+    """Inputs that touch every parameter: one crop of the largest size and one token."""
+    patches, _ = max(config.projector_patch_to_query)
+    side = int(round(patches ** 0.5)) * config.vision_config.patch_size
+    pixel_values = jnp.zeros((1, config.vision_config.num_channels, side, side), jnp.float32)
+    return jnp.zeros((1, 1), jnp.int32), None, None, pixel_values
+
+
+def multimodal_apply(params, *args, config: AriaConfig, method: str | None = None, dtype=jnp.float32):
+    """`AriaModel(config).apply` over a params pytree; `method` names an `AriaModel` method."""
+    model = AriaModel(config, dtype=dtype, param_dtype=dtype)
+    return model.apply({"params": params}, *args, method=getattr(AriaModel, method) if method else None)
+
+
+def init_multimodal_params(config: AriaConfig, rng: jax.Array, dtype=jnp.float32):
+    variables = AriaModel(config, dtype=dtype, param_dtype=dtype).init(rng, *_init_inputs(config))
+    return nn.meta.unbox(variables["params"])
+
+
+def multimodal_param_shapes(config: AriaConfig, dtype=jnp.float32):
+    model = AriaModel(config, dtype=dtype, param_dtype=dtype)
+    return jax.eval_shape(model.init, jax.random.key(0), *_init_inputs(config))["params"]

@@ -1,7 +1,8 @@
 """User-facing model classes: thin holders of (config, params, compiled functions).
 
-All computation is in the functional modules (`modeling.py`); these classes load weights,
-keep them, and call jitted functions with them.
+All computation is in the functional modules (`modeling.py`, `generate.py`); these classes load
+weights, keep them, check inputs on the host (so a bad request fails with a clear message and
+leaves the model untouched), and call jitted functions.
 """
 
 from __future__ import annotations
@@ -14,22 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aria_jax.config import AriaTextConfig, text_config_from_pretrained
+from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
 from aria_jax.generate import greedy_generate
-from aria_jax.modeling import init_text_params, text_forward, text_param_shapes
-from aria_jax.weights import HubCheckpoint, load_text_params
+from aria_jax.modeling import (
+    TextDecoder, init_multimodal_params, init_text_params, multimodal_apply, multimodal_param_shapes,
+    text_forward, text_param_shapes,
+)
+from aria_jax.projector import queries_for_patches
+from aria_jax.weights import HubCheckpoint, load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES.values()]:
+    name = dtype if isinstance(dtype, str) else getattr(jnp.dtype(dtype), "name", None)
+    if name not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return jnp.dtype(dtype).type
+    return DTYPES[name]
 
 
 @flax.struct.dataclass
@@ -37,25 +39,61 @@ class CausalLMOutput:
     logits: jax.Array
 
 
+def shape_tree(boxed_shapes) -> dict:
+    """An `eval_shape`d params tree (boxed with logical names) as tuples of shapes."""
+    return jax.tree_util.tree_map(lambda p: tuple(p.value.shape), boxed_shapes, is_leaf=lambda x: hasattr(x, "names"))
+
+
 def param_shapes(config: AriaTextConfig, dtype) -> dict:
-    """The params tree as tuples of shapes, for the loader."""
-    boxed = text_param_shapes(config, dtype)
-    return jax.tree_util.tree_map(lambda p: tuple(p.value.shape), boxed,
-                                  is_leaf=lambda x: hasattr(x, "names"))
+    """The text params tree as tuples of shapes, for the loader."""
+    return shape_tree(text_param_shapes(config, dtype))
 
 
-class AriaTextForCausalLM:
+class _Pretrained:
+    """What both model classes share: dtype, input checks, greedy generation."""
+
+    text_config: AriaTextConfig
+
+    def __init__(self, dtype):
+        self.dtype = resolve_dtype(dtype)
+        self._generate = jax.jit(
+            functools.partial(greedy_generate, config=self.text_config, dtype=self.dtype),
+            static_argnames=("max_new_tokens",),
+        )
+
+    def _check_text(self, input_ids, attention_mask, position_ids):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be a (batch, length) integer array, got shape {ids.shape} {ids.dtype}")
+        vocab = self.text_config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
+        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        if position_ids is not None:
+            position_ids = np.asarray(position_ids, np.int32)
+            if position_ids.shape != ids.shape:
+                raise ValueError(f"position_ids has shape {position_ids.shape}, input_ids {ids.shape}")
+        return ids.astype(np.int32), mask.astype(np.int32), position_ids
+
+    @staticmethod
+    def _check_max_new_tokens(max_new_tokens) -> None:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+
+
+class AriaTextForCausalLM(_Pretrained):
     """The Aria MoE decoder alone: token ids -> logits, and greedy generation."""
 
     def __init__(self, config: AriaTextConfig, params: dict, dtype="float32"):
-        self.config = config
+        self.config = self.text_config = config
         self.params = params
-        self.dtype = resolve_dtype(dtype)
+        super().__init__(dtype)
         self._forward = jax.jit(functools.partial(text_forward, config=config, dtype=self.dtype))
-        self._generate = jax.jit(
-            functools.partial(greedy_generate, config=config, dtype=self.dtype),
-            static_argnames=("max_new_tokens",),
-        )
+        self._embed = jax.jit(lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
+            {"params": params}, ids, method=TextDecoder.embed))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype="float32") -> "AriaTextForCausalLM":
@@ -64,7 +102,8 @@ class AriaTextForCausalLM:
         jdtype = resolve_dtype(dtype)
         checkpoint = HubCheckpoint(path)  # refuses pickles and unreadable files before anything else
         config = text_config_from_pretrained(path)
-        params = load_text_params(checkpoint, param_shapes(config, jdtype), config.num_hidden_layers, jdtype)
+        shapes = {"language_model": param_shapes(config, jdtype)}
+        params = load_params(checkpoint, shapes, jdtype, components=("language_model",))["language_model"]
         return cls(config, params, jdtype)
 
     @classmethod
@@ -73,39 +112,96 @@ class AriaTextForCausalLM:
         return cls(config, init_text_params(config, jax.random.key(seed), jdtype), jdtype)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None) -> CausalLMOutput:
-        input_ids = _check_ids(input_ids, self.config.vocab_size)
-        if attention_mask is None:
-            attention_mask = np.ones(input_ids.shape, np.int32)
-        attention_mask = _check_mask(attention_mask, input_ids.shape)
-        if position_ids is not None:
-            position_ids = np.asarray(position_ids, np.int32)
-        return CausalLMOutput(self._forward(self.params, input_ids=input_ids,
-                                            attention_mask=attention_mask, position_ids=position_ids))
+        ids, mask, positions = self._check_text(input_ids, attention_mask, position_ids)
+        return CausalLMOutput(self._forward(self.params, input_ids=ids, attention_mask=mask, position_ids=positions))
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32) -> np.ndarray:
         """Greedy decoding. Returns (B, T + max_new_tokens) int32: the prompt, then new tokens,
         then the pad id once a row has produced an eos id."""
-        input_ids = _check_ids(input_ids, self.config.vocab_size)
-        if attention_mask is None:
-            attention_mask = np.ones(input_ids.shape, np.int32)
-        attention_mask = _check_mask(attention_mask, input_ids.shape)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-        return np.asarray(self._generate(self.params, input_ids, attention_mask, max_new_tokens=max_new_tokens))
+        ids, mask, _ = self._check_text(input_ids, attention_mask, None)
+        self._check_max_new_tokens(max_new_tokens)
+        embeds = self._embed(self.params, ids)
+        return np.asarray(self._generate(self.params, ids, embeds, mask, max_new_tokens=max_new_tokens))
 
 
-def _check_ids(input_ids, vocab_size: int) -> np.ndarray:
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be a (batch, length) integer array, got shape {ids.shape} {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = ids[(ids < 0) | (ids >= vocab_size)][0]
-        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return ids.astype(np.int32)
+class AriaForConditionalGeneration(_Pretrained):
+    """The whole model: images and tokens -> logits, and greedy generation."""
 
+    def __init__(self, config: AriaConfig, params: dict, dtype="float32"):
+        self.config = config
+        self.text_config = config.text_config
+        self.params = params
+        super().__init__(dtype)
 
-def _check_mask(mask, shape) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.shape != shape:
-        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {shape}")
-    return mask.astype(np.int32)
+        def apply(method=None):
+            return jax.jit(functools.partial(multimodal_apply, config=config, method=method, dtype=self.dtype))
+
+        self._forward = apply()
+        self._embeddings = apply("input_embeddings")
+        self._vision_features = apply("vision_features")
+        self._image_features = apply("image_features")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype="float32") -> "AriaForConditionalGeneration":
+        """Loads every weight of a multimodal hub-format directory (transformers or original
+        rhymes-ai naming). The vision tower's zero `post_layernorm` is not used, so not loaded."""
+        jdtype = resolve_dtype(dtype)
+        checkpoint = HubCheckpoint(path)
+        config = config_from_pretrained(path)
+        params = load_params(checkpoint, shape_tree(multimodal_param_shapes(config, jdtype)), jdtype)
+        return cls(config, params, jdtype)
+
+    @classmethod
+    def from_random(cls, config: AriaConfig, seed: int = 0, dtype="float32") -> "AriaForConditionalGeneration":
+        jdtype = resolve_dtype(dtype)
+        return cls(config, init_multimodal_params(config, jax.random.key(seed), jdtype), jdtype)
+
+    def _check_images(self, ids, pixel_values, pixel_mask):
+        num_image_tokens = int((ids == self.config.image_token_index).sum())
+        if pixel_values is None:
+            if num_image_tokens:
+                raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
+            return None, None
+        pixel_values = np.asarray(pixel_values, np.float32)
+        vision = self.config.vision_config
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != vision.num_channels or pixel_values.shape[2] != pixel_values.shape[3]:
+            raise ValueError(f"pixel_values must be (crops, {vision.num_channels}, S, S), got {pixel_values.shape}")
+        crops, _, side, _ = pixel_values.shape
+        if side % vision.patch_size:
+            raise ValueError(f"pixel_values side {side} is not a multiple of the patch size {vision.patch_size}")
+        queries = queries_for_patches(self.config, (side // vision.patch_size) ** 2)
+        if num_image_tokens != crops * queries:
+            raise ValueError(
+                f"image tokens and image features do not match: input_ids hold {num_image_tokens} image tokens, "
+                f"pixel_values give {crops * queries} features ({crops} crops x {queries} queries)"
+            )
+        if pixel_mask is not None:
+            pixel_mask = np.asarray(pixel_mask).astype(bool)
+            if pixel_mask.shape != (crops, side, side):
+                raise ValueError(f"pixel_mask has shape {pixel_mask.shape}, expected {(crops, side, side)}")
+        return pixel_values, pixel_mask
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, pixel_mask=None,
+                 num_crops=None) -> CausalLMOutput:
+        """Logits (B, T, vocab). `num_crops` (from the processor) is accepted and not needed."""
+        ids, mask, positions = self._check_text(input_ids, attention_mask, position_ids)
+        pixel_values, pixel_mask = self._check_images(ids, pixel_values, pixel_mask)
+        return CausalLMOutput(self._forward(self.params, ids, mask, positions, pixel_values, pixel_mask))
+
+    def vision_features(self, pixel_values, pixel_mask=None) -> jax.Array:
+        """The vision tower's output (crops, patches, D_vision), before the projector."""
+        return self._vision_features(self.params, np.asarray(pixel_values, np.float32), pixel_mask)[0]
+
+    def image_features(self, pixel_values, pixel_mask=None) -> jax.Array:
+        """The projector's output (crops, queries, D_text): what replaces the image tokens."""
+        return self._image_features(self.params, np.asarray(pixel_values, np.float32), pixel_mask)
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None,
+                 max_new_tokens: int = 32) -> np.ndarray:
+        """Greedy decoding; returns (B, T + max_new_tokens) int32 like `AriaTextForCausalLM.generate`."""
+        ids, mask, _ = self._check_text(input_ids, attention_mask, None)
+        pixel_values, pixel_mask = self._check_images(ids, pixel_values, pixel_mask)
+        self._check_max_new_tokens(max_new_tokens)
+        embeds = self._embeddings(self.params, ids, pixel_values, pixel_mask)
+        return np.asarray(self._generate(self.params["language_model"], ids, embeds, mask,
+                                         max_new_tokens=max_new_tokens))

@@ -6,13 +6,15 @@ names the file and the key. Tensors are read from memory maps one at a time, str
 the arrays they belong to; no file is ever read whole into a dict, and only safetensors are
 read (a pickle checkpoint is refused without being opened).
 
-Key generations (aria-reference.md section 2), for the text model:
-- text-only checkpoints (`AriaTextForCausalLM`):          `model.layers.{i}...`, `lm_head.weight`
-- multimodal hub / original rhymes-ai checkpoints:          `language_model.model.layers.{i}...`,
-                                                            `language_model.lm_head.weight`
-- transformers 5 in-memory names (`state_dict()` saved raw): `model.language_model.layers.{i}...`,
-                                                            `lm_head.weight`, `experts.gate_up_proj`
-Original files may also hold `rotary_emb.inv_freq` buffers, which are recomputed and skipped.
+Four key generations are read (aria-reference.md section 2); `canonical_key` maps each onto the
+hub's multimodal naming, which the table uses:
+- multimodal hub checkpoints:      `language_model.model.layers.{i}...`, `vision_tower.encoder...`,
+                                   `multi_modal_projector...`
+- original rhymes-ai checkpoints:  `vision_tower.vision_model...`, projector `ln_ffn`, `ffn`, `ln_kv`,
+                                   and `rotary_emb.inv_freq` buffers (recomputed, skipped)
+- text-only checkpoints:           `model.layers.{i}...`, `lm_head.weight`
+- transformers 5 in-memory names:  `model.language_model...`, `model.vision_tower...`, `lm_head.weight`,
+                                   experts as `gate_up_proj` / `down_proj`
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import math
 import os
 import re
-from typing import Callable, Iterable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -37,93 +39,177 @@ INDEX_FILE = "model.safetensors.index.json"
 # ----------------------------------------------------------------------------- the key table
 
 @dataclasses.dataclass(frozen=True)
-class KeyRule:
-    """Hub tensor `template` (with `{i}` for the layer) -> param at `path`.
+class Layout:
+    """How a hub tensor becomes a param: `hub_shape(param_shape)` and `to_param(tensor, param_shape)`.
 
-    `linear_in_dims` is None for tensors stored in our layout, else the hub tensor is a torch
-    Linear weight (out, in) and our kernel is its transpose reshaped to (in dims..., out dims...),
-    the first `linear_in_dims` axes being the input.
+    copy:     stored as we store it (experts are (E, in, out) on the hub already).
+    linear n: a torch Linear weight (out, in); our kernel is its transpose reshaped to
+              (in dims..., out dims...), the first n axes being the input.
+    reshape:  same data, our param splits its one axis (a bias into (heads, head_dim)).
+    conv:     a torch Conv2d weight (out, in, kh, kw); ours is (in, kh, kw, out).
     """
+
+    kind: str
+    linear_in_dims: int = 0
+
+    def hub_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "linear":
+            n = self.linear_in_dims
+            return (math.prod(param_shape[n:]), math.prod(param_shape[:n]))
+        if self.kind == "reshape":
+            return (math.prod(param_shape),)
+        if self.kind == "conv":
+            return (param_shape[3],) + tuple(param_shape[:3])
+        return tuple(param_shape)
+
+    def to_param(self, tensor: np.ndarray, param_shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "linear":
+            return tensor.T.reshape(param_shape)
+        if self.kind == "reshape":
+            return tensor.reshape(param_shape)
+        if self.kind == "conv":
+            return tensor.transpose(1, 2, 3, 0)
+        return tensor
+
+
+COPY, RESHAPE, CONV = Layout("copy"), Layout("reshape"), Layout("conv")
+LINEAR, LINEAR_2_IN = Layout("linear", 1), Layout("linear", 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRule:
+    """Hub tensor `template` (canonical naming, `{i}` for the layer) -> param at `path`."""
 
     template: str
     path: tuple[str, ...]
-    linear_in_dims: int | None = None
-    aliases: tuple[str, ...] = ()
+    layout: Layout = COPY
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.template
 
-    def hub_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
-        if self.linear_in_dims is None:
-            return param_shape
-        n = self.linear_in_dims
-        return (math.prod(param_shape[n:]), math.prod(param_shape[:n]))
 
-    def to_param_layout(self, tensor: np.ndarray, param_shape: tuple[int, ...]) -> np.ndarray:
-        if self.linear_in_dims is None:
-            return tensor
-        return tensor.T.reshape(param_shape)
+def _rules(prefix: str, path: tuple[str, ...], entries) -> tuple[KeyRule, ...]:
+    return tuple(KeyRule(prefix + template, path + sub, layout) for template, sub, layout in entries)
 
 
-def _layer(template: str, path: tuple[str, ...], linear_in_dims=None, aliases=()) -> KeyRule:
-    return KeyRule("layers.{i}." + template, ("layers",) + path, linear_in_dims, aliases)
+def _linear(template: str, path: tuple[str, ...], layout=LINEAR, bias: Layout | None = COPY):
+    """A torch Linear: weight into path/kernel, bias (if any) into path/bias."""
+    entries = [(template + ".weight", path + ("kernel",), layout)]
+    if bias is not None:
+        entries.append((template + ".bias", path + ("bias",), bias))
+    return entries
 
 
-TEXT_RULES: tuple[KeyRule, ...] = (
-    KeyRule("embed_tokens.weight", ("embed_tokens",)),
-    KeyRule("norm.weight", ("norm", "scale")),
-    KeyRule("lm_head.weight", ("lm_head",), linear_in_dims=1),
-    _layer("input_layernorm.weight", ("input_layernorm", "scale")),
-    _layer("post_attention_layernorm.weight", ("post_attention_layernorm", "scale")),
-    _layer("self_attn.q_proj.weight", ("self_attn", "q_proj"), 1),
-    _layer("self_attn.k_proj.weight", ("self_attn", "k_proj"), 1),
-    _layer("self_attn.v_proj.weight", ("self_attn", "v_proj"), 1),
-    _layer("self_attn.o_proj.weight", ("self_attn", "o_proj"), 2),
-    _layer("mlp.router.weight", ("mlp", "router"), 1),
-    _layer("mlp.experts.fc1.weight", ("mlp", "experts_gate_up"), aliases=("mlp.experts.gate_up_proj",)),
-    _layer("mlp.experts.fc2.weight", ("mlp", "experts_down"), aliases=("mlp.experts.down_proj",)),
-    _layer("mlp.shared_experts.gate_proj.weight", ("mlp", "shared_gate"), 1),
-    _layer("mlp.shared_experts.up_proj.weight", ("mlp", "shared_up"), 1),
-    _layer("mlp.shared_experts.down_proj.weight", ("mlp", "shared_down"), 1),
+def _norm(template: str, path: tuple[str, ...], bias=True):
+    entries = [(template + ".weight", path + ("scale",), COPY)]
+    if bias:
+        entries.append((template + ".bias", path + ("bias",), COPY))
+    return entries
+
+
+# Canonical names are the hub's multimodal naming; `canonical_key` maps the others onto it.
+TEXT_RULES = _rules("language_model.", ("language_model",), [
+    ("model.embed_tokens.weight", ("embed_tokens",), COPY),
+    ("model.norm.weight", ("norm", "scale"), COPY),
+    ("lm_head.weight", ("lm_head",), LINEAR),
+    ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), COPY),
+    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), COPY),
+    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"), LINEAR),
+    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), LINEAR),
+    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), LINEAR),
+    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), LINEAR_2_IN),
+    ("model.layers.{i}.mlp.router.weight", ("layers", "mlp", "router"), LINEAR),
+    ("model.layers.{i}.mlp.experts.fc1.weight", ("layers", "mlp", "experts_gate_up"), COPY),
+    ("model.layers.{i}.mlp.experts.fc2.weight", ("layers", "mlp", "experts_down"), COPY),
+    ("model.layers.{i}.mlp.shared_experts.gate_proj.weight", ("layers", "mlp", "shared_gate"), LINEAR),
+    ("model.layers.{i}.mlp.shared_experts.up_proj.weight", ("layers", "mlp", "shared_up"), LINEAR),
+    ("model.layers.{i}.mlp.shared_experts.down_proj.weight", ("layers", "mlp", "shared_down"), LINEAR),
+])
+
+_VISION_LAYER = "encoder.layers.{i}."
+VISION_RULES = _rules("vision_tower.", ("vision_tower",), [
+    ("embeddings.patch_embedding.weight", ("patch_kernel",), CONV),
+    ("embeddings.patch_embedding.bias", ("patch_bias",), COPY),
+    ("embeddings.position_embedding.weight", ("position_embedding",), COPY),
+    *_norm(_VISION_LAYER + "layer_norm1", ("layers", "layer_norm1")),
+    *_norm(_VISION_LAYER + "layer_norm2", ("layers", "layer_norm2")),
+    *_linear(_VISION_LAYER + "self_attn.q_proj", ("layers", "self_attn", "q_proj"), bias=RESHAPE),
+    *_linear(_VISION_LAYER + "self_attn.k_proj", ("layers", "self_attn", "k_proj"), bias=RESHAPE),
+    *_linear(_VISION_LAYER + "self_attn.v_proj", ("layers", "self_attn", "v_proj"), bias=RESHAPE),
+    *_linear(_VISION_LAYER + "self_attn.out_proj", ("layers", "self_attn", "out_proj"), LINEAR_2_IN),
+    *_linear(_VISION_LAYER + "mlp.fc1", ("layers", "fc1")),
+    *_linear(_VISION_LAYER + "mlp.fc2", ("layers", "fc2")),
+])
+
+PROJECTOR_RULES = _rules("multi_modal_projector.", ("multi_modal_projector",), [
+    ("query", ("query",), COPY),
+    *_norm("cross_attn.layer_norm", ("cross_attn", "layer_norm")),
+    *_norm("cross_attn.layer_norm_kv", ("cross_attn", "layer_norm_kv")),
+    *_linear("cross_attn.q_proj", ("cross_attn", "q_proj"), bias=None),
+    *_linear("cross_attn.k_proj", ("cross_attn", "k_proj"), bias=None),
+    *_linear("cross_attn.v_proj", ("cross_attn", "v_proj"), bias=None),
+    ("cross_attn.multihead_attn.in_proj_weight", ("cross_attn", "in_proj_kernel"), LINEAR),
+    ("cross_attn.multihead_attn.in_proj_bias", ("cross_attn", "in_proj_bias"), RESHAPE),
+    *_linear("cross_attn.multihead_attn.out_proj", ("cross_attn", "out_proj"), LINEAR_2_IN),
+    *_linear("cross_attn.linear", ("cross_attn", "linear")),
+    *_norm("layer_norm", ("layer_norm",)),
+    *_linear("feed_forward.linear_in", ("linear_in",), bias=None),
+    *_linear("feed_forward.linear_out", ("linear_out",), bias=None),
+])
+
+ALL_RULES = TEXT_RULES + VISION_RULES + PROJECTOR_RULES
+COMPONENTS = ("language_model", "vision_tower", "multi_modal_projector")
+
+# Keys that carry nothing we load: rotary buffers of old files (recomputed) and the vision
+# tower's post_layernorm, which Aria does not apply (hub files store it as zeros).
+IGNORED = (
+    re.compile(r"language_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+    re.compile(r"vision_tower\.post_layernorm\.(weight|bias)"),
 )
 
-# Keys that belong to the text model but carry nothing we load.
-TEXT_IGNORED = (re.compile(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
+# Other generations -> canonical, applied in order (aria-reference.md section 2.1).
+RENAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+    (r"^model\.language_model\.", "language_model.model."),        # transformers 5 in-memory
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.", "language_model.model."),                         # text-only checkpoints
+    (r"^lm_head\.weight$", "language_model.lm_head.weight"),
+    (r"^vision_tower\.vision_model\.", "vision_tower."),            # original rhymes-ai
+    (r"^multi_modal_projector\.ln_ffn\.", "multi_modal_projector.layer_norm."),
+    (r"^multi_modal_projector\.ffn\.", "multi_modal_projector.feed_forward."),
+    (r"\.cross_attn\.ln_kv\.", ".cross_attn.layer_norm_kv."),
+    (r"\.mlp\.experts\.gate_up_proj$", ".mlp.experts.fc1.weight"),  # transformers 5 in-memory
+    (r"\.mlp\.experts\.down_proj$", ".mlp.experts.fc2.weight"),
+))
 
 
-@dataclasses.dataclass(frozen=True)
-class TextNaming:
-    """Where the text model's keys live in one key generation."""
-
-    name: str
-    body_prefix: str      # prefix of embed_tokens / layers / norm
-    lm_head_key: str
-    other_prefixes: tuple[str, ...]  # keys of other components (vision tower, projector)
-
-    def hub_key(self, rule: KeyRule, layer: int | None = None, template: str | None = None) -> str:
-        template = template or rule.template
-        if rule.path == ("lm_head",):
-            return self.lm_head_key
-        return self.body_prefix + (template.format(i=layer) if rule.stacked else template)
+def canonical_key(key: str) -> str:
+    for pattern, replacement in RENAMES:
+        key = pattern.sub(replacement, key, count=1)
+    return key
 
 
-NAMINGS = (
-    TextNaming("text-only", "model.", "lm_head.weight", ()),
-    TextNaming("multimodal hub", "language_model.model.", "language_model.lm_head.weight",
-               ("vision_tower.", "multi_modal_projector.")),
-    TextNaming("transformers in-memory", "model.language_model.", "lm_head.weight",
-               ("model.vision_tower.", "model.multi_modal_projector.")),
-)
+def spelled_like(missing: str, present: dict[str, str]) -> str:
+    """A missing canonical key spelled the way the checkpoint spells its keys, for messages.
 
-
-def detect_text_naming(keys: Iterable[str]) -> TextNaming:
-    """The multimodal generations are recognised by their prefix; anything else is text-only."""
-    keys = list(keys)
-    for naming in NAMINGS[1:]:
-        if any(k.startswith(naming.body_prefix) for k in keys):
-            return naming
-    return NAMINGS[0]
+    `present` maps the canonical keys found to the checkpoint's own. The same tensor of another
+    layer gives the spelling with the layer number swapped; otherwise the closest present key
+    (longest shared start) whose renaming was a change of prefix lends that prefix."""
+    layer = re.search(r"layers\.\d+\.", missing)
+    if layer:
+        twin = re.compile(re.escape(missing[: layer.start()]) + r"layers\.(\d+)\." + re.escape(missing[layer.end():]))
+        for canonical, raw in present.items():
+            match = twin.fullmatch(canonical)
+            if match:
+                return raw.replace(f"layers.{match.group(1)}.", layer.group(0), 1)
+    for canonical in sorted(present, key=lambda key: -len(os.path.commonprefix([key, missing]))):
+        raw = present[canonical]
+        shared_tail = len(os.path.commonprefix([canonical[::-1], raw[::-1]]))
+        canonical_head, raw_head = canonical[: len(canonical) - shared_tail], raw[: len(raw) - shared_tail]
+        if missing.startswith(canonical_head):
+            return raw_head + missing[len(canonical_head):]
+    return missing
 
 
 # ----------------------------------------------------------------------------- the checkpoint
@@ -219,71 +305,71 @@ class Source:
     rule: KeyRule
 
 
-def plan_text_load(checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tuple[int, ...]],
-                   num_layers: int) -> dict[tuple[str, ...], list[Source]]:
-    """Maps every param path to its hub tensors (one per layer for stacked params), checking the
-    checkpoint: unknown, duplicated, mis-shaped and missing keys are errors naming the key."""
-    naming = detect_text_naming(checkpoint.keys())
-    by_key: dict[str, tuple[KeyRule, int | None]] = {}
-    for rule in TEXT_RULES:
-        for template in (rule.template,) + tuple("layers.{i}." + a for a in rule.aliases):
-            if rule.stacked:
-                for i in range(num_layers):
-                    by_key[naming.hub_key(rule, i, template)] = (rule, i)
-            else:
-                by_key[naming.hub_key(rule, template=template)] = (rule, None)
+def plan_load(checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tuple[int, ...]],
+              components: tuple[str, ...]) -> dict[tuple[str, ...], list[Source]]:
+    """Maps every param path (of `components`) to its hub tensors, one per layer for stacked
+    params, checking the checkpoint from its headers alone: unknown, duplicated, mis-shaped and
+    missing keys are errors naming the file and the key."""
+    rules = [rule for rule in ALL_RULES if rule.path[0] in components]
+    by_key: dict[str, tuple[KeyRule, int]] = {}
+    for rule in rules:
+        layers = range(param_shapes[rule.path][0]) if rule.stacked else [0]
+        for i in layers:
+            by_key[rule.template.format(i=i)] = (rule, i)
 
+    raw_keys = checkpoint.keys()
+    present = {canonical_key(key).split(".")[0] for key in raw_keys}
+    for component in components:
+        if component != "language_model" and component not in present:
+            raise CheckpointError(
+                f"{checkpoint.path}: has no {component} weights (a text-only checkpoint?); "
+                "load it with AriaTextForCausalLM"
+            )
     plan: dict[tuple[str, ...], list[Source | None]] = {
-        rule.path: [None] * (num_layers if rule.stacked else 1) for rule in TEXT_RULES
+        rule.path: [None] * (param_shapes[rule.path][0] if rule.stacked else 1) for rule in rules
     }
-    for key in checkpoint.keys():
-        if key not in by_key:
-            if key.startswith(naming.other_prefixes):
+    for key in raw_keys:
+        canonical = canonical_key(key)
+        file = checkpoint.file_of[key].path
+        if canonical not in by_key:
+            known_elsewhere = canonical.startswith(tuple(c + "." for c in COMPONENTS if c not in components))
+            if known_elsewhere or any(p.fullmatch(canonical) for p in IGNORED):
                 continue
-            body = key[len(naming.body_prefix):] if key.startswith(naming.body_prefix) else None
-            if body is not None and any(p.fullmatch(body) for p in TEXT_IGNORED):
-                continue
+            raise CheckpointError(f"{file}: unknown key {key}")
+        rule, layer = by_key[canonical]
+        if plan[rule.path][layer] is not None:
             raise CheckpointError(
-                f"{checkpoint.file_of[key].path}: unknown key {key} (checkpoint naming: {naming.name})"
+                f"{file}: duplicated key {key}: the same tensor as {plan[rule.path][layer].key}"
             )
-        rule, layer = by_key[key]
-        slot = layer or 0
-        if plan[rule.path][slot] is not None:
-            raise CheckpointError(
-                f"{checkpoint.file_of[key].path}: duplicated key {key}: same tensor as "
-                f"{plan[rule.path][slot].key}"
-            )
-        per_layer_shape = param_shapes[rule.path][1:] if rule.stacked else param_shapes[rule.path]
-        expected = rule.hub_shape(per_layer_shape)
+        param_shape = param_shapes[rule.path][1:] if rule.stacked else param_shapes[rule.path]
+        expected = rule.layout.hub_shape(param_shape)
         if checkpoint.shape(key) != expected:
-            raise CheckpointError(
-                f"{checkpoint.file_of[key].path}: key {key} has shape {checkpoint.shape(key)}, "
-                f"expected {expected}"
-            )
-        plan[rule.path][slot] = Source(key, rule)
+            raise CheckpointError(f"{file}: key {key} has shape {checkpoint.shape(key)}, expected {expected}")
+        plan[rule.path][layer] = Source(key, rule)
 
     missing = [
-        naming.hub_key(rule, i if rule.stacked else None)
-        for rule in TEXT_RULES for i, source in enumerate(plan[rule.path]) if source is None
+        rule.template.format(i=i)
+        for rule in rules for i, source in enumerate(plan[rule.path]) if source is None
     ]
     if missing:
+        present = {canonical_key(key): key for key in raw_keys}
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{checkpoint.path}: missing key {missing[0]}{more}")
+        raise CheckpointError(f"{checkpoint.path}: missing key {spelled_like(missing[0], present)}{more}")
     return plan
 
 
 # ----------------------------------------------------------------------------- reading
 
 def read_param(checkpoint: HubCheckpoint, sources: list[Source], shape: tuple[int, ...], dtype,
-               stacked: bool, index: tuple[slice, ...] | None = None) -> np.ndarray:
+               index: tuple[slice, ...] | None = None) -> np.ndarray:
     """The (slice `index` of the) param built from its hub tensors, one tensor in memory at a time."""
     index = index or tuple(slice(None) for _ in shape)
 
     def one(source: Source, param_shape, rest):
-        tensor = source.rule.to_param_layout(checkpoint.get(source.key), param_shape)
+        tensor = source.rule.layout.to_param(checkpoint.get(source.key), param_shape)
         return np.asarray(tensor[rest], dtype=dtype)
 
-    if not stacked:
+    if not sources[0].rule.stacked:
         return one(sources[0], shape, index)
     layers = range(shape[0])[index[0]]
     out = np.empty((len(layers),) + tuple(len(range(n)[s]) for n, s in zip(shape[1:], index[1:])), dtype)
@@ -292,11 +378,12 @@ def read_param(checkpoint: HubCheckpoint, sources: list[Source], shape: tuple[in
     return out
 
 
-def load_text_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree: dict, num_layers: int,
-                     dtype, sharding_for: Callable[[tuple[str, ...]], jax.sharding.Sharding] | None = None) -> dict:
-    """Builds the text params tree (same structure as `param_shapes_tree`, a tree of shapes)
-    directly from the checkpoint, each array placed in `sharding_for(path)` (default: device 0).
-    Each device's shard is read by callback, so a host reads only what its devices hold."""
+def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree: dict, dtype,
+                components: tuple[str, ...] = COMPONENTS,
+                sharding_for: Callable[[tuple[str, ...]], jax.sharding.Sharding] | None = None) -> dict:
+    """Builds the params of `components` (a tree {component: subtree of shape tuples}) directly
+    from the checkpoint, each array placed in `sharding_for(path)` (default: device 0). Arrays
+    are filled by callback, so a host reads only the layers its devices hold."""
     if not isinstance(checkpoint, HubCheckpoint):
         checkpoint = HubCheckpoint(checkpoint)
     flat_shapes = {
@@ -305,17 +392,14 @@ def load_text_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes
             param_shapes_tree, is_leaf=lambda x: isinstance(x, tuple)
         )[0]
     }
-    plan = plan_text_load(checkpoint, flat_shapes, num_layers)
+    plan = plan_load(checkpoint, flat_shapes, components)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
     flat = {}
-    for param_path, sources in plan.items():
-        shape = flat_shapes[param_path]
-        stacked = sources[0].rule.stacked
-        sharding = sharding_for(param_path) if sharding_for else default
-        flat[param_path] = jax.make_array_from_callback(
-            shape, sharding,
-            lambda index, s=sources, sh=shape, st=stacked: read_param(checkpoint, s, sh, dtype, st, index),
+    for path, sources in plan.items():
+        shape = flat_shapes[path]
+        flat[path] = jax.make_array_from_callback(
+            shape, sharding_for(path) if sharding_for else default,
+            lambda index, s=sources, sh=shape: read_param(checkpoint, s, sh, dtype, index),
         )
     return _unflatten(flat)
 

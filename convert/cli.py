@@ -11,33 +11,39 @@ class UserError(Exception):
     """A problem with what the user asked for, reported as one line without a traceback."""
 
 
-def _load_sentencepiece(model_dir: str):
-    import sentencepiece
+def chat_prompt(processor, prompt: str, num_images: int) -> str:
+    """One user turn: the images first, then the text, as Aria's own examples do."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
-    path = os.path.join(model_dir, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise UserError(f"{model_dir}: no tokenizer.model (a sentencepiece model) next to the weights")
-    return sentencepiece.SentencePieceProcessor(model_file=path)
+
+def answer_tokens(new_ids, stop_ids: set[int]) -> list[int]:
+    """The generated ids up to (not including) the first stop id."""
+    ids = [int(t) for t in new_ids]
+    stops = [i for i, t in enumerate(ids) if t in stop_ids]
+    return ids[: stops[0]] if stops else ids
 
 
 def generate(args: argparse.Namespace) -> None:
-    import numpy as np
-
     import aria_jax
+    from aria_jax.config import is_multimodal, read_config_json
 
     if not os.path.isdir(args.model):
         raise UserError(f"{args.model}: no such model directory")
-    tokenizer = _load_sentencepiece(args.model)
-    model = aria_jax.AriaTextForCausalLM.from_pretrained(args.model, dtype=args.dtype)
-    prompt_ids = tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        raise UserError("--prompt is empty")
-    tokens = model.generate(np.asarray([prompt_ids], np.int32), max_new_tokens=args.max_new_tokens)
-    new_ids = [int(t) for t in tokens[0, len(prompt_ids):]]
-    stops = set(model.config.eos_token_id)
-    if stops & set(new_ids):
-        new_ids = new_ids[: min(new_ids.index(s) for s in stops if s in new_ids)]
-    print(tokenizer.decode(new_ids))
+    multimodal = is_multimodal(read_config_json(args.model))
+    if args.image and not multimodal:
+        raise UserError(f"{args.model}: a text-only model; it takes no --image")
+    processor = aria_jax.AriaProcessor.from_pretrained(args.model)
+    inputs = processor(text=chat_prompt(processor, args.prompt, len(args.image)), images=args.image or None,
+                       max_image_size=args.max_image_size, split_image=args.split_image)
+    model_class = aria_jax.AriaForConditionalGeneration if multimodal else aria_jax.AriaTextForCausalLM
+    model = model_class.from_pretrained(args.model, dtype=args.dtype)
+    if not multimodal:
+        inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+    tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
+    stop_ids = set(model.text_config.eos_token_id) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    answer = answer_tokens(tokens[0, inputs["input_ids"].shape[1]:], stop_ids - {None})
+    print(processor.decode(answer, skip_special_tokens=True))
 
 
 def _positive_int(text: str) -> int:
@@ -52,12 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
-        "generate", help="generate text from a prompt",
+        "generate", help="answer a prompt about zero or more images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    gen.add_argument("--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer.model)")
-    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)")
+    gen.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    gen.add_argument("--prompt", required=True, help="the question or instruction")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate at most")
+    gen.add_argument("--max-image-size", type=_positive_int, default=None,
+                     help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's")
+    gen.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype")
     gen.set_defaults(run=generate)
     return parser

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = os.path.join(ROOT, "models", "tiny-random")
+EXAMPLE_IMAGE = os.path.join(ROOT, "examples", "shapes.png")
 
 
 def readme_python_blocks() -> list[str]:
@@ -30,9 +31,9 @@ def test_readme_python_block_runs(block, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     if "logits" in namespace:
         assert np.all(np.isfinite(np.asarray(namespace["logits"])))
-    if "tokens" in namespace and "input_ids" in namespace:
-        tokens, prompt = namespace["tokens"], namespace["input_ids"]
-        np.testing.assert_array_equal(tokens[:, : prompt.shape[1]], prompt)
+    if "tokens" in namespace:
+        prompt = namespace["inputs"]["input_ids"] if "inputs" in namespace else namespace["input_ids"]
+        np.testing.assert_array_equal(namespace["tokens"][:, : prompt.shape[1]], prompt)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -41,26 +42,37 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_generate_prints_continuation_of_shipped_model():
+def test_generate_answers_about_an_image_like_the_python_api():
     import aria_jax
-    import sentencepiece
+    from convert.cli import answer_tokens, chat_prompt
 
-    result = run_cli("generate", "--model", TINY_MODEL, "--prompt", "The quick brown fox", "--max-new-tokens", "6")
+    result = run_cli("generate", "--model", TINY_MODEL, "--image", EXAMPLE_IMAGE,
+                     "--prompt", "What shape is in the middle?", "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr
-    # The same greedy continuation, computed through the Python API.
-    tokenizer = sentencepiece.SentencePieceProcessor(model_file=os.path.join(TINY_MODEL, "tokenizer.model"))
-    model = aria_jax.AriaTextForCausalLM.from_pretrained(TINY_MODEL)
-    prompt = tokenizer.encode("The quick brown fox")
-    tokens = model.generate(np.asarray([prompt]), max_new_tokens=6)[0, len(prompt):].tolist()
-    eos = set(model.config.eos_token_id)
-    if eos & set(tokens):
-        tokens = tokens[: min(tokens.index(e) for e in eos if e in tokens)]
-    assert result.stdout == tokenizer.decode(tokens) + "\n"
+    # The same answer, computed through the Python API.
+    processor = aria_jax.AriaProcessor.from_pretrained(TINY_MODEL)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_MODEL)
+    text = chat_prompt(processor, "What shape is in the middle?", 1)
+    assert text.startswith("<|im_start|>user\n<fim_prefix><|img|><fim_suffix>What shape")
+    inputs = processor(text=text, images=[EXAMPLE_IMAGE])
+    tokens = model.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:]
+    stop_ids = set(model.text_config.eos_token_id) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert result.stdout == processor.decode(answer_tokens(tokens, stop_ids), skip_special_tokens=True) + "\n"
+
+
+def test_answer_tokens_cut_at_first_stop():
+    from convert.cli import answer_tokens
+
+    assert answer_tokens([5, 6, 4, 7, 2], {2, 4}) == [5, 6]
+    assert answer_tokens([5, 6], {2}) == [5, 6]
 
 
 @pytest.mark.parametrize("args, expected", [
     (("generate", "--model", "/no/such/dir", "--prompt", "hi"), "/no/such/dir"),
     (("generate", "--model", TINY_MODEL, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens"),
+    (("generate", "--model", TINY_MODEL, "--prompt", "hi", "--image", "/no/such.png"), "/no/such.png"),
+    (("generate", "--model", TINY_MODEL, "--prompt", "hi", "--image", EXAMPLE_IMAGE, "--max-image-size", "100"),
+     "max_image_size=100"),
 ])
 def test_user_errors_are_one_line(args, expected):
     result = run_cli(*args)

@@ -21,7 +21,7 @@ import aria_jax
 from aria_jax import AriaTextForCausalLM, CheckpointError
 from aria_jax.pretrained import param_shapes
 from aria_jax.safetensors_io import SafetensorsFile
-from aria_jax.weights import HubCheckpoint, load_text_params
+from aria_jax.weights import HubCheckpoint, load_params
 from tiny_models import make_text_model
 
 # Non-square everywhere (hidden 32, expert width 8 -> gate_up 16, shared width 16, GQA 4/2 heads
@@ -505,7 +505,8 @@ def test_pickle_file_path_refused_by_loader(tiny_dir, tmp_path):
     path = _pickle_checkpoint(tmp_path / "bin", marker, tiny_dir)
     config = aria_jax.config.text_config_from_pretrained(tmp_path / "bin")
     with pytest.raises(CheckpointError) as err:
-        load_text_params(path, param_shapes(config, np.float32), config.num_hidden_layers, np.float32)
+        load_params(path, {"language_model": param_shapes(config, np.float32)}, np.float32,
+                    components=("language_model",))
     message = error_message(err)
     assert "pickle" in message and "pytorch_model.bin" in message
     with pytest.raises(CheckpointError):

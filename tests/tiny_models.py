@@ -54,17 +54,21 @@ VISION_DEFAULTS = dict(
 PROJECTOR_PATCH_TO_QUERY = {1: 2, 4: 4}
 
 
-def make_multimodal_model(directory: str | os.PathLike, seed: int = 0, dtype=torch.float32, **text_overrides):
+def make_multimodal_model(directory: str | os.PathLike, seed: int = 0, dtype=torch.float32, *,
+                          vision_overrides: dict | None = None,
+                          projector_patch_to_query: dict[int, int] | None = None, **text_overrides):
     """Builds, randomizes and saves a tiny transformers `AriaForConditionalGeneration` (vision
-    tower, projector and MoE decoder; `text_overrides` go into its text_config); returns it
-    (eval mode). The image token is id 9, as in the real config."""
+    tower, projector and MoE decoder; `text_overrides` go into its text_config,
+    `vision_overrides` into its vision_config, `projector_patch_to_query` replaces
+    PROJECTOR_PATCH_TO_QUERY); returns it (eval mode). The image token is id 9, as in the real
+    config."""
     from transformers import AriaConfig, AriaForConditionalGeneration
 
     torch.manual_seed(seed)
     config = AriaConfig(
         text_config={**TEXT_DEFAULTS, **text_overrides},
-        vision_config=dict(VISION_DEFAULTS),
-        projector_patch_to_query_dict=dict(PROJECTOR_PATCH_TO_QUERY),
+        vision_config={**VISION_DEFAULTS, **(vision_overrides or {})},
+        projector_patch_to_query_dict=dict(projector_patch_to_query or PROJECTOR_PATCH_TO_QUERY),
         image_token_index=9,
     )
     model = AriaForConditionalGeneration(config).eval()

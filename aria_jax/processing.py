@@ -1,0 +1,294 @@
+"""Aria's processor: prompts with `<|img|>` placeholders plus images in, model inputs out.
+
+    processor = AriaProcessor.from_pretrained(path)
+    inputs = processor(text=prompts, images=images, max_image_size=980, split_image=False)
+    # -> numpy: input_ids (B, T) int32, attention_mask (B, T) int32 (left padding by default),
+    #    pixel_values (N, 3, S, S) float32, pixel_mask (N, S, S) bool, num_crops (num_images,)
+
+Each `<|img|>` in the text (in order across the batch) stands for one image and becomes
+`num_crops[i] * queries` image tokens, where `queries = size_to_queries[max_image_size]` (128 for
+490, 256 for 980 in Aria) and `num_crops[i]` is that image's own crop count. transformers 5
+expands every placeholder by the batch-wide maximum crop count instead, which gives a
+token / feature count mismatch as soon as split images in one batch have different crop
+counts; for batches where all images have the same crop count the ids are identical.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from aria_jax.config import read_optional_json
+from aria_jax.tokenizer import AriaTokenizer, pad_batch, render_chat_template
+
+PROCESSOR_CONFIG = "processor_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+DEFAULT_IMAGE_TOKEN = "<|img|>"
+
+
+def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
+    """Crop size -> image tokens per crop, from a multimodal config.json:
+    `projector_patch_to_query_dict` maps patches per crop (a square) to queries, and a crop of
+    side S has (S / patch_size)^2 patches."""
+    mapping = config.get("projector_patch_to_query_dict")
+    if not mapping:
+        return None
+    patch = int((config.get("vision_config") or {}).get("patch_size", 14))
+    out = {}
+    for patches, queries in mapping.items():
+        side = math.isqrt(int(patches))
+        if side * side != int(patches):
+            raise ValueError(f"projector_patch_to_query_dict key {patches} is not a square number of patches")
+        out[side * patch] = int(queries)
+    return out
+
+
+def _is_image_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+class AriaProcessor:
+    """Tokenizer + image processor + Aria's image-token expansion (see the module docstring).
+
+    `size_to_queries` maps the allowed `max_image_size` values to the number of image tokens
+    per crop. `pad_token_id` overrides the tokenizer's pad id (default: the tokenizer's pad
+    token, else its unk token, as transformers' AriaProcessor does).
+    """
+
+    def __init__(
+        self,
+        image_processor: Any,
+        tokenizer: AriaTokenizer,
+        size_to_queries: dict[int, int] | None = None,
+        chat_template: str | None = None,
+        pad_token_id: int | None = None,
+    ):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        if size_to_queries is None:
+            size_to_queries = getattr(image_processor, "size_to_queries", None) or {490: 128, 980: 256}
+        self.size_to_queries = {int(k): int(v) for k, v in size_to_queries.items()}
+        if not self.size_to_queries or min(self.size_to_queries.values()) <= 0:
+            raise ValueError(f"size_to_queries must map crop sizes to positive query counts, got {size_to_queries}")
+        if image_processor is not None and hasattr(image_processor, "size_to_queries"):
+            # The image processor validates max_image_size against the same table.
+            image_processor.size_to_queries = dict(self.size_to_queries)
+        self.chat_template = chat_template if chat_template is not None else tokenizer.chat_template
+        self.image_token = getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if pad_token_id is None:
+            pad_token_id = tokenizer.pad_token_id
+            if pad_token_id is None:
+                pad_token_id = tokenizer.unk_token_id
+        self.pad_token_id = pad_token_id
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "AriaProcessor":
+        """Load from a hub-format checkpoint directory: the tokenizer files, the image processor
+        settings (processor_config.json or preprocessor_config.json), the chat template and,
+        if present, config.json (which fixes the crop sizes / query counts, the image token id
+        and the pad id fallback)."""
+        from aria_jax.image_processing import AriaImageProcessor
+
+        directory = os.fspath(path)
+        if not os.path.isdir(directory):
+            raise ValueError(f"{directory}: not a directory")
+
+        tokenizer = AriaTokenizer.from_pretrained(directory)
+        image_processor = AriaImageProcessor.from_pretrained(directory)
+        processor_config = read_optional_json(directory, PROCESSOR_CONFIG, ValueError)
+        preprocessor_config = read_optional_json(directory, PREPROCESSOR_CONFIG, ValueError)
+        model_config = read_optional_json(directory, "config.json", ValueError)
+
+        declared = processor_config.get("size_conversion") or preprocessor_config.get("size_conversion")
+        declared = {int(k): int(v) for k, v in declared.items()} if declared else None
+        from_model = size_to_queries_from_config(model_config)
+        if declared and from_model and declared != from_model:
+            raise ValueError(
+                f"{directory}: the processor's size_conversion {declared} does not match the model's "
+                f"projector_patch_to_query_dict (crop size -> queries {from_model})"
+            )
+        size_to_queries = declared or from_model or {490: 128, 980: 256}
+
+        # A processor-level template (processor_config.json) overrides the tokenizer's unless a
+        # chat_template.jinja exists, which the tokenizer has read already.
+        chat_template = None
+        if not os.path.isfile(os.path.join(directory, CHAT_TEMPLATE_JINJA)):
+            template = processor_config.get("chat_template")
+            chat_template = template if isinstance(template, str) else None
+
+        # Pad id: the tokenizer's pad (or unk) token, unless that id is outside the model's
+        # embedding table (hub Aria's added "<pad>" = 100352 is); then config.json's pad id.
+        text_config = model_config.get("text_config") or model_config
+        vocab_size = text_config.get("vocab_size")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        config_pad = model_config.get("pad_token_id", text_config.get("pad_token_id"))
+        if pad is None or (vocab_size is not None and pad >= vocab_size):
+            pad = config_pad
+        processor = cls(image_processor, tokenizer, size_to_queries=size_to_queries,
+                        chat_template=chat_template, pad_token_id=pad)
+
+        image_index = model_config.get("image_token_index", model_config.get("image_token_id"))
+        if image_index is not None and processor.image_token_id != image_index:
+            raise ValueError(
+                f"{directory}: the tokenizer maps {processor.image_token} to id {processor.image_token_id}, "
+                f"but config.json has image_token_index={image_index}"
+            )
+        return processor
+
+    # ---------------------------------------------------------------- call
+
+    @property
+    def allowed_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted(self.size_to_queries))
+
+    def _resolve_size(self, max_image_size: int | None) -> int:
+        if max_image_size is None:
+            default = getattr(self.image_processor, "max_image_size", None)
+            return default if default in self.size_to_queries else max(self.size_to_queries)
+        if isinstance(max_image_size, bool) or not isinstance(max_image_size, (int, np.integer)) \
+                or int(max_image_size) not in self.size_to_queries:
+            allowed = ", ".join(str(s) for s in self.allowed_sizes)
+            raise ValueError(f"max_image_size={max_image_size!r} is not allowed; use one of: {allowed}")
+        return int(max_image_size)
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        max_image_size: int | None = None,
+        split_image: bool = False,
+        split_mode: str = "transformers",
+        padding_side: str = "left",
+        return_tensors: str | None = "np",
+    ) -> dict[str, np.ndarray]:
+        """Model inputs for a prompt or a batch of prompts (see the module docstring).
+
+        `images` is a flat list of images in placeholder order across the batch (or one image),
+        or a list with one list of images per prompt. `max_image_size=None` uses the
+        checkpoint's default crop size. Raises ValueError when the number of `<|img|>`
+        placeholders and of images differ.
+        """
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'np' (numpy arrays) is supported")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if text is None and images is None:
+            raise ValueError("pass text, images, or both")
+        size = self._resolve_size(max_image_size)
+
+        prompts: list[str] | None = None
+        if text is not None:
+            if isinstance(text, str):
+                prompts = [text]
+            elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+                prompts = list(text)
+            else:
+                raise ValueError("text must be a string or a list of strings")
+            if not prompts:
+                raise ValueError("text is an empty list")
+
+        flat_images = self._flatten_images(images, prompts)
+        if prompts is not None:
+            counts = [p.count(self.image_token) for p in prompts]
+            if sum(counts) != len(flat_images):
+                raise ValueError(
+                    f"the text has {sum(counts)} {self.image_token} placeholder(s) but {len(flat_images)} "
+                    f"image(s) were passed; each image needs exactly one {self.image_token} in the text"
+                )
+
+        out: dict[str, np.ndarray] = {}
+        num_crops: list[int] = []
+        if flat_images:
+            pixels = self.image_processor(flat_images, max_image_size=size, split_image=split_image,
+                                          split_mode=split_mode)
+            num_crops = [int(n) for n in np.asarray(pixels["num_crops"]).reshape(-1)]
+            if len(num_crops) != len(flat_images):
+                raise ValueError(f"the image processor returned {len(num_crops)} crop counts for "
+                                 f"{len(flat_images)} images")
+            out["pixel_values"] = np.asarray(pixels["pixel_values"], dtype=np.float32)
+            out["pixel_mask"] = np.asarray(pixels["pixel_mask"], dtype=bool)
+            out["num_crops"] = np.asarray(num_crops, dtype=np.int64)
+
+        if prompts is not None:
+            expanded = self.expand_image_tokens(prompts, num_crops, size)
+            ids = [self.tokenizer.encode(p) for p in expanded]
+            length = max(len(row) for row in ids)
+            ids, mask = pad_batch(ids, self.pad_token_id, length, padding_side)
+            out = {
+                "input_ids": np.asarray(ids, dtype=np.int32).reshape(len(ids), length),
+                "attention_mask": np.asarray(mask, dtype=np.int32).reshape(len(ids), length),
+                **out,
+            }
+        return out
+
+    def expand_image_tokens(self, prompts: Sequence[str], num_crops: Sequence[int], max_image_size: int) -> list[str]:
+        """Replace the i-th placeholder (across the batch) by num_crops[i] * queries image tokens."""
+        queries = self.size_to_queries[self._resolve_size(max_image_size)]
+        crops = iter(num_crops)
+        expanded = []
+        for prompt in prompts:
+            parts = prompt.split(self.image_token)
+            pieces = [parts[0]]
+            for part in parts[1:]:
+                pieces.append(self.image_token * (next(crops) * queries))
+                pieces.append(part)
+            expanded.append("".join(pieces))
+        return expanded
+
+    def num_image_tokens(self, num_crops: int, max_image_size: int | None = None) -> int:
+        """Image tokens one image with `num_crops` crops takes at this crop size."""
+        return int(num_crops) * self.size_to_queries[self._resolve_size(max_image_size)]
+
+    def _flatten_images(self, images: Any, prompts: list[str] | None) -> list:
+        if images is None:
+            return []
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return list(images)
+        if not _is_image_list(images):
+            return [images]
+        if any(_is_image_list(item) for item in images):
+            if not all(_is_image_list(item) for item in images):
+                raise ValueError("images must be a flat list, or a list with one list of images per prompt")
+            if prompts is not None:
+                if len(images) != len(prompts):
+                    raise ValueError(f"images has {len(images)} per-prompt lists but there are {len(prompts)} prompts")
+                for row, (prompt, row_images) in enumerate(zip(prompts, images)):
+                    found = prompt.count(self.image_token)
+                    if found != len(row_images):
+                        raise ValueError(
+                            f"prompt {row} has {found} {self.image_token} placeholder(s) but "
+                            f"{len(row_images)} image(s) were passed for it"
+                        )
+            return [image for row_images in images for image in row_images]
+        return list(images)
+
+    # ---------------------------------------------------------------- text helpers
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
+                            chat_template: str | None = None, **kwargs):
+        """Render messages with the processor's chat template (as transformers' processor does);
+        image items become `<fim_prefix><|img|><fim_suffix>` in Aria's template."""
+        template = chat_template or self.chat_template
+        return render_chat_template(
+            template, messages, add_generation_prompt=add_generation_prompt,
+            tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if tokenize else None,
+            template_kwargs={**self.tokenizer.special_tokens_map, **kwargs},
+        )
+
+    def __repr__(self) -> str:
+        return (f"AriaProcessor(size_to_queries={self.size_to_queries}, image_token={self.image_token!r} "
+                f"(id {self.image_token_id}), pad_token_id={self.pad_token_id},\n  tokenizer={self.tokenizer!r},\n"
+                f"  image_processor={self.image_processor!r})")
