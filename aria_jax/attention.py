@@ -10,11 +10,14 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.layers import apply_rope, default_kernel_init, param_with_axes
 
 
-def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
-    """(B, T) 1/0 key mask -> (B, T_query, T_key) bool, True where a query may attend a key."""
-    length = attention_mask.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return causal[None, :, :] & attention_mask.astype(bool)[:, None, :]
+def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | None = None) -> jax.Array:
+    """(B, S) 1/0 key mask -> (B, T, S) bool, True where query t (at sequence index
+    `query_offset + t`) may attend key s: s is not in its future and is not padding."""
+    num_keys = key_mask.shape[1]
+    num_queries = num_keys if num_queries is None else num_queries
+    query_index = query_offset + jnp.arange(num_queries)
+    causal = jnp.arange(num_keys)[None, :] <= query_index[:, None]
+    return causal[None, :, :] & key_mask.astype(bool)[:, None, :]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -40,7 +43,10 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: dict | None = None, cache_index=None):
+        """x (B, T, D). Without a cache: (B, T, D). With a layer cache {"k", "v"} of
+        (B, S, K, H) and the sequence index of x's first token: ((B, T, D), updated cache)."""
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -58,6 +64,13 @@ class Attention(nn.Module):
             value = jnp.einsum("btd,dkh->btkh", x, w_v)
         with jax.named_scope("rope"):
             q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+        if cache is not None:
+            with jax.named_scope("cache_write"):
+                start = (0, cache_index, 0, 0)
+                cache = {"k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
+                         "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)}
+                key, value = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
         with jax.named_scope("attend"):
             out = dot_product_attention(q, key, value, mask)
-        return jnp.einsum("btnh,nhd->btd", out, w_o)
+        out = jnp.einsum("btnh,nhd->btd", out, w_o)
+        return out if cache is None else (out, cache)

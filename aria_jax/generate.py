@@ -1,41 +1,117 @@
-"""Greedy generation over a fixed-size embedding buffer.
+"""Generation: prefill once, then decode in a jitted loop against a static, donated KV cache.
 
-One compiled loop: each step reruns the decoder over the whole (B, T + N) buffer and takes the
-argmax at the newest position; its embedding is written into the buffer for the next step.
-Causal masking makes the not-yet-written tail irrelevant. The prompt's embeddings come in
-ready-made, so image features are computed once, before the loop.
+Prefill runs the whole (left-padded, bucketed) prompt through the decoder, fills the cache and
+samples the first new token. `decode` then runs up to `num_steps` more tokens in one
+`lax.while_loop`; the host calls it in chunks (to check stop strings on decoded text, or one
+token at a time to stream). Every sampling setting and `max_new_tokens` are traced arrays, so
+changing them never recompiles; only the shapes (batch, prompt bucket, cache length) do.
+
+Token i of a row is written at cache index T + i - 1 (T = prompt bucket) with position id
+`prompt tokens of the row + i - 1`, so left padding never shifts positions.
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
+from aria_jax.kv_cache import init_cache
 from aria_jax.modeling import TextDecoder
 
 
-def greedy_generate(text_params, prompt_ids, prompt_embeds, attention_mask, *, config: AriaTextConfig,
-                    max_new_tokens: int, dtype=jnp.float32):
-    """prompt_ids (B, T), prompt_embeds (B, T, D), attention_mask (B, T) -> tokens (B, T + N)."""
-    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
-    batch, prompt_len, hidden = prompt_embeds.shape
+@flax.struct.dataclass
+class Sampling:
+    """Per-row sampling settings, (B,) each. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seed: jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: dict                 # {"k", "v"}: (layers, B, S, K, H)
+    key_mask: jax.Array         # (B, S) bool: prompt tokens, then every generated slot
+    prompt_lengths: jax.Array   # (B,) real prompt tokens per row
+    tokens: jax.Array           # (B, max_new_tokens) generated so far, pad after a row is done
+    step: jax.Array             # () tokens generated so far (same for every row)
+    done: jax.Array             # (B,) bool
+
+
+def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits (B, V) -> token ids (B,). Top-k, then top-p on what is left, then a categorical
+    draw from softmax(logits / temperature) with a key from (row seed, step)."""
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
+    scaled = logits / temperature[:, None]
+
+    descending = -jnp.sort(-scaled, axis=-1)
+    kth_largest = jnp.take_along_axis(descending, jnp.clip(sampling.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    scaled = jnp.where((sampling.top_k[:, None] > 0) & (scaled < kth_largest), -jnp.inf, scaled)
+
+    # Nucleus: keep the most likely tokens until their mass reaches top_p (at least one).
+    descending = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.maximum(jnp.sum(mass_before < sampling.top_p[:, None], axis=-1), 1)
+    smallest_kept = jnp.take_along_axis(descending, (kept - 1)[:, None], axis=-1)
+    scaled = jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
+
+    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(sampling.seed)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(sampling.temperature > 0, sampled, greedy)
+
+
+def _finish(token, done, config: AriaTextConfig, stop_ids):
+    """Pad for rows already done; a row is done once it has emitted a stop id (eos ids and
+    single-token stop strings, padded with -1)."""
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    eos_ids = jnp.asarray(config.eos_token_id or (-1,), jnp.int32)
-    tokens = jnp.concatenate([prompt_ids, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)
-    embeds = jnp.concatenate([prompt_embeds.astype(dtype), jnp.zeros((batch, max_new_tokens, hidden), dtype)], axis=1)
-    mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    token = jnp.where(done, pad_id, token)
+    return token, done | jnp.isin(token, stop_ids)
 
-    def step(i, state):
-        tokens, embeds, done = state
-        position = prompt_len + i
-        logits = decoder.apply({"params": text_params}, attention_mask=mask, inputs_embeds=embeds)
-        next_token = jnp.argmax(logits[:, position - 1], axis=-1).astype(jnp.int32)
-        next_token = jnp.where(done, pad_id, next_token)
-        next_embed = decoder.apply({"params": text_params}, next_token[:, None], method=TextDecoder.embed)
-        tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, position))
-        embeds = jax.lax.dynamic_update_slice(embeds, next_embed, (0, position, 0))
-        return tokens, embeds, done | jnp.isin(next_token, eos_ids)
 
-    tokens, _, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens, embeds, jnp.zeros((batch,), bool)))
-    return tokens
+def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop_ids, *, config: AriaTextConfig,
+            cache_length: int, max_new_tokens_capacity: int, dtype=jnp.float32) -> DecodeState:
+    """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token."""
+    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+    batch, prompt_len, _ = prompt_embeds.shape
+    mask = attention_mask.astype(bool)
+    key_mask = jnp.concatenate([mask, jnp.ones((batch, cache_length - prompt_len), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    logits, cache = decoder.apply(
+        {"params": text_params}, prompt_embeds, key_mask, positions, init_cache(config, batch, cache_length, dtype), 0,
+        method=TextDecoder.cached_step,
+    )
+    token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    tokens = jnp.full((batch, max_new_tokens_capacity), pad_id, jnp.int32).at[:, 0].set(token)
+    return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), tokens, jnp.int32(1), done)
+
+
+def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling: Sampling, stop_ids, *,
+           config: AriaTextConfig, prompt_len: int, dtype=jnp.float32) -> DecodeState:
+    """Up to `num_steps` more tokens, stopping early at `max_new_tokens` or when every row is done."""
+    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+    last_step = jnp.minimum(state.step + num_steps, max_new_tokens)
+
+    def keep_going(state):
+        return (state.step < last_step) & ~jnp.all(state.done)
+
+    def one_token(state):
+        previous = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)      # (B, 1)
+        embeds = decoder.apply({"params": text_params}, previous, method=TextDecoder.embed)
+        positions = (state.prompt_lengths + state.step - 1)[:, None]
+        logits, cache = decoder.apply(
+            {"params": text_params}, embeds, state.key_mask, positions, state.cache, prompt_len + state.step - 1,
+            method=TextDecoder.cached_step,
+        )
+        token, done = _finish(sample_tokens(logits, state.step, sampling), state.done, config, stop_ids)
+        tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
+        return state.replace(cache=cache, tokens=tokens, step=state.step + 1, done=done)
+
+    return jax.lax.while_loop(keep_going, one_token, state)

@@ -29,15 +29,19 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """One layer; `cache` is this layer's slice of the KV cache (or None), returned updated."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         with jax.named_scope("attention"):
             normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-            x = x + Attention(cfg, name="self_attn", **kw)(normed, cos, sin, mask)
+            attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, mask, cache, cache_index)
+            if cache is not None:
+                attended, cache = attended
+            x = x + attended
         with jax.named_scope("moe"):
             normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
             x = x + MoE(cfg, name="mlp", **kw)(normed)
-        return x, None
+        return x, cache
 
 
 class TextDecoder(nn.Module):
@@ -57,7 +61,7 @@ class TextDecoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, **kw)
@@ -80,9 +84,24 @@ class TextDecoder(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
-        x, _ = self.layers(x, cos, sin, causal_padding_mask(attention_mask))
-        x = self.norm(x)
-        return jnp.einsum("btd,dv->btv", x, self.lm_head.astype(self.dtype))
+        x, _ = self.layers(x, cos, sin, causal_padding_mask(attention_mask), None, None)
+        return self.logits(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,dv->...v", self.norm(hidden), self.lm_head.astype(self.dtype))
+
+    def cached_step(self, inputs_embeds, key_mask, position_ids, cache, cache_index):
+        """Runs tokens through the decoder against the KV cache and appends them to it.
+
+        inputs_embeds (B, T, D) sit at sequence index `cache_index` (the same for every row);
+        key_mask (B, S) marks the cache slots that hold real tokens (or will); position_ids (B, T).
+        Returns the logits of the last token (B, V) and the updated cache {"k", "v"}:
+        (layers, B, S, K, H) each."""
+        x = inputs_embeds.astype(self.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
+        mask = causal_padding_mask(key_mask, cache_index, x.shape[1])
+        x, cache = self.layers(x, cos, sin, mask, cache, cache_index)
+        return self.logits(x[:, -1]), cache
 
 
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:

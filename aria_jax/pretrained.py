@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
-from aria_jax.generate import greedy_generate
+from aria_jax.generator import Generator, check_request
 from aria_jax.modeling import (
     TextDecoder, init_multimodal_params, init_text_params, multimodal_apply, multimodal_param_shapes,
     text_forward, text_param_shapes,
@@ -54,12 +54,54 @@ class _Pretrained:
 
     text_config: AriaTextConfig
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, tokenizer=None):
         self.dtype = resolve_dtype(dtype)
-        self._generate = jax.jit(
-            functools.partial(greedy_generate, config=self.text_config, dtype=self.dtype),
-            static_argnames=("max_new_tokens",),
-        )
+        self.tokenizer = tokenizer
+        self._generator = Generator(self.text_config, self.dtype, tokenizer)
+
+    @staticmethod
+    def _load_tokenizer(path):
+        """The checkpoint's tokenizer if it ships one (needed for stop strings and streaming)."""
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        if not any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "tokenizer.model")):
+            return None
+        from aria_jax.tokenizer import AriaTokenizer
+
+        return AriaTokenizer.from_pretrained(directory)
+
+    def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
+        raise NotImplementedError
+
+    def _prepare(self, input_ids, attention_mask, pixel_values, pixel_mask, settings):
+        """Checks the request, pads the prompt to its bucket and embeds it (images merged)."""
+        ids, mask, _ = self._check_text(input_ids, attention_mask, None)
+        request = check_request(ids.shape[0], ids.shape[1], self.text_config, self.tokenizer, **settings)
+        padded_ids, padded_mask = self._generator.pad_prompt(ids, mask)
+        embeds = self._prompt_embeddings(padded_ids, padded_mask, pixel_values, pixel_mask)
+        return ids, embeds, padded_mask, request
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                 stop_strings="default", max_length: int | None = None) -> np.ndarray:
+        """Returns (B, T + max_new_tokens) int32: the prompt, then the new tokens, then the pad
+        id once a row has stopped (on an eos id or a stop string; by default `<|im_end|>` when
+        the checkpoint ships a tokenizer; `stop_strings=None` turns them off). Sampling settings
+        may be scalars or one per row; `seed` an int (row r uses seed + r) or one per row."""
+        ids, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_strings=stop_strings))
+        new_tokens = self._generator.generate(self._text_params, embeds, mask, request, max_length)
+        return np.concatenate([ids, new_tokens], axis=1)
+
+    def stream(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
+               max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+               stop_strings="default", max_length: int | None = None):
+        """Like `generate`, but yields the answer's text as it is produced: a str per piece for
+        one prompt, a tuple of str (one per row) for a batch."""
+        _, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_strings=stop_strings))
+        return self._generator.stream(self._text_params, embeds, mask, request, max_length)
 
     def _check_text(self, input_ids, attention_mask, position_ids):
         ids = np.asarray(input_ids)
@@ -78,19 +120,14 @@ class _Pretrained:
                 raise ValueError(f"position_ids has shape {position_ids.shape}, input_ids {ids.shape}")
         return ids.astype(np.int32), mask.astype(np.int32), position_ids
 
-    @staticmethod
-    def _check_max_new_tokens(max_new_tokens) -> None:
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-
 
 class AriaTextForCausalLM(_Pretrained):
     """The Aria MoE decoder alone: token ids -> logits, and greedy generation."""
 
-    def __init__(self, config: AriaTextConfig, params: dict, dtype="float32"):
+    def __init__(self, config: AriaTextConfig, params: dict, dtype="float32", tokenizer=None):
         self.config = self.text_config = config
         self.params = params
-        super().__init__(dtype)
+        super().__init__(dtype, tokenizer)
         self._forward = jax.jit(functools.partial(text_forward, config=config, dtype=self.dtype))
         self._embed = jax.jit(lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
             {"params": params}, ids, method=TextDecoder.embed))
@@ -104,7 +141,7 @@ class AriaTextForCausalLM(_Pretrained):
         config = text_config_from_pretrained(path)
         shapes = {"language_model": param_shapes(config, jdtype)}
         params = load_params(checkpoint, shapes, jdtype, components=("language_model",))["language_model"]
-        return cls(config, params, jdtype)
+        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)))
 
     @classmethod
     def from_random(cls, config: AriaTextConfig, seed: int = 0, dtype="float32") -> "AriaTextForCausalLM":
@@ -115,23 +152,24 @@ class AriaTextForCausalLM(_Pretrained):
         ids, mask, positions = self._check_text(input_ids, attention_mask, position_ids)
         return CausalLMOutput(self._forward(self.params, input_ids=ids, attention_mask=mask, position_ids=positions))
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32) -> np.ndarray:
-        """Greedy decoding. Returns (B, T + max_new_tokens) int32: the prompt, then new tokens,
-        then the pad id once a row has produced an eos id."""
-        ids, mask, _ = self._check_text(input_ids, attention_mask, None)
-        self._check_max_new_tokens(max_new_tokens)
-        embeds = self._embed(self.params, ids)
-        return np.asarray(self._generate(self.params, ids, embeds, mask, max_new_tokens=max_new_tokens))
+    @property
+    def _text_params(self):
+        return self.params
+
+    def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
+        if pixel_values is not None:
+            raise ValueError("AriaTextForCausalLM takes no images; use AriaForConditionalGeneration")
+        return self._embed(self.params, ids)
 
 
 class AriaForConditionalGeneration(_Pretrained):
     """The whole model: images and tokens -> logits, and greedy generation."""
 
-    def __init__(self, config: AriaConfig, params: dict, dtype="float32"):
+    def __init__(self, config: AriaConfig, params: dict, dtype="float32", tokenizer=None):
         self.config = config
         self.text_config = config.text_config
         self.params = params
-        super().__init__(dtype)
+        super().__init__(dtype, tokenizer)
 
         def apply(method=None):
             return jax.jit(functools.partial(multimodal_apply, config=config, method=method, dtype=self.dtype))
@@ -149,7 +187,7 @@ class AriaForConditionalGeneration(_Pretrained):
         checkpoint = HubCheckpoint(path)
         config = config_from_pretrained(path)
         params = load_params(checkpoint, shape_tree(multimodal_param_shapes(config, jdtype)), jdtype)
-        return cls(config, params, jdtype)
+        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)))
 
     @classmethod
     def from_random(cls, config: AriaConfig, seed: int = 0, dtype="float32") -> "AriaForConditionalGeneration":
@@ -196,12 +234,27 @@ class AriaForConditionalGeneration(_Pretrained):
         """The projector's output (crops, queries, D_text): what replaces the image tokens."""
         return self._image_features(self.params, np.asarray(pixel_values, np.float32), pixel_mask)
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None,
-                 max_new_tokens: int = 32) -> np.ndarray:
-        """Greedy decoding; returns (B, T + max_new_tokens) int32 like `AriaTextForCausalLM.generate`."""
-        ids, mask, _ = self._check_text(input_ids, attention_mask, None)
+    @property
+    def _text_params(self):
+        return self.params["language_model"]
+
+    def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
         pixel_values, pixel_mask = self._check_images(ids, pixel_values, pixel_mask)
-        self._check_max_new_tokens(max_new_tokens)
-        embeds = self._embeddings(self.params, ids, pixel_values, pixel_mask)
-        return np.asarray(self._generate(self.params["language_model"], ids, embeds, mask,
-                                         max_new_tokens=max_new_tokens))
+        if pixel_values is not None:
+            pixel_values, pixel_mask = pad_crops(pixel_values, pixel_mask)
+        return self._embeddings(self.params, ids, pixel_values, pixel_mask)
+
+
+def pad_crops(pixel_values: np.ndarray, pixel_mask: np.ndarray | None):
+    """Pads the crop count to a power of two with blank, fully valid crops, so requests with
+    different numbers of images reuse compiled code. Their features are never merged: merging
+    takes features in order, one per image token, and the real crops come first."""
+    crops = pixel_values.shape[0]
+    padded = 1 << (crops - 1).bit_length()
+    if padded == crops:
+        return pixel_values, pixel_mask
+    extra = padded - crops
+    pixel_values = np.concatenate([pixel_values, np.zeros((extra,) + pixel_values.shape[1:], pixel_values.dtype)])
+    if pixel_mask is not None:
+        pixel_mask = np.concatenate([pixel_mask, np.ones((extra,) + pixel_mask.shape[1:], bool)])
+    return pixel_values, pixel_mask

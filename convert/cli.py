@@ -17,13 +17,6 @@ def chat_prompt(processor, prompt: str, num_images: int) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def answer_tokens(new_ids, stop_ids: set[int]) -> list[int]:
-    """The generated ids up to (not including) the first stop id."""
-    ids = [int(t) for t in new_ids]
-    stops = [i for i, t in enumerate(ids) if t in stop_ids]
-    return ids[: stops[0]] if stops else ids
-
-
 def generate(args: argparse.Namespace) -> None:
     import aria_jax
     from aria_jax.config import is_multimodal, read_config_json
@@ -40,10 +33,10 @@ def generate(args: argparse.Namespace) -> None:
     model = model_class.from_pretrained(args.model, dtype=args.dtype)
     if not multimodal:
         inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
-    tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
-    stop_ids = set(model.text_config.eos_token_id) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    answer = answer_tokens(tokens[0, inputs["input_ids"].shape[1]:], stop_ids - {None})
-    print(processor.decode(answer, skip_special_tokens=True))
+    for piece in model.stream(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
 
 
 def _positive_int(text: str) -> int:
@@ -58,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
-        "generate", help="answer a prompt about zero or more images",
+        "generate", help="answer a prompt about zero or more images, streaming the answer",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     gen.add_argument("--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)")
     gen.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     gen.add_argument("--prompt", required=True, help="the question or instruction")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--max-image-size", type=_positive_int, default=None,
                      help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's")
     gen.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")

@@ -42,29 +42,29 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_generate_answers_about_an_image_like_the_python_api():
+def test_generate_streams_the_answer_the_python_api_gives():
     import aria_jax
-    from convert.cli import answer_tokens, chat_prompt
+    from convert.cli import chat_prompt
 
     result = run_cli("generate", "--model", TINY_MODEL, "--image", EXAMPLE_IMAGE,
                      "--prompt", "What shape is in the middle?", "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr
-    # The same answer, computed through the Python API.
+    # The same answer through the Python API: greedy tokens up to <|im_end|> or eos, decoded.
     processor = aria_jax.AriaProcessor.from_pretrained(TINY_MODEL)
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_MODEL)
     text = chat_prompt(processor, "What shape is in the middle?", 1)
     assert text.startswith("<|im_start|>user\n<fim_prefix><|img|><fim_suffix>What shape")
     inputs = processor(text=text, images=[EXAMPLE_IMAGE])
-    tokens = model.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:]
-    stop_ids = set(model.text_config.eos_token_id) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    assert result.stdout == processor.decode(answer_tokens(tokens, stop_ids), skip_special_tokens=True) + "\n"
+    tokens = model.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:].tolist()
+    stops = set(model.text_config.eos_token_id) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    answer = tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))]
+    assert result.stdout == processor.decode(answer, skip_special_tokens=True) + "\n"
 
 
-def test_answer_tokens_cut_at_first_stop():
-    from convert.cli import answer_tokens
-
-    assert answer_tokens([5, 6, 4, 7, 2], {2, 4}) == [5, 6]
-    assert answer_tokens([5, 6], {2}) == [5, 6]
+def test_sampling_options_are_checked():
+    result = run_cli("generate", "--model", TINY_MODEL, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0")
+    assert result.returncode == 2
+    assert "top_p=0.0" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, expected", [

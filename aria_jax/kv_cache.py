@@ -1,0 +1,24 @@
+"""The KV cache: static shape, stacked over layers like the layer params, donated between steps."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from aria_jax.config import AriaTextConfig
+
+# Prompt and cache lengths are rounded up to these so that new requests reuse compiled code.
+MIN_BUCKET = 16
+LARGE_BUCKET_STEP = 1024
+
+
+def bucket_length(length: int) -> int:
+    """Powers of two from 16 up to 1024, then multiples of 1024."""
+    if length <= LARGE_BUCKET_STEP:
+        return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+    return -(-length // LARGE_BUCKET_STEP) * LARGE_BUCKET_STEP
+
+
+def init_cache(config: AriaTextConfig, batch: int, length: int, dtype) -> dict:
+    """{"k", "v"}: zeros of (layers, batch, length, kv_heads, head_dim)."""
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
