@@ -23,6 +23,7 @@ from aria_jax.kv_cache import bucket_length
 DEFAULT_STOP_STRINGS = ("<|im_end|>",)
 MAX_STOP_IDS = 8          # stop token ids checked on device (eos ids + single-token stop strings)
 GENERATE_CHUNK = 32       # decode steps between host checks of multi-token stop strings
+STREAM_CHUNK = 4          # decode steps between streamed pieces (see `Generator.stream`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +124,13 @@ class Generator:
             cache_length=cache_length, max_new_tokens_capacity=cache_length - prompt_len,
         )
         while True:
-            tokens = np.asarray(state.tokens[:, : request.max_new_tokens])
-            step = int(state.step)
+            tokens, step, done = jax.device_get((state.tokens, state.step, state.done))  # one transfer
+            tokens = tokens[:, : request.max_new_tokens]
             if stop_texts:
-                tokens, stopped = self._cut_at_stop_strings(tokens, step, np.asarray(state.done), stop_texts)
-                state = state.replace(done=jnp.asarray(stopped))
+                tokens, done = self._cut_at_stop_strings(tokens, int(step), done, stop_texts)
+                state = state.replace(done=jnp.asarray(done))
             yield tokens
-            if step >= request.max_new_tokens or bool(np.all(state.done)):
+            if step >= request.max_new_tokens or bool(np.all(done)):
                 return
             state = self.decode(params, state, chunk, request.max_new_tokens, request.sampling, stop_ids,
                                 prompt_len=prompt_len)
@@ -155,7 +156,9 @@ class Generator:
 
     def stream(self, params, prompt_embeds, attention_mask, request: Request,
                max_length=None) -> Iterator[str | tuple[str, ...]]:
-        """Decoded text as it grows, one piece per step: a str for one row, a tuple of str (one
+        """Decoded text as it grows, one piece per STREAM_CHUNK decode steps (a jitted call costs
+        more than a loop iteration, so single-step calls would make streaming ~20% slower than
+        `generate`; see benchmarks/stream_vs_generate.py): a str for one row, a tuple of str (one
         per row) for a batch. The text ends before a stop string: a tail that could begin one is
         held back until it cannot, as is a partial UTF-8 character until it is complete."""
         if self.tokenizer is None:
@@ -177,7 +180,7 @@ class Generator:
             return pieces[0] if batch == 1 else tuple(pieces)
 
         tokens = None
-        for tokens in self.steps(params, prompt_embeds, attention_mask, request, 1, max_length):
+        for tokens in self.steps(params, prompt_embeds, attention_mask, request, STREAM_CHUNK, max_length):
             pieces = new_pieces(tokens, final=False)
             if any(pieces):
                 yield pieces

@@ -4,6 +4,8 @@ Routed experts have two interchangeable implementations that tests hold to each 
 - `routed_experts_sorted`: dropless. The (token, slot) pairs are sorted by expert so each expert's
   rows are contiguous, then one grouped matmul (`jax.lax.ragged_dot`) per projection. Work is
   proportional to tokens x top-k on backends with a real grouped matmul (TPU, GPU).
+- `routed_experts_gathered`: each (token, slot) multiplies by its own gathered expert weights;
+  reads only the chosen experts, the fast path for decode (few tokens, many experts).
 - `routed_experts_dense`: every expert on every token, combined with the routing weights. The
   reference: simple enough to check by eye.
 """
@@ -57,10 +59,26 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down):
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
 
 
+def routed_experts_gathered(x, weights, expert_ids, gate_up, down):
+    """Same contract; gathers each (token, slot)'s expert weights. Reads only the chosen experts,
+    so it suits decode, where tokens x top-k is small next to the number of experts."""
+    activations = _glu(jnp.einsum("td,tkdf->tkf", x, gate_up[expert_ids]))
+    out = jnp.einsum("tkf,tkfd->tkd", activations, down[expert_ids])
+    return jnp.einsum("tkd,tk->td", out, weights)
+
+
+def routed_experts_auto(x, weights, expert_ids, gate_up, down):
+    """Gathered weights while fewer (token, slot) pairs than experts (decode), else sorted."""
+    if expert_ids.size < gate_up.shape[0]:
+        return routed_experts_gathered(x, weights, expert_ids, gate_up, down)
+    return routed_experts_sorted(x, weights, expert_ids, gate_up, down)
+
+
 ROUTED_EXPERT_BACKENDS = {
     "dense": routed_experts_dense,
     "ragged_dot": routed_experts_sorted,
-    "auto": routed_experts_sorted,  # the portable grouped matmul on every platform
+    "gathered": routed_experts_gathered,
+    "auto": routed_experts_auto,
 }
 
 

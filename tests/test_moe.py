@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.moe import MoE, route, routed_experts_dense, routed_experts_sorted
+from aria_jax.moe import MoE, route, routed_experts_dense, routed_experts_gathered, routed_experts_sorted
+
+FAST_PATHS = {"sorted": routed_experts_sorted, "gathered": routed_experts_gathered}
 
 TOLERANCE = 1e-5  # max abs diff, float32
 HIDDEN, WIDTH = 16, 12
@@ -106,10 +108,11 @@ def case(request):
     return name, args
 
 
-def test_sorted_equals_dense(case):
+@pytest.mark.parametrize("path", list(FAST_PATHS))
+def test_fast_paths_equal_dense(case, path):
     name, args = case
     dense = jax.jit(routed_experts_dense)(*args)
-    sorted_ = jax.jit(routed_experts_sorted)(*args)
+    sorted_ = jax.jit(FAST_PATHS[path])(*args)
     assert sorted_.shape == dense.shape == args[0].shape
     assert float(jnp.max(jnp.abs(dense))) > 0.1      # not a trivially-zero comparison
     diff = max_diff(sorted_, dense)
@@ -141,7 +144,8 @@ def test_dense_reference_is_the_per_token_sum(case):
     assert diff <= TOLERANCE, f"{name}: {diff}"
 
 
-def test_sorted_gradients_equal_dense(case):
+@pytest.mark.parametrize("path", list(FAST_PATHS))
+def test_fast_path_gradients_equal_dense(case, path):
     """Gradients w.r.t. x, routing weights and both expert weight tensors (fine-tuning uses them),
     of the outputs summed with random coefficients (a plain sum would not see outputs swapped
     between hidden units), jitted."""
@@ -153,7 +157,7 @@ def test_sorted_gradients_equal_dense(case):
             return jnp.sum(fn(x, weights, ids, gate_up, down) * cotangent)
         return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
 
-    ours = loss(routed_experts_sorted)(x, weights, gate_up, down)
+    ours = loss(FAST_PATHS[path])(x, weights, gate_up, down)
     reference = loss(routed_experts_dense)(x, weights, gate_up, down)
     for what, a, b in zip(("x", "weights", "gate_up", "down"), ours, reference):
         assert a.shape == b.shape
@@ -229,10 +233,15 @@ def test_moe_module_backends_agree(experts, top_k, shared):
     dense = apply("dense", params)
     assert dense.shape == x.shape
     assert float(jnp.max(jnp.abs(dense))) > 0.1
-    for backend in ("ragged_dot", "auto"):
+    for backend in ("ragged_dot", "gathered", "auto"):
         diff = max_diff(apply(backend, params), dense)
         print(f"[E{experts} k{top_k} shared{shared}] {backend} vs dense max|diff| = {diff:.2e}")
         assert diff <= TOLERANCE, f"{backend}: {diff}"
+    # One token (decode): "auto" takes the gathered path when top-k < experts.
+    one_token = x[:1, :1]
+    decode_dense = jax.jit(MoE(config).apply)(params, one_token)
+    decode_auto = jax.jit(MoE(dataclasses.replace(config, moe_backend="auto")).apply)(params, one_token)
+    assert max_diff(decode_auto, decode_dense) <= TOLERANCE
     # The block is routed + shared: with the routed experts' output zeroed what is left is the
     # shared experts' part (exactly zero without shared experts), and it differs from the whole.
     zeroed = {"params": {**params["params"], "experts_down": jnp.zeros_like(params["params"]["experts_down"])}}
