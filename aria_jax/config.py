@@ -119,6 +119,11 @@ class AriaTextConfig:
         )
 
     @property
+    def pad_id(self) -> int:
+        """The id generation writes after a row stops (pad_token_id, else 0)."""
+        return self.pad_token_id if self.pad_token_id is not None else 0
+
+    @property
     def shared_expert_size(self) -> int:
         return self.intermediate_size * self.moe_num_shared_experts
 

@@ -70,8 +70,7 @@ def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax
 def _finish(token, done, config: AriaTextConfig, stop_ids):
     """Pad for rows already done; a row is done once it has emitted a stop id (eos ids and
     single-token stop strings, padded with -1)."""
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    token = jnp.where(done, pad_id, token)
+    token = jnp.where(done, config.pad_id, token)
     return token, done | jnp.isin(token, stop_ids)
 
 
@@ -88,8 +87,7 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
         method=TextDecoder.cached_step,
     )
     token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    tokens = jnp.full((batch, max_new_tokens_capacity), pad_id, jnp.int32).at[:, 0].set(token)
+    tokens = jnp.full((batch, max_new_tokens_capacity), config.pad_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), tokens, jnp.int32(1), done)
 
 

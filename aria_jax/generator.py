@@ -92,8 +92,7 @@ class Generator:
         """Left-pads to the prompt bucket; returns the padded ids and mask."""
         batch, length = input_ids.shape
         extra = bucket_length(length) - length
-        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        ids = np.concatenate([np.full((batch, extra), pad_id, np.int32), input_ids], axis=1)
+        ids = np.concatenate([np.full((batch, extra), self.config.pad_id, np.int32), input_ids], axis=1)
         mask = np.concatenate([np.zeros((batch, extra), np.int32), attention_mask], axis=1)
         return ids, mask
 
@@ -136,7 +135,6 @@ class Generator:
                                 prompt_len=prompt_len)
 
     def _cut_at_stop_strings(self, tokens, step, done, stop_texts):
-        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         tokens, done = tokens.copy(), done.copy()
         for row in range(tokens.shape[0]):
             generated = tokens[row, :step]
@@ -144,7 +142,7 @@ class Generator:
                 continue
             end = next(k for k in range(1, step + 1)
                        if any(s in self.tokenizer.decode(generated[:k]) for s in stop_texts))
-            tokens[row, end:] = pad_id
+            tokens[row, end:] = self.config.pad_id
             done[row] = True
         return tokens, done
 
