@@ -32,7 +32,8 @@ class Request:
 
     max_new_tokens: int
     sampling: Sampling
-    stop_strings: tuple[str, ...]
+    stop_ids: np.ndarray            # (MAX_STOP_IDS,) eos ids + single-token stop strings, -1 padded
+    stop_texts: tuple[str, ...]     # stop strings checked on decoded text
 
 
 def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer, *, max_new_tokens, do_sample,
@@ -71,7 +72,21 @@ def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer
     if any(not isinstance(s, str) or not s for s in stop_strings):
         raise ValueError(f"stop_strings={stop_strings!r}: must be non-empty strings")
     sampling = Sampling(temperature, top_k, top_p, (seeds % (2**31)).astype(np.int32))
-    return Request(int(max_new_tokens), sampling, stop_strings)
+    return Request(int(max_new_tokens), sampling, *split_stop_strings(stop_strings, config, tokenizer))
+
+
+def split_stop_strings(stop_strings, config: AriaTextConfig, tokenizer):
+    """Single-token stop strings join the eos ids as stop ids (checked on device); the rest are
+    checked on decoded text."""
+    ids, texts = list(config.eos_token_id), []
+    for text in stop_strings:
+        encoded = tokenizer.encode(text)
+        if len(encoded) == 1 and tokenizer.decode(encoded) == text:
+            ids.append(encoded[0])
+        else:
+            texts.append(text)
+    ids = sorted(set(ids))[:MAX_STOP_IDS]
+    return np.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), np.int32), tuple(texts)
 
 
 class Generator:
@@ -96,18 +111,6 @@ class Generator:
         mask = np.concatenate([np.zeros((batch, extra), np.int32), attention_mask], axis=1)
         return ids, mask
 
-    def _stop_ids_and_texts(self, stop_strings):
-        """Single-token stop strings become stop ids; the rest are checked on decoded text."""
-        ids, texts = list(self.config.eos_token_id), []
-        for text in stop_strings:
-            encoded = self.tokenizer.encode(text) if self.tokenizer is not None else []
-            if len(encoded) == 1 and self.tokenizer.decode(encoded) == text:
-                ids.append(encoded[0])
-            else:
-                texts.append(text)
-        ids = sorted(set(ids))[:MAX_STOP_IDS]
-        return np.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), np.int32), tuple(texts)
-
     def steps(self, params, prompt_embeds, attention_mask, request: Request, chunk: int,
               max_length: int | None = None) -> Iterator[np.ndarray]:
         """Runs generation, yielding the (B, max_new_tokens) token buffer after prefill and after
@@ -117,7 +120,7 @@ class Generator:
         cache_length = bucket_length(needed) if max_length is None else max_length
         if cache_length < needed:
             raise ValueError(f"max_length={max_length} is shorter than the prompt bucket + max_new_tokens ({needed})")
-        stop_ids, stop_texts = self._stop_ids_and_texts(request.stop_strings)
+        stop_ids, stop_texts = request.stop_ids, request.stop_texts
         state: DecodeState = self.prefill(
             params, prompt_embeds, attention_mask, request.sampling, stop_ids,
             cache_length=cache_length, max_new_tokens_capacity=cache_length - prompt_len,
@@ -147,7 +150,7 @@ class Generator:
         return tokens, done
 
     def generate(self, params, prompt_embeds, attention_mask, request: Request, max_length=None) -> np.ndarray:
-        chunk = GENERATE_CHUNK if self._stop_ids_and_texts(request.stop_strings)[1] else request.max_new_tokens
+        chunk = GENERATE_CHUNK if request.stop_texts else request.max_new_tokens
         for tokens in self.steps(params, prompt_embeds, attention_mask, request, chunk, max_length):
             pass
         return tokens
@@ -161,7 +164,7 @@ class Generator:
         held back until it cannot, as is a partial UTF-8 character until it is complete."""
         if self.tokenizer is None:
             raise ValueError("stream needs the checkpoint's tokenizer; this model was loaded without one")
-        stop_ids, stop_texts = self._stop_ids_and_texts(request.stop_strings)
+        stop_ids, stop_texts = set(request.stop_ids.tolist()), request.stop_texts
         batch = prompt_embeds.shape[0]
         shown = [""] * batch
 
@@ -186,10 +189,10 @@ class Generator:
         if any(pieces):
             yield pieces
 
-    def answer_text(self, row_tokens, stop_ids, stop_texts) -> str:
+    def answer_text(self, row_tokens, stop_ids: set[int], stop_texts) -> str:
         """The text of one row's generated tokens, up to the first stop id or stop string."""
         ids = [int(t) for t in row_tokens]
-        end = next((k for k, t in enumerate(ids) if t in set(stop_ids.tolist())), len(ids))
+        end = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
         text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
         for stop in stop_texts:
             text = text.split(stop, 1)[0]

@@ -78,7 +78,7 @@ class LayerNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """x @ kernel (+ bias) with named dimensions: kernel (in..., out...), `in_axes` input dims."""
+    """x @ kernel (+ bias): kernel is (in dims..., out dims...), the last `in_dims` axes of x contract."""
 
     out_shape: tuple[int, ...]
     axes: tuple[str, ...]          # logical names of (in dims..., out dims...)

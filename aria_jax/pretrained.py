@@ -50,7 +50,7 @@ def param_shapes(config: AriaTextConfig, dtype) -> dict:
 
 
 class _Pretrained:
-    """What both model classes share: dtype, input checks, greedy generation."""
+    """What both model classes share: dtype, tokenizer, input checks, generate and stream."""
 
     text_config: AriaTextConfig
 
