@@ -1,14 +1,17 @@
 """aria-jax: Aria (rhymes-ai/Aria), the multimodal mixture-of-experts model, in JAX/Flax."""
 
+from aria_jax import distributed
 from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig, ConfigError
 from aria_jax.image_processing import AriaImageProcessor, ImageError
 from aria_jax.processing import AriaProcessor
 from aria_jax.pretrained import AriaForConditionalGeneration, AriaTextForCausalLM, CausalLMOutput
 from aria_jax.safetensors_io import CheckpointError
+from aria_jax.sharding import LayoutError, make_mesh
 from aria_jax.tokenizer import AriaTokenizer
 
 __all__ = [
     "AriaConfig", "AriaTextConfig", "AriaVisionConfig", "AriaForConditionalGeneration",
     "AriaTextForCausalLM", "CausalLMOutput",
     "AriaImageProcessor", "AriaProcessor", "AriaTokenizer", "CheckpointError", "ConfigError", "ImageError",
+    "LayoutError", "distributed", "make_mesh",
 ]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from aria_jax.config import AriaTextConfig
 from aria_jax.kv_cache import init_cache
 from aria_jax.modeling import TextDecoder
+from aria_jax.sharding import constrain
 
 
 @flax.struct.dataclass
@@ -37,8 +38,8 @@ class DecodeState:
     key_mask: jax.Array         # (B, S) bool: prompt tokens, then every generated slot
     prompt_lengths: jax.Array   # (B,) real prompt tokens per row
     tokens: jax.Array           # (B, max_new_tokens) generated so far, pad after a row is done
-    step: jax.Array             # () tokens generated so far (same for every row)
     done: jax.Array             # (B,) bool
+    step: jax.Array             # () tokens generated so far (same for every row)
 
 
 def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
@@ -67,6 +68,12 @@ def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax
     return jnp.where(sampling.temperature > 0, sampled, greedy)
 
 
+def _replicated(tokens, done):
+    """What the host reads after every chunk is kept whole on every device, so that each host
+    of a multi-host mesh can read it."""
+    return constrain(tokens, None, None), constrain(done, None)
+
+
 def _finish(token, done, config: AriaTextConfig, stop_ids):
     """Pad for rows already done; a row is done once it has emitted a stop id (eos ids and
     single-token stop strings, padded with -1)."""
@@ -88,7 +95,7 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
     )
     token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
     tokens = jnp.full((batch, max_new_tokens_capacity), config.pad_id, jnp.int32).at[:, 0].set(token)
-    return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), tokens, jnp.int32(1), done)
+    return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
 
 
 def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling: Sampling, stop_ids, *,
@@ -112,4 +119,6 @@ def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling:
         tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
         return state.replace(cache=cache, tokens=tokens, step=state.step + 1, done=done)
 
-    return jax.lax.while_loop(keep_going, one_token, state)
+    state = jax.lax.while_loop(keep_going, one_token, state)
+    tokens, done = _replicated(state.tokens, state.done)
+    return state.replace(tokens=tokens, done=done)

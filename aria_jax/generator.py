@@ -13,12 +13,12 @@ import functools
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.generate import DecodeState, Sampling, decode, prefill
 from aria_jax.kv_cache import bucket_length
+from aria_jax.sharding import MeshRunner
 
 DEFAULT_STOP_STRINGS = ("<|im_end|>",)
 MAX_STOP_IDS = 8          # stop token ids checked on device (eos ids + single-token stop strings)
@@ -92,16 +92,16 @@ def split_stop_strings(stop_strings, config: AriaTextConfig, tokenizer):
 class Generator:
     """Compiled prefill and decode for one text config and dtype, and the loop that drives them."""
 
-    def __init__(self, config: AriaTextConfig, dtype, tokenizer=None):
+    def __init__(self, config: AriaTextConfig, dtype, tokenizer=None, runner: MeshRunner = MeshRunner()):
         self.config, self.dtype, self.tokenizer = config, dtype, tokenizer
-        self.prefill = jax.jit(
+        self.prefill = runner.wrap(jax.jit(
             functools.partial(prefill, config=config, dtype=dtype),
             static_argnames=("cache_length", "max_new_tokens_capacity"),
-        )
-        self.decode = jax.jit(
+        ))
+        self.decode = runner.wrap(jax.jit(
             functools.partial(decode, config=config, dtype=dtype),
             static_argnames=("prompt_len",), donate_argnames=("state",),
-        )
+        ))
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Left-pads to the prompt bucket; returns the padded ids and mask."""
@@ -130,7 +130,7 @@ class Generator:
             tokens = tokens[:, : request.max_new_tokens]
             if stop_texts:
                 tokens, done = self._cut_at_stop_strings(tokens, int(step), done, stop_texts)
-                state = state.replace(done=jnp.asarray(done))
+                state = state.replace(done=done)
             yield tokens
             if step >= request.max_new_tokens or bool(np.all(done)):
                 return

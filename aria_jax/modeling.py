@@ -20,6 +20,7 @@ from aria_jax.config import AriaConfig, AriaTextConfig
 from aria_jax.layers import RMSNorm, default_kernel_init, param_with_axes, rope_cos_sin
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
+from aria_jax.sharding import constrain
 from aria_jax.vision import VisionTower, patch_mask_from_pixel_mask
 
 
@@ -32,6 +33,9 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """One layer; `cache` is this layer's slice of the KV cache (or None), returned updated."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain(x, "batch", None, None)
+        if cache is not None:
+            cache = {name: constrain(kv, "batch", None, "kv_heads", None) for name, kv in cache.items()}
         with jax.named_scope("attention"):
             normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
             attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, mask, cache, cache_index)

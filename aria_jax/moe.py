@@ -15,9 +15,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.layers import ACTIVATIONS, default_kernel_init, param_with_axes
+from aria_jax.sharding import mesh_axis_size
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -74,6 +76,26 @@ def routed_experts_auto(x, weights, expert_ids, gate_up, down):
     return routed_experts_sorted(x, weights, expert_ids, gate_up, down)
 
 
+def routed_experts_over_mesh(backend, x, weights, expert_ids, gate_up, down):
+    """Expert parallelism over the current mesh's `expert` axis: each shard holds E/n experts
+    and runs `backend` on the (token, slot) pairs routed to them; tokens are replicated over the
+    axis and the shards' partial outputs summed with a psum. Dropless: pairs routed to another
+    shard get weight 0 and the id one past the local experts, a group that the grouped matmul
+    skips and that gathers clamp (their zero weight removes them)."""
+
+    def local_experts(x, weights, expert_ids, gate_up, down):
+        num_local = gate_up.shape[0]
+        local_ids = expert_ids - jax.lax.axis_index("expert") * num_local
+        here = (local_ids >= 0) & (local_ids < num_local)
+        out = backend(x, jnp.where(here, weights, 0), jnp.where(here, local_ids, num_local), gate_up, down)
+        # Summed in float32 and rounded once (XLA:CPU also cannot compile a bf16 all-reduce).
+        return jax.lax.psum(out.astype(jnp.float32), "expert").astype(out.dtype)
+
+    return jax.shard_map(
+        local_experts, in_specs=(P(), P(), P(), P("expert"), P("expert")), out_specs=P(), axis_names={"expert"},
+    )(x, weights, expert_ids, gate_up, down)
+
+
 ROUTED_EXPERT_BACKENDS = {
     "dense": routed_experts_dense,
     "ragged_dot": routed_experts_sorted,
@@ -104,7 +126,11 @@ class MoE(nn.Module):
         with jax.named_scope("router"):
             _, top_weights, top_ids = route(tokens, router, cfg.moe_topk)
         with jax.named_scope("routed_experts"):
-            routed = ROUTED_EXPERT_BACKENDS[cfg.moe_backend](tokens, top_weights, top_ids, gate_up, down)
+            backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
+            if mesh_axis_size(jax.sharding.get_abstract_mesh(), "expert") > 1:
+                routed = routed_experts_over_mesh(backend, tokens, top_weights, top_ids, gate_up, down)
+            else:
+                routed = backend(tokens, top_weights, top_ids, gate_up, down)
         with jax.named_scope("shared_experts"):
             act = ACTIVATIONS[cfg.hidden_act]
             shared_gate = weight("shared_gate", (d, s), ("embed", "mlp"))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aria_jax.checkpoint import is_converted, restore_params
 from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
 from aria_jax.generator import Generator, check_request
 from aria_jax.modeling import (
@@ -22,7 +23,8 @@ from aria_jax.modeling import (
     text_forward, text_param_shapes,
 )
 from aria_jax.projector import queries_for_patches
-from aria_jax.weights import HubCheckpoint, load_params
+from aria_jax.sharding import MeshRunner, check_layout, param_sharding_for
+from aria_jax.weights import COMPONENTS, HubCheckpoint, load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -49,15 +51,37 @@ def param_shapes(config: AriaTextConfig, dtype) -> dict:
     return shape_tree(text_param_shapes(config, dtype))
 
 
+def open_weights(path) -> HubCheckpoint | str:
+    """A converted checkpoint's path as is; a hub checkpoint opened, so that pickles and
+    unreadable files are refused before anything else is read."""
+    return os.fspath(path) if is_converted(path) else HubCheckpoint(path)
+
+
+def load_or_restore(weights: HubCheckpoint | str, config, boxed_shapes: dict, dtype, components: tuple[str, ...],
+                    mesh=None) -> dict:
+    """Params of `components` ({component: boxed shapes}), each built directly in its sharding
+    on `mesh` (or on device 0): no device or host ever holds more than its share."""
+    sharding_for = None
+    if mesh is not None:
+        check_layout(config, mesh)
+        sharding_for = param_sharding_for(boxed_shapes, mesh)
+    shapes = shape_tree(boxed_shapes)
+    if isinstance(weights, HubCheckpoint):
+        return load_params(weights, shapes, dtype, components, sharding_for)
+    return restore_params(weights, shapes, dtype, components, sharding_for)
+
+
 class _Pretrained:
     """What both model classes share: dtype, tokenizer, input checks, generate and stream."""
 
     text_config: AriaTextConfig
 
-    def __init__(self, dtype, tokenizer=None):
+    def __init__(self, dtype, tokenizer=None, mesh=None):
         self.dtype = resolve_dtype(dtype)
         self.tokenizer = tokenizer
-        self._generator = Generator(self.text_config, self.dtype, tokenizer)
+        self.mesh = mesh
+        self._run = MeshRunner(mesh)
+        self._generator = Generator(self.text_config, self.dtype, tokenizer, self._run)
 
     @staticmethod
     def _load_tokenizer(path):
@@ -124,24 +148,26 @@ class _Pretrained:
 class AriaTextForCausalLM(_Pretrained):
     """The Aria MoE decoder alone: token ids -> logits, and greedy generation."""
 
-    def __init__(self, config: AriaTextConfig, params: dict, dtype="float32", tokenizer=None):
+    def __init__(self, config: AriaTextConfig, params: dict, dtype="float32", tokenizer=None, mesh=None):
         self.config = self.text_config = config
         self.params = params
-        super().__init__(dtype, tokenizer)
-        self._forward = jax.jit(functools.partial(text_forward, config=config, dtype=self.dtype))
-        self._embed = jax.jit(lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
-            {"params": params}, ids, method=TextDecoder.embed))
+        super().__init__(dtype, tokenizer, mesh)
+        self._forward = self._run.wrap(jax.jit(functools.partial(text_forward, config=config, dtype=self.dtype)))
+        self._embed = self._run.wrap(jax.jit(
+            lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
+                {"params": params}, ids, method=TextDecoder.embed)))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype="float32") -> "AriaTextForCausalLM":
+    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None) -> "AriaTextForCausalLM":
         """Loads the text model of a hub-format directory (text-only or multimodal checkpoint,
-        transformers or original rhymes-ai naming)."""
+        transformers or original rhymes-ai naming) or of a converted checkpoint; with `mesh`
+        (`aria_jax.make_mesh`), every param is built directly in its sharding."""
         jdtype = resolve_dtype(dtype)
-        checkpoint = HubCheckpoint(path)  # refuses pickles and unreadable files before anything else
+        weights = open_weights(path)
         config = text_config_from_pretrained(path)
-        shapes = {"language_model": param_shapes(config, jdtype)}
-        params = load_params(checkpoint, shapes, jdtype, components=("language_model",))["language_model"]
-        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)))
+        shapes = {"language_model": text_param_shapes(config, jdtype)}
+        params = load_or_restore(weights, config, shapes, jdtype, ("language_model",), mesh)["language_model"]
+        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
 
     @classmethod
     def from_random(cls, config: AriaTextConfig, seed: int = 0, dtype="float32") -> "AriaTextForCausalLM":
@@ -165,14 +191,15 @@ class AriaTextForCausalLM(_Pretrained):
 class AriaForConditionalGeneration(_Pretrained):
     """The whole model: images and tokens -> logits, and greedy generation."""
 
-    def __init__(self, config: AriaConfig, params: dict, dtype="float32", tokenizer=None):
+    def __init__(self, config: AriaConfig, params: dict, dtype="float32", tokenizer=None, mesh=None):
         self.config = config
         self.text_config = config.text_config
         self.params = params
-        super().__init__(dtype, tokenizer)
+        super().__init__(dtype, tokenizer, mesh)
 
         def apply(method=None):
-            return jax.jit(functools.partial(multimodal_apply, config=config, method=method, dtype=self.dtype))
+            return self._run.wrap(jax.jit(
+                functools.partial(multimodal_apply, config=config, method=method, dtype=self.dtype)))
 
         self._forward = apply()
         self._embeddings = apply("input_embeddings")
@@ -180,14 +207,16 @@ class AriaForConditionalGeneration(_Pretrained):
         self._image_features = apply("image_features")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype="float32") -> "AriaForConditionalGeneration":
+    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None) -> "AriaForConditionalGeneration":
         """Loads every weight of a multimodal hub-format directory (transformers or original
-        rhymes-ai naming). The vision tower's zero `post_layernorm` is not used, so not loaded."""
+        rhymes-ai naming) or of a converted checkpoint; with `mesh` (`aria_jax.make_mesh`), every
+        param is built directly in its sharding. The vision tower's zero `post_layernorm` is not
+        used, so not loaded."""
         jdtype = resolve_dtype(dtype)
-        checkpoint = HubCheckpoint(path)
+        weights = open_weights(path)
         config = config_from_pretrained(path)
-        params = load_params(checkpoint, shape_tree(multimodal_param_shapes(config, jdtype)), jdtype)
-        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)))
+        params = load_or_restore(weights, config, multimodal_param_shapes(config, jdtype), jdtype, COMPONENTS, mesh)
+        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
 
     @classmethod
     def from_random(cls, config: AriaConfig, seed: int = 0, dtype="float32") -> "AriaForConditionalGeneration":

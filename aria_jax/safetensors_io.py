@@ -1,4 +1,4 @@
-"""Memory-mapped reading of safetensors files, bf16 included.
+"""Reading (memory-mapped or into fresh buffers) and streaming writing of safetensors files, bf16 included.
 
 `safetensors.safe_open(framework="numpy")` cannot return bfloat16 and `framework="flax"` copies each
 tensor onto the default device. The format is a little-endian u64 header length, a JSON header
@@ -10,6 +10,7 @@ naming the file and the first tensor it cuts, instead of failing later with garb
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -77,8 +78,58 @@ class SafetensorsFile:
     def dtype(self, key: str) -> np.dtype:
         return self._entries[key][0]
 
+    def nbytes(self, key: str) -> int:
+        _, _, begin, end = self._entries[key]
+        return end - begin
+
     def get(self, key: str) -> np.ndarray:
         """A read-only view into the mapped file; nothing is read until it is used."""
         dtype, shape, begin, end = self._entries[key]
         start = self._data_start + begin
         return self._map[start:start + (end - begin)].view(dtype).reshape(shape)
+
+    def read(self, key: str) -> np.ndarray:
+        """A fresh copy read with plain file reads. Unlike `get`, nothing stays resident after
+        the copy is dropped (mapped pages count towards the process's memory until unmapped)."""
+        dtype, shape, begin, end = self._entries[key]
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
+                raise CheckpointError(f"{self.path}: file is truncated: key {key} could not be read whole")
+        return out
+
+
+DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor: the header (every key, dtype and shape) is
+    known up front, so no more than one tensor is ever held. Tensors must come in header order."""
+
+    def __init__(self, path: str, entries: list[tuple[str, np.dtype, tuple[int, ...]]], metadata=None):
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._order = []
+        offset = 0
+        for key, dtype, shape in entries:
+            size = math.prod(shape) * np.dtype(dtype).itemsize
+            header[key] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                           "data_offsets": [offset, offset + size]}
+            self._order.append((key, np.dtype(dtype), tuple(shape)))
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+        self.path = path
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._next = 0
+
+    def write(self, key: str, tensor: np.ndarray) -> None:
+        expected_key, dtype, shape = self._order[self._next]
+        if (key, tensor.dtype, tensor.shape) != (expected_key, dtype, shape):
+            raise ValueError(f"{self.path}: expected {expected_key} {shape} {dtype} next, got {key} "
+                             f"{tensor.shape} {tensor.dtype}")
+        self._file.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8).data)
+        self._next += 1
+        if self._next == len(self._order):
+            self._file.close()

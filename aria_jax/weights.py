@@ -71,6 +71,16 @@ class Layout:
             return tensor.transpose(1, 2, 3, 0)
         return tensor
 
+    def to_hub(self, param: np.ndarray) -> np.ndarray:
+        """The inverse of `to_param`: a param (one layer of it, if stacked) as the hub stores it."""
+        if self.kind == "linear":
+            return param.reshape(self.hub_shape(param.shape)[::-1]).T
+        if self.kind == "reshape":
+            return param.reshape(-1)
+        if self.kind == "conv":
+            return param.transpose(3, 0, 1, 2)
+        return param
+
 
 COPY, RESHAPE, CONV = Layout("copy"), Layout("reshape"), Layout("conv")
 LINEAR, LINEAR_2_IN = Layout("linear", 1), Layout("linear", 2)
@@ -182,6 +192,21 @@ RENAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
     (r"\.mlp\.experts\.gate_up_proj$", ".mlp.experts.fc1.weight"),  # transformers 5 in-memory
     (r"\.mlp\.experts\.down_proj$", ".mlp.experts.fc2.weight"),
 ))
+
+
+RULE_FOR_PATH = {rule.path: rule for rule in ALL_RULES}
+# Text-only checkpoints (AriaTextForCausalLM) name the decoder without the component prefix.
+TEXT_ONLY_NAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+
+
+def hub_key(rule: KeyRule, layer: int | None, text_only: bool = False) -> str:
+    """The name `save_pretrained` gives the tensor of `rule` (at `layer`, if stacked)."""
+    key = rule.template.format(i=layer) if rule.stacked else rule.template
+    if text_only:
+        for prefix, replacement in TEXT_ONLY_NAMES:
+            if key.startswith(prefix):
+                return replacement + key[len(prefix):]
+    return key
 
 
 def canonical_key(key: str) -> str:
@@ -386,12 +411,7 @@ def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree
     are filled by callback, so a host reads only the layers its devices hold."""
     if not isinstance(checkpoint, HubCheckpoint):
         checkpoint = HubCheckpoint(checkpoint)
-    flat_shapes = {
-        tuple(k.key for k in key_path): tuple(shape)
-        for key_path, shape in jax.tree_util.tree_flatten_with_path(
-            param_shapes_tree, is_leaf=lambda x: isinstance(x, tuple)
-        )[0]
-    }
+    flat_shapes = flatten_tree(param_shapes_tree)
     plan = plan_load(checkpoint, flat_shapes, components)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = {}
@@ -401,10 +421,23 @@ def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree
             shape, sharding_for(path) if sharding_for else default,
             lambda index, s=sources, sh=shape: read_param(checkpoint, s, sh, dtype, index),
         )
-    return _unflatten(flat)
+    return unflatten_tree(flat)
 
 
-def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
+def is_stacked(path: tuple[str, ...]) -> bool:
+    """Params of scanned layers live under `<component>/layers`, stacked on a leading axis."""
+    return len(path) > 2 and path[1] == "layers"
+
+
+def flatten_tree(tree: dict) -> dict[tuple[str, ...], object]:
+    """{path: leaf} of a nested dict; shape tuples count as leaves."""
+    return {
+        tuple(k.key for k in key_path): leaf
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))[0]
+    }
+
+
+def unflatten_tree(flat: dict[tuple[str, ...], object]) -> dict:
     tree: dict = {}
     for path, value in flat.items():
         node = tree

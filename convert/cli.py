@@ -39,6 +39,79 @@ def generate(args: argparse.Namespace) -> None:
     print()
 
 
+def _quiet_orbax() -> None:
+    """Orbax logs routine steps of every save as absl warnings; the progress bar says enough."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def convert(args: argparse.Namespace) -> None:
+    from convert.conversion import convert_checkpoint
+
+    _quiet_orbax()
+    summary = convert_checkpoint(args.source, args.destination, dtype=args.dtype, overwrite=args.overwrite,
+                                 quiet=args.quiet)
+    print(summary.line())
+
+
+def export(args: argparse.Namespace) -> None:
+    from convert.conversion import export_checkpoint
+
+    _quiet_orbax()
+    summary = export_checkpoint(args.source, args.destination, overwrite=args.overwrite, quiet=args.quiet,
+                                max_shard_bytes=args.max_shard_size)
+    print(summary.line())
+
+
+def plan(args: argparse.Namespace) -> None:
+    from aria_jax.config import config_from_pretrained
+    from aria_jax.plan import plan_memory
+    from aria_jax.pretrained import resolve_dtype
+    from aria_jax.sharding import make_mesh
+
+    config = config_from_pretrained(args.config)
+    prompt_length = args.prompt_length or args.max_length // 2
+    if prompt_length >= args.max_length:
+        raise UserError(f"--prompt-length {prompt_length} leaves no room to generate in --max-length {args.max_length}")
+    mesh = make_mesh(**args.mesh_sizes)
+    print(plan_memory(config, mesh, resolve_dtype(args.dtype), args.batch, args.max_length, prompt_length).table())
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"expert=8,tensor=1" -> {"expert": 8, "tensor": 1}."""
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = (piece.strip() for piece in part.partition("="))
+        if name not in ("data", "expert", "tensor") or not value.isdigit() or int(value) < 1:
+            raise UserError(f"--mesh {text!r}: expected comma-separated data=N, expert=N, tensor=N (N >= 1)")
+        sizes[name] = int(value)
+    return sizes
+
+
+def simulate_devices(mesh_text: str) -> dict[str, int]:
+    """`plan` compiles for as many simulated CPU devices as the mesh has; JAX reads these
+    settings when it starts, so they are made before anything imports JAX."""
+    sizes = parse_mesh(mesh_text)
+    devices = 1
+    for size in sizes.values():
+        devices *= size
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return sizes
+
+
+def _byte_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, scale in units.items():
+        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[: -len(unit)]) * scale)
+    if upper.isdigit():
+        return int(upper)
+    raise argparse.ArgumentTypeError(f"not a size: {text!r} (for example 5GB, 500MB or a number of bytes)")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -47,7 +120,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aria-jax", description="Aria in JAX: generation and weight conversion.")
+    parser = argparse.ArgumentParser(prog="aria-jax", description="Aria in JAX: generation and checkpoint conversion.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
@@ -66,16 +139,51 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype")
     gen.set_defaults(run=generate)
+
+    conv = commands.add_parser(
+        "convert", help="convert a hub checkpoint (safetensors) into a self-contained orbax checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    conv.add_argument("source", help="hub-format model directory (config.json, safetensors, tokenizer files)")
+    conv.add_argument("destination", help="directory to create")
+    conv.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                      help="dtype of the stored params (default: the source's)")
+    conv.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    conv.add_argument("--quiet", action="store_true", help="no progress bar")
+    conv.set_defaults(run=convert)
+
+    exp = commands.add_parser(
+        "export", help="write a converted checkpoint back as hub-format safetensors that transformers loads",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exp.add_argument("source", help="converted checkpoint directory (made by `aria-jax convert`)")
+    exp.add_argument("destination", help="directory to create")
+    exp.add_argument("--max-shard-size", type=_byte_size, default="5GB", help="largest safetensors file")
+    exp.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.set_defaults(run=export)
+
+    pl = commands.add_parser(
+        "plan", help="per-device memory of prefill and decode for a config on a mesh, compiled without weights",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pl.add_argument("--config", default="configs/aria.json", help="config.json (or a model directory)")
+    pl.add_argument("--mesh", default="expert=8", help="mesh axis sizes, e.g. data=2,expert=8,tensor=4")
+    pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="param and compute dtype")
+    pl.add_argument("--batch", type=_positive_int, default=8, help="rows generated together")
+    pl.add_argument("--max-length", type=_positive_int, default=8192, help="KV cache length (prompt + new tokens)")
+    pl.add_argument("--prompt-length", type=_positive_int, default=None, help="prefill length (default: half of --max-length)")
+    pl.set_defaults(run=plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aria_jax import CheckpointError, ConfigError
-
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "plan":
+            args.mesh_sizes = simulate_devices(args.mesh)
         args.run(args)
-    except (UserError, CheckpointError, ConfigError, ValueError, OSError) as err:
+    except (UserError, ValueError, OSError) as err:  # CheckpointError, ConfigError, LayoutError included
         print(f"aria-jax: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,154 @@
+"""Device meshes and where every parameter and activation lives on them.
+
+The mesh has three named axes: `data` (batch rows), `expert` (the routed experts of every MoE
+layer) and `tensor` (attention heads, MLP width, vocabulary). One table maps the logical axis
+names that every parameter carries (`nn.with_logical_partitioning`) onto them; a logical axis
+that is not in the table is replicated. The MoE layer runs its experts under `jax.shard_map`
+over the `expert` axis (`moe.py`); everything else is left to the compiler's propagation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from aria_jax.config import AriaConfig, AriaTextConfig
+
+MESH_AXES = ("data", "expert", "tensor")
+
+LOGICAL_TO_MESH = {
+    # Rows are split over the expert axis too: attention and the KV cache then divide over every
+    # device, and the MoE gathers the tokens of all rows for its experts (replicated in, psum out).
+    "batch": ("data", "expert"),
+    "experts": "expert",
+    "q_heads": "tensor", "kv_heads": "tensor", "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+class LayoutError(ValueError):
+    """A mesh that does not fit the model or the machine; the message suggests one that does."""
+
+
+def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, expert, tensor) mesh over `devices` (default: all devices of all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "expert": expert, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 1:
+            raise LayoutError(f"mesh axis {name}={size!r} must be a positive integer")
+    if data * expert * tensor != len(devices):
+        raise LayoutError(
+            f"data={data} x expert={expert} x tensor={tensor} = {data * expert * tensor} devices, "
+            f"but there are {len(devices)}; the sizes must multiply to the device count "
+            f"(for example expert={len(devices)})"
+        )
+    # Auto axes: the compiler propagates shardings through the model; only the experts are
+    # placed by hand, under shard_map.
+    return jax.make_mesh((data, expert, tensor), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def mesh_axis_size(mesh, name: str) -> int:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1) if mesh is not None else 1
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_layout(config: AriaConfig | AriaTextConfig, mesh) -> None:
+    """Every sharded dimension divides over its mesh axis; otherwise say which and what fits."""
+    text = config.text_config if isinstance(config, AriaConfig) else config
+    tensor_dims = {
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "vocab_size": text.vocab_size,
+        "shared expert width": text.shared_expert_size,
+    }
+    if isinstance(config, AriaConfig):
+        tensor_dims["vision num_attention_heads"] = config.vision_config.num_attention_heads
+        tensor_dims["vision intermediate_size"] = config.vision_config.intermediate_size
+    expert_size, tensor_size = mesh_axis_size(mesh, "expert"), mesh_axis_size(mesh, "tensor")
+    devices = math.prod(mesh.axis_sizes)
+    if text.moe_num_experts % expert_size:
+        valid = [d for d in _divisors(text.moe_num_experts) if devices % d == 0]
+        raise LayoutError(
+            f"moe_num_experts={text.moe_num_experts} does not divide over expert={expert_size}; "
+            f"expert sizes that fit {devices} devices: {', '.join(map(str, valid))}"
+        )
+    tensor_ok = math.gcd(*tensor_dims.values())
+    for name, value in tensor_dims.items():
+        if value % tensor_size:
+            valid = [d for d in _divisors(tensor_ok) if devices % d == 0]
+            suggestion = max(valid)
+            raise LayoutError(
+                f"{name}={value} does not divide over tensor={tensor_size}; tensor sizes that fit this model: "
+                f"{', '.join(map(str, valid))} (for example expert={devices // suggestion}, tensor={suggestion})"
+            )
+
+
+def logical_to_mesh(spec: P) -> P:
+    """Params: their logical axes' mesh axes (no param has a batch axis)."""
+    return P(*(LOGICAL_TO_MESH.get(name) if isinstance(name, str) else None for name in spec))
+
+
+def param_sharding_for(boxed_shapes, mesh) -> Callable[[tuple[str, ...]], NamedSharding]:
+    """`sharding_for(path)` for the loaders, from an `eval_shape`d (boxed) params tree."""
+    specs = nn.get_partition_spec(boxed_shapes)
+    flat = {
+        tuple(k.key for k in key_path): spec
+        for key_path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+    }
+    return lambda path: NamedSharding(mesh, logical_to_mesh(flat[path]))
+
+
+def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+    """Pins `x` to the layout its logical axes map to on the current mesh (`jax.set_mesh`); a
+    dimension that does not divide over its mesh axes stays whole. Nothing without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = []
+    for size, logical in zip(x.shape, logical_axes):
+        axes = LOGICAL_TO_MESH.get(logical) if logical else None
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
+        split = math.prod(mesh_axis_size(mesh, a) for a in axes)
+        spec.append(axes if axes and size % split == 0 else None)
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def replicate_to(mesh, array) -> jax.Array:
+    """A host array (the same on every host) as a replicated global array on `mesh`. Works with
+    several hosts, where a plain numpy argument would not."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, P()), lambda index: array[index])
+
+
+class MeshRunner:
+    """Runs jitted functions on a mesh, or plainly when there is none: host arrays become
+    replicated global arrays, and the mesh becomes the context that the MoE's shard_map and the
+    sharding constraints read."""
+
+    def __init__(self, mesh: jax.sharding.Mesh | None = None):
+        self.mesh = mesh
+
+    def wrap(self, jitted: Callable) -> Callable:
+        if self.mesh is None:
+            return jitted
+
+        def on_mesh(*args, **kwargs):
+            def to_mesh(x):
+                return replicate_to(self.mesh, x) if isinstance(x, (np.ndarray, np.generic)) else x
+
+            args, kwargs = jax.tree_util.tree_map(to_mesh, (args, kwargs))
+            with jax.set_mesh(self.mesh):
+                return jitted(*args, **kwargs)
+
+        return on_mesh

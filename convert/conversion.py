@@ -1,0 +1,130 @@
+"""`aria-jax convert` (hub safetensors -> converted orbax checkpoint) and `aria-jax export` (back).
+
+Both check everything that can be checked before writing a byte (keys, shapes, config), build
+the destination in a hidden sibling directory that is renamed into place at the end, hold one
+piece or layer in memory at a time, and report progress over bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from aria_jax.checkpoint import Manifest, plan_pieces, write_pieces
+from aria_jax.config import AriaConfig, AriaTextConfig, is_multimodal, read_config_json
+from aria_jax.export import MAX_SHARD_BYTES, Group, hub_config, write_hub_weights
+from aria_jax.files import atomic_directory, copy_side_files, write_json
+from aria_jax.modeling import multimodal_param_shapes, text_param_shapes
+from aria_jax.pretrained import resolve_dtype, shape_tree
+from aria_jax.weights import COMPONENTS, HubCheckpoint, flatten_tree, plan_load
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    verb: str
+    tensors: int
+    bytes: int
+    seconds: float
+    destination: str
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    def line(self) -> str:
+        return (f"{self.verb} {self.tensors} tensors, {human_bytes(self.bytes)} in {self.seconds:.1f} s, "
+                f"peak memory {human_bytes(self.peak_memory_bytes)}: {self.destination}")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+    config: AriaConfig | AriaTextConfig
+    components: tuple[str, ...]
+    flat_shapes: dict[tuple[str, ...], tuple[int, ...]]
+
+    @classmethod
+    def of(cls, directory: str) -> "ModelLayout":
+        d = read_config_json(directory)
+        if is_multimodal(d):
+            config = AriaConfig.from_hf_dict(d)
+            return cls(config, COMPONENTS, flatten_tree(shape_tree(multimodal_param_shapes(config))))
+        config = AriaTextConfig.from_hf_dict(d)
+        return cls(config, ("language_model",), flatten_tree({"language_model": shape_tree(text_param_shapes(config))}))
+
+
+def _progress(total: int, description: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=quiet,
+                dynamic_ncols=True)
+
+
+def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, dtype: str | None = None,
+                       overwrite: bool = False, quiet: bool = True) -> Summary:
+    """Converts a hub-format directory (hub or original rhymes-ai naming, one or several
+    safetensors files) into a self-contained converted checkpoint at `destination`, with params
+    in `dtype` (default: the source's widest float type)."""
+    start = time.perf_counter()
+    source = os.fspath(source)
+    checkpoint = HubCheckpoint(source)  # refuses pickles and unreadable files before anything else
+    directory = source if os.path.isdir(source) else os.path.dirname(source)
+    model = ModelLayout.of(directory)
+    plan = plan_load(checkpoint, model.flat_shapes, model.components)
+    keys = [s.key for sources in plan.values() for s in sources]
+    source_dtypes = [checkpoint.file_of[key].dtype(key) for key in keys]
+    target = np.dtype(resolve_dtype(dtype) if dtype else max(source_dtypes, key=lambda t: t.itemsize))
+    # A narrowing cast happens on reading; a widening one is left to orbax, so that what is held
+    # is never larger than the source tensor.
+    held_itemsize = min(target.itemsize, max(t.itemsize for t in source_dtypes))
+    largest = max(checkpoint.file_of[key].nbytes(key) for key in keys)
+    pieces = plan_pieces(model.flat_shapes, model.components, held_itemsize, largest)
+    total = sum(checkpoint.file_of[key].nbytes(key) for key in keys)
+
+    with _progress(total, "convert", quiet) as bar, atomic_directory(destination, overwrite) as partial:
+        def read_leaf(path, layer):
+            sources = plan[path]
+            found = sources[0 if layer is None else layer]
+            tensor = checkpoint.file_of[found.key].read(found.key)
+            shape = model.flat_shapes[path][1:] if layer is not None else model.flat_shapes[path]
+            param = found.rule.layout.to_param(tensor, shape)
+            bar.update(tensor.nbytes)
+            narrower = target.itemsize < param.dtype.itemsize
+            return param.astype(target) if narrower else np.ascontiguousarray(param)
+
+        write_json(os.path.join(partial, "config.json"), hub_config(model.config, target))
+        copy_side_files(directory, partial)
+        write_pieces(partial, pieces, read_leaf, target)
+    return Summary("converted", len(keys), total, time.perf_counter() - start, os.path.abspath(destination))
+
+
+def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, overwrite: bool = False,
+                      quiet: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> Summary:
+    """Writes a converted checkpoint back in hub format (safetensors shards of at most
+    `max_shard_bytes` with an index, hub naming, config.json, tokenizer/processor files), so
+    that transformers' `from_pretrained(destination)` loads it."""
+    start = time.perf_counter()
+    source = os.fspath(source)
+    manifest = Manifest.read(source)
+    model = ModelLayout.of(source)
+    manifest.check_covers(model.flat_shapes, model.components)
+    pieces = [piece for piece in manifest.pieces if piece.component in model.components]
+    groups = [Group(piece.layer, piece.leaves) for piece in pieces]
+    total = sum(int(np.prod(shape)) * manifest.dtype.itemsize for piece in pieces for shape in piece.leaves.values())
+
+    with _progress(total, "export", quiet) as bar, atomic_directory(destination, overwrite) as partial:
+        write_json(os.path.join(partial, "config.json"), hub_config(model.config, manifest.dtype))
+        copy_side_files(source, partial)
+        tensors = write_hub_weights(partial, model.config, groups,
+                                    lambda index: manifest.restore_piece_numpy(pieces[index]), manifest.dtype,
+                                    max_shard_bytes, bar.update)
+    return Summary("exported", len(tensors), total, time.perf_counter() - start, os.path.abspath(destination))

@@ -1,0 +1,265 @@
+"""Multi-device runs for test_sharding.py, in their own processes: XLA_FLAGS (the number of fake
+CPU devices) must be set before JAX starts, and the pytest process has one device.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python tests/sharding_worker.py mesh OUT_DIR PART...      # errors moe text 1x8x1 2x4x1 ...
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+        python tests/sharding_worker.py host PROCESS_ID PORT OUT_DIR   # one of two processes
+
+Each run prints one line `RESULT <json>` on stdout (last line), and saves logits as .npy files in
+OUT_DIR; the test compares them with its own single-device run.
+`build_inputs` is imported by the test too, so that both sides feed the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RANDOM = os.path.join(ROOT, "models", "tiny-random")
+SHAPES_PNG = os.path.join(ROOT, "examples", "shapes.png")
+
+# (data, expert, tensor) layouts of 8 devices; tiny-random has 8 experts, 4 heads, 2 kv heads.
+LAYOUTS = [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
+# Two processes x 2 devices, (layout, rows of the batch): experts over both hosts with every row
+# on every device (2 rows do not divide over expert=4), then 4 rows split across the hosts.
+HOST_CASES = [((1, 4, 1), 2), ((2, 1, 2), 4)]
+TEXT_LAYOUT = (1, 4, 2)
+MOE_BACKENDS = ["ragged_dot", "gathered", "dense", "auto"]
+NEW_TOKENS = 8
+QUESTIONS = [
+    "What is this?",
+    "Which shapes are red, and how many of them are there in total?",
+    "Describe it.",
+    "Count the circles in the picture, please.",
+]
+
+
+def build_inputs(processor, num_rows: int = 4):
+    """Four different prompts, each with its own image (shapes.png flipped, rotated, grey) and
+    question, so every row differs and the batch is left-padded (or the first `num_rows`). Four
+    rows, not two: with two, no 8-device layout above splits the rows (data x expert never
+    divides 2), and the batch sharding of activations and KV cache would go untested."""
+    from PIL import Image
+
+    image = Image.open(SHAPES_PNG).convert("RGB")
+    images = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), image.rotate(90),
+              image.convert("L").convert("RGB")]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+    return processor(text=prompts[:num_rows], images=images[:num_rows])
+
+
+def text_ids(num_rows: int = 2):
+    """Left-padded token ids (and mask) for the text-only model."""
+    import numpy as np
+
+    ids = np.array([[2, 2, 2, 1, 40, 41, 42, 43, 44], [1, 100, 7, 300, 21, 22, 23, 24, 25]][:num_rows], np.int32)
+    mask = (np.arange(ids.shape[1]) >= np.array([[3], [0]])[:num_rows]).astype(np.int32)
+    return ids, mask
+
+
+def describe(array) -> dict:
+    """An array's sharding, as JSON: spec, global shape, and every addressable shard."""
+    spec = [list(s) if isinstance(s, tuple) else s for s in array.sharding.spec]
+    shards = [
+        {"device": shard.device.id, "shape": list(shard.data.shape),
+         "index": [[sl.start or 0, size if sl.stop is None else sl.stop] for sl, size in zip(shard.index, array.shape)]}
+        for shard in array.addressable_shards
+    ]
+    return {"spec": spec, "shape": list(array.shape), "shards": shards}
+
+
+def error_of(fn) -> dict:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported to the test, which checks the type
+        return {"type": type(e).__name__, "message": str(e)}
+    return {"type": None, "message": ""}
+
+
+def layout_name(layout) -> str:
+    return "x".join(map(str, layout))
+
+
+def run_model_layout(results: dict, layout, out_dir: str) -> None:
+    """The multimodal model on one layout: greedy tokens, logits (saved to out_dir, compared by
+    the test with its own single-device run) and where the params live."""
+    import numpy as np
+
+    import aria_jax
+
+    inputs = build_inputs(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
+    mesh = aria_jax.make_mesh(*layout)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=mesh)
+    layers = model.params["language_model"]["layers"]
+    tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
+    logits = model(**inputs).logits
+    logits_file = os.path.join(out_dir, f"logits_{layout_name(layout)}.npy")
+    np.save(logits_file, np.asarray(logits))
+    results.setdefault("layouts", {})[layout_name(layout)] = {
+        "mesh": {"names": list(mesh.axis_names), "sizes": list(mesh.axis_sizes), "devices": int(mesh.devices.size)},
+        "tokens": np.asarray(tokens).tolist(),
+        "tokens_type": type(tokens).__name__,
+        "logits_file": logits_file,
+        "logits_spec": describe(logits)["spec"],
+        "params": {
+            "experts_gate_up": describe(layers["mlp"]["experts_gate_up"]),
+            "experts_down": describe(layers["mlp"]["experts_down"]),
+            "q_proj": describe(layers["self_attn"]["q_proj"]),
+            "lm_head": describe(model.params["language_model"]["lm_head"]),
+        },
+    }
+
+
+def run_text_model(results: dict, out_dir: str) -> None:
+    """The text-only model on (1, 4, 2): its params placed, its logits."""
+    import numpy as np
+
+    import aria_jax
+
+    ids, mask = text_ids()
+    model = aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(*TEXT_LAYOUT))
+    logits_file = os.path.join(out_dir, "text_logits.npy")
+    np.save(logits_file, np.asarray(model(ids, mask).logits))
+    results["text_model"] = {
+        "logits_file": logits_file,
+        "experts_gate_up": describe(model.params["layers"]["mlp"]["experts_gate_up"]),
+        "q_proj": describe(model.params["layers"]["self_attn"]["q_proj"]),
+    }
+
+
+def run_moe_layouts(results: dict) -> None:
+    """The MoE layer alone, every backend and layout (one jit per layout runs all backends),
+    inputs split over the rows as the decoder pins them; and the jaxpr holds the shard_map (the
+    experts really run expert-parallel, not gathered whole by the compiler)."""
+    import dataclasses
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import aria_jax
+    from aria_jax.config import AriaTextConfig
+    from aria_jax.moe import MoE
+    from aria_jax.sharding import param_sharding_for
+
+    config = AriaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=4, moe_num_experts=8, moe_topk=2,
+                            moe_num_shared_experts=1)
+    modules = [MoE(dataclasses.replace(config, moe_backend=backend)) for backend in MOE_BACKENDS]
+    x = jax.random.normal(jax.random.key(1), (8, 3, 32), jnp.float32)
+    boxed = jax.eval_shape(lambda: modules[0].init(jax.random.key(0), x))["params"]
+    params = jax.tree.map(lambda p: p.value if hasattr(p, "value") else p,
+                          modules[0].init(jax.random.key(0), x)["params"], is_leaf=lambda p: hasattr(p, "value"))
+    # The init's 0.02 std gives outputs of ~1e-3; x10 brings them to ~1, so that the tolerance
+    # means something. Router x8 more: routing far from ties, not flipped by a rounding.
+    params = {k: v * (80.0 if k == "router" else 10.0) for k, v in params.items()}
+
+    def apply_one(module, p, x):
+        return module.apply({"params": p}, x)
+
+    def apply_all(p, x):
+        return [apply_one(m, p, x) for m in modules]
+
+    references = [np.asarray(r) for r in jax.jit(apply_all)(params, x)]
+    results["moe"] = {}
+    for layout in LAYOUTS:
+        mesh = aria_jax.make_mesh(*layout)
+        sharding_for = param_sharding_for(boxed, mesh)
+        sharded = {k: jax.device_put(v, sharding_for((k,))) for k, v in params.items()}
+        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
+        with jax.set_mesh(mesh):
+            outs = jax.jit(apply_all)(sharded, xs)
+            jaxprs = [str(jax.make_jaxpr(functools.partial(apply_one, m))(sharded, xs)) for m in modules]
+        for backend, out, reference, jaxpr in zip(MOE_BACKENDS, outs, references, jaxprs):
+            results["moe"][f"{backend} {list(layout)}"] = {
+                "max_diff": float(np.abs(np.asarray(out) - reference).max()),
+                "scale": float(np.abs(reference).max()),
+                "shard_map": "shard_map" in jaxpr,
+                "experts_gate_up": describe(sharded["experts_gate_up"]),
+            }
+
+
+def run_layout_errors(results: dict) -> None:
+    import aria_jax
+
+    results["errors"] = {
+        "make_mesh expert=3": error_of(lambda: aria_jax.make_mesh(expert=3)),
+        "make_mesh 2x2x1": error_of(lambda: aria_jax.make_mesh(2, 2, 1)),
+        # tiny-random: 4 heads but 2 kv heads (and 2 vision heads); tensor=4 does not fit.
+        "from_pretrained tensor=4": error_of(
+            lambda: aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(1, 2, 4))),
+        "text from_pretrained tensor=4": error_of(
+            lambda: aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(1, 2, 4))),
+    }
+
+
+def main_mesh(out_dir: str, parts: list[str]) -> None:
+    """Runs `parts` (errors, moe, text, or a layout like 1x8x1) on this process's devices."""
+    import time
+
+    import jax
+
+    results: dict = {"device_count": jax.device_count(), "seconds": {}}
+    for part in parts:
+        start = time.perf_counter()
+        if part == "errors":
+            run_layout_errors(results)
+        elif part == "moe":
+            run_moe_layouts(results)
+        elif part == "text":
+            run_text_model(results, out_dir)
+        else:
+            run_model_layout(results, tuple(int(n) for n in part.split("x")), out_dir)
+        results["seconds"][part] = round(time.perf_counter() - start, 1)
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def main_host(process_id: int, port: int, out_dir: str) -> None:
+    """One of two processes: every HOST_CASES run; generate's tokens as this host reads them
+    (or the error it raised), the logits gathered from both hosts, this host's expert shards."""
+    import aria_jax
+
+    aria_jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
+    results = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+               "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+               "layouts": {}}
+    for layout, num_rows in HOST_CASES:
+        inputs = build_inputs(processor, num_rows)
+        model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(*layout))
+        run = results["layouts"][layout_name(layout)] = {"rows": num_rows}
+        try:
+            tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
+            run.update(tokens=np.asarray(tokens).tolist(), tokens_type=type(tokens).__name__)
+        except Exception as e:  # noqa: BLE001 - the same on both hosts, so both go on
+            run["generate_error"] = f"{type(e).__name__}: {e}"
+        logits = multihost_utils.process_allgather(model(**inputs).logits, tiled=True)
+        run["logits_file"] = os.path.join(out_dir, f"host{process_id}_logits_{layout_name(layout)}.npy")
+        np.save(run["logits_file"], np.asarray(logits))
+        run["experts_gate_up"] = describe(model.params["language_model"]["layers"]["mlp"]["experts_gate_up"])
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    if sys.argv[1] == "mesh":
+        main_mesh(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "host":
+        main_host(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}")

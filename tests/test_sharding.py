@@ -1,0 +1,372 @@
+"""Sharding: the model on a (data, expert, tensor) mesh of 8 CPU devices, and on two processes,
+gives the single-device tokens and logits; every device holds only its share of the experts;
+layouts that do not fit fail with a LayoutError that says what would.
+
+Multi-device runs are subprocesses (tests/sharding_worker.py): XLA_FLAGS must be set before JAX
+starts, and this process has one CPU device. They all start together, in the background, the
+first time a test needs one: one process for every 8-device part (layouts, MoE layer, layout
+errors), two for the multi-host run. Meanwhile this process computes the single-device
+reference that every run is compared with. Most of the time is compilation; the file takes
+80-90 s on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+import aria_jax
+from aria_jax.config import AriaTextConfig, config_from_pretrained
+from aria_jax.sharding import LayoutError, check_layout
+
+import sharding_worker as worker
+from sharding_worker import HOST_CASES, LAYOUTS, MOE_BACKENDS, NEW_TOKENS, TEXT_LAYOUT, TINY_RANDOM, layout_name
+
+WORKER = os.path.abspath(worker.__file__)
+TIMEOUT = 240             # seconds, for every subprocess
+LOGIT_TOLERANCE = 1e-5    # max |mesh - single device| <= LOGIT_TOLERANCE * max(1, max |single device|)
+NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512   # models/tiny-random
+
+# What the 8-device process runs (see sharding_worker.main_mesh).
+MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe"]
+
+
+def within_tolerance(diff: float, scale: float) -> bool:
+    return diff <= LOGIT_TOLERANCE * max(1.0, scale)
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+def worker_env(num_devices: int) -> dict:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([worker.ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+class Job:
+    """A worker subprocess, its output in files (pipes could fill up and block a process that
+    the other host waits for)."""
+
+    def __init__(self, name: str, args: list[str], num_devices: int, directory: str):
+        self.name = name
+        self.stdout_path = os.path.join(directory, f"{name}.out")
+        self.stderr_path = os.path.join(directory, f"{name}.err")
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen([sys.executable, WORKER, *args], stdout=out, stderr=err,
+                                            env=worker_env(num_devices), cwd=worker.ROOT)
+        self._result = None
+
+    def result(self, timeout: float) -> dict:
+        if self._result is None:
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"{self.name} did not finish in {timeout:.0f} s\n{self.tail()}")
+            with open(self.stdout_path) as f:
+                lines = [line for line in f.read().splitlines() if line.startswith("RESULT ")]
+            if self.process.returncode != 0 or not lines:
+                pytest.fail(f"{self.name} exited with {self.process.returncode}\n{self.tail()}")
+            self._result = json.loads(lines[-1][len("RESULT "):])
+        return self._result
+
+    def tail(self, chars: int = 4000) -> str:
+        with open(self.stderr_path, errors="replace") as f:
+            return f.read()[-chars:]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    """Every subprocess, started at once; all killed at the end whatever happened."""
+    with tempfile.TemporaryDirectory(prefix="aria_sharding_") as directory:
+        started: dict[str, Job] = {}
+        try:
+            started["mesh"] = Job("mesh", ["mesh", directory, *MESH_PARTS], 8, directory)
+            port = str(free_port())
+            for process_id in range(2):
+                started[f"host{process_id}"] = Job(
+                    f"host{process_id}", ["host", str(process_id), port, directory], 2, directory)
+            yield started
+        finally:
+            for job in started.values():
+                job.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(jobs):
+    """The single-device run, in this process (while the subprocesses, started first, run):
+    multimodal tokens and logits, text-model logits.
+    The multi-host run with 2 rows is compared with the first 2 rows: the same inputs (row 1 is
+    the longest prompt, so both batches are padded alike), rows computed independently."""
+    processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
+    inputs = worker.build_inputs(processor)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM)
+    tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
+    logits = np.asarray(model(**inputs).logits)
+    rows = {}
+    for _, num_rows in HOST_CASES:
+        fewer = worker.build_inputs(processor, num_rows)
+        for key, value in fewer.items():
+            np.testing.assert_array_equal(value, inputs[key][: len(value)], err_msg=key)
+        rows[num_rows] = {"tokens": tokens[:num_rows], "logits": logits[:num_rows]}
+    ids, mask = worker.text_ids()
+    text_logits = np.asarray(aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM)(ids, mask).logits)
+    return {"inputs": inputs, "tokens": tokens, "logits": logits, "rows": rows, "text_logits": text_logits}
+
+
+@pytest.fixture(scope="module")
+def mesh_results(jobs, reference):
+    """The 8-device process's results."""
+    result = jobs["mesh"].result(TIMEOUT)
+    assert result["device_count"] == 8
+    return result
+
+
+@pytest.fixture(scope="module")
+def host_results(jobs, reference):
+    return [jobs[f"host{i}"].result(TIMEOUT) for i in range(2)]
+
+
+# ----------------------------------------------------------------------------- the batch
+
+def test_reference_batch_is_padded_and_rows_differ(reference):
+    mask = np.asarray(reference["inputs"]["attention_mask"])
+    assert mask.shape[0] == 4 and (mask == 0).any(), "the batch should need padding"
+    assert len(set(mask.sum(1).tolist())) > 1
+    new_tokens = reference["tokens"][:, -NEW_TOKENS:]
+    assert len({tuple(row) for row in new_tokens.tolist()}) == len(new_tokens), new_tokens
+
+
+# ----------------------------------------------------------------------------- 8 devices: the model
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
+def test_greedy_tokens_match_single_device(mesh_results, reference, layout):
+    run = mesh_results["layouts"][layout_name(layout)]
+    assert run["mesh"] == {"names": ["data", "expert", "tensor"], "sizes": list(layout), "devices": 8}
+    assert run["tokens_type"] == "ndarray"
+    np.testing.assert_array_equal(np.array(run["tokens"]), reference["tokens"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
+def test_logits_match_single_device(mesh_results, reference, layout):
+    run = mesh_results["layouts"][layout_name(layout)]
+    logits = np.load(run["logits_file"])
+    assert logits.shape == reference["logits"].shape
+    diff, scale = float(np.abs(logits - reference["logits"]).max()), float(np.abs(reference["logits"]).max())
+    assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
+
+
+def test_data_axis_splits_the_rows(mesh_results):
+    """Four rows on data=2 x expert=2: the logits come out split over rows (and vocab over
+    tensor), so the batch-sharded path of attention and KV cache was exercised."""
+    spec = mesh_results["layouts"]["2x2x2"]["logits_spec"]
+    first = spec[0] if isinstance(spec[0], list) else [spec[0]]
+    assert "data" in first, spec
+
+
+def shard_blocks(param: dict, dim: int) -> dict[tuple[int, int], list[int]]:
+    """{(start, stop) along `dim`: devices holding that block}."""
+    blocks: dict[tuple[int, int], list[int]] = {}
+    for shard in param["shards"]:
+        blocks.setdefault(tuple(shard["index"][dim]), []).append(shard["device"])
+    return blocks
+
+
+def assert_split(param: dict, dim: int, axis: str, parts: int, num_devices: int) -> None:
+    """`param` is split in `parts` equal blocks along `dim` over mesh axis `axis` (whole if
+    parts == 1), each device holding one block of exactly that size."""
+    size = param["shape"][dim]
+    assert len(param["shards"]) == num_devices
+    assert len({shard["device"] for shard in param["shards"]}) == num_devices
+    if parts > 1:
+        assert param["spec"][dim] == axis, param["spec"]
+    for shard in param["shards"]:
+        expected = list(param["shape"])
+        expected[dim] = size // parts
+        assert shard["shape"] == expected, (shard, param["spec"])
+    blocks = shard_blocks(param, dim)
+    assert sorted(blocks) == [(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
+    assert all(len(devices) == num_devices // parts for devices in blocks.values())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
+def test_each_device_holds_its_share_of_the_experts(mesh_results, layout):
+    _, expert, tensor = layout
+    params = mesh_results["layouts"][layout_name(layout)]["params"]
+    for name in ("experts_gate_up", "experts_down"):
+        # (layers, experts, ...): dim 1 over "expert", 8 / expert experts per device.
+        assert params[name]["shape"][1] == NUM_EXPERTS
+        assert_split(params[name], 1, "expert", expert, 8)
+        per_device = math.prod(params[name]["shards"][0]["shape"])
+        assert per_device * expert == math.prod(params[name]["shape"])
+    # q_proj (layers, embed, heads, head_dim): heads over "tensor"; lm_head (embed, vocab).
+    assert params["q_proj"]["shape"][2] == NUM_HEADS
+    assert_split(params["q_proj"], 2, "tensor", tensor, 8)
+    assert params["lm_head"]["shape"][1] == VOCAB
+    assert_split(params["lm_head"], 1, "tensor", tensor, 8)
+
+
+def test_text_model_on_mesh(mesh_results, reference):
+    run = mesh_results["text_model"]
+    _, expert, tensor = TEXT_LAYOUT
+    logits = np.load(run["logits_file"])
+    diff, scale = float(np.abs(logits - reference["text_logits"]).max()), float(np.abs(reference["text_logits"]).max())
+    assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
+    assert_split(run["experts_gate_up"], 1, "expert", expert, 8)
+    assert_split(run["q_proj"], 2, "tensor", tensor, 8)
+
+
+# ----------------------------------------------------------------------------- 8 devices: the MoE layer
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+def test_moe_layer_matches_single_device(mesh_results, backend, layout):
+    run = mesh_results["moe"][f"{backend} {list(layout)}"]
+    assert run["scale"] > 0.5, "outputs this small would make the tolerance meaningless"
+    assert run["max_diff"] <= 1e-5 * max(1.0, run["scale"]), run
+    assert run["shard_map"], "the routed experts should run under shard_map over the expert axis"
+    assert_split(run["experts_gate_up"], 0, "expert", layout[1], 8)
+
+
+# ----------------------------------------------------------------------------- layout errors
+
+TWENTY_HEADS = AriaTextConfig(vocab_size=640, hidden_size=320, intermediate_size=40, num_hidden_layers=1,
+                              num_attention_heads=20, num_key_value_heads=20, moe_num_experts=8, moe_topk=2,
+                              moe_num_shared_experts=1)
+
+
+def abstract_mesh(data, expert, tensor) -> AbstractMesh:
+    return AbstractMesh((data, expert, tensor), ("data", "expert", "tensor"))
+
+
+def test_heads_that_do_not_divide_over_tensor():
+    with pytest.raises(LayoutError) as error:
+        check_layout(TWENTY_HEADS, abstract_mesh(1, 1, 8))
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert "num_attention_heads=20" in message and "tensor=8" in message, message
+    suggested = re.search(r"tensor sizes that fit this model: ([\d, ]+)", message)
+    assert suggested and [int(n) for n in suggested.group(1).split(",")] == [1, 2, 4], message
+    # The example layout it gives fits.
+    example = re.search(r"expert=(\d+), tensor=(\d+)", message)
+    assert example, message
+    expert, tensor = map(int, example.groups())
+    assert expert * tensor == 8
+    check_layout(TWENTY_HEADS, abstract_mesh(1, expert, tensor))
+
+
+def test_experts_that_do_not_divide_over_expert():
+    with pytest.raises(LayoutError) as error:
+        check_layout(TWENTY_HEADS, abstract_mesh(2, 3, 1))
+    message = str(error.value)
+    assert "moe_num_experts=8" in message and "expert=3" in message, message
+    suggested = re.search(r"expert sizes that fit 6 devices: ([\d, ]+)", message)
+    assert suggested and [int(n) for n in suggested.group(1).split(",")] == [1, 2], message
+
+
+def test_check_layout_on_tiny_random():
+    config = config_from_pretrained(TINY_RANDOM)
+    for layout in LAYOUTS:
+        check_layout(config, abstract_mesh(*layout))
+    check_layout(config.text_config, abstract_mesh(1, 8, 1))
+    with pytest.raises(LayoutError, match=r"num_key_value_heads=2 does not divide over tensor=4"):
+        check_layout(config, abstract_mesh(1, 2, 4))
+    with pytest.raises(LayoutError, match=r"moe_num_experts=8"):
+        check_layout(config.text_config, abstract_mesh(1, 16, 1))
+
+
+def test_make_mesh_in_this_process():
+    """One device here: a mesh of one, and sizes that ask for more devices are refused."""
+    mesh = aria_jax.make_mesh()
+    assert mesh.axis_names == ("data", "expert", "tensor") and tuple(mesh.axis_sizes) == (1, 1, 1)
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
+    with pytest.raises(LayoutError, match=r"there are 1\b"):
+        aria_jax.make_mesh(expert=3)
+    for bad in ({"data": 0}, {"tensor": -1}, {"expert": 1.0}):
+        with pytest.raises(LayoutError, match="positive integer"):
+            aria_jax.make_mesh(**bad)
+
+
+def test_layout_errors_on_8_devices(mesh_results):
+    errors = mesh_results["errors"]
+    for name, error in errors.items():
+        assert error["type"] == "LayoutError", (name, error)
+    assert "= 3 devices" in errors["make_mesh expert=3"]["message"]
+    assert "there are 8" in errors["make_mesh expert=3"]["message"]
+    assert "there are 8" in errors["make_mesh 2x2x1"]["message"]
+    for name in ("from_pretrained tensor=4", "text from_pretrained tensor=4"):
+        assert "num_key_value_heads=2 does not divide over tensor=4" in errors[name]["message"], errors[name]
+
+
+# ----------------------------------------------------------------------------- two processes
+
+HOST_LAYOUTS = [layout for layout, _ in HOST_CASES]
+
+
+def check_hosts(host_results, layout) -> list[dict]:
+    for process_id, result in enumerate(host_results):
+        assert (result["process_index"], result["process_count"]) == (process_id, 2)
+        assert (result["device_count"], result["local_device_count"]) == (4, 2)
+    return [result["layouts"][layout_name(layout)] for result in host_results]
+
+
+@pytest.mark.parametrize("layout", HOST_LAYOUTS, ids=layout_name)
+def test_two_processes_generate_the_single_process_tokens(host_results, reference, layout):
+    """Two processes on 127.0.0.1 (gloo), 2 CPU devices each, one mesh over all four: every
+    process reads the same tokens, those of this process on one device."""
+    runs = check_hosts(host_results, layout)
+    expected = reference["rows"][runs[0]["rows"]]["tokens"]
+    for process_id, run in enumerate(runs):
+        assert "generate_error" not in run, f"host {process_id}: {run['generate_error']}"
+        assert run["tokens_type"] == "ndarray"
+        np.testing.assert_array_equal(np.array(run["tokens"]), expected)
+    assert runs[0]["tokens"] == runs[1]["tokens"]
+
+
+@pytest.mark.parametrize("layout", HOST_LAYOUTS, ids=layout_name)
+def test_two_processes_logits_and_expert_shards(host_results, reference, layout):
+    """The logits (gathered from both hosts) are the single-device ones; each process holds
+    only its devices' experts: with expert=4 over two hosts, a different half each."""
+    runs = check_hosts(host_results, layout)
+    expected = reference["rows"][runs[0]["rows"]]["logits"]
+    for run in runs:
+        logits = np.load(run["logits_file"])
+        assert logits.shape == expected.shape
+        diff, scale = float(np.abs(logits - expected).max()), float(np.abs(expected).max())
+        assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
+    _, expert, _ = layout
+    held = []
+    for run in runs:
+        gate_up = run["experts_gate_up"]
+        assert len(gate_up["shards"]) == 2
+        for shard in gate_up["shards"]:
+            assert shard["shape"][1] == NUM_EXPERTS // expert
+        held.append({tuple(shard["index"][1]) for shard in gate_up["shards"]})
+    if expert == 4:
+        assert not held[0] & held[1], held
+        assert sorted(held[0] | held[1]) == [(2 * i, 2 * i + 2) for i in range(4)]
