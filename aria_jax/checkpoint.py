@@ -57,7 +57,7 @@ class Piece:
 
 
 def plan_pieces(flat_shapes: dict[Path, tuple[int, ...]], components: tuple[str, ...], itemsize: int,
-                max_piece_bytes: int) -> list[Piece]:
+                max_piece_bytes: float) -> list[Piece]:
     """Packs the params of `components` into pieces of at most `max_piece_bytes`, per layer."""
     pieces = []
     for component in components:
@@ -71,12 +71,14 @@ def plan_pieces(flat_shapes: dict[Path, tuple[int, ...]], components: tuple[str,
         for layer, leaves in groups:
             name = f"{component}/{'unstacked' if layer is None else f'layer_{layer:03d}'}"
             packed: list[dict[Path, tuple[int, ...]]] = [{}]
+            held = 0
             for path, shape in leaves.items():
                 size = int(np.prod(shape)) * itemsize
-                held = sum(int(np.prod(s)) * itemsize for s in packed[-1].values())
                 if packed[-1] and held + size > max_piece_bytes:
                     packed.append({})
+                    held = 0
                 packed[-1][path] = shape
+                held += size
             pieces += [Piece(f"{name}_{k}", component, layer, part) for k, part in enumerate(packed) if part]
     return pieces
 
@@ -87,7 +89,7 @@ def _relative_tree(piece: Piece, leaves: dict[Path, object]) -> dict:
 
 
 def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path, int | None], np.ndarray],
-                 dtype, metadata: dict | None = None) -> None:
+                 dtype) -> None:
     """Saves each piece (its leaves from `read_leaf(path, layer)`, cast to `dtype`) and then
     the manifest. One piece is in memory at a time."""
     dtype = jnp.dtype(dtype)
@@ -109,7 +111,7 @@ def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path,
         checkpointer.save(os.path.join(directory, PARAMS_DIR, piece.directory), args=ocp.args.PyTreeSave(
             tree, save_args=_relative_tree(piece, {path: save_args(path) for path in leaves})))
         del leaves, tree
-    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, **(metadata or {}),
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name,
                 "pieces": [piece.to_json() for piece in pieces]}
     with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)

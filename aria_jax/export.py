@@ -2,23 +2,25 @@
 
 The key table of `weights.py` is read backwards: every param (each layer of a stacked one)
 becomes the hub tensor it was loaded from, named as `save_pretrained` names it. Files are
-written tensor by tensor in groups (a layer, or a converted checkpoint's piece), so memory holds
-one group at a time, and split into shards of at most `max_shard_bytes` with an index, as the hub
+written tensor by tensor, piece by piece (a converted checkpoint's pieces, or one per layer for
+params in memory), so memory holds one piece at a time, and split into shards of at most `max_shard_bytes` with an index, as the hub
 does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Callable
 
 import numpy as np
 
+from aria_jax.checkpoint import Piece, plan_pieces
 from aria_jax.config import AriaConfig, AriaTextConfig
 from aria_jax.files import write_json
 from aria_jax.safetensors_io import SafetensorsWriter
-from aria_jax.weights import INDEX_FILE, RULE_FOR_PATH, flatten_tree, hub_key, is_stacked
+from aria_jax.weights import INDEX_FILE, RULE_FOR_PATH, flatten_tree, hub_key
 
 MAX_SHARD_BYTES = 5 * 10**9  # the hub's (and save_pretrained's) default shard size
 
@@ -28,22 +30,12 @@ Path = tuple[str, ...]
 @dataclasses.dataclass(frozen=True)
 class HubTensor:
     key: str
-    path: Path
-    layer: int | None
     shape: tuple[int, ...]
     dtype: np.dtype
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * self.dtype.itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """Params read together: `shapes` maps each path to its (per-layer) shape."""
-
-    layer: int | None
-    shapes: dict[Path, tuple[int, ...]]
 
 
 def hub_config(config: AriaConfig | AriaTextConfig, dtype) -> dict:
@@ -64,14 +56,13 @@ def unused_hub_tensors(config: AriaConfig | AriaTextConfig, dtype) -> dict[str, 
     return {"vision_tower.post_layernorm.weight": zeros, "vision_tower.post_layernorm.bias": zeros}
 
 
-def hub_tensors(groups: list[Group], dtype, text_only: bool, constants: dict[str, np.ndarray]) -> list[HubTensor]:
+def hub_tensors(pieces: list[Piece], dtype, text_only: bool, constants: dict[str, np.ndarray]) -> list[HubTensor]:
     tensors = []
-    for group in groups:
-        for path, shape in group.shapes.items():
+    for piece in pieces:
+        for path, shape in piece.leaves.items():
             rule = RULE_FOR_PATH[path]
-            key = hub_key(rule, group.layer, text_only)
-            tensors.append(HubTensor(key, path, group.layer, rule.layout.hub_shape(shape), np.dtype(dtype)))
-    tensors += [HubTensor(key, (), None, value.shape, value.dtype) for key, value in constants.items()]
+            tensors.append(HubTensor(hub_key(rule, piece.layer, text_only), rule.layout.hub_shape(shape), np.dtype(dtype)))
+    tensors += [HubTensor(key, value.shape, value.dtype) for key, value in constants.items()]
     return tensors
 
 
@@ -89,14 +80,14 @@ def shard_names(tensors: list[HubTensor], max_shard_bytes: int) -> list[str]:
     return [f"model-{s + 1:05d}-of-{count:05d}.safetensors" for s in shard_of]
 
 
-def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, groups: list[Group],
-                      read_group: Callable[[int], dict[Path, np.ndarray]], dtype,
+def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, pieces: list[Piece],
+                      read_piece: Callable[[Piece], dict[Path, np.ndarray]], dtype,
                       max_shard_bytes: int = MAX_SHARD_BYTES,
                       on_bytes: Callable[[int], None] | None = None) -> list[HubTensor]:
-    """Writes every tensor of `groups` (arrays from `read_group(index)`, one group in memory at a
+    """Writes every tensor of `pieces` (arrays from `read_piece(piece)`, one piece in memory at a
     time) into `directory` as hub safetensors, with an index when there are several shards."""
     constants = unused_hub_tensors(config, dtype)
-    tensors = hub_tensors(groups, dtype, isinstance(config, AriaTextConfig), constants)
+    tensors = hub_tensors(pieces, dtype, isinstance(config, AriaTextConfig), constants)
     names = shard_names(tensors, max_shard_bytes)
     writers: dict[str, SafetensorsWriter] = {}
 
@@ -110,9 +101,9 @@ def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, group
             on_bytes(tensor.nbytes)
 
     position = 0
-    for index, group in enumerate(groups):
-        arrays = read_group(index)
-        for path in group.shapes:
+    for piece in pieces:
+        arrays = read_piece(piece)
+        for path in piece.leaves:
             write(position, RULE_FOR_PATH[path].layout.to_hub(np.asarray(arrays[path], dtype)))
             position += 1
         del arrays
@@ -127,19 +118,6 @@ def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, group
     return tensors
 
 
-def layer_groups(flat_shapes: dict[Path, tuple[int, ...]]) -> list[Group]:
-    """Groups for params in memory: each component's unstacked params, then one group per layer."""
-    groups = []
-    for component in dict.fromkeys(path[0] for path in flat_shapes):
-        paths = [path for path in flat_shapes if path[0] == component]
-        stacked = [path for path in paths if is_stacked(path)]
-        groups.append(Group(None, {path: flat_shapes[path] for path in paths if path not in stacked}))
-        if stacked:
-            for layer in range(flat_shapes[stacked[0]][0]):
-                groups.append(Group(layer, {path: flat_shapes[path][1:] for path in stacked}))
-    return groups
-
-
 def save_hub_weights(params: dict, config: AriaConfig | AriaTextConfig, directory: str,
                      max_shard_bytes: int = MAX_SHARD_BYTES, on_bytes: Callable[[int], None] | None = None,
                      ) -> list[HubTensor]:
@@ -148,11 +126,12 @@ def save_hub_weights(params: dict, config: AriaConfig | AriaTextConfig, director
     flat = flatten_tree(params)
     shapes = {path: tuple(value.shape) for path, value in flat.items()}
     dtype = np.dtype(next(iter(flat.values())).dtype)
+    components = tuple(dict.fromkeys(path[0] for path in flat))
+    # One piece per layer (and one for each component's unstacked params): no size limit.
+    pieces = plan_pieces(shapes, components, dtype.itemsize, max_piece_bytes=math.inf)
 
-    groups = layer_groups(shapes)
+    def read_piece(piece: Piece) -> dict[Path, np.ndarray]:
+        layer = piece.layer
+        return {path: np.asarray(flat[path] if layer is None else flat[path][layer]) for path in piece.leaves}
 
-    def read_group(index: int) -> dict[Path, np.ndarray]:
-        layer = groups[index].layer
-        return {path: np.asarray(flat[path] if layer is None else flat[path][layer]) for path in groups[index].shapes}
-
-    return write_hub_weights(directory, config, groups, read_group, dtype, max_shard_bytes, on_bytes)
+    return write_hub_weights(directory, config, pieces, read_piece, dtype, max_shard_bytes, on_bytes)

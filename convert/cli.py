@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -93,9 +94,7 @@ def simulate_devices(mesh_text: str) -> dict[str, int]:
     """`plan` compiles for as many simulated CPU devices as the mesh has; JAX reads these
     settings when it starts, so they are made before anything imports JAX."""
     sizes = parse_mesh(mesh_text)
-    devices = 1
-    for size in sizes.values():
-        devices *= size
+    devices = math.prod(sizes.values())
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return sizes
@@ -117,6 +116,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _add_writing_options(command: argparse.ArgumentParser) -> None:
+    """What convert and export share: a destination that may exist, and a progress bar."""
+    command.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("destination", help="directory to create")
     conv.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                       help="dtype of the stored params (default: the source's)")
-    conv.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
-    conv.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_writing_options(conv)
     conv.set_defaults(run=convert)
 
     exp = commands.add_parser(
@@ -159,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("source", help="converted checkpoint directory (made by `aria-jax convert`)")
     exp.add_argument("destination", help="directory to create")
     exp.add_argument("--max-shard-size", type=_byte_size, default="5GB", help="largest safetensors file")
-    exp.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
-    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_writing_options(exp)
     exp.set_defaults(run=export)
 
     pl = commands.add_parser(

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from aria_jax.checkpoint import Manifest, plan_pieces, write_pieces
 from aria_jax.config import AriaConfig, AriaTextConfig, is_multimodal, read_config_json
-from aria_jax.export import MAX_SHARD_BYTES, Group, hub_config, write_hub_weights
+from aria_jax.export import MAX_SHARD_BYTES, hub_config, write_hub_weights
 from aria_jax.files import atomic_directory, copy_side_files, write_json
 from aria_jax.modeling import multimodal_param_shapes, text_param_shapes
 from aria_jax.pretrained import resolve_dtype, shape_tree
@@ -118,13 +118,11 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
     model = ModelLayout.of(source)
     manifest.check_covers(model.flat_shapes, model.components)
     pieces = [piece for piece in manifest.pieces if piece.component in model.components]
-    groups = [Group(piece.layer, piece.leaves) for piece in pieces]
     total = sum(int(np.prod(shape)) * manifest.dtype.itemsize for piece in pieces for shape in piece.leaves.values())
 
     with _progress(total, "export", quiet) as bar, atomic_directory(destination, overwrite) as partial:
         write_json(os.path.join(partial, "config.json"), hub_config(model.config, manifest.dtype))
         copy_side_files(source, partial)
-        tensors = write_hub_weights(partial, model.config, groups,
-                                    lambda index: manifest.restore_piece_numpy(pieces[index]), manifest.dtype,
+        tensors = write_hub_weights(partial, model.config, pieces, manifest.restore_piece_numpy, manifest.dtype,
                                     max_shard_bytes, bar.update)
     return Summary("exported", len(tensors), total, time.perf_counter() - start, os.path.abspath(destination))

@@ -733,3 +733,29 @@ def test_kill_between_the_final_renames_keeps_the_old_checkpoint(mm_f32, mm_f32_
     assert_one_line_error(result, str(destination), "already exists")
     assert (destination / MANIFEST).is_file()
     assert not os.path.exists(partial_of(destination) + ".replaced")
+
+
+def test_params_in_memory_export_like_the_converted_checkpoint(mm_f32, mm_f32_exported, tmp_path):
+    """`save_hub_weights` (what fine-tuned params are exported with) writes the same tensors, bit
+    for bit, as exporting the converted checkpoint (in another order: one piece per layer); with
+    a small shard size, the same tensors over several shards."""
+    from aria_jax.export import save_hub_weights
+
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(mm_f32)
+    save_hub_weights(model.params, model.config, str(tmp_path))
+    expected = read_tensors(os.path.join(mm_f32_exported, "model.safetensors"))
+    written = read_tensors(tmp_path / "model.safetensors")
+    assert set(written) == set(expected)
+    for key in expected:
+        assert written[key].dtype == expected[key].dtype and np.array_equal(written[key], expected[key]), key
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_hub_weights(model.params, model.config, str(sharded), max_shard_bytes=20_000)
+    index = load_json(sharded / "model.safetensors.index.json")
+    assert len(set(index["weight_map"].values())) > 1
+    gathered = {}
+    for name in sorted(set(index["weight_map"].values())):
+        gathered.update(read_tensors(sharded / name))
+    assert set(gathered) == set(expected)
+    assert all(np.array_equal(gathered[key], expected[key]) for key in expected)
