@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.layers import apply_rope, default_kernel_init, param_with_axes
+from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
 
 
 def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | None = None) -> jax.Array:
@@ -51,7 +51,8 @@ class Attention(nn.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         def kernel(name, shape, axes):
-            return param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype).astype(self.dtype)
+            weight = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
+            return adapted(self, name, weight.astype(self.dtype))
 
         w_q = kernel("q_proj", (d, n, h), ("embed", "q_heads", "head_dim"))
         w_k = kernel("k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))

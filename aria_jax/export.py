@@ -18,7 +18,7 @@ import numpy as np
 
 from aria_jax.checkpoint import Piece, plan_pieces
 from aria_jax.config import AriaConfig, AriaTextConfig
-from aria_jax.files import write_json
+from aria_jax.files import atomic_directory, copy_side_files, write_json
 from aria_jax.safetensors_io import SafetensorsWriter
 from aria_jax.weights import INDEX_FILE, RULE_FOR_PATH, flatten_tree, hub_key
 
@@ -135,3 +135,15 @@ def save_hub_weights(params: dict, config: AriaConfig | AriaTextConfig, director
         return {path: np.asarray(flat[path] if layer is None else flat[path][layer]) for path in piece.leaves}
 
     return write_hub_weights(directory, config, pieces, read_piece, dtype, max_shard_bytes, on_bytes)
+
+
+def save_model_directory(params: dict, config: AriaConfig | AriaTextConfig, directory: str | os.PathLike,
+                         side_files_from: str | None = None, overwrite: bool = False) -> None:
+    """A complete hub-format model directory from in-memory params, all or nothing: config.json,
+    safetensors, and the tokenizer / processor files of `side_files_from`."""
+    dtype = np.dtype(next(iter(flatten_tree(params).values())).dtype)
+    with atomic_directory(directory, overwrite=overwrite) as partial:
+        save_hub_weights(params, config, partial)
+        write_json(os.path.join(partial, "config.json"), hub_config(config, dtype))
+        if side_files_from is not None:
+            copy_side_files(side_files_from, partial)

@@ -18,6 +18,26 @@ def param_with_axes(module: nn.Module, name: str, init: Callable, shape: tuple[i
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def lora_delta(a: jax.Array, b: jax.Array, num_expert_dims: int = 0) -> jax.Array:
+    """A @ B for a LoRA adapter of a weight (experts..., in dims..., out dims...):
+    a is (experts..., in dims..., rank), b is (experts..., rank, out dims...)."""
+    experts, rank = a.shape[:num_expert_dims], a.shape[-1]
+    in_shape, out_shape = a.shape[num_expert_dims:-1], b.shape[num_expert_dims + 1:]
+    delta = jnp.matmul(a.reshape(*experts, -1, rank), b.reshape(*experts, rank, -1))
+    return delta.reshape(*experts, *in_shape, *out_shape)
+
+
+def adapted(module: nn.Module, name: str, weight: jax.Array, num_expert_dims: int = 0) -> jax.Array:
+    """`weight`, plus A @ B when the "lora" collection holds an adapter for it (`{name}_lora_a`,
+    `{name}_lora_b`, with the scale alpha / rank already in A; see `aria_jax.lora`). Adding the
+    product to the weight works the same for every matmul and MoE backend; inside the layer scan
+    it exists for one layer at a time."""
+    if not module.has_variable("lora", f"{name}_lora_a"):
+        return weight
+    a, b = module.get_variable("lora", f"{name}_lora_a"), module.get_variable("lora", f"{name}_lora_b")
+    return weight + lora_delta(a, b, num_expert_dims).astype(weight.dtype)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from aria_jax.attention import Attention, causal_padding_mask
 from aria_jax.config import AriaConfig, AriaTextConfig
-from aria_jax.layers import RMSNorm, default_kernel_init, param_with_axes, rope_cos_sin
+from aria_jax.layers import RMSNorm, adapted, default_kernel_init, param_with_axes, rope_cos_sin
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
 from aria_jax.sharding import constrain
@@ -48,12 +48,19 @@ class DecoderLayer(nn.Module):
         return x, cache
 
 
+# Collections stacked over the layer axis by the layer scans: the weights, LoRA adapters
+# (`aria_jax.lora`) and sown intermediates (the routers' logits, for training's auxiliary losses).
+LAYER_COLLECTIONS = {"params": 0, "lora": 0, "intermediates": 0}
+
+
 class TextDecoder(nn.Module):
-    """Token ids (or embeddings) -> logits."""
+    """Token ids (or embeddings) -> logits. `remat` recomputes each layer's activations in the
+    backward pass instead of keeping them (training memory)."""
 
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -62,8 +69,8 @@ class TextDecoder(nn.Module):
             ("vocab", "embed"), self.param_dtype,
         )
         self.layers = nn.scan(
-            DecoderLayer,
-            variable_axes={"params": 0},
+            nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
+            variable_axes=LAYER_COLLECTIONS,
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
@@ -92,7 +99,7 @@ class TextDecoder(nn.Module):
         return self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,dv->...v", self.norm(hidden), self.lm_head.astype(self.dtype))
+        return jnp.einsum("...d,dv->...v", self.norm(hidden), adapted(self, "lm_head", self.lm_head.astype(self.dtype)))
 
     def cached_step(self, inputs_embeds, key_mask, position_ids, cache, cache_index):
         """Runs tokens through the decoder against the KV cache and appends them to it.
@@ -149,12 +156,13 @@ class AriaModel(nn.Module):
     config: AriaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_tower = VisionTower(cfg.vision_config, **kw)
+        self.vision_tower = VisionTower(cfg.vision_config, remat=self.remat, **kw)
         self.multi_modal_projector = Projector(cfg, **kw)
-        self.language_model = TextDecoder(cfg.text_config, **kw)
+        self.language_model = TextDecoder(cfg.text_config, remat=self.remat, **kw)
 
     def vision_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None):
         """pixel_values (N, C, S, S), pixel_mask (N, S, S) -> vision tower output (N, P, D_vision)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.layers import ACTIVATIONS, default_kernel_init, param_with_axes
+from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.sharding import mesh_axis_size
 
 
@@ -84,6 +84,10 @@ def routed_experts_over_mesh(backend, x, weights, expert_ids, gate_up, down):
     skips and that gathers clamp (their zero weight removes them)."""
 
     def local_experts(x, weights, expert_ids, gate_up, down):
+        # x varies over the shards from here: JAX marks argsort's indices as the same on every
+        # shard, so the sorted backend's x[order] would be transposed as psum-then-scatter with
+        # one shard's order, a wrong gradient for x; varying, each shard scatters its own.
+        x = jax.lax.pcast(x, "expert", to="varying")
         num_local = gate_up.shape[0]
         local_ids = expert_ids - jax.lax.axis_index("expert") * num_local
         here = (local_ids >= 0) & (local_ids < num_local)
@@ -114,17 +118,20 @@ class MoE(nn.Module):
         cfg = self.config
         d, e, f, s = cfg.hidden_size, cfg.moe_num_experts, cfg.intermediate_size, cfg.shared_expert_size
 
-        def weight(name, shape, axes):
-            return param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype).astype(self.dtype)
+        def weight(name, shape, axes, num_expert_dims=0):
+            value = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
+            return adapted(self, name, value.astype(self.dtype), num_expert_dims)
 
         router = weight("router", (d, e), ("embed", "experts_logits"))
-        gate_up = weight("experts_gate_up", (e, d, 2 * f), ("experts", "embed", "expert_mlp"))
-        down = weight("experts_down", (e, f, d), ("experts", "expert_mlp", "embed"))
+        gate_up = weight("experts_gate_up", (e, d, 2 * f), ("experts", "embed", "expert_mlp"), num_expert_dims=1)
+        down = weight("experts_down", (e, f, d), ("experts", "expert_mlp", "embed"), num_expert_dims=1)
 
         batch_shape = x.shape[:-1]
         tokens = x.reshape(-1, d)
         with jax.named_scope("router"):
-            _, top_weights, top_ids = route(tokens, router, cfg.moe_topk)
+            router_logits, top_weights, top_ids = route(tokens, router, cfg.moe_topk)
+            # Kept only when the caller asks for "intermediates": training's auxiliary losses.
+            self.sow("intermediates", "router_logits", router_logits)
         with jax.named_scope("routed_experts"):
             backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
             if mesh_axis_size(jax.sharding.get_abstract_mesh(), "expert") > 1:

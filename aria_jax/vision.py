@@ -88,6 +88,7 @@ class VisionTower(nn.Module):
     config: AriaVisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # recompute layer activations in the backward pass (training memory)
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array) -> jax.Array:
@@ -107,7 +108,7 @@ class VisionTower(nn.Module):
             x = x + jnp.take(table, vision_position_ids(patch_mask, cfg.num_patches_per_side), axis=0).astype(self.dtype)
         key_mask = patch_mask.reshape(n, -1)
         x, _ = nn.scan(
-            VisionEncoderLayer,
+            nn.remat(VisionEncoderLayer, prevent_cse=False) if self.remat else VisionEncoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast,),

@@ -79,6 +79,39 @@ def plan(args: argparse.Namespace) -> None:
     print(plan_memory(config, mesh, resolve_dtype(args.dtype), args.batch, args.max_length, prompt_length).table())
 
 
+def finetune(args: argparse.Namespace) -> None:
+    from aria_jax.finetune import RunSettings, finetune as run
+    from aria_jax.lora import LoraConfig
+    from aria_jax.sharding import make_mesh
+    from aria_jax.train import TrainConfig
+
+    for flag, path in (("--model", args.model), ("--data", args.data)):
+        if not os.path.isdir(path):
+            raise UserError(f"{flag} {path}: no such directory")
+    lora = None
+    if args.lora_rank:
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.lora_targets.split(",")))
+    train_config = TrainConfig(
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, z_loss_coeff=args.z_loss_coeff,
+        aux_loss_coeff=args.aux_loss_coeff, grad_accum_steps=args.grad_accum, remat=args.remat,
+        freeze_vision=args.freeze_vision, freeze_projector=args.freeze_projector,
+        freeze_language_model=args.freeze_language_model, lora=lora,
+    )
+    settings = RunSettings(
+        batch_size=args.batch_size, max_image_size=args.max_image_size, split_image=args.split_image,
+        max_length=args.max_length, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        seed=args.seed, dtype=args.dtype,
+    )
+    mesh = make_mesh(**args.mesh_sizes) if args.mesh_sizes else None
+    result = run(args.model, args.data, args.out, train_config, settings, mesh=mesh, progress=not args.quiet)
+    last = result.metrics[-1] if result.metrics else None
+    summary = f"{result.steps} steps" + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")
+    if last:
+        summary += f", final loss {last['loss']:.4f}"
+    print(f"{summary}; model: {result.model_dir}" + (f"; adapters: {result.adapter_dir}" if result.adapter_dir else ""))
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """"expert=8,tensor=1" -> {"expert": 8, "tensor": 1}."""
     sizes = {}
@@ -125,7 +158,7 @@ def _add_writing_options(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aria-jax", description="Aria in JAX: generation and checkpoint conversion.")
+    parser = argparse.ArgumentParser(prog="aria-jax", description="Aria in JAX: generation, fine-tuning and checkpoint conversion.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
@@ -177,6 +210,41 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-length", type=_positive_int, default=8192, help="KV cache length (prompt + new tokens)")
     pl.add_argument("--prompt-length", type=_positive_int, default=None, help="prefill length (default: half of --max-length)")
     pl.set_defaults(run=plan)
+
+    ft = commands.add_parser(
+        "finetune", help="fine-tune (full or LoRA) on a dataset folder; resumes from the newest checkpoint in --out",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ft.add_argument("--model", required=True, help="model directory (hub format or converted)")
+    ft.add_argument("--data", required=True, help="dataset folder with train.jsonl (Aria's format) and its images")
+    ft.add_argument("--out", required=True, help="output directory: checkpoints/, metrics.jsonl, model/ [, adapter/]")
+    ft.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps")
+    ft.add_argument("--batch-size", type=_positive_int, default=8, help="rows per micro-batch")
+    ft.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    ft.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    ft.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then cosine decay to 0")
+    ft.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on norms and biases)")
+    ft.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this global norm; 0: off")
+    ft.add_argument("--z-loss-coeff", type=float, default=1e-5, help="router z-loss coefficient")
+    ft.add_argument("--aux-loss-coeff", type=float, default=1e-3, help="router load-balancing loss coefficient")
+    ft.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank; 0: full fine-tuning")
+    ft.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (scale = alpha / rank)")
+    ft.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,shared_gate,shared_up,shared_down,"
+                    "experts_gate_up,experts_down", help="comma-separated weights to adapt (also: lm_head)")
+    ft.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    ft.add_argument("--freeze-projector", action="store_true", help="do not train the projector")
+    ft.add_argument("--freeze-language-model", action="store_true", help="do not train the text decoder")
+    ft.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory)")
+    ft.add_argument("--max-image-size", type=_positive_int, default=None, help="crop size; default: the checkpoint's")
+    ft.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
+    ft.add_argument("--max-length", type=_positive_int, default=2048, help="longest example in tokens")
+    ft.add_argument("--save-every", type=_positive_int, default=100, help="steps between checkpoints")
+    ft.add_argument("--keep-checkpoints", type=_positive_int, default=3, help="checkpoints kept")
+    ft.add_argument("--seed", type=int, default=0, help="data order and adapter initialization")
+    ft.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="param and compute dtype")
+    ft.add_argument("--mesh", default=None, help="mesh axis sizes over all devices, e.g. data=4,expert=2")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.set_defaults(run=finetune)
     return parser
 
 
@@ -185,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             args.mesh_sizes = simulate_devices(args.mesh)
+        if args.command == "finetune":
+            args.mesh_sizes = parse_mesh(args.mesh) if args.mesh else None
         args.run(args)
     except (UserError, ValueError, OSError) as err:  # CheckpointError, ConfigError, LayoutError included
         print(f"aria-jax: error: {err}", file=sys.stderr)

@@ -12,13 +12,10 @@ reference that every run is compared with. Most of the time is compilation; the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import socket
-import subprocess
-import sys
 import tempfile
 
 import jax
@@ -31,6 +28,7 @@ from aria_jax.config import AriaTextConfig, config_from_pretrained
 from aria_jax.sharding import LayoutError, check_layout
 
 import sharding_worker as worker
+from worker_jobs import Job
 from sharding_worker import HOST_CASES, LAYOUTS, MOE_BACKENDS, NEW_TOKENS, TEXT_LAYOUT, TINY_RANDOM, layout_name
 
 WORKER = os.path.abspath(worker.__file__)
@@ -48,52 +46,6 @@ def within_tolerance(diff: float, scale: float) -> bool:
 
 # ----------------------------------------------------------------------------- subprocesses
 
-def worker_env(num_devices: int) -> dict:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([worker.ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
-class Job:
-    """A worker subprocess, its output in files (pipes could fill up and block a process that
-    the other host waits for)."""
-
-    def __init__(self, name: str, args: list[str], num_devices: int, directory: str):
-        self.name = name
-        self.stdout_path = os.path.join(directory, f"{name}.out")
-        self.stderr_path = os.path.join(directory, f"{name}.err")
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen([sys.executable, WORKER, *args], stdout=out, stderr=err,
-                                            env=worker_env(num_devices), cwd=worker.ROOT)
-        self._result = None
-
-    def result(self, timeout: float) -> dict:
-        if self._result is None:
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                pytest.fail(f"{self.name} did not finish in {timeout:.0f} s\n{self.tail()}")
-            with open(self.stdout_path) as f:
-                lines = [line for line in f.read().splitlines() if line.startswith("RESULT ")]
-            if self.process.returncode != 0 or not lines:
-                pytest.fail(f"{self.name} exited with {self.process.returncode}\n{self.tail()}")
-            self._result = json.loads(lines[-1][len("RESULT "):])
-        return self._result
-
-    def tail(self, chars: int = 4000) -> str:
-        with open(self.stderr_path, errors="replace") as f:
-            return f.read()[-chars:]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -106,11 +58,11 @@ def jobs():
     with tempfile.TemporaryDirectory(prefix="aria_sharding_") as directory:
         started: dict[str, Job] = {}
         try:
-            started["mesh"] = Job("mesh", ["mesh", directory, *MESH_PARTS], 8, directory)
+            started["mesh"] = Job("mesh", WORKER, ["mesh", directory, *MESH_PARTS], 8, directory)
             port = str(free_port())
             for process_id in range(2):
                 started[f"host{process_id}"] = Job(
-                    f"host{process_id}", ["host", str(process_id), port, directory], 2, directory)
+                    f"host{process_id}", WORKER, ["host", str(process_id), port, directory], 2, directory)
             yield started
         finally:
             for job in started.values():
