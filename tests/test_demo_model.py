@@ -1,0 +1,88 @@
+"""The demo model that ships in models/aria-jax-demo: small, in hub format, read alike by our
+loader and by transformers, and right about freshly drawn questions of its task."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import aria_jax
+from aria_jax import demo_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "models", "aria-jax-demo")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return aria_jax.AriaForConditionalGeneration.from_pretrained(DEMO), aria_jax.AriaProcessor.from_pretrained(DEMO)
+
+
+def test_demo_is_a_small_hub_checkpoint_of_the_full_architecture():
+    files = set(os.listdir(DEMO))
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+            "chat_template.jinja", "processor_config.json"} <= files
+    assert sum(os.path.getsize(os.path.join(DEMO, name)) for name in files) <= 20 * 10**6
+    with open(os.path.join(DEMO, "config.json")) as f:
+        config = json.load(f)
+    text = config["text_config"]
+    assert config["model_type"] == "aria" and config["vision_config"]["num_hidden_layers"] >= 1
+    assert text["moe_num_experts"] > text["moe_topk"] >= 2 and text["moe_num_shared_experts"] >= 1
+
+
+def test_demo_answers_questions_it_never_saw(demo):
+    """Exact-match accuracy through processor -> generate -> decode on the 200 questions that
+    scripts/train_demo_model.py reports, drawn with a seed no training example used."""
+    model, processor = demo
+    scores = demo_task.evaluate(model, processor, demo_task.EVALUATION_QUESTIONS, seed=demo_task.EVALUATION_SEED)
+    assert scores["accuracy"] >= 0.9, (scores["by_type"], scores["failures"])
+    assert set(scores["by_type"]) == set(demo_task.QUESTION_TYPES)
+
+
+def test_transformers_reads_the_demo_as_we_do(demo):
+    """Hub format in earnest: transformers' AriaForConditionalGeneration loads the files and
+    gives our logits for a question with an image."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    model, processor = demo
+    image, question, _ = demo_task.sample(np.random.default_rng(7))
+    prompt = processor.apply_chat_template(demo_task.conversation(question, "")[:1], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[image])
+    reference = transformers.AriaForConditionalGeneration.from_pretrained(
+        DEMO, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(
+            input_ids=torch.tensor(inputs["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(inputs["attention_mask"]),
+            pixel_values=torch.tensor(inputs["pixel_values"]), pixel_mask=torch.tensor(inputs["pixel_mask"]),
+        ).logits.numpy()
+    ours = np.asarray(model(**inputs).logits)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def readme_main_command() -> str:
+    """The README's first command, after its install step."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        first_block = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)[0].strip()
+    install = "pip install -e . && "
+    assert first_block.startswith(install), first_block
+    return first_block[len(install):]
+
+
+def test_readme_main_command_answers_about_the_example_image():
+    """The README's main job: `aria-jax generate` on the demo model and the example image
+    (three yellow triangles), answered right."""
+    command = readme_main_command()
+    assert "models/aria-jax-demo" in command and "examples/demo_shapes.png" in command
+    environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=environment)
+    assert result.returncode == 0, result.stderr
+    assert demo_task.answers_match(result.stdout, "triangle"), result.stdout
