@@ -28,6 +28,7 @@ import aria_jax
 from aria_jax import demo_task
 from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig
 from aria_jax.export import save_model_directory
+from aria_jax.files import atomic_directory
 from aria_jax.finetune import RunSettings, finetune
 from aria_jax.modeling import init_multimodal_params
 from aria_jax.train import TrainConfig
@@ -39,7 +40,7 @@ QUERIES = 16                      # image tokens per crop
 IM_END_ID = 4                     # <|im_end|>: Aria's special tokens sit at ids 3..9
 SEED = 0
 INIT_STD = 0.02                   # `init_multimodal_params`' normal initializer
-POSITION_STD = 0.5
+POSITION_STD = 0.5                # the vision position table: on the patch embeddings' scale
 EXAMPLE_SEED = 7
 
 
@@ -71,7 +72,7 @@ def fan_in_scaled(params: dict) -> dict:
             fan_in = math.prod(value.shape[:-1])
         elif path[-1].startswith("experts_"):
             fan_in = value.shape[-2]
-        elif path[-1] == "position_embedding":  # on the scale of the patch embeddings, or "where" is unlearnable
+        elif path[-1] == "position_embedding":  # at 0.02, positions would hardly register next to the patches
             scaled[path] = value / INIT_STD * POSITION_STD
             continue
         else:  # norms, biases, token embeddings and the projector's queries keep their initialization
@@ -123,8 +124,7 @@ def main() -> None:
                                total_steps=args.steps, weight_decay=0.05)
     settings = RunSettings(batch_size=args.batch_size, max_length=48, save_every=500, seed=SEED)
     result = finetune(initial, data_dir, os.path.join(args.work, "run"), train_config, settings)
-    print(f"trained {result.steps} steps after {time.perf_counter() - began:.0f} s; "
-          f"final loss {result.metrics[-1]['loss']:.4f}" if result.metrics else "", flush=True)
+    print(f"trained {result.steps} steps after {time.perf_counter() - began:.0f} s", flush=True)
 
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(result.model_dir)
     processor = aria_jax.AriaProcessor.from_pretrained(result.model_dir)
@@ -133,7 +133,6 @@ def main() -> None:
     for question, expected, answered in scores["failures"][:10]:
         print(f"  missed: {question!r} expected {expected!r}, answered {answered!r}")
 
-    from aria_jax.files import atomic_directory
     with atomic_directory(args.out, overwrite=True) as partial:
         for name in os.listdir(result.model_dir):
             shutil.copy(os.path.join(result.model_dir, name), partial)
@@ -146,5 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()
