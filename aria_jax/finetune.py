@@ -30,6 +30,7 @@ from tqdm import tqdm
 from aria_jax.data import Batches, SFTDataset
 from aria_jax.export import save_model_directory
 from aria_jax.lora import init_adapters, merge_adapters, save_adapters
+from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.processing import AriaProcessor
 from aria_jax.train import (
     TrainConfig, batch_to_mesh, init_state, jit_train_step, learning_rate_schedule, merged_params, split_params,
@@ -88,8 +89,6 @@ def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainCo
     """Fine-tunes the model at `model_path` on the dataset folder `data_dir` (see
     `aria_jax.data`), writing into `out_dir`. `stop_at_step` ends the run early, after saving a
     checkpoint there (a later call resumes)."""
-    from aria_jax.pretrained import AriaForConditionalGeneration  # the model classes import this package's peers
-
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save as a warning
     end_step = train_config.total_steps if stop_at_step is None else min(stop_at_step, train_config.total_steps)
     processor = AriaProcessor.from_pretrained(model_path)
