@@ -16,6 +16,7 @@ params of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from aria_jax.data import Batches, SFTDataset
@@ -32,6 +32,7 @@ from aria_jax.export import save_model_directory
 from aria_jax.lora import init_adapters, merge_adapters, save_adapters
 from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.processing import AriaProcessor
+from aria_jax.sharding import replicate_to
 from aria_jax.train import (
     TrainConfig, batch_to_mesh, init_state, jit_train_step, learning_rate_schedule, merged_params, split_params,
     stack_micro_batches,
@@ -79,10 +80,6 @@ def _check_resumable(saved: dict, current: dict, directory: str) -> None:
                          f"resume with the same settings or choose another output directory")
 
 
-def _replicated(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P())) if mesh is not None else tree
-
-
 def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainConfig,
              settings: RunSettings = RunSettings(), *, mesh=None, progress: bool = True,
              stop_at_step: int | None = None) -> FinetuneResult:
@@ -100,7 +97,9 @@ def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainCo
 
     adapters = None
     if train_config.lora is not None:
-        adapters = _replicated(init_adapters(model.params, train_config.lora, jax.random.key(settings.seed)), mesh)
+        adapters = init_adapters(model.params, train_config.lora, jax.random.key(settings.seed))
+        if mesh is not None:
+            adapters = jax.tree.map(functools.partial(replicate_to, mesh), adapters)
     trainable, frozen = split_params(model.params, train_config, adapters)
     state = init_state(trainable, train_config)
 

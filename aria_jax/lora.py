@@ -14,6 +14,7 @@ keep them alone (adapter_model.safetensors + adapter_config.json).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -144,7 +145,8 @@ def load_adapters(directory: str | os.PathLike, params: dict | None = None) -> t
         raise AdapterError(f"{weights_path}: not a readable safetensors file ({e})") from None
     adapters = unflatten_tree({tuple(key.split(".")): value for key, value in tensors.items()})
     if params is not None:
-        expected = _expected_shapes(params, config)
+        init = functools.partial(init_adapters, params, config)
+        expected = {path: leaf.shape for path, leaf in flatten_tree(jax.eval_shape(init, jax.random.key(0))).items()}
         for path, value in flatten_tree(adapters).items():
             key = ".".join(path)
             if path not in expected:
@@ -156,11 +158,3 @@ def load_adapters(directory: str | os.PathLike, params: dict | None = None) -> t
             raise AdapterError(f"{weights_path}: missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     return adapters, config
 
-
-def _expected_shapes(params: dict, config: LoraConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    shapes = {}
-    for path, weight in _targets(params, config):
-        _, _, a_shape, b_shape = _target_shapes(path, tuple(weight.shape), config.rank)
-        shapes[path[:-1] + (path[-1] + SUFFIX_A,)] = a_shape
-        shapes[path[:-1] + (path[-1] + SUFFIX_B,)] = b_shape
-    return shapes

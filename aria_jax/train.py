@@ -35,9 +35,9 @@ from aria_jax.config import AriaConfig
 from aria_jax.lora import LoraConfig, scaled_adapters
 from aria_jax.modeling import AriaModel
 from aria_jax.sharding import mesh_axis_size
+from aria_jax.weights import COMPONENTS
 
 IGNORE_INDEX = -100
-COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +67,16 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainConfig.learning_rate={self.learning_rate} must be positive")
-        if self.lora is None and self.frozen_components == COMPONENTS:
+        if self.lora is None and len(self.frozen_components) == len(COMPONENTS):
             raise ValueError("every component is frozen and no LoRA adapters are trained: nothing to train")
 
     @property
     def frozen_components(self) -> tuple[str, ...]:
         if self.lora is not None:
             return COMPONENTS
-        flags = (self.freeze_vision, self.freeze_projector, self.freeze_language_model)
-        return tuple(name for name, frozen in zip(COMPONENTS, flags) if frozen)
+        frozen = {"vision_tower": self.freeze_vision, "multi_modal_projector": self.freeze_projector,
+                  "language_model": self.freeze_language_model}
+        return tuple(name for name in COMPONENTS if frozen[name])
 
 
 @flax.struct.dataclass
@@ -211,8 +212,8 @@ def loss_and_grads(trainable: dict, frozen: dict, batches: dict, *, config: Aria
         add = functools.partial(jax.tree.map, jnp.add)
         return (loss_sum + loss, add(grads_sum, grads), add(terms_sum, terms)), None
 
-    zeros_terms = {"ce_sum": 0.0, "num_labelled": 0, "z_loss": 0.0, "balance_loss": 0.0}
-    zeros_terms = {k: jnp.zeros((), jnp.int32 if k == "num_labelled" else jnp.float32) for k in zeros_terms}
+    zeros_terms = {"ce_sum": jnp.float32(0), "num_labelled": jnp.int32(0), "z_loss": jnp.float32(0),
+                   "balance_loss": jnp.float32(0)}
     carry = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable), zeros_terms)
     (loss, grads, terms), _ = jax.lax.scan(accumulate, carry, batches)
     metrics = {
