@@ -26,7 +26,7 @@ ORIGINAL_TEXT_MODEL_TYPE = "aria_moe_lm"
 TEXT_MODEL_TYPES = ("aria_text", ORIGINAL_TEXT_MODEL_TYPE)
 VISION_MODEL_TYPES = ("idefics3_vision", "aria_vision_model", "siglip_vision_model")
 SUPPORTED_ROPE_TYPES = ("default",)
-SUPPORTED_MOE_BACKENDS = ("auto", "ragged_dot", "gathered", "dense")
+SUPPORTED_MOE_BACKENDS = ("auto", "ragged_dot", "looped", "gathered", "dense")
 
 
 def _require(condition: bool, field: str, value: Any, why: str) -> None:
@@ -65,8 +65,10 @@ class AriaTextConfig:
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = 2
     # How routed experts are computed: "ragged_dot" (sort tokens by expert, grouped matmul),
-    # "gathered" (each token reads its chosen experts' weights), "dense" (every expert on every
-    # token; the reference), "auto" (gathered for few tokens, as in decode, else ragged_dot).
+    # "looped" (sorted, then plain matmuls expert by expert: the fast one on CPU), "gathered"
+    # (each token reads its chosen experts' weights), "dense" (every expert on every token; the
+    # reference), "auto" (gathered for few tokens, as in decode, else looped on CPU and
+    # ragged_dot elsewhere).
     moe_backend: str = "auto"
 
     def __post_init__(self):

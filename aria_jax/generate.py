@@ -44,10 +44,17 @@ class DecodeState:
 
 def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
     """logits (B, V) -> token ids (B,). Top-k, then top-p on what is left, then a categorical
-    draw from softmax(logits / temperature) with a key from (row seed, step)."""
+    draw from softmax(logits / temperature) with a key from (row seed, step). The sorts over the
+    vocabulary are skipped when every row is greedy (they cost as much as a layer on CPU)."""
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(
+        jnp.any(sampling.temperature > 0), lambda: _sampled_tokens(logits, greedy, step, sampling), lambda: greedy,
+    )
+
+
+def _sampled_tokens(logits: jax.Array, greedy: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
+    vocab = logits.shape[-1]
     temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
     scaled = logits / temperature[:, None]
 

@@ -1,9 +1,13 @@
 """The MoE feed-forward block: top-k router, routed SiLU-gated experts, always-on shared experts.
 
-Routed experts have two interchangeable implementations that tests hold to each other:
+Routed experts have interchangeable implementations that tests hold to each other:
 - `routed_experts_sorted`: dropless. The (token, slot) pairs are sorted by expert so each expert's
   rows are contiguous, then one grouped matmul (`jax.lax.ragged_dot`) per projection. Work is
-  proportional to tokens x top-k on backends with a real grouped matmul (TPU, GPU).
+  proportional to tokens x top-k on backends with a real grouped matmul (TPU, GPU); XLA:CPU
+  lowers it to a dense matmul over every expert.
+- `routed_experts_looped`: the same sorted rows, but a loop over the experts that holds rows,
+  each running plain matmuls on blocks of its own rows: work proportional to the routed pairs
+  on CPU, where matmuls are fast and `ragged_dot` is not.
 - `routed_experts_gathered`: each (token, slot) multiplies by its own gathered expert weights;
   reads only the chosen experts, the fast path for decode (few tokens, many experts).
 - `routed_experts_dense`: every expert on every token, combined with the routing weights. The
@@ -63,16 +67,82 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down):
 
 def routed_experts_gathered(x, weights, expert_ids, gate_up, down):
     """Same contract; gathers each (token, slot)'s expert weights. Reads only the chosen experts,
-    so it suits decode, where tokens x top-k is small next to the number of experts."""
-    activations = _glu(jnp.einsum("td,tkdf->tkf", x, gate_up[expert_ids]))
+    so it suits decode, where tokens x top-k is small next to the number of experts. The slot
+    stays a batch dimension of both matmuls: folding it into the output dimension makes XLA
+    transpose the gathered weights, a second copy of them."""
+    x_per_slot = jnp.broadcast_to(x[:, None, :], (*expert_ids.shape, x.shape[-1]))
+    activations = _glu(jnp.einsum("tkd,tkdf->tkf", x_per_slot, gate_up[expert_ids]))
     out = jnp.einsum("tkf,tkfd->tkd", activations, down[expert_ids])
     return jnp.einsum("tkd,tk->td", out, weights)
 
 
+# Row blocks of the looped backend. An expert's rows run as blocks of the largest, and a remainder
+# as the smallest of these that holds it: few wasted rows, and few compiled matmul shapes.
+LOOP_BLOCKS = (8, 16, 32, 64)
+
+
+@jax.custom_vjp
+def routed_experts_looped(x, weights, expert_ids, gate_up, down):
+    """Same contract; sorted rows, then a loop over experts running dense matmuls on blocks of
+    each expert's rows. Experts with no rows cost one loop test; padding rows of a block are
+    rows of the next expert (or zeros at the end) whose results are overwritten or dropped.
+    Loops of data-dependent length have no reverse mode, so gradients come from the sorted
+    backend's (same values)."""
+    num_tokens, top_k = expert_ids.shape
+    num_experts, largest = gate_up.shape[0], LOOP_BLOCKS[-1]
+    flat_expert_ids = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_expert_ids, stable=True)
+    group_sizes = jnp.bincount(flat_expert_ids, length=num_experts).astype(jnp.int32)
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    x_sorted = jnp.concatenate([x[order // top_k], jnp.zeros((largest, x.shape[-1]), x.dtype)])
+    block_sizes = jnp.asarray(LOOP_BLOCKS)
+
+    def one_expert(expert, out_sorted):
+        start, end = group_starts[expert], group_starts[expert] + group_sizes[expert]
+
+        def run_block(size):
+            def run(row):
+                y = _glu(jax.lax.dynamic_slice_in_dim(x_sorted, row, size) @ gate_up[expert]) @ down[expert]
+                return jnp.pad(y, ((0, largest - size), (0, 0)))
+            return run
+
+        def next_block(carry):
+            row, out_sorted = carry
+            which = jnp.minimum(jnp.sum(block_sizes < end - row), len(LOOP_BLOCKS) - 1)   # smallest that holds them
+            y = jax.lax.switch(which, [run_block(size) for size in LOOP_BLOCKS], row)
+            return row + block_sizes[which], jax.lax.dynamic_update_slice_in_dim(out_sorted, y, row, 0)
+
+        return jax.lax.while_loop(lambda carry: carry[0] < end, next_block, (start, out_sorted))[1]
+
+    out_sorted = jax.lax.fori_loop(0, num_experts, one_expert, jnp.zeros_like(x_sorted))[:-largest]
+    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
+    return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
+
+
+def _looped_forward(x, weights, expert_ids, gate_up, down):
+    return routed_experts_looped(x, weights, expert_ids, gate_up, down), (x, weights, expert_ids, gate_up, down)
+
+
+def _looped_backward(saved, cotangent):
+    x, weights, expert_ids, gate_up, down = saved
+    _, vjp = jax.vjp(lambda x, w, gu, dn: routed_experts_sorted(x, w, expert_ids, gu, dn), x, weights, gate_up, down)
+    d_x, d_weights, d_gate_up, d_down = vjp(cotangent)
+    return d_x, d_weights, None, d_gate_up, d_down
+
+
+routed_experts_looped.defvjp(_looped_forward, _looped_backward)
+
+
 def routed_experts_auto(x, weights, expert_ids, gate_up, down):
-    """Gathered weights while fewer (token, slot) pairs than experts (decode), else sorted."""
-    if expert_ids.size < gate_up.shape[0]:
+    """Gathered weights for a few (token, slot) pairs (decode), else sorted rows: the looped
+    backend on CPU, the grouped matmul elsewhere. On CPU a gather copies slowly, so from a few
+    tokens on (batched decode) the looped backend is faster."""
+    num_pairs, num_experts = expert_ids.size, gate_up.shape[0]
+    on_cpu = jax.default_backend() == "cpu"
+    if num_pairs < (num_experts // 4 if on_cpu else num_experts):
         return routed_experts_gathered(x, weights, expert_ids, gate_up, down)
+    if on_cpu:
+        return routed_experts_looped(x, weights, expert_ids, gate_up, down)
     return routed_experts_sorted(x, weights, expert_ids, gate_up, down)
 
 
@@ -103,6 +173,7 @@ def routed_experts_over_mesh(backend, x, weights, expert_ids, gate_up, down):
 ROUTED_EXPERT_BACKENDS = {
     "dense": routed_experts_dense,
     "ragged_dot": routed_experts_sorted,
+    "looped": routed_experts_looped,
     "gathered": routed_experts_gathered,
     "auto": routed_experts_auto,
 }

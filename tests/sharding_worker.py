@@ -27,7 +27,7 @@ LAYOUTS = [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
 # on every device (2 rows do not divide over expert=4), then 4 rows split across the hosts.
 HOST_CASES = [((1, 4, 1), 2), ((2, 1, 2), 4)]
 TEXT_LAYOUT = (1, 4, 2)
-MOE_BACKENDS = ["ragged_dot", "gathered", "dense", "auto"]
+MOE_BACKENDS = ["ragged_dot", "looped", "gathered", "dense", "auto"]
 NEW_TOKENS = 8
 QUESTIONS = [
     "What is this?",

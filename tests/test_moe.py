@@ -1,4 +1,4 @@
-"""The MoE block's two routed-expert paths agree, values and gradients, and the router is
+"""The MoE block's routed-expert paths agree, values and gradients, and the router is
 "top-k on raw logits, softmax over the k selected" (aria-reference.md section 7)."""
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.moe import MoE, route, routed_experts_dense, routed_experts_gathered, routed_experts_sorted
+from aria_jax.moe import (
+    LOOP_BLOCKS, MoE, route, routed_experts_dense, routed_experts_gathered, routed_experts_looped,
+    routed_experts_sorted,
+)
 
-FAST_PATHS = {"sorted": routed_experts_sorted, "gathered": routed_experts_gathered}
+FAST_PATHS = {"sorted": routed_experts_sorted, "looped": routed_experts_looped, "gathered": routed_experts_gathered}
 
 TOLERANCE = 1e-5  # max abs diff, float32
 HIDDEN, WIDTH = 16, 12
@@ -76,6 +79,17 @@ def _last_expert_only(num_tokens):      # E=4, top-1, all to the last expert (gr
     return [[3] for _ in range(num_tokens)]
 
 
+# E=6, top-1, group sizes that sit on and around the looped backend's row blocks (8, 16, 32, 64):
+# a block filled exactly, one row over (a second block), the largest block plus a remainder,
+# an empty first expert and a single-row last one.
+BLOCK_BOUNDARY_SIZES = (0, 65, 64, 9, 16, 1)
+
+
+def _block_boundaries(num_tokens):
+    assert num_tokens == sum(BLOCK_BOUNDARY_SIZES) and LOOP_BLOCKS == (8, 16, 32, 64)
+    return [[expert] for expert, size in enumerate(BLOCK_BOUNDARY_SIZES) for _ in range(size)][::-1]
+
+
 CASES = {
     # name: (tokens, experts, top_k, routing builder; None = random routing)
     "t16_e4_k2": (16, 4, 2, None),
@@ -87,6 +101,8 @@ CASES = {
     "t10_e5_k1_one_expert_takes_all": (10, 5, 1, _one_expert_takes_all),
     "t9_e4_k3_one_expert_in_every_token": (9, 4, 3, _one_expert_in_every_token),
     "t8_e4_k1_last_expert_only": (8, 4, 1, _last_expert_only),
+    "t155_e6_k1_block_boundaries_empty": (sum(BLOCK_BOUNDARY_SIZES), 6, 1, _block_boundaries),
+    "t150_e64_k6_random": (150, 64, 6, None),
 }
 
 
@@ -217,7 +233,7 @@ def randomized(params, seed, router_scale=4.0):
 
 @pytest.mark.parametrize("experts,top_k,shared", [(4, 2, 2), (6, 1, 1), (3, 3, 0), (8, 3, 1)])
 def test_moe_module_backends_agree(experts, top_k, shared):
-    """The whole block, same params, moe_backend "dense" vs "ragged_dot" (and "auto")."""
+    """The whole block, same params, moe_backend "dense" vs every other backend."""
     config = AriaTextConfig(
         vocab_size=64, hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=1,
         num_attention_heads=2, moe_num_experts=experts, moe_topk=top_k,
@@ -233,7 +249,7 @@ def test_moe_module_backends_agree(experts, top_k, shared):
     dense = apply("dense", params)
     assert dense.shape == x.shape
     assert float(jnp.max(jnp.abs(dense))) > 0.1
-    for backend in ("ragged_dot", "gathered", "auto"):
+    for backend in ("ragged_dot", "looped", "gathered", "auto"):
         diff = max_diff(apply(backend, params), dense)
         print(f"[E{experts} k{top_k} shared{shared}] {backend} vs dense max|diff| = {diff:.2e}")
         assert diff <= TOLERANCE, f"{backend}: {diff}"
