@@ -8,10 +8,11 @@ from aria_jax.pretrained import AriaForConditionalGeneration, AriaTextForCausalL
 from aria_jax.safetensors_io import CheckpointError
 from aria_jax.sharding import LayoutError, make_mesh
 from aria_jax.tokenizer import AriaTokenizer
+from aria_jax.video import Video, VideoError, load_video
 
 __all__ = [
     "AriaConfig", "AriaTextConfig", "AriaVisionConfig", "AriaForConditionalGeneration",
     "AriaTextForCausalLM", "CausalLMOutput",
     "AriaImageProcessor", "AriaProcessor", "AriaTokenizer", "CheckpointError", "ConfigError", "ImageError",
-    "LayoutError", "distributed", "make_mesh",
+    "LayoutError", "Video", "VideoError", "distributed", "load_video", "make_mesh",
 ]

@@ -11,6 +11,18 @@ Each `<|img|>` in the text (in order across the batch) stands for one image and 
 expands every placeholder by the batch-wide maximum crop count instead, which gives a
 token / feature count mismatch as soon as split images in one batch have different crop
 counts; for batches where all images have the same crop count the ids are identical.
+
+Chat messages go through `apply_chat_template` (the prompt text) or `from_messages` (the model
+inputs). Their content items are `{"type": "text", "text": ...}`, `{"type": "image"}` (the
+image comes from `images=`, in order, unless the item has its own `"image"` or `"path"`) and
+`{"type": "video", "path": PATH, "num_frames": N}` (or `"video": [frames]` with an optional
+`"fps"`). A video item becomes, at its place and per sampled frame (see `aria_jax.video`),
+`{"type": "text", "text": "[mm:ss]"}`, `{"type": "image"}`, `{"type": "text", "text": "\\n"}`,
+the format of Aria's video notebook; the frames are then ordinary images:
+
+    inputs = processor.from_messages([{"role": "user", "content": [
+        {"type": "video", "path": "clip.mp4", "num_frames": 8},
+        {"type": "text", "text": "What happens in the video?"}]}])
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import numpy as np
 
 from aria_jax.config import read_optional_json
 from aria_jax.tokenizer import AriaTokenizer, pad_batch, render_chat_template
+from aria_jax.video import Video, VideoCache, frame_timestamp, load_video
 
 PROCESSOR_CONFIG = "processor_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -49,6 +62,34 @@ def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
 
 def _is_image_list(value: Any) -> bool:
     return isinstance(value, (list, tuple))
+
+
+def _is_batch_of_conversations(messages: Any) -> bool:
+    return isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
+
+
+def _item_type(item: Any) -> str | None:
+    return item.get("type") if isinstance(item, dict) else None
+
+
+def _has_video_items(conversation: Sequence[dict]) -> bool:
+    return any(_item_type(item) == "video" for message in conversation if isinstance(message, dict)
+               and isinstance(message.get("content"), (list, tuple)) for item in message["content"])
+
+
+def _own_image(item: dict) -> Any:
+    """The image an image item carries itself ("image": a PIL image / array / path, or "path"),
+    else None."""
+    image = item.get("image")
+    return image if image is not None else item.get("path")
+
+
+def video_placeholders(timestamps: Sequence[float]) -> list[dict]:
+    """Aria's content items for the frames of a video: "[mm:ss]", the frame, a newline, per frame."""
+    items = []
+    for seconds in timestamps:
+        items += [{"type": "text", "text": frame_timestamp(seconds)}, {"type": "image"}, {"type": "text", "text": "\n"}]
+    return items
 
 
 class AriaProcessor:
@@ -85,6 +126,8 @@ class AriaProcessor:
             if pad_token_id is None:
                 pad_token_id = tokenizer.unk_token_id
         self.pad_token_id = pad_token_id
+        # Rendering a prompt and building its inputs both need the frames: decode once.
+        self.video_cache = VideoCache()
 
     # ---------------------------------------------------------------- loading
 
@@ -280,13 +323,120 @@ class AriaProcessor:
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
                             chat_template: str | None = None, **kwargs):
         """Render messages with the processor's chat template (as transformers' processor does);
-        image items become `<fim_prefix><|img|><fim_suffix>` in Aria's template."""
+        image items become `<fim_prefix><|img|><fim_suffix>` in Aria's template, video items
+        "[mm:ss]" + one image + "\\n" per sampled frame (the file is decoded for the timestamps,
+        and kept in `video_cache` for the inputs that follow). One conversation gives a str, a
+        list of conversations a list of str."""
         template = chat_template or self.chat_template
+        if _is_batch_of_conversations(messages):
+            messages = [self._expand_videos(conversation)[0] for conversation in messages]
+        elif isinstance(messages, (list, tuple)) and messages:
+            messages = self._expand_videos(messages)[0]
         return render_chat_template(
             template, messages, add_generation_prompt=add_generation_prompt,
             tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if tokenize else None,
             template_kwargs={**self.tokenizer.special_tokens_map, **kwargs},
         )
+
+    # ---------------------------------------------------------------- conversations
+
+    def prepare_messages(self, messages: Sequence[dict], images: Any = None) -> tuple[list[dict], list]:
+        """One conversation with its video items expanded (see the module docstring), and its
+        images in `<|img|>` order: each image item's own "image" / "path", else the next of
+        `images` (one image or a list), and each video's frames at the video's place.
+
+        Returns (messages, images). Raises ValueError when the image items without an image of
+        their own and `images` differ in number."""
+        expanded, slots = self._expand_videos(messages)
+        return expanded, self._fill_image_slots(slots, self._flatten_images(images, None))
+
+    def from_messages(self, messages, add_generation_prompt: bool = True, images: Any = None,
+                      chat_template: str | None = None, **kwargs) -> dict[str, np.ndarray]:
+        """Model inputs for a conversation, or a list of conversations (one batch row each), as
+        `__call__` returns them: video items expanded, the prompt rendered with the chat
+        template, images in placeholder order. `images` fills the image items that carry no
+        image of their own, in order across the batch (a flat list) or per conversation (a list
+        of lists). `kwargs` go to `__call__` (max_image_size, split_image, padding_side, ...)."""
+        conversations = list(messages) if _is_batch_of_conversations(messages) else [messages]
+        expanded = [self._expand_videos(conversation) for conversation in conversations]
+        supplied = self._split_images(images, [sum(slot is None for slot in slots) for _, slots in expanded])
+        prompts = [self.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                            chat_template=chat_template) for conversation, _ in expanded]
+        row_images = [self._fill_image_slots(slots, row) for (_, slots), row in zip(expanded, supplied)]
+        return self(text=prompts, images=row_images, **kwargs)
+
+    def _split_images(self, images: Any, needed: list[int]) -> list[list]:
+        """`images` as one list per conversation: given per conversation (a list of lists), or a
+        flat list cut into `needed[i]` images for conversation i."""
+        if _is_image_list(images) and images and all(_is_image_list(row) for row in images):
+            if len(images) != len(needed):
+                raise ValueError(f"images has {len(images)} per-conversation lists but there are "
+                                 f"{len(needed)} conversations")
+            return [list(row) for row in images]
+        flat = self._flatten_images(images, None)
+        if len(flat) != sum(needed):
+            raise ValueError(f"the conversations have {sum(needed)} image item(s) without an image of their own "
+                             f"(\"image\" or \"path\") but {len(flat)} image(s) were passed")
+        starts = np.cumsum([0, *needed]).tolist()
+        return [flat[start:stop] for start, stop in zip(starts, starts[1:])]
+
+    @staticmethod
+    def _fill_image_slots(slots: list, supplied: list) -> list:
+        """The slots (see `_expand_videos`) with each None replaced by the next supplied image."""
+        needed = sum(slot is None for slot in slots)
+        if needed != len(supplied):
+            raise ValueError(f"the conversation has {needed} image item(s) without an image of their own "
+                             f"(\"image\" or \"path\") but {len(supplied)} image(s) were passed")
+        remaining = iter(supplied)
+        return [next(remaining) if slot is None else slot for slot in slots]
+
+    def _expand_videos(self, conversation: Sequence[dict]) -> tuple[list[dict], list]:
+        """(messages with each video item replaced by its frame items, one slot per `<|img|>` in
+        order: the image it shows, or None for an image item that takes the next passed image).
+        A conversation without video items is returned as it is."""
+        if not isinstance(conversation, (list, tuple)):
+            raise ValueError(f"a conversation is a list of message dicts, got {type(conversation).__name__}")
+        has_videos = _has_video_items(conversation)
+        expanded, slots = [], []
+        for message in conversation:
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, (list, tuple)):
+                expanded.append(message)
+                continue
+            items = []
+            for item in content:
+                kind = _item_type(item)
+                if kind == "video":
+                    video = self._load_video_item(item)
+                    items += video_placeholders(video.timestamps)
+                    slots += video.frames
+                else:
+                    if kind == "image":
+                        slots.append(_own_image(item))
+                    items.append(item)
+            expanded.append({**message, "content": items})
+        return (expanded if has_videos else list(conversation)), slots
+
+    def _load_video_item(self, item: dict) -> Video:
+        """The sampled frames of a {"type": "video"} item: a file ("path", or "video" as a path;
+        decoded through `video_cache`) or a list of frames ("video", with an optional "fps";
+        all of them unless "num_frames" is given)."""
+        source = item.get("video")
+        path = item.get("path")
+        if isinstance(source, (str, os.PathLike)):
+            if path is not None:
+                raise ValueError('a {"type": "video"} item has both "path" and "video"; give one')
+            source, path = None, source
+        num_frames = item.get("num_frames")
+        if path is not None:
+            if source is not None or item.get("fps") is not None:
+                raise ValueError('a {"type": "video"} item with a "path" takes no "video" frames or "fps"; '
+                                 "the file has its own")
+            return self.video_cache.load(path, num_frames)
+        if isinstance(source, (list, tuple, np.ndarray)):
+            return load_video(source, num_frames=len(source) if num_frames is None else num_frames,
+                              fps=item.get("fps"))
+        raise ValueError('a {"type": "video"} item needs "path" (a video file) or "video" (a file or a list of frames)')
 
     def __repr__(self) -> str:
         return (f"AriaProcessor(size_to_queries={self.size_to_queries}, image_token={self.image_token!r} "

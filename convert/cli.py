@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import time
+
+from benchmarks.run import add_options as add_bench_options
+from benchmarks.run import main as run_benchmarks
 
 
 class UserError(Exception):
     """A problem with what the user asked for, reported as one line without a traceback."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line too, like every other user error: the usage
+    that argparse prints first is one --help away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: "off" for a flag, "none" for an option unset
+    by default; not for required values, nor where the help explains the default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or not action.option_strings or action.default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        if action.nargs == 0 and action.default is False:  # store_true
+            return f"{text} (default: off)"
+        if action.default is None or action.default == []:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
 
 
 def chat_prompt(processor, prompt: str, num_images: int) -> str:
@@ -20,24 +49,82 @@ def chat_prompt(processor, prompt: str, num_images: int) -> str:
 
 def generate(args: argparse.Namespace) -> None:
     import aria_jax
-    from aria_jax.config import is_multimodal, read_config_json
 
-    if not os.path.isdir(args.model):
-        raise UserError(f"{args.model}: no such model directory")
-    multimodal = is_multimodal(read_config_json(args.model))
+    multimodal = takes_images(args.model)
     if args.image and not multimodal:
         raise UserError(f"{args.model}: a text-only model; it takes no --image")
     processor = aria_jax.AriaProcessor.from_pretrained(args.model)
     inputs = processor(text=chat_prompt(processor, args.prompt, len(args.image)), images=args.image or None,
                        max_image_size=args.max_image_size, split_image=args.split_image)
-    model_class = aria_jax.AriaForConditionalGeneration if multimodal else aria_jax.AriaTextForCausalLM
-    model = model_class.from_pretrained(args.model, dtype=args.dtype)
+    check_sampling_options(args, inputs["input_ids"].shape[1], args.max_new_tokens)
+    model = load_model(args.model, multimodal, args.dtype)
     if not multimodal:
         inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
     for piece in model.stream(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed):
         print(piece, end="", flush=True)
     print()
+
+
+def chat(args: argparse.Namespace) -> None:
+    import aria_jax
+    from convert.chat import ChatSession, Settings, enable_line_editing
+
+    multimodal = takes_images(args.model)
+    check_sampling_options(args, 0, max_new_tokens=1)  # chat shortens answers to the context left
+    processor = aria_jax.AriaProcessor.from_pretrained(args.model)
+    if args.max_image_size is not None and args.max_image_size not in processor.allowed_sizes:
+        allowed = ", ".join(str(size) for size in processor.allowed_sizes)
+        raise UserError(f"max_image_size={args.max_image_size} is not allowed; use one of: {allowed}")
+    model = load_model(args.model, multimodal, args.dtype)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        enable_line_editing()
+    settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, max_image_size=args.max_image_size, split_image=args.split_image)
+    ChatSession(model, processor, multimodal, settings, interactive=interactive).run()
+
+
+def takes_images(model_dir: str) -> bool:
+    """Whether the model in `model_dir` is multimodal; a UserError if there is no such directory."""
+    from aria_jax.config import is_multimodal, read_config_json
+
+    if not os.path.isdir(model_dir):
+        raise UserError(f"{model_dir}: no such model directory")
+    return is_multimodal(read_config_json(model_dir))
+
+
+def check_sampling_options(args: argparse.Namespace, prompt_length: int, max_new_tokens: int) -> None:
+    """The generation settings, checked before the weights load (which can take minutes) with
+    the checks and messages of `model.generate`."""
+    from aria_jax.config import text_config_from_pretrained
+    from aria_jax.generator import check_request
+
+    check_request(1, prompt_length, text_config_from_pretrained(args.model), None, max_new_tokens=max_new_tokens,
+                  do_sample=args.temperature > 0, temperature=args.temperature, top_k=0, top_p=args.top_p,
+                  seed=args.seed, stop_strings=None)
+
+
+def load_model(model_dir: str, multimodal: bool, dtype: str):
+    import aria_jax
+
+    model_class = aria_jax.AriaForConditionalGeneration if multimodal else aria_jax.AriaTextForCausalLM
+    with progress_line(f"loading {model_dir}"):
+        return model_class.from_pretrained(model_dir, dtype=dtype)
+
+
+@contextlib.contextmanager
+def progress_line(what: str):
+    """"WHAT ... done in 2.0s" on stderr, so a slow step shows it is under way while stdout
+    stays for the answer alone."""
+    print(f"{what} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr, flush=True)
+        raise
+    print(f" done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
 
 
 def _quiet_orbax() -> None:
@@ -112,6 +199,21 @@ def finetune(args: argparse.Namespace) -> None:
     print(f"{summary}; model: {result.model_dir}" + (f"; adapters: {result.adapter_dir}" if result.adapter_dir else ""))
 
 
+def bench(args: argparse.Namespace) -> int:
+    return run_benchmarks(bench_argv(args))
+
+
+def bench_argv(args: argparse.Namespace) -> list[str]:
+    """The parsed `bench` options back as command-line arguments for `benchmarks.run.main`."""
+    argv = []
+    for name, value in vars(args).items():
+        if name in ("command", "run") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """"expert=8,tensor=1" -> {"expert": 8, "tensor": 1}."""
     sizes = {}
@@ -145,7 +247,10 @@ def _byte_size(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0  # the same message as for 0 or a negative number
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -157,30 +262,59 @@ def _add_writing_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, max_new_tokens_help: str) -> None:
+    """What generate and chat share: how an answer is sampled, how images are cropped, the dtype."""
+    command.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help=max_new_tokens_help)
+    command.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    command.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    command.add_argument("--seed", type=int, default=0, help="sampling seed")
+    command.add_argument("--max-image-size", type=_positive_int, default=None,
+                         help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's")
+    command.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
+    command.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                         help="parameter and compute dtype")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aria-jax", description="Aria in JAX: generation, fine-tuning and checkpoint conversion.")
+    parser = CommandLineParser(prog="aria-jax", description="Aria in JAX: generation, fine-tuning and checkpoint conversion.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
         "generate", help="answer a prompt about zero or more images, streaming the answer",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
+        description="Answer one prompt, about zero or more images, with a model directory in hub format "
+                    "(or a converted checkpoint). The prompt is wrapped in the chat template as a user turn "
+                    "with the images first; the answer streams to stdout as it is generated and stops at "
+                    "<|im_end|>. Greedy unless --temperature is above 0. Loading progress goes to stderr.",
     )
     gen.add_argument("--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)")
     gen.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     gen.add_argument("--prompt", required=True, help="the question or instruction")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate at most")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
-    gen.add_argument("--max-image-size", type=_positive_int, default=None,
-                     help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's")
-    gen.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype")
+    _add_answer_options(gen, 32, "tokens to generate at most")
     gen.set_defaults(run=generate)
+
+    ch = commands.add_parser(
+        "chat", help="a multi-turn conversation with a model, images attached with /image",
+        formatter_class=HelpWithDefaults,
+        description="Talk with a model, one line per message. Each turn the whole conversation, earlier "
+                    "images and answers included, is rendered with the chat template, and the answer streams "
+                    "to stdout. Commands: /image PATH attaches an image to the next message, /reset starts "
+                    "over, /help lists the commands, /quit or end of input (Ctrl-D) leaves. On a terminal a "
+                    "'> ' prompt is shown; with piped input stdout holds only the answers, one per question, "
+                    "and errors are single lines on stderr.",
+    )
+    ch.add_argument("--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)")
+    _add_answer_options(ch, 256, "tokens per answer at most (fewer once the conversation nears the model's context)")
+    ch.set_defaults(run=chat)
 
     conv = commands.add_parser(
         "convert", help="convert a hub checkpoint (safetensors) into a self-contained orbax checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
+        description="Convert a hub-format model directory (transformers or original rhymes-ai naming, one or "
+                    "many safetensors files) into a self-contained directory: normalized config.json, the "
+                    "tokenizer, processor and chat template files, and the params as orbax checkpoints, which "
+                    "restore faster and straight into a device mesh. Shows a progress bar over bytes and ends "
+                    "with a summary line.",
     )
     conv.add_argument("source", help="hub-format model directory (config.json, safetensors, tokenizer files)")
     conv.add_argument("destination", help="directory to create")
@@ -191,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = commands.add_parser(
         "export", help="write a converted checkpoint back as hub-format safetensors that transformers loads",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
+        description="Write a checkpoint made by `aria-jax convert` back as a hub-format directory: sharded "
+                    "safetensors with an index, config.json and the tokenizer files, which transformers' "
+                    "from_pretrained loads. Shows a progress bar over bytes and ends with a summary line.",
     )
     exp.add_argument("source", help="converted checkpoint directory (made by `aria-jax convert`)")
     exp.add_argument("destination", help="directory to create")
@@ -201,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = commands.add_parser(
         "plan", help="per-device memory of prefill and decode for a config on a mesh, compiled without weights",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
+        description="Will it fit? Compile prefill and decode for a model config on a mesh of simulated CPU "
+                    "devices, without loading any weights, and print a table of per-device memory: params, KV "
+                    "cache, and the peaks of prefill and decode, for a batch and a cache length.",
     )
     pl.add_argument("--config", default="configs/aria.json", help="config.json (or a model directory)")
     pl.add_argument("--mesh", default="expert=8", help="mesh axis sizes, e.g. data=2,expert=8,tensor=4")
@@ -213,7 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = commands.add_parser(
         "finetune", help="fine-tune (full or LoRA) on a dataset folder; resumes from the newest checkpoint in --out",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
+        description="Fine-tune a model, fully or with LoRA adapters, on a folder in the original Aria "
+                    "repository's dataset format (train.jsonl and its images). Checkpoints, metrics.jsonl and "
+                    "the final model (and adapters) are written to --out; a run started again with the same "
+                    "settings resumes from the newest checkpoint there. Shows a progress bar over steps.",
     )
     ft.add_argument("--model", required=True, help="model directory (hub format or converted)")
     ft.add_argument("--data", required=True, help="dataset folder with train.jsonl (Aria's format) and its images")
@@ -245,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--mesh", default=None, help="mesh axis sizes over all devices, e.g. data=4,expert=2")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(run=finetune)
+
+    be = commands.add_parser(
+        "bench", help="benchmark against transformers on the same random weights; prints a markdown table",
+        formatter_class=HelpWithDefaults,
+        description="Benchmark aria_jax against transformers' PyTorch Aria on the same random weights (a "
+                    "small bench config, saved once in --cache-dir), each side in its own subprocess: prefill, "
+                    "decode and image prefill, and an MoE micro-benchmark, printed as a markdown table with the "
+                    "machine's limits beside the numbers.",
+    )
+    add_bench_options(be)
+    be.set_defaults(run=bench)
     return parser
 
 
@@ -255,11 +410,14 @@ def main(argv: list[str] | None = None) -> int:
             args.mesh_sizes = simulate_devices(args.mesh)
         if args.command == "finetune":
             args.mesh_sizes = parse_mesh(args.mesh) if args.mesh else None
-        args.run(args)
+        code = args.run(args)  # None, or bench's exit code
     except (UserError, ValueError, OSError) as err:  # CheckpointError, ConfigError, LayoutError included
-        print(f"aria-jax: error: {err}", file=sys.stderr)
+        print(f"aria-jax: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, always
         return 2
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C, e.g. while a model loads: no traceback
+        print("aria-jax: interrupted", file=sys.stderr)
+        return 130
+    return code or 0
 
 
 if __name__ == "__main__":

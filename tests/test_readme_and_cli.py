@@ -36,6 +36,30 @@ def test_readme_python_block_runs(block, monkeypatch):
         np.testing.assert_array_equal(namespace["tokens"][:, : prompt.shape[1]], prompt)
 
 
+def readme_bash_blocks() -> list[str]:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's second command (install and test) is the one `.ci/run` runs; the first (the
+    main job) runs in tests/test_demo_model.py."""
+    test_command = readme_bash_blocks()[1].strip()
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        assert test_command in f.read().splitlines()
+
+
+@pytest.mark.parametrize("block", readme_bash_blocks()[2:])
+def test_readme_bash_block_runs(block):
+    environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    environment.pop("XLA_FLAGS", None)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if "aria-jax chat" in block:   # two questions about the three yellow triangles, two answers
+        assert result.stdout.split() == ["triangle", "yellow"], result.stdout
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "convert.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
