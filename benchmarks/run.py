@@ -23,10 +23,8 @@ import importlib.metadata
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -386,36 +384,27 @@ def config_hash() -> str:
     return hashlib.sha256(description.encode()).hexdigest()[:12]
 
 
-def is_complete(directory: str) -> bool:
-    """config.json and every weights file its index names (or the single weights file)."""
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        return False
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = set(json.load(f)["weight_map"].values())
-        return all(os.path.isfile(os.path.join(directory, name)) for name in files)
-    return os.path.isfile(os.path.join(directory, "model.safetensors"))
+class BuildFailed(Exception):
+    """The build worker failed (it has said why); the partial directory is discarded."""
 
 
 def ensure_checkpoint(cache_dir: str) -> str | None:
-    """The bench model's directory, built once: saved into a temporary sibling and renamed into
-    place, so an interrupted build never looks complete."""
+    """The bench model's directory, built once. `atomic_directory` renames it into place only when
+    complete, so a directory that exists is a whole model."""
+    from aria_jax.files import atomic_directory
+
     directory = os.path.join(os.path.expanduser(cache_dir), f"bench-{config_hash()}")
-    if is_complete(directory):
+    if os.path.isdir(directory):
         log(f"model: {directory}")
         return directory
     os.makedirs(os.path.dirname(directory), exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=os.path.dirname(directory))
-    os.chmod(partial, 0o755)  # mkdtemp's 0700 would make the cache private
+    log(f"model: building with transformers into {directory} (once)")
     try:
-        log(f"model: building with transformers into {directory} (once)")
-        if run_worker("build", {"model_dir": partial, "platform": "cpu"}) is None:
-            return None
-        shutil.rmtree(directory, ignore_errors=True)  # an incomplete leftover
-        os.rename(partial, directory)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        with atomic_directory(directory) as partial:
+            if run_worker("build", {"model_dir": partial, "platform": "cpu"}) is None:
+                raise BuildFailed
+    except BuildFailed:
+        return None
     return directory
 
 
@@ -594,6 +583,8 @@ def common_prefix(a, b) -> int:
 
 
 def note_lines(ours: dict | None, theirs: dict | None, settings: dict) -> list[str]:
+    from aria_jax.kv_cache import bucket_length
+
     lines = []
     if ours and theirs:
         new = settings["new_tokens"]
@@ -603,17 +594,12 @@ def note_lines(ours: dict | None, theirs: dict | None, settings: dict) -> list[s
                      f"{new} tokens at batch 1, on {np.mean(agree[1:]):.0f} of {new} on average at batch 8")
     if ours and "prefill_image" in ours:
         lines.append(f"our image prompt ({IMAGE_TOKENS + IMAGE_TEXT_TOKENS} tokens) runs left-padded to its "
-                     f"{bucket(IMAGE_TOKENS + IMAGE_TEXT_TOKENS)}-token bucket; the rows count "
+                     f"{bucket_length(IMAGE_TOKENS + IMAGE_TEXT_TOKENS)}-token bucket; the rows count "
                      f"{IMAGE_TOKENS + IMAGE_TEXT_TOKENS}")
     if theirs:
         lines.append(f"transformers: eager attention, experts implementation {theirs.get('experts_implementation')}, "
                      f"{os.cpu_count()} torch threads")
     return lines
-
-
-def bucket(length: int) -> int:
-    """aria_jax's prompt bucket (aria_jax.kv_cache.bucket_length), without importing JAX here."""
-    return max(16, 1 << (length - 1).bit_length()) if length <= 1024 else -(-length // 1024) * 1024
 
 
 def machine_line(settings: dict) -> str:
@@ -702,6 +688,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # aria_jax (and JAX) are imported where used: the `aria-jax` command line imports this module.
+    from aria_jax.kv_cache import bucket_length
+
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker, json.loads(args.worker_settings))
@@ -711,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(
         platform=args.platform, dtype="float32" if args.platform == "cpu" else "bfloat16", repeats=args.repeats,
         new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, skip_image=args.skip_image,
-        moe_backend=args.moe_backend, decode_cache_length=bucket(DECODE_PROMPT_TOKENS + args.new_tokens),
+        moe_backend=args.moe_backend, decode_cache_length=bucket_length(DECODE_PROMPT_TOKENS + args.new_tokens),
     )
     settings["model_dir"] = ensure_checkpoint(args.cache_dir)
     if settings["model_dir"] is None:

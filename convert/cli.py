@@ -275,13 +275,17 @@ def _add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, m
                          help="parameter and compute dtype")
 
 
+def _add_command(commands, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every option's default."""
+    return commands.add_parser(name, help=summary, description=description, formatter_class=HelpWithDefaults)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="aria-jax", description="Aria in JAX: generation, fine-tuning and checkpoint conversion.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser(
-        "generate", help="answer a prompt about zero or more images, streaming the answer",
-        formatter_class=HelpWithDefaults,
+    gen = _add_command(
+        commands, "generate", "answer a prompt about zero or more images, streaming the answer",
         description="Answer one prompt, about zero or more images, with a model directory in hub format "
                     "(or a converted checkpoint). The prompt is wrapped in the chat template as a user turn "
                     "with the images first; the answer streams to stdout as it is generated and stops at "
@@ -293,9 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_answer_options(gen, 32, "tokens to generate at most")
     gen.set_defaults(run=generate)
 
-    ch = commands.add_parser(
-        "chat", help="a multi-turn conversation with a model, images attached with /image",
-        formatter_class=HelpWithDefaults,
+    ch = _add_command(
+        commands, "chat", "a multi-turn conversation with a model, images attached with /image",
         description="Talk with a model, one line per message. Each turn the whole conversation, earlier "
                     "images and answers included, is rendered with the chat template, and the answer streams "
                     "to stdout. Commands: /image PATH attaches an image to the next message, /reset starts "
@@ -307,9 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_answer_options(ch, 256, "tokens per answer at most (fewer once the conversation nears the model's context)")
     ch.set_defaults(run=chat)
 
-    conv = commands.add_parser(
-        "convert", help="convert a hub checkpoint (safetensors) into a self-contained orbax checkpoint",
-        formatter_class=HelpWithDefaults,
+    conv = _add_command(
+        commands, "convert", "convert a hub checkpoint (safetensors) into a self-contained orbax checkpoint",
         description="Convert a hub-format model directory (transformers or original rhymes-ai naming, one or "
                     "many safetensors files) into a self-contained directory: normalized config.json, the "
                     "tokenizer, processor and chat template files, and the params as orbax checkpoints, which "
@@ -323,9 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writing_options(conv)
     conv.set_defaults(run=convert)
 
-    exp = commands.add_parser(
-        "export", help="write a converted checkpoint back as hub-format safetensors that transformers loads",
-        formatter_class=HelpWithDefaults,
+    exp = _add_command(
+        commands, "export", "write a converted checkpoint back as hub-format safetensors that transformers loads",
         description="Write a checkpoint made by `aria-jax convert` back as a hub-format directory: sharded "
                     "safetensors with an index, config.json and the tokenizer files, which transformers' "
                     "from_pretrained loads. Shows a progress bar over bytes and ends with a summary line.",
@@ -336,9 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writing_options(exp)
     exp.set_defaults(run=export)
 
-    pl = commands.add_parser(
-        "plan", help="per-device memory of prefill and decode for a config on a mesh, compiled without weights",
-        formatter_class=HelpWithDefaults,
+    pl = _add_command(
+        commands, "plan", "per-device memory of prefill and decode for a config on a mesh, compiled without weights",
         description="Will it fit? Compile prefill and decode for a model config on a mesh of simulated CPU "
                     "devices, without loading any weights, and print a table of per-device memory: params, KV "
                     "cache, and the peaks of prefill and decode, for a batch and a cache length.",
@@ -351,9 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--prompt-length", type=_positive_int, default=None, help="prefill length (default: half of --max-length)")
     pl.set_defaults(run=plan)
 
-    ft = commands.add_parser(
-        "finetune", help="fine-tune (full or LoRA) on a dataset folder; resumes from the newest checkpoint in --out",
-        formatter_class=HelpWithDefaults,
+    ft = _add_command(
+        commands, "finetune", "fine-tune (full or LoRA) on a dataset folder; resumes from the newest checkpoint in --out",
         description="Fine-tune a model, fully or with LoRA adapters, on a folder in the original Aria "
                     "repository's dataset format (train.jsonl and its images). Checkpoints, metrics.jsonl and "
                     "the final model (and adapters) are written to --out; a run started again with the same "
@@ -390,9 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(run=finetune)
 
-    be = commands.add_parser(
-        "bench", help="benchmark against transformers on the same random weights; prints a markdown table",
-        formatter_class=HelpWithDefaults,
+    be = _add_command(
+        commands, "bench", "benchmark against transformers on the same random weights; prints a markdown table",
         description="Benchmark aria_jax against transformers' PyTorch Aria on the same random weights (a "
                     "small bench config, saved once in --cache-dir), each side in its own subprocess: prefill, "
                     "decode and image prefill, and an MoE micro-benchmark, printed as a markdown table with the "
