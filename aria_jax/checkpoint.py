@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from aria_jax.config import read_json_object
+from aria_jax.files import holds_only, pause_point
 from aria_jax.safetensors_io import CheckpointError
 from aria_jax.weights import COMPONENTS, flatten_tree, is_stacked, unflatten_tree
 
@@ -111,6 +112,7 @@ def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path,
         checkpointer.save(os.path.join(directory, PARAMS_DIR, piece.directory), args=ocp.args.PyTreeSave(
             tree, save_args=_relative_tree(piece, {path: save_args(path) for path in leaves})))
         del leaves, tree
+        pause_point("convert:piece-saved")
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name,
                 "pieces": [piece.to_json() for piece in pieces]}
     with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
@@ -119,6 +121,15 @@ def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path,
 
 def is_converted(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MANIFEST))
+
+
+def is_whole_conversion(directory: str) -> bool:
+    """Whether `directory` is a converted checkpoint (its manifest is written last) holding
+    nothing else: what `aria-jax convert --overwrite` may replace."""
+    return is_converted(directory) and holds_only(directory, {"config.json", MANIFEST, PARAMS_DIR})
+
+
+CONVERTED = "a checkpoint written by `aria-jax convert`"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +150,15 @@ class Manifest:
             raise CheckpointError(f"{file}: format {d.get('format')!r} version {d.get('version')!r}, "
                                   f"expected {FORMAT!r} version {VERSION}")
         try:
-            return cls(path, jnp.dtype(d["dtype"]), [Piece.from_json(p) for p in d["pieces"]])
-        except (KeyError, TypeError, AttributeError) as err:
+            manifest = cls(path, jnp.dtype(d["dtype"]), [Piece.from_json(p) for p in d["pieces"]])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise CheckpointError(f"{file}: malformed manifest ({err!r})") from None
+        for piece in manifest.pieces:
+            # Pieces are folders of params/: a path that leads elsewhere is not followed.
+            parts = piece.directory.split("/") if isinstance(piece.directory, str) else [None]
+            if not all(isinstance(part, str) and part not in ("", ".", "..") and os.sep not in part for part in parts):
+                raise CheckpointError(f"{file}: piece directory {piece.directory!r} is not a folder of {PARAMS_DIR}/")
+        return manifest
 
     def piece_directory(self, piece: Piece) -> str:
         return os.path.join(self.path, PARAMS_DIR, piece.directory)

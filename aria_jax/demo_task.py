@@ -211,13 +211,18 @@ def conversation(question: str, answer: str) -> list[dict]:
     ]
 
 
+def _is_dataset(folder: str) -> bool:
+    return sorted(os.listdir(folder)) == ["images", "train.jsonl"]
+
+
 def write_dataset(folder: str | os.PathLike, num_examples: int, seed: int, size: int = 112,
                   overwrite: bool = False) -> None:
     """`folder/train.jsonl` (one {"messages", "images"} record per line, as the original Aria
     repository's fine-tuning data) and `folder/images/NNNNNN.png`. Written into a temporary sibling and renamed
     into place, so `folder` is either complete or absent."""
     rng = np.random.default_rng(seed)
-    with atomic_directory(folder, overwrite=overwrite) as partial:
+    with atomic_directory(folder, overwrite=overwrite, replaceable=_is_dataset,
+                          what="a data set written by write_dataset") as partial:
         os.makedirs(os.path.join(partial, "images"))
         with open(os.path.join(partial, "train.jsonl"), "w", encoding="utf-8") as lines:
             for index in range(num_examples):

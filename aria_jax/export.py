@@ -18,11 +18,14 @@ import numpy as np
 
 from aria_jax.checkpoint import Piece, plan_pieces
 from aria_jax.config import AriaConfig, AriaTextConfig
-from aria_jax.files import atomic_directory, copy_side_files, write_json
-from aria_jax.safetensors_io import SafetensorsWriter
+from aria_jax.files import atomic_directory, copy_side_files, holds_only, pause_point, write_json
+from aria_jax.safetensors_io import SafetensorsFile, SafetensorsWriter
 from aria_jax.weights import INDEX_FILE, RULE_FOR_PATH, flatten_tree, hub_key
 
 MAX_SHARD_BYTES = 5 * 10**9  # the hub's (and save_pretrained's) default shard size
+# Stamped into every safetensors file we write, beside transformers' {"format": "pt"}: it is how
+# `--overwrite` knows a directory to be one of our exports and not someone's model.
+WRITER_METADATA = {"format": "pt", "writer": "aria-jax"}
 
 Path = tuple[str, ...]
 
@@ -95,7 +98,7 @@ def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, piece
         tensor, name = tensors[position], names[position]
         if name not in writers:
             entries = [(t.key, t.dtype, t.shape) for t, n in zip(tensors, names) if n == name]
-            writers[name] = SafetensorsWriter(os.path.join(directory, name), entries)
+            writers[name] = SafetensorsWriter(os.path.join(directory, name), entries, WRITER_METADATA)
         writers[name].write(tensor.key, array)
         if on_bytes:
             on_bytes(tensor.nbytes)
@@ -107,6 +110,7 @@ def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, piece
             write(position, RULE_FOR_PATH[path].layout.to_hub(np.asarray(arrays[path], dtype)))
             position += 1
         del arrays
+        pause_point("hub-weights:piece-written")
     for value in constants.values():
         write(position, value)
         position += 1
@@ -137,12 +141,32 @@ def save_hub_weights(params: dict, config: AriaConfig | AriaTextConfig, director
     return write_hub_weights(directory, config, pieces, read_piece, dtype, max_shard_bytes, on_bytes)
 
 
+def is_exported(directory: str) -> bool:
+    """Whether `directory` is a whole hub-format model directory that we wrote: config.json and
+    safetensors files that all carry our stamp, nothing else but the index and side files."""
+    weights = [name for name in os.listdir(directory) if name.endswith(".safetensors")]
+    if not (weights and os.path.isfile(os.path.join(directory, "config.json"))
+            and holds_only(directory, {"config.json", INDEX_FILE, *weights})):
+        return False
+    try:
+        return all(SafetensorsFile(os.path.join(directory, name)).metadata.get("writer") == WRITER_METADATA["writer"]
+                   for name in weights)
+    except (OSError, ValueError):
+        return False
+
+
+EXPORTED = "a model directory written by aria-jax (export or finetune)"
+
+
 def save_model_directory(params: dict, config: AriaConfig | AriaTextConfig, directory: str | os.PathLike,
                          side_files_from: str | None = None, overwrite: bool = False) -> None:
     """A complete hub-format model directory from in-memory params, all or nothing: config.json,
-    safetensors, and the tokenizer / processor files of `side_files_from`."""
+    safetensors, and the tokenizer / processor files of `side_files_from`. With `overwrite`, an
+    existing `directory` is replaced only if it is one of ours (`is_exported`) or empty."""
     dtype = np.dtype(next(iter(flatten_tree(params).values())).dtype)
-    with atomic_directory(directory, overwrite=overwrite) as partial:
+    sources = () if side_files_from is None else (side_files_from,)
+    with atomic_directory(directory, overwrite=overwrite, sources=sources, replaceable=is_exported,
+                          what=EXPORTED) as partial:
         save_hub_weights(params, config, partial)
         write_json(os.path.join(partial, "config.json"), hub_config(config, dtype))
         if side_files_from is not None:

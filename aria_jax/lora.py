@@ -116,10 +116,16 @@ def merge_adapters(params: dict, adapters: dict, config: LoraConfig) -> dict:
     return unflatten_tree(merged)
 
 
+def is_adapter_directory(directory: str) -> bool:
+    """Whether `directory` holds exactly what `save_adapters` writes."""
+    return sorted(os.listdir(directory)) == sorted([ADAPTER_FILE, CONFIG_FILE])
+
+
 def save_adapters(adapters: dict, config: LoraConfig, directory: str | os.PathLike, overwrite: bool = False) -> None:
     """adapter_model.safetensors (keys: param paths joined by ".") + adapter_config.json."""
     tensors = {".".join(path): np.asarray(jax.device_get(leaf)) for path, leaf in flatten_tree(adapters).items()}
-    with atomic_directory(directory, overwrite=overwrite) as partial:
+    with atomic_directory(directory, overwrite=overwrite, replaceable=is_adapter_directory,
+                          what="a LoRA adapter directory") as partial:
         safetensors.numpy.save_file(tensors, os.path.join(partial, ADAPTER_FILE))
         write_json(os.path.join(partial, CONFIG_FILE), {
             "format": "aria_jax_lora", "rank": config.rank, "alpha": config.alpha, "targets": list(config.targets),

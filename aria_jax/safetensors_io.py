@@ -30,6 +30,79 @@ DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+Entry = tuple[np.dtype, tuple[int, ...], int, int]  # dtype, shape, begin, end (bytes into the data)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0  # bool and float are not counts
+
+
+def parse_header(path: str, header: bytes, data_size: int) -> tuple[dict[str, str], dict[str, Entry]]:
+    """The tensors of a safetensors header, validated as the format requires: a JSON object
+    (UTF-8, no repeated key) of tensor entries, each an object with a known `dtype`, a `shape`
+    of non-negative integers and `data_offsets` [begin, end] holding exactly that many bytes; the
+    entries, ordered by offset, tile the data from its first byte to its last without gap or
+    overlap. An optional `__metadata__` maps strings to strings. Anything else is a
+    CheckpointError naming the file and, where there is one, the key. Returns (metadata, entries)."""
+    try:
+        parsed = json.loads(header.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object: {_one_line(err)})") from None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(parsed).__name__}, not an object)")
+    metadata = parsed.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+
+    entries: dict[str, Entry] = {}
+    for key, info in parsed.items():
+        def bad(problem: str) -> CheckpointError:
+            return CheckpointError(f"{path}: key {key}: {problem}")
+
+        if not isinstance(info, dict):
+            raise bad(f"the header entry is a JSON {type(info).__name__}, not an object")
+        missing = [field for field in ("dtype", "shape", "data_offsets") if field not in info]
+        if missing:
+            raise bad(f"the header entry has no {missing[0]!r}")
+        dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise bad(f"unsupported dtype {info['dtype']!r} (supported: {', '.join(DTYPES)})")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets) \
+                or offsets[0] > offsets[1]:
+            raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        begin, end = offsets
+        if end > data_size:
+            raise bad(f"the file is truncated: the tensor needs bytes {begin}..{end} of data, the file has {data_size}")
+        if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise bad(f"{end - begin} bytes do not hold {tuple(shape)} {info['dtype']}")
+        entries[key] = (np.dtype(dtype), tuple(shape), begin, end)
+
+    covered = 0  # the entries in order of their offsets must tile the data exactly
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != covered:
+            problem = "overlaps the tensor before it" if begin < covered else "leaves a gap before it"
+            raise CheckpointError(f"{path}: key {key}: data_offsets [{begin}, {end}] {problem} (bytes up to "
+                                  f"{covered} are taken)")
+        covered = end
+    if covered != data_size:
+        raise CheckpointError(f"{path}: the tensors hold {covered} bytes of data, the file has {data_size}")
+    return metadata, entries
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
 class SafetensorsFile:
     """Tensors of one .safetensors file as read-only numpy views of a memory map."""
 
@@ -45,28 +118,9 @@ class SafetensorsFile:
                 raise CheckpointError(
                     f"{path}: truncated or not a safetensors file (header of {header_len} bytes, file of {size})"
                 )
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
-        header.pop("__metadata__", None)
+            header = f.read(header_len)
         self._data_start = 8 + header_len
-        data_size = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for key, info in header.items():
-            dtype = DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{path}: key {key} has unsupported dtype {info.get('dtype')!r}")
-            shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            if end > data_size:
-                raise CheckpointError(
-                    f"{path}: file is truncated: key {key} needs bytes {begin}..{end} of data, "
-                    f"the file has {data_size}"
-                )
-            if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                raise CheckpointError(f"{path}: key {key}: {end - begin} bytes do not hold {shape} {info['dtype']}")
-            self._entries[key] = (np.dtype(dtype), shape, begin, end)
+        self.metadata, self._entries = parse_header(path, header, size - self._data_start)
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
     def keys(self) -> list[str]:
@@ -101,6 +155,7 @@ class SafetensorsFile:
 
 
 DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = tuple(np.dtype(DTYPES[name]) for name in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 
 
 class SafetensorsWriter:

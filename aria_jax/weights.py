@@ -30,7 +30,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from aria_jax.safetensors_io import CheckpointError, SafetensorsFile
+from aria_jax.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, CheckpointError, SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
@@ -285,8 +285,14 @@ class HubCheckpoint:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is a JSON {type(weight_map).__name__}, not an object")
+        for key, name in weight_map.items():
+            # Shards are files of this directory: a path elsewhere is not followed.
+            if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: key {key} is listed in {name!r}, not a .safetensors file name")
         self._weight_map = weight_map
         return weight_map
 
@@ -306,6 +312,9 @@ class HubCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.file_of[key].shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.file_of[key].dtype(key)
 
     def get(self, key: str) -> np.ndarray:
         return self.file_of[key].get(key)
@@ -370,6 +379,9 @@ def plan_load(checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tup
         expected = rule.layout.hub_shape(param_shape)
         if checkpoint.shape(key) != expected:
             raise CheckpointError(f"{file}: key {key} has shape {checkpoint.shape(key)}, expected {expected}")
+        if checkpoint.dtype(key) not in FLOAT_DTYPES:
+            raise CheckpointError(f"{file}: key {key} has dtype {DTYPE_NAMES[checkpoint.dtype(key)]}; Aria's weights "
+                                  f"are floating point ({', '.join(DTYPE_NAMES[t] for t in FLOAT_DTYPES)})")
         plan[rule.path][layer] = Source(key, rule)
 
     missing = [

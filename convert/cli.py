@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 from benchmarks.run import add_options as add_bench_options
 from benchmarks.run import main as run_benchmarks
@@ -135,11 +136,15 @@ def _quiet_orbax() -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    from convert.conversion import convert_checkpoint
+    from convert.conversion import NonFiniteWarning, convert_checkpoint, nonfinite_message
 
     _quiet_orbax()
-    summary = convert_checkpoint(args.source, args.destination, dtype=args.dtype, overwrite=args.overwrite,
-                                 quiet=args.quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)  # said below, in one line
+        summary = convert_checkpoint(args.source, args.destination, dtype=args.dtype, overwrite=args.overwrite,
+                                     quiet=args.quiet, strict=args.strict)
+    if summary.nonfinite:
+        print(f"aria-jax: warning: {nonfinite_message(summary.nonfinite)} (--strict refuses them)", file=sys.stderr)
     print(summary.line())
 
 
@@ -238,12 +243,14 @@ def simulate_devices(mesh_text: str) -> dict[str, int]:
 def _byte_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     upper = text.strip().upper()
+    size = int(upper) if upper.isdecimal() else 0
     for unit, scale in units.items():
-        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(upper[: -len(unit)]) * scale)
-    if upper.isdigit():
-        return int(upper)
-    raise argparse.ArgumentTypeError(f"not a size: {text!r} (for example 5GB, 500MB or a number of bytes)")
+        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdecimal():
+            size = int(float(upper[: -len(unit)]) * scale)
+            break
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (for example 5GB, 500MB or a number of bytes)")
+    return size
 
 
 def _positive_int(text: str) -> int:
@@ -258,7 +265,8 @@ def _positive_int(text: str) -> int:
 
 def _add_writing_options(command: argparse.ArgumentParser) -> None:
     """What convert and export share: a destination that may exist, and a progress bar."""
-    command.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace the destination if it exists and is what this command writes (or empty)")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -322,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("destination", help="directory to create")
     conv.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                       help="dtype of the stored params (default: the source's)")
+    conv.add_argument("--strict", action="store_true",
+                      help="refuse weights holding NaN or infinite values (by default they are named in a warning)")
     _add_writing_options(conv)
     conv.set_defaults(run=convert)
 

@@ -11,17 +11,23 @@ import dataclasses
 import os
 import resource
 import time
+import warnings
 
 import numpy as np
 from tqdm import tqdm
 
-from aria_jax.checkpoint import Manifest, plan_pieces, write_pieces
+from aria_jax.checkpoint import CONVERTED, Manifest, is_whole_conversion, plan_pieces, write_pieces
 from aria_jax.config import AriaConfig, AriaTextConfig, is_multimodal, read_config_json
-from aria_jax.export import MAX_SHARD_BYTES, hub_config, write_hub_weights
+from aria_jax.export import EXPORTED, MAX_SHARD_BYTES, hub_config, is_exported, write_hub_weights
+from aria_jax.safetensors_io import CheckpointError
 from aria_jax.files import atomic_directory, copy_side_files, write_json
 from aria_jax.modeling import multimodal_param_shapes, text_param_shapes
 from aria_jax.pretrained import resolve_dtype, shape_tree
 from aria_jax.weights import COMPONENTS, HubCheckpoint, flatten_tree, plan_load
+
+
+class NonFiniteWarning(UserWarning):
+    """Weights that hold NaN or infinite values (converted as they are)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,7 @@ class Summary:
     bytes: int
     seconds: float
     destination: str
+    nonfinite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # key: (NaN, inf) counts
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -69,11 +76,28 @@ def _progress(total: int, description: str, quiet: bool) -> tqdm:
                 dynamic_ncols=True)
 
 
+def count_nonfinite(tensor: np.ndarray) -> tuple[int, int]:
+    """(NaN values, infinite values) of a float tensor."""
+    return int(np.count_nonzero(np.isnan(tensor))), int(np.count_nonzero(np.isinf(tensor)))
+
+
+def nonfinite_message(counts: dict[str, tuple[int, int]]) -> str:
+    listed = ", ".join(f"{key} ({nan} NaN, {inf} inf)" for key, (nan, inf) in list(counts.items())[:5])
+    more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
+    return f"{len(counts)} tensor(s) hold non-finite values: {listed}{more}"
+
+
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, dtype: str | None = None,
-                       overwrite: bool = False, quiet: bool = True) -> Summary:
+                       overwrite: bool = False, quiet: bool = True, strict: bool = False) -> Summary:
     """Converts a hub-format directory (hub or original rhymes-ai naming, one or several
     safetensors files) into a self-contained converted checkpoint at `destination`, with params
-    in `dtype` (default: the source's widest float type)."""
+    in `dtype` (default: the source's widest float type).
+
+    NaN and infinite values are counted per tensor as it streams by: they are converted as they
+    are, with a NonFiniteWarning naming the tensors (`Summary.nonfinite` has the counts), or with
+    `strict` the first such tensor is a CheckpointError and nothing is written. A destination
+    that is, contains or lies inside the source is refused, and `overwrite` replaces only a
+    converted checkpoint."""
     start = time.perf_counter()
     source = os.fspath(source)
     checkpoint = HubCheckpoint(source)  # refuses pickles and unreadable files before anything else
@@ -90,11 +114,19 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     pieces = plan_pieces(model.flat_shapes, model.components, held_itemsize, largest)
     total = sum(checkpoint.file_of[key].nbytes(key) for key in keys)
 
-    with _progress(total, "convert", quiet) as bar, atomic_directory(destination, overwrite) as partial:
+    nonfinite: dict[str, tuple[int, int]] = {}
+    with _progress(total, "convert", quiet) as bar, atomic_directory(
+            destination, overwrite, sources=(directory,), replaceable=is_whole_conversion, what=CONVERTED) as partial:
         def read_leaf(path, layer):
             sources = plan[path]
             found = sources[0 if layer is None else layer]
             tensor = checkpoint.file_of[found.key].read(found.key)
+            counts = count_nonfinite(tensor)
+            if any(counts):
+                if strict:
+                    raise CheckpointError(f"{checkpoint.file_of[found.key].path}: key {found.key} holds {counts[0]} "
+                                          f"NaN and {counts[1]} infinite values (refused with strict)")
+                nonfinite[found.key] = counts
             shape = model.flat_shapes[path][1:] if layer is not None else model.flat_shapes[path]
             param = found.rule.layout.to_param(tensor, shape)
             bar.update(tensor.nbytes)
@@ -104,14 +136,20 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         write_json(os.path.join(partial, "config.json"), hub_config(model.config, target))
         copy_side_files(directory, partial)
         write_pieces(partial, pieces, read_leaf, target)
-    return Summary("converted", len(keys), total, time.perf_counter() - start, os.path.abspath(destination))
+    if nonfinite:
+        warnings.warn(nonfinite_message(nonfinite), NonFiniteWarning, stacklevel=2)
+    return Summary("converted", len(keys), total, time.perf_counter() - start, os.path.abspath(destination),
+                   nonfinite)
 
 
 def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, overwrite: bool = False,
                       quiet: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> Summary:
     """Writes a converted checkpoint back in hub format (safetensors shards of at most
     `max_shard_bytes` with an index, hub naming, config.json, tokenizer/processor files), so
-    that transformers' `from_pretrained(destination)` loads it."""
+    that transformers' `from_pretrained(destination)` loads it. A destination that is, contains
+    or lies inside the source is refused, and `overwrite` replaces only an earlier export."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: must be a positive number of bytes")
     start = time.perf_counter()
     source = os.fspath(source)
     manifest = Manifest.read(source)
@@ -120,7 +158,8 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
     pieces = [piece for piece in manifest.pieces if piece.component in model.components]
     total = sum(int(np.prod(shape)) * manifest.dtype.itemsize for piece in pieces for shape in piece.leaves.values())
 
-    with _progress(total, "export", quiet) as bar, atomic_directory(destination, overwrite) as partial:
+    with _progress(total, "export", quiet) as bar, atomic_directory(
+            destination, overwrite, sources=(source,), replaceable=is_exported, what=EXPORTED) as partial:
         write_json(os.path.join(partial, "config.json"), hub_config(model.config, manifest.dtype))
         copy_side_files(source, partial)
         tensors = write_hub_weights(partial, model.config, pieces, manifest.restore_piece_numpy, manifest.dtype,

@@ -28,7 +28,7 @@ import aria_jax
 from aria_jax import demo_task
 from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig
 from aria_jax.export import save_model_directory
-from aria_jax.files import atomic_directory
+from aria_jax.files import atomic_directory, holds_only
 from aria_jax.finetune import RunSettings, finetune
 from aria_jax.modeling import init_multimodal_params
 from aria_jax.train import TrainConfig
@@ -133,7 +133,8 @@ def main() -> None:
     for question, expected, answered in scores["failures"][:10]:
         print(f"  missed: {question!r} expected {expected!r}, answered {answered!r}")
 
-    with atomic_directory(args.out, overwrite=True) as partial:
+    with atomic_directory(args.out, overwrite=True, what="the demo model's directory",
+                          replaceable=lambda directory: holds_only(directory, {"config.json", "model.safetensors"})) as partial:
         for name in os.listdir(result.model_dir):
             shutil.copy(os.path.join(result.model_dir, name), partial)
     write_example_image(os.path.join(ROOT, "examples", "demo_shapes.png"))

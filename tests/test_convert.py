@@ -36,9 +36,9 @@ from aria_jax.pretrained import shape_tree
 from aria_jax.safetensors_io import SafetensorsFile
 from aria_jax.weights import load_params
 from convert.conversion import convert_checkpoint, export_checkpoint
+from cli_helpers import ROOT, assert_one_line_error, partial_of, run_cli, run_main
 from tiny_models import make_multimodal_model, make_text_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RANDOM = os.path.join(ROOT, "models", "tiny-random")
 EXAMPLE_IMAGE = os.path.join(ROOT, "examples", "shapes.png")
 
@@ -64,40 +64,6 @@ def one_torch_thread():
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`aria-jax ARGS` in a fresh process (exit code, stdout and stderr as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "convert.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The console script's `main(argv)` in this process: the code `aria-jax ARGS` runs, without
-    a second ~2 s import of jax and orbax. An exception escaping `main` (which would print a
-    traceback) fails the test."""
-    from convert.cli import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["aria-jax", *args], code, out, err)
-
-
-def partial_of(destination) -> str:
-    parent, name = os.path.split(os.path.abspath(os.fspath(destination)))
-    return os.path.join(parent, f".{name}.partial")
-
-
-def assert_one_line_error(result, *expected: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("aria-jax: error: "), lines[0]
-    for part in expected:
-        assert part in lines[0], (part, lines[0])
-    return lines[0]
-
 
 def load_json(path):
     with open(path) as f:
@@ -552,21 +518,27 @@ def test_processor_and_generation_from_converted_dir(tiny_random_converted):
 # ----------------------------------------------------------------------------- safety
 
 def test_existing_destination_refused_then_overwritten(mm_f32, mm_f32_converted, tmp_path, capsys):
-    """Refused by a real `aria-jax` process (exit status 2, one line, nothing touched); replaced
-    with --overwrite."""
+    """Refused by a real `aria-jax` process (exit status 2, one line, nothing touched); with
+    --overwrite still refused while it is a folder of the user's, replaced once it is a
+    converted checkpoint (and likewise for export)."""
     destination = tmp_path / "dst"
     destination.mkdir()
     (destination / "keep.txt").write_text("precious")
     result = run_cli("convert", "--quiet", mm_f32, str(destination))
     assert_one_line_error(result, str(destination), "already exists", "--overwrite")
+    result = run_main(capsys, "convert", "--quiet", "--overwrite", mm_f32, str(destination))
+    assert_one_line_error(result, str(destination), "is not a checkpoint written by `aria-jax convert`")
     assert os.listdir(destination) == ["keep.txt"]
     assert (destination / "keep.txt").read_text() == "precious"
     assert not os.path.exists(partial_of(destination))
 
+    os.remove(destination / "keep.txt")
+    shutil.copytree(mm_f32_converted, destination, dirs_exist_ok=True)
+    (destination / "stale.json").write_text("{}")  # a side file: replaced with the rest
     result = run_main(capsys, "convert", "--quiet", "--overwrite", mm_f32, str(destination))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("converted ") and str(destination) in result.stdout
-    assert not (destination / "keep.txt").exists()
+    assert not (destination / "stale.json").exists()
     assert (destination / MANIFEST).is_file()
     assert not os.path.exists(partial_of(destination))
     assert not os.path.exists(partial_of(destination) + ".replaced")
@@ -575,14 +547,18 @@ def test_existing_destination_refused_then_overwritten(mm_f32, mm_f32_converted,
     for name in ("config.json", "generation_config.json"):
         assert (destination / name).read_bytes() == open(os.path.join(mm_f32_converted, name), "rb").read(), name
 
-    # export too: refused, then replaced
+    # export too: refused while it is the user's folder, then replaced once it is an export
     exported = tmp_path / "exported"
     exported.mkdir()
     (exported / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already exists"):
         export_checkpoint(mm_f32_converted, exported)
+    with pytest.raises(FileExistsError, match="is not a model directory written by aria-jax"):
+        export_checkpoint(mm_f32_converted, exported, overwrite=True)
     assert os.listdir(exported) == ["keep.txt"]
-    export_checkpoint(mm_f32_converted, exported, overwrite=True)
+    os.remove(exported / "keep.txt")
+    export_checkpoint(mm_f32_converted, exported, overwrite=True)  # empty: replaced
+    export_checkpoint(mm_f32_converted, exported, overwrite=True)  # an export: replaced
     assert sorted(os.listdir(exported)) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
