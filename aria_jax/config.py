@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -27,6 +28,10 @@ TEXT_MODEL_TYPES = ("aria_text", ORIGINAL_TEXT_MODEL_TYPE)
 VISION_MODEL_TYPES = ("idefics3_vision", "aria_vision_model", "siglip_vision_model")
 SUPPORTED_ROPE_TYPES = ("default",)
 SUPPORTED_MOE_BACKENDS = ("auto", "ragged_dot", "looped", "gathered", "dense")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")  # aria_jax.layers.ACTIVATIONS
+# Token ids and positions are int32 on device, so every count, size and id must be below 2**31;
+# that bound also keeps products of two of them (a weight's element count) inside int64.
+INT32_LIMIT = 2**31
 
 
 def _require(condition: bool, field: str, value: Any, why: str) -> None:
@@ -34,13 +39,38 @@ def _require(condition: bool, field: str, value: Any, why: str) -> None:
         raise ConfigError(f"invalid config: {field}={value!r}: {why}")
 
 
-def _positive_ints(config: Any, fields: tuple[str, ...]) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # true is no count nor id
+
+
+def _is_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _positive_ints(config: Any, fields: tuple[str, ...], prefix: str = "") -> None:
     for field in fields:
         value = getattr(config, field)
-        _require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            field, value, "must be a positive integer",
-        )
+        _require(_is_int(value) and 0 < value < INT32_LIMIT, prefix + field, value,
+                 "must be a positive integer below 2**31")
+
+
+def _positive_float(field: str, value: Any) -> None:
+    _require(_is_finite(value) and value > 0, field, value, "must be a finite positive number")
+
+
+def _token_id(field: str, value: Any) -> None:
+    _require(value is None or (_is_int(value) and 0 <= value < INT32_LIMIT), field, value,
+             "must be null or a token id (an integer in 0 .. 2**31 - 1)")
+
+
+def _json_object(field: str, value: Any) -> dict[str, Any]:
+    _require(isinstance(value, dict), field, value, "must be a JSON object")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +104,14 @@ class AriaTextConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) \
+                and self.num_attention_heads > 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         elif self.eos_token_id is None:
             object.__setattr__(self, "eos_token_id", ())
-        else:
+        elif isinstance(self.eos_token_id, (list, tuple)):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
 
@@ -106,14 +137,21 @@ class AriaTextConfig:
             f"cannot exceed moe_num_experts={self.moe_num_experts}",
         )
         _require(
-            isinstance(self.moe_num_shared_experts, int) and self.moe_num_shared_experts >= 0,
-            "moe_num_shared_experts", self.moe_num_shared_experts, "must be a non-negative integer",
+            _is_int(self.moe_num_shared_experts) and 0 <= self.moe_num_shared_experts < INT32_LIMIT,
+            "moe_num_shared_experts", self.moe_num_shared_experts, "must be a non-negative integer below 2**31",
         )
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be positive")
-        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+        _positive_float("rms_norm_eps", self.rms_norm_eps)
+        _positive_float("rope_theta", self.rope_theta)
+        _token_id("bos_token_id", self.bos_token_id)
+        _token_id("pad_token_id", self.pad_token_id)
         _require(
-            self.hidden_act in ("silu", "gelu_pytorch_tanh", "gelu"), "hidden_act", self.hidden_act,
-            "supported: silu, gelu, gelu_pytorch_tanh",
+            isinstance(self.eos_token_id, tuple)
+            and all(_is_int(i) and 0 <= i < INT32_LIMIT for i in self.eos_token_id), "eos_token_id",
+            self.eos_token_id, "must be null, a token id or a list of token ids (integers in 0 .. 2**31 - 1)",
+        )
+        _require(
+            self.hidden_act in SUPPORTED_ACTIVATIONS, "hidden_act", self.hidden_act,
+            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
         _require(
             self.moe_backend in SUPPORTED_MOE_BACKENDS, "moe_backend", self.moe_backend,
@@ -132,6 +170,7 @@ class AriaTextConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaTextConfig":
         """Reads a `text_config` (or a text-only config.json) of either generation."""
+        _json_object("text_config", d)
         model_type = d.get("model_type", "aria_text")
         _require(
             model_type in TEXT_MODEL_TYPES, "text_config.model_type", model_type,
@@ -162,6 +201,7 @@ class AriaTextConfig:
             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
         )
         if rope_theta is not None:
+            _positive_float("rope_theta", rope_theta)
             fields["rope_theta"] = float(rope_theta)
         return cls(**fields)
 
@@ -184,8 +224,8 @@ class AriaTextConfig:
 
 def _read_rope(d: dict[str, Any]) -> tuple[float | None, str]:
     """rope theta and type from `rope_parameters`, `rope_scaling` or the top-level `rope_theta`."""
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
+    params = _json_object("rope_parameters", d.get("rope_parameters") or {})
+    scaling = _json_object("rope_scaling", d.get("rope_scaling") or {})
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     theta = params.get("rope_theta", d.get("rope_theta"))
     return theta, rope_type
@@ -208,8 +248,15 @@ class AriaVisionConfig:
     def __post_init__(self):
         _positive_ints(self, (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "patch_size", "image_size", "num_channels",
-        ))
+            "patch_size", "image_size",
+        ), prefix="vision_config.")
+        _require(_is_int(self.num_channels) and self.num_channels == 3, "vision_config.num_channels",
+                 self.num_channels, "must be 3: the image processor makes RGB crops")
+        _positive_float("vision_config.layer_norm_eps", self.layer_norm_eps)
+        _require(
+            self.hidden_act in SUPPORTED_ACTIVATIONS, "vision_config.hidden_act", self.hidden_act,
+            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
+        )
         _require(
             self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
             self.num_attention_heads, f"must divide vision hidden_size={self.hidden_size}",
@@ -230,6 +277,7 @@ class AriaVisionConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaVisionConfig":
         # The hub file's `attention_heads` key is a typo that transformers ignores; so do we.
+        _json_object("vision_config", d)
         model_type = d.get("model_type", "idefics3_vision")
         _require(
             model_type in VISION_MODEL_TYPES, "vision_config.model_type", model_type,
@@ -254,7 +302,11 @@ class AriaConfig:
     pad_token_id: int = 2
 
     def __post_init__(self):
-        pairs = tuple(sorted((int(k), int(v)) for k, v in dict(self.projector_patch_to_query).items()))
+        _require(isinstance(self.text_config, AriaTextConfig), "text_config", self.text_config,
+                 "must be an AriaTextConfig")
+        _require(isinstance(self.vision_config, AriaVisionConfig), "vision_config", self.vision_config,
+                 "must be an AriaVisionConfig")
+        pairs = patch_to_query_pairs(self.projector_patch_to_query)
         object.__setattr__(self, "projector_patch_to_query", pairs)
         _require(len(pairs) > 0, "projector_patch_to_query_dict", {}, "must not be empty")
         max_patches = self.vision_config.num_patches_per_side ** 2
@@ -265,12 +317,14 @@ class AriaConfig:
                 "projector_patch_to_query_dict", dict(pairs),
                 f"key {patches} must be a square number of patches at most {max_patches}",
             )
-            _require(queries > 0, "projector_patch_to_query_dict", dict(pairs),
-                     f"query count {queries} must be positive")
+            _require(0 < queries < INT32_LIMIT, "projector_patch_to_query_dict", dict(pairs),
+                     f"query count {queries} must be positive and below 2**31")
         _require(
-            0 <= self.image_token_index < self.text_config.vocab_size, "image_token_index",
-            self.image_token_index, f"must be a token id below vocab_size={self.text_config.vocab_size}",
+            _is_int(self.image_token_index) and 0 <= self.image_token_index < self.text_config.vocab_size,
+            "image_token_index", self.image_token_index,
+            f"must be a token id below vocab_size={self.text_config.vocab_size}",
         )
+        _token_id("pad_token_id", self.pad_token_id)
 
     @property
     def max_queries(self) -> int:
@@ -278,6 +332,7 @@ class AriaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaConfig":
+        _json_object("config", d)
         if "text_config" not in d:
             raise ConfigError(
                 f"config.json has no 'text_config': a text-only model (model_type "
@@ -288,7 +343,7 @@ class AriaConfig:
             "vision_config": AriaVisionConfig.from_hf_dict(d.get("vision_config") or {}),
         }
         if d.get("projector_patch_to_query_dict") is not None:
-            fields["projector_patch_to_query"] = tuple(d["projector_patch_to_query_dict"].items())
+            fields["projector_patch_to_query"] = d["projector_patch_to_query_dict"]
         image_token = d.get("image_token_index", d.get("image_token_id"))
         if image_token is not None:
             fields["image_token_index"] = image_token
@@ -307,13 +362,30 @@ class AriaConfig:
         }
 
 
+def patch_to_query_pairs(mapping: Any) -> tuple[tuple[int, int], ...]:
+    """(patches, queries) pairs, sorted, from a dict or pairs; JSON keys are decimal strings."""
+    field = "projector_patch_to_query_dict"
+    try:
+        items = list(dict(mapping).items())
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid config: {field}={mapping!r}: must map patch counts to query counts") from None
+    pairs = []
+    for patches, queries in items:
+        if isinstance(patches, str) and patches.isascii() and patches.isdecimal():
+            patches = int(patches)
+        _require(_is_int(patches) and _is_int(queries), field, dict(items),
+                 f"{patches!r}: {queries!r} is not a pair of integers")
+        pairs.append((patches, queries))
+    return tuple(sorted(pairs))
+
+
 def read_json_object(path: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
     """A JSON file holding an object, or `error` with a one-line message naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise error(f"{path}: unreadable JSON ({' '.join(str(err).split())})") from None
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nesting too deep
+        raise error(f"{path}: unreadable JSON ({' '.join(str(err).split()) or type(err).__name__})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object")
     return data

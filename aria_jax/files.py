@@ -82,22 +82,23 @@ def _exclusive(lock_path: str, destination: str):
             os.remove(lock_path)
 
 
-def _within(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+def overlap(path: str, other: str) -> str | None:
+    """How `path` overlaps `other`, symbolic links resolved: "is", "contains", "lies inside", or None."""
+    path, other = os.path.realpath(path), os.path.realpath(os.fspath(other))
+    common = os.path.commonpath([path, other])
+    if common not in (path, other):
+        return None
+    return "is" if path == other else "contains" if common == path else "lies inside"
 
 
 def check_apart(destination: str, sources) -> None:
-    """Refuses a destination that is, contains or lies inside one of `sources` (symbolic links
-    resolved): writing it, or replacing it, would destroy what is being read."""
-    target = os.path.realpath(destination)
+    """Refuses a destination that is, contains or lies inside one of `sources`: writing it, or
+    replacing it, would destroy what is being read."""
     for source in sources:
-        source = os.path.realpath(os.fspath(source))
-        if target == source:
-            raise FileExistsError(f"{destination} is the source {source}; choose another destination")
-        if _within(source, target):
-            raise FileExistsError(f"{destination} contains the source {source}; choose another destination")
-        if _within(target, source):
-            raise FileExistsError(f"{destination} lies inside the source {source}; choose another destination")
+        relation = overlap(destination, source)
+        if relation:
+            raise FileExistsError(f"{destination} {relation} the source {os.path.realpath(source)}; "
+                                  "choose another destination")
 
 
 def _check_replaceable(destination: str, replaceable: Callable[[str], bool] | None, what: str) -> None:

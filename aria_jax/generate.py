@@ -24,7 +24,8 @@ from aria_jax.sharding import constrain
 
 @flax.struct.dataclass
 class Sampling:
-    """Per-row sampling settings, (B,) each. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """Per-row sampling settings, (B,) each. temperature 0 is greedy; top_k 0 and top_p 1 are off.
+    seed: (B, 2) uint32, the [high, low] words of each row's 64-bit seed."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -70,9 +71,15 @@ def _sampled_tokens(logits: jax.Array, greedy: jax.Array, step: jax.Array, sampl
     smallest_kept = jnp.take_along_axis(descending, (kept - 1)[:, None], axis=-1)
     scaled = jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
 
-    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(sampling.seed)
+    keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(seed_keys(sampling.seed))
     sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(sampling.temperature > 0, sampled, greedy)
+
+
+def seed_keys(seed: jax.Array) -> jax.Array:
+    """One key per row. threefry's key data for a 64-bit seed is its [high, low] words: the key
+    `jax.random.key(seed)` builds, so seeds that fit 32 bits keep the samples they always had."""
+    return jax.random.wrap_key_data(seed, impl="threefry2x32")
 
 
 def _replicated(tokens, done):

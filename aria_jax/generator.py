@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Iterator
 
 import jax
@@ -19,11 +20,18 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.generate import DecodeState, Sampling, decode, prefill
 from aria_jax.kv_cache import bucket_length
 from aria_jax.sharding import MeshRunner
+from aria_jax.tokenizer import TokenizerError, check_text
 
 DEFAULT_STOP_STRINGS = ("<|im_end|>",)
-MAX_STOP_IDS = 8          # stop token ids checked on device (eos ids + single-token stop strings)
+STOP_ID_SLOTS = 8         # stop ids checked on device; a request with more gets the next power of two
+SEED_LIMIT = 2**64        # seeds are integers in [0, 2**64), numpy's convention
 GENERATE_CHUNK = 32       # decode steps between host checks of multi-token stop strings
 STREAM_CHUNK = 4          # decode steps between streamed pieces (see `Generator.stream`)
+
+
+class RequestError(ValueError):
+    """A generation request or model input that cannot be served; the message names the argument
+    and its value. Raised before anything runs, so the model stays usable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,52 +40,109 @@ class Request:
 
     max_new_tokens: int
     sampling: Sampling
-    stop_ids: np.ndarray            # (MAX_STOP_IDS,) eos ids + single-token stop strings, -1 padded
+    stop_ids: np.ndarray            # (STOP_ID_SLOTS or more,) eos ids + single-token stop strings, -1 padded
     stop_texts: tuple[str, ...]     # stop strings checked on decoded text
 
 
 def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer, *, max_new_tokens, do_sample,
                   temperature, top_k, top_p, seed, stop_strings) -> Request:
-    """Validates the settings (errors name the value) and broadcasts them to one per row."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    """Validates the settings (errors name the value) and broadcasts them to one per row.
+
+    `stop_strings`: a str or strings, stopping in addition to `DEFAULT_STOP_STRINGS` (when there
+    is a tokenizer); None: no stop strings at all. The config's eos ids always stop."""
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
     if prompt_len + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
+        raise RequestError(
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
             f"of {config.max_position_embeddings} positions"
         )
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise RequestError(f"do_sample={do_sample!r}: must be True or False")
 
     def per_row(name, value, dtype, valid, why):
-        values = np.broadcast_to(np.asarray(value, dtype), (batch,)).copy()
-        bad = values[~valid(values)]
-        if bad.size:
-            raise ValueError(f"{name}={bad[0].item()!r}: {why}")
-        return values
+        values, scalar = rows_of(name, value, batch)
+        bad = [v for v in values if not valid(v)]
+        if bad:
+            raise RequestError(f"{name}={bad[0]!r}: {why}")
+        return np.asarray(values, dtype), scalar
 
-    temperature = per_row("temperature", temperature, np.float32, lambda t: np.isfinite(t) & (t >= 0), "must be >= 0")
-    top_k = per_row("top_k", top_k, np.int32, lambda k: k >= 0, "must be >= 0 (0 turns it off)")
-    top_p = per_row("top_p", top_p, np.float32, lambda p: (p > 0) & (p <= 1), "must be in (0, 1]")
-    seeds = np.asarray(seed, np.int64)
-    seeds = seeds + np.arange(batch) if seeds.ndim == 0 else seeds
-    if seeds.shape != (batch,):
-        raise ValueError(f"seed must be an int or one per row ({batch}), got shape {seeds.shape}")
+    temperature, _ = per_row("temperature", temperature, np.float32, lambda t: is_real(t) and 0 <= t < np.inf,
+                             "must be a finite number >= 0")
+    top_k, _ = per_row("top_k", top_k, object, lambda k: is_integer(k) and k >= 0,
+                       "must be an integer >= 0 (0 turns it off)")
+    top_k = np.minimum(top_k, config.vocab_size).astype(np.int32)  # any k past the vocabulary keeps every token
+    top_p, _ = per_row("top_p", top_p, np.float32, lambda p: is_real(p) and 0 < p <= 1, "must be a number in (0, 1]")
+    seeds, scalar = per_row("seed", seed, object, lambda s: is_integer(s) and 0 <= s < SEED_LIMIT,
+                            "must be an integer in [0, 2**64)")
+    if scalar:
+        if seeds[0] + batch - 1 >= SEED_LIMIT:
+            raise RequestError(f"seed={seed!r}: row {batch - 1} would use seed + {batch - 1}, past 2**64 - 1")
+        seeds = seeds + np.arange(batch)
     if not do_sample:
         temperature = np.zeros_like(temperature)
 
-    if stop_strings == "default":
-        stop_strings = DEFAULT_STOP_STRINGS if tokenizer is not None else ()
-    stop_strings = tuple(stop_strings or ())
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need the checkpoint's tokenizer; this model was loaded without one")
-    if any(not isinstance(s, str) or not s for s in stop_strings):
-        raise ValueError(f"stop_strings={stop_strings!r}: must be non-empty strings")
-    sampling = Sampling(temperature, top_k, top_p, (seeds % (2**31)).astype(np.int32))
+    stop_strings = check_stop_strings(stop_strings, tokenizer)
+    # As 32-bit words: without jax_enable_x64 the device holds no 64-bit integers.
+    seed_words = np.asarray([[int(s) >> 32, int(s) & 0xFFFFFFFF] for s in seeds], np.uint32)
+    sampling = Sampling(temperature, top_k, top_p, seed_words)
     return Request(int(max_new_tokens), sampling, *split_stop_strings(stop_strings, config, tokenizer))
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def rows_of(name: str, value, batch: int) -> tuple[list, bool]:
+    """A single value or one per row -> (`batch` values, whether it was a single value)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):  # ragged nesting
+        array = None
+    if array is None or array.shape not in ((), (batch,)):
+        raise RequestError(f"{name}={shorten(value)}: must be a single value or one per row ({batch})")
+    # One by one: numpy would turn [7, np.uint64(9)] into floats.
+    values = [np.asarray(v).item() for v in value] if isinstance(value, (list, tuple)) else array.reshape(-1).tolist()
+    return (values * batch, True) if array.ndim == 0 else (values, False)
+
+
+def shorten(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_stop_strings(stop_strings, tokenizer) -> tuple[str, ...]:
+    if stop_strings is None:
+        return ()
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    try:
+        stop_strings = tuple(stop_strings)
+    except TypeError:
+        raise RequestError(f"stop_strings={shorten(stop_strings)}: must be a str, a list of str, or None") from None
+    for text in stop_strings:
+        if not isinstance(text, str) or not text:
+            raise RequestError(f"stop_strings contains {shorten(text)}: stop strings must be non-empty text")
+        try:
+            check_text(text, "a stop string")
+        except TokenizerError as err:
+            raise RequestError(str(err)) from None
+    if stop_strings and tokenizer is None:
+        raise RequestError(f"stop_strings={shorten(list(stop_strings))} need the checkpoint's tokenizer; "
+                           f"this model was loaded without one")
+    if tokenizer is None:
+        return ()
+    return tuple(dict.fromkeys(DEFAULT_STOP_STRINGS + stop_strings))
 
 
 def split_stop_strings(stop_strings, config: AriaTextConfig, tokenizer):
     """Single-token stop strings join the eos ids as stop ids (checked on device); the rest are
-    checked on decoded text."""
+    checked on decoded text. No stop id is ever dropped: more than STOP_ID_SLOTS ids take a
+    bigger buffer (a compilation for that size)."""
     ids, texts = list(config.eos_token_id), []
     for text in stop_strings:
         encoded = tokenizer.encode(text)
@@ -85,8 +150,9 @@ def split_stop_strings(stop_strings, config: AriaTextConfig, tokenizer):
             ids.append(encoded[0])
         else:
             texts.append(text)
-    ids = sorted(set(ids))[:MAX_STOP_IDS]
-    return np.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), np.int32), tuple(texts)
+    ids = sorted(set(ids))
+    slots = max(STOP_ID_SLOTS, 1 << (len(ids) - 1).bit_length())
+    return np.asarray(ids + [-1] * (slots - len(ids)), np.int32), tuple(texts)
 
 
 class Generator:
@@ -117,9 +183,11 @@ class Generator:
         every decode chunk; rows stopped by a stop string are cut after the token completing it."""
         batch, prompt_len, _ = prompt_embeds.shape
         needed = prompt_len + request.max_new_tokens
-        cache_length = bucket_length(needed) if max_length is None else max_length
+        if max_length is not None and not is_integer(max_length):
+            raise RequestError(f"max_length={max_length!r}: must be an integer or None")
+        cache_length = bucket_length(needed) if max_length is None else int(max_length)
         if cache_length < needed:
-            raise ValueError(f"max_length={max_length} is shorter than the prompt bucket + max_new_tokens ({needed})")
+            raise RequestError(f"max_length={max_length} is shorter than the prompt bucket + max_new_tokens ({needed})")
         stop_ids, stop_texts = request.stop_ids, request.stop_texts
         state: DecodeState = self.prefill(
             params, prompt_embeds, attention_mask, request.sampling, stop_ids,
@@ -130,7 +198,8 @@ class Generator:
             tokens = tokens[:, : request.max_new_tokens]
             if stop_texts:
                 tokens, done = self._cut_at_stop_strings(tokens, int(step), done, stop_texts)
-                state = state.replace(done=done)
+                # placed as the device copy was, or the next decode call would compile again for a host array
+                state = state.replace(done=jax.device_put(done, state.done.sharding))
             yield tokens
             if step >= request.max_new_tokens or bool(np.all(done)):
                 return
@@ -163,7 +232,7 @@ class Generator:
         per row) for a batch. The text ends before a stop string: a tail that could begin one is
         held back until it cannot, as is a partial UTF-8 character until it is complete."""
         if self.tokenizer is None:
-            raise ValueError("stream needs the checkpoint's tokenizer; this model was loaded without one")
+            raise RequestError("stream needs the checkpoint's tokenizer; this model was loaded without one")
         stop_ids, stop_texts = set(request.stop_ids.tolist()), request.stop_texts
         batch = prompt_embeds.shape[0]
         shown = [""] * batch

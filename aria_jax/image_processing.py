@@ -172,7 +172,7 @@ def to_rgb_array(image: Any) -> np.ndarray:
             raise ImageError(f"cannot convert {name} to RGB: {_one_line(err)}") from err
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
-    raise TypeError(
+    raise ImageError(
         "images must be PIL images, uint8 numpy arrays or file paths; "
         f"got {type(image).__name__}"
     )
@@ -369,7 +369,8 @@ class AriaImageProcessor:
             if settings.get(flag, True) is False:
                 raise ValueError(f"{where}: {flag}=false is not supported")
         factor = settings.get("rescale_factor", RESCALE_FACTOR)
-        if not math.isclose(float(factor), RESCALE_FACTOR, rel_tol=1e-12):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                or not math.isclose(factor, RESCALE_FACTOR, rel_tol=1e-12):
             raise ValueError(f"{where}: rescale_factor={factor!r} is not supported (only 1/255)")
 
         kwargs = {}
@@ -380,7 +381,10 @@ class AriaImageProcessor:
         conversion = processor.get("size_conversion", settings.get("size_conversion"))
         if conversion is not None:
             kwargs["size_to_queries"] = conversion
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError, AttributeError) as err:  # a setting of the wrong type or shape
+            raise ValueError(f"{where}: {_one_line(err)}") from None
 
     # ----------------------------------------------------------------------------------------
 

@@ -127,7 +127,8 @@ def _compile_steps(config: AriaConfig, mesh, dtype, batch: int, max_length: int,
     def host(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    sampling = Sampling(*(host((batch,), t) for t in (jnp.float32, jnp.int32, jnp.float32, jnp.int32)))
+    sampling = Sampling(host((batch,), jnp.float32), host((batch,), jnp.int32), host((batch,), jnp.float32),
+                        host((batch, 2), jnp.uint32))
     stop_ids = host((8,), jnp.int32)
     capacity = max_length - prompt_length
 

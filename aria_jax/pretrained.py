@@ -17,7 +17,7 @@ import numpy as np
 
 from aria_jax.checkpoint import is_converted, restore_params
 from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
-from aria_jax.generator import Generator, check_request
+from aria_jax.generator import Generator, RequestError, check_request, shorten
 from aria_jax.modeling import (
     TextDecoder, init_multimodal_params, init_text_params, multimodal_apply, multimodal_param_shapes,
     text_forward, text_param_shapes,
@@ -99,6 +99,9 @@ class _Pretrained:
     def _prepare(self, input_ids, attention_mask, pixel_values, pixel_mask, settings):
         """Checks the request, pads the prompt to its bucket and embeds it (images merged)."""
         ids, mask, _ = self._check_text(input_ids, attention_mask, None)
+        empty_rows = np.flatnonzero(~mask.any(axis=1))
+        if empty_rows.size:
+            raise RequestError(f"attention_mask row {empty_rows[0]} is all zeros: that row has no prompt to answer")
         request = check_request(ids.shape[0], ids.shape[1], self.text_config, self.tokenizer, **settings)
         padded_ids, padded_mask = self._generator.pad_prompt(ids, mask)
         embeds = self._prompt_embeddings(padded_ids, padded_mask, pixel_values, pixel_mask)
@@ -106,11 +109,15 @@ class _Pretrained:
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                 stop_strings="default", max_length: int | None = None) -> np.ndarray:
+                 stop_strings=(), max_length: int | None = None) -> np.ndarray:
         """Returns (B, T + max_new_tokens) int32: the prompt, then the new tokens, then the pad
-        id once a row has stopped (on an eos id or a stop string; by default `<|im_end|>` when
-        the checkpoint ships a tokenizer; `stop_strings=None` turns them off). Sampling settings
-        may be scalars or one per row; `seed` an int (row r uses seed + r) or one per row."""
+        id once a row has stopped. The config's eos ids always stop a row. `stop_strings` (a str
+        is one stop string, or a list of them) stop it too, in addition to `<|im_end|>`, the
+        model's end of turn, which stops by default when the checkpoint ships a tokenizer (stop
+        strings need one); `stop_strings=None` turns every stop string off, `<|im_end|>`
+        included. temperature, top_k (an integer, 0: off) and top_p may be one value or one per
+        row; `seed` is an integer in [0, 2**64) (row r uses seed + r, which must stay in range)
+        or one per row. A bad argument raises `RequestError` naming it, before anything runs."""
         ids, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop_strings=stop_strings))
@@ -119,30 +126,46 @@ class _Pretrained:
 
     def stream(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
                max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-               stop_strings="default", max_length: int | None = None):
-        """Like `generate`, but yields the answer's text as it is produced: a str per piece for
-        one prompt, a tuple of str (one per row) for a batch."""
+               stop_strings=(), max_length: int | None = None):
+        """Like `generate` (the same arguments, stop strings and errors), but yields the
+        answer's text as it is produced: a str per piece for one prompt, a tuple of str (one per
+        row) for a batch. The text ends before the first stop string."""
         _, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop_strings=stop_strings))
         return self._generator.stream(self._text_params, embeds, mask, request, max_length)
 
     def _check_text(self, input_ids, attention_mask, position_ids):
-        ids = np.asarray(input_ids)
+        ids = as_array("input_ids", input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be a (batch, length) integer array, got shape {ids.shape} {ids.dtype}")
+            raise RequestError(f"input_ids must be a (batch, length) integer array, got shape {ids.shape} {ids.dtype}")
+        if not ids.size:
+            raise RequestError(f"input_ids has shape {ids.shape}: a prompt needs at least one row of at least one token")
         vocab = self.text_config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        if ids.min() < 0 or ids.max() >= vocab:
             bad = ids[(ids < 0) | (ids >= vocab)][0]
-            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
-        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+            raise RequestError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
+        mask = np.ones(ids.shape, np.int32) if attention_mask is None else as_array("attention_mask", attention_mask)
         if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+            raise RequestError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        valid = np.isin(mask, (0, 1)) if mask.dtype.kind in "biuf" else np.zeros(mask.shape, bool)
+        if not valid.all():
+            row, column = np.argwhere(~valid)[0]
+            raise RequestError(f"attention_mask row {row} holds {mask[row, column].item()!r}: must be 0 (padding) or 1")
         if position_ids is not None:
-            position_ids = np.asarray(position_ids, np.int32)
-            if position_ids.shape != ids.shape:
-                raise ValueError(f"position_ids has shape {position_ids.shape}, input_ids {ids.shape}")
+            position_ids = as_array("position_ids", position_ids)
+            if position_ids.shape != ids.shape or not np.issubdtype(position_ids.dtype, np.integer):
+                raise RequestError(f"position_ids must be an integer array of input_ids' shape {ids.shape}, "
+                                   f"got {position_ids.shape} {position_ids.dtype}")
+            position_ids = position_ids.astype(np.int32)
         return ids.astype(np.int32), mask.astype(np.int32), position_ids
+
+
+def as_array(name: str, value) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError):  # ragged nesting
+        raise RequestError(f"{name}={shorten(value)}: not a rectangular array") from None
 
 
 class AriaTextForCausalLM(_Pretrained):
@@ -184,7 +207,7 @@ class AriaTextForCausalLM(_Pretrained):
 
     def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
         if pixel_values is not None:
-            raise ValueError("AriaTextForCausalLM takes no images; use AriaForConditionalGeneration")
+            raise RequestError("AriaTextForCausalLM takes no images; use AriaForConditionalGeneration")
         return self._embed(self.params, ids)
 
 
@@ -227,25 +250,25 @@ class AriaForConditionalGeneration(_Pretrained):
         num_image_tokens = int((ids == self.config.image_token_index).sum())
         if pixel_values is None:
             if num_image_tokens:
-                raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
+                raise RequestError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
             return None, None
         pixel_values = np.asarray(pixel_values, np.float32)
         vision = self.config.vision_config
         if pixel_values.ndim != 4 or pixel_values.shape[1] != vision.num_channels or pixel_values.shape[2] != pixel_values.shape[3]:
-            raise ValueError(f"pixel_values must be (crops, {vision.num_channels}, S, S), got {pixel_values.shape}")
+            raise RequestError(f"pixel_values must be (crops, {vision.num_channels}, S, S), got {pixel_values.shape}")
         crops, _, side, _ = pixel_values.shape
         if side % vision.patch_size:
-            raise ValueError(f"pixel_values side {side} is not a multiple of the patch size {vision.patch_size}")
+            raise RequestError(f"pixel_values side {side} is not a multiple of the patch size {vision.patch_size}")
         queries = queries_for_patches(self.config, (side // vision.patch_size) ** 2)
         if num_image_tokens != crops * queries:
-            raise ValueError(
+            raise RequestError(
                 f"image tokens and image features do not match: input_ids hold {num_image_tokens} image tokens, "
                 f"pixel_values give {crops * queries} features ({crops} crops x {queries} queries)"
             )
         if pixel_mask is not None:
             pixel_mask = np.asarray(pixel_mask).astype(bool)
             if pixel_mask.shape != (crops, side, side):
-                raise ValueError(f"pixel_mask has shape {pixel_mask.shape}, expected {(crops, side, side)}")
+                raise RequestError(f"pixel_mask has shape {pixel_mask.shape}, expected {(crops, side, side)}")
         return pixel_values, pixel_mask
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, pixel_mask=None,

@@ -23,6 +23,11 @@ the format of Aria's video notebook; the frames are then ordinary images:
     inputs = processor.from_messages([{"role": "user", "content": [
         {"type": "video", "path": "clip.mp4", "num_frames": 8},
         {"type": "text", "text": "What happens in the video?"}]}])
+
+Videos asking for more frames than the model's context holds (config.json's
+max_position_embeddings, at the crop size's tokens per frame) are refused before a frame is
+decoded. Bad arguments raise `ProcessorError`, text that is not valid Unicode `TokenizerError`,
+both ValueErrors naming the argument and value.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from aria_jax.config import read_optional_json
-from aria_jax.tokenizer import AriaTokenizer, pad_batch, render_chat_template
-from aria_jax.video import Video, VideoCache, frame_timestamp, load_video
+from aria_jax.config import (AriaTextConfig, AriaVisionConfig, ConfigError, patch_to_query_pairs,
+                             read_optional_json)
+from aria_jax.tokenizer import AriaTokenizer, check_text, compile_chat_template, pad_batch, render_chat_template
+from aria_jax.video import Video, VideoCache, frame_timestamp, load_video, resolve_num_frames
 
 PROCESSOR_CONFIG = "processor_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -43,20 +49,26 @@ CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 DEFAULT_IMAGE_TOKEN = "<|img|>"
 
 
+class ProcessorError(ValueError):
+    """An argument the processor cannot turn into model inputs; the message names it and its value."""
+
+
 def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
     """Crop size -> image tokens per crop, from a multimodal config.json:
     `projector_patch_to_query_dict` maps patches per crop (a square) to queries, and a crop of
-    side S has (S / patch_size)^2 patches."""
+    side S has (S / patch_size)^2 patches. A crop larger than the vision tower's image_size is
+    a ConfigError."""
     mapping = config.get("projector_patch_to_query_dict")
     if not mapping:
         return None
-    patch = int((config.get("vision_config") or {}).get("patch_size", 14))
+    vision = AriaVisionConfig.from_hf_dict(config.get("vision_config") or {})
     out = {}
-    for patches, queries in mapping.items():
-        side = math.isqrt(int(patches))
-        if side * side != int(patches):
-            raise ValueError(f"projector_patch_to_query_dict key {patches} is not a square number of patches")
-        out[side * patch] = int(queries)
+    for patches, queries in patch_to_query_pairs(mapping):
+        side = math.isqrt(patches) if patches >= 0 else 0
+        if side * side != patches or not 0 < side <= vision.num_patches_per_side or queries <= 0:
+            raise ConfigError(f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; a key is a "
+                              f"square number of patches up to {vision.num_patches_per_side ** 2}, a value positive")
+        out[side * vision.patch_size] = queries
     return out
 
 
@@ -97,7 +109,9 @@ class AriaProcessor:
 
     `size_to_queries` maps the allowed `max_image_size` values to the number of image tokens
     per crop. `pad_token_id` overrides the tokenizer's pad id (default: the tokenizer's pad
-    token, else its unk token, as transformers' AriaProcessor does).
+    token, else its unk token, as transformers' AriaProcessor does). `context_length` is the
+    model's (its max_position_embeddings): video items that ask for more frames than it holds
+    are refused before any frame is decoded; None checks nothing.
     """
 
     def __init__(
@@ -107,14 +121,18 @@ class AriaProcessor:
         size_to_queries: dict[int, int] | None = None,
         chat_template: str | None = None,
         pad_token_id: int | None = None,
+        context_length: int | None = None,
     ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         if size_to_queries is None:
             size_to_queries = getattr(image_processor, "size_to_queries", None) or {490: 128, 980: 256}
-        self.size_to_queries = {int(k): int(v) for k, v in size_to_queries.items()}
+        try:
+            self.size_to_queries = {int(k): int(v) for k, v in dict(size_to_queries).items()}
+        except (TypeError, ValueError):
+            self.size_to_queries = {}
         if not self.size_to_queries or min(self.size_to_queries.values()) <= 0:
-            raise ValueError(f"size_to_queries must map crop sizes to positive query counts, got {size_to_queries}")
+            raise ProcessorError(f"size_to_queries must map crop sizes to positive query counts, got {size_to_queries}")
         if image_processor is not None and hasattr(image_processor, "size_to_queries"):
             # The image processor validates max_image_size against the same table.
             image_processor.size_to_queries = dict(self.size_to_queries)
@@ -126,6 +144,10 @@ class AriaProcessor:
             if pad_token_id is None:
                 pad_token_id = tokenizer.unk_token_id
         self.pad_token_id = pad_token_id
+        if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
+                                           or context_length <= 0):
+            raise ProcessorError(f"context_length must be a positive int or None, got {context_length!r}")
+        self.context_length = context_length
         # Rendering a prompt and building its inputs both need the frames: decode once.
         self.video_cache = VideoCache()
 
@@ -141,19 +163,27 @@ class AriaProcessor:
 
         directory = os.fspath(path)
         if not os.path.isdir(directory):
-            raise ValueError(f"{directory}: not a directory")
+            raise ProcessorError(f"{directory}: not a directory")
 
         tokenizer = AriaTokenizer.from_pretrained(directory)
         image_processor = AriaImageProcessor.from_pretrained(directory)
-        processor_config = read_optional_json(directory, PROCESSOR_CONFIG, ValueError)
-        preprocessor_config = read_optional_json(directory, PREPROCESSOR_CONFIG, ValueError)
-        model_config = read_optional_json(directory, "config.json", ValueError)
+        processor_config = read_optional_json(directory, PROCESSOR_CONFIG, ProcessorError)
+        preprocessor_config = read_optional_json(directory, PREPROCESSOR_CONFIG, ProcessorError)
+        model_config = read_optional_json(directory, "config.json", ConfigError)
+        text_config = model_config.get("text_config") or model_config
+        if not isinstance(text_config, dict):
+            raise ConfigError(f"{os.path.join(directory, 'config.json')}: text_config must be a JSON object, "
+                              f"got {type(text_config).__name__}")
 
         declared = processor_config.get("size_conversion") or preprocessor_config.get("size_conversion")
-        declared = {int(k): int(v) for k, v in declared.items()} if declared else None
+        try:
+            declared = {int(k): int(v) for k, v in declared.items()} if declared else None
+        except (AttributeError, TypeError, ValueError):
+            raise ProcessorError(f"{directory}: size_conversion={declared!r} must map crop sizes to query counts") \
+                from None
         from_model = size_to_queries_from_config(model_config)
         if declared and from_model and declared != from_model:
-            raise ValueError(
+            raise ProcessorError(
                 f"{directory}: the processor's size_conversion {declared} does not match the model's "
                 f"projector_patch_to_query_dict (crop size -> queries {from_model})"
             )
@@ -165,21 +195,29 @@ class AriaProcessor:
         if not os.path.isfile(os.path.join(directory, CHAT_TEMPLATE_JINJA)):
             template = processor_config.get("chat_template")
             chat_template = template if isinstance(template, str) else None
+            if chat_template is not None:
+                compile_chat_template(chat_template, f"{os.path.join(directory, PROCESSOR_CONFIG)}: chat_template")
 
         # Pad id: the tokenizer's pad (or unk) token, unless that id is outside the model's
         # embedding table (hub Aria's added "<pad>" = 100352 is); then config.json's pad id.
-        text_config = model_config.get("text_config") or model_config
         vocab_size = text_config.get("vocab_size")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         config_pad = model_config.get("pad_token_id", text_config.get("pad_token_id"))
-        if pad is None or (vocab_size is not None and pad >= vocab_size):
+        if pad is None or (isinstance(vocab_size, int) and pad >= vocab_size):
             pad = config_pad
+        # The context is the model's, which reads a missing max_position_embeddings as its default.
+        context_length = None
+        if model_config:
+            context_length = text_config.get("max_position_embeddings", AriaTextConfig.max_position_embeddings)
+            if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
+                raise ConfigError(f"{os.path.join(directory, 'config.json')}: max_position_embeddings="
+                                  f"{context_length!r} is not a positive integer")
         processor = cls(image_processor, tokenizer, size_to_queries=size_to_queries,
-                        chat_template=chat_template, pad_token_id=pad)
+                        chat_template=chat_template, pad_token_id=pad, context_length=context_length)
 
         image_index = model_config.get("image_token_index", model_config.get("image_token_id"))
         if image_index is not None and processor.image_token_id != image_index:
-            raise ValueError(
+            raise ProcessorError(
                 f"{directory}: the tokenizer maps {processor.image_token} to id {processor.image_token_id}, "
                 f"but config.json has image_token_index={image_index}"
             )
@@ -198,7 +236,7 @@ class AriaProcessor:
         if isinstance(max_image_size, bool) or not isinstance(max_image_size, (int, np.integer)) \
                 or int(max_image_size) not in self.size_to_queries:
             allowed = ", ".join(str(s) for s in self.allowed_sizes)
-            raise ValueError(f"max_image_size={max_image_size!r} is not allowed; use one of: {allowed}")
+            raise ProcessorError(f"max_image_size={max_image_size!r} is not allowed; use one of: {allowed}")
         return int(max_image_size)
 
     def __call__(
@@ -219,11 +257,11 @@ class AriaProcessor:
         placeholders and of images differ.
         """
         if return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors={return_tensors!r}: only 'np' (numpy arrays) is supported")
+            raise ProcessorError(f"return_tensors={return_tensors!r}: only 'np' (numpy arrays) is supported")
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if text is None and images is None:
-            raise ValueError("pass text, images, or both")
+            raise ProcessorError("pass text, images, or both")
         size = self._resolve_size(max_image_size)
 
         prompts: list[str] | None = None
@@ -233,15 +271,19 @@ class AriaProcessor:
             elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
                 prompts = list(text)
             else:
-                raise ValueError("text must be a string or a list of strings")
+                wrong = text if not isinstance(text, (list, tuple)) else next(t for t in text if not isinstance(t, str))
+                raise ProcessorError(f"text must be a string or a list of strings, got {type(wrong).__name__}"
+                                     f"{'' if wrong is text else ' in the list'}")
             if not prompts:
-                raise ValueError("text is an empty list")
+                raise ProcessorError("text is an empty list")
+            for row, prompt in enumerate(prompts):  # before expansion, so positions are the caller's
+                check_text(prompt, "text" if isinstance(text, str) else f"text[{row}]")
 
         flat_images = self._flatten_images(images, prompts)
         if prompts is not None:
             counts = [p.count(self.image_token) for p in prompts]
             if sum(counts) != len(flat_images):
-                raise ValueError(
+                raise ProcessorError(
                     f"the text has {sum(counts)} {self.image_token} placeholder(s) but {len(flat_images)} "
                     f"image(s) were passed; each image needs exactly one {self.image_token} in the text"
                 )
@@ -253,8 +295,8 @@ class AriaProcessor:
                                           split_mode=split_mode)
             num_crops = [int(n) for n in np.asarray(pixels["num_crops"]).reshape(-1)]
             if len(num_crops) != len(flat_images):
-                raise ValueError(f"the image processor returned {len(num_crops)} crop counts for "
-                                 f"{len(flat_images)} images")
+                raise ProcessorError(f"the image processor returned {len(num_crops)} crop counts for "
+                                     f"{len(flat_images)} images")
             out["pixel_values"] = np.asarray(pixels["pixel_values"], dtype=np.float32)
             out["pixel_mask"] = np.asarray(pixels["pixel_mask"], dtype=bool)
             out["num_crops"] = np.asarray(num_crops, dtype=np.int64)
@@ -298,14 +340,15 @@ class AriaProcessor:
             return [images]
         if any(_is_image_list(item) for item in images):
             if not all(_is_image_list(item) for item in images):
-                raise ValueError("images must be a flat list, or a list with one list of images per prompt")
+                raise ProcessorError("images must be a flat list, or a list with one list of images per prompt")
             if prompts is not None:
                 if len(images) != len(prompts):
-                    raise ValueError(f"images has {len(images)} per-prompt lists but there are {len(prompts)} prompts")
+                    raise ProcessorError(f"images has {len(images)} per-prompt lists but there are "
+                                         f"{len(prompts)} prompts")
                 for row, (prompt, row_images) in enumerate(zip(prompts, images)):
                     found = prompt.count(self.image_token)
                     if found != len(row_images):
-                        raise ValueError(
+                        raise ProcessorError(
                             f"prompt {row} has {found} {self.image_token} placeholder(s) but "
                             f"{len(row_images)} image(s) were passed for it"
                         )
@@ -358,7 +401,7 @@ class AriaProcessor:
         image of their own, in order across the batch (a flat list) or per conversation (a list
         of lists). `kwargs` go to `__call__` (max_image_size, split_image, padding_side, ...)."""
         conversations = list(messages) if _is_batch_of_conversations(messages) else [messages]
-        expanded = [self._expand_videos(conversation) for conversation in conversations]
+        expanded = [self._expand_videos(conversation, kwargs.get("max_image_size")) for conversation in conversations]
         supplied = self._split_images(images, [sum(slot is None for slot in slots) for _, slots in expanded])
         prompts = [self.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                             chat_template=chat_template) for conversation, _ in expanded]
@@ -370,13 +413,13 @@ class AriaProcessor:
         flat list cut into `needed[i]` images for conversation i."""
         if _is_image_list(images) and images and all(_is_image_list(row) for row in images):
             if len(images) != len(needed):
-                raise ValueError(f"images has {len(images)} per-conversation lists but there are "
-                                 f"{len(needed)} conversations")
+                raise ProcessorError(f"images has {len(images)} per-conversation lists but there are "
+                                     f"{len(needed)} conversations")
             return [list(row) for row in images]
         flat = self._flatten_images(images, None)
         if len(flat) != sum(needed):
-            raise ValueError(f"the conversations have {sum(needed)} image item(s) without an image of their own "
-                             f"(\"image\" or \"path\") but {len(flat)} image(s) were passed")
+            raise ProcessorError(f"the conversations have {sum(needed)} image item(s) without an image of their own "
+                                 f"(\"image\" or \"path\") but {len(flat)} image(s) were passed")
         starts = np.cumsum([0, *needed]).tolist()
         return [flat[start:stop] for start, stop in zip(starts, starts[1:])]
 
@@ -385,31 +428,48 @@ class AriaProcessor:
         """The slots (see `_expand_videos`) with each None replaced by the next supplied image."""
         needed = sum(slot is None for slot in slots)
         if needed != len(supplied):
-            raise ValueError(f"the conversation has {needed} image item(s) without an image of their own "
-                             f"(\"image\" or \"path\") but {len(supplied)} image(s) were passed")
+            raise ProcessorError(f"the conversation has {needed} image item(s) without an image of their own "
+                                 f"(\"image\" or \"path\") but {len(supplied)} image(s) were passed")
         remaining = iter(supplied)
         return [next(remaining) if slot is None else slot for slot in slots]
 
-    def _expand_videos(self, conversation: Sequence[dict]) -> tuple[list[dict], list]:
+    def _expand_videos(self, conversation: Sequence[dict],
+                       max_image_size: int | None = None) -> tuple[list[dict], list]:
         """(messages with each video item replaced by its frame items, one slot per `<|img|>` in
         order: the image it shows, or None for an image item that takes the next passed image).
-        A conversation without video items is returned as it is."""
+        A conversation without video items is returned as it is. The videos' frames must fit
+        the context at `max_image_size`'s tokens per frame."""
         if not isinstance(conversation, (list, tuple)):
-            raise ValueError(f"a conversation is a list of message dicts, got {type(conversation).__name__}")
+            raise ProcessorError(f"a conversation is a list of message dicts, got {type(conversation).__name__}")
         has_videos = _has_video_items(conversation)
+        size = self._resolve_size(max_image_size) if has_videos else None
+        frames_left = None if self.context_length is None or size is None \
+            else self.context_length // self.size_to_queries[size]
         expanded, slots = [], []
-        for message in conversation:
+        for index, message in enumerate(conversation):
             content = message.get("content") if isinstance(message, dict) else None
             if not isinstance(content, (list, tuple)):
-                expanded.append(message)
+                if isinstance(content, str):
+                    check_text(content, f"message {index} content")  # named here, not in the rendered prompt
+                elif content is not None:
+                    raise ProcessorError(f"message {index}: content must be a string or a list of items, "
+                                         f"got {type(content).__name__}")
+                expanded.append(message)  # the chat template checks the rest
                 continue
             items = []
-            for item in content:
+            for number, item in enumerate(content):
                 kind = _item_type(item)
+                if not isinstance(kind, str):
+                    raise ProcessorError(f'message {index}: a content item is a dict with a "type" string, '
+                                         f"got {' '.join(repr(item).split())[:80]}")
+                if isinstance(item.get("text"), str):
+                    check_text(item["text"], f"message {index} item {number} text")
                 if kind == "video":
-                    video = self._load_video_item(item)
+                    video = self._load_video_item(item, frames_left, size)
                     items += video_placeholders(video.timestamps)
                     slots += video.frames
+                    if frames_left is not None:
+                        frames_left -= len(video.frames)
                 else:
                     if kind == "image":
                         slots.append(_own_image(item))
@@ -417,26 +477,49 @@ class AriaProcessor:
             expanded.append({**message, "content": items})
         return (expanded if has_videos else list(conversation)), slots
 
-    def _load_video_item(self, item: dict) -> Video:
+    def _load_video_item(self, item: dict, frames_left: int | None = None, size: int | None = None) -> Video:
         """The sampled frames of a {"type": "video"} item: a file ("path", or "video" as a path;
         decoded through `video_cache`) or a list of frames ("video", with an optional "fps";
-        all of them unless "num_frames" is given)."""
+        all of them unless "num_frames" is given). More frames than `frames_left` is a
+        ProcessorError, raised before anything is decoded."""
         source = item.get("video")
         path = item.get("path")
         if isinstance(source, (str, os.PathLike)):
             if path is not None:
-                raise ValueError('a {"type": "video"} item has both "path" and "video"; give one')
+                raise ProcessorError('a {"type": "video"} item has both "path" and "video"; give one')
             source, path = None, source
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ProcessorError(f'a {{"type": "video"}} item\'s "path" must be a file path, got {type(path).__name__}')
         num_frames = item.get("num_frames")
+        if frames_left is not None:
+            self._check_frames_fit(num_frames, source, frames_left, size)
         if path is not None:
             if source is not None or item.get("fps") is not None:
-                raise ValueError('a {"type": "video"} item with a "path" takes no "video" frames or "fps"; '
-                                 "the file has its own")
+                raise ProcessorError('a {"type": "video"} item with a "path" takes no "video" frames or "fps"; '
+                                     "the file has its own")
             return self.video_cache.load(path, num_frames)
         if isinstance(source, (list, tuple, np.ndarray)):
             return load_video(source, num_frames=len(source) if num_frames is None else num_frames,
                               fps=item.get("fps"))
-        raise ValueError('a {"type": "video"} item needs "path" (a video file) or "video" (a file or a list of frames)')
+        raise ProcessorError('a {"type": "video"} item needs "path" (a video file) or "video" '
+                             "(a file or a list of frames)")
+
+    def _check_frames_fit(self, num_frames: Any, frames: Any, frames_left: int, size: int) -> None:
+        """A video item's frame count (num_frames, else all of a list of frames) against the
+        frames the context has room for, at one crop of `size` per frame (the least a frame takes)."""
+        if num_frames is None and isinstance(frames, (list, tuple, np.ndarray)):
+            asked, what = len(frames), f"all {len(frames)} frames of the list (no num_frames)"
+        elif isinstance(num_frames, (int, np.integer)) and not isinstance(num_frames, bool) and num_frames > 0:
+            asked, what = int(num_frames), f"num_frames={num_frames}"
+        else:
+            asked = resolve_num_frames(num_frames)  # None or <= 0: the default; else a VideoArgumentError
+            what = f"num_frames={num_frames!r} (the default of {asked} frames)"
+        if asked > frames_left:
+            queries = self.size_to_queries[size]
+            raise ProcessorError(
+                f"a video item asks for {what}, but the model's context of {self.context_length} tokens holds at "
+                f"most {frames_left} {'more ' if frames_left < self.context_length // queries else ''}frames "
+                f"({queries} image tokens per frame at max_image_size={size})")
 
     def __repr__(self) -> str:
         return (f"AriaProcessor(size_to_queries={self.size_to_queries}, image_token={self.image_token!r} "

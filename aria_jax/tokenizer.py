@@ -48,7 +48,32 @@ SPM_BPE, SPM_CONTROL, SPM_USER_DEFINED = 2, 3, 4  # sentencepiece's model type B
 
 
 class TokenizerError(ValueError):
-    """A tokenizer checkpoint this module cannot load; the message names the file and the problem."""
+    """A tokenizer checkpoint this module cannot load, or an argument it cannot take; the message
+    names the file or the argument, and the problem."""
+
+
+class ChatTemplateError(TokenizerError):
+    """A chat template that does not compile (the message names its file and line) or that fails
+    on the messages given (an undefined variable, the template's own raise_exception, ...)."""
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def check_text(text: Any, name: str = "text") -> str:
+    """`text`, if it is a str that is valid Unicode. A lone surrogate, which is what Python makes
+    of bytes that are not UTF-8 (command-line arguments, files read with surrogateescape), has no
+    UTF-8 form, so the tokenizers library cannot take it: a TokenizerError names its position."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{name} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TokenizerError(
+            f"{name} is not valid Unicode: lone surrogate U+{ord(text[err.start]):04X} at position {err.start} "
+            f"(bytes that are not UTF-8, decoded with surrogateescape?)") from None
+    return text
 
 
 def _added_token(value: Any, special: bool | None = None) -> Any:
@@ -218,17 +243,27 @@ def _add_special_tokens(tokenizer: Tokenizer, kwargs: dict, added: dict[int, Any
 
 def _read_chat_template(kwargs: dict, file) -> str | None:
     """chat_template.jinja wins over tokenizer_config.json (as in transformers); a legacy
-    chat_template.json is a processor-level file, used last."""
-    template = kwargs.get("chat_template")
+    chat_template.json is a processor-level file, used last. A template that does not compile
+    is a ChatTemplateError naming its file and line."""
+    template, source = kwargs.get("chat_template"), f"{file('tokenizer_config.json')}: chat_template"
     if file("chat_template.jinja"):
-        with open(file("chat_template.jinja"), encoding="utf-8") as f:
-            template = f.read()
+        source = file("chat_template.jinja")
+        try:
+            with open(source, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, ValueError) as err:
+            raise ChatTemplateError(f"{source}: unreadable ({_one_line(err)})") from None
     elif template is None and file("chat_template.json"):
+        source = f"{file('chat_template.json')}: chat_template"
         template = read_json_object(file("chat_template.json"), TokenizerError).get("chat_template")
     if isinstance(template, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in template):
+            raise ChatTemplateError(f"{source}: a list of templates holds objects with 'name' and 'template'")
         template = {t["name"]: t["template"] for t in template}
     if isinstance(template, dict):
         template = template.get("default", next(iter(template.values()), None))
+    if template is not None:
+        compile_chat_template(template, source)
     return template
 
 
@@ -282,10 +317,9 @@ class AriaTokenizer:
         return cls(tokenizer, named, special, chat_template, kwargs.get("padding_side"), directory)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` adds the post-processor's (for Aria, none: no BOS)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; `add_special_tokens` adds the post-processor's (for Aria, none: no BOS).
+        Text that is not valid Unicode is a TokenizerError (see `check_text`)."""
+        return self.backend_tokenizer.encode(check_text(text), add_special_tokens=add_special_tokens).ids
 
     def __call__(self, texts: str | Sequence[str], padding: bool | str = False, max_length: int | None = None,
                  padding_side: str | None = None, add_special_tokens: bool = True,
@@ -294,20 +328,24 @@ class AriaTokenizer:
         "max_length" (with `max_length`). `return_tensors="np"` gives int32 numpy arrays (and
         requires equal lengths, i.e. padding for ragged batches)."""
         single = isinstance(texts, str)
-        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([texts] if single else texts)]
+        if not single and not isinstance(texts, (list, tuple)):
+            raise TokenizerError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        batch = [texts] if single else [check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in batch]
         masks = [[1] * len(row) for row in ids]
         if padding is True or padding in ("longest", "max_length"):
-            if padding == "max_length" and max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
+            if padding == "max_length" and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                            or max_length < 0):
+                raise TokenizerError(f"padding='max_length' needs max_length, a non-negative int; got {max_length!r}")
             target = max_length if padding == "max_length" else max((len(row) for row in ids), default=0)
             ids, masks = pad_batch(ids, self.pad_token_id_or_raise(), target, padding_side or self.padding_side)
         elif padding not in (False, None, "do_not_pad"):
-            raise ValueError(f"padding={padding!r}: use False, True, 'longest' or 'max_length'")
+            raise TokenizerError(f"padding={padding!r}: use False, True, 'longest' or 'max_length'")
         if return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors={return_tensors!r}: only None or 'np'")
+            raise TokenizerError(f"return_tensors={return_tensors!r}: only None or 'np'")
         if return_tensors == "np":
             if len({len(row) for row in ids}) > 1:
-                raise ValueError("texts of different lengths need padding=True for return_tensors='np'")
+                raise TokenizerError("texts of different lengths need padding=True for return_tensors='np'")
             rows = len(ids)
             ids, masks = np.asarray(ids, np.int32).reshape(rows, -1), np.asarray(masks, np.int32).reshape(rows, -1)
         if single:
@@ -317,8 +355,13 @@ class AriaTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray | int, skip_special_tokens: bool = False) -> str:
         """Text of `ids`, as tokenizers decodes it: unknown ids dropped, and special added tokens
         with `skip_special_tokens`. Negative ids (e.g. -100 label padding) are dropped too."""
-        ids = [i for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist() if i >= 0]
-        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        try:
+            flat = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        except (TypeError, ValueError, OverflowError):
+            raise TokenizerError(f"ids must be integer token ids, got {_one_line(repr(ids))[:80]}") from None
+        # tokenizers takes u32 ids; any id past the vocabulary is unknown and dropped all the same.
+        return self.backend_tokenizer.decode([i for i in flat if 0 <= i < 2**32],
+                                             skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
         if hasattr(sequences, "__array__"):
@@ -384,7 +427,7 @@ class AriaTokenizer:
     def pad_token_id_or_raise(self) -> int:
         pad = self.pad_token_id if self.pad_token_id is not None else self.unk_token_id
         if pad is None:
-            raise ValueError("this tokenizer has no pad token (nor unk token) to pad with")
+            raise TokenizerError("this tokenizer has no pad token (nor unk token) to pad with")
         return pad
 
     def apply_chat_template(self, messages: list[dict] | list[list[dict]], add_generation_prompt: bool = False,
@@ -473,6 +516,21 @@ def _compile_template(template: str):
     return env.from_string(template)
 
 
+def compile_chat_template(template: Any, source: str = "chat template"):
+    """The compiled template, or a ChatTemplateError naming `source` (a file, or where in a
+    file the template sits) and the line of the syntax error."""
+    import jinja2
+
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"{source}: a chat template must be a string, got {type(template).__name__}")
+    try:
+        return _compile_template(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise ChatTemplateError(f"{source}: line {err.lineno}: {_one_line(err.message)}") from None
+    except Exception as err:  # e.g. RecursionError on deep nesting
+        raise ChatTemplateError(f"{source}: does not compile ({type(err).__name__}: {_one_line(err)})") from None
+
+
 def _plain(value: Any) -> Any:
     """transformers' `_plain_template_data`: only JSON-like data reaches the template."""
     if value is None or type(value) in (str, int, float, bool):
@@ -500,19 +558,29 @@ def render_chat_template(template: str, messages, add_generation_prompt: bool = 
                          template_kwargs: dict | None = None):
     """transformers' `apply_chat_template(..., tokenize=False)` rendering; one conversation (a list
     of message dicts) gives a str, a list of conversations a list of str."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
+    if not isinstance(messages, (list, tuple)):
+        raise ChatTemplateError(f"messages must be a list of message dicts, or a list of such lists; "
+                                f"got {type(messages).__name__}")
+    if not messages:
+        raise ChatTemplateError("Cannot apply chat template to an empty conversation. Provide at least one message.")
     batched = isinstance(messages[0], (list, tuple))
-    compiled = _compile_template(template)
+    compiled = compile_chat_template(template)
     kwargs = _plain(dict(template_kwargs or {}))
     rendered = []
     for chat in messages if batched else [messages]:
+        for i, message in enumerate(chat):
+            if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+                raise ChatTemplateError(f"message {i} must be a dict with a 'role' string, got "
+                                        f"{_one_line(repr(message))[:80]}")
         chat = _plain([{k: v for k, v in message.items() if v is not None} for message in chat])
         for i, message in enumerate(chat):  # reasoning under its older names too, as transformers does
             reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
             if reasoning is not None:
                 chat[i] = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        text = compiled.render(messages=chat, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **kwargs)
+        try:
+            text = compiled.render(messages=chat, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **kwargs)
+        except Exception as err:  # the template's raise_exception, undefined names, its own bugs
+            raise ChatTemplateError(f"chat template: {_one_line(err) or type(err).__name__}") from err
         rendered.append(tokenize(text) if tokenize is not None else text)
     return rendered if batched else rendered[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 import flax.struct
@@ -38,6 +39,40 @@ from aria_jax.sharding import mesh_axis_size
 from aria_jax.weights import COMPONENTS
 
 IGNORE_INDEX = -100
+
+
+class TrainConfigError(ValueError):
+    """A training setting of the wrong type or out of its range; the message names it and its value."""
+
+
+def check_setting(owner: str, name: str, value, requirement: str, ok, integer: bool = False) -> None:
+    """Raises TrainConfigError unless `value` is an integer (or a finite number) for which `ok`
+    holds; `requirement` says what `ok` asks, for the message."""
+    kind = numbers.Integral if integer else numbers.Real
+    valid = isinstance(value, kind) and not isinstance(value, bool)
+    if valid and not integer:
+        try:
+            valid = math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            valid = False
+    if not (valid and ok(value)):
+        shown = value if isinstance(value, numbers.Number) else repr(value)
+        raise TrainConfigError(f"{owner}.{name}={shown} must be {'an integer' if integer else 'a finite number'} "
+                               f"{requirement}")
+
+
+# Beyond these, a step's arithmetic breaks: adam_b1 or adam_b2 of 1 divides by zero in the bias
+# correction, adam_eps of 0 makes 0 / 0 for a weight whose gradient is always 0.
+_FLOAT_RANGES = {
+    "learning_rate": ("> 0", lambda x: x > 0),
+    "weight_decay": (">= 0", lambda x: x >= 0),
+    "adam_b1": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "adam_b2": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "adam_eps": ("> 0", lambda x: x > 0),
+    "max_grad_norm": (">= 0 (0 turns clipping off)", lambda x: x >= 0),
+    "z_loss_coeff": (">= 0", lambda x: x >= 0),
+    "aux_loss_coeff": (">= 0", lambda x: x >= 0),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +96,18 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("total_steps", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be at least 1")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]")
-        if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig.learning_rate={self.learning_rate} must be positive")
+            check_setting("TrainConfig", name, getattr(self, name), "at least 1", lambda n: n >= 1, integer=True)
+        check_setting("TrainConfig", "warmup_steps", self.warmup_steps, f"in [0, total_steps={self.total_steps}]",
+                      lambda n: 0 <= n <= self.total_steps, integer=True)
+        for name, (requirement, ok) in _FLOAT_RANGES.items():
+            check_setting("TrainConfig", name, getattr(self, name), requirement, ok)
+        if self.lora is not None:
+            if not isinstance(self.lora, LoraConfig):
+                raise TrainConfigError(f"TrainConfig.lora={self.lora!r} must be a LoraConfig or None")
+            # alpha scales every adapter's output: 0 would train nothing, NaN poisons the model.
+            check_setting("TrainConfig", "lora.alpha", self.lora.alpha, "> 0", lambda x: x > 0)
         if self.lora is None and len(self.frozen_components) == len(COMPONENTS):
-            raise ValueError("every component is frozen and no LoRA adapters are trained: nothing to train")
+            raise TrainConfigError("every component is frozen and no LoRA adapters are trained: nothing to train")
 
     @property
     def frozen_components(self) -> tuple[str, ...]:
@@ -234,6 +273,9 @@ def train_step(state: TrainState, frozen: dict, batches: dict, *, config: AriaCo
     updates, opt_state = make_optimizer(train_config).update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    # Non-finite when some trained weight is (or past ~1e19, as good as diverged): a run checks it
+    # before saving the state.
+    metrics["param_norm"] = optax.tree.norm(trainable)
     return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 

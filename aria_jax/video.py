@@ -22,13 +22,16 @@ Only the sampled frames are kept in memory; decoding stops after the last of the
 A still image (a PNG, JPEG, ... or a one-frame GIF / WebP) is rejected with a `VideoError`
 rather than read as a one-frame video: sampling would repeat it `num_frames` times, and it
 belongs in an image item. Every error is a `VideoError` (a ValueError) with a one-line message
-naming the file; `VideoDecoderError` (a VideoError) when PyAV is needed but not installed.
+naming the file; `VideoDecoderError` (a VideoError) when PyAV is needed but not installed, and
+`VideoArgumentError` (a VideoError) for a bad argument, such as more than `MAX_NUM_FRAMES` frames.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import numbers
 import os
 import warnings
 from typing import Any, Sequence
@@ -39,6 +42,10 @@ from PIL import Image
 from aria_jax.image_processing import to_rgb_array
 
 DEFAULT_NUM_FRAMES = 8
+# Aria's context is 64K tokens and a frame takes at least 128 of them (one 490-pixel crop), so no
+# prompt of Aria's holds more than 512 frames; asking for more is a mistake, refused before any
+# frame is decoded (a million frames would otherwise be sampled, and hold their images).
+MAX_NUM_FRAMES = 65536 // 128
 # Read with Pillow: animated if they have more than one frame, otherwise still images (rejected).
 PILLOW_EXTENSIONS = (".gif", ".webp", ".png", ".apng", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 INSTALL_HINT = 'pip install "aria-jax[video]" (or pip install av)'
@@ -50,6 +57,11 @@ class VideoError(ValueError):
 
 class VideoDecoderError(VideoError):
     """No decoder for the video: PyAV is not installed."""
+
+
+class VideoArgumentError(VideoError):
+    """An argument of a video function that is out of range or of the wrong type; the message
+    names the argument and its value."""
 
 
 @dataclasses.dataclass
@@ -71,11 +83,15 @@ def _one_line(text: Any) -> str:
 # ------------------------------------------------------------------------------------------
 
 def resolve_num_frames(num_frames: int | None) -> int:
-    """None or <= 0 means the default of 8 (Aria's dataset rule); anything but an int is an error."""
+    """None or <= 0 means the default of 8 (Aria's dataset rule); anything but an int, or more
+    than MAX_NUM_FRAMES, is a VideoArgumentError."""
     if num_frames is None:
         return DEFAULT_NUM_FRAMES
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
-        raise ValueError(f"num_frames must be an integer or None, got {num_frames!r}")
+        raise VideoArgumentError(f"num_frames must be an integer or None, got {num_frames!r}")
+    if num_frames > MAX_NUM_FRAMES:
+        raise VideoArgumentError(f"num_frames={num_frames} is more than the limit of {MAX_NUM_FRAMES} frames "
+                                 f"(Aria's 64K-token context at 128 tokens per frame)")
     return int(num_frames) if num_frames > 0 else DEFAULT_NUM_FRAMES
 
 
@@ -90,16 +106,17 @@ def sample_frame_indices(num_total_frames: int, num_frames: int | None = DEFAULT
     without frames.
     """
     count = resolve_num_frames(num_frames)
-    if num_total_frames <= 0:
-        raise ValueError(f"the video has no frames (num_total_frames={num_total_frames})")
+    if isinstance(num_total_frames, bool) or not isinstance(num_total_frames, (int, np.integer)) \
+            or num_total_frames <= 0:
+        raise VideoArgumentError(f"the video has no frames (num_total_frames={num_total_frames!r})")
     return [int(num_total_frames / count * (i + 0.5)) for i in range(count)]
 
 
 def frame_timestamp(seconds: float) -> str:
     """"[mm:ss]" for a time in seconds, truncated to whole seconds as in Aria's notebook; the
     minutes are not wrapped into hours (4503.2 -> "[75:03]")."""
-    if not seconds >= 0:
-        raise ValueError(f"a frame timestamp must be >= 0 seconds, got {seconds!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
+        raise VideoArgumentError(f"a frame timestamp must be a finite number >= 0 seconds, got {seconds!r}")
     whole = int(seconds)
     return f"[{whole // 60:02d}:{whole % 60:02d}]"
 
@@ -115,20 +132,20 @@ def load_video(source: str | os.PathLike | Sequence[Any], num_frames: int | None
     resolve_num_frames(num_frames)  # a bad value is a usage error, not a problem with the video
     if isinstance(source, (str, os.PathLike)):
         if fps is not None:
-            raise ValueError("fps applies to a list of frames; a video file has its own frame rate")
+            raise VideoArgumentError("fps applies to a list of frames; a video file has its own frame rate")
         return _load_video_file(os.fspath(source), num_frames)
     if isinstance(source, np.ndarray) and source.ndim == 4:  # (num_frames, H, W, 3)
         source = list(source)
     if isinstance(source, (list, tuple)):
         return _video_from_frames(source, num_frames, 1.0 if fps is None else fps)
-    raise TypeError(f"a video is a file path or a list of frames, got {type(source).__name__}")
+    raise VideoArgumentError(f"a video is a file path or a list of frames, got {type(source).__name__}")
 
 
 def _video_from_frames(frames: Sequence[Any], num_frames: int | None, fps: float) -> Video:
     if not frames:
         raise VideoError("the video is an empty list of frames")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise VideoArgumentError(f"fps must be a finite positive number, got {fps!r}")
     indices = sample_frame_indices(len(frames), num_frames)
     rgb = {}
     for index in sorted(set(indices)):
@@ -255,11 +272,11 @@ class VideoCache:
 
     def load(self, path: str | os.PathLike, num_frames: int | None = DEFAULT_NUM_FRAMES) -> Video:
         """`load_video(path, num_frames)`, from the cache when the file is unchanged."""
-        name = os.fspath(path)
         try:
+            name = os.fspath(path)
             stat = os.stat(name)
-        except OSError:
-            return load_video(name, num_frames)  # load_video names the problem
+        except (OSError, TypeError):
+            return load_video(path, num_frames)  # load_video names the problem
         key = (os.path.realpath(name), resolve_num_frames(num_frames), stat.st_mtime_ns, stat.st_size)
         if key in self._videos:
             self._videos.move_to_end(key)

@@ -21,6 +21,9 @@ import os
 import sys
 from typing import TextIO
 
+from aria_jax.generator import SEED_LIMIT, shorten
+from aria_jax.tokenizer import TokenizerError, check_text
+
 ERROR_PREFIX = "aria-jax: error: "
 
 HELP = """\
@@ -95,6 +98,10 @@ class ChatSession:
         """Reads lines until /quit or end of input."""
         if self.interactive:
             self.note("/help lists the commands; /quit or Ctrl-D leaves.")
+        if hasattr(sys.stdin, "reconfigure"):
+            # A strict decoder fails the whole read buffer on one bad byte, losing the good lines
+            # around it; escaped bytes reach `handle` as one line to refuse.
+            sys.stdin.reconfigure(errors="surrogateescape")
         while True:
             try:
                 line = input("> " if self.interactive else "")
@@ -159,6 +166,11 @@ class ChatSession:
     def answer(self, question: str) -> str:
         """Streams the model's answer to `question` (the conversation so far as context), then
         keeps both in the conversation. Returns the answer."""
+        try:
+            check_text(question, "the message")
+        except TokenizerError:
+            raw = question.encode("utf-8", "surrogateescape")
+            raise ValueError(f"the message is not valid UTF-8 ({shorten(raw)}); it is ignored") from None
         inputs = self.model_inputs(question)
         settings = self.settings
         pieces = []
@@ -166,8 +178,9 @@ class ChatSession:
             for piece in self.model.stream(
                     **inputs, max_new_tokens=self.answer_budget(inputs["input_ids"].shape[1]),
                     do_sample=settings.temperature > 0, temperature=settings.temperature, top_p=settings.top_p,
-                    # A different seed per turn, so sampled turns differ but a session can be replayed.
-                    seed=settings.seed + self.conversation.turns):
+                    # A different seed per turn, so sampled turns differ but a session can be replayed;
+                    # wrapping keeps a seed near 2**64 - 1 usable past the first turn.
+                    seed=(settings.seed + self.conversation.turns) % SEED_LIMIT):
                 self.out.write(piece)
                 self.out.flush()
                 pieces.append(piece)

@@ -50,10 +50,12 @@ def chat_prompt(processor, prompt: str, num_images: int) -> str:
 
 def generate(args: argparse.Namespace) -> None:
     import aria_jax
+    from aria_jax.tokenizer import check_text
 
     multimodal = takes_images(args.model)
     if args.image and not multimodal:
         raise UserError(f"{args.model}: a text-only model; it takes no --image")
+    check_text(args.prompt, "--prompt")
     processor = aria_jax.AriaProcessor.from_pretrained(args.model)
     inputs = processor(text=chat_prompt(processor, args.prompt, len(args.image)), images=args.image or None,
                        max_image_size=args.max_image_size, split_image=args.split_image)
@@ -275,7 +277,7 @@ def _add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, m
     command.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help=max_new_tokens_help)
     command.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     command.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    command.add_argument("--seed", type=int, default=0, help="sampling seed")
+    command.add_argument("--seed", type=int, default=0, help="sampling seed, an integer in [0, 2**64)")
     command.add_argument("--max-image-size", type=_positive_int, default=None,
                          help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's")
     command.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
@@ -331,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                       help="dtype of the stored params (default: the source's)")
     conv.add_argument("--strict", action="store_true",
-                      help="refuse weights holding NaN or infinite values (by default they are named in a warning)")
+                      help="refuse weights holding NaN or infinite values instead of naming them in a warning")
     _add_writing_options(conv)
     conv.set_defaults(run=convert)
 

@@ -297,10 +297,15 @@ LOGITS = np.array([2.0, 1.2, 0.9, 0.3, -0.4, -1.0, -1.5, -2.5], np.float32)
 _sample = jax.jit(sample_tokens)
 
 
+def seed_words(first: int, rows: int) -> jax.Array:
+    """Seeds first, first + 1, ... as Sampling holds them: (rows, 2) uint32 [high, low] words."""
+    low = jnp.arange(first, first + rows, dtype=jnp.uint32)
+    return jnp.stack([jnp.zeros_like(low), low], axis=-1)
+
+
 def sample_many(logits, temperature, top_k=0, top_p=1.0, seed_offset=0, step=0, rows=ROWS):
     sampling = Sampling(jnp.full((rows,), temperature, jnp.float32), jnp.full((rows,), top_k, jnp.int32),
-                        jnp.full((rows,), top_p, jnp.float32),
-                        jnp.arange(seed_offset, seed_offset + rows, dtype=jnp.int32))
+                        jnp.full((rows,), top_p, jnp.float32), seed_words(seed_offset, rows))
     return np.asarray(_sample(jnp.broadcast_to(jnp.asarray(logits), (rows, len(logits))), jnp.int32(step), sampling))
 
 
@@ -357,7 +362,7 @@ def test_top_p_only_emits_the_nucleus(top_p, temperature):
 
 def test_temperature_zero_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (256, 50)) * 3
-    sampling = Sampling(jnp.zeros(256), jnp.full(256, 5, jnp.int32), jnp.full(256, 0.3), jnp.arange(256))
+    sampling = Sampling(jnp.zeros(256), jnp.full(256, 5, jnp.int32), jnp.full(256, 0.3), seed_words(0, 256))
     np.testing.assert_array_equal(np.asarray(_sample(logits, jnp.int32(3), sampling)),
                                   np.argmax(np.asarray(logits), axis=-1))
 
@@ -389,7 +394,7 @@ def test_invalid_request_is_rejected_and_model_still_serves(text_pair, settings,
     model = text_pair.ours
     ids, mask = left_padded(4, (7, 12), model.config.vocab_size)
     before = model.generate(ids, mask, max_new_tokens=16)
-    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+    with pytest.raises(aria_jax.RequestError, match=named.replace(".", r"\.")):
         model.generate(ids, mask, **{"max_new_tokens": 16, **settings})
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=16), before)
 
@@ -399,10 +404,10 @@ def test_prompt_longer_than_context_is_rejected(text_pair):
     ids, mask = left_padded(4, (7, 12), model.config.vocab_size)
     before = model.generate(ids, mask, max_new_tokens=16)
     long_ids, _ = left_padded(9, (CONTEXT + 5,), model.config.vocab_size)
-    with pytest.raises(ValueError, match=rf"{CONTEXT + 5} tokens.*{CONTEXT}"):
+    with pytest.raises(aria_jax.RequestError, match=rf"{CONTEXT + 5} tokens.*{CONTEXT}"):
         model.generate(long_ids, max_new_tokens=1)
     # Fits alone but not with the new tokens.
-    with pytest.raises(ValueError, match=rf"max_new_tokens=20.*{CONTEXT}"):
+    with pytest.raises(aria_jax.RequestError, match=rf"max_new_tokens=20.*{CONTEXT}"):
         model.generate(long_ids[:, : CONTEXT - 10], max_new_tokens=20)
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=16), before)
 
@@ -416,7 +421,7 @@ def test_more_images_than_markers_is_rejected(tiny_random):
         processor(text=CHAT_PROMPT.format("<|img|>What is this?"), images=images)
     # The model itself refuses pixel values that do not match its image tokens (two images' crops).
     two = processor(text=CHAT_PROMPT.format("<|img|><|img|>"), images=images)
-    with pytest.raises(ValueError, match=r"image tokens and image features do not match"):
+    with pytest.raises(aria_jax.RequestError, match=r"image tokens and image features do not match"):
         model.generate(inputs["input_ids"], inputs["attention_mask"], two["pixel_values"], two["pixel_mask"],
                        max_new_tokens=8)
     np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=8, stop_strings=None), before)

@@ -261,7 +261,7 @@ def test_numpy_channel_counts(ours, oracle):
         ours(gray.astype(np.float32))
     with pytest.raises(ImageError, match="shape"):
         ours(np.zeros((4, 4, 5), dtype=np.uint8))
-    with pytest.raises(TypeError):
+    with pytest.raises(ImageError, match="got int"):
         ours(12345)
 
 

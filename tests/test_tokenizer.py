@@ -35,7 +35,7 @@ import pytest
 import sentencepiece
 import transformers
 
-from aria_jax.tokenizer import DEFAULT_CHAT_TEMPLATE, AriaTokenizer, TokenizerError
+from aria_jax.tokenizer import DEFAULT_CHAT_TEMPLATE, AriaTokenizer, ChatTemplateError, TokenizerError
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<|img|>"]
 VOCAB_SIZE = 2000
@@ -368,10 +368,12 @@ def test_chat_template_environment_matches_transformers(pairs):
     messages = [{"role": "user", "content": "héllo 😀 <b>"}, {"role": "assistant", "content": ["x", 1, None]}]
     assert ours.apply_chat_template(messages, chat_template=template) == \
         ref.apply_chat_template(messages, chat_template=template, tokenize=False)
-    with pytest.raises(jinja2.exceptions.TemplateError, match="too many: 4"):
+    with pytest.raises(ChatTemplateError, match="too many: 4") as raised:
         ours.apply_chat_template(messages * 2, chat_template=template)
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    assert isinstance(raised.value.__cause__, jinja2.exceptions.TemplateError)
+    with pytest.raises(ChatTemplateError, match="unsafe") as raised:
         ours.apply_chat_template(messages, chat_template="{{ messages.__class__.__mro__ }}")
+    assert isinstance(raised.value.__cause__, jinja2.exceptions.SecurityError)
 
 
 def test_unsupported_tokenizer_json_is_a_clear_error(checkpoints, tmp_path):
