@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.kv_cache import init_cache
-from aria_jax.modeling import TextDecoder
+from aria_jax.kv_cache import init_cache, per_layer
+from aria_jax.modeling import TextDecoder, unrolled_cached_step
 from aria_jax.sharding import constrain
 
 
@@ -35,7 +35,7 @@ class Sampling:
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: dict                 # {"k", "v"}: (layers, B, S, K, H)
+    cache: list[dict]           # per layer {"k", "v"}: (B, S, K, H)
     key_mask: jax.Array         # (B, S) bool: prompt tokens, then every generated slot
     prompt_lengths: jax.Array   # (B,) real prompt tokens per row
     tokens: jax.Array           # (B, max_new_tokens) generated so far, pad after a row is done
@@ -59,12 +59,15 @@ def _sampled_tokens(logits: jax.Array, greedy: jax.Array, step: jax.Array, sampl
     temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
     scaled = logits / temperature[:, None]
 
+    # One sort serves both filters (a vocabulary sort is slow to compile on TPU): removing the
+    # values below the k-th largest keeps the rest in the same order.
     descending = -jnp.sort(-scaled, axis=-1)
     kth_largest = jnp.take_along_axis(descending, jnp.clip(sampling.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-    scaled = jnp.where((sampling.top_k[:, None] > 0) & (scaled < kth_largest), -jnp.inf, scaled)
+    top_k_on = sampling.top_k[:, None] > 0
+    scaled = jnp.where(top_k_on & (scaled < kth_largest), -jnp.inf, scaled)
+    descending = jnp.where(top_k_on & (descending < kth_largest), -jnp.inf, descending)
 
     # Nucleus: keep the most likely tokens until their mass reaches top_p (at least one).
-    descending = -jnp.sort(-scaled, axis=-1)
     probs = jax.nn.softmax(descending, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = jnp.maximum(jnp.sum(mass_before < sampling.top_p[:, None], axis=-1), 1)
@@ -103,10 +106,13 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
     mask = attention_mask.astype(bool)
     key_mask = jnp.concatenate([mask, jnp.ones((batch, cache_length - prompt_len), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    logits, cache = decoder.apply(
-        {"params": text_params}, prompt_embeds, key_mask, positions, init_cache(config, batch, cache_length, dtype), 0,
+    # The prompt's keys and values first, stacked as the layer scan makes them; then each layer's
+    # own cache buffer: less memory than scanning over the whole cache and splitting it after.
+    logits, prompt_cache = decoder.apply(
+        {"params": text_params}, prompt_embeds, mask, positions, init_cache(config, batch, prompt_len, dtype), 0,
         method=TextDecoder.cached_step,
     )
+    cache = per_layer(prompt_cache, cache_length)
     token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
     tokens = jnp.full((batch, max_new_tokens_capacity), config.pad_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
@@ -125,10 +131,8 @@ def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling:
         previous = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)      # (B, 1)
         embeds = decoder.apply({"params": text_params}, previous, method=TextDecoder.embed)
         positions = (state.prompt_lengths + state.step - 1)[:, None]
-        logits, cache = decoder.apply(
-            {"params": text_params}, embeds, state.key_mask, positions, state.cache, prompt_len + state.step - 1,
-            method=TextDecoder.cached_step,
-        )
+        logits, cache = unrolled_cached_step(text_params, embeds, state.key_mask, positions, state.cache,
+                                             prompt_len + state.step - 1, config=config, dtype=dtype)
         token, done = _finish(sample_tokens(logits, state.step, sampling), state.done, config, stop_ids)
         tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
         return state.replace(cache=cache, tokens=tokens, step=state.step + 1, done=done)

@@ -1,4 +1,5 @@
-"""The KV cache: static shape, stacked over layers like the layer params, donated between steps."""
+"""The KV cache: static shape, donated between steps. Prefill fills it stacked over layers, as its
+layer scan makes it; decode holds it as one buffer pair per layer."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ def init_cache(config: AriaTextConfig, batch: int, length: int, dtype) -> dict:
     """{"k", "v"}: zeros of (layers, batch, length, kv_heads, head_dim)."""
     shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def per_layer(cache: dict, length: int) -> list[dict]:
+    """A stacked cache (of a prompt) as one {"k", "v"} of (batch, length, kv_heads, head_dim) per
+    layer, zero past the prompt: separate buffers, so that each decode step writes a layer's new
+    keys in place and reads no other layer's."""
+    extra = length - cache["k"].shape[2]
+    return [{name: jnp.pad(kv[layer], ((0, 0), (0, extra), (0, 0), (0, 0))) for name, kv in cache.items()}
+            for layer in range(cache["k"].shape[0])]

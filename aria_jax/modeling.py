@@ -11,13 +11,21 @@ and compile time does not grow with depth.
 
 from __future__ import annotations
 
+import operator
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from aria_jax.attention import Attention, causal_padding_mask
 from aria_jax.config import AriaConfig, AriaTextConfig
-from aria_jax.layers import RMSNorm, adapted, default_kernel_init, param_with_axes, rope_cos_sin
+from aria_jax.layers import (
+    RMSNorm,
+    adapted,
+    default_kernel_init,
+    param_with_axes,
+    rope_cos_sin,
+)
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
 from aria_jax.sharding import constrain
@@ -25,9 +33,12 @@ from aria_jax.vision import VisionTower, patch_mask_from_pixel_mask
 
 
 class DecoderLayer(nn.Module):
+    """`layer_index`: set when the layers run unrolled (decode); see `MoE`."""
+
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    layer_index: int | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -44,7 +55,7 @@ class DecoderLayer(nn.Module):
             x = x + attended
         with jax.named_scope("moe"):
             normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-            x = x + MoE(cfg, name="mlp", **kw)(normed)
+            x = x + MoE(cfg, name="mlp", layer_index=self.layer_index, **kw)(normed)
         return x, cache
 
 
@@ -66,7 +77,7 @@ class TextDecoder(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = param_with_axes(
             self, "embed_tokens", default_kernel_init, (cfg.vocab_size, cfg.hidden_size),
-            ("vocab", "embed"), self.param_dtype,
+            ("vocab", "vocab_embed"), self.param_dtype,
         )
         self.layers = nn.scan(
             nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
@@ -79,7 +90,7 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
         self.lm_head = param_with_axes(
             self, "lm_head", default_kernel_init, (cfg.hidden_size, cfg.vocab_size),
-            ("embed", "vocab"), self.param_dtype,
+            ("vocab_embed", "vocab"), self.param_dtype,
         )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -107,12 +118,38 @@ class TextDecoder(nn.Module):
         inputs_embeds (B, T, D) sit at sequence index `cache_index` (the same for every row);
         key_mask (B, S) marks the cache slots that hold real tokens (or will); position_ids (B, T).
         Returns the logits of the last token (B, V) and the updated cache {"k", "v"}:
-        (layers, B, S, K, H) each."""
+        (layers, B, S, K, H) each. The layers are scanned (compiled once): for prefill, where
+        the many tokens outweigh copying each layer's weights and cache slice in and out of the
+        scan. Decode runs them unrolled (`unrolled_cached_step`)."""
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
         mask = causal_padding_mask(key_mask, cache_index, x.shape[1])
         x, cache = self.layers(x, cos, sin, mask, cache, cache_index)
         return self.logits(x[:, -1]), cache
+
+
+# Layer params that decode hands to each layer whole, stacked over layers (see `MoE`).
+STACKED_IN_DECODE = ("experts_gate_up", "experts_down")
+
+
+def unrolled_cached_step(params, inputs_embeds, key_mask, position_ids, cache, cache_index, *,
+                         config: AriaTextConfig, dtype=jnp.float32):
+    """`TextDecoder.cached_step` with the layers unrolled, for decode. cache: one {"k", "v"} of
+    (B, S, K, H) per layer (`kv_cache.per_layer`), each written in place and read where it lies;
+    a scan would copy every layer's cache slice in and out, every token."""
+    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+    x = inputs_embeds.astype(dtype)
+    cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
+    mask = causal_padding_mask(key_mask, cache_index, x.shape[1])
+    updated = []
+    for index, layer_cache in enumerate(cache):
+        layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index)
+        layer_params = jax.tree.map(operator.itemgetter(index), params["layers"])
+        for name in STACKED_IN_DECODE:      # the MoE reads its layer's experts in place
+            layer_params["mlp"][name] = params["layers"]["mlp"][name]
+        x, layer_cache = layer.apply({"params": layer_params}, x, cos, sin, mask, layer_cache, cache_index)
+        updated.append(layer_cache)
+    return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), updated
 
 
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:

@@ -12,9 +12,18 @@ Routed experts have interchangeable implementations that tests hold to each othe
   reads only the chosen experts, the fast path for decode (few tokens, many experts).
 - `routed_experts_dense`: every expert on every token, combined with the routing weights. The
   reference: simple enough to check by eye.
+- `routed_experts_in_stack(layer)`: decode on TPU, where the layers run unrolled. The sorted
+  rows, with a Pallas kernel (`grouped_matmul`) that reads the layer's experts inside the
+  weights stacked over layers and skips experts without rows: no copy of a layer's experts.
+`auto` chooses by the platform the program is compiled for (`compile_platform`).
+
+On a mesh, the routed and the shared experts run together under `jax.shard_map`
+(`experts_over_mesh`), one all-reduce per layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -22,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
+from aria_jax.grouped_matmul import stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.sharding import mesh_axis_size
 
@@ -42,36 +52,63 @@ def _glu(gate_up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-def routed_experts_dense(x, weights, expert_ids, gate_up, down):
-    """x: (T, D); weights, expert_ids: (T, K); gate_up: (E, D, 2F); down: (E, F, D) -> (T, D)."""
+def _same(hidden: jax.Array) -> jax.Array:
+    return hidden
+
+
+def routed_experts_dense(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
+    """x: (T, D); weights, expert_ids: (T, K); gate_up: (E, D, 2F); down: (E, F, D) -> (T, D).
+
+    `sum_hidden` completes the up-projection before its gating: the identity, or a sum over the
+    mesh when the weights' D is split (each shard then holds x's and the output's slice of D)."""
     num_experts = gate_up.shape[0]
-    activations = _glu(jnp.einsum("td,edf->tef", x, gate_up))
+    activations = _glu(sum_hidden(jnp.einsum("td,edf->tef", x, gate_up)))
     expert_out = jnp.einsum("tef,efd->ted", activations, down)
     combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype))
     return jnp.einsum("ted,te->td", expert_out, combine)
 
 
-def routed_experts_sorted(x, weights, expert_ids, gate_up, down):
+def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
     """Same contract as `routed_experts_dense`; dropless sort + grouped matmul."""
+    return _sorted_pairs(x, weights, expert_ids, gate_up.shape[0], sum_hidden,
+                         lambda rows, sizes: jax.lax.ragged_dot(rows, gate_up, sizes),
+                         lambda rows, sizes: jax.lax.ragged_dot(rows, down, sizes))
+
+
+def routed_experts_in_stack(layer: int, interpret: bool = False):
+    """The sorted backend for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D): the TPU
+    kernel `stacked_grouped_matmul` reads `layer`'s experts where they lie, only those that hold
+    rows (`interpret`: run it in Pallas' interpreter, on any platform)."""
+
+    def run(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
+        return _sorted_pairs(x, weights, expert_ids, gate_up.shape[1], sum_hidden,
+                             lambda rows, sizes: stacked_grouped_matmul(rows, gate_up, layer, sizes, interpret),
+                             lambda rows, sizes: stacked_grouped_matmul(rows, down, layer, sizes, interpret))
+
+    return run
+
+
+def _sorted_pairs(x, weights, expert_ids, num_experts, sum_hidden, up_projection, down_projection):
+    """The (token, slot) pairs sorted by expert, each expert's rows through its projections
+    (`*_projection(rows, group_sizes)`: grouped matmuls), then back in order and weighted."""
     num_tokens, top_k = expert_ids.shape
-    num_experts = gate_up.shape[0]
     flat_expert_ids = expert_ids.reshape(-1)                                  # (T*K,)
     order = jnp.argsort(flat_expert_ids, stable=True)                         # rows grouped by expert
     group_sizes = jnp.bincount(flat_expert_ids, length=num_experts).astype(jnp.int32)
     x_sorted = x[order // top_k]                                              # (T*K, D)
-    activations = _glu(jax.lax.ragged_dot(x_sorted, gate_up, group_sizes))
-    out_sorted = jax.lax.ragged_dot(activations, down, group_sizes)           # (T*K, D)
+    activations = _glu(sum_hidden(up_projection(x_sorted, group_sizes)))
+    out_sorted = down_projection(activations, group_sizes)                    # (T*K, D)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
 
 
-def routed_experts_gathered(x, weights, expert_ids, gate_up, down):
+def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
     """Same contract; gathers each (token, slot)'s expert weights. Reads only the chosen experts,
     so it suits decode, where tokens x top-k is small next to the number of experts. The slot
     stays a batch dimension of both matmuls: folding it into the output dimension makes XLA
     transpose the gathered weights, a second copy of them."""
     x_per_slot = jnp.broadcast_to(x[:, None, :], (*expert_ids.shape, x.shape[-1]))
-    activations = _glu(jnp.einsum("tkd,tkdf->tkf", x_per_slot, gate_up[expert_ids]))
+    activations = _glu(sum_hidden(jnp.einsum("tkd,tkdf->tkf", x_per_slot, gate_up[expert_ids])))
     out = jnp.einsum("tkf,tkfd->tkd", activations, down[expert_ids])
     return jnp.einsum("tkd,tk->td", out, weights)
 
@@ -133,41 +170,79 @@ def _looped_backward(saved, cotangent):
 routed_experts_looped.defvjp(_looped_forward, _looped_backward)
 
 
-def routed_experts_auto(x, weights, expert_ids, gate_up, down):
-    """Gathered weights for a few (token, slot) pairs (decode), else sorted rows: the looped
-    backend on CPU, the grouped matmul elsewhere. On CPU a gather copies slowly, so from a few
-    tokens on (batched decode) the looped backend is faster."""
-    num_pairs, num_experts = expert_ids.size, gate_up.shape[0]
-    on_cpu = jax.default_backend() == "cpu"
-    if num_pairs < (num_experts // 4 if on_cpu else num_experts):
-        return routed_experts_gathered(x, weights, expert_ids, gate_up, down)
-    if on_cpu:
-        return routed_experts_looped(x, weights, expert_ids, gate_up, down)
-    return routed_experts_sorted(x, weights, expert_ids, gate_up, down)
+def compile_platform() -> str:
+    """The platform of the program being traced: that of the mesh's devices (`aria-jax plan
+    --target` compiles for a TPU on a CPU host), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
-def routed_experts_over_mesh(backend, x, weights, expert_ids, gate_up, down):
-    """Expert parallelism over the current mesh's `expert` axis: each shard holds E/n experts
-    and runs `backend` on the (token, slot) pairs routed to them; tokens are replicated over the
-    axis and the shards' partial outputs summed with a psum. Dropless: pairs routed to another
-    shard get weight 0 and the id one past the local experts, a group that the grouped matmul
-    skips and that gathers clamp (their zero weight removes them)."""
+def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
+    """By the platform the program is compiled for. TPU and GPU: the grouped matmul, whose
+    kernel runs each expert's rows on the matrix units and skips experts with none. CPU: gathered
+    weights for a few (token, slot) pairs (decode), else the looped backend (a gather copies
+    slowly on CPU, so from a few tokens on, batched decode included, the loop is faster)."""
+    if compile_platform() != "cpu":
+        return routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden)
+    if expert_ids.size < gate_up.shape[0] // 4:
+        return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden)
+    if sum_hidden is not _same:     # a collective cannot run inside loops of data-dependent length
+        return routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden)
+    return routed_experts_looped(x, weights, expert_ids, gate_up, down)
 
-    def local_experts(x, weights, expert_ids, gate_up, down):
+
+def shared_experts(x, gate, up, down, act, sum_hidden=_same):
+    """The always-on experts: x (T, D); gate, up (D, S); down (S, D) -> (T, D)."""
+    hidden = act(sum_hidden(jnp.einsum("td,ds->ts", x, gate))) * sum_hidden(jnp.einsum("td,ds->ts", x, up))
+    return jnp.einsum("ts,sd->td", hidden, down)
+
+
+def experts_over_mesh(backend, act, x, weights, expert_ids, gate_up, down, shared):
+    """Routed and shared experts over the current mesh. The `expert` axis splits the routed
+    experts (each shard holds E/n of them) and the shared experts' width; the `tensor` axis splits
+    the model dimension D of both. Each shard runs `backend` on the (token, slot) pairs routed to
+    its own experts, and its slice of the shared experts, with its slice of D: up-projections'
+    partial sums are added over `tensor` before the gating, and the shards' outputs (their slices
+    of D) summed over `expert` in one all-reduce. Tokens are split over `data` and replicated over
+    the other axes. Dropless: pairs routed to another shard get weight 0 and the id one past the
+    local experts, a group that the grouped matmul skips and that gathers clamp (their zero
+    weight removes them).
+
+    `shared`: (gate, up, down) of the shared experts, (D, S), (D, S), (S, D)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tensor = mesh_axis_size(mesh, "tensor")
+    model_dim = "tensor" if tensor > 1 and x.shape[-1] % tensor == 0 else None
+    layers = (None,) * (gate_up.ndim - 3)      # a leading layer axis: weights stacked over layers
+    # Manual over every mesh axis (a Pallas kernel cannot be partitioned by the compiler): token
+    # rows split over `data` when they divide.
+    data = mesh_axis_size(mesh, "data")
+    rows = "data" if data > 1 and x.shape[0] % data == 0 else None
+    if model_dim and backend is routed_experts_looped:
+        backend = routed_experts_sorted       # its loops cannot hold the collective over `tensor`
+    # Added in float32 and rounded once, as one matmul over the whole of D would be.
+    sum_hidden = (lambda h: jax.lax.psum(h.astype(jnp.float32), "tensor").astype(h.dtype)) if model_dim else _same
+
+    def local_experts(x, weights, expert_ids, gate_up, down, shared_gate, shared_up, shared_down):
         # x varies over the shards from here: JAX marks argsort's indices as the same on every
         # shard, so the sorted backend's x[order] would be transposed as psum-then-scatter with
         # one shard's order, a wrong gradient for x; varying, each shard scatters its own.
         x = jax.lax.pcast(x, "expert", to="varying")
-        num_local = gate_up.shape[0]
+        num_local = gate_up.shape[len(layers)]
         local_ids = expert_ids - jax.lax.axis_index("expert") * num_local
         here = (local_ids >= 0) & (local_ids < num_local)
-        out = backend(x, jnp.where(here, weights, 0), jnp.where(here, local_ids, num_local), gate_up, down)
+        args = (x, jnp.where(here, weights, 0), jnp.where(here, local_ids, num_local), gate_up, down)
+        routed = backend(*args, sum_hidden) if model_dim else backend(*args)
+        out = routed.astype(jnp.float32) + shared_experts(x, shared_gate, shared_up, shared_down, act, sum_hidden)
         # Summed in float32 and rounded once (XLA:CPU also cannot compile a bf16 all-reduce).
-        return jax.lax.psum(out.astype(jnp.float32), "expert").astype(out.dtype)
+        return jax.lax.psum(out.astype(jnp.float32), "expert").astype(x.dtype)
 
+    width = P(model_dim, "expert")
     return jax.shard_map(
-        local_experts, in_specs=(P(), P(), P(), P("expert"), P("expert")), out_specs=P(), axis_names={"expert"},
-    )(x, weights, expert_ids, gate_up, down)
+        local_experts, axis_names=set(mesh.axis_names),
+        in_specs=(P(rows, model_dim), P(rows), P(rows), P(*layers, "expert", model_dim, None),
+                  P(*layers, "expert", None, model_dim), width, width, P("expert", model_dim)),
+        out_specs=P(rows, model_dim),
+    )(x, weights, expert_ids, gate_up, down, *shared)
 
 
 ROUTED_EXPERT_BACKENDS = {
@@ -180,9 +255,14 @@ ROUTED_EXPERT_BACKENDS = {
 
 
 class MoE(nn.Module):
+    """`layer_index`: for decode, where the layers run unrolled. The routed experts' params are
+    then the whole stacks over layers, (L, E, D, 2F) and (L, E, F, D), and this layer's experts
+    are read inside them: in place by the TPU kernel, sliced out elsewhere."""
+
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    layer_index: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -194,8 +274,21 @@ class MoE(nn.Module):
             return adapted(self, name, value.astype(self.dtype), num_expert_dims)
 
         router = weight("router", (d, e), ("embed", "experts_logits"))
-        gate_up = weight("experts_gate_up", (e, d, 2 * f), ("experts", "embed", "expert_mlp"), num_expert_dims=1)
-        down = weight("experts_down", (e, f, d), ("experts", "expert_mlp", "embed"), num_expert_dims=1)
+        backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
+        if self.layer_index is None:
+            gate_up = weight("experts_gate_up", (e, d, 2 * f), ("experts", "expert_embed", "expert_mlp"), 1)
+            down = weight("experts_down", (e, f, d), ("experts", "expert_mlp", "expert_embed"), 1)
+        else:   # no adapters here: generation runs on params alone
+            layers = (cfg.num_hidden_layers,)
+            gate_up = param_with_axes(self, "experts_gate_up", default_kernel_init, layers + (e, d, 2 * f),
+                                      ("layers", "experts", "expert_embed", "expert_mlp"), self.param_dtype)
+            down = param_with_axes(self, "experts_down", default_kernel_init, layers + (e, f, d),
+                                   ("layers", "experts", "expert_mlp", "expert_embed"), self.param_dtype)
+            if compile_platform() == "tpu" and cfg.moe_backend in ("auto", "ragged_dot"):
+                backend = routed_experts_in_stack(self.layer_index)
+            else:
+                gate_up, down = gate_up[self.layer_index], down[self.layer_index]
+            gate_up, down = gate_up.astype(self.dtype), down.astype(self.dtype)
 
         batch_shape = x.shape[:-1]
         tokens = x.reshape(-1, d)
@@ -203,17 +296,17 @@ class MoE(nn.Module):
             router_logits, top_weights, top_ids = route(tokens, router, cfg.moe_topk)
             # Kept only when the caller asks for "intermediates": training's auxiliary losses.
             self.sow("intermediates", "router_logits", router_logits)
-        with jax.named_scope("routed_experts"):
-            backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
-            if mesh_axis_size(jax.sharding.get_abstract_mesh(), "expert") > 1:
-                routed = routed_experts_over_mesh(backend, tokens, top_weights, top_ids, gate_up, down)
-            else:
+        act = ACTIVATIONS[cfg.hidden_act]
+        shared = (weight("shared_gate", (d, s), ("expert_embed", "shared_mlp")),
+                  weight("shared_up", (d, s), ("expert_embed", "shared_mlp")),
+                  weight("shared_down", (s, d), ("shared_mlp", "expert_embed")))
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and math.prod(mesh.axis_sizes) > 1:
+            with jax.named_scope("experts"):
+                out = experts_over_mesh(backend, act, tokens, top_weights, top_ids, gate_up, down, shared)
+        else:
+            with jax.named_scope("routed_experts"):
                 routed = backend(tokens, top_weights, top_ids, gate_up, down)
-        with jax.named_scope("shared_experts"):
-            act = ACTIVATIONS[cfg.hidden_act]
-            shared_gate = weight("shared_gate", (d, s), ("embed", "mlp"))
-            shared_up = weight("shared_up", (d, s), ("embed", "mlp"))
-            shared_down = weight("shared_down", (s, d), ("mlp", "embed"))
-            hidden = act(jnp.einsum("td,ds->ts", tokens, shared_gate)) * jnp.einsum("td,ds->ts", tokens, shared_up)
-            shared = jnp.einsum("ts,sd->td", hidden, shared_down)
-        return (routed + shared).reshape(*batch_shape, d)
+            with jax.named_scope("shared_experts"):
+                out = routed + shared_experts(tokens, *shared, act)
+        return out.reshape(*batch_shape, d)

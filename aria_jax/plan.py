@@ -1,15 +1,22 @@
-"""Memory plans: will a config fit a mesh? Compiled ahead of time, with no weights at all.
+"""Plans: what generation costs on a mesh, compiled ahead of time with no weights at all.
 
-Prefill and decode are lowered with abstract arrays (`jax.ShapeDtypeStruct`, carrying their
-shardings) and compiled for the mesh; the compiler's memory analysis gives each device's
-bytes of arguments (params, KV cache), outputs and temporaries. On a machine without the
-devices, a CPU mesh of as many simulated devices stands in: the partitioning, and so the
-per-device params and KV cache, are the same. Temporaries are not: XLA:CPU multiplies bf16 in
-float32 and keeps float32 copies of the weights it multiplies, which TPU and GPU compilers do
-not. So on CPU a bf16 plan also compiles in float32, where no copy is made, and takes half of
-that compile's temporaries as the estimate used to decide what fits (the bf16 compile's own
-figure is printed too). XLA:CPU also lowers `ragged_dot` to a dense matmul over the local
-experts, so prefill temporaries stay an upper bound.
+`compile_generation` compiles the very jitted functions `generate()` runs (the model's prompt
+embedding, then `Generator.prefill` and `Generator.decode`, see `generation_functions`), lowered
+with abstract arguments (`jax.ShapeDtypeStruct`s carrying the shardings that `generate()`'s
+arguments have: the params' from the sharding table, replicated host arrays, and each program's
+inputs laid out as the previous program's compiled outputs). Generation runs one prefill, then
+(when no stop string needs checking on the host) one decode call that makes every remaining
+token; the plan compiles them for a prompt of `prompt_length` tokens (rounded up to its bucket,
+as `generate()` pads it) and a KV cache of `max_length`.
+
+`plan_memory` is the host-CPU plan: each device's memory, on a CPU mesh of as many simulated
+devices as the mesh has. The partitioning, and so the per-device params and KV cache, are the
+same as on the real devices. Temporaries are not: XLA:CPU multiplies bf16 in float32 and keeps
+float32 copies of the weights it multiplies, which TPU and GPU compilers do not. So on CPU a
+bf16 plan also compiles in float32, where no copy is made, and takes half of that compile's
+temporaries as the estimate used to decide what fits (the bf16 compile's own figure is printed
+too). XLA:CPU also lowers `ragged_dot` to a dense matmul over the local experts, so prefill
+temporaries stay an upper bound. `aria_jax.plan_target` compiles for real accelerators instead.
 """
 
 from __future__ import annotations
@@ -23,12 +30,157 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aria_jax.config import AriaConfig
-from aria_jax.generate import DecodeState, Sampling, decode, prefill
-from aria_jax.modeling import TextDecoder, multimodal_param_shapes
+from aria_jax.generate import Sampling
+from aria_jax.generator import STOP_ID_SLOTS
+from aria_jax.kv_cache import bucket_length
+from aria_jax.modeling import multimodal_param_shapes
+from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.sharding import check_layout, param_sharding_for
 from aria_jax.weights import flatten_tree, unflatten_tree
 
 DEVICE_MEMORY = {"v5e": 16e9, "v6e": 32e9, "H100": 80e9}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationShape:
+    """The shapes one `generate()` request compiles for."""
+
+    batch: int
+    prompt_length: int      # the prompt's bucket: generate() left-pads prompts to it
+    cache_length: int       # `generate(..., max_length=)`: the KV cache length
+
+    @classmethod
+    def for_request(cls, batch: int, prompt_length: int, max_length: int) -> "GenerationShape":
+        bucket = bucket_length(prompt_length)
+        if bucket >= max_length:
+            padded = f" (padded to its bucket, {bucket})" if bucket != prompt_length else ""
+            raise ValueError(f"--prompt-length {prompt_length}{padded} leaves no room to generate in "
+                             f"--max-length {max_length}")
+        return cls(batch, bucket, max_length)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.cache_length - self.prompt_length
+
+    @property
+    def decode_steps(self) -> int:
+        """Loop iterations of the one decode call: prefill samples the first new token."""
+        return self.max_new_tokens - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledProgram:
+    name: str
+    compiled: object                # jax.stages.Compiled
+    compile_seconds: float
+    resident_bytes: int             # per device: weights the model holds that are not arguments of this program
+    refusal: str | None = None      # the compiler's first answer, when it refused the program
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusedProgram:
+    """A program the compiler refused, even when asked again (`when_refused`)."""
+
+    name: str
+    message: str
+
+
+def abstract_params(config: AriaConfig, mesh, dtype) -> dict:
+    """The multimodal params as ShapeDtypeStructs, each with the sharding the loaders give it."""
+    boxed = multimodal_param_shapes(config, dtype)
+    sharding_for = param_sharding_for(boxed, mesh)
+    flat = flatten_tree(jax.tree_util.tree_map(lambda p: p.value, boxed, is_leaf=lambda x: hasattr(x, "names")))
+    return unflatten_tree({path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(path))
+                           for path, leaf in flat.items()})
+
+
+def per_device_bytes(abstract) -> int:
+    """Bytes one device holds of every array in `abstract` (ShapeDtypeStructs with shardings)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(abstract):
+        shard_shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _outputs_as_inputs(compiled) -> object:
+    """A compiled program's outputs as abstract arguments of the next program."""
+    def as_input(info, sharding):
+        return jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map(as_input, compiled.out_info, compiled.output_shardings)
+
+
+def _unused_argument_bytes(traced, abstract_params) -> int:
+    """Per-device bytes of the params (the first argument) that the traced function never
+    reads: jit drops them from the compiled program, but the device still holds them."""
+    jaxpr = traced.jaxpr.jaxpr
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    leaves = jax.tree_util.tree_leaves(abstract_params)
+    return sum(per_device_bytes(leaf) for leaf, var in zip(leaves, jaxpr.invars) if id(var) not in read)
+
+
+def compile_generation(config: AriaConfig, mesh, dtype, shape: GenerationShape, compiler_options: dict | None = None,
+                       when_refused=None) -> list[CompiledProgram | RefusedProgram]:
+    """Compiles prefill and decode for `shape` on `mesh` (its devices may be an accelerator's
+    topology). When the compiler refuses a program, `when_refused(error)` may return compiler
+    options to compile it again with (on TPU: with the memory check off, to report what a
+    program that does not fit would need); the program then carries the refusal, or, refused
+    again, ends the list (the next program takes its outputs). Without `when_refused` (or when
+    it returns None) the error propagates."""
+    check_layout(config, mesh)
+    dtype = jnp.dtype(dtype)
+    params = abstract_params(config, mesh, dtype)
+    text_params = params["language_model"]
+    other_weights = per_device_bytes({k: v for k, v in params.items() if k != "language_model"})
+    model = AriaForConditionalGeneration(config, params, dtype, mesh=mesh)
+    embed_prompt, prefill, decode = model.generation_functions()
+    replicated = NamedSharding(mesh, P())
+
+    def host_array(shape, dtype):
+        """A numpy argument: generate() places it replicated on the mesh (`MeshRunner`)."""
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    batch, prompt = shape.batch, shape.prompt_length
+    ids = host_array((batch, prompt), jnp.int32)
+    mask = host_array((batch, prompt), jnp.int32)
+    sampling = Sampling(host_array((batch,), jnp.float32), host_array((batch,), jnp.int32),
+                        host_array((batch,), jnp.float32), host_array((batch, 2), jnp.uint32))
+    stop_ids = host_array((STOP_ID_SLOTS,), jnp.int32)
+    python_int = jax.ShapeDtypeStruct((), jnp.int32, weak_type=True)   # the chunk and max_new_tokens
+
+    def compile_program(name, traced, params_argument, weights_held_besides):
+        with jax.set_mesh(mesh):
+            lowered = traced.lower()
+        start, refusal = time.perf_counter(), None
+        try:
+            compiled = lowered.compile(compiler_options=compiler_options)
+        except Exception as error:  # a refusal can be a finding: the caller decides
+            retry_options = when_refused(error) if when_refused is not None else None
+            if retry_options is None:
+                raise
+            refusal = " ".join(str(error).split())
+            try:
+                compiled = lowered.compile(compiler_options={**(compiler_options or {}), **retry_options})
+            except Exception as second:  # noqa: BLE001  (reported, as the first refusal is)
+                return RefusedProgram(name, f"{refusal}; asked again: {' '.join(str(second).split())}")
+        resident = weights_held_besides + _unused_argument_bytes(traced, params_argument)
+        return CompiledProgram(name, compiled, time.perf_counter() - start, resident, refusal)
+
+    # A text prompt's embedding (no images) runs first; compiled here for the layout of its
+    # output, which is prefill's input.
+    embedding = compile_program("prompt embedding", embed_prompt.trace(params, ids, None, None), params, 0)
+    if isinstance(embedding, RefusedProgram):
+        return [embedding]
+    prefill_program = compile_program("prefill", prefill.trace(
+        text_params, _outputs_as_inputs(embedding.compiled), mask, sampling, stop_ids,
+        cache_length=shape.cache_length, max_new_tokens_capacity=shape.max_new_tokens), text_params, other_weights)
+    if isinstance(prefill_program, RefusedProgram):
+        return [prefill_program]
+    state = _outputs_as_inputs(prefill_program.compiled)
+    decode_program = compile_program("decode", decode.trace(
+        text_params, state, python_int, python_int, sampling, stop_ids, prompt_len=prompt), text_params, other_weights)
+    return [prefill_program, decode_program]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +193,12 @@ class StepMemory:
     aliased: int
     temporaries: int
     temporaries_estimate: int
+    resident: int           # weights held on the device that are not arguments (vision tower, projector)
     compile_seconds: float
 
     @property
     def peak(self) -> int:
-        return self.arguments + self.outputs - self.aliased + self.temporaries_estimate
+        return self.arguments + self.outputs - self.aliased + self.temporaries_estimate + self.resident
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,88 +222,32 @@ class Plan:
                  f"KV cache {self.cache_per_device / gb:.2f} GB"]
         for step in self.steps:
             lines.append(f"  {step.name:8s} arguments {step.arguments / gb:6.2f} GB  outputs {step.outputs / gb:6.2f} GB"
-                         f"  (donated {step.aliased / gb:.2f} GB)  temporaries {step.temporaries_estimate / gb:6.2f} GB"
-                         f" (as compiled here {step.temporaries / gb:.2f} GB)  peak {step.peak / gb:6.2f} GB"
-                         f"  (compiled in {step.compile_seconds:.0f} s)")
+                         f"  (donated {step.aliased / gb:.2f} GB)"
+                         f"  temporaries {step.temporaries_estimate / gb:6.2f} GB"
+                         f" (as compiled here {step.temporaries / gb:.2f} GB)"
+                         f"  other weights {step.resident / gb:.2f} GB"
+                         f"  peak {step.peak / gb:6.2f} GB  (compiled in {step.compile_seconds:.0f} s)")
         lines.append("  fits: " + ", ".join(f"{device} ({memory / gb:.0f} GB) {'yes' if ok else 'no'}"
                                           for (device, ok), memory in zip(self.fits().items(), DEVICE_MEMORY.values())))
         return "\n".join(lines)
 
 
-def _per_device_bytes(abstract) -> int:
-    """Bytes one device holds of every array in `abstract` (ShapeDtypeStructs with shardings)."""
-    total = 0
-    for leaf in jax.tree_util.tree_leaves(abstract):
-        shard_shape = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
-
-def _compile(lowered):
-    """The compiled step, its memory analysis and its compile time."""
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, compiled.memory_analysis(), time.perf_counter() - start
-
-
 def plan_memory(config: AriaConfig, mesh, dtype, batch: int, max_length: int, prompt_length: int) -> Plan:
-    """Compiles prefill (a `prompt_length` prompt into a `max_length` cache) and one decode chunk
-    for `batch` rows on `mesh`, and returns each device's memory."""
-    check_layout(config, mesh)
+    """Compiles generation's prefill and decode for `batch` rows on `mesh` (host CPU devices)
+    and returns each device's memory."""
     dtype = jnp.dtype(dtype)
-    compiled = _compile_steps(config, mesh, dtype, batch, max_length, prompt_length)
-    estimates = [analysis.temp_size_in_bytes for _, analysis, _, _ in compiled]
+    shape = GenerationShape.for_request(batch, prompt_length, max_length)
+    programs = compile_generation(config, mesh, dtype, shape)
+    estimates = [p.compiled.memory_analysis().temp_size_in_bytes for p in programs]
     if jax.default_backend() == "cpu" and dtype.itemsize < 4:
-        reference = _compile_steps(config, mesh, jnp.dtype(jnp.float32), batch, max_length, prompt_length)
-        estimates = [analysis.temp_size_in_bytes * dtype.itemsize // 4 for _, analysis, _, _ in reference]
-    steps = [
-        StepMemory(name, a.argument_size_in_bytes, a.output_size_in_bytes, a.alias_size_in_bytes,
-                   a.temp_size_in_bytes, estimate, seconds)
-        for (name, a, seconds, _), estimate in zip(compiled, estimates)
-    ]
-    params, state = compiled[0][3], compiled[1][3]
-    return Plan(dict(zip(mesh.axis_names, mesh.axis_sizes)), _per_device_bytes(params),
-                _per_device_bytes(state.cache), steps)
-
-
-def _compile_steps(config: AriaConfig, mesh, dtype, batch: int, max_length: int, prompt_length: int) -> list:
-    """[(name, memory analysis, compile seconds, abstract input)] for prefill (input: the
-    params) and decode (input: the decode state)."""
-    text = config.text_config
-    boxed = multimodal_param_shapes(config, dtype)
-    sharding_for = param_sharding_for(boxed, mesh)
-    flat = flatten_tree(jax.tree_util.tree_map(lambda p: p.value, boxed, is_leaf=lambda x: hasattr(x, "names")))
-    params = unflatten_tree({path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(path))
-                             for path, leaf in flat.items()})
-    replicated = NamedSharding(mesh, P())
-
-    def host(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-
-    sampling = Sampling(host((batch,), jnp.float32), host((batch,), jnp.int32), host((batch,), jnp.float32),
-                        host((batch, 2), jnp.uint32))
-    stop_ids = host((8,), jnp.int32)
-    capacity = max_length - prompt_length
-
-    def prefill_step(params, input_ids, attention_mask, sampling, stop_ids):
-        decoder = TextDecoder(text, dtype=dtype, param_dtype=dtype)
-        embeds = decoder.apply({"params": params["language_model"]}, input_ids, method=TextDecoder.embed)
-        return prefill(params["language_model"], embeds, attention_mask, sampling, stop_ids, config=text,
-                       cache_length=max_length, max_new_tokens_capacity=capacity, dtype=dtype)
-
-    def decode_step(params, state, sampling, stop_ids):
-        return decode(params["language_model"], state, 16, capacity, sampling, stop_ids, config=text,
-                      prompt_len=prompt_length, dtype=dtype)
-
-    with jax.set_mesh(mesh):
-        prefill_jit = jax.jit(prefill_step)
-        prefill_args = (params, host((batch, prompt_length), jnp.int32), host((batch, prompt_length), jnp.int32),
-                        sampling, stop_ids)
-        compiled_prefill, prefill_memory, prefill_seconds = _compile(prefill_jit.lower(*prefill_args))
-        state: DecodeState = jax.tree_util.tree_map(
-            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            jax.eval_shape(prefill_jit, *prefill_args), compiled_prefill.output_shardings)
-        _, decode_memory, decode_seconds = _compile(
-            jax.jit(decode_step, donate_argnums=1).lower(params, state, sampling, stop_ids))
-    return [("prefill", prefill_memory, prefill_seconds, params), ("decode", decode_memory, decode_seconds, state)]
-
+        reference = compile_generation(config, mesh, jnp.dtype(jnp.float32), shape)
+        estimates = [p.compiled.memory_analysis().temp_size_in_bytes * dtype.itemsize // 4 for p in reference]
+    steps = []
+    for program, estimate in zip(programs, estimates):
+        memory = program.compiled.memory_analysis()
+        steps.append(StepMemory(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
+                                memory.alias_size_in_bytes, memory.temp_size_in_bytes, estimate,
+                                program.resident_bytes, program.compile_seconds))
+    params = abstract_params(config, mesh, dtype)
+    cache = _outputs_as_inputs(programs[0].compiled).cache
+    return Plan(dict(zip(mesh.axis_names, mesh.axis_sizes)), per_device_bytes(params), per_device_bytes(cache), steps)

@@ -96,6 +96,12 @@ class _Pretrained:
     def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
         raise NotImplementedError
 
+    def generation_functions(self) -> tuple:
+        """The jitted functions `generate` and `stream` call, in order: the prompt embedding
+        (token ids, and images for the multimodal model), prefill and decode. `aria-jax plan`
+        compiles these very functions."""
+        return self._embed_prompt, self._generator.prefill, self._generator.decode
+
     def _prepare(self, input_ids, attention_mask, pixel_values, pixel_mask, settings):
         """Checks the request, pads the prompt to its bucket and embeds it (images merged)."""
         ids, mask, _ = self._check_text(input_ids, attention_mask, None)
@@ -179,6 +185,7 @@ class AriaTextForCausalLM(_Pretrained):
         self._embed = self._run.wrap(jax.jit(
             lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
                 {"params": params}, ids, method=TextDecoder.embed)))
+        self._embed_prompt = self._embed
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None) -> "AriaTextForCausalLM":
@@ -228,6 +235,7 @@ class AriaForConditionalGeneration(_Pretrained):
         self._embeddings = apply("input_embeddings")
         self._vision_features = apply("vision_features")
         self._image_features = apply("image_features")
+        self._embed_prompt = self._embeddings
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None) -> "AriaForConditionalGeneration":

@@ -1,10 +1,17 @@
 """Device meshes and where every parameter and activation lives on them.
 
 The mesh has three named axes: `data` (batch rows), `expert` (the routed experts of every MoE
-layer) and `tensor` (attention heads, MLP width, vocabulary). One table maps the logical axis
-names that every parameter carries (`nn.with_logical_partitioning`) onto them; a logical axis
-that is not in the table is replicated. The MoE layer runs its experts under `jax.shard_map`
-over the `expert` axis (`moe.py`); everything else is left to the compiler's propagation.
+layer) and `tensor` (attention heads, MLP width, vocabulary, and the experts' model dimension).
+One table maps the logical axis names that every parameter carries
+(`nn.with_logical_partitioning`) onto them; a logical axis that is not in the table, or whose
+size does not divide over its mesh axes, is replicated. The MoE layer runs its experts under
+`jax.shard_map` over the `expert` and `tensor` axes (`moe.py`); everything else is left to the
+compiler's propagation.
+
+The shared experts split their width over the `expert` axis and, like the routed ones, their
+model dimension over `tensor`; embedding and lm_head split their vocabulary over both. Decode
+reads every weight it touches once per token, so a weight replicated over the `expert` axis costs
+its full size on every chip: attention's still is (its 20 heads do not divide over 8).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaConfig, AriaTextConfig
 
@@ -26,9 +34,13 @@ LOGICAL_TO_MESH = {
     # device, and the MoE gathers the tokens of all rows for its experts (replicated in, psum out).
     "batch": ("data", "expert"),
     "experts": "expert",
+    "expert_embed": "tensor",
     "q_heads": "tensor", "kv_heads": "tensor", "heads": "tensor",
     "mlp": "tensor",
-    "vocab": "tensor",
+    "shared_mlp": "expert",
+    # The embedding and lm_head split their vocabulary over every device, keeping their model
+    # dimension ("vocab_embed") whole: each device then reads and multiplies only its own rows.
+    "vocab": ("tensor", "expert"),
 }
 
 
@@ -70,19 +82,21 @@ def check_layout(config: AriaConfig | AriaTextConfig, mesh) -> None:
         "num_attention_heads": text.num_attention_heads,
         "num_key_value_heads": text.num_key_value_heads,
         "vocab_size": text.vocab_size,
-        "shared expert width": text.shared_expert_size,
+        "hidden_size": text.hidden_size,      # the experts' model dimension
     }
     if isinstance(config, AriaConfig):
         tensor_dims["vision num_attention_heads"] = config.vision_config.num_attention_heads
         tensor_dims["vision intermediate_size"] = config.vision_config.intermediate_size
     expert_size, tensor_size = mesh_axis_size(mesh, "expert"), mesh_axis_size(mesh, "tensor")
     devices = math.prod(mesh.axis_sizes)
-    if text.moe_num_experts % expert_size:
-        valid = [d for d in _divisors(text.moe_num_experts) if devices % d == 0]
-        raise LayoutError(
-            f"moe_num_experts={text.moe_num_experts} does not divide over expert={expert_size}; "
-            f"expert sizes that fit {devices} devices: {', '.join(map(str, valid))}"
-        )
+    expert_dims = {"moe_num_experts": text.moe_num_experts, "shared expert width": text.shared_expert_size}
+    for name, value in expert_dims.items():
+        if value % expert_size:
+            valid = [d for d in _divisors(math.gcd(*expert_dims.values())) if devices % d == 0]
+            raise LayoutError(
+                f"{name}={value} does not divide over expert={expert_size}; "
+                f"expert sizes that fit {devices} devices: {', '.join(map(str, valid))}"
+            )
     tensor_ok = math.gcd(*tensor_dims.values())
     for name, value in tensor_dims.items():
         if value % tensor_size:
@@ -94,19 +108,28 @@ def check_layout(config: AriaConfig | AriaTextConfig, mesh) -> None:
             )
 
 
-def logical_to_mesh(spec: P) -> P:
-    """Params: their logical axes' mesh axes (no param has a batch axis)."""
-    return P(*(LOGICAL_TO_MESH.get(name) if isinstance(name, str) else None for name in spec))
+def mesh_axes_for(logical: str | None, size: int, mesh, taken=()) -> tuple[str, ...] | None:
+    """The mesh axes a dimension of `size` with this logical name splits over on `mesh`: those
+    of the table that the mesh has and another dimension has not `taken`, or none if their
+    product does not divide `size`."""
+    axes = LOGICAL_TO_MESH.get(logical) if logical else None
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                 if a in mesh.axis_names and a not in taken)
+    split = math.prod(mesh_axis_size(mesh, a) for a in axes)
+    return axes if axes and size % split == 0 else None
 
 
 def param_sharding_for(boxed_shapes, mesh) -> Callable[[tuple[str, ...]], NamedSharding]:
     """`sharding_for(path)` for the loaders, from an `eval_shape`d (boxed) params tree."""
-    specs = nn.get_partition_spec(boxed_shapes)
-    flat = {
-        tuple(k.key for k in key_path): spec
-        for key_path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
-    }
-    return lambda path: NamedSharding(mesh, logical_to_mesh(flat[path]))
+    leaves = jax.tree_util.tree_flatten_with_path(boxed_shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    specs = {}
+    for key_path, boxed in leaves:
+        names = boxed.names if isinstance(boxed, nn.Partitioned) else (None,) * len(boxed.shape)
+        spec = []
+        for name, size in zip(names, nn.meta.unbox(boxed).shape):
+            spec.append(mesh_axes_for(name, size, mesh, taken=[a for axes in spec if axes for a in axes]))
+        specs[tuple(k.key for k in key_path)] = P(*spec)
+    return lambda path: NamedSharding(mesh, specs[path])
 
 
 def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
@@ -115,13 +138,8 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = []
-    for size, logical in zip(x.shape, logical_axes):
-        axes = LOGICAL_TO_MESH.get(logical) if logical else None
-        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
-        split = math.prod(mesh_axis_size(mesh, a) for a in axes)
-        spec.append(axes if axes and size % split == 0 else None)
-    return jax.lax.with_sharding_constraint(x, P(*spec))
+    return jax.lax.with_sharding_constraint(x, P(*(mesh_axes_for(name, size, mesh)
+                                                   for size, name in zip(x.shape, logical_axes))))
 
 
 def replicate_to(mesh, array) -> jax.Array:
@@ -151,4 +169,10 @@ class MeshRunner:
             with jax.set_mesh(self.mesh):
                 return jitted(*args, **kwargs)
 
+        def trace(*args, **kwargs):
+            """`jitted.trace` on the mesh (`aria-jax plan` lowers and compiles the result)."""
+            with jax.set_mesh(self.mesh):
+                return jitted.trace(*args, **kwargs)
+
+        on_mesh.trace = trace
         return on_mesh

@@ -160,17 +160,76 @@ def export(args: argparse.Namespace) -> None:
 
 
 def plan(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from aria_jax.config import config_from_pretrained
-    from aria_jax.plan import plan_memory
     from aria_jax.pretrained import resolve_dtype
+
+    if not args.target and (args.json or args.dump_hlo):
+        raise UserError("--json and --dump-hlo need --target (the host-CPU plan prints memory only)")
+    config = config_from_pretrained(args.config)
+    if args.moe_backend:
+        config = dataclasses.replace(config, text_config=dataclasses.replace(config.text_config,
+                                                                             moe_backend=args.moe_backend))
+    prompt_length = args.prompt_length or args.max_length // 2
+    if args.target:
+        plan_for_target(args, config, resolve_dtype(args.dtype), prompt_length)
+        return
+    from aria_jax.plan import plan_memory
     from aria_jax.sharding import make_mesh
 
-    config = config_from_pretrained(args.config)
-    prompt_length = args.prompt_length or args.max_length // 2
-    if prompt_length >= args.max_length:
-        raise UserError(f"--prompt-length {prompt_length} leaves no room to generate in --max-length {args.max_length}")
     mesh = make_mesh(**args.mesh_sizes)
     print(plan_memory(config, mesh, resolve_dtype(args.dtype), args.batch, args.max_length, prompt_length).table())
+
+
+def plan_for_target(args: argparse.Namespace, config, dtype, prompt_length: int) -> None:
+    from aria_jax.accelerators import parse_target, prepare_environment, target_devices
+    from aria_jax.plan import GenerationShape
+    from aria_jax.plan_target import dump_hlo, plan_target, write_json
+    from aria_jax.sharding import make_mesh
+
+    target = parse_target(args.target)
+    shape = GenerationShape.for_request(args.batch, prompt_length, args.max_length)
+    prepare_environment(target)
+    with native_stderr_discarded() if target.platform == "cuda" else contextlib.nullcontext():
+        mesh = make_mesh(**args.mesh_sizes, devices=target_devices(target))
+        result = plan_target(config, target, mesh, dtype, shape)
+    print(result.table())
+    if args.json:
+        write_json(result, args.json)
+    if args.dump_hlo:
+        dump_hlo(result, args.dump_hlo)
+
+
+def prepare_target_environment(target_name: str) -> None:
+    """`plan --target` compiles for an accelerator this machine does not have: JAX itself runs on
+    the CPU (with libtpu installed and no TPU, a TPU client would start and print a trace), and
+    the target's compiler is reached through its topology. Read when JAX loads, so set before
+    anything imports it."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if target_name.strip().lower().startswith("h100"):
+        # The CUDA plugin refuses to load without CUDA libraries unless told that it only
+        # compiles, and logs the missing driver on stderr whenever JAX loads it.
+        os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+        with native_stderr_discarded():
+            import jax  # noqa: F401  (loads the plugin now, quietly)
+
+
+@contextlib.contextmanager
+def native_stderr_discarded():
+    """Drops what native libraries write to file descriptor 2 while this runs. Python errors
+    are exceptions and still reach the one-line error report."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def finetune(args: argparse.Namespace) -> None:
@@ -350,17 +409,31 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(run=export)
 
     pl = _add_command(
-        commands, "plan", "per-device memory of prefill and decode for a config on a mesh, compiled without weights",
-        description="Will it fit? Compile prefill and decode for a model config on a mesh of simulated CPU "
-                    "devices, without loading any weights, and print a table of per-device memory: params, KV "
-                    "cache, and the peaks of prefill and decode, for a batch and a cache length.",
+        commands, "plan", "memory (and, with --target, estimated time) of generation, compiled without weights",
+        description="Will it fit, and how fast will it run? Compile generate()'s prefill and decode for a model "
+                    "config on a mesh, without loading any weights. Without --target: on simulated CPU devices, "
+                    "a table of per-device memory (params, KV cache, the peaks of prefill and decode). With "
+                    "--target (e.g. v5e:2x4, h100:8): with that accelerator's own compiler, on this machine, "
+                    "per chip memory and whether it fits the chip's HBM, the compiler's estimated time (decode: "
+                    "per token) and the roofline beside it. Times are compiler estimates, not timings.",
     )
     pl.add_argument("--config", default="configs/aria.json", help="config.json (or a model directory)")
     pl.add_argument("--mesh", default="expert=8", help="mesh axis sizes, e.g. data=2,expert=8,tensor=4")
     pl.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="param and compute dtype")
     pl.add_argument("--batch", type=_positive_int, default=8, help="rows generated together")
     pl.add_argument("--max-length", type=_positive_int, default=8192, help="KV cache length (prompt + new tokens)")
-    pl.add_argument("--prompt-length", type=_positive_int, default=None, help="prefill length (default: half of --max-length)")
+    pl.add_argument("--prompt-length", type=_positive_int, default=None,
+                    help="prefill length, rounded up to its bucket as generate() pads it "
+                         "(default: half of --max-length)")
+    pl.add_argument("--target", default=None,
+                    help="compile for this accelerator, e.g. v5e:2x4 (TPU: pip install 'aria-jax[tpu]') or h100:8 "
+                         "(pip install 'aria-jax[gpu-compile]'); an unknown name lists the supported ones")
+    pl.add_argument("--moe-backend", default=None,
+                    help="routed-expert implementation to compile, as AriaTextConfig.moe_backend "
+                         "(default: the config's)")
+    pl.add_argument("--json", default=None, metavar="PATH", help="with --target: write every figure to PATH as JSON")
+    pl.add_argument("--dump-hlo", default=None, metavar="DIR",
+                    help="with --target: write each compiled program's optimized HLO to DIR/<program>.txt")
     pl.set_defaults(run=plan)
 
     ft = _add_command(
@@ -416,7 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "plan":
+        if args.command == "plan" and args.target:
+            args.mesh_sizes = parse_mesh(args.mesh)
+            prepare_target_environment(args.target)
+        elif args.command == "plan":
             args.mesh_sizes = simulate_devices(args.mesh)
         if args.command == "finetune":
             args.mesh_sizes = parse_mesh(args.mesh) if args.mesh else None

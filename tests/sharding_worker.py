@@ -112,6 +112,7 @@ def run_model_layout(results: dict, layout, out_dir: str) -> None:
         "params": {
             "experts_gate_up": describe(layers["mlp"]["experts_gate_up"]),
             "experts_down": describe(layers["mlp"]["experts_down"]),
+            "shared_gate": describe(layers["mlp"]["shared_gate"]),
             "q_proj": describe(layers["self_attn"]["q_proj"]),
             "lm_head": describe(model.params["language_model"]["lm_head"]),
         },

@@ -23,8 +23,8 @@ import transformers
 
 import aria_jax
 from aria_jax.generate import Sampling, sample_tokens
-from aria_jax.kv_cache import bucket_length, init_cache
-from aria_jax.modeling import TextDecoder
+from aria_jax.kv_cache import bucket_length, init_cache, per_layer
+from aria_jax.modeling import TextDecoder, unrolled_cached_step
 from test_multimodal_parity import build_rows, emulated_crop, noise_image
 from tiny_models import make_multimodal_model, make_text_model
 
@@ -209,13 +209,19 @@ def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
     key_mask = jnp.concatenate([jnp.asarray(mask, bool), jnp.ones((batch, STEPS), bool)], axis=1)
 
     @jax.jit
-    def step(params, token_ids, positions, cache, index):
+    def prefill_step(params, token_ids, positions, cache):
         embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
-        return decoder.apply({"params": params}, embeds, key_mask, positions, cache, index,
+        return decoder.apply({"params": params}, embeds, key_mask, positions, cache, 0,
                              method=TextDecoder.cached_step)
 
+    @jax.jit
+    def step(params, token_ids, positions, cache, index):   # decode: the layers unrolled, one cache per layer
+        embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
+        return unrolled_cached_step(params, embeds, key_mask, positions, cache, index, config=config)
+
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = step(model.params, ids, positions, init_cache(config, batch, cache_length, jnp.float32), 0)
+    logits, cache = prefill_step(model.params, ids, positions, init_cache(config, batch, cache_length, jnp.float32))
+    cache = per_layer(cache, cache_length)
     step_logits, tokens = [], []
     for i in range(STEPS):
         step_logits.append(np.asarray(logits))

@@ -149,17 +149,22 @@ def shard_blocks(param: dict, dim: int) -> dict[tuple[int, int], list[int]]:
     return blocks
 
 
-def assert_split(param: dict, dim: int, axis: str, parts: int, num_devices: int) -> None:
-    """`param` is split in `parts` equal blocks along `dim` over mesh axis `axis` (whole if
-    parts == 1), each device holding one block of exactly that size."""
+def assert_split(param: dict, dim: int, axis, parts: int, num_devices: int, other_splits=None) -> None:
+    """`param` is split in `parts` equal blocks along `dim` over mesh axis `axis` (a name, or a
+    list of names; whole if parts == 1), each device holding one block of exactly that size.
+    `other_splits`: {dim: parts} of the other dimensions the param is split along."""
+    other_splits = other_splits or {}
     size = param["shape"][dim]
     assert len(param["shards"]) == num_devices
     assert len({shard["device"] for shard in param["shards"]}) == num_devices
     if parts > 1:
-        assert param["spec"][dim] == axis, param["spec"]
+        spec = param["spec"][dim]
+        assert (spec if isinstance(axis, str) else list(spec)) == axis, param["spec"]
     for shard in param["shards"]:
         expected = list(param["shape"])
         expected[dim] = size // parts
+        for other, other_parts in other_splits.items():
+            expected[other] //= other_parts
         assert shard["shape"] == expected, (shard, param["spec"])
     blocks = shard_blocks(param, dim)
     assert sorted(blocks) == [(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
@@ -172,15 +177,22 @@ def test_each_device_holds_its_share_of_the_experts(mesh_results, layout):
     params = mesh_results["layouts"][layout_name(layout)]["params"]
     for name in ("experts_gate_up", "experts_down"):
         # (layers, experts, ...): dim 1 over "expert", 8 / expert experts per device.
+        # and their model dimension (gate_up: dim 2, down: dim 3) over "tensor".
+        model_dim = 2 if name == "experts_gate_up" else 3
         assert params[name]["shape"][1] == NUM_EXPERTS
-        assert_split(params[name], 1, "expert", expert, 8)
+        assert_split(params[name], 1, "expert", expert, 8, {model_dim: tensor})
+        assert_split(params[name], model_dim, "tensor", tensor, 8, {1: expert})
         per_device = math.prod(params[name]["shards"][0]["shape"])
-        assert per_device * expert == math.prod(params[name]["shape"])
-    # q_proj (layers, embed, heads, head_dim): heads over "tensor"; lm_head (embed, vocab).
+        assert per_device * expert * tensor == math.prod(params[name]["shape"])
+    # The shared experts (layers, embed, width): width over "expert", model dimension over "tensor".
+    assert_split(params["shared_gate"], 2, "expert", expert, 8, {1: tensor})
+    assert_split(params["shared_gate"], 1, "tensor", tensor, 8, {2: expert})
+    # q_proj (layers, embed, heads, head_dim): heads over "tensor"; lm_head (embed, vocab): the
+    # vocabulary over every device.
     assert params["q_proj"]["shape"][2] == NUM_HEADS
     assert_split(params["q_proj"], 2, "tensor", tensor, 8)
     assert params["lm_head"]["shape"][1] == VOCAB
-    assert_split(params["lm_head"], 1, "tensor", tensor, 8)
+    assert_split(params["lm_head"], 1, ["tensor", "expert"], tensor * expert, 8)
 
 
 def test_text_model_on_mesh(mesh_results, reference):
@@ -189,7 +201,7 @@ def test_text_model_on_mesh(mesh_results, reference):
     logits = np.load(run["logits_file"])
     diff, scale = float(np.abs(logits - reference["text_logits"]).max()), float(np.abs(reference["text_logits"]).max())
     assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
-    assert_split(run["experts_gate_up"], 1, "expert", expert, 8)
+    assert_split(run["experts_gate_up"], 1, "expert", expert, 8, {2: tensor})
     assert_split(run["q_proj"], 2, "tensor", tensor, 8)
 
 
@@ -202,7 +214,7 @@ def test_moe_layer_matches_single_device(mesh_results, backend, layout):
     assert run["scale"] > 0.5, "outputs this small would make the tolerance meaningless"
     assert run["max_diff"] <= 1e-5 * max(1.0, run["scale"]), run
     assert run["shard_map"], "the routed experts should run under shard_map over the expert axis"
-    assert_split(run["experts_gate_up"], 0, "expert", layout[1], 8)
+    assert_split(run["experts_gate_up"], 0, "expert", layout[1], 8, {1: layout[2]})
 
 
 # ----------------------------------------------------------------------------- layout errors

@@ -1,0 +1,105 @@
+"""A grouped matmul that reads its weights where they lie in a stack of layers: the TPU kernel of
+the routed experts in decode.
+
+`stacked_grouped_matmul(rows, weights, layer, group_sizes)`: rows (M, K) sorted by group;
+weights (L, G, K, N), every layer's experts in one array as the params hold them. Returns
+(M, N): each group's rows times `weights[layer, group]`; rows past the last group are zero.
+
+Why a kernel: XLA materializes a slice of an array before a matmul reads it, so taking a layer's
+experts out of the stack (`weights[layer]`) copies all of them every decode step, whatever the
+routing. Here the weights stay in HBM and only the blocks of groups that hold rows are copied
+into the chip's memory, once each; a group without rows costs nothing. Meant for few rows (a
+decode step's token-expert pairs): every row block is multiplied by each group's weights and
+masked to the group's rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+ROW_ALIGN = 8        # sublanes: rows are padded to a multiple
+LANE = 128
+
+
+def column_block(width: int) -> int:
+    """Output columns per step: 256 or 128 if they divide the width, else the whole width."""
+    return next((block for block in (256, LANE) if width % block == 0), width)
+
+
+def group_order(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(row offsets of the groups (G + 1,), the groups with rows first (G,), how many have rows (1,)).
+    The tail repeats the last group with rows, so that its weights are not fetched again."""
+    num_groups = group_sizes.shape[0]
+    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes).astype(jnp.int32)])
+    has_rows = group_sizes > 0
+    count = jnp.sum(has_rows).astype(jnp.int32)
+    active = jnp.nonzero(has_rows, size=num_groups, fill_value=0)[0].astype(jnp.int32)
+    last = active[jnp.maximum(count - 1, 0)]
+    active = jnp.where(jnp.arange(num_groups) < count, active, last)
+    return offsets, active, count.reshape(1)
+
+
+def _kernel(offsets_ref, active_ref, count_ref, rows_ref, weights_ref, out_ref, accumulator_ref):
+    step = pl.program_id(1)
+
+    @pl.when(step == 0)
+    def _():
+        accumulator_ref[...] = jnp.zeros_like(accumulator_ref)
+
+    @pl.when(step < count_ref[0])
+    def _():
+        group = active_ref[step]
+        row = jax.lax.broadcasted_iota(jnp.int32, accumulator_ref.shape, 0)
+        in_group = (row >= offsets_ref[group]) & (row < offsets_ref[group + 1])
+        product = jnp.dot(rows_ref[...], weights_ref[...], preferred_element_type=jnp.float32)
+        accumulator_ref[...] += jnp.where(in_group, product, 0.0)
+
+    @pl.when(step == pl.num_programs(1) - 1)
+    def _():
+        out_ref[...] = accumulator_ref[...].astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "interpret"))
+def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array, layer: int, group_sizes: jax.Array,
+                           interpret: bool = False) -> jax.Array:
+    num_rows, depth = rows.shape
+    num_layers, num_groups, weight_depth, width = weights.shape
+    if weight_depth != depth or not 0 <= layer < num_layers or group_sizes.shape != (num_groups,):
+        raise ValueError(f"stacked_grouped_matmul: rows {rows.shape}, weights {weights.shape}, layer {layer}, "
+                         f"group_sizes {group_sizes.shape} do not fit together")
+    padded_rows = -(-num_rows // ROW_ALIGN) * ROW_ALIGN
+    rows = jnp.pad(rows, ((0, padded_rows - num_rows), (0, 0)))
+    block = column_block(width)
+    offsets, active, count = group_order(group_sizes)
+    itemsize = weights.dtype.itemsize
+    touched = min(num_groups, num_rows)     # at most one group per row
+    cost = pl.CostEstimate(
+        flops=2 * padded_rows * depth * width * touched,
+        transcendentals=0,
+        bytes_accessed=touched * depth * width * itemsize + (padded_rows * depth + padded_rows * width) * itemsize,
+    )
+    out = pl.pallas_call(
+        _kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(width // block, num_groups),
+            in_specs=[
+                pl.BlockSpec((padded_rows, depth), lambda column, step, offsets, active, count: (0, 0)),
+                pl.BlockSpec((None, None, depth, block),
+                             lambda column, step, offsets, active, count: (layer, active[step], 0, column)),
+            ],
+            out_specs=pl.BlockSpec((padded_rows, block), lambda column, step, offsets, active, count: (0, column)),
+            scratch_shapes=[pltpu.VMEM((padded_rows, block), jnp.float32)],
+        ),
+        # Under shard_map the result varies over the mesh axes the weights do (a superset of the rows').
+        out_shape=jax.ShapeDtypeStruct((padded_rows, width), rows.dtype, manual_axis_type=jax.typeof(weights).mat),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+    )(offsets, active, count, rows, weights)
+    return out[:num_rows]

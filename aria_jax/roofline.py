@@ -1,0 +1,74 @@
+"""The least a generation step can cost: what every implementation must read or compute.
+
+Decode is bound by memory: a step must read, at least once, every weight it uses (attention,
+shared experts, routers, norms, lm_head; of the routed experts only those the batch can select,
+min(experts, batch x top_k) per layer), the embedding rows of the batch's tokens, and the KV
+cache up to its length. Prefill is bound by compute: the matmul flops of every prompt token
+(each routed to top_k experts), causal attention over the prompt, and lm_head for the last
+token of each row (the only logits prefill keeps).
+
+The weights are counted from the model's own parameter declarations (`text_param_shapes`,
+whose logical axis names say which dimension stacks layers and which indexes experts), so the
+count follows the model rather than restating it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from aria_jax.config import AriaTextConfig
+from aria_jax.modeling import text_param_shapes
+
+
+def _declared_weights(config: AriaTextConfig, dtype) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+    """(path, shape, logical axis names) of every text weight."""
+    boxed = text_param_shapes(config, dtype)
+    leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))
+    return [("/".join(str(getattr(k, "key", k)) for k in path), tuple(leaf.value.shape), tuple(leaf.names))
+            for path, leaf in leaves]
+
+
+def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: int) -> dict[str, int]:
+    """The bytes one decode step of `batch` rows must read, by kind."""
+    itemsize = jnp.dtype(dtype).itemsize
+    experts_touched = min(config.moe_num_experts, batch * config.moe_topk)
+    parts = {"weights": 0, "routed experts": 0, "embedding rows": 0}
+    for path, shape, names in _declared_weights(config, dtype):
+        size = math.prod(shape) * itemsize
+        if "experts" in names:
+            parts["routed experts"] += size * experts_touched // config.moe_num_experts
+        elif path == "embed_tokens":
+            parts["embedding rows"] += batch * shape[names.index("vocab_embed")] * itemsize
+        else:
+            parts["weights"] += size
+    # k and v: (layers, batch, length, kv heads, head dim) each, as `kv_cache.init_cache` makes them
+    parts["KV cache"] = 2 * config.num_hidden_layers * batch * cache_length * config.num_key_value_heads \
+        * config.head_dim * itemsize
+    return parts
+
+
+def prefill_flops(config: AriaTextConfig, dtype, batch: int, prompt_length: int) -> float:
+    """Flops of prefilling `batch` prompts of `prompt_length` tokens into an empty cache."""
+    tokens = batch * prompt_length
+    per_token = 0.0
+    last_token = 0.0
+    for path, shape, names in _declared_weights(config, dtype):
+        if path == "embed_tokens":
+            continue    # a gather, no flops
+        if "layers" in names:
+            per_layer = math.prod(shape) // shape[names.index("layers")]
+            if len(shape) - 1 < 2:
+                continue    # norm scales: negligible
+            weight = per_layer * config.num_hidden_layers
+            if "experts" in names:
+                weight = weight * config.moe_topk // config.moe_num_experts
+            per_token += 2 * weight
+        elif len(shape) >= 2:
+            last_token += 2 * math.prod(shape)      # lm_head
+    # Causal attention: query t sees t + 1 keys; scores and the weighted sum of values.
+    attended_pairs = prompt_length * (prompt_length + 1) / 2
+    attention = 2 * 2 * config.num_attention_heads * config.head_dim * attended_pairs * config.num_hidden_layers
+    return tokens * per_token + batch * (last_token + attention)

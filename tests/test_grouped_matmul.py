@@ -1,0 +1,83 @@
+"""The TPU grouped-matmul kernel that decode's experts run on (`aria_jax.grouped_matmul`), in
+Pallas' interpreter, held to `jax.lax.ragged_dot` on the same layer's weights; and the decode
+MoE built on it held to the sorted backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aria_jax.grouped_matmul import group_order, stacked_grouped_matmul
+from aria_jax.hlo_cost import declared_kernel_cost
+from aria_jax.hlo_text import parse_instruction
+from aria_jax.moe import route, routed_experts_in_stack, routed_experts_sorted
+
+
+def random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+@pytest.mark.parametrize("group_sizes", [
+    [3, 0, 6, 0, 2],        # empty groups between, and 2 rows past the last group
+    [13, 0, 0, 0, 0],       # every row in the first group
+    [0, 0, 0, 0, 13],       # every row in the last
+    [0, 0, 0, 0, 0],        # no rows at all: all zeros
+    [1, 1, 1, 1, 1],
+])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_kernel_matches_ragged_dot_on_its_layer(group_sizes, layer):
+    rows, weights = random((13, 32), 0), random((3, 5, 32, 48), 1)
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    out = stacked_grouped_matmul(rows, weights, layer, sizes, interpret=True)
+    expected = jax.lax.ragged_dot(rows, weights[layer], sizes)
+    assert out.shape == (13, 48)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(out)[sum(group_sizes):].any()
+
+
+def test_kernel_with_column_blocks():
+    """Widths of several 128-column blocks (TPU tiles) and a bfloat16 stack."""
+    rows, weights = random((24, 128), 2).astype(jnp.bfloat16), random((2, 4, 128, 512), 3).astype(jnp.bfloat16)
+    sizes = jnp.asarray([5, 0, 11, 8], jnp.int32)
+    out = stacked_grouped_matmul(rows, weights, 1, sizes, interpret=True)
+    expected = jax.lax.ragged_dot(rows, weights[1], sizes, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), rtol=2e-2, atol=2e-2)
+
+
+def test_group_order_lists_groups_with_rows_first_and_repeats_the_last():
+    offsets, active, count = group_order(jnp.asarray([0, 4, 0, 2, 0, 1], jnp.int32))
+    assert offsets.tolist() == [0, 0, 4, 4, 6, 6, 7]
+    assert count.tolist() == [3]
+    assert active.tolist() == [1, 3, 5, 5, 5, 5]     # the tail fetches nothing new
+
+
+def test_kernel_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"rows \(4, 16\), weights \(2, 3, 32, 8\), layer 0"):
+        stacked_grouped_matmul(jnp.zeros((4, 16)), jnp.zeros((2, 3, 32, 8)), 0, jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="layer 2"):
+        stacked_grouped_matmul(jnp.zeros((4, 32)), jnp.zeros((2, 3, 32, 8)), 2, jnp.zeros((3,), jnp.int32))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4, 32])
+def test_decode_backend_on_the_stack_matches_sorted_backend(num_tokens):
+    """What decode runs per layer on TPU: the experts of `layer`, read inside the stack."""
+    layers, experts, model, width, top_k = 3, 8, 32, 16, 2
+    x = random((num_tokens, model), 4)
+    weights, ids = route(x, random((model, experts), 5) * 4, top_k)[1:]
+    gate_up, down = random((layers, experts, model, 2 * width), 6), random((layers, experts, width, model), 7)
+    out = routed_experts_in_stack(1, interpret=True)(x, weights, ids, gate_up, down)
+    expected = routed_experts_sorted(x, weights, ids, gate_up[1], down[1])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_estimate_takes_the_kernels_declared_cost():
+    """A kernel that reads one layer's experts out of a stack declares its bytes; the estimate
+    takes them instead of the whole stack's size."""
+    line = ('  %k = bf16[8,3328]{1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call", backend_config='
+            '{"custom_call_config": {"body": "TUxJUg==", "cost_estimate":{"flops":"2000","transcendentals":"0",'
+            '"bytes_accessed":"138575872","remote_bytes_transferred":"0"}}}')
+    assert declared_kernel_cost(parse_instruction(line)) == (2000.0, 138575872.0)
+    plain = '  %c = bf16[8,3328]{1,0} custom-call(%a), custom_call_target="ragged-dot-none"'
+    assert declared_kernel_cost(parse_instruction(plain)) is None

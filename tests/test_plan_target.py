@@ -1,0 +1,353 @@
+"""`aria-jax plan --target`: generation compiled by the real TPU compiler (libtpu, from the `test`
+extra), its time estimate read from the optimized HLO, and the roofline beside it."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from aria_jax.accelerators import CHIPS, Chip
+from aria_jax.config import AriaTextConfig
+from aria_jax.hlo_cost import ProgramCost
+from aria_jax.roofline import decode_step_bytes, prefill_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="the TPU compiler (libtpu) is not installed: pip install -e '.[test]'")
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "convert.cli", "plan", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def two_layer_config(directory) -> str:
+    """configs/aria.json at full width with 2 decoder and 2 vision layers."""
+    with open(os.path.join(ROOT, "configs", "aria.json")) as f:
+        config = json.load(f)
+    config["text_config"]["num_hidden_layers"] = 2
+    config["vision_config"]["num_hidden_layers"] = 2
+    path = os.path.join(directory, "config.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+@needs_libtpu
+def test_two_layer_full_width_model_on_v5e_2x2(tmp_path):
+    result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
+                      "--batch", "2", "--prompt-length", "16", "--max-length", "64", "--dtype", "bfloat16",
+                      "--json", str(tmp_path / "plan.json"), "--dump-hlo", str(tmp_path / "hlo"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""      # no libtpu start-up trace, no warnings
+    out = result.stdout
+    assert "target v5e:2x2: 4 x TPU v5e" in out and "mesh data=1, expert=4, tensor=1" in out
+    assert "not timings" in out
+
+    # Each program's optimized HLO, the decode one named so.
+    assert sorted(os.listdir(tmp_path / "hlo")) == ["decode.txt", "prefill.txt"]
+    decode_hlo = (tmp_path / "hlo" / "decode.txt").read_text()
+    assert decode_hlo.startswith("HloModule jit_decode") and '"estimated_cycles"' in decode_hlo
+    # Decode reads each layer's experts in place: the grouped-matmul kernel, once per projection
+    # and layer, and no copy of a layer's 16 local experts out of the stack.
+    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2
+    assert not re.search(r"= bf16\[16,2560,3328\]|= bf16\[16,1664,2560\]", decode_hlo)
+
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    chip = plan["chip"]
+    assert (plan["target"], plan["chips"], plan["batch"], plan["prompt_length"], plan["cache_length"]) == \
+        ("v5e:2x2", 4, 2, 16, 64)
+    assert chip["hbm_bytes"] == 16 * 2**30 and chip["hbm_bytes_per_second"] == 819e9
+    assert [p["name"] for p in plan["programs"]] == ["prefill", "decode"]
+    for program in plan["programs"]:
+        assert program["refusal"] is None
+        for figure in ("arguments", "outputs", "temporaries", "other_weights", "compile_seconds"):
+            assert program[figure] > 0, figure
+        assert program["peak"] == program["arguments"] + program["outputs"] - program["aliased"] \
+            + program["temporaries"] + program["other_weights"]
+        assert program["fits"] == (program["peak"] <= chip["hbm_bytes"])
+        estimate, roofline = program["estimate"], program["roofline"]
+        assert estimate["seconds"] >= estimate["seconds_cheapest"] > 0
+        if program["name"] == "prefill":
+            assert 0.5 < estimate["compiler_share"] <= 1       # mostly the compiler's own cycles
+        else:   # the experts' kernels carry no compiler cycles: their declared costs
+            assert 0 < estimate["compiler_share"] < 1
+        assert program["ratio"] == pytest.approx(estimate["seconds"] / roofline["seconds"])
+        assert program["heaviest"] and all(item["seconds"] > 0 for item in program["heaviest"])
+        # The table prints the same figures.
+        line = next(line for line in out.splitlines() if line.strip().startswith(program["name"]))
+        assert f"peak {program['peak'] / 1e9:.2f} GB" in line
+        assert f"fits 16.0 GiB: {'yes' if program['fits'] else 'no'}" in line
+
+    prefill, decode = plan["programs"]
+    # The cache is donated: decode's state is updated in place.
+    assert decode["aliased"] > 0
+    # Per token: one decode-loop step, plus the rest of the call spread over the 47 steps it runs.
+    estimate = decode["estimate"]
+    assert estimate["steps_per_call"] == 64 - 16 - 1
+    assert estimate["seconds"] == pytest.approx(estimate["step_seconds"] + estimate["call_seconds"] / 47)
+    assert re.search(rf"estimated {estimate['seconds'] * 1e3:.2f} ms per token", out)
+    # Rooflines: decode's bytes over all 4 chips' bandwidth, prefill's flops over their peak.
+    assert decode["roofline"]["seconds"] == pytest.approx(sum(decode["roofline"]["bytes"].values()) / (4 * 819e9))
+    assert prefill["roofline"]["seconds"] == pytest.approx(prefill["roofline"]["flops"] / (4 * 197e12))
+    # Prefill does not take the embedding table (it gets embeddings), but the chip holds it.
+    assert prefill["other_weights"] > decode["other_weights"]
+
+
+def test_unsupported_target_is_a_one_line_error():
+    result = run_plan("--target", "v5litepod-8")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "--target 'v5litepod-8' is not supported" in lines[0] and "v5e:2x4" in lines[0] and "h100:8" in lines[0]
+
+
+# -- the estimate, from HLO text -------------------------------------------------------------------
+
+# An outer loop of 4 iterations found from its induction variable (0, < 4, + 1), holding an inner
+# loop whose trip count (5) the compiler recorded; a conditional; a loop of data-dependent length.
+NESTED_LOOPS_HLO = """HloModule jit_nested, entry_computation_layout={(f32[8]{0})->f32[8]{0}}, num_partitions=1
+
+%fused_a (q.0: f32[8]) -> f32[8] {
+  %q.0 = f32[8]{0} parameter(0)
+  ROOT %e.0 = f32[8]{0} exponential(%q.0)
+}
+
+%fused_inc (q.1: s32[]) -> s32[] {
+  %q.1 = s32[] parameter(0)
+  %k.1 = s32[] constant(1)
+  ROOT %a.1 = s32[] add(%q.1, %k.1)
+}
+
+%fused_cmp (q.2: (s32[], f32[8])) -> pred[] {
+  %q.2 = (s32[], f32[8]{0}) parameter(0)
+  %i.2 = s32[] get-tuple-element(%q.2), index=0
+  %k.2 = s32[] constant(5)
+  ROOT %c.2 = pred[] compare(%i.2, %k.2), direction=LT
+}
+
+%fused_any (q.3: f32[8]) -> pred[] {
+  %q.3 = f32[8]{0} parameter(0)
+  %s.3 = f32[] constant(0)
+  %r.3 = f32[] reduce(%q.3, %s.3), dimensions={0}, to_apply=%fused_max
+  ROOT %c.3 = pred[] compare(%r.3, %s.3), direction=GT
+}
+
+%fused_max (m.0: f32[], m.1: f32[]) -> f32[] {
+  %m.0 = f32[] parameter(0)
+  %m.1 = f32[] parameter(1)
+  ROOT %m.2 = f32[] maximum(%m.0, %m.1)
+}
+
+%inner_body (p.0: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.0 = (s32[], f32[8]{0}) parameter(0)
+  %i.0 = s32[] get-tuple-element(%p.0), index=0
+  %x.0 = f32[8]{0} get-tuple-element(%p.0), index=1
+  %work.0 = f32[8]{0} fusion(%x.0), kind=kLoop, calls=%fused_a, backend_config={"flag_configs":[],"window_config":{"estimated_cycles":"7"}}
+  %counter.0 = s32[] fusion(%i.0), kind=kLoop, calls=%fused_inc, backend_config={"window_config":{"estimated_cycles":"1"}}
+  ROOT %t.0 = (s32[], f32[8]{0}) tuple(%counter.0, %work.0)
+}
+
+%inner_condition (p.1: (s32[], f32[8])) -> pred[] {
+  %p.1 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %c.1 = pred[] fusion(%p.1), kind=kLoop, calls=%fused_cmp, backend_config={"window_config":{"estimated_cycles":"2"}}
+}
+
+%outer_body (p.2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.2 = (s32[], f32[8]{0}) parameter(0)
+  %i.2 = s32[] get-tuple-element(%p.2), index=0
+  %x.2 = f32[8]{0} get-tuple-element(%p.2), index=1
+  %zero.2 = s32[] constant(0)
+  %init.2 = (s32[], f32[8]{0}) tuple(%zero.2, %x.2)
+  %inner = (s32[], f32[8]{0}) while(%init.2), condition=%inner_condition, body=%inner_body, backend_config={"known_trip_count":{"n":"5"}}
+  %y.2 = f32[8]{0} get-tuple-element(%inner), index=1
+  %more.2 = f32[8]{0} fusion(%y.2), kind=kLoop, calls=%fused_a, backend_config={"window_config":{"estimated_cycles":"11"}}
+  %one.2 = s32[] constant(1)
+  %next.2 = s32[] add(%i.2, %one.2), backend_config={"window_config":{"estimated_cycles":"0"}}
+  ROOT %t.2 = (s32[], f32[8]{0}) tuple(%next.2, %more.2)
+}
+
+%outer_condition (p.3: (s32[], f32[8])) -> pred[] {
+  %p.3 = (s32[], f32[8]{0}) parameter(0)
+  %i.3 = s32[] get-tuple-element(%p.3), index=0
+  %four.3 = s32[] constant(4)
+  ROOT %lt.3 = pred[] compare(%i.3, %four.3), direction=LT, backend_config={"window_config":{"estimated_cycles":"3"}}
+}
+
+%cheap_branch (p.4: f32[8]) -> f32[8] {
+  %p.4 = f32[8]{0} parameter(0)
+  ROOT %b.4 = f32[8]{0} fusion(%p.4), kind=kLoop, calls=%fused_a, backend_config={"window_config":{"estimated_cycles":"10"}}
+}
+
+%dear_branch (p.5: f32[8]) -> f32[8] {
+  %p.5 = f32[8]{0} parameter(0)
+  ROOT %b.5 = f32[8]{0} fusion(%p.5), kind=kLoop, calls=%fused_a, backend_config={"window_config":{"estimated_cycles":"30"}}
+}
+
+%data_body (p.6: (pred[], f32[8])) -> (pred[], f32[8]) {
+  %p.6 = (pred[], f32[8]{0}) parameter(0)
+  %x.6 = f32[8]{0} get-tuple-element(%p.6), index=1
+  %w.6 = f32[8]{0} fusion(%x.6), kind=kLoop, calls=%fused_a, backend_config={"window_config":{"estimated_cycles":"100"}}
+  %go.6 = pred[] fusion(%w.6), kind=kLoop, calls=%fused_any, backend_config={"window_config":{"estimated_cycles":"4"}}
+  ROOT %t.6 = (pred[], f32[8]{0}) tuple(%go.6, %w.6)
+}
+
+%data_condition (p.7: (pred[], f32[8])) -> pred[] {
+  %p.7 = (pred[], f32[8]{0}) parameter(0)
+  ROOT %go.7 = pred[] get-tuple-element(%p.7), index=0
+}
+
+ENTRY %main (arg: f32[8]) -> f32[8] {
+  %arg = f32[8]{0} parameter(0)
+  %start = f32[8]{0} fusion(%arg), kind=kLoop, calls=%fused_a, backend_config={"window_config":{"estimated_cycles":"1000"}}
+  %zero = s32[] constant(0)
+  %copied = s32[] copy(%zero), backend_config={"window_config":{"estimated_cycles":"0"}}
+  %init = (s32[], f32[8]{0}) tuple(%copied, %start)
+  %outer = (s32[], f32[8]{0}) while(%init), condition=%outer_condition, body=%outer_body
+  %y = f32[8]{0} get-tuple-element(%outer), index=1
+  %which = s32[] constant(1)
+  %branched = f32[8]{0} conditional(%which, %y, %y), branch_computations={%cheap_branch, %dear_branch}
+  %yes = pred[] constant(true)
+  %init.9 = (pred[], f32[8]{0}) tuple(%yes, %branched)
+  %until = (pred[], f32[8]{0}) while(%init.9), condition=%data_condition, body=%data_body
+  ROOT %out = f32[8]{0} get-tuple-element(%until), index=1
+}
+"""
+
+CYCLE_CLOCK = Chip("one cycle a nanosecond, everything else free", math.inf, math.inf, 0, math.inf, 1e9)
+
+
+def test_cycles_are_summed_with_the_trip_counts_of_nested_loops():
+    cost = ProgramCost(NESTED_LOOPS_HLO, CYCLE_CLOCK)
+    inner = 5 * (7 + 1 + 2) + 2                 # 5 iterations of body + condition, then the last test
+    outer = 4 * (inner + 11 + 0 + 3) + 3
+    data_loop = 100 + 4                          # data-dependent: counted once (its condition is free)
+    start = 1000
+    total = cost.total
+    assert total.seconds * 1e9 == pytest.approx(start + outer + 30 + data_loop)
+    assert total.seconds_cheapest * 1e9 == pytest.approx(start + outer + 10 + data_loop)
+    assert total.compiler_seconds == total.seconds
+    assert total.unknown_trip_loops == 1
+    loops = {loop.name: loop for loop in cost.outer_loops()}
+    assert sorted(loops) == ["outer", "until"]
+    assert loops["outer"].trip_count == 4 and loops["until"].trip_count is None
+    assert loops["until"].iteration.seconds * 1e9 == pytest.approx(data_loop)
+
+
+CUSTOM_CALL_HLO = """HloModule jit_kernels, num_partitions=1
+
+%fused_layer (s.0: bf16[8,1024,512], s.1: s32[]) -> bf16[1,512,1024] {
+  %s.0 = bf16[8,1024,512]{2,1,0} parameter(0)
+  %s.1 = s32[] parameter(1)
+  %viewed = bf16[8,512,1024]{2,1,0} bitcast(%s.0)
+  %z = s32[] constant(0)
+  ROOT %layer = bf16[1,512,1024]{2,1,0} dynamic-slice(%viewed, %s.1, %z, %z), dynamic_slice_sizes={1,512,1024}
+}
+
+ENTRY %main (a: bf16[256,1024], b: bf16[1024,512], w: bf16[8,1024,512], ids: s32[8]) -> (bf16[256,512], bf16[256,512], bf16[1024,512], bf16[1,512,1024]) {
+  %a = bf16[256,1024]{1,0} parameter(0)
+  %b = bf16[1024,512]{1,0} parameter(1)
+  %w = bf16[8,1024,512]{2,1,0} parameter(2)
+  %ids = s32[8]{0} parameter(3)
+  %kernel = bf16[256,512]{1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call"
+  %dot = bf16[256,512]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %zero = s32[] constant(0)
+  %slice = bf16[1,1024,512]{2,1,0} dynamic-slice(%w, %one, %zero, %zero), dynamic_slice_sizes={1,1024,512}
+  %expert = bf16[1024,512]{1,0} bitcast(%slice)
+  %fused = bf16[1,512,1024]{2,1,0} fusion(%w, %one), kind=kLoop, calls=%fused_layer
+  ROOT %out = (bf16[256,512]{1,0}, bf16[256,512]{1,0}, bf16[1024,512]{1,0}, bf16[1,512,1024]{2,1,0}) tuple(%kernel, %dot, %expert, %fused)
+}
+"""
+
+
+def test_what_the_compiler_does_not_estimate_costs_its_bytes_or_its_flops():
+    chip = Chip("test", peak_flops=1e12, hbm_bytes_per_second=1e9, hbm_bytes=0, interconnect_bytes_per_second=1e9,
+                clock_hz=1e9)
+    cost = ProgramCost(CUSTOM_CALL_HLO, chip)
+    kernel_bytes = (256 * 1024 + 1024 * 512 + 256 * 512) * 2        # operands and result, bf16
+    dot_flops = 2 * 256 * 512 * 1024
+    slice_bytes = 2 * 1024 * 512 * 2                                  # reads the slice and writes it, not the stack
+    fused_slice_bytes = slice_bytes + 4                               # the same through a bitcast, and the index
+    expected = kernel_bytes / 1e9 + max(kernel_bytes / 1e9, dot_flops / 1e12) + (slice_bytes + fused_slice_bytes) / 1e9
+    assert cost.total.seconds == pytest.approx(expected)
+    assert cost.total.compiler_seconds == 0
+    # Flops decide when they take longer than the bytes.
+    compute_bound = dataclasses.replace(chip, peak_flops=1e8)
+    assert ProgramCost(CUSTOM_CALL_HLO, compute_bound).total.seconds == \
+        pytest.approx(kernel_bytes / 1e9 + dot_flops / 1e8 + (slice_bytes + fused_slice_bytes) / 1e9)
+
+
+@needs_libtpu
+def test_chip_clocks_agree_with_the_compilers_matmul_estimate():
+    """Cycles become seconds through CHIPS' clocks: the compiler's estimate of a large bf16 matmul
+    must then come out at most at the published peak, and not far below it."""
+    code = """
+import re, jax, jax.numpy as jnp
+from aria_jax.accelerators import CHIPS, parse_target, prepare_environment, target_devices
+for name in ("v5e:2x2", "v6e:2x2", "v5p:2x2x1"):
+    target = parse_target(name)
+    prepare_environment(target)
+    device = target_devices(target)[0]
+    a = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))
+    hlo = jax.jit(lambda x, y: x @ y).lower(a, a).compile().as_text()
+    cycles = sum(int(c) for c in re.findall(r'"estimated_cycles":"(\\d+)"', hlo))
+    chip = CHIPS[target.chip_key]
+    print(name, 2 * 4096**3 / (cycles / chip.clock_hz) / chip.peak_flops)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    fractions = dict(line.split() for line in result.stdout.splitlines())
+    assert sorted(fractions) == ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
+    for name, fraction in fractions.items():
+        assert 0.8 <= float(fraction) <= 1.0, (name, fraction)
+
+
+# -- the roofline, by hand -------------------------------------------------------------------------
+
+SMALL = AriaTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, moe_num_experts=8, moe_topk=2,
+                       moe_num_shared_experts=2)
+
+
+def test_decode_roofline_counts_what_a_step_must_read():
+    d, head, heads, kv_heads, f, shared, experts, vocab, layers = 64, 16, 4, 2, 48, 96, 8, 1000, 3
+    attention = d * heads * head * 2 + d * kv_heads * head * 2        # q and o, k and v
+    norms = 2 * d
+    shared_experts = 3 * d * shared
+    router = d * experts
+    one_expert = d * 2 * f + f * d
+    for batch, touched in ((1, 2), (3, 6), (16, 8)):                  # min(experts, batch x top_k)
+        parts = decode_step_bytes(SMALL, "bfloat16", batch, cache_length=40)
+        assert parts["weights"] == 2 * (layers * (attention + norms + shared_experts + router) + d * vocab + d)
+        assert parts["routed experts"] == 2 * layers * touched * one_expert
+        assert parts["embedding rows"] == 2 * batch * d
+        assert parts["KV cache"] == 2 * 2 * layers * batch * 40 * kv_heads * head
+    assert decode_step_bytes(SMALL, "float32", 1, 40)["weights"] == 2 * decode_step_bytes(SMALL, "bfloat16", 1, 40)["weights"]
+
+
+def test_prefill_roofline_counts_the_flops_of_the_prompt():
+    d, head, heads, kv_heads, f, shared, experts, vocab, layers = 64, 16, 4, 2, 48, 96, 8, 1000, 3
+    batch, length = 2, 10
+    per_token_per_layer = 2 * (d * heads * head * 2 + d * kv_heads * head * 2 + 3 * d * shared + d * experts
+                               + 2 * (d * 2 * f + f * d))               # top_k = 2 experts
+    attention = 2 * 2 * heads * head * (length * (length + 1) // 2) * layers
+    expected = batch * length * layers * per_token_per_layer + batch * (2 * d * vocab + attention)
+    assert prefill_flops(SMALL, "bfloat16", batch, length) == expected
+
+
+def test_every_chip_has_the_figures_the_plan_divides_by():
+    for key, chip in CHIPS.items():
+        assert chip.peak_flops > 0 and chip.hbm_bytes_per_second > 0 and chip.hbm_bytes > 0, key
+        assert (chip.clock_hz is None) == (key == "h100"), key
+    assert round(CHIPS["v4"].clock_hz / 1e6) == 1049      # the rule reproduces v4's published 1050 MHz
