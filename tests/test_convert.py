@@ -398,7 +398,7 @@ def flat(tree, is_leaf=None):
 
 
 specs = flat(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P))
-assert specs[("language_model", "layers", "mlp", "experts_gate_up")] == P("layers", "experts", "embed", "expert_mlp")
+assert specs[("language_model", "layers", "mlp", "experts_gate_up")] == P("layers", "experts", "expert_embed", "expert_mlp")
 mesh = jax.make_mesh((8,), ("expert",))
 requested = {path: NamedSharding(mesh, P(*("expert" if name == "experts" else None for name in spec)))
              for path, spec in specs.items()}
