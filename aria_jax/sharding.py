@@ -108,13 +108,11 @@ def check_layout(config: AriaConfig | AriaTextConfig, mesh) -> None:
             )
 
 
-def mesh_axes_for(logical: str | None, size: int, mesh, taken=()) -> tuple[str, ...] | None:
+def mesh_axes_for(logical: str | None, size: int, mesh) -> tuple[str, ...] | None:
     """The mesh axes a dimension of `size` with this logical name splits over on `mesh`: those
-    of the table that the mesh has and another dimension has not `taken`, or none if their
-    product does not divide `size`."""
+    of the table that the mesh has, or none if their product does not divide `size`."""
     axes = LOGICAL_TO_MESH.get(logical) if logical else None
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
-                 if a in mesh.axis_names and a not in taken)
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
     split = math.prod(mesh_axis_size(mesh, a) for a in axes)
     return axes if axes and size % split == 0 else None
 
@@ -125,10 +123,8 @@ def param_sharding_for(boxed_shapes, mesh) -> Callable[[tuple[str, ...]], NamedS
     specs = {}
     for key_path, boxed in leaves:
         names = boxed.names if isinstance(boxed, nn.Partitioned) else (None,) * len(boxed.shape)
-        spec = []
-        for name, size in zip(names, nn.meta.unbox(boxed).shape):
-            spec.append(mesh_axes_for(name, size, mesh, taken=[a for axes in spec if axes for a in axes]))
-        specs[tuple(k.key for k in key_path)] = P(*spec)
+        specs[tuple(k.key for k in key_path)] = P(*(
+            mesh_axes_for(name, size, mesh) for name, size in zip(names, nn.meta.unbox(boxed).shape)))
     return lambda path: NamedSharding(mesh, specs[path])
 
 
