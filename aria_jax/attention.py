@@ -1,4 +1,5 @@
-"""Causal self-attention of the text decoder (MHA and GQA), with RoPE and a padding mask."""
+"""Attention: the dense reference, a blockwise (online softmax) version for long sequences, and
+the causal self-attention of the text decoder (MHA and GQA) with RoPE and a padding mask."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
 
 
+# Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
+# attention runs over key blocks (memory O(queries x block), not O(queries x keys)).
+DENSE_LIMIT = 2048 * 2048
+BLOCK = 512
+IMPLEMENTATIONS = ("auto", "dense", "blockwise")
+
+
 def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | None = None) -> jax.Array:
     """(B, S) 1/0 key mask -> (B, T, S) bool, True where query t (at sequence index
     `query_offset + t`) may attend key s: s is not in its future and is not padding."""
@@ -18,6 +26,28 @@ def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | 
     query_index = query_offset + jnp.arange(num_queries)
     causal = jnp.arange(num_keys)[None, :] <= query_index[:, None]
     return causal[None, :, :] & key_mask.astype(bool)[:, None, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset=None, *,
+              implementation: str = "auto", block: int = BLOCK) -> jax.Array:
+    """q: (B, T, N, H); k, v: (B, S, K, H) with K dividing N; key_mask (B, S) True = a key to attend.
+
+    `query_offset` None: every query may attend every valid key (vision tower, projector). An int
+    or traced scalar: causal, query t sits at sequence index `query_offset + t` of the keys.
+    "dense" builds the whole score matrix (`dot_product_attention`, the reference); "blockwise"
+    runs an online softmax over key blocks; "auto" picks dense for small score matrices. Rows
+    with no key to attend (left pads) are finite garbage in both; callers ignore them.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: must be one of {IMPLEMENTATIONS}")
+    num_queries, num_keys = q.shape[1], k.shape[1]
+    if implementation == "dense" or (implementation == "auto" and num_queries * num_keys <= DENSE_LIMIT):
+        if query_offset is None:
+            mask = key_mask.astype(bool)[:, None, :]
+        else:
+            mask = causal_padding_mask(key_mask, query_offset, num_queries)
+        return dot_product_attention(q, k, v, mask)
+    return blockwise_attention(q, k, v, key_mask, query_offset, block)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -37,16 +67,79 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(batch, length, num_heads, head_dim)
 
 
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, block: int):
+    """`attention` one (query block, key block) tile at a time, with a running max and sum per
+    query (the online softmax of flash attention). Tiles wholly in a query block's future are
+    skipped. Each query block is rematerialized in the backward pass, so training keeps
+    O(block x keys) per layer rather than the score matrix."""
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    block_q, block_k = min(block, num_queries), min(block, num_keys)
+    pad_q, pad_k = -num_queries % block_q, -num_keys % block_k
+    causal = query_offset is not None
+    query_offset = jnp.asarray(0 if query_offset is None else query_offset, jnp.int32)
+
+    # (blocks, B, block, ...): the scans run over the leading axis; padded keys are masked out.
+    q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0))) * jnp.asarray(head_dim ** -0.5, q.dtype)
+    q_blocks = q.reshape(batch, -1, block_q, num_kv_heads, groups, head_dim).swapaxes(0, 1)
+    k_blocks, v_blocks = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+                          .reshape(batch, -1, block_k, num_kv_heads, head_dim).swapaxes(0, 1) for x in (k, v))
+    mask_blocks = jnp.pad(key_mask.astype(bool), ((0, 0), (0, pad_k))).reshape(batch, -1, block_k).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_query_block(q_start, q_block):
+        query_index = query_offset + q_start + jnp.arange(block_q)
+        stats_shape = (batch, num_kv_heads, groups, block_q)
+        init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+                jnp.zeros((*stats_shape, head_dim), jnp.float32))
+
+        def one_key_block(carry, tile):
+            k_start, k_block, v_block, mask_block = tile
+
+            def accumulate(carry):
+                running_max, running_sum, acc = carry
+                scores = jnp.einsum("bqkgh,bskh->bkgqs", q_block, k_block).astype(jnp.float32)
+                allowed = mask_block[:, None, None, None, :]
+                if causal:
+                    allowed = allowed & (k_start + jnp.arange(block_k) <= query_index[:, None])
+                scores = jnp.where(allowed, scores, -jnp.inf)
+                new_max = jnp.maximum(running_max, scores.max(axis=-1))
+                safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)   # rows that saw no key yet
+                probs = jnp.exp(scores - safe_max[..., None])
+                rescale = jnp.exp(running_max - safe_max)
+                running_sum = running_sum * rescale + probs.sum(axis=-1)
+                acc = acc * rescale[..., None] + jnp.einsum(
+                    "bkgqs,bskh->bkgqh", probs.astype(v_block.dtype), v_block).astype(jnp.float32)
+                return new_max, running_sum, acc
+
+            if not causal:
+                return accumulate(carry), None
+            in_the_past = k_start <= query_index[-1]
+            return jax.lax.cond(in_the_past, accumulate, lambda carry: carry, carry), None
+
+        k_starts = jnp.arange(k_blocks.shape[0], dtype=jnp.int32) * block_k
+        (_, running_sum, acc), _ = jax.lax.scan(one_key_block, init, (k_starts, k_blocks, v_blocks, mask_blocks))
+        out = acc / jnp.where(running_sum > 0, running_sum, 1.0)[..., None]
+        return out.astype(v.dtype)      # (B, K, G, block_q, H)
+
+    q_starts = jnp.arange(q_blocks.shape[0], dtype=jnp.int32) * block_q
+    out = jax.lax.map(lambda args: one_query_block(*args), (q_starts, q_blocks))   # (blocks, B, K, G, bq, H)
+    out = jnp.einsum("nbkgqh->bnqkgh", out).reshape(batch, -1, num_heads, head_dim)
+    return out[:, :num_queries]
+
+
 class Attention(nn.Module):
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array,
                  cache: dict | None = None, cache_index=None):
-        """x (B, T, D). Without a cache: (B, T, D). With a layer cache {"k", "v"} of
-        (B, S, K, H) and the sequence index of x's first token: ((B, T, D), updated cache)."""
+        """x (B, T, D); key_mask (B, S) True = a real token (S = T without a cache). Causal.
+        Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, S, K, H) and the
+        sequence index of x's first token: ((B, T, D), updated cache)."""
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -72,6 +165,6 @@ class Attention(nn.Module):
                          "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)}
                 key, value = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
         with jax.named_scope("attend"):
-            out = dot_product_attention(q, key, value, mask)
+            out = attention(q, key, value, key_mask, 0 if cache is None else cache_index)
         out = jnp.einsum("btnh,nhd->btd", out, w_o)
         return out if cache is None else (out, cache)

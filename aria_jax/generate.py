@@ -1,7 +1,8 @@
 """Generation: prefill once, then decode in a jitted loop against a static, donated KV cache.
 
-Prefill runs the whole (left-padded, bucketed) prompt through the decoder, fills the cache and
-samples the first new token. `decode` then runs up to `num_steps` more tokens in one
+Prefill runs the (left-padded, bucketed) prompt through the decoder, fills the cache and
+samples the first new token; a prompt longer than `PREFILL_CHUNK` goes through in chunks, each
+attending to the cache the ones before it filled. `decode` then runs up to `num_steps` more tokens in one
 `lax.while_loop`; the host calls it in chunks (to check stop strings on decoded text, or one
 token at a time to stream). Every sampling setting and `max_new_tokens` are traced arrays, so
 changing them never recompiles; only the shapes (batch, prompt bucket, cache length) do.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.kv_cache import init_cache, per_layer
+from aria_jax.kv_cache import PREFILL_CHUNK, init_cache, per_layer
 from aria_jax.modeling import TextDecoder, unrolled_cached_step
 from aria_jax.sharding import constrain
 
@@ -99,23 +100,46 @@ def _finish(token, done, config: AriaTextConfig, stop_ids):
 
 
 def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop_ids, *, config: AriaTextConfig,
-            cache_length: int, max_new_tokens_capacity: int, dtype=jnp.float32) -> DecodeState:
-    """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token."""
-    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+            cache_length: int, max_new_tokens_capacity: int, chunk: int = PREFILL_CHUNK,
+            dtype=jnp.float32) -> DecodeState:
+    """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token.
+    T must be at most `chunk` or a multiple of it (`kv_cache.prompt_bucket`)."""
     batch, prompt_len, _ = prompt_embeds.shape
+    chunk = min(chunk, prompt_len)
+    if prompt_len % chunk:
+        raise ValueError(f"prompt of {prompt_len} tokens: longer than one chunk ({chunk}) and not a multiple of it")
     mask = attention_mask.astype(bool)
     key_mask = jnp.concatenate([mask, jnp.ones((batch, cache_length - prompt_len), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    # The prompt's keys and values first, stacked as the layer scan makes them; then each layer's
-    # own cache buffer: less memory than scanning over the whole cache and splitting it after.
-    logits, prompt_cache = decoder.apply(
-        {"params": text_params}, prompt_embeds, mask, positions, init_cache(config, batch, prompt_len, dtype), 0,
-        method=TextDecoder.cached_step,
-    )
+    logits, prompt_cache = _prefill_chunks(text_params, prompt_embeds, mask, positions, chunk, config, dtype)
+    # Each layer's own cache buffer from the stacked one the layer scan filled: less memory than
+    # scanning over the whole cache and splitting it after.
     cache = per_layer(prompt_cache, cache_length)
     token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
     tokens = jnp.full((batch, max_new_tokens_capacity), config.pad_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
+
+
+def _prefill_chunks(text_params, prompt_embeds, mask, positions, chunk: int, config: AriaTextConfig, dtype):
+    """The prompt's keys and values, stacked over layers (L, B, T, K, H), and the last token's
+    logits; `chunk` tokens at a time, each chunk's queries at their place in the cache."""
+    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+    batch, prompt_len, _ = prompt_embeds.shape
+    cache = init_cache(config, batch, prompt_len, dtype)
+
+    def one_chunk(cache, start):
+        embeds, chunk_positions = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
+                                   for x in (prompt_embeds, positions))
+        logits, cache = decoder.apply({"params": text_params}, embeds, mask, chunk_positions, cache, start,
+                                      method=TextDecoder.cached_step)
+        return cache, logits
+
+    if chunk == prompt_len:
+        cache, logits = one_chunk(cache, 0)
+        return logits, cache
+    starts = jnp.arange(0, prompt_len, chunk, dtype=jnp.int32)
+    cache, logits = jax.lax.scan(one_chunk, cache, starts)
+    return logits[-1], cache
 
 
 def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling: Sampling, stop_ids, *,

@@ -18,7 +18,7 @@ import numpy as np
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.generate import DecodeState, Sampling, decode, prefill
-from aria_jax.kv_cache import bucket_length
+from aria_jax.kv_cache import bucket_length, prompt_bucket
 from aria_jax.sharding import MeshRunner
 from aria_jax.tokenizer import TokenizerError, check_text
 
@@ -162,7 +162,7 @@ class Generator:
         self.config, self.dtype, self.tokenizer = config, dtype, tokenizer
         self.prefill = runner.wrap(jax.jit(
             functools.partial(prefill, config=config, dtype=dtype),
-            static_argnames=("cache_length", "max_new_tokens_capacity"),
+            static_argnames=("cache_length", "max_new_tokens_capacity", "chunk"),
         ))
         self.decode = runner.wrap(jax.jit(
             functools.partial(decode, config=config, dtype=dtype),
@@ -170,9 +170,9 @@ class Generator:
         ))
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray):
-        """Left-pads to the prompt bucket; returns the padded ids and mask."""
+        """Left-pads to the prompt bucket (`kv_cache.prompt_bucket`); returns the padded ids and mask."""
         batch, length = input_ids.shape
-        extra = bucket_length(length) - length
+        extra = prompt_bucket(length) - length
         ids = np.concatenate([np.full((batch, extra), self.config.pad_id, np.int32), input_ids], axis=1)
         mask = np.concatenate([np.zeros((batch, extra), np.int32), attention_mask], axis=1)
         return ids, mask

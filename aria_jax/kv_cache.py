@@ -10,6 +10,9 @@ from aria_jax.config import AriaTextConfig
 # Prompt and cache lengths are rounded up to these so that new requests reuse compiled code.
 MIN_BUCKET = 16
 LARGE_BUCKET_STEP = 1024
+# Longer prompts are prefilled this many tokens at a time (activation memory bounded by the
+# chunk, not the prompt); a multiple of LARGE_BUCKET_STEP.
+PREFILL_CHUNK = 4096
 
 
 def bucket_length(length: int) -> int:
@@ -17,6 +20,12 @@ def bucket_length(length: int) -> int:
     if length <= LARGE_BUCKET_STEP:
         return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
     return -(-length // LARGE_BUCKET_STEP) * LARGE_BUCKET_STEP
+
+
+def prompt_bucket(length: int, chunk: int = PREFILL_CHUNK) -> int:
+    """A prompt's padded length: its bucket, rounded up to whole chunks past one chunk."""
+    bucket = bucket_length(length)
+    return bucket if bucket <= chunk else -(-bucket // chunk) * chunk
 
 
 def init_cache(config: AriaTextConfig, batch: int, length: int, dtype) -> dict:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aria_jax.attention import Attention, causal_padding_mask
+from aria_jax.attention import Attention
 from aria_jax.config import AriaConfig, AriaTextConfig
 from aria_jax.layers import (
     RMSNorm,
@@ -41,15 +41,16 @@ class DecoderLayer(nn.Module):
     layer_index: int | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """One layer; `cache` is this layer's slice of the KV cache (or None), returned updated."""
+    def __call__(self, x, cos, sin, key_mask, cache=None, cache_index=None):
+        """One layer; key_mask (B, S) marks real tokens; `cache` is this layer's slice of the KV
+        cache (or None), returned updated."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, "batch", None, None)
         if cache is not None:
             cache = {name: constrain(kv, "batch", None, "kv_heads", None) for name, kv in cache.items()}
         with jax.named_scope("attention"):
             normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-            attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, mask, cache, cache_index)
+            attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, key_mask, cache, cache_index)
             if cache is not None:
                 attended, cache = attended
             x = x + attended
@@ -106,7 +107,7 @@ class TextDecoder(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
-        x, _ = self.layers(x, cos, sin, causal_padding_mask(attention_mask), None, None)
+        x, _ = self.layers(x, cos, sin, attention_mask.astype(bool), None, None)
         return self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -123,10 +124,12 @@ class TextDecoder(nn.Module):
         scan. Decode runs them unrolled (`unrolled_cached_step`)."""
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
-        mask = causal_padding_mask(key_mask, cache_index, x.shape[1])
-        x, cache = self.layers(x, cos, sin, mask, cache, cache_index)
+        x, cache = self.layers(x, cos, sin, key_mask, cache, cache_index)
         return self.logits(x[:, -1]), cache
 
+
+# Crops through the vision tower at once (`AriaModel.image_features`).
+IMAGE_GROUP = 16
 
 # Layer params that decode hands to each layer whole, stacked over layers (see `MoE`).
 STACKED_IN_DECODE = ("experts_gate_up", "experts_down")
@@ -140,14 +143,13 @@ def unrolled_cached_step(params, inputs_embeds, key_mask, position_ids, cache, c
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     x = inputs_embeds.astype(dtype)
     cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
-    mask = causal_padding_mask(key_mask, cache_index, x.shape[1])
     updated = []
     for index, layer_cache in enumerate(cache):
         layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index)
         layer_params = jax.tree.map(operator.itemgetter(index), params["layers"])
         for name in STACKED_IN_DECODE:      # the MoE reads its layer's experts in place
             layer_params["mlp"][name] = params["layers"]["mlp"][name]
-        x, layer_cache = layer.apply({"params": layer_params}, x, cos, sin, mask, layer_cache, cache_index)
+        x, layer_cache = layer.apply({"params": layer_params}, x, cos, sin, key_mask, layer_cache, cache_index)
         updated.append(layer_cache)
     return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), updated
 
@@ -214,7 +216,22 @@ class AriaModel(nn.Module):
             return self.vision_tower(pixel_values, patch_mask), patch_mask.reshape(n, -1)
 
     def image_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None) -> jax.Array:
-        """pixel_values (N, C, S, S), pixel_mask (N, S, S) -> projected features (N, Q, D_text)."""
+        """pixel_values (N, C, S, S), pixel_mask (N, S, S) -> projected features (N, Q, D_text);
+        IMAGE_GROUP crops at a time, so that many frames of a video need no more memory than a few."""
+        n = pixel_values.shape[0]
+        if n <= IMAGE_GROUP:
+            return self._crop_features(pixel_values, pixel_mask)
+        if pixel_mask is None:
+            pixel_mask = jnp.ones((n, *pixel_values.shape[2:]), bool)
+        extra = -n % IMAGE_GROUP     # whole blank crops, dropped after
+        groups = [jnp.concatenate([x, jnp.ones((extra, *x.shape[1:]), x.dtype)]).reshape(-1, IMAGE_GROUP, *x.shape[1:])
+                  for x in (pixel_values, pixel_mask)]
+        over_groups = nn.scan(lambda model, carry, group: (carry, model._crop_features(*group)),
+                              variable_broadcast="params", split_rngs={"params": False})
+        _, features = over_groups(self, None, tuple(groups))
+        return features.reshape(-1, *features.shape[2:])[:n]
+
+    def _crop_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None) -> jax.Array:
         features, patch_mask = self.vision_features(pixel_values, pixel_mask)
         with jax.named_scope("projector"):
             return self.multi_modal_projector(features, patch_mask)

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aria_jax.config import AriaConfig
 from aria_jax.generate import Sampling
 from aria_jax.generator import STOP_ID_SLOTS
-from aria_jax.kv_cache import bucket_length
+from aria_jax.kv_cache import prompt_bucket
 from aria_jax.modeling import multimodal_param_shapes
 from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.sharding import check_layout, param_sharding_for
@@ -51,7 +51,7 @@ class GenerationShape:
 
     @classmethod
     def for_request(cls, batch: int, prompt_length: int, max_length: int) -> "GenerationShape":
-        bucket = bucket_length(prompt_length)
+        bucket = prompt_bucket(prompt_length)
         if bucket >= max_length:
             padded = f" (padded to its bucket, {bucket})" if bucket != prompt_length else ""
             raise ValueError(f"--prompt-length {prompt_length}{padded} leaves no room to generate in "

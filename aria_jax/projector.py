@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aria_jax.attention import dot_product_attention
+from aria_jax.attention import attention
 from aria_jax.config import AriaConfig
 from aria_jax.layers import ACTIVATIONS, LayerNorm, Linear, default_kernel_init, param_with_axes
 
@@ -45,7 +45,7 @@ class CrossAttention(nn.Module):
         q = jnp.einsum("bqd,dnh->bqnh", q, in_proj[:, 0]) + in_bias[0]
         k = jnp.einsum("bkd,dnh->bknh", k, in_proj[:, 1]) + in_bias[1]
         v = jnp.einsum("bkd,dnh->bknh", v, in_proj[:, 2]) + in_bias[2]
-        out = dot_product_attention(q, k, v, key_mask[:, None, :])
+        out = attention(q, k, v, key_mask)
         out = Linear((d,), ("heads", "head_dim", "embed"), in_dims=2, name="out_proj", **kw)(out)
         return Linear((d,), ("embed", "embed_out"), name="linear", **kw)(out)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aria_jax.attention import dot_product_attention
+from aria_jax.attention import attention
 from aria_jax.config import AriaVisionConfig
 from aria_jax.layers import ACTIVATIONS, LayerNorm, Linear, default_kernel_init, param_with_axes
 
@@ -63,7 +63,7 @@ class VisionAttention(nn.Module):
         q = Linear(heads, head_axes, name="q_proj", **kw)(x)                      # (N, P, n, h)
         k = Linear(heads, head_axes, name="k_proj", **kw)(x)
         v = Linear(heads, head_axes, name="v_proj", **kw)(x)
-        out = dot_product_attention(q, k, v, key_mask[:, None, :])
+        out = attention(q, k, v, key_mask)
         return Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out_proj", **kw)(out)
 
 

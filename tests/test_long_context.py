@@ -1,0 +1,238 @@
+"""Long context: blockwise attention against the dense reference, chunked prefill against one-shot
+prefill, float32 parity with transformers on prompts past 8K tokens (text, and many video frames
+in a prompt longer than a prefill chunk), and a 48K-token prompt within bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import aria_jax
+from aria_jax.attention import DENSE_LIMIT, attention
+from aria_jax.generator import check_request
+from aria_jax.kv_cache import PREFILL_CHUNK, prompt_bucket
+from aria_jax.modeling import IMAGE_GROUP
+from test_multimodal_parity import TinyConfig, build_rows, emulated_crop, noise_image
+from test_text_parity import (
+    LOGIT_TOLERANCE,
+    PAD_ID,
+    assert_logits_close,
+    cumsum_positions,
+    left_padded,
+    reference_generate,
+    reference_logits,
+)
+from tiny_models import make_multimodal_model, make_text_model
+
+LONG_CONTEXT = 65536   # max_position_embeddings of the models here (Aria's own context)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def random_qkv(seed, batch, queries, keys, heads, kv_heads, head_dim):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(batch, queries, heads, head_dim)).astype(np.float32)
+    k, v = (rng.normal(size=(batch, keys, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
+def rows_with_a_key(key_mask: np.ndarray, queries: int, query_offset) -> np.ndarray:
+    """(B, T) True where a query has at least one key to attend (the others are garbage by contract)."""
+    allowed = np.repeat(key_mask[:, None, :], queries, axis=1)
+    if query_offset is not None:
+        allowed &= np.arange(key_mask.shape[1])[None, None, :] <= (query_offset + np.arange(queries))[None, :, None]
+    return allowed.any(axis=-1)
+
+
+# (queries, keys, heads, kv_heads, query offset (None: not causal), block): blocks that do and do
+# not divide the lengths, GQA, a chunk of queries in the middle of a cache, and one decode query.
+ATTENTION_CASES = {
+    "causal_self": (37, 37, 4, 4, 0, 8),
+    "not_causal_gqa": (37, 37, 6, 2, None, 8),
+    "chunk_in_cache": (16, 64, 4, 2, 40, 8),
+    "chunk_at_cache_start": (16, 64, 4, 1, 0, 16),
+    "one_query": (1, 64, 4, 1, 20, 16),
+    "one_block": (20, 20, 2, 2, 0, 512),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_blockwise_attention_is_the_dense_reference(case):
+    queries, keys, heads, kv_heads, offset, block = ATTENTION_CASES[case]
+    q, k, v = random_qkv(0, 2, queries, keys, heads, kv_heads, 8)
+    key_mask = np.ones((2, keys), bool)
+    key_mask[0, :11] = False                     # a left-padded row
+    key_mask[1, keys // 2: keys // 2 + 5] = False  # a hole inside a key block
+    dense = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="dense")
+    blockwise = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="blockwise", block=block)
+    assert np.isfinite(np.asarray(blockwise)).all()
+    keep = rows_with_a_key(key_mask, queries, offset)
+    assert keep.any()
+    np.testing.assert_allclose(np.asarray(blockwise)[keep], np.asarray(dense)[keep], rtol=0, atol=2e-6)
+
+
+def test_blockwise_attention_gradients_are_the_dense_ones():
+    q, k, v = random_qkv(1, 2, 45, 45, 4, 2, 8)
+    key_mask = jnp.asarray(np.arange(45)[None, :] >= np.array([[0], [6]]))
+
+    def loss(implementation):
+        def of(q, k, v):
+            out = attention(q, k, v, key_mask, 0, implementation=implementation, block=16)
+            return jnp.sum(jnp.where(key_mask[:, :, None, None], out, 0.0) ** 2)
+        return jax.grad(of, argnums=(0, 1, 2))(q, k, v)
+
+    for name, dense, blockwise in zip("qkv", loss("dense"), loss("blockwise")):
+        np.testing.assert_allclose(np.asarray(blockwise), np.asarray(dense), rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_auto_attention_is_blockwise_past_the_dense_limit():
+    """The auto choice never builds a score matrix past DENSE_LIMIT pairs: the compiled program's
+    largest buffer stays far below one (B, N, T, S) float32 score matrix."""
+    length = 2 * int(DENSE_LIMIT ** 0.5)
+    q, k, v = (jax.ShapeDtypeStruct((1, length, 2, 8), jnp.float32) for _ in range(3))
+    key_mask = jax.ShapeDtypeStruct((1, length), bool)
+    compiled = jax.jit(lambda q, k, v, m: attention(q, k, v, m, 0)).lower(q, k, v, key_mask).compile()
+    scores_bytes = 2 * length * length * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < scores_bytes / 16
+
+
+# ----------------------------------------------------------------------------- text, 8K+ tokens
+
+TEXT_CONFIG = dict(vocab_size=128, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                   intermediate_size=16, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=2,
+                   num_hidden_layers=2, max_position_embeddings=LONG_CONTEXT)
+LONG_LENGTHS = (8300, 6100)   # past 8K; the bucket (9216) is prefilled in 3 chunks of PREFILL_CHUNK
+
+
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("long_text")
+    make_text_model(directory, seed=7, **TEXT_CONFIG)
+    reference = transformers.AriaTextForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, experts_implementation="eager").eval()
+    return reference, aria_jax.AriaTextForCausalLM.from_pretrained(directory, dtype="float32")
+
+
+def test_8k_prompt_logits_match_transformers(text_pair):
+    reference, ours = text_pair
+    ids, mask = left_padded(11, LONG_LENGTHS, TEXT_CONFIG["vocab_size"])
+    assert max(LONG_LENGTHS) ** 2 > DENSE_LIMIT      # ours attends blockwise here
+    expected = reference_logits(reference, ids, mask, cumsum_positions(mask))
+    assert_logits_close(ours(ids, mask).logits, expected, mask, "8K left-padded")
+
+
+def test_8k_prompt_greedy_generate_matches_transformers(text_pair):
+    """generate() prefills this prompt in chunks (prompt_bucket > PREFILL_CHUNK)."""
+    reference, ours = text_pair
+    ids, mask = left_padded(12, LONG_LENGTHS, TEXT_CONFIG["vocab_size"])
+    assert prompt_bucket(ids.shape[1]) > PREFILL_CHUNK
+    np.testing.assert_array_equal(ours.generate(ids, mask, max_new_tokens=20), reference_generate(reference, ids, mask, PAD_ID))
+
+
+def test_chunked_prefill_is_one_shot_prefill(text_pair):
+    """The same prompt prefilled in chunks of 1024 and at once: the same first token, and the same
+    KV cache up to float32 rounding (the chunks attend densely, the whole prompt blockwise, so
+    sums run in another order) relative to the cache's scale."""
+    _, ours = text_pair
+    ids, mask = left_padded(13, (3000, 2200), TEXT_CONFIG["vocab_size"])
+    padded_ids, padded_mask = ours._generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
+    assert padded_ids.shape[1] == 3072
+    embeds = ours._prompt_embeddings(padded_ids, padded_mask, None, None)
+    request = check_request(2, ids.shape[1], ours.config, None, max_new_tokens=4,
+                            do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
+
+    def prefilled(chunk):
+        return ours._generator.prefill(ours._text_params, embeds, jnp.asarray(padded_mask), request.sampling,
+                                       request.stop_ids, cache_length=4096, max_new_tokens_capacity=1024, chunk=chunk)
+
+    chunked, one_shot = prefilled(1024), prefilled(4096)
+    np.testing.assert_array_equal(np.asarray(chunked.tokens), np.asarray(one_shot.tokens))
+    real = padded_mask.astype(bool)
+    for layer, (a, b) in enumerate(zip(chunked.cache, one_shot.cache)):
+        for name in ("k", "v"):
+            a_real, b_real = np.asarray(a[name])[:, :3072][real], np.asarray(b[name])[:, :3072][real]
+            scale = max(1.0, float(np.abs(b_real).max()))
+            np.testing.assert_allclose(a_real, b_real, rtol=0, atol=1e-5 * scale, err_msg=f"layer {layer} {name}")
+
+
+# ----------------------------------------------------------------------------- many video frames
+
+VIDEO = TinyConfig(
+    vision=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=48,
+                image_size=140, patch_size=14),
+    projector={25: 4, 100: 6},
+    text=dict(TEXT_CONFIG, hidden_size=32, num_attention_heads=4, num_key_value_heads=4),
+)
+FRAMES = 2 * IMAGE_GROUP + 5   # the vision tower takes them in groups, the last one partial
+
+
+def test_long_video_prompt_matches_transformers(tmp_path):
+    """Many half-size frames between text, in a prompt longer than a prefill chunk: logits and
+    greedy tokens as transformers'."""
+    make_multimodal_model(tmp_path, seed=31, vision_overrides=VIDEO.vision,
+                          projector_patch_to_query=VIDEO.projector, **VIDEO.text)
+    reference = transformers.AriaForConditionalGeneration.from_pretrained(
+        tmp_path, dtype=torch.float32, experts_implementation="eager").eval()
+    ours = aria_jax.AriaForConditionalGeneration.from_pretrained(tmp_path, dtype="float32")
+    rng = np.random.default_rng(3)
+    frames = []
+    for index in range(FRAMES):
+        pixels, pixel_mask = emulated_crop(noise_image(100 + index, 90, 60), 70, 20)
+        frames += [(f"frame{index}", pixels[None], pixel_mask[None]), 3]
+    queries = {70: VIDEO.projector[25]}
+    ids, mask, pixel_values, pixel_mask, _ = build_rows(rng, [[2500, *frames, 2000]], queries, 128)
+    assert prompt_bucket(ids.shape[1]) > PREFILL_CHUNK and len(pixel_values) == FRAMES
+
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             position_ids=torch.from_numpy(cumsum_positions(mask)), pixel_values=torch.from_numpy(pixel_values),
+                             pixel_mask=torch.from_numpy(pixel_mask)).logits.numpy()
+        expected_tokens = reference.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            pixel_values=torch.from_numpy(pixel_values), pixel_mask=torch.from_numpy(pixel_mask),
+            do_sample=False, max_new_tokens=12, pad_token_id=PAD_ID, eos_token_id=PAD_ID).numpy()
+    logits = ours(ids, mask, pixel_values=pixel_values, pixel_mask=pixel_mask).logits
+    assert_logits_close(logits, expected, mask, f"{FRAMES} frames")
+    tokens = ours.generate(ids, mask, pixel_values=pixel_values, pixel_mask=pixel_mask, max_new_tokens=12)
+    np.testing.assert_array_equal(tokens[:, : expected_tokens.shape[1]], expected_tokens)
+
+
+# ----------------------------------------------------------------------------- 48K tokens
+
+PROMPT_48K = 48 * 1024
+MEMORY_LIMIT_GB = 6.0
+
+
+def test_48k_prompt_generates_in_bounded_memory(tmp_path):
+    """A 48K-token prompt, generated in a fresh process: its peak resident memory stays under
+    MEMORY_LIMIT_GB: one dense score matrix of this prompt would be 2 heads x 48K x 48K x 4 bytes,
+    18.8 GB."""
+    make_text_model(tmp_path, seed=5, vocab_size=128, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                    intermediate_size=16, moe_num_experts=4, moe_topk=2, num_hidden_layers=1,
+                    max_position_embeddings=LONG_CONTEXT)
+    script = textwrap.dedent(f"""
+        import json, resource
+        import numpy as np
+        import aria_jax
+        model = aria_jax.AriaTextForCausalLM.from_pretrained({str(tmp_path)!r}, dtype="float32")
+        ids = np.random.default_rng(0).integers(3, 128, size=(1, {PROMPT_48K}))
+        tokens = model.generate(ids, max_new_tokens=6)[0, {PROMPT_48K}:]
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        print(json.dumps({{"tokens": tokens.tolist(), "peak_gb": peak_gb}}))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"48K prompt: peak {result['peak_gb']:.2f} GB, tokens {result['tokens']}")
+    assert result["peak_gb"] < MEMORY_LIMIT_GB
+    assert len(result["tokens"]) == 6 and all(0 <= t < 128 for t in result["tokens"])
