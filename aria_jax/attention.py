@@ -1,21 +1,25 @@
-"""Attention: the dense reference, a blockwise (online softmax) version for long sequences, and
-the causal self-attention of the text decoder (MHA and GQA) with RoPE and a padding mask."""
+"""Attention: the dense reference, a blockwise (online softmax) version for long sequences, the
+TPU flash-attention kernel, and the causal self-attention of the text decoder (MHA and GQA)
+with RoPE and a padding mask."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
-
+from aria_jax.sharding import compile_platform, mesh_axes_for
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
 # attention runs over key blocks (memory O(queries x block), not O(queries x keys)).
 DENSE_LIMIT = 2048 * 2048
 BLOCK = 512
-IMPLEMENTATIONS = ("auto", "dense", "blockwise")
+FLASH_BLOCK = 128      # the TPU kernel's smallest tile: sequences are padded to a multiple of it
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "flash")
 
 
 def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | None = None) -> jax.Array:
@@ -30,40 +34,91 @@ def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset=None, *,
               implementation: str = "auto", block: int = BLOCK) -> jax.Array:
-    """q: (B, T, N, H); k, v: (B, S, K, H) with K dividing N; key_mask (B, S) True = a key to attend.
+    """q: (B, T, N, H); k, v: (B, K, S, H) with K dividing N; key_mask (B, S) True = a key to attend.
 
     `query_offset` None: every query may attend every valid key (vision tower, projector). An int
     or traced scalar: causal, query t sits at sequence index `query_offset + t` of the keys.
     "dense" builds the whole score matrix (`dot_product_attention`, the reference); "blockwise"
-    runs an online softmax over key blocks; "auto" picks dense for small score matrices. Rows
-    with no key to attend (left pads) are finite garbage in both; callers ignore them.
+    runs an online softmax over key blocks; "flash" is the Pallas TPU flash attention kernel
+    (`flash_attention`: self-attention of a whole sequence only). "auto": dense for small score
+    matrices; past DENSE_LIMIT, flash where it applies on TPU, else blockwise. Rows with no key to
+    attend (left pads) are finite garbage in all; callers ignore them.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: must be one of {IMPLEMENTATIONS}")
-    num_queries, num_keys = q.shape[1], k.shape[1]
-    if implementation == "dense" or (implementation == "auto" and num_queries * num_keys <= DENSE_LIMIT):
+    num_queries, num_keys = q.shape[1], k.shape[2]
+    if implementation == "auto":
+        if num_queries * num_keys <= DENSE_LIMIT:
+            implementation = "dense"
+        elif compile_platform() == "tpu" and flash_applies(num_queries, num_keys, query_offset):
+            implementation = "flash"
+        else:
+            implementation = "blockwise"
+    if implementation == "dense":
         if query_offset is None:
             mask = key_mask.astype(bool)[:, None, :]
         else:
             mask = causal_padding_mask(key_mask, query_offset, num_queries)
         return dot_product_attention(q, k, v, mask)
+    if implementation == "flash":
+        if not flash_applies(num_queries, num_keys, query_offset):
+            raise ValueError(f"flash attention takes self-attention of a whole sequence: not {num_queries} queries "
+                             f"at offset {query_offset} over {num_keys} keys")
+        return flash_attention(q, k, v, key_mask, causal=query_offset is not None)
     return blockwise_attention(q, k, v, key_mask, query_offset, block)
 
 
+def flash_applies(num_queries: int, num_keys: int, query_offset) -> bool:
+    """The kernel's causal mask aligns query t with key t: a whole sequence, not a chunk of one."""
+    aligned = query_offset is None or (isinstance(query_offset, int) and query_offset == 0)
+    return aligned and num_queries == num_keys
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, causal: bool) -> jax.Array:
+    """jax's Pallas TPU flash attention, with `attention`'s contract. Padding is a segment id:
+    every query is in segment 1 and a key in 1 if real, 0 if not, so that a query attends only
+    real keys (a left pad, with none, averages every key it may see: finite garbage). The sequence
+    is padded to whole tiles with keys that are not real (after every query: causality holds).
+    On a mesh the kernel runs under shard_map, rows over the batch axes and heads over the head
+    axes (the compiler cannot partition a Pallas kernel)."""
+    batch, length, num_heads, head_dim = q.shape
+    groups = num_heads // k.shape[1]
+    extra = -length % FLASH_BLOCK
+    q = jnp.pad(q, ((0, 0), (0, extra), (0, 0), (0, 0))).swapaxes(1, 2)
+    k, v = (jnp.pad(jnp.repeat(x, groups, axis=1), ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (k, v))
+    key_mask = jnp.pad(key_mask, ((0, 0), (0, extra)))
+    block = next(b for b in (512, 256, FLASH_BLOCK) if (length + extra) % b == 0)
+    sizes = tpu_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1)
+
+    def run(q, k, v, key_mask):
+        segments = tpu_flash.SegmentIds(q=jnp.ones((q.shape[0], q.shape[2]), jnp.int32), kv=key_mask.astype(jnp.int32))
+        return tpu_flash.flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=head_dim ** -0.5,
+                                         block_sizes=sizes)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        rows, heads = mesh_axes_for("batch", batch, mesh), mesh_axes_for("q_heads", num_heads, mesh)
+        spec = P(rows, heads, None, None)
+        # check_vma off: the kernel's output shapes do not say how they vary over the mesh.
+        run = jax.shard_map(run, axis_names=set(mesh.axis_names), in_specs=(spec, spec, spec, P(rows, None)),
+                            out_specs=spec, check_vma=False)
+    return run(q, k, v, key_mask).swapaxes(1, 2)[:, :length]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q: (B, T, N, H); k, v: (B, S, K, H) with K dividing N; mask: (B, T or 1, S) True = attend.
+    """q: (B, T, N, H); k, v: (B, K, S, H) with K dividing N; mask: (B, T or 1, S) True = attend.
 
     Query head n reads key/value head n // (N / K). Scale H^-0.5, softmax in float32. A query
     row with no key to attend (a left pad) yields finite garbage rather than NaN; callers
     ignore those rows.
     """
     batch, length, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    num_kv_heads = k.shape[1]
     q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (head_dim ** -0.5)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k) * (head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
     return out.reshape(batch, length, num_heads, head_dim)
 
 
@@ -73,7 +128,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
     skipped. Each query block is rematerialized in the backward pass, so training keeps
     O(block x keys) per layer rather than the score matrix."""
     batch, num_queries, num_heads, head_dim = q.shape
-    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
     block_q, block_k = min(block, num_queries), min(block, num_keys)
     pad_q, pad_k = -num_queries % block_q, -num_keys % block_k
@@ -83,8 +138,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
     # (blocks, B, block, ...): the scans run over the leading axis; padded keys are masked out.
     q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0))) * jnp.asarray(head_dim ** -0.5, q.dtype)
     q_blocks = q.reshape(batch, -1, block_q, num_kv_heads, groups, head_dim).swapaxes(0, 1)
-    k_blocks, v_blocks = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
-                          .reshape(batch, -1, block_k, num_kv_heads, head_dim).swapaxes(0, 1) for x in (k, v))
+    k_blocks, v_blocks = (jnp.moveaxis(jnp.pad(x, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
+                                       .reshape(batch, num_kv_heads, -1, block_k, head_dim), 2, 0) for x in (k, v))
     mask_blocks = jnp.pad(key_mask.astype(bool), ((0, 0), (0, pad_k))).reshape(batch, -1, block_k).swapaxes(0, 1)
 
     @jax.checkpoint
@@ -99,7 +154,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
 
             def accumulate(carry):
                 running_max, running_sum, acc = carry
-                scores = jnp.einsum("bqkgh,bskh->bkgqs", q_block, k_block).astype(jnp.float32)
+                scores = jnp.einsum("bqkgh,bksh->bkgqs", q_block, k_block).astype(jnp.float32)
                 allowed = mask_block[:, None, None, None, :]
                 if causal:
                     allowed = allowed & (k_start + jnp.arange(block_k) <= query_index[:, None])
@@ -110,7 +165,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
                 rescale = jnp.exp(running_max - safe_max)
                 running_sum = running_sum * rescale + probs.sum(axis=-1)
                 acc = acc * rescale[..., None] + jnp.einsum(
-                    "bkgqs,bskh->bkgqh", probs.astype(v_block.dtype), v_block).astype(jnp.float32)
+                    "bkgqs,bksh->bkgqh", probs.astype(v_block.dtype), v_block).astype(jnp.float32)
                 return new_max, running_sum, acc
 
             if not causal:
@@ -138,7 +193,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array,
                  cache: dict | None = None, cache_index=None):
         """x (B, T, D); key_mask (B, S) True = a real token (S = T without a cache). Causal.
-        Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, S, K, H) and the
+        Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, K, S, H) and the
         sequence index of x's first token: ((B, T, D), updated cache)."""
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -155,12 +210,12 @@ class Attention(nn.Module):
         with jax.named_scope("qkv"):
             q = jnp.einsum("btd,dnh->btnh", x, w_q)
             key = jnp.einsum("btd,dkh->btkh", x, w_k)
-            value = jnp.einsum("btd,dkh->btkh", x, w_v)
+            value = jnp.einsum("btd,dkh->bkth", x, w_v)          # keys and values (B, K, T, H), as cached
         with jax.named_scope("rope"):
-            q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+            q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin).swapaxes(1, 2)
         if cache is not None:
             with jax.named_scope("cache_write"):
-                start = (0, cache_index, 0, 0)
+                start = (0, 0, cache_index, 0)
                 cache = {"k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
                          "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)}
                 key, value = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)

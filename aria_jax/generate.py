@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.kv_cache import PREFILL_CHUNK, init_cache, per_layer
+from aria_jax.kv_cache import PREFILL_CHUNK, init_cache, init_per_layer, per_layer, pinned
 from aria_jax.modeling import TextDecoder, unrolled_cached_step
 from aria_jax.sharding import constrain
 
@@ -36,7 +36,7 @@ class Sampling:
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: list[dict]           # per layer {"k", "v"}: (B, S, K, H)
+    cache: list[dict]           # per layer {"k", "v"}: (B, K, S, H)
     key_mask: jax.Array         # (B, S) bool: prompt tokens, then every generated slot
     prompt_lengths: jax.Array   # (B,) real prompt tokens per row
     tokens: jax.Array           # (B, max_new_tokens) generated so far, pad after a row is done
@@ -111,34 +111,44 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
     mask = attention_mask.astype(bool)
     key_mask = jnp.concatenate([mask, jnp.ones((batch, cache_length - prompt_len), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    logits, prompt_cache = _prefill_chunks(text_params, prompt_embeds, mask, positions, chunk, config, dtype)
-    # Each layer's own cache buffer from the stacked one the layer scan filled: less memory than
-    # scanning over the whole cache and splitting it after.
-    cache = per_layer(prompt_cache, cache_length)
+    if chunk == prompt_len:
+        # The prompt's keys and values stacked, as the layer scan makes them; then each layer's own
+        # cache buffer: less memory than scanning over the whole cache and splitting it after.
+        decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype, dispatch=True)
+        logits, prompt_cache = decoder.apply(
+            {"params": text_params}, prompt_embeds, mask, positions, init_cache(config, batch, prompt_len, dtype), 0,
+            method=TextDecoder.cached_step,
+        )
+        cache = per_layer(prompt_cache, cache_length)
+    else:
+        logits, cache = _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk, cache_length,
+                                           config, dtype)
+    # As decode lays them out: left to the compiler, they came out split over the positions,
+    # and each decode step gathered the whole cache back.
+    cache = [pinned(layer) for layer in cache]
+    key_mask = constrain(key_mask, "batch", None)
     token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
     tokens = jnp.full((batch, max_new_tokens_capacity), config.pad_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
 
 
-def _prefill_chunks(text_params, prompt_embeds, mask, positions, chunk: int, config: AriaTextConfig, dtype):
-    """The prompt's keys and values, stacked over layers (L, B, T, K, H), and the last token's
-    logits; `chunk` tokens at a time, each chunk's queries at their place in the cache."""
-    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+def _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk: int, cache_length: int,
+                       config: AriaTextConfig, dtype):
+    """A long prompt `chunk` tokens at a time, each chunk's queries at their place in the cache,
+    straight into decode's per-layer cache buffers: the layers run unrolled, as in decode, so the
+    cache exists once (a layer scan would stack it, and splitting it into layers would copy it).
+    Returns the last token's logits and the per-layer cache."""
     batch, prompt_len, _ = prompt_embeds.shape
-    cache = init_cache(config, batch, prompt_len, dtype)
+    cache = init_per_layer(config, batch, cache_length, dtype)
 
     def one_chunk(cache, start):
         embeds, chunk_positions = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
                                    for x in (prompt_embeds, positions))
-        logits, cache = decoder.apply({"params": text_params}, embeds, mask, chunk_positions, cache, start,
-                                      method=TextDecoder.cached_step)
+        logits, cache = unrolled_cached_step(text_params, embeds, key_mask, chunk_positions, cache, start,
+                                             config=config, dtype=dtype, dispatch=True)
         return cache, logits
 
-    if chunk == prompt_len:
-        cache, logits = one_chunk(cache, 0)
-        return logits, cache
-    starts = jnp.arange(0, prompt_len, chunk, dtype=jnp.int32)
-    cache, logits = jax.lax.scan(one_chunk, cache, starts)
+    cache, logits = jax.lax.scan(one_chunk, cache, jnp.arange(0, prompt_len, chunk, dtype=jnp.int32))
     return logits[-1], cache
 
 

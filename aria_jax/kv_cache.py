@@ -1,11 +1,14 @@
 """The KV cache: static shape, donated between steps. Prefill fills it stacked over layers, as its
-layer scan makes it; decode holds it as one buffer pair per layer."""
+layer scan makes it; decode holds it as one buffer pair per layer. Heads come before positions,
+(batch, kv_heads, length, head_dim): the layout the TPU's attention matmuls read, so that the
+compiler keeps no transposed copy of the cache."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
+from aria_jax.sharding import constrain
 
 # Prompt and cache lengths are rounded up to these so that new requests reuse compiled code.
 MIN_BUCKET = 16
@@ -29,15 +32,30 @@ def prompt_bucket(length: int, chunk: int = PREFILL_CHUNK) -> int:
 
 
 def init_cache(config: AriaTextConfig, batch: int, length: int, dtype) -> dict:
-    """{"k", "v"}: zeros of (layers, batch, length, kv_heads, head_dim)."""
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    """{"k", "v"}: zeros of (layers, batch, kv_heads, length, head_dim)."""
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def pinned(layer_cache: dict | None) -> dict | None:
+    """A layer's {"k", "v"} in the layout decode keeps it: rows over the batch axes, heads over
+    `tensor`. Pinned wherever it enters or leaves a layer, so that the compiler never picks
+    another layout for a loop's copy of it and moves the whole cache every step."""
+    if layer_cache is None:
+        return None
+    return {name: constrain(kv, "batch", "kv_heads", None, None) for name, kv in layer_cache.items()}
+
+
+def init_per_layer(config: AriaTextConfig, batch: int, length: int, dtype) -> list[dict]:
+    """One {"k", "v"} of zeros (batch, kv_heads, length, head_dim) per layer."""
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+
+
 def per_layer(cache: dict, length: int) -> list[dict]:
-    """A stacked cache (of a prompt) as one {"k", "v"} of (batch, length, kv_heads, head_dim) per
+    """A stacked cache (of a prompt) as one {"k", "v"} of (batch, kv_heads, length, head_dim) per
     layer, zero past the prompt: separate buffers, so that each decode step writes a layer's new
     keys in place and reads no other layer's."""
-    extra = length - cache["k"].shape[2]
-    return [{name: jnp.pad(kv[layer], ((0, 0), (0, extra), (0, 0), (0, 0))) for name, kv in cache.items()}
+    extra = length - cache["k"].shape[3]
+    return [{name: jnp.pad(kv[layer], ((0, 0), (0, 0), (0, extra), (0, 0))) for name, kv in cache.items()}
             for layer in range(cache["k"].shape[0])]

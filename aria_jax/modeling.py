@@ -26,6 +26,7 @@ from aria_jax.layers import (
     param_with_axes,
     rope_cos_sin,
 )
+from aria_jax.kv_cache import pinned
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
 from aria_jax.sharding import constrain
@@ -33,12 +34,14 @@ from aria_jax.vision import VisionTower, patch_mask_from_pixel_mask
 
 
 class DecoderLayer(nn.Module):
-    """`layer_index`: set when the layers run unrolled (decode); see `MoE`."""
+    """`layer_index`: set when the layers run unrolled (decode); `dispatch`: prefill's token
+    dispatch to the experts' shards. See `MoE`."""
 
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     layer_index: int | None = None
+    dispatch: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, key_mask, cache=None, cache_index=None):
@@ -46,17 +49,16 @@ class DecoderLayer(nn.Module):
         cache (or None), returned updated."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, "batch", None, None)
-        if cache is not None:
-            cache = {name: constrain(kv, "batch", None, "kv_heads", None) for name, kv in cache.items()}
         with jax.named_scope("attention"):
             normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-            attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, key_mask, cache, cache_index)
+            attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, key_mask, pinned(cache), cache_index)
             if cache is not None:
                 attended, cache = attended
+                cache = pinned(cache)   # in and out alike: a loop carrying it keeps one layout
             x = x + attended
         with jax.named_scope("moe"):
             normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-            x = x + MoE(cfg, name="mlp", layer_index=self.layer_index, **kw)(normed)
+            x = x + MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)(normed)
         return x, cache
 
 
@@ -67,12 +69,14 @@ LAYER_COLLECTIONS = {"params": 0, "lora": 0, "intermediates": 0}
 
 class TextDecoder(nn.Module):
     """Token ids (or embeddings) -> logits. `remat` recomputes each layer's activations in the
-    backward pass instead of keeping them (training memory)."""
+    backward pass instead of keeping them (training memory); `dispatch` sends tokens to their
+    experts' shards on a mesh (inference only: see `moe.experts_by_dispatch`)."""
 
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    dispatch: bool = False
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -87,7 +91,7 @@ class TextDecoder(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, **kw)
+        )(cfg, dispatch=self.dispatch, **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
         self.lm_head = param_with_axes(
             self, "lm_head", default_kernel_init, (cfg.hidden_size, cfg.vocab_size),
@@ -136,16 +140,17 @@ STACKED_IN_DECODE = ("experts_gate_up", "experts_down")
 
 
 def unrolled_cached_step(params, inputs_embeds, key_mask, position_ids, cache, cache_index, *,
-                         config: AriaTextConfig, dtype=jnp.float32):
-    """`TextDecoder.cached_step` with the layers unrolled, for decode. cache: one {"k", "v"} of
-    (B, S, K, H) per layer (`kv_cache.per_layer`), each written in place and read where it lies;
-    a scan would copy every layer's cache slice in and out, every token."""
+                         config: AriaTextConfig, dtype=jnp.float32, dispatch: bool = False):
+    """`TextDecoder.cached_step` with the layers unrolled, for decode (and, with `dispatch`, a long
+    prompt's chunks). cache: one {"k", "v"} of (B, K, S, H) per layer (`kv_cache.per_layer`),
+    each written in place and read where it lies; a scan would copy every layer's cache slice in
+    and out, every token."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     x = inputs_embeds.astype(dtype)
     cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
     updated = []
     for index, layer_cache in enumerate(cache):
-        layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index)
+        layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index, dispatch=dispatch)
         layer_params = jax.tree.map(operator.itemgetter(index), params["layers"])
         for name in STACKED_IN_DECODE:      # the MoE reads its layer's experts in place
             layer_params["mlp"][name] = params["layers"]["mlp"][name]

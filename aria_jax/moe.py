@@ -18,7 +18,8 @@ Routed experts have interchangeable implementations that tests hold to each othe
 `auto` chooses by the platform the program is compiled for (`compile_platform`).
 
 On a mesh, the routed and the shared experts run together under `jax.shard_map`
-(`experts_over_mesh`), one all-reduce per layer.
+(`experts_over_mesh`), one all-reduce per layer; prefill sends each token to its experts' shards
+instead (`experts_by_dispatch`), so that no shard multiplies the pairs of another's experts.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from aria_jax.config import AriaTextConfig
 from aria_jax.grouped_matmul import stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
-from aria_jax.sharding import mesh_axis_size
+from aria_jax.sharding import compile_platform, mesh_axis_size
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -170,13 +171,6 @@ def _looped_backward(saved, cotangent):
 routed_experts_looped.defvjp(_looped_forward, _looped_backward)
 
 
-def compile_platform() -> str:
-    """The platform of the program being traced: that of the mesh's devices (`aria-jax plan
-    --target` compiles for a TPU on a CPU host), else JAX's default backend."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
-
-
 def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
     """By the platform the program is compiled for. TPU and GPU: the grouped matmul, whose
     kernel runs each expert's rows on the matrix units and skips experts with none. CPU: gathered
@@ -245,6 +239,82 @@ def experts_over_mesh(backend, act, x, weights, expert_ids, gate_up, down, share
     )(x, weights, expert_ids, gate_up, down, *shared)
 
 
+# Rows a shard sends each other shard per round of `experts_by_dispatch`, as a multiple of an even
+# share of its (token, slot) pairs: room for uneven routing before another round is needed.
+DISPATCH_SLACK = 1.5
+
+
+def can_dispatch(num_tokens: int) -> bool:
+    """Whether `experts_by_dispatch` applies on the current mesh: an expert axis of several
+    shards, no `tensor` split, and tokens that divide over `data` x `expert`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh_axis_size(mesh, "expert") < 2 or mesh_axis_size(mesh, "tensor") > 1:
+        return False
+    return num_tokens % (mesh_axis_size(mesh, "data") * mesh_axis_size(mesh, "expert")) == 0
+
+
+def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, shared):
+    """`experts_over_mesh` without redundant work, for many tokens (prefill): the tokens are split
+    over `data` x `expert`, each shard sends each (token, slot) pair to the shard holding its
+    expert (an all-to-all), runs `backend` on the rows it received for its own experts, and sends
+    the results back (a second all-to-all). Per-chip work falls with the number of shards.
+
+    Buffers are static: per round a shard sends at most `capacity` rows to each shard, DISPATCH_SLACK
+    times an even share. Pairs past it go in further rounds, as many as the most loaded shard
+    needs, so nothing is dropped whatever the routing. The rounds are a loop of data-dependent
+    length: no reverse mode, so training keeps `experts_over_mesh`. Shared experts run on each
+    shard's own tokens, their weights gathered whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = mesh_axis_size(mesh, "expert")
+    rows = ("data", "expert") if mesh_axis_size(mesh, "data") > 1 else ("expert",)
+
+    def local_tokens(x, weights, expert_ids, gate_up, down, shared_gate, shared_up, shared_down):
+        num_tokens, top_k = expert_ids.shape
+        num_local, model_dim = gate_up.shape[0], x.shape[-1]
+        num_pairs = num_tokens * top_k
+        capacity = math.ceil(num_pairs * DISPATCH_SLACK / shards)
+        destination = (expert_ids // num_local).reshape(-1)               # (P,) shard of each pair
+        is_destination = destination[:, None] == jnp.arange(shards)
+        rank = jnp.take_along_axis(jnp.cumsum(is_destination, axis=0) - 1, destination[:, None], axis=1)[:, 0]
+        busiest = jax.lax.pmax(jnp.max(jnp.sum(is_destination, axis=0)), tuple(mesh.axis_names))
+        rounds = -(-busiest // capacity)
+        pair_ids = (expert_ids % num_local).reshape(-1)
+        slots = shards * capacity
+
+        def exchange(buffer):     # (slots, ...): block s of `capacity` slots goes to (comes from) shard s
+            parts = buffer.reshape(shards, capacity, *buffer.shape[1:])
+            return jax.lax.all_to_all(parts, "expert", 0, 0).reshape(buffer.shape)
+
+        def one_round(state):
+            round_index, out = state
+            slot = rank - round_index * capacity
+            in_round = (slot >= 0) & (slot < capacity)
+            target = jnp.where(in_round, destination * capacity + slot, slots)    # past the end: dropped
+            pair_of_slot = jnp.full((slots,), num_pairs, jnp.int32).at[target].set(
+                jnp.arange(num_pairs, dtype=jnp.int32), mode="drop")
+            filled = pair_of_slot < num_pairs
+            pair_of_slot = jnp.minimum(pair_of_slot, num_pairs - 1)
+            # Empty slots carry the id one past the local experts: a group the backends skip (or
+            # whose rows they compute and nobody reads).
+            received = exchange(x[pair_of_slot // top_k])
+            received_ids = exchange(jnp.where(filled, pair_ids[pair_of_slot], num_local))
+            done = backend(received, jnp.ones((slots, 1), x.dtype), received_ids[:, None], gate_up, down)
+            returned = exchange(done)[jnp.minimum(target, slots - 1)].reshape(num_tokens, top_k, model_dim)
+            return round_index + 1, out + jnp.einsum("tkd,tk->td", returned, jnp.where(in_round, flat_weights, 0)
+                                                     .reshape(num_tokens, top_k))
+
+        flat_weights = weights.reshape(-1)
+        no_output = jnp.zeros_like(x)     # varies over the shards, as x
+        _, routed = jax.lax.while_loop(lambda state: state[0] < rounds, one_round, (jnp.int32(0), no_output))
+        return routed + shared_experts(x, shared_gate, shared_up, shared_down, act)
+
+    return jax.shard_map(
+        local_tokens, axis_names=set(mesh.axis_names),
+        in_specs=(P(rows), P(rows), P(rows), P("expert"), P("expert"), P(), P(), P()),
+        out_specs=P(rows),
+    )(x, weights, expert_ids, gate_up, down, *shared)
+
+
 ROUTED_EXPERT_BACKENDS = {
     "dense": routed_experts_dense,
     "ragged_dot": routed_experts_sorted,
@@ -254,15 +324,23 @@ ROUTED_EXPERT_BACKENDS = {
 }
 
 
+# The in-stack kernel multiplies every row by each expert that holds some: for decode's few
+# (token, slot) pairs. More pairs (a long prompt's chunks) take the layer's experts sliced out.
+IN_STACK_MAX_PAIRS = 512
+
+
 class MoE(nn.Module):
     """`layer_index`: for decode, where the layers run unrolled. The routed experts' params are
     then the whole stacks over layers, (L, E, D, 2F) and (L, E, F, D), and this layer's experts
-    are read inside them: in place by the TPU kernel, sliced out elsewhere."""
+    are read inside them: in place by the TPU kernel, sliced out elsewhere. `dispatch`: on a
+    mesh, send tokens to their experts' shards (`experts_by_dispatch`) where it applies;
+    inference only (prefill)."""
 
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     layer_index: int | None = None
+    dispatch: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -284,7 +362,8 @@ class MoE(nn.Module):
                                       ("layers", "experts", "expert_embed", "expert_mlp"), self.param_dtype)
             down = param_with_axes(self, "experts_down", default_kernel_init, layers + (e, f, d),
                                    ("layers", "experts", "expert_mlp", "expert_embed"), self.param_dtype)
-            if compile_platform() == "tpu" and cfg.moe_backend in ("auto", "ragged_dot"):
+            pairs = math.prod(x.shape[:-1]) * cfg.moe_topk
+            if compile_platform() == "tpu" and cfg.moe_backend in ("auto", "ragged_dot") and pairs <= IN_STACK_MAX_PAIRS:
                 backend = routed_experts_in_stack(self.layer_index)
             else:
                 gate_up, down = gate_up[self.layer_index], down[self.layer_index]
@@ -301,7 +380,10 @@ class MoE(nn.Module):
                   weight("shared_up", (d, s), ("expert_embed", "shared_mlp")),
                   weight("shared_down", (s, d), ("shared_mlp", "expert_embed")))
         mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and math.prod(mesh.axis_sizes) > 1:
+        if self.dispatch and gate_up.ndim == 3 and can_dispatch(tokens.shape[0]):
+            with jax.named_scope("experts"):
+                out = experts_by_dispatch(backend, act, tokens, top_weights, top_ids, gate_up, down, shared)
+        elif not mesh.empty and math.prod(mesh.axis_sizes) > 1:
             with jax.named_scope("experts"):
                 out = experts_over_mesh(backend, act, tokens, top_weights, top_ids, gate_up, down, shared)
         else:

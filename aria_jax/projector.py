@@ -43,8 +43,8 @@ class CrossAttention(nn.Module):
         in_bias = param_with_axes(self, "in_proj_bias", nn.initializers.zeros, (3, n, h),
                                   ("qkv", "heads", "head_dim"), self.param_dtype).astype(self.dtype)
         q = jnp.einsum("bqd,dnh->bqnh", q, in_proj[:, 0]) + in_bias[0]
-        k = jnp.einsum("bkd,dnh->bknh", k, in_proj[:, 1]) + in_bias[1]
-        v = jnp.einsum("bkd,dnh->bknh", v, in_proj[:, 2]) + in_bias[2]
+        k = jnp.einsum("bkd,dnh->bnkh", k, in_proj[:, 1]) + in_bias[1][:, None, :]
+        v = jnp.einsum("bkd,dnh->bnkh", v, in_proj[:, 2]) + in_bias[2][:, None, :]
         out = attention(q, k, v, key_mask)
         out = Linear((d,), ("heads", "head_dim", "embed"), in_dims=2, name="out_proj", **kw)(out)
         return Linear((d,), ("embed", "embed_out"), name="linear", **kw)(out)

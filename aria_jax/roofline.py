@@ -44,7 +44,7 @@ def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: i
             parts["embedding rows"] += batch * shape[names.index("vocab_embed")] * itemsize
         else:
             parts["weights"] += size
-    # k and v: (layers, batch, length, kv heads, head dim) each, as `kv_cache.init_cache` makes them
+    # k and v: (layers, batch, kv heads, length, head dim) each, as `kv_cache.init_cache` makes them
     parts["KV cache"] = 2 * config.num_hidden_layers * batch * cache_length * config.num_key_value_heads \
         * config.head_dim * itemsize
     return parts

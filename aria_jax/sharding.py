@@ -67,6 +67,13 @@ def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> 
                          devices=devices)
 
 
+def compile_platform() -> str:
+    """The platform of the program being traced: that of the mesh's devices (`aria-jax plan
+    --target` compiles for a TPU on a CPU host), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def mesh_axis_size(mesh, name: str) -> int:
     return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1) if mesh is not None else 1
 

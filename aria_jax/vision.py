@@ -63,7 +63,7 @@ class VisionAttention(nn.Module):
         q = Linear(heads, head_axes, name="q_proj", **kw)(x)                      # (N, P, n, h)
         k = Linear(heads, head_axes, name="k_proj", **kw)(x)
         v = Linear(heads, head_axes, name="v_proj", **kw)(x)
-        out = attention(q, k, v, key_mask)
+        out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), key_mask)
         return Linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="out_proj", **kw)(out)
 
 

@@ -139,7 +139,9 @@ def run_text_model(results: dict, out_dir: str) -> None:
 def run_moe_layouts(results: dict) -> None:
     """The MoE layer alone, every backend and layout (one jit per layout runs all backends),
     inputs split over the rows as the decoder pins them; and the jaxpr holds the shard_map (the
-    experts really run expert-parallel, not gathered whole by the compiler)."""
+    experts really run expert-parallel, not gathered whole by the compiler). Prefill's token
+    dispatch too (`dispatch=True`), with routing as the router gives it and with a router that
+    sends every token to experts 0 and 1: one shard then receives more pairs than a round holds."""
     import dataclasses
     import functools
 
@@ -151,13 +153,15 @@ def run_moe_layouts(results: dict) -> None:
 
     import aria_jax
     from aria_jax.config import AriaTextConfig
-    from aria_jax.moe import MoE
+    from aria_jax.moe import MoE, can_dispatch
     from aria_jax.sharding import param_sharding_for
 
     config = AriaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=4, moe_num_experts=8, moe_topk=2,
                             moe_num_shared_experts=1)
-    modules = [MoE(dataclasses.replace(config, moe_backend=backend)) for backend in MOE_BACKENDS]
+    configs = [dataclasses.replace(config, moe_backend=backend) for backend in MOE_BACKENDS]
+    modules = [MoE(c) for c in configs] + [MoE(c, dispatch=True) for c in configs]
+    names = MOE_BACKENDS + [f"dispatch {backend}" for backend in MOE_BACKENDS]
     x = jax.random.normal(jax.random.key(1), (8, 3, 32), jnp.float32)
     boxed = jax.eval_shape(lambda: modules[0].init(jax.random.key(0), x))["params"]
     params = jax.tree.map(lambda p: p.value if hasattr(p, "value") else p,
@@ -165,6 +169,7 @@ def run_moe_layouts(results: dict) -> None:
     # The init's 0.02 std gives outputs of ~1e-3; x10 brings them to ~1, so that the tolerance
     # means something. Router x8 more: routing far from ties, not flipped by a rounding.
     params = {k: v * (80.0 if k == "router" else 10.0) for k, v in params.items()}
+    skewed = dict(params, router=params["router"].at[:, :2].add(jnp.asarray([50.0, 40.0])))
 
     def apply_one(module, p, x):
         return module.apply({"params": p}, x)
@@ -172,23 +177,27 @@ def run_moe_layouts(results: dict) -> None:
     def apply_all(p, x):
         return [apply_one(m, p, x) for m in modules]
 
-    references = [np.asarray(r) for r in jax.jit(apply_all)(params, x)]
     results["moe"] = {}
-    for layout in LAYOUTS:
-        mesh = aria_jax.make_mesh(*layout)
-        sharding_for = param_sharding_for(boxed, mesh)
-        sharded = {k: jax.device_put(v, sharding_for((k,))) for k, v in params.items()}
-        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
-        with jax.set_mesh(mesh):
-            outs = jax.jit(apply_all)(sharded, xs)
-            jaxprs = [str(jax.make_jaxpr(functools.partial(apply_one, m))(sharded, xs)) for m in modules]
-        for backend, out, reference, jaxpr in zip(MOE_BACKENDS, outs, references, jaxprs):
-            results["moe"][f"{backend} {list(layout)}"] = {
-                "max_diff": float(np.abs(np.asarray(out) - reference).max()),
-                "scale": float(np.abs(reference).max()),
-                "shard_map": "shard_map" in jaxpr,
-                "experts_gate_up": describe(sharded["experts_gate_up"]),
-            }
+    for routing, routing_params in (("", params), (" skewed", skewed)):
+        references = [np.asarray(r) for r in jax.jit(apply_all)(routing_params, x)]
+        for layout in LAYOUTS:
+            mesh = aria_jax.make_mesh(*layout)
+            sharding_for = param_sharding_for(boxed, mesh)
+            sharded = {k: jax.device_put(v, sharding_for((k,))) for k, v in routing_params.items()}
+            xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
+            with jax.set_mesh(mesh):
+                outs = jax.jit(apply_all)(sharded, xs)
+                jaxprs = [str(jax.make_jaxpr(functools.partial(apply_one, m))(sharded, xs)) for m in modules]
+                dispatches = can_dispatch(x.shape[0] * x.shape[1])
+            for name, out, reference, jaxpr in zip(names, outs, references, jaxprs):
+                results["moe"][f"{name}{routing} {list(layout)}"] = {
+                    "max_diff": float(np.abs(np.asarray(out) - reference).max()),
+                    "scale": float(np.abs(reference).max()),
+                    "shard_map": "shard_map" in jaxpr,
+                    "all_to_all": "all_to_all" in jaxpr,
+                    "can_dispatch": dispatches,
+                    "experts_gate_up": describe(sharded["experts_gate_up"]),
+                }
 
 
 def run_layout_errors(results: dict) -> None:

@@ -10,20 +10,14 @@ import sys
 import textwrap
 
 import jax
+import jax.experimental.pallas.tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import aria_jax
-from aria_jax.attention import DENSE_LIMIT, attention
-from aria_jax.generator import check_request
-from aria_jax.kv_cache import PREFILL_CHUNK, prompt_bucket
-from aria_jax.modeling import IMAGE_GROUP
 from test_multimodal_parity import TinyConfig, build_rows, emulated_crop, noise_image
 from test_text_parity import (
-    LOGIT_TOLERANCE,
     PAD_ID,
     assert_logits_close,
     cumsum_positions,
@@ -32,6 +26,12 @@ from test_text_parity import (
     reference_logits,
 )
 from tiny_models import make_multimodal_model, make_text_model
+
+import aria_jax
+from aria_jax.attention import DENSE_LIMIT, attention
+from aria_jax.generator import check_request
+from aria_jax.kv_cache import PREFILL_CHUNK, prompt_bucket
+from aria_jax.modeling import IMAGE_GROUP
 
 LONG_CONTEXT = 65536   # max_position_embeddings of the models here (Aria's own context)
 
@@ -42,7 +42,7 @@ LONG_CONTEXT = 65536   # max_position_embeddings of the models here (Aria's own 
 def random_qkv(seed, batch, queries, keys, heads, kv_heads, head_dim):
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(batch, queries, heads, head_dim)).astype(np.float32)
-    k, v = (rng.normal(size=(batch, keys, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    k, v = (rng.normal(size=(batch, kv_heads, keys, head_dim)).astype(np.float32) for _ in range(2))
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
 
 
@@ -81,6 +81,32 @@ def test_blockwise_attention_is_the_dense_reference(case):
     np.testing.assert_allclose(np.asarray(blockwise)[keep], np.asarray(dense)[keep], rtol=0, atol=2e-6)
 
 
+# (queries = keys, heads, kv_heads, causal): whole tiles and a length the kernel pads to them.
+FLASH_CASES = {"causal_gqa": (256, 4, 2, True), "not_causal": (256, 2, 2, False), "causal_padded_to_tiles": (200, 2, 1, True)}
+
+
+@pytest.mark.parametrize("case", list(FLASH_CASES))
+def test_flash_attention_is_the_dense_reference(case):
+    """The Pallas TPU kernel, in Pallas' TPU interpreter on this CPU."""
+    length, heads, kv_heads, causal = FLASH_CASES[case]
+    q, k, v = random_qkv(2, 2, length, length, heads, kv_heads, 16)
+    key_mask = np.ones((2, length), bool)
+    key_mask[0, :37] = False
+    offset = 0 if causal else None
+    dense = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="dense")
+    with pltpu.force_tpu_interpret_mode():
+        flash = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="flash")
+    assert np.isfinite(np.asarray(flash)).all()
+    keep = rows_with_a_key(key_mask, length, offset)
+    np.testing.assert_allclose(np.asarray(flash)[keep], np.asarray(dense)[keep], rtol=0, atol=2e-6)
+
+
+def test_flash_attention_refuses_a_chunk_of_queries():
+    q, k, v = random_qkv(3, 1, 128, 256, 2, 2, 8)
+    with pytest.raises(ValueError, match="whole sequence: not 128 queries at offset 128 over 256 keys"):
+        attention(q, k, v, jnp.ones((1, 256), bool), 128, implementation="flash")
+
+
 def test_blockwise_attention_gradients_are_the_dense_ones():
     q, k, v = random_qkv(1, 2, 45, 45, 4, 2, 8)
     key_mask = jnp.asarray(np.arange(45)[None, :] >= np.array([[0], [6]]))
@@ -99,7 +125,8 @@ def test_auto_attention_is_blockwise_past_the_dense_limit():
     """The auto choice never builds a score matrix past DENSE_LIMIT pairs: the compiled program's
     largest buffer stays far below one (B, N, T, S) float32 score matrix."""
     length = 2 * int(DENSE_LIMIT ** 0.5)
-    q, k, v = (jax.ShapeDtypeStruct((1, length, 2, 8), jnp.float32) for _ in range(3))
+    q, k, v = (jax.ShapeDtypeStruct((1, length, 2, 8), jnp.float32),
+               *(jax.ShapeDtypeStruct((1, 2, length, 8), jnp.float32) for _ in range(2)))
     key_mask = jax.ShapeDtypeStruct((1, length), bool)
     compiled = jax.jit(lambda q, k, v, m: attention(q, k, v, m, 0)).lower(q, k, v, key_mask).compile()
     scores_bytes = 2 * length * length * 4
@@ -160,7 +187,7 @@ def test_chunked_prefill_is_one_shot_prefill(text_pair):
     real = padded_mask.astype(bool)
     for layer, (a, b) in enumerate(zip(chunked.cache, one_shot.cache)):
         for name in ("k", "v"):
-            a_real, b_real = np.asarray(a[name])[:, :3072][real], np.asarray(b[name])[:, :3072][real]
+            a_real, b_real = (np.asarray(x[name])[:, :, :3072].swapaxes(1, 2)[real] for x in (a, b))
             scale = max(1.0, float(np.abs(b_real).max()))
             np.testing.assert_allclose(a_real, b_real, rtol=0, atol=1e-5 * scale, err_msg=f"layer {layer} {name}")
 

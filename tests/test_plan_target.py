@@ -61,6 +61,9 @@ def test_two_layer_full_width_model_on_v5e_2x2(tmp_path):
     # and layer, and no copy of a layer's 16 local experts out of the stack.
     assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2
     assert not re.search(r"= bf16\[16,2560,3328\]|= bf16\[16,1664,2560\]", decode_hlo)
+    # Prefill sends each (token, slot) pair to its expert's chip; decode (2 tokens) does not.
+    dispatch = re.compile(r" all-to-all\(.*op_name=\"[^\"]*/experts/shard_map/[^\"]*all_to_all\"")
+    assert dispatch.search((tmp_path / "hlo" / "prefill.txt").read_text()) and not dispatch.search(decode_hlo)
 
     plan = json.loads((tmp_path / "plan.json").read_text())
     chip = plan["chip"]
@@ -351,3 +354,35 @@ def test_every_chip_has_the_figures_the_plan_divides_by():
         assert chip.peak_flops > 0 and chip.hbm_bytes_per_second > 0 and chip.hbm_bytes > 0, key
         assert (chip.clock_hz is None) == (key == "h100"), key
     assert round(CHIPS["v4"].clock_hz / 1e6) == 1049      # the rule reproduces v4's published 1050 MHz
+
+
+TPU_ATTENTION_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import aria_jax
+from aria_jax.accelerators import parse_target, prepare_environment, target_devices
+from aria_jax.attention import attention
+target = parse_target("v5e:2x2")
+prepare_environment(target)
+mesh = aria_jax.make_mesh(1, 4, 1, devices=target_devices(target))
+def spec(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+q, kv, mask, start = spec((4, 2304, 4, 128)), spec((4, 4, 2304, 128)), spec((4, 2304), bool), spec((), jnp.int32)
+with jax.set_mesh(mesh):
+    whole = jax.jit(lambda q, k, v, m: attention(q, k, v, m, 0)).lower(q, kv, kv, mask).compile().as_text()
+    chunk = jax.jit(attention).lower(q, kv, kv, mask, start).compile().as_text()
+kernel = 'custom_call_target="tpu_custom_call"'
+print(whole.count(kernel), chunk.count(kernel), " while(" in chunk)
+"""
+
+
+@needs_libtpu
+def test_long_self_attention_compiles_to_the_flash_kernel_on_tpu():
+    """Compiled for v5e with libtpu: a whole sequence past the dense limit runs the Pallas flash
+    kernel (under shard_map on the mesh); queries at a traced offset into the cache (a prompt's
+    later chunk) attend blockwise, a loop over key blocks, and no kernel."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", TPU_ATTENTION_SCRIPT], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "0", "True"]

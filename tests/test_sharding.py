@@ -209,12 +209,28 @@ def test_text_model_on_mesh(mesh_results, reference):
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
 @pytest.mark.parametrize("backend", MOE_BACKENDS)
-def test_moe_layer_matches_single_device(mesh_results, backend, layout):
-    run = mesh_results["moe"][f"{backend} {list(layout)}"]
+@pytest.mark.parametrize("routing", ["", " skewed"], ids=["routed", "skewed"])
+def test_moe_layer_matches_single_device(mesh_results, backend, layout, routing):
+    run = mesh_results["moe"][f"{backend}{routing} {list(layout)}"]
     assert run["scale"] > 0.5, "outputs this small would make the tolerance meaningless"
     assert run["max_diff"] <= 1e-5 * max(1.0, run["scale"]), run
     assert run["shard_map"], "the routed experts should run under shard_map over the expert axis"
+    assert not run["all_to_all"], "without dispatch, tokens stay where they are"
     assert_split(run["experts_gate_up"], 0, "expert", layout[1], 8, {1: layout[2]})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
+@pytest.mark.parametrize("backend", MOE_BACKENDS)
+@pytest.mark.parametrize("routing", ["", " skewed"], ids=["routed", "skewed"])
+def test_moe_token_dispatch_matches_single_device(mesh_results, backend, layout, routing):
+    """Prefill's dispatch (tokens sent to their experts' shards, in rounds when one shard gets more
+    than a round holds: the skewed router) gives the single-device output; it applies on every
+    layout without a `tensor` split."""
+    run = mesh_results["moe"][f"dispatch {backend}{routing} {list(layout)}"]
+    assert run["scale"] > 0.5
+    assert run["max_diff"] <= 1e-5 * max(1.0, run["scale"]), run
+    assert run["can_dispatch"] == (layout[2] == 1)
+    assert run["all_to_all"] == run["can_dispatch"]
 
 
 # ----------------------------------------------------------------------------- layout errors
