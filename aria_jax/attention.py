@@ -1,17 +1,14 @@
-"""Attention: the dense reference, a blockwise (online softmax) version for long sequences, the
-TPU flash-attention kernel, and the causal self-attention of the text decoder (MHA and GQA)
-with RoPE and a padding mask."""
+"""Attention kernels (MHA and GQA, a key mask, causal or not): the dense reference, a blockwise
+(online softmax) version for long sequences, the TPU flash-attention kernel, and the softmax
+statistics that let attention over disjoint sets of keys be merged (`context_parallel`)."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
-from aria_jax.config import AriaTextConfig
-from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
 from aria_jax.sharding import compile_platform, mesh_axes_for
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
@@ -127,6 +124,56 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
     query (the online softmax of flash attention). Tiles wholly in a query block's future are
     skipped. Each query block is rematerialized in the backward pass, so training keeps
     O(block x keys) per layer rather than the score matrix."""
+    return normalized(*blockwise_stats(q, k, v, key_mask, query_offset, 0, block), v.dtype)
+
+
+def dense_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0):
+    """The softmax statistics of `attention` over these keys, from the whole score matrix:
+    (max, sum, unnormalized values) per query, (B, K, G, T), (B, K, G, T) and (B, K, G, T, H) in
+    float32, where G = N / K. Key s sits at sequence index `key_offset + s`; a query with no key
+    to attend here has max -inf and sum 0. `combined` merges the statistics of disjoint keys."""
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    q = q.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * (head_dim ** -0.5)
+    allowed = key_mask.astype(bool)[:, None, None, None, :]
+    if query_offset is not None:
+        allowed = allowed & ((key_offset + jnp.arange(num_keys)) <= (query_offset + jnp.arange(num_queries))[:, None])
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    return _stats_of(scores, v)
+
+
+def _stats_of(scores: jax.Array, v: jax.Array):
+    """(max, sum, probabilities @ values) of (B, K, G, T, S) scores, -inf where not allowed."""
+    running_max = scores.max(axis=-1)
+    safe_max = jnp.where(jnp.isfinite(running_max), running_max, 0.0)   # rows with no key
+    probs = jnp.exp(scores - safe_max[..., None])
+    values = jnp.einsum("bkgqs,bksh->bkgqh", probs.astype(v.dtype), v).astype(jnp.float32)
+    return running_max, probs.sum(axis=-1), values
+
+
+def combined(stats: list[tuple[jax.Array, jax.Array, jax.Array]]):
+    """The statistics of the union of disjoint key sets, from each set's."""
+    maxima = jnp.stack([m for m, _, _ in stats])
+    new_max = maxima.max(axis=0)
+    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    scales = jnp.exp(maxima - safe_max)      # 0 for a set where the query saw no key
+    total = sum(scale * s for scale, (_, s, _) in zip(scales, stats))
+    values = sum(scale[..., None] * acc for scale, (_, _, acc) in zip(scales, stats))
+    return new_max, total, values
+
+
+def normalized(running_max, running_sum, values, dtype) -> jax.Array:
+    """Statistics of shape (B, K, G, T, H) -> attention output (B, T, N, H)."""
+    del running_max
+    batch, num_kv_heads, groups, num_queries, head_dim = values.shape
+    out = values / jnp.where(running_sum > 0, running_sum, 1.0)[..., None]
+    return jnp.einsum("bkgqh->bqkgh", out).reshape(batch, num_queries, num_kv_heads * groups, head_dim).astype(dtype)
+
+
+def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset,
+                    block: int):
+    """`dense_stats` one (query block, key block) tile at a time (see `blockwise_attention`)."""
     batch, num_queries, num_heads, head_dim = q.shape
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
     groups = num_heads // num_kv_heads
@@ -153,73 +200,25 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
             k_start, k_block, v_block, mask_block = tile
 
             def accumulate(carry):
-                running_max, running_sum, acc = carry
                 scores = jnp.einsum("bqkgh,bksh->bkgqs", q_block, k_block).astype(jnp.float32)
                 allowed = mask_block[:, None, None, None, :]
                 if causal:
                     allowed = allowed & (k_start + jnp.arange(block_k) <= query_index[:, None])
-                scores = jnp.where(allowed, scores, -jnp.inf)
-                new_max = jnp.maximum(running_max, scores.max(axis=-1))
-                safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)   # rows that saw no key yet
-                probs = jnp.exp(scores - safe_max[..., None])
-                rescale = jnp.exp(running_max - safe_max)
-                running_sum = running_sum * rescale + probs.sum(axis=-1)
-                acc = acc * rescale[..., None] + jnp.einsum(
-                    "bkgqs,bksh->bkgqh", probs.astype(v_block.dtype), v_block).astype(jnp.float32)
-                return new_max, running_sum, acc
+                return combined([carry, _stats_of(jnp.where(allowed, scores, -jnp.inf), v_block)])
 
             if not causal:
                 return accumulate(carry), None
             in_the_past = k_start <= query_index[-1]
             return jax.lax.cond(in_the_past, accumulate, lambda carry: carry, carry), None
 
-        k_starts = jnp.arange(k_blocks.shape[0], dtype=jnp.int32) * block_k
-        (_, running_sum, acc), _ = jax.lax.scan(one_key_block, init, (k_starts, k_blocks, v_blocks, mask_blocks))
-        out = acc / jnp.where(running_sum > 0, running_sum, 1.0)[..., None]
-        return out.astype(v.dtype)      # (B, K, G, block_q, H)
+        k_starts = key_offset + jnp.arange(k_blocks.shape[0], dtype=jnp.int32) * block_k
+        return jax.lax.scan(one_key_block, init, (k_starts, k_blocks, v_blocks, mask_blocks))[0]
 
     q_starts = jnp.arange(q_blocks.shape[0], dtype=jnp.int32) * block_q
-    out = jax.lax.map(lambda args: one_query_block(*args), (q_starts, q_blocks))   # (blocks, B, K, G, bq, H)
-    out = jnp.einsum("nbkgqh->bnqkgh", out).reshape(batch, -1, num_heads, head_dim)
-    return out[:, :num_queries]
+    stats = jax.lax.map(lambda args: one_query_block(*args), (q_starts, q_blocks))  # (blocks, B, K, G, bq, ...)
 
+    def queries_together(x):            # (blocks, B, K, G, bq, ...) -> (B, K, G, T, ...)
+        x = jnp.moveaxis(x, 0, 3)
+        return x.reshape(*x.shape[:3], -1, *x.shape[5:])[:, :, :, :num_queries]
 
-class Attention(nn.Module):
-    config: AriaTextConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array,
-                 cache: dict | None = None, cache_index=None):
-        """x (B, T, D); key_mask (B, S) True = a real token (S = T without a cache). Causal.
-        Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, K, S, H) and the
-        sequence index of x's first token: ((B, T, D), updated cache)."""
-        cfg = self.config
-        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-        def kernel(name, shape, axes):
-            weight = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
-            return adapted(self, name, weight.astype(self.dtype))
-
-        w_q = kernel("q_proj", (d, n, h), ("embed", "q_heads", "head_dim"))
-        w_k = kernel("k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        w_v = kernel("v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        w_o = kernel("o_proj", (n, h, d), ("q_heads", "head_dim", "embed"))
-
-        with jax.named_scope("qkv"):
-            q = jnp.einsum("btd,dnh->btnh", x, w_q)
-            key = jnp.einsum("btd,dkh->btkh", x, w_k)
-            value = jnp.einsum("btd,dkh->bkth", x, w_v)          # keys and values (B, K, T, H), as cached
-        with jax.named_scope("rope"):
-            q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin).swapaxes(1, 2)
-        if cache is not None:
-            with jax.named_scope("cache_write"):
-                start = (0, 0, cache_index, 0)
-                cache = {"k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
-                         "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)}
-                key, value = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-        with jax.named_scope("attend"):
-            out = attention(q, key, value, key_mask, 0 if cache is None else cache_index)
-        out = jnp.einsum("btnh,nhd->btd", out, w_o)
-        return out if cache is None else (out, cache)
+    return tuple(queries_together(x) for x in stats)

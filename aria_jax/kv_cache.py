@@ -1,14 +1,22 @@
 """The KV cache: static shape, donated between steps. Prefill fills it stacked over layers, as its
 layer scan makes it; decode holds it as one buffer pair per layer. Heads come before positions,
 (batch, kv_heads, length, head_dim): the layout the TPU's attention matmuls read, so that the
-compiler keeps no transposed copy of the cache."""
+compiler keeps no transposed copy of the cache.
+
+On a mesh, a layer's cache splits its rows over the batch axes and its heads over `tensor`; a
+long one (SPLIT_POSITIONS_FROM) also splits its positions over the axes left (`cache_layout`),
+so that no chip holds or reads the whole of it (`context_parallel`)."""
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.sharding import constrain
+from aria_jax.sharding import mesh_axes_for, mesh_axis_size
 
 # Prompt and cache lengths are rounded up to these so that new requests reuse compiled code.
 MIN_BUCKET = 16
@@ -37,13 +45,38 @@ def init_cache(config: AriaTextConfig, batch: int, length: int, dtype) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+# A layer cache of at least this many positions splits them over the mesh axes that its rows and
+# heads leave unused. Each decode step then reads 1/n of the cache per chip, for two small
+# collectives per layer (the softmax statistics); shorter caches are read faster whole.
+SPLIT_POSITIONS_FROM = 8192
+
+
+def cache_layout(shape: tuple[int, ...], mesh) -> P:
+    """Where a layer's (B, K, S, H) cache lives on `mesh`: P(rows, heads, positions, None)."""
+    batch, num_kv_heads, length, _ = shape
+    rows, heads = mesh_axes_for("batch", batch, mesh), mesh_axes_for("kv_heads", num_kv_heads, mesh)
+    used = set(rows or ()) | set(heads or ())
+    free = tuple(a for a in mesh.axis_names if a not in used and mesh_axis_size(mesh, a) > 1)
+    split = math.prod(mesh_axis_size(mesh, a) for a in free)
+    positions = free if free and length >= SPLIT_POSITIONS_FROM and length % split == 0 else None
+    return P(rows, heads, positions, None)
+
+
+def positions_split(shape: tuple[int, ...]) -> tuple[str, ...] | None:
+    """The mesh axes a layer cache of `shape` splits its positions over, on the current mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else cache_layout(shape, mesh)[2]
+
+
 def pinned(layer_cache: dict | None) -> dict | None:
-    """A layer's {"k", "v"} in the layout decode keeps it: rows over the batch axes, heads over
-    `tensor`. Pinned wherever it enters or leaves a layer, so that the compiler never picks
-    another layout for a loop's copy of it and moves the whole cache every step."""
-    if layer_cache is None:
-        return None
-    return {name: constrain(kv, "batch", "kv_heads", None, None) for name, kv in layer_cache.items()}
+    """A layer's {"k", "v"} in the layout decode keeps it (`cache_layout`). Pinned wherever it
+    enters or leaves a layer, so that the compiler never picks another layout for a loop's copy
+    of it and moves the whole cache every step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if layer_cache is None or mesh.empty:
+        return layer_cache
+    return {name: jax.lax.with_sharding_constraint(kv, cache_layout(kv.shape, mesh))
+            for name, kv in layer_cache.items()}
 
 
 def init_per_layer(config: AriaTextConfig, batch: int, length: int, dtype) -> list[dict]:

@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aria_jax.attention import Attention
 from aria_jax.config import AriaConfig, AriaTextConfig
 from aria_jax.layers import (
     RMSNorm,
@@ -29,6 +28,7 @@ from aria_jax.layers import (
 from aria_jax.kv_cache import pinned
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
+from aria_jax.self_attention import Attention
 from aria_jax.sharding import constrain
 from aria_jax.vision import VisionTower, patch_mask_from_pixel_mask
 
@@ -151,9 +151,15 @@ def unrolled_cached_step(params, inputs_embeds, key_mask, position_ids, cache, c
     updated = []
     for index, layer_cache in enumerate(cache):
         layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index, dispatch=dispatch)
-        layer_params = jax.tree.map(operator.itemgetter(index), params["layers"])
+        stacked = params["layers"]
+        if dispatch:
+            # A prompt's chunks take each layer's experts out of the stacks (copies, for the grouped
+            # matmul). Tied to the layer's input, the copies are made as the layer runs; untied,
+            # the compiler hoists them out of the loop over chunks and holds every layer's at once.
+            stacked, x = jax.lax.optimization_barrier((stacked, x))
+        layer_params = jax.tree.map(operator.itemgetter(index), stacked)
         for name in STACKED_IN_DECODE:      # the MoE reads its layer's experts in place
-            layer_params["mlp"][name] = params["layers"]["mlp"][name]
+            layer_params["mlp"][name] = stacked["mlp"][name]
         x, layer_cache = layer.apply({"params": layer_params}, x, cos, sin, key_mask, layer_cache, cache_index)
         updated.append(layer_cache)
     return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), updated

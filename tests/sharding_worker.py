@@ -2,7 +2,7 @@
 CPU devices) must be set before JAX starts, and the pytest process has one device.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-        python tests/sharding_worker.py mesh OUT_DIR PART...      # errors moe text 1x8x1 2x4x1 ...
+        python tests/sharding_worker.py mesh OUT_DIR PART...      # errors moe text split_cache 1x8x1 ...
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python tests/sharding_worker.py host PROCESS_ID PORT OUT_DIR   # one of two processes
 
@@ -200,6 +200,97 @@ def run_moe_layouts(results: dict) -> None:
                 }
 
 
+# Layouts on which a cache of tiny-random's batch (4 rows, 2 kv heads) splits its positions, and
+# the split attention's own cases: (layout, batch, kv heads, groups, cache length, queries, index).
+SPLIT_CACHE_LAYOUTS = [(1, 8, 1), (2, 4, 1)]
+SPLIT_ATTENTION_CASES = [
+    ((1, 8, 1), 1, 2, 2, 64, 1, 37),      # a decode step
+    ((1, 8, 1), 1, 2, 2, 64, 16, 16),     # a chunk inside one shard's positions
+    ((1, 8, 1), 1, 2, 2, 64, 16, 20),     # a chunk across two shards
+    ((2, 4, 1), 2, 2, 2, 64, 16, 32),     # positions over two axes
+    ((1, 4, 2), 1, 2, 2, 64, 16, 0),      # heads over tensor, positions over expert
+    ((1, 8, 1), 1, 2, 2, 512, 64, 128),   # blockwise within each shard
+]
+
+
+def run_split_cache(results: dict) -> None:
+    """Caches whose positions split over the mesh (`kv_cache.cache_layout`, with the threshold
+    lowered to tiny lengths): the split attention against the dense one on random inputs, and
+    generation of the multimodal batch (the test compares its tokens with the single-device run);
+    a prompt prefilled in chunks into a split cache against one chunk into a whole one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import aria_jax
+    from aria_jax import attention, context_parallel, kv_cache
+    from aria_jax.generator import check_request
+
+    rng = np.random.default_rng(0)
+    results["split_cache"] = {"attention": [], "layouts": {}}
+    threshold, dense_limit = kv_cache.SPLIT_POSITIONS_FROM, context_parallel.DENSE_LIMIT
+    kv_cache.SPLIT_POSITIONS_FROM = 16
+    try:
+        for layout, batch, heads, groups, length, queries, index in SPLIT_ATTENTION_CASES:
+            context_parallel.DENSE_LIMIT = queries * length // 8 if length > 64 else dense_limit
+            q = jnp.asarray(rng.standard_normal((batch, queries, heads * groups, 16)), jnp.float32)
+            new = {n: jnp.asarray(rng.standard_normal((batch, heads, queries, 16)), jnp.float32) for n in "kv"}
+            cache = {n: jnp.asarray(rng.standard_normal((batch, heads, length, 16)), jnp.float32) for n in "kv"}
+            mask = np.ones((batch, length), bool)
+            mask[0, :5] = False                                   # a left-padded row
+            expected_cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, 0, index, 0)) for n in "kv"}
+            expected = attention.attention(q, expected_cache["k"], expected_cache["v"], jnp.asarray(mask), index,
+                                           implementation="dense")
+            with jax.set_mesh(aria_jax.make_mesh(*layout)):
+                out, written = jax.jit(context_parallel.attention_over_split_cache)(
+                    q, new["k"], new["v"], cache, jnp.asarray(mask), index)
+            attends = mask[:, :index + queries].cumsum(axis=1)[:, index:] > 0     # queries with a key to attend
+            results["split_cache"]["attention"].append({
+                "case": [list(layout), batch, heads, groups, length, queries, index],
+                "max_diff": float(np.abs(np.asarray(out) - np.asarray(expected))[attends].max()),
+                "cache_diff": max(float(np.abs(np.asarray(written[n]) - np.asarray(expected_cache[n])).max())
+                                  for n in "kv"),
+                "cache_spec": describe(written["k"])["spec"],
+            })
+        context_parallel.DENSE_LIMIT = dense_limit
+
+        inputs = build_inputs(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
+        ids, mask = text_ids()
+        for layout in SPLIT_CACHE_LAYOUTS:
+            mesh = aria_jax.make_mesh(*layout)
+            model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=mesh)
+            tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
+
+            text = aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM, mesh=mesh)
+            padded_ids, padded_mask = text._generator.pad_prompt(ids, mask)
+            embeds = text._prompt_embeddings(padded_ids, padded_mask, None, None)
+            request = check_request(len(ids), ids.shape[1], text.config, None, max_new_tokens=4, do_sample=False,
+                                    temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
+
+            def prefilled(chunk, cache_length):
+                return text._generator.prefill(text._text_params, embeds, jnp.asarray(padded_mask),
+                                               request.sampling, request.stop_ids, cache_length=cache_length,
+                                               max_new_tokens_capacity=8, chunk=chunk)
+
+            chunked = prefilled(8, 32)            # positions split: 32 >= the threshold
+            kv_cache.SPLIT_POSITIONS_FROM = threshold
+            whole = prefilled(16, 32)
+            kv_cache.SPLIT_POSITIONS_FROM = 16
+            real = padded_mask.astype(bool)
+            results["split_cache"]["layouts"][layout_name(layout)] = {
+                "tokens": np.asarray(tokens).tolist(),
+                "prefill_cache_spec": describe(chunked.cache[0]["k"])["spec"],
+                "whole_cache_spec": describe(whole.cache[0]["k"])["spec"],
+                "prefill_tokens_equal": bool(np.array_equal(np.asarray(chunked.tokens), np.asarray(whole.tokens))),
+                "prefill_cache_diff": max(
+                    float(np.abs(np.asarray(a[n])[:, :, :16].swapaxes(1, 2)[real]
+                                 - np.asarray(b[n])[:, :, :16].swapaxes(1, 2)[real]).max())
+                    for a, b in zip(chunked.cache, whole.cache) for n in "kv"),
+            }
+    finally:
+        kv_cache.SPLIT_POSITIONS_FROM, context_parallel.DENSE_LIMIT = threshold, dense_limit
+
+
 def run_layout_errors(results: dict) -> None:
     import aria_jax
 
@@ -229,6 +320,8 @@ def main_mesh(out_dir: str, parts: list[str]) -> None:
             run_moe_layouts(results)
         elif part == "text":
             run_text_model(results, out_dir)
+        elif part == "split_cache":
+            run_split_cache(results)
         else:
             run_model_layout(results, tuple(int(n) for n in part.split("x")), out_dir)
         results["seconds"][part] = round(time.perf_counter() - start, 1)

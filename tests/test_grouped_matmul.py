@@ -68,8 +68,11 @@ def test_decode_backend_on_the_stack_matches_sorted_backend(num_tokens):
     weights, ids = route(x, random((model, experts), 5) * 4, top_k)[1:]
     gate_up, down = random((layers, experts, model, 2 * width), 6), random((layers, experts, width, model), 7)
     out = routed_experts_in_stack(1, interpret=True)(x, weights, ids, gate_up, down)
-    expected = routed_experts_sorted(x, weights, ids, gate_up[1], down[1])
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    expected = np.asarray(routed_experts_sorted(x, weights, ids, gate_up[1], down[1]))
+    # Outputs reach ~100 here (unscaled random weights), and an entry near 0 is a difference of
+    # such terms: float32 rounding of the two summation orders is relative to that scale.
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_estimate_takes_the_kernels_declared_cost():

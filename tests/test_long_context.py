@@ -4,6 +4,7 @@ in a prompt longer than a prefill chunk), and a 48K-token prompt within bounded 
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from test_text_parity import (
 from tiny_models import make_multimodal_model, make_text_model
 
 import aria_jax
-from aria_jax.attention import DENSE_LIMIT, attention
+from aria_jax.attention import DENSE_LIMIT, attention, blockwise_stats, combined, dense_stats, normalized
 from aria_jax.generator import check_request
 from aria_jax.kv_cache import PREFILL_CHUNK, prompt_bucket
 from aria_jax.modeling import IMAGE_GROUP
@@ -105,6 +106,24 @@ def test_flash_attention_refuses_a_chunk_of_queries():
     q, k, v = random_qkv(3, 1, 128, 256, 2, 2, 8)
     with pytest.raises(ValueError, match="whole sequence: not 128 queries at offset 128 over 256 keys"):
         attention(q, k, v, jnp.ones((1, 256), bool), 128, implementation="flash")
+
+
+@pytest.mark.parametrize("case", ["causal_self", "not_causal_gqa", "chunk_in_cache", "one_query"])
+@pytest.mark.parametrize("stats", [dense_stats, functools.partial(blockwise_stats, block=8)], ids=["dense", "blockwise"])
+def test_statistics_of_key_slices_combine_into_attention(case, stats):
+    """What a cache split over positions does (`context_parallel`): the softmax statistics of
+    three slices of the keys, each at its offset, merged, are attention over all of them."""
+    queries, keys, heads, kv_heads, offset, _ = ATTENTION_CASES[case]
+    q, k, v = random_qkv(4, 2, queries, keys, heads, kv_heads, 8)
+    key_mask = np.ones((2, keys), bool)
+    key_mask[0, :11] = False
+    dense = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="dense")
+    cuts = [0, keys // 3, keys // 2, keys]
+    parts = [stats(q, k[:, :, a:b], v[:, :, a:b], jnp.asarray(key_mask[:, a:b]), offset, a)
+             for a, b in zip(cuts, cuts[1:])]
+    merged = normalized(*combined(parts), q.dtype)
+    keep = rows_with_a_key(key_mask, queries, offset)
+    np.testing.assert_allclose(np.asarray(merged)[keep], np.asarray(dense)[keep], rtol=0, atol=2e-6)
 
 
 def test_blockwise_attention_gradients_are_the_dense_ones():

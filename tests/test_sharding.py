@@ -29,7 +29,8 @@ from aria_jax.sharding import LayoutError, check_layout
 
 import sharding_worker as worker
 from worker_jobs import Job
-from sharding_worker import HOST_CASES, LAYOUTS, MOE_BACKENDS, NEW_TOKENS, TEXT_LAYOUT, TINY_RANDOM, layout_name
+from sharding_worker import (HOST_CASES, LAYOUTS, MOE_BACKENDS, NEW_TOKENS, SPLIT_ATTENTION_CASES, SPLIT_CACHE_LAYOUTS,
+                             TEXT_LAYOUT, TINY_RANDOM, layout_name)
 
 WORKER = os.path.abspath(worker.__file__)
 TIMEOUT = 240             # seconds, for every subprocess
@@ -37,7 +38,7 @@ LOGIT_TOLERANCE = 1e-5    # max |mesh - single device| <= LOGIT_TOLERANCE * max(
 NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512   # models/tiny-random
 
 # What the 8-device process runs (see sharding_worker.main_mesh).
-MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe"]
+MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache"]
 
 
 def within_tolerance(diff: float, scale: float) -> bool:
@@ -231,6 +232,36 @@ def test_moe_token_dispatch_matches_single_device(mesh_results, backend, layout,
     assert run["max_diff"] <= 1e-5 * max(1.0, run["scale"]), run
     assert run["can_dispatch"] == (layout[2] == 1)
     assert run["all_to_all"] == run["can_dispatch"]
+
+
+# ----------------------------------------------------------------------------- 8 devices: a cache split over positions
+
+def position_axes(layout) -> list[str]:
+    """The axes a tiny cache splits its positions over: those that neither its rows (4 or 2 of
+    them, splitting over data x expert only when that divides) nor its 2 heads (over tensor) use."""
+    return [name for name, size in zip(("data", "expert"), layout[:2]) if size > 1]
+
+
+@pytest.mark.parametrize("case", range(len(SPLIT_ATTENTION_CASES)))
+def test_attention_over_a_split_cache_is_the_dense_one(mesh_results, case):
+    run = mesh_results["split_cache"]["attention"][case]
+    layout = tuple(SPLIT_ATTENTION_CASES[case][0])
+    assert run["case"][0] == list(layout)
+    assert run["max_diff"] <= 1e-5, run
+    assert run["cache_diff"] == 0.0, "the new keys and values are written exactly where they belong"
+    axes = position_axes(layout)
+    assert run["cache_spec"][2] == (axes[0] if len(axes) == 1 else axes), run["cache_spec"]
+
+
+@pytest.mark.parametrize("layout", SPLIT_CACHE_LAYOUTS, ids=layout_name)
+def test_generation_with_a_split_cache_matches_single_device(mesh_results, reference, layout):
+    run = mesh_results["split_cache"]["layouts"][layout_name(layout)]
+    np.testing.assert_array_equal(np.array(run["tokens"]), reference["tokens"])
+    axes = position_axes(layout)
+    assert run["prefill_cache_spec"][2] == (axes[0] if len(axes) == 1 else axes), run["prefill_cache_spec"]
+    assert (run["whole_cache_spec"] + [None] * 3)[2] is None, "below the threshold the positions stay whole"
+    assert run["prefill_tokens_equal"]
+    assert run["prefill_cache_diff"] <= 1e-5, run
 
 
 # ----------------------------------------------------------------------------- layout errors

@@ -1,0 +1,57 @@
+"""Attention over a KV cache whose positions are split over mesh axes (context parallelism).
+
+A long cache does not fit one chip when its rows and heads cannot be split over the whole mesh
+(full Aria at batch 1 on expert=8: 20 heads do not divide over 8, and 64K positions of cache are
+~19 GB in bfloat16). `kv_cache.cache_layout` then splits its positions over the axes left. Each
+shard writes the new keys and values that fall in its own positions, attends every query to its
+own keys only, and the shards' softmax statistics are merged with one max and one sum over the
+position axes: per layer, a (queries x heads) max and the (queries x heads x head_dim) partial
+outputs cross the mesh, never the cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from aria_jax.attention import DENSE_LIMIT, BLOCK, blockwise_stats, dense_stats, normalized
+from aria_jax.kv_cache import cache_layout
+
+
+def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, cache: dict, key_mask: jax.Array,
+                               cache_index) -> tuple[jax.Array, dict]:
+    """Writes `key`, `value` (B, K, T, H) into the layer cache {"k", "v"} (B, K, S, H) at sequence
+    index `cache_index` and attends q (B, T, N, H), causal, to every valid cached key: `Attention`'s
+    cached path, for a cache whose positions the current mesh splits. Returns ((B, T, N, H), cache)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    cache_spec = cache_layout(cache["k"].shape, mesh)
+    rows, heads, positions, _ = cache_spec
+    num_queries = q.shape[1]
+
+    def local(q, key, value, k_cache, v_cache, key_mask, cache_index):
+        length = k_cache.shape[2]                       # this shard's positions
+        first = jax.lax.axis_index(positions) * length  # the sequence index of the first
+        # The new positions that fall here; the others are pushed past the end and dropped.
+        at = cache_index + jnp.arange(num_queries) - first
+        at = jnp.where((at >= 0) & (at < length), at, length)
+        k_cache, v_cache = (buffer.at[:, :, at].set(new.astype(buffer.dtype), mode="drop")
+                            for buffer, new in ((k_cache, key), (v_cache, value)))
+        keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        if num_queries * length <= DENSE_LIMIT:
+            running_max, running_sum, out = dense_stats(q, keys, values, key_mask, cache_index, first)
+        else:
+            running_max, running_sum, out = blockwise_stats(q, keys, values, key_mask, cache_index, first, BLOCK)
+        overall_max = jax.lax.pmax(running_max, positions)
+        scale = jnp.exp(running_max - jnp.where(jnp.isfinite(overall_max), overall_max, 0.0))
+        running_sum, out = jax.lax.psum((running_sum * scale, out * scale[..., None]), positions)
+        return normalized(overall_max, running_sum, out, q.dtype), k_cache, v_cache
+
+    per_head = P(rows, None, heads, None)               # q and the output, (B, T, N, H)
+    new_spec = P(rows, heads, None, None)
+    out, k_cache, v_cache = jax.shard_map(
+        local, axis_names=set(mesh.axis_names),
+        in_specs=(per_head, new_spec, new_spec, cache_spec, cache_spec, P(rows, positions), P()),
+        out_specs=(per_head, cache_spec, cache_spec), check_vma=False,
+    )(q, key, value, cache["k"], cache["v"], key_mask, jnp.asarray(cache_index, jnp.int32))
+    return out, {"k": k_cache, "v": v_cache}

@@ -1,0 +1,59 @@
+"""The causal self-attention of the text decoder: q, k, v projections, RoPE, the KV cache and
+its padding mask, the output projection."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aria_jax.attention import attention
+from aria_jax.config import AriaTextConfig
+from aria_jax.context_parallel import attention_over_split_cache
+from aria_jax.kv_cache import positions_split
+from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
+
+
+class Attention(nn.Module):
+    config: AriaTextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array,
+                 cache: dict | None = None, cache_index=None):
+        """x (B, T, D); key_mask (B, S) True = a real token (S = T without a cache). Causal.
+        Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, K, S, H) and the
+        sequence index of x's first token: ((B, T, D), updated cache)."""
+        cfg = self.config
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        def kernel(name, shape, axes):
+            weight = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
+            return adapted(self, name, weight.astype(self.dtype))
+
+        w_q = kernel("q_proj", (d, n, h), ("embed", "q_heads", "head_dim"))
+        w_k = kernel("k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        w_v = kernel("v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        w_o = kernel("o_proj", (n, h, d), ("q_heads", "head_dim", "embed"))
+
+        with jax.named_scope("qkv"):
+            q = jnp.einsum("btd,dnh->btnh", x, w_q)
+            key = jnp.einsum("btd,dkh->btkh", x, w_k)
+            value = jnp.einsum("btd,dkh->bkth", x, w_v)          # keys and values (B, K, T, H), as cached
+        with jax.named_scope("rope"):
+            q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin).swapaxes(1, 2)
+        if cache is not None and positions_split(cache["k"].shape):
+            with jax.named_scope("attend_split_cache"):
+                out, cache = attention_over_split_cache(q, key, value, cache, key_mask, cache_index)
+        else:
+            if cache is not None:
+                with jax.named_scope("cache_write"):
+                    start = (0, 0, cache_index, 0)
+                    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
+                             "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)}
+                    key, value = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
+            with jax.named_scope("attend"):
+                out = attention(q, key, value, key_mask, 0 if cache is None else cache_index)
+        out = jnp.einsum("btnh,nhd->btd", out, w_o)
+        return out if cache is None else (out, cache)
