@@ -214,22 +214,21 @@ SPLIT_ATTENTION_CASES = [
 
 
 def run_split_cache(results: dict) -> None:
-    """Caches whose positions split over the mesh (`kv_cache.cache_layout`, with the threshold
-    lowered to tiny lengths): the split attention against the dense one on random inputs, and
-    generation of the multimodal batch (the test compares its tokens with the single-device run);
-    a prompt prefilled in chunks into a split cache against one chunk into a whole one."""
+    """Caches whose positions split over the mesh (`kv_cache.cache_layout`): the split attention
+    against the dense one on random inputs; a prompt prefilled in chunks into a split cache
+    against one chunk without a mesh (the model's own generation on these layouts is
+    `run_model_layout`'s)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import aria_jax
-    from aria_jax import attention, context_parallel, kv_cache
+    from aria_jax import attention, context_parallel
     from aria_jax.generator import check_request
 
     rng = np.random.default_rng(0)
     results["split_cache"] = {"attention": [], "layouts": {}}
-    threshold, dense_limit = kv_cache.SPLIT_POSITIONS_FROM, context_parallel.DENSE_LIMIT
-    kv_cache.SPLIT_POSITIONS_FROM = 16
+    dense_limit = context_parallel.DENSE_LIMIT
     try:
         for layout, batch, heads, groups, length, queries, index in SPLIT_ATTENTION_CASES:
             context_parallel.DENSE_LIMIT = queries * length // 8 if length > 64 else dense_limit
@@ -252,43 +251,33 @@ def run_split_cache(results: dict) -> None:
                                   for n in "kv"),
                 "cache_spec": describe(written["k"])["spec"],
             })
+    finally:
         context_parallel.DENSE_LIMIT = dense_limit
 
-        inputs = build_inputs(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
-        ids, mask = text_ids()
-        for layout in SPLIT_CACHE_LAYOUTS:
-            mesh = aria_jax.make_mesh(*layout)
-            model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=mesh)
-            tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
+    ids, mask = text_ids()
 
-            text = aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM, mesh=mesh)
-            padded_ids, padded_mask = text._generator.pad_prompt(ids, mask)
-            embeds = text._prompt_embeddings(padded_ids, padded_mask, None, None)
-            request = check_request(len(ids), ids.shape[1], text.config, None, max_new_tokens=4, do_sample=False,
-                                    temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
+    def prefilled(text, chunk):
+        padded_ids, padded_mask = text._generator.pad_prompt(ids, mask)
+        embeds = text._prompt_embeddings(padded_ids, padded_mask, None, None)
+        request = check_request(len(ids), ids.shape[1], text.config, None, max_new_tokens=4, do_sample=False,
+                                temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
+        return padded_mask, text._generator.prefill(text._text_params, embeds, jnp.asarray(padded_mask),
+                                                    request.sampling, request.stop_ids, cache_length=32,
+                                                    max_new_tokens_capacity=8, chunk=chunk)
 
-            def prefilled(chunk, cache_length):
-                return text._generator.prefill(text._text_params, embeds, jnp.asarray(padded_mask),
-                                               request.sampling, request.stop_ids, cache_length=cache_length,
-                                               max_new_tokens_capacity=8, chunk=chunk)
-
-            chunked = prefilled(8, 32)            # positions split: 32 >= the threshold
-            kv_cache.SPLIT_POSITIONS_FROM = threshold
-            whole = prefilled(16, 32)
-            kv_cache.SPLIT_POSITIONS_FROM = 16
-            real = padded_mask.astype(bool)
-            results["split_cache"]["layouts"][layout_name(layout)] = {
-                "tokens": np.asarray(tokens).tolist(),
-                "prefill_cache_spec": describe(chunked.cache[0]["k"])["spec"],
-                "whole_cache_spec": describe(whole.cache[0]["k"])["spec"],
-                "prefill_tokens_equal": bool(np.array_equal(np.asarray(chunked.tokens), np.asarray(whole.tokens))),
-                "prefill_cache_diff": max(
-                    float(np.abs(np.asarray(a[n])[:, :, :16].swapaxes(1, 2)[real]
-                                 - np.asarray(b[n])[:, :, :16].swapaxes(1, 2)[real]).max())
-                    for a, b in zip(chunked.cache, whole.cache) for n in "kv"),
-            }
-    finally:
-        kv_cache.SPLIT_POSITIONS_FROM, context_parallel.DENSE_LIMIT = threshold, dense_limit
+    padded_mask, whole = prefilled(aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM), 16)
+    real = padded_mask.astype(bool)
+    for layout in SPLIT_CACHE_LAYOUTS:
+        text = aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(*layout))
+        _, chunked = prefilled(text, 8)
+        results["split_cache"]["layouts"][layout_name(layout)] = {
+            "prefill_cache_spec": describe(chunked.cache[0]["k"])["spec"],
+            "prefill_tokens_equal": bool(np.array_equal(np.asarray(chunked.tokens), np.asarray(whole.tokens))),
+            "prefill_cache_diff": max(
+                float(np.abs(np.asarray(a[n])[:, :, :16].swapaxes(1, 2)[real]
+                             - np.asarray(b[n])[:, :, :16].swapaxes(1, 2)[real]).max())
+                for a, b in zip(chunked.cache, whole.cache) for n in "kv"),
+        }
 
 
 def run_layout_errors(results: dict) -> None:

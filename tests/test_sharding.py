@@ -254,12 +254,13 @@ def test_attention_over_a_split_cache_is_the_dense_one(mesh_results, case):
 
 
 @pytest.mark.parametrize("layout", SPLIT_CACHE_LAYOUTS, ids=layout_name)
-def test_generation_with_a_split_cache_matches_single_device(mesh_results, reference, layout):
+def test_chunked_prefill_into_a_split_cache_is_one_shot_prefill(mesh_results, layout):
+    """A prompt prefilled in chunks that straddle the shards' positions, on the mesh, against one
+    chunk without a mesh: the same first token and cache. (Generation on these layouts, its cache
+    split alike, is held to the single-device tokens by test_greedy_tokens_match_single_device.)"""
     run = mesh_results["split_cache"]["layouts"][layout_name(layout)]
-    np.testing.assert_array_equal(np.array(run["tokens"]), reference["tokens"])
     axes = position_axes(layout)
     assert run["prefill_cache_spec"][2] == (axes[0] if len(axes) == 1 else axes), run["prefill_cache_spec"]
-    assert (run["whole_cache_spec"] + [None] * 3)[2] is None, "below the threshold the positions stay whole"
     assert run["prefill_tokens_equal"]
     assert run["prefill_cache_diff"] <= 1e-5, run
 
