@@ -1,12 +1,12 @@
 """Attention over a KV cache whose positions are split over mesh axes (context parallelism).
 
-A long cache does not fit one chip when its rows and heads cannot be split over the whole mesh
-(full Aria at batch 1 on expert=8: 20 heads do not divide over 8, and 64K positions of cache are
-~19 GB in bfloat16). `kv_cache.cache_layout` then splits its positions over the axes left. Each
-shard writes the new keys and values that fall in its own positions, attends every query to its
-own keys only, and the shards' softmax statistics are merged with one max and one sum over the
-position axes: per layer, a (queries x heads) max and the (queries x heads x head_dim) partial
-outputs cross the mesh, never the cache.
+When a cache's rows and heads cannot be split over the whole mesh (full Aria at batch 1 on
+expert=8: 20 heads do not divide over 8), every chip would hold and read all of it (at 64K
+positions, ~19 GB in bfloat16). `kv_cache.cache_layout` splits its positions over the axes
+left. Each shard writes the new keys and values that fall in its own positions, attends every
+query to its own keys only, and the shards' softmax statistics are merged with one max and one
+sum over the position axes: per layer, a (queries x heads) max and the (queries x heads x
+head_dim) partial outputs cross the mesh, never the cache.
 """
 
 from __future__ import annotations
