@@ -124,7 +124,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
     query (the online softmax of flash attention). Tiles wholly in a query block's future are
     skipped. Each query block is rematerialized in the backward pass, so training keeps
     O(block x keys) per layer rather than the score matrix."""
-    return normalized(*blockwise_stats(q, k, v, key_mask, query_offset, 0, block), v.dtype)
+    _, running_sum, values = blockwise_stats(q, k, v, key_mask, query_offset, 0, block)
+    return normalized(running_sum, values, v.dtype)
 
 
 def dense_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0):
@@ -152,20 +153,24 @@ def _stats_of(scores: jax.Array, v: jax.Array):
     return running_max, probs.sum(axis=-1), values
 
 
+def rescaled(stats, new_max):
+    """One key set's (sum, values), rescaled from its own max to `new_max`, a max over a union of
+    key sets that holds it: the union's sum and values are the sums of its sets' rescaled ones."""
+    running_max, running_sum, values = stats
+    scale = jnp.exp(running_max - jnp.where(jnp.isfinite(new_max), new_max, 0.0))   # 0 where no key
+    return running_sum * scale, values * scale[..., None]
+
+
 def combined(stats: list[tuple[jax.Array, jax.Array, jax.Array]]):
     """The statistics of the union of disjoint key sets, from each set's."""
-    maxima = jnp.stack([m for m, _, _ in stats])
-    new_max = maxima.max(axis=0)
-    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-    scales = jnp.exp(maxima - safe_max)      # 0 for a set where the query saw no key
-    total = sum(scale * s for scale, (_, s, _) in zip(scales, stats))
-    values = sum(scale[..., None] * acc for scale, (_, _, acc) in zip(scales, stats))
-    return new_max, total, values
+    new_max = jnp.stack([m for m, _, _ in stats]).max(axis=0)
+    parts = [rescaled(one, new_max) for one in stats]
+    return new_max, sum(s for s, _ in parts), sum(values for _, values in parts)
 
 
-def normalized(running_max, running_sum, values, dtype) -> jax.Array:
-    """Statistics of shape (B, K, G, T, H) -> attention output (B, T, N, H)."""
-    del running_max
+def normalized(running_sum, values, dtype) -> jax.Array:
+    """The (B, K, G, T) sum and (B, K, G, T, H) values of the statistics -> attention output
+    (B, T, N, H)."""
     batch, num_kv_heads, groups, num_queries, head_dim = values.shape
     out = values / jnp.where(running_sum > 0, running_sum, 1.0)[..., None]
     return jnp.einsum("bkgqh->bqkgh", out).reshape(batch, num_queries, num_kv_heads * groups, head_dim).astype(dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from aria_jax.attention import DENSE_LIMIT, BLOCK, blockwise_stats, dense_stats, normalized
+from aria_jax.attention import BLOCK, DENSE_LIMIT, blockwise_stats, dense_stats, normalized, rescaled
 from aria_jax.kv_cache import cache_layout
 
 
@@ -39,13 +39,12 @@ def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, c
                             for buffer, new in ((k_cache, key), (v_cache, value)))
         keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
         if num_queries * length <= DENSE_LIMIT:
-            running_max, running_sum, out = dense_stats(q, keys, values, key_mask, cache_index, first)
+            stats = dense_stats(q, keys, values, key_mask, cache_index, first)
         else:
-            running_max, running_sum, out = blockwise_stats(q, keys, values, key_mask, cache_index, first, BLOCK)
-        overall_max = jax.lax.pmax(running_max, positions)
-        scale = jnp.exp(running_max - jnp.where(jnp.isfinite(overall_max), overall_max, 0.0))
-        running_sum, out = jax.lax.psum((running_sum * scale, out * scale[..., None]), positions)
-        return normalized(overall_max, running_sum, out, q.dtype), k_cache, v_cache
+            stats = blockwise_stats(q, keys, values, key_mask, cache_index, first, BLOCK)
+        running_max = stats[0]
+        running_sum, out = jax.lax.psum(rescaled(stats, jax.lax.pmax(running_max, positions)), positions)
+        return normalized(running_sum, out, q.dtype), k_cache, v_cache
 
     per_head = P(rows, None, heads, None)               # q and the output, (B, T, N, H)
     new_spec = P(rows, heads, None, None)

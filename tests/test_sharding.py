@@ -236,10 +236,12 @@ def test_moe_token_dispatch_matches_single_device(mesh_results, backend, layout,
 
 # ----------------------------------------------------------------------------- 8 devices: a cache split over positions
 
-def position_axes(layout) -> list[str]:
-    """The axes a tiny cache splits its positions over: those that neither its rows (4 or 2 of
-    them, splitting over data x expert only when that divides) nor its 2 heads (over tensor) use."""
-    return [name for name, size in zip(("data", "expert"), layout[:2]) if size > 1]
+def position_axes(layout):
+    """The axes a tiny cache splits its positions over, as its spec names them: those that neither
+    its rows (4 or 2 of them, splitting over data x expert only when that divides) nor its 2 heads
+    (over tensor) use."""
+    axes = [name for name, size in zip(("data", "expert"), layout[:2]) if size > 1]
+    return axes[0] if len(axes) == 1 else axes
 
 
 @pytest.mark.parametrize("case", range(len(SPLIT_ATTENTION_CASES)))
@@ -249,8 +251,7 @@ def test_attention_over_a_split_cache_is_the_dense_one(mesh_results, case):
     assert run["case"][0] == list(layout)
     assert run["max_diff"] <= 1e-5, run
     assert run["cache_diff"] == 0.0, "the new keys and values are written exactly where they belong"
-    axes = position_axes(layout)
-    assert run["cache_spec"][2] == (axes[0] if len(axes) == 1 else axes), run["cache_spec"]
+    assert run["cache_spec"][2] == position_axes(layout), run["cache_spec"]
 
 
 @pytest.mark.parametrize("layout", SPLIT_CACHE_LAYOUTS, ids=layout_name)
@@ -259,8 +260,7 @@ def test_chunked_prefill_into_a_split_cache_is_one_shot_prefill(mesh_results, la
     chunk without a mesh: the same first token and cache. (Generation on these layouts, its cache
     split alike, is held to the single-device tokens by test_greedy_tokens_match_single_device.)"""
     run = mesh_results["split_cache"]["layouts"][layout_name(layout)]
-    axes = position_axes(layout)
-    assert run["prefill_cache_spec"][2] == (axes[0] if len(axes) == 1 else axes), run["prefill_cache_spec"]
+    assert run["prefill_cache_spec"][2] == position_axes(layout), run["prefill_cache_spec"]
     assert run["prefill_tokens_equal"]
     assert run["prefill_cache_diff"] <= 1e-5, run
 
