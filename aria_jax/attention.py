@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
+from aria_jax.decode_attention import decode_attention_stats
 from aria_jax.sharding import compile_platform, mesh_axes_for
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
@@ -16,7 +17,10 @@ from aria_jax.sharding import compile_platform, mesh_axes_for
 DENSE_LIMIT = 2048 * 2048
 BLOCK = 512
 FLASH_BLOCK = 128      # the TPU kernel's smallest tile: sequences are padded to a multiple of it
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "flash")
+# Causal queries per row up to which TPU runs the decode kernel (`decode_attention`): a decode
+# step's, with room for speculative ones.
+DECODE_QUERIES = 8
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "flash", "decode")
 
 
 def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | None = None) -> jax.Array:
@@ -37,15 +41,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, que
     or traced scalar: causal, query t sits at sequence index `query_offset + t` of the keys.
     "dense" builds the whole score matrix (`dot_product_attention`, the reference); "blockwise"
     runs an online softmax over key blocks; "flash" is the Pallas TPU flash attention kernel
-    (`flash_attention`: self-attention of a whole sequence only). "auto": dense for small score
-    matrices; past DENSE_LIMIT, flash where it applies on TPU, else blockwise. Rows with no key to
-    attend (left pads) are finite garbage in all; callers ignore them.
+    (`flash_attention`: self-attention of a whole sequence only); "decode" is the Pallas TPU
+    kernel for a few causal queries against a KV cache (`decode_attention`; Pallas' interpreter
+    elsewhere). "auto": on TPU, decode for up to DECODE_QUERIES causal queries; else dense for
+    small score matrices; past DENSE_LIMIT, flash where it applies on TPU, else blockwise. Rows
+    with no key to attend (left pads) are finite garbage in all; callers ignore them.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: must be one of {IMPLEMENTATIONS}")
     num_queries, num_keys = q.shape[1], k.shape[2]
     if implementation == "auto":
-        if num_queries * num_keys <= DENSE_LIMIT:
+        if compile_platform() == "tpu" and decode_applies(num_queries, query_offset):
+            implementation = "decode"
+        elif num_queries * num_keys <= DENSE_LIMIT:
             implementation = "dense"
         elif compile_platform() == "tpu" and flash_applies(num_queries, num_keys, query_offset):
             implementation = "flash"
@@ -62,7 +70,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, que
             raise ValueError(f"flash attention takes self-attention of a whole sequence: not {num_queries} queries "
                              f"at offset {query_offset} over {num_keys} keys")
         return flash_attention(q, k, v, key_mask, causal=query_offset is not None)
+    if implementation == "decode":
+        if not decode_applies(num_queries, query_offset):
+            raise ValueError(f"decode attention takes up to {DECODE_QUERIES} causal queries: not {num_queries} "
+                             f"at offset {query_offset}")
+        return decode_attention(q, k, v, key_mask, query_offset)
     return blockwise_attention(q, k, v, key_mask, query_offset, block)
+
+
+def decode_applies(num_queries: int, query_offset) -> bool:
+    return query_offset is not None and num_queries <= DECODE_QUERIES
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset) -> jax.Array:
+    """The decode kernel (`decode_attention_stats`) with `attention`'s contract: on TPU compiled,
+    elsewhere in Pallas' interpreter. On a mesh it runs under shard_map, rows over the batch
+    axes and heads over the head axes, every key whole."""
+    interpret = compile_platform() != "tpu"
+
+    def run(q, k, v, key_mask, query_offset):
+        _, running_sum, values = decode_attention_stats(q, k, v, key_mask, query_offset, interpret=interpret)
+        return normalized(running_sum, values, q.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        rows = mesh_axes_for("batch", q.shape[0], mesh)
+        heads = mesh_axes_for("kv_heads", k.shape[1], mesh) and mesh_axes_for("q_heads", q.shape[2], mesh)
+        run = jax.shard_map(run, axis_names=set(mesh.axis_names),
+                            in_specs=(P(rows, None, heads, None), P(rows, heads, None, None),
+                                      P(rows, heads, None, None), P(rows, None), P()),
+                            out_specs=P(rows, None, heads, None), check_vma=False)
+    return run(q, k, v, key_mask, jnp.asarray(query_offset, jnp.int32))
 
 
 def flash_applies(num_queries: int, num_keys: int, query_offset) -> bool:

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from aria_jax.attention import BLOCK, DENSE_LIMIT, blockwise_stats, dense_stats, normalized, rescaled
+from aria_jax.attention import BLOCK, DENSE_LIMIT, blockwise_stats, decode_applies, dense_stats, normalized, rescaled
+from aria_jax.decode_attention import decode_attention_stats
 from aria_jax.kv_cache import cache_layout
+from aria_jax.sharding import compile_platform
 
 
 def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, cache: dict, key_mask: jax.Array,
@@ -38,7 +40,9 @@ def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, c
         k_cache, v_cache = (buffer.at[:, :, at].set(new.astype(buffer.dtype), mode="drop")
                             for buffer, new in ((k_cache, key), (v_cache, value)))
         keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        if num_queries * length <= DENSE_LIMIT:
+        if compile_platform() == "tpu" and decode_applies(num_queries, cache_index):
+            stats = decode_attention_stats(q, keys, values, key_mask, cache_index, first)
+        elif num_queries * length <= DENSE_LIMIT:
             stats = dense_stats(q, keys, values, key_mask, cache_index, first)
         else:
             stats = blockwise_stats(q, keys, values, key_mask, cache_index, first, BLOCK)

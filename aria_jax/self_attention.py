@@ -7,11 +7,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aria_jax.attention import attention
+from aria_jax.attention import DECODE_QUERIES, attention
 from aria_jax.config import AriaTextConfig
 from aria_jax.context_parallel import attention_over_split_cache
 from aria_jax.kv_cache import positions_split
 from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
+from aria_jax.sharding import constrain
 
 
 class Attention(nn.Module):
@@ -32,11 +33,16 @@ class Attention(nn.Module):
             weight = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
             return adapted(self, name, weight.astype(self.dtype))
 
-        w_q = kernel("q_proj", (d, n, h), ("embed", "q_heads", "head_dim"))
-        w_k = kernel("k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        w_v = kernel("v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
-        w_o = kernel("o_proj", (n, h, d), ("q_heads", "head_dim", "embed"))
+        w_q = kernel("q_proj", (d, n, h), ("attention_embed", "q_heads", "head_dim"))
+        w_k = kernel("k_proj", (d, k, h), ("attention_embed", "kv_heads", "head_dim"))
+        w_v = kernel("v_proj", (d, k, h), ("attention_embed", "kv_heads", "head_dim"))
+        w_o = kernel("o_proj", (n, h, d), ("q_heads", "head_dim", "attention_embed"))
 
+        # Decode's few rows go whole to every chip, which multiplies them by its own slice of the
+        # weights' model dimension: otherwise the compiler gathers the weights to the rows.
+        few_rows = cache is not None and x.shape[1] <= DECODE_QUERIES
+        if few_rows:
+            x = constrain(x, None, None, "attention_embed")
         with jax.named_scope("qkv"):
             q = jnp.einsum("btd,dnh->btnh", x, w_q)
             key = jnp.einsum("btd,dkh->btkh", x, w_k)
@@ -55,5 +61,9 @@ class Attention(nn.Module):
                     key, value = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
             with jax.named_scope("attend"):
                 out = attention(q, key, value, key_mask, 0 if cache is None else cache_index)
-        out = jnp.einsum("btnh,nhd->btd", out, w_o)
+        if few_rows:
+            out = constrain(jnp.einsum("btnh,nhd->btd", constrain(out, None, None, None, None), w_o),
+                            None, None, "attention_embed")
+        else:
+            out = jnp.einsum("btnh,nhd->btd", out, w_o)
         return out if cache is None else (out, cache)

@@ -9,9 +9,10 @@ size does not divide over its mesh axes, is replicated. The MoE layer runs its e
 compiler's propagation.
 
 The shared experts split their width over the `expert` axis and, like the routed ones, their
-model dimension over `tensor`; embedding and lm_head split their vocabulary over both. Decode
-reads every weight it touches once per token, so a weight replicated over the `expert` axis costs
-its full size on every chip: attention's still is (its 20 heads do not divide over 8).
+model dimension over `tensor`; embedding and lm_head split their vocabulary over both; the
+decoder's attention splits its model dimension over `expert` and its heads over `tensor`. Decode
+reads every weight it touches once per token, so a weight replicated over the `expert` axis would
+cost its full size on every chip.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ LOGICAL_TO_MESH = {
     "experts": "expert",
     "expert_embed": "tensor",
     "q_heads": "tensor", "kv_heads": "tensor", "heads": "tensor",
+    # The decoder attention's model dimension: its weights divide over the expert axis whatever
+    # the head count (Aria's 20 heads do not divide over 8); decode reads only its own slice.
+    "attention_embed": "expert",
     "mlp": "tensor",
     "shared_mlp": "expert",
     # The embedding and lm_head split their vocabulary over every device, keeping their model

@@ -30,6 +30,7 @@ from tiny_models import make_multimodal_model, make_text_model
 
 import aria_jax
 from aria_jax.attention import DENSE_LIMIT, attention, blockwise_stats, combined, dense_stats, normalized
+from aria_jax.decode_attention import decode_attention_stats
 from aria_jax.generator import check_request
 from aria_jax.kv_cache import PREFILL_CHUNK, prompt_bucket
 from aria_jax.modeling import IMAGE_GROUP
@@ -106,6 +107,54 @@ def test_flash_attention_refuses_a_chunk_of_queries():
     q, k, v = random_qkv(3, 1, 128, 256, 2, 2, 8)
     with pytest.raises(ValueError, match="whole sequence: not 128 queries at offset 128 over 256 keys"):
         attention(q, k, v, jnp.ones((1, 256), bool), 128, implementation="flash")
+
+
+# (batch, queries, heads, kv_heads, keys, head_dim, query index, key offset): one key block and
+# several (blocks of 128 past the last query skipped), GQA, a few queries, keys at an offset (a
+# shard of a split cache), and a shard wholly in the queries' future.
+DECODE_CASES = {
+    "one_block": (2, 1, 4, 4, 40, 8, 30, 0),
+    "blocks_skipped_gqa": (3, 1, 6, 2, 640, 16, 300, 0),
+    "few_queries": (2, 3, 4, 2, 384, 16, 200, 0),
+    "shard_at_offset": (2, 2, 4, 4, 256, 32, 700, 512),
+    "shard_in_the_future": (2, 1, 2, 2, 256, 8, 100, 256),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_kernel_statistics_are_the_dense_ones(case):
+    """The TPU decode kernel, in Pallas' TPU interpreter on this CPU: the softmax statistics of a
+    few queries against a cache, left padding and a hole in the keys included."""
+    batch, queries, heads, kv_heads, keys, head_dim, query_index, key_offset = DECODE_CASES[case]
+    q, k, v = random_qkv(5, batch, queries, keys, heads, kv_heads, head_dim)
+    key_mask = np.ones((batch, keys), bool)
+    key_mask[0, :37] = False
+    key_mask[-1, keys // 2: keys // 2 + 9] = False
+    with pltpu.force_tpu_interpret_mode():
+        got = decode_attention_stats(q, k, v, jnp.asarray(key_mask), query_index, key_offset)
+    want = dense_stats(q, k, v, jnp.asarray(key_mask), query_index, key_offset)
+    got_max, got_sum, got_values = map(np.asarray, got)
+    want_max, want_sum, want_values = map(np.asarray, want)
+    assert got_max.shape == want_max.shape and got_values.shape == want_values.shape
+    attended = np.isfinite(want_max)
+    assert (case == "shard_in_the_future") == (not attended.any())
+    np.testing.assert_array_equal(np.isfinite(got_max), attended)       # no key: max -inf, sum 0
+    np.testing.assert_array_equal(got_sum[~attended], 0)
+    np.testing.assert_allclose(got_max[attended], want_max[attended], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
+    np.testing.assert_allclose(got_values, want_values, rtol=0, atol=1e-5 * np.abs(want_values).max())
+
+
+def test_decode_attention_is_the_dense_reference():
+    """`attention(implementation="decode")`, which `auto` picks on TPU for up to 8 causal queries."""
+    q, k, v = random_qkv(6, 2, 2, 300, 6, 2, 16)
+    key_mask = np.ones((2, 300), bool)
+    key_mask[0, :50] = False
+    dense = attention(q, k, v, jnp.asarray(key_mask), 250, implementation="dense")
+    decode = attention(q, k, v, jnp.asarray(key_mask), 250, implementation="decode")
+    np.testing.assert_allclose(np.asarray(decode), np.asarray(dense), rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="up to 8 causal queries: not 9 at offset 250"):
+        attention(*random_qkv(6, 1, 9, 300, 2, 2, 8), jnp.ones((1, 300), bool), 250, implementation="decode")
 
 
 @pytest.mark.parametrize("case", ["causal_self", "not_causal_gqa", "chunk_in_cache", "one_query"])

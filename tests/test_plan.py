@@ -34,12 +34,12 @@ def test_full_size_plan_on_8_simulated_devices():
     out = result.stdout
     assert "mesh data=1, expert=8, tensor=1" in out
 
-    # Params per device: the routed experts, the shared experts' width and the vocabulary split
-    # 8 ways, everything else whole.
+    # Params per device: the routed experts, the shared experts' width, the vocabulary and the
+    # decoder attention's model dimension split 8 ways, everything else whole.
     config = config_from_pretrained(os.path.join(ROOT, "configs", "aria.json"))
     shapes = jax.tree_util.tree_leaves_with_path(multimodal_param_shapes(config, jnp.bfloat16),
                                                  is_leaf=lambda x: hasattr(x, "names"))
-    split_over_expert = {"experts", "shared_mlp", "vocab"}
+    split_over_expert = {"experts", "shared_mlp", "vocab", "attention_embed"}
     expected = sum(math.prod(p.value.shape) * 2 // (8 if split_over_expert & set(p.names) else 1) for _, p in shapes)
     assert abs(figure(out, "params") - expected / 1e9) < 0.01
 

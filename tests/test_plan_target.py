@@ -58,8 +58,9 @@ def test_two_layer_full_width_model_on_v5e_2x2(tmp_path):
     decode_hlo = (tmp_path / "hlo" / "decode.txt").read_text()
     assert decode_hlo.startswith("HloModule jit_decode") and '"estimated_cycles"' in decode_hlo
     # Decode reads each layer's experts in place: the grouped-matmul kernel, once per projection
-    # and layer, and no copy of a layer's 16 local experts out of the stack.
-    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2
+    # and layer, and no copy of a layer's 16 local experts out of the stack; attention reads the
+    # cache (its positions split over the chips) in the decode kernel, once per layer.
+    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2 + 2
     assert not re.search(r"= bf16\[16,2560,3328\]|= bf16\[16,1664,2560\]", decode_hlo)
     # Prefill sends each (token, slot) pair to its expert's chip; decode (2 tokens) does not.
     dispatch = re.compile(r" all-to-all\(.*op_name=\"[^\"]*/experts/shard_map/[^\"]*all_to_all\"")
@@ -104,6 +105,20 @@ def test_two_layer_full_width_model_on_v5e_2x2(tmp_path):
     assert prefill["roofline"]["seconds"] == pytest.approx(prefill["roofline"]["flops"] / (4 * 197e12))
     # Prefill does not take the embedding table (it gets embeddings), but the chip holds it.
     assert prefill["other_weights"] > decode["other_weights"]
+
+
+@needs_libtpu
+def test_decode_rows_split_over_the_chips_keep_the_attention_weights_split(tmp_path):
+    """4 rows on expert=4: each chip holds one row's cache and attends it in the decode kernel, and
+    multiplies all 4 rows by its slice of the attention weights, which no chip gathers whole."""
+    result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
+                      "--batch", "4", "--prompt-length", "16", "--max-length", "64", "--dtype", "bfloat16",
+                      "--dump-hlo", str(tmp_path / "hlo"))
+    assert result.returncode == 0, result.stderr
+    decode_hlo = (tmp_path / "hlo" / "decode.txt").read_text()
+    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2 + 2
+    assert re.search(r"all-reduce[^\n]*self_attn/qkv", decode_hlo)         # the partial sums over the chips
+    assert not re.search(r"all-gather[^ ]* = [^\n]*bf16\[(1,)?(2560,20,128|20,128,2560)\]", decode_hlo)
 
 
 def test_unsupported_target_is_a_one_line_error():
@@ -371,8 +386,9 @@ q, kv, mask, start = spec((4, 2304, 4, 128)), spec((4, 4, 2304, 128)), spec((4, 
 with jax.set_mesh(mesh):
     whole = jax.jit(lambda q, k, v, m: attention(q, k, v, m, 0)).lower(q, kv, kv, mask).compile().as_text()
     chunk = jax.jit(attention).lower(q, kv, kv, mask, start).compile().as_text()
+    step = jax.jit(attention).lower(spec((4, 1, 4, 128)), kv, kv, mask, start).compile().as_text()
 kernel = 'custom_call_target="tpu_custom_call"'
-print(whole.count(kernel), chunk.count(kernel), " while(" in chunk)
+print(whole.count(kernel), chunk.count(kernel), " while(" in chunk, step.count(kernel))
 """
 
 
@@ -380,9 +396,10 @@ print(whole.count(kernel), chunk.count(kernel), " while(" in chunk)
 def test_long_self_attention_compiles_to_the_flash_kernel_on_tpu():
     """Compiled for v5e with libtpu: a whole sequence past the dense limit runs the Pallas flash
     kernel (under shard_map on the mesh); queries at a traced offset into the cache (a prompt's
-    later chunk) attend blockwise, a loop over key blocks, and no kernel."""
+    later chunk) attend blockwise, a loop over key blocks, and no kernel; a decode step's query
+    runs the decode kernel."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     result = subprocess.run([sys.executable, "-c", TPU_ATTENTION_SCRIPT], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["1", "0", "True"]
+    assert result.stdout.split() == ["1", "0", "True", "1"]

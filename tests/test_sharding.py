@@ -188,10 +188,11 @@ def test_each_device_holds_its_share_of_the_experts(mesh_results, layout):
     # The shared experts (layers, embed, width): width over "expert", model dimension over "tensor".
     assert_split(params["shared_gate"], 2, "expert", expert, 8, {1: tensor})
     assert_split(params["shared_gate"], 1, "tensor", tensor, 8, {2: expert})
-    # q_proj (layers, embed, heads, head_dim): heads over "tensor"; lm_head (embed, vocab): the
-    # vocabulary over every device.
+    # q_proj (layers, embed, heads, head_dim): heads over "tensor", model dimension over "expert"
+    # (whatever the head count); lm_head (embed, vocab): the vocabulary over every device.
     assert params["q_proj"]["shape"][2] == NUM_HEADS
-    assert_split(params["q_proj"], 2, "tensor", tensor, 8)
+    assert_split(params["q_proj"], 2, "tensor", tensor, 8, {1: expert})
+    assert_split(params["q_proj"], 1, "expert", expert, 8, {2: tensor})
     assert params["lm_head"]["shape"][1] == VOCAB
     assert_split(params["lm_head"], 1, ["tensor", "expert"], tensor * expert, 8)
 
@@ -203,7 +204,7 @@ def test_text_model_on_mesh(mesh_results, reference):
     diff, scale = float(np.abs(logits - reference["text_logits"]).max()), float(np.abs(reference["text_logits"]).max())
     assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
     assert_split(run["experts_gate_up"], 1, "expert", expert, 8, {2: tensor})
-    assert_split(run["q_proj"], 2, "tensor", tensor, 8)
+    assert_split(run["q_proj"], 2, "tensor", tensor, 8, {1: expert})
 
 
 # ----------------------------------------------------------------------------- 8 devices: the MoE layer

@@ -1,0 +1,138 @@
+"""Decode attention on TPU: a few queries per row against a whole KV cache, as a Pallas kernel
+that reads every cached key and value once.
+
+Why a kernel: XLA compiles a decode step's attention (one query per row and head against S
+cached keys) as broadcast-multiply-reduce fusions that the TPU compiler itself estimates at a
+fraction of HBM bandwidth, and at batch 32 the cache is a quarter of what a step must read.
+Here blocks of keys and values of several heads stream through an online softmax; blocks past
+the last position any query may attend are neither computed nor fetched again (their block
+index repeats, which the pipeline does not copy twice). The result is the softmax statistics
+(max, sum, unnormalized values) of `attention.dense_stats`, so that callers normalize them or
+merge them over a cache whose positions are split over the mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+ROW_ALIGN = 8                  # sublanes: a head's query rows are padded to a multiple
+LANES = 128                    # the running max and sum are kept lane-replicated
+KEY_BLOCKS = (512, 256, 128)   # keys per step: the largest that divides the cache, else all of it
+BLOCK_BYTES = 1 << 20          # keys (and as many values) per step, over the heads of a block
+
+
+def key_block(num_keys: int) -> int:
+    return next((block for block in KEY_BLOCKS if num_keys % block == 0), num_keys)
+
+
+def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int) -> int:
+    """The most heads whose block of keys fits BLOCK_BYTES (at least one), dividing the heads."""
+    fitting = max(1, BLOCK_BYTES // (keys * head_dim * itemsize))
+    return max(h for h in range(1, num_kv_heads + 1) if num_kv_heads % h == 0 and h <= fitting)
+
+
+def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, values_ref,
+            max_scratch, sum_scratch, values_scratch, *, num_queries: int, keys: int):
+    step = pl.program_id(2)
+    query_index, key_offset = positions_ref[0], positions_ref[1]
+    first_key = key_offset + step * keys
+
+    @pl.when(step == 0)
+    def _():
+        max_scratch[...] = jnp.full_like(max_scratch, -jnp.inf)
+        sum_scratch[...] = jnp.zeros_like(sum_scratch)
+        values_scratch[...] = jnp.zeros_like(values_scratch)
+
+    @pl.when(first_key <= query_index + num_queries - 1)      # some query may attend this block
+    def _():
+        rows = q_ref.shape[1]
+        key_position = first_key + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
+        query_position = query_index + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 0) % num_queries
+        allowed = (mask_ref[...] > 0) & (key_position <= query_position)
+        for head in range(q_ref.shape[0]):       # a 2-D matmul per head of the block
+            scores = jax.lax.dot_general(q_ref[head], k_ref[head], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)          # (rows, keys)
+            scores = jnp.where(allowed, scores, -jnp.inf)
+            previous_max = max_scratch[head][:, :1]
+            new_max = jnp.maximum(previous_max, scores.max(axis=1, keepdims=True))
+            safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)                    # no key yet
+            probs = jnp.exp(scores - safe_max)
+            rescale = jnp.exp(previous_max - safe_max)
+            new_sum = rescale * sum_scratch[head][:, :1] + probs.sum(axis=1, keepdims=True)
+            values = jnp.dot(probs.astype(v_ref.dtype), v_ref[head], preferred_element_type=jnp.float32)
+            values_scratch[head] = rescale * values_scratch[head] + values
+            max_scratch[head] = jnp.broadcast_to(new_max, max_scratch.shape[1:])
+            sum_scratch[head] = jnp.broadcast_to(new_sum, sum_scratch.shape[1:])
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        max_ref[...] = max_scratch[...]
+        sum_ref[...] = sum_scratch[...]
+        values_ref[...] = values_scratch[...]
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_index,
+                           key_offset=0, interpret: bool = False):
+    """q (B, T, N, H); k, v (B, K, S, H) with K dividing N; key_mask (B, S) True = a key to attend.
+    Causal: query t sits at sequence index `query_index + t`, key s at `key_offset + s`. Returns
+    `dense_stats`'s (max, sum, values): (B, K, G, T), (B, K, G, T), (B, K, G, T, H) float32,
+    G = N / K. `interpret`: run in Pallas' interpreter, on any platform."""
+    batch, num_queries, num_heads, head_dim = q.shape
+    _, num_kv_heads, num_keys, _ = k.shape
+    groups = num_heads // num_kv_heads
+    rows = groups * num_queries
+    padded_rows = -(-rows // ROW_ALIGN) * ROW_ALIGN
+    # A head's rows: its group's queries, (g, t) in order; pads after them are never read.
+    q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim ** -0.5, q.dtype)
+    q = jnp.einsum("btkgh->bkgth", q).reshape(batch, num_kv_heads, rows, head_dim)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0))).astype(k.dtype)
+    keys = key_block(num_keys)
+    heads = head_block(num_kv_heads, keys, head_dim, k.dtype.itemsize)
+    positions = jnp.stack([jnp.asarray(query_index, jnp.int32), jnp.asarray(key_offset, jnp.int32)])
+
+    def key_step(step, positions):
+        """Blocks past the last query's position repeat the last one it may attend: not fetched."""
+        last = (positions[0] + num_queries - 1 - positions[1]) // keys
+        return jnp.clip(jnp.minimum(step, last), 0, num_keys // keys - 1)
+
+    per_head = pl.BlockSpec((None, heads, padded_rows, head_dim), lambda b, h, s, positions: (b, h, 0, 0))
+    cached = pl.BlockSpec((None, heads, keys, head_dim), lambda b, h, s, positions: (b, h, key_step(s, positions), 0))
+    mask = pl.BlockSpec((None, 1, keys), lambda b, h, s, positions: (b, 0, key_step(s, positions)))
+    lane_stats = pl.BlockSpec((None, heads, padded_rows, LANES), lambda b, h, s, positions: (b, h, 0, 0))
+    itemsize = k.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=4 * batch * num_kv_heads * padded_rows * num_keys * head_dim,
+        transcendentals=batch * num_kv_heads * padded_rows * num_keys,
+        bytes_accessed=(2 * k.size + q.size) * itemsize + batch * num_keys * 4
+        + batch * num_kv_heads * padded_rows * (head_dim + 2 * LANES) * 4,
+    )
+    stats_shape = (batch, num_kv_heads, padded_rows)
+    running_max, running_sum, values = pl.pallas_call(
+        functools.partial(_kernel, num_queries=num_queries, keys=keys),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(batch, num_kv_heads // heads, num_keys // keys),
+            in_specs=[per_head, cached, cached, mask],
+            out_specs=[lane_stats, lane_stats, per_head],
+            scratch_shapes=[pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
+                            pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
+                            pltpu.VMEM((heads, padded_rows, head_dim), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
+                   jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
+                   jax.ShapeDtypeStruct((*stats_shape, head_dim), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+    )(positions, q, k, v, key_mask.astype(jnp.int32)[:, None, :])
+
+    def per_query(x):       # (B, K, R, ...) -> (B, K, G, T, ...)
+        return x[:, :, :rows].reshape(batch, num_kv_heads, groups, num_queries, *x.shape[3:])
+
+    return per_query(running_max[..., 0]), per_query(running_sum[..., 0]), per_query(values)
