@@ -82,14 +82,18 @@ def decode_applies(num_queries: int, query_offset) -> bool:
     return query_offset is not None and num_queries <= DECODE_QUERIES
 
 
+def decode_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0):
+    """`dense_stats` from the decode kernel (`decode_attention_stats`): compiled on TPU, elsewhere
+    in Pallas' interpreter."""
+    return decode_attention_stats(q, k, v, key_mask, query_offset, key_offset, interpret=compile_platform() != "tpu")
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset) -> jax.Array:
-    """The decode kernel (`decode_attention_stats`) with `attention`'s contract: on TPU compiled,
-    elsewhere in Pallas' interpreter. On a mesh it runs under shard_map, rows over the batch
-    axes and heads over the head axes, every key whole."""
-    interpret = compile_platform() != "tpu"
+    """The decode kernel with `attention`'s contract. On a mesh it runs under shard_map, rows over
+    the batch axes and heads over the head axes, every key whole."""
 
     def run(q, k, v, key_mask, query_offset):
-        _, running_sum, values = decode_attention_stats(q, k, v, key_mask, query_offset, interpret=interpret)
+        _, running_sum, values = decode_stats(q, k, v, key_mask, query_offset)
         return normalized(running_sum, values, q.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()

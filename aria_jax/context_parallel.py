@@ -15,21 +15,33 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from aria_jax.attention import BLOCK, DENSE_LIMIT, blockwise_stats, decode_applies, dense_stats, normalized, rescaled
-from aria_jax.decode_attention import decode_attention_stats
+from aria_jax.attention import (
+    BLOCK,
+    DENSE_LIMIT,
+    blockwise_stats,
+    decode_applies,
+    decode_stats,
+    dense_stats,
+    normalized,
+    rescaled,
+)
 from aria_jax.kv_cache import cache_layout
 from aria_jax.sharding import compile_platform
 
 
 def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, cache: dict, key_mask: jax.Array,
-                               cache_index) -> tuple[jax.Array, dict]:
+                               cache_index, decode_kernel: bool | None = None) -> tuple[jax.Array, dict]:
     """Writes `key`, `value` (B, K, T, H) into the layer cache {"k", "v"} (B, K, S, H) at sequence
     index `cache_index` and attends q (B, T, N, H), causal, to every valid cached key: `Attention`'s
-    cached path, for a cache whose positions the current mesh splits. Returns ((B, T, N, H), cache)."""
+    cached path, for a cache whose positions the current mesh splits. Returns ((B, T, N, H), cache).
+    `decode_kernel`: each shard's statistics from the decode kernel (default: on TPU, for up to
+    `attention.DECODE_QUERIES` queries), else dense or blockwise by size."""
     mesh = jax.sharding.get_abstract_mesh()
     cache_spec = cache_layout(cache["k"].shape, mesh)
     rows, heads, positions, _ = cache_spec
     num_queries = q.shape[1]
+    if decode_kernel is None:
+        decode_kernel = compile_platform() == "tpu" and decode_applies(num_queries, cache_index)
 
     def local(q, key, value, k_cache, v_cache, key_mask, cache_index):
         length = k_cache.shape[2]                       # this shard's positions
@@ -40,8 +52,8 @@ def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, c
         k_cache, v_cache = (buffer.at[:, :, at].set(new.astype(buffer.dtype), mode="drop")
                             for buffer, new in ((k_cache, key), (v_cache, value)))
         keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        if compile_platform() == "tpu" and decode_applies(num_queries, cache_index):
-            stats = decode_attention_stats(q, keys, values, key_mask, cache_index, first)
+        if decode_kernel:
+            stats = decode_stats(q, keys, values, key_mask, cache_index, first)
         elif num_queries * length <= DENSE_LIMIT:
             stats = dense_stats(q, keys, values, key_mask, cache_index, first)
         else:

@@ -218,6 +218,8 @@ def run_split_cache(results: dict) -> None:
     against the dense one on random inputs; a prompt prefilled in chunks into a split cache
     against one chunk without a mesh (the model's own generation on these layouts is
     `run_model_layout`'s)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -240,19 +242,39 @@ def run_split_cache(results: dict) -> None:
             expected_cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, 0, index, 0)) for n in "kv"}
             expected = attention.attention(q, expected_cache["k"], expected_cache["v"], jnp.asarray(mask), index,
                                            implementation="dense")
+            attends = mask[:, :index + queries].cumsum(axis=1)[:, index:] > 0     # queries with a key to attend
+
+            def max_diff(out):
+                return float(np.abs(np.asarray(out) - np.asarray(expected))[attends].max())
+
             with jax.set_mesh(aria_jax.make_mesh(*layout)):
                 out, written = jax.jit(context_parallel.attention_over_split_cache)(
                     q, new["k"], new["v"], cache, jnp.asarray(mask), index)
-            attends = mask[:, :index + queries].cumsum(axis=1)[:, index:] > 0     # queries with a key to attend
+                # Each shard's statistics from the TPU decode kernel (Pallas' interpreter here).
+                kernel_out = jax.jit(functools.partial(context_parallel.attention_over_split_cache,
+                                                       decode_kernel=True))(
+                    q, new["k"], new["v"], cache, jnp.asarray(mask), index) if queries <= 8 else None
             results["split_cache"]["attention"].append({
                 "case": [list(layout), batch, heads, groups, length, queries, index],
-                "max_diff": float(np.abs(np.asarray(out) - np.asarray(expected))[attends].max()),
+                "max_diff": max_diff(out),
+                "kernel_max_diff": None if kernel_out is None else max_diff(kernel_out[0]),
                 "cache_diff": max(float(np.abs(np.asarray(written[n]) - np.asarray(expected_cache[n])).max())
                                   for n in "kv"),
                 "cache_spec": describe(written["k"])["spec"],
             })
     finally:
         context_parallel.DENSE_LIMIT = dense_limit
+
+    # The decode kernel on a cache split by rows (over expert) and heads (over tensor) instead.
+    q = jnp.asarray(rng.standard_normal((4, 1, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((4, 2, 64, 16)), jnp.float32) for _ in range(2))
+    mask = np.ones((4, 64), bool)
+    mask[0, :5] = False
+    expected = attention.attention(q, k, v, jnp.asarray(mask), 40, implementation="dense")
+    with jax.set_mesh(aria_jax.make_mesh(1, 4, 2)):
+        out = jax.jit(lambda *args: attention.attention(*args, 40, implementation="decode"))(q, k, v, jnp.asarray(mask))
+    results["split_cache"]["decode_kernel_by_rows_and_heads"] = {
+        "max_diff": float(np.abs(np.asarray(out) - np.asarray(expected)).max()), "spec": describe(out)["spec"]}
 
     ids, mask = text_ids()
 

@@ -251,8 +251,16 @@ def test_attention_over_a_split_cache_is_the_dense_one(mesh_results, case):
     layout = tuple(SPLIT_ATTENTION_CASES[case][0])
     assert run["case"][0] == list(layout)
     assert run["max_diff"] <= 1e-5, run
+    if SPLIT_ATTENTION_CASES[case][5] <= 8:        # a decode step's few queries: the decode kernel too
+        assert run["kernel_max_diff"] <= 1e-5, run
     assert run["cache_diff"] == 0.0, "the new keys and values are written exactly where they belong"
     assert run["cache_spec"][2] == position_axes(layout), run["cache_spec"]
+
+
+def test_decode_kernel_on_rows_and_heads_split_over_the_mesh(mesh_results):
+    run = mesh_results["split_cache"]["decode_kernel_by_rows_and_heads"]
+    assert run["max_diff"] <= 1e-5, run
+    assert run["spec"][0] == "expert" and run["spec"][2] == "tensor", run["spec"]
 
 
 @pytest.mark.parametrize("layout", SPLIT_CACHE_LAYOUTS, ids=layout_name)
