@@ -22,12 +22,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 ROW_ALIGN = 8                  # sublanes: a head's query rows are padded to a multiple
 LANES = 128                    # the running max and sum are kept lane-replicated
-KEY_BLOCKS = (512, 256, 128)   # keys per step: the largest that divides the cache, else all of it
+KEY_BLOCK = 512                # keys per step (a cache of fewer: all of it at once)
 BLOCK_BYTES = 1 << 20          # keys (and as many values) per step, over the heads of a block
-
-
-def key_block(num_keys: int) -> int:
-    return next((block for block in KEY_BLOCKS if num_keys % block == 0), num_keys)
 
 
 def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int) -> int:
@@ -37,10 +33,11 @@ def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int) -> in
 
 
 def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, values_ref,
-            max_scratch, sum_scratch, values_scratch, *, num_queries: int, keys: int):
+            max_scratch, sum_scratch, values_scratch, *, num_queries: int, keys: int, num_keys: int):
     step = pl.program_id(2)
     query_index, key_offset = positions_ref[0], positions_ref[1]
     first_key = key_offset + step * keys
+    ragged = num_keys % keys != 0      # the last block runs past the cache: what it reads there is garbage
 
     @pl.when(step == 0)
     def _():
@@ -54,6 +51,9 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, valu
         key_position = first_key + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
         query_position = query_index + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 0) % num_queries
         allowed = (mask_ref[...] > 0) & (key_position <= query_position)
+        if ragged:
+            allowed &= key_position < key_offset + num_keys
+            in_cache = step * keys + jax.lax.broadcasted_iota(jnp.int32, (keys, 1), 0) < num_keys
         for head in range(q_ref.shape[0]):       # a 2-D matmul per head of the block
             scores = jax.lax.dot_general(q_ref[head], k_ref[head], (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)          # (rows, keys)
@@ -64,7 +64,8 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, valu
             probs = jnp.exp(scores - safe_max)
             rescale = jnp.exp(previous_max - safe_max)
             new_sum = rescale * sum_scratch[head][:, :1] + probs.sum(axis=1, keepdims=True)
-            values = jnp.dot(probs.astype(v_ref.dtype), v_ref[head], preferred_element_type=jnp.float32)
+            cached_values = jnp.where(in_cache, v_ref[head], 0) if ragged else v_ref[head]   # 0 x NaN is NaN
+            values = jnp.dot(probs.astype(v_ref.dtype), cached_values, preferred_element_type=jnp.float32)
             values_scratch[head] = rescale * values_scratch[head] + values
             max_scratch[head] = jnp.broadcast_to(new_max, max_scratch.shape[1:])
             sum_scratch[head] = jnp.broadcast_to(new_sum, sum_scratch.shape[1:])
@@ -92,14 +93,15 @@ def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: j
     q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim ** -0.5, q.dtype)
     q = jnp.einsum("btkgh->bkgth", q).reshape(batch, num_kv_heads, rows, head_dim)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0))).astype(k.dtype)
-    keys = key_block(num_keys)
+    keys = min(KEY_BLOCK, num_keys)
+    num_blocks = -(-num_keys // keys)
     heads = head_block(num_kv_heads, keys, head_dim, k.dtype.itemsize)
     positions = jnp.stack([jnp.asarray(query_index, jnp.int32), jnp.asarray(key_offset, jnp.int32)])
 
     def key_step(step, positions):
         """Blocks past the last query's position repeat the last one it may attend: not fetched."""
         last = (positions[0] + num_queries - 1 - positions[1]) // keys
-        return jnp.clip(jnp.minimum(step, last), 0, num_keys // keys - 1)
+        return jnp.clip(jnp.minimum(step, last), 0, num_blocks - 1)
 
     per_head = pl.BlockSpec((None, heads, padded_rows, head_dim), lambda b, h, s, positions: (b, h, 0, 0))
     cached = pl.BlockSpec((None, heads, keys, head_dim), lambda b, h, s, positions: (b, h, key_step(s, positions), 0))
@@ -114,10 +116,10 @@ def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: j
     )
     stats_shape = (batch, num_kv_heads, padded_rows)
     running_max, running_sum, values = pl.pallas_call(
-        functools.partial(_kernel, num_queries=num_queries, keys=keys),
+        functools.partial(_kernel, num_queries=num_queries, keys=keys, num_keys=num_keys),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(batch, num_kv_heads // heads, num_keys // keys),
+            grid=(batch, num_kv_heads // heads, num_blocks),
             in_specs=[per_head, cached, cached, mask],
             out_specs=[lane_stats, lane_stats, per_head],
             scratch_shapes=[pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),

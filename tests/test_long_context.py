@@ -110,13 +110,15 @@ def test_flash_attention_refuses_a_chunk_of_queries():
 
 
 # (batch, queries, heads, kv_heads, keys, head_dim, query index, key offset): one key block and
-# several (blocks of 128 past the last query skipped), GQA, a few queries, keys at an offset (a
-# shard of a split cache), and a shard wholly in the queries' future.
+# several (blocks of 512 past the last query skipped), a last block running past the cache, GQA, a
+# few queries, keys at an offset (a shard of a split cache), and a shard wholly in the queries'
+# future.
 DECODE_CASES = {
     "one_block": (2, 1, 4, 4, 40, 8, 30, 0),
-    "blocks_skipped_gqa": (3, 1, 6, 2, 640, 16, 300, 0),
-    "few_queries": (2, 3, 4, 2, 384, 16, 200, 0),
-    "shard_at_offset": (2, 2, 4, 4, 256, 32, 700, 512),
+    "blocks_skipped_gqa": (3, 1, 6, 2, 2048, 16, 700, 0),
+    "last_block_past_the_cache": (2, 1, 4, 2, 1100, 16, 1090, 0),
+    "few_queries": (2, 3, 4, 2, 1100, 16, 600, 0),
+    "shard_at_offset": (2, 2, 4, 4, 600, 32, 1300, 1024),
     "shard_in_the_future": (2, 1, 2, 2, 256, 8, 100, 256),
 }
 
