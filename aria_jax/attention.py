@@ -99,7 +99,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         rows = mesh_axes_for("batch", q.shape[0], mesh)
-        heads = mesh_axes_for("kv_heads", k.shape[1], mesh) and mesh_axes_for("q_heads", q.shape[2], mesh)
+        heads = mesh_axes_for("kv_heads", k.shape[1], mesh)     # q's heads, a multiple, split alike
         run = jax.shard_map(run, axis_names=set(mesh.axis_names),
                             in_specs=(P(rows, None, heads, None), P(rows, heads, None, None),
                                       P(rows, heads, None, None), P(rows, None), P()),
