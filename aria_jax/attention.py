@@ -218,6 +218,33 @@ def normalized(running_sum, values, dtype) -> jax.Array:
     return jnp.einsum("bkgqh->bqkgh", out).reshape(batch, num_queries, num_kv_heads * groups, head_dim).astype(dtype)
 
 
+def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, key_mask: jax.Array,
+                           cache_index) -> tuple[jax.Array, dict]:
+    """Causal attention of q (B, T, N, H) at sequence index `cache_index` to the valid keys the
+    layer cache {"k", "v"} (B, K, S, H) holds before it and to its own k, v (B, K, T, H), which
+    are written to the cache after. Returns ((B, T, N, H), cache). For one CPU device: XLA:CPU
+    reads a cache just written through a second copy of the write, and orders an in-place write
+    after the reads of its buffer only where data flows from them, else it copies the buffer: a
+    decode step copied every layer's cache several times."""
+    num_queries, num_keys = q.shape[1], cache["k"].shape[2]
+    before = key_mask.astype(bool) & (jnp.arange(num_keys) < cache_index)
+    cached_k, cached_v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+    if num_queries * num_keys <= DENSE_LIMIT:
+        cached = dense_stats(q, cached_k, cached_v, before, cache_index)
+    else:
+        cached = blockwise_stats(q, cached_k, cached_v, before, cache_index, 0, BLOCK)
+    own_mask = jax.lax.dynamic_slice_in_dim(key_mask, cache_index, num_queries, axis=1)
+    own = dense_stats(q, k, v, own_mask, cache_index, cache_index)
+    _, running_sum, values = combined([cached, own])
+    # Each write at cache_index as data from the reads of its buffer: the sum read the keys, the
+    # values the values (and no number exceeds infinity, NaN included).
+    cache = {name: jax.lax.dynamic_update_slice(
+                 cache[name], new.astype(cache[name].dtype),
+                 (0, 0, cache_index + jnp.any(read > jnp.inf).astype(jnp.int32), 0))
+             for name, new, read in (("k", k, cached[1]), ("v", v, cached[2]))}
+    return normalized(running_sum, values, q.dtype), cache
+
+
 def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset,
                     block: int):
     """`dense_stats` one (query block, key block) tile at a time (see `blockwise_attention`)."""

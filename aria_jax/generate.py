@@ -2,7 +2,8 @@
 
 Prefill runs the (left-padded, bucketed) prompt through the decoder, fills the cache and
 samples the first new token; a prompt longer than `PREFILL_CHUNK` goes through in chunks, each
-attending to the cache the ones before it filled. `decode` then runs up to `num_steps` more tokens in one
+attending to the cache the ones before it filled (on one CPU device every prompt takes that
+path, as one chunk or several). `decode` then runs up to `num_steps` more tokens in one
 `lax.while_loop`; the host calls it in chunks (to check stop strings on decoded text, or one
 token at a time to stream). Every sampling setting and `max_new_tokens` are traced arrays, so
 changing them never recompiles; only the shapes (batch, prompt bucket, cache length) do.
@@ -19,8 +20,8 @@ import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.kv_cache import PREFILL_CHUNK, init_cache, init_per_layer, per_layer, pinned
-from aria_jax.modeling import TextDecoder, unrolled_cached_step
-from aria_jax.sharding import constrain
+from aria_jax.modeling import TextDecoder, layer_params, unrolled_cached_step
+from aria_jax.sharding import constrain, on_one_cpu
 
 
 @flax.struct.dataclass
@@ -111,7 +112,10 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
     mask = attention_mask.astype(bool)
     key_mask = jnp.concatenate([mask, jnp.ones((batch, cache_length - prompt_len), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    if chunk == prompt_len:
+    # XLA:CPU copies each layer's weights out of the scan's stacks, and its experts once more for
+    # their matmuls: there the layers run unrolled (a prompt of one chunk as one chunk), the
+    # experts read in the stacks.
+    if chunk == prompt_len and not on_one_cpu():
         # The prompt's keys and values stacked, as the layer scan makes them; then each layer's own
         # cache buffer: less memory than scanning over the whole cache and splitting it after.
         decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype, dispatch=True)
@@ -157,6 +161,13 @@ def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling:
     """Up to `num_steps` more tokens, stopping early at `max_new_tokens` or when every row is done."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     last_step = jnp.minimum(state.step + num_steps, max_new_tokens)
+    layers = None
+    if on_one_cpu():
+        # XLA:CPU copies a layer's weights out of the stacks for each matmul that reads them, at
+        # every step (a TPU's matmuls read them in place). Taken out once, ahead of the steps,
+        # they are read where they lie, for one copy of the layers' weights (but the routed
+        # experts') per call.
+        layers = [layer_params(text_params, index) for index in range(config.num_hidden_layers)]
 
     def keep_going(state):
         return (state.step < last_step) & ~jnp.all(state.done)
@@ -166,7 +177,7 @@ def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling:
         embeds = decoder.apply({"params": text_params}, previous, method=TextDecoder.embed)
         positions = (state.prompt_lengths + state.step - 1)[:, None]
         logits, cache = unrolled_cached_step(text_params, embeds, state.key_mask, positions, state.cache,
-                                             prompt_len + state.step - 1, config=config, dtype=dtype)
+                                             prompt_len + state.step - 1, config=config, dtype=dtype, layers=layers)
         token, done = _finish(sample_tokens(logits, state.step, sampling), state.done, config, stop_ids)
         tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
         return state.replace(cache=cache, tokens=tokens, step=state.step + 1, done=done)

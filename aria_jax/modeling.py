@@ -139,28 +139,40 @@ IMAGE_GROUP = 16
 STACKED_IN_DECODE = ("experts_gate_up", "experts_down")
 
 
+def layer_params(params, index: int):
+    """Layer `index`'s params out of the decoder's stacks, but for its routed experts, which stay
+    stacked over layers (`STACKED_IN_DECODE`): the MoE reads them there."""
+    stacked = params["layers"]
+    in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE}
+    sliced = jax.tree.map(operator.itemgetter(index),
+                          {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}})
+    return {**sliced, "mlp": {**sliced["mlp"], **in_stack}}
+
+
 def unrolled_cached_step(params, inputs_embeds, key_mask, position_ids, cache, cache_index, *,
-                         config: AriaTextConfig, dtype=jnp.float32, dispatch: bool = False):
+                         config: AriaTextConfig, dtype=jnp.float32, dispatch: bool = False, layers=None):
     """`TextDecoder.cached_step` with the layers unrolled, for decode (and, with `dispatch`, a long
     prompt's chunks). cache: one {"k", "v"} of (B, K, S, H) per layer (`kv_cache.per_layer`),
     each written in place and read where it lies; a scan would copy every layer's cache slice in
-    and out, every token."""
+    and out, every token. `layers`: each layer's `layer_params`, when the caller took them out of
+    the stacks already (ahead of a loop over decode steps); by default they are taken here."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     x = inputs_embeds.astype(dtype)
     cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
     updated = []
     for index, layer_cache in enumerate(cache):
         layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index, dispatch=dispatch)
-        stacked = params["layers"]
-        if dispatch:
+        if layers is not None:
+            this_layer = layers[index]
+        elif dispatch:
             # A prompt's chunks take each layer's experts out of the stacks (copies, for the grouped
             # matmul). Tied to the layer's input, the copies are made as the layer runs; untied,
             # the compiler hoists them out of the loop over chunks and holds every layer's at once.
-            stacked, x = jax.lax.optimization_barrier((stacked, x))
-        layer_params = jax.tree.map(operator.itemgetter(index), stacked)
-        for name in STACKED_IN_DECODE:      # the MoE reads its layer's experts in place
-            layer_params["mlp"][name] = stacked["mlp"][name]
-        x, layer_cache = layer.apply({"params": layer_params}, x, cos, sin, key_mask, layer_cache, cache_index)
+            stacked, x = jax.lax.optimization_barrier((params["layers"], x))
+            this_layer = layer_params({"layers": stacked}, index)
+        else:
+            this_layer = layer_params(params, index)
+        x, layer_cache = layer.apply({"params": this_layer}, x, cos, sin, key_mask, layer_cache, cache_index)
         updated.append(layer_cache)
     return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), updated
 

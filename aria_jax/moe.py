@@ -24,6 +24,7 @@ instead (`experts_by_dispatch`), so that no shard multiplies the pairs of anothe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -103,14 +104,18 @@ def _sorted_pairs(x, weights, expert_ids, num_experts, sum_hidden, up_projection
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
 
 
-def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
+def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=None):
     """Same contract; gathers each (token, slot)'s expert weights. Reads only the chosen experts,
     so it suits decode, where tokens x top-k is small next to the number of experts. The slot
     stays a batch dimension of both matmuls: folding it into the output dimension makes XLA
-    transpose the gathered weights, a second copy of them."""
+    transpose the gathered weights, a second copy of them. `layer`: the weights are stacked over
+    layers, (L, E, D, 2F) and (L, E, F, D), and the gather takes this layer's experts from them."""
+    def chosen(experts):
+        return experts[expert_ids] if layer is None else experts[layer, expert_ids]
+
     x_per_slot = jnp.broadcast_to(x[:, None, :], (*expert_ids.shape, x.shape[-1]))
-    activations = _glu(sum_hidden(jnp.einsum("tkd,tkdf->tkf", x_per_slot, gate_up[expert_ids])))
-    out = jnp.einsum("tkf,tkfd->tkd", activations, down[expert_ids])
+    activations = _glu(sum_hidden(jnp.einsum("tkd,tkdf->tkf", x_per_slot, chosen(gate_up))))
+    out = jnp.einsum("tkf,tkfd->tkd", activations, chosen(down))
     return jnp.einsum("tkd,tk->td", out, weights)
 
 
@@ -119,13 +124,16 @@ def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_s
 LOOP_BLOCKS = (8, 16, 32, 64)
 
 
-@jax.custom_vjp
-def routed_experts_looped(x, weights, expert_ids, gate_up, down):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def routed_experts_looped(x, weights, expert_ids, gate_up, down, layer=None):
     """Same contract; sorted rows, then a loop over experts running dense matmuls on blocks of
     each expert's rows. Experts with no rows cost one loop test; padding rows of a block are
     rows of the next expert (or zeros at the end) whose results are overwritten or dropped.
     Loops of data-dependent length have no reverse mode, so gradients come from the sorted
-    backend's (same values)."""
+    backend's (same values). `layer`: as in `routed_experts_gathered`; each block's expert is
+    taken from the stacks (XLA:CPU copies a layer's slice of them whole)."""
+    if layer is not None:
+        gate_up, down = _LayerView(gate_up, layer), _LayerView(down, layer)
     num_tokens, top_k = expert_ids.shape
     num_experts, largest = gate_up.shape[0], LOOP_BLOCKS[-1]
     flat_expert_ids = expert_ids.reshape(-1)
@@ -157,13 +165,32 @@ def routed_experts_looped(x, weights, expert_ids, gate_up, down):
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
 
 
-def _looped_forward(x, weights, expert_ids, gate_up, down):
-    return routed_experts_looped(x, weights, expert_ids, gate_up, down), (x, weights, expert_ids, gate_up, down)
+class _LayerView:
+    """One layer of weights stacked over layers: `view[expert]` is `stack[layer, expert]`, one
+    slice of the stack (indexing the layer first would copy the whole layer's experts)."""
+
+    def __init__(self, stack: jax.Array, layer: int):
+        self.stack, self.layer = stack, layer
+        self.shape = stack.shape[1:]
+
+    def __getitem__(self, expert):
+        return self.stack[self.layer, expert]
 
 
-def _looped_backward(saved, cotangent):
+def _looped_forward(x, weights, expert_ids, gate_up, down, layer):
+    saved = (x, weights, expert_ids, gate_up, down)
+    return routed_experts_looped(x, weights, expert_ids, gate_up, down, layer), saved
+
+
+def _looped_backward(layer, saved, cotangent):
     x, weights, expert_ids, gate_up, down = saved
-    _, vjp = jax.vjp(lambda x, w, gu, dn: routed_experts_sorted(x, w, expert_ids, gu, dn), x, weights, gate_up, down)
+
+    def sorted_backend(x, w, gu, dn):
+        if layer is not None:
+            gu, dn = gu[layer], dn[layer]
+        return routed_experts_sorted(x, w, expert_ids, gu, dn)
+
+    _, vjp = jax.vjp(sorted_backend, x, weights, gate_up, down)
     d_x, d_weights, d_gate_up, d_down = vjp(cotangent)
     return d_x, d_weights, None, d_gate_up, d_down
 
@@ -171,18 +198,25 @@ def _looped_backward(saved, cotangent):
 routed_experts_looped.defvjp(_looped_forward, _looped_backward)
 
 
-def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
+def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=None):
     """By the platform the program is compiled for. TPU and GPU: the grouped matmul, whose
     kernel runs each expert's rows on the matrix units and skips experts with none. CPU: gathered
     weights for a few (token, slot) pairs (decode), else the looped backend (a gather copies
-    slowly on CPU, so from a few tokens on, batched decode included, the loop is faster)."""
-    if compile_platform() != "cpu":
+    slowly on CPU, so from a few tokens on, batched decode included, the loop is faster).
+    `layer`: as in `routed_experts_gathered`."""
+    if compile_platform() != "cpu" or (sum_hidden is not _same and expert_ids.size >= gate_up.shape[-3] // 4):
+        # the grouped matmul; on CPU too when a collective completes the up-projection, which
+        # cannot run inside the looped backend's loops of data-dependent length
+        if layer is not None:
+            gate_up, down = gate_up[layer], down[layer]
         return routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden)
-    if expert_ids.size < gate_up.shape[0] // 4:
-        return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden)
-    if sum_hidden is not _same:     # a collective cannot run inside loops of data-dependent length
-        return routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden)
-    return routed_experts_looped(x, weights, expert_ids, gate_up, down)
+    if expert_ids.size < gate_up.shape[-3] // 4:
+        return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
+    return routed_experts_looped(x, weights, expert_ids, gate_up, down, layer)
+
+
+# The backends that take weights stacked over layers and a `layer` to read in them.
+READ_IN_STACK = (routed_experts_gathered, routed_experts_looped, routed_experts_auto)
 
 
 def shared_experts(x, gate, up, down, act, sum_hidden=_same):
@@ -353,6 +387,8 @@ class MoE(nn.Module):
 
         router = weight("router", (d, e), ("embed", "experts_logits"))
         backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
+        mesh = jax.sharding.get_abstract_mesh()
+        on_mesh = not mesh.empty and math.prod(mesh.axis_sizes) > 1
         if self.layer_index is None:
             gate_up = weight("experts_gate_up", (e, d, 2 * f), ("experts", "expert_embed", "expert_mlp"), 1)
             down = weight("experts_down", (e, f, d), ("experts", "expert_mlp", "expert_embed"), 1)
@@ -365,6 +401,8 @@ class MoE(nn.Module):
             pairs = math.prod(x.shape[:-1]) * cfg.moe_topk
             if compile_platform() == "tpu" and cfg.moe_backend in ("auto", "ragged_dot") and pairs <= IN_STACK_MAX_PAIRS:
                 backend = routed_experts_in_stack(self.layer_index)
+            elif backend in READ_IN_STACK and not on_mesh:
+                backend = functools.partial(backend, layer=self.layer_index)
             else:
                 gate_up, down = gate_up[self.layer_index], down[self.layer_index]
             gate_up, down = gate_up.astype(self.dtype), down.astype(self.dtype)
@@ -379,11 +417,10 @@ class MoE(nn.Module):
         shared = (weight("shared_gate", (d, s), ("expert_embed", "shared_mlp")),
                   weight("shared_up", (d, s), ("expert_embed", "shared_mlp")),
                   weight("shared_down", (s, d), ("shared_mlp", "expert_embed")))
-        mesh = jax.sharding.get_abstract_mesh()
         if self.dispatch and gate_up.ndim == 3 and can_dispatch(tokens.shape[0]):
             with jax.named_scope("experts"):
                 out = experts_by_dispatch(backend, act, tokens, top_weights, top_ids, gate_up, down, shared)
-        elif not mesh.empty and math.prod(mesh.axis_sizes) > 1:
+        elif on_mesh:
             with jax.named_scope("experts"):
                 out = experts_over_mesh(backend, act, tokens, top_weights, top_ids, gate_up, down, shared)
         else:

@@ -7,12 +7,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aria_jax.attention import DECODE_QUERIES, attention
+from aria_jax.attention import DECODE_QUERIES, attention, attention_beside_cache
 from aria_jax.config import AriaTextConfig
 from aria_jax.context_parallel import attention_over_split_cache
 from aria_jax.kv_cache import positions_split
 from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
-from aria_jax.sharding import constrain
+from aria_jax.sharding import constrain, on_one_cpu
 
 
 class Attention(nn.Module):
@@ -46,12 +46,17 @@ class Attention(nn.Module):
         with jax.named_scope("qkv"):
             q = jnp.einsum("btd,dnh->btnh", x, w_q)
             key = jnp.einsum("btd,dkh->btkh", x, w_k)
-            value = jnp.einsum("btd,dkh->bkth", x, w_v)          # keys and values (B, K, T, H), as cached
+            # Keys and values (B, K, T, H), as cached. Transposed after the matmul: asked of it,
+            # XLA:CPU transposes the weights instead, at every step.
+            value = jnp.einsum("btd,dkh->btkh", x, w_v).swapaxes(1, 2)
         with jax.named_scope("rope"):
             q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin).swapaxes(1, 2)
         if cache is not None and positions_split(cache["k"].shape):
             with jax.named_scope("attend_split_cache"):
                 out, cache = attention_over_split_cache(q, key, value, cache, key_mask, cache_index)
+        elif few_rows and on_one_cpu():
+            with jax.named_scope("attend"):
+                out, cache = attention_beside_cache(q, key, value, cache, key_mask, cache_index)
         else:
             if cache is not None:
                 with jax.named_scope("cache_write"):
@@ -62,8 +67,18 @@ class Attention(nn.Module):
             with jax.named_scope("attend"):
                 out = attention(q, key, value, key_mask, 0 if cache is None else cache_index)
         if few_rows:
-            out = constrain(jnp.einsum("btnh,nhd->btd", constrain(out, None, None, None, None), w_o),
-                            None, None, "attention_embed")
+            out = constrain(project_out(constrain(out, None, None, None, None), w_o), None, None, "attention_embed")
         else:
-            out = jnp.einsum("btnh,nhd->btd", out, w_o)
+            out = project_out(out, w_o)
         return out if cache is None else (out, cache)
+
+
+def project_out(out: jax.Array, w_o: jax.Array) -> jax.Array:
+    """out (B, T, N, H) by w_o (N, H, D). XLA:CPU, contracting heads and their dimension as two
+    dimensions, lays them out the other way round and transposes the weights to match at every
+    decode step: there they are merged first (on TPU that costs a relayout instead)."""
+    if not on_one_cpu():
+        return jnp.einsum("btnh,nhd->btd", out, w_o)
+    batch, length, heads, head_dim = out.shape
+    return jnp.einsum("btf,fd->btd", out.reshape(batch, length, heads * head_dim),
+                      w_o.reshape(heads * head_dim, w_o.shape[-1]))

@@ -11,6 +11,7 @@ they run on models/tiny-random, which ships one (its weights are random too).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import jax
@@ -22,9 +23,11 @@ import torch
 import transformers
 
 import aria_jax
+from aria_jax.config import AriaTextConfig
 from aria_jax.generate import Sampling, sample_tokens
+from aria_jax.hlo_text import Module, arrays_of
 from aria_jax.kv_cache import bucket_length, init_cache, per_layer
-from aria_jax.modeling import TextDecoder, unrolled_cached_step
+from aria_jax.modeling import TextDecoder, init_text_params, unrolled_cached_step
 from test_multimodal_parity import build_rows, emulated_crop, noise_image
 from tiny_models import make_multimodal_model, make_text_model
 
@@ -293,6 +296,71 @@ def test_no_recompilation_within_a_bucket(text_pair):
     assert compile_counts(model) == warm
     assert len({tuple(o.tolist()) for o in outputs}) > 1, "sampling settings changed nothing"
     print(f"backend compilations after warm-up (any function): {len(events)}")
+
+
+# Layers of weights that no instruction of a CPU decode step may copy: they reach the loop over
+# steps whole (a layer's attention and shared experts) or are gathered from (routed experts).
+# Sizes chosen so that no other array of the loop has a weight's size (one expert's weights, which
+# the looped backend copies, included).
+CPU_DECODE = AriaTextConfig(vocab_size=96, hidden_size=40, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=5, num_key_value_heads=5, head_dim=16, moe_num_experts=12,
+                            moe_topk=2, moe_num_shared_experts=3, max_position_embeddings=128)
+CPU_DECODE_CACHE = 80
+
+
+def step_loop_instructions(module: Module) -> list:
+    """The instructions of the entry's loops, and of the loops and branches inside them (not the
+    insides of fusions)."""
+    entry = module.computations[module.entry]
+    pending = [name for instruction in entry.instructions if instruction.opcode == "while"
+               for name in instruction.called("body")]
+    found = []
+    while pending:
+        for instruction in module.computations[pending.pop()].instructions:
+            found.append(instruction)
+            for key in ("body", "condition", "branch_computations", "true_computation", "false_computation"):
+                pending += instruction.called(key)
+    return found
+
+
+@pytest.mark.parametrize("batch", [1, 3])   # 2 (token, slot) pairs: gathered experts; 6: looped
+def test_cpu_decode_step_copies_no_layer_weights(batch):
+    """XLA:CPU copies a slice of the layer-stacked weights for every matmul that reads it: decode
+    on one CPU device takes each layer's weights out of the stacks once per call, ahead of its
+    loop over steps, and the MoE reads the experts it needs in the stacks. No instruction of the
+    loop that makes an array (not a view of the loops' state) has the size of a layer's weight
+    matrix or of a layer's routed experts; the only ones of a layer cache's size are the caches'
+    in-place writes (`attention.attention_beside_cache`)."""
+    config = CPU_DECODE
+    model = aria_jax.AriaTextForCausalLM(config, init_text_params(config, jax.random.key(0)), "float32")
+    layers = model.params["layers"]
+    weight_sizes = {leaf.size // config.num_hidden_layers for leaf in jax.tree.leaves(layers) if leaf.ndim >= 3}
+    assert len(weight_sizes) >= 3, weight_sizes      # attention, shared experts, routed experts
+    ids, mask = left_padded(5, (9,) * batch, config.vocab_size)
+    _, embeds, padded_mask, request = model._prepare(ids, mask, None, None, dict(
+        max_new_tokens=8, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None))
+    prompt_len = embeds.shape[1]
+    generator = model._generator
+    state = generator.prefill(model._text_params, embeds, jnp.asarray(padded_mask), request.sampling,
+                              request.stop_ids, cache_length=CPU_DECODE_CACHE,
+                              max_new_tokens_capacity=CPU_DECODE_CACHE - prompt_len)
+    hlo = generator.decode.lower(model._text_params, state, 8, 8, request.sampling, request.stop_ids,
+                                 prompt_len=prompt_len).compile().as_text()
+    made = [instruction for instruction in step_loop_instructions(Module.parse(hlo))
+            if instruction.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional")]
+    assert any(instruction.opcode == "dot" for instruction in made), "no matmul found in the loop over steps"
+    def making(sizes):
+        return [f"{instruction.name} = {instruction.shape}" for instruction in made
+                if any(math.prod(array.dims) in sizes for array in arrays_of(instruction.shape))]
+
+    copies = making(weight_sizes)
+    assert not copies, f"the loop over decode steps makes arrays the size of a layer's weights: {copies}"
+    # Each layer's keys and values are written in place, and not copied to be read or written.
+    cache_size = batch * config.num_key_value_heads * CPU_DECODE_CACHE * config.head_dim
+    assert cache_size not in weight_sizes
+    writes = making({cache_size})
+    assert len(writes) == 2 * config.num_hidden_layers, writes
+    assert all("dynamic-update-slice" in write.split(" = ")[0] for write in writes), writes
 
 
 # ----------------------------------------------------------------------------- 4. sampling

@@ -29,7 +29,16 @@ from test_text_parity import (
 from tiny_models import make_multimodal_model, make_text_model
 
 import aria_jax
-from aria_jax.attention import DENSE_LIMIT, attention, blockwise_stats, combined, dense_stats, normalized
+import aria_jax.attention as attention_module
+from aria_jax.attention import (
+    DENSE_LIMIT,
+    attention,
+    attention_beside_cache,
+    blockwise_stats,
+    combined,
+    dense_stats,
+    normalized,
+)
 from aria_jax.decode_attention import decode_attention_stats
 from aria_jax.generator import check_request
 from aria_jax.kv_cache import PREFILL_CHUNK, prompt_bucket
@@ -81,6 +90,28 @@ def test_blockwise_attention_is_the_dense_reference(case):
     keep = rows_with_a_key(key_mask, queries, offset)
     assert keep.any()
     np.testing.assert_allclose(np.asarray(blockwise)[keep], np.asarray(dense)[keep], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("queries,keys,offset", [(1, 64, 20), (8, 64, 40), (1, 48, 47), (2, 2600, 2000)])
+def test_attention_beside_cache_is_attention_over_the_written_cache(queries, keys, offset, monkeypatch):
+    """One CPU device's decode: attending to the cache before the new keys and to the new keys
+    apart, then writing them, is attending to the cache with them written. The cache's stale
+    slots at and past the new keys hold values that must not count. Last case: past DENSE_LIMIT
+    (lowered here), the cached keys go blockwise."""
+    q, k, v = random_qkv(3, 2, queries, keys, 4, 2, 8)
+    new_k, new_v = (x[:, :, offset:offset + queries] for x in random_qkv(4, 2, keys, keys, 4, 2, 8)[1:])
+    key_mask = np.ones((2, keys), bool)
+    key_mask[0, :11] = False
+    key_mask[1, 5:9] = False
+    cache = {"k": k, "v": v}
+    if keys > 1000:
+        monkeypatch.setattr(attention_module, "DENSE_LIMIT", queries * keys - 1)
+    out, written = jax.jit(attention_beside_cache)(q, new_k, new_v, cache, jnp.asarray(key_mask), offset)
+    expected_k, expected_v = (x.at[:, :, offset:offset + queries].set(new) for x, new in ((k, new_k), (v, new_v)))
+    np.testing.assert_array_equal(np.asarray(written["k"]), np.asarray(expected_k))
+    np.testing.assert_array_equal(np.asarray(written["v"]), np.asarray(expected_v))
+    dense = attention(q, expected_k, expected_v, jnp.asarray(key_mask), offset, implementation="dense")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), rtol=0, atol=2e-6)
 
 
 # (queries = keys, heads, kv_heads, causal): whole tiles and a length the kernel pads to them.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,7 @@ import pytest
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.moe import (
-    LOOP_BLOCKS, MoE, route, routed_experts_dense, routed_experts_gathered, routed_experts_looped,
+    LOOP_BLOCKS, MoE, route, routed_experts_auto, routed_experts_dense, routed_experts_gathered, routed_experts_looped,
     routed_experts_sorted,
 )
 
@@ -134,6 +135,25 @@ def test_fast_paths_equal_dense(case, path):
     diff = max_diff(sorted_, dense)
     print(f"[{name}] jitted sorted vs dense max|diff| = {diff:.2e}")
     assert diff <= TOLERANCE, f"{name}: {diff}"
+
+
+@pytest.mark.parametrize("path", ["looped", "gathered", "auto"])
+@pytest.mark.parametrize("case", ["t16_e4_k2", "t12_e6_k2_empty_experts"], indirect=True)
+def test_backends_read_a_layer_in_stacked_weights(case, path):
+    """With `layer`, a backend takes weights stacked over layers (decode) and reads that layer's
+    experts: the same values as on the layer's own weights, and not another layer's."""
+    name, (x, weights, expert_ids, gate_up, down) = case
+    backend = {**FAST_PATHS, "auto": routed_experts_auto}[path]
+    # three layers: the middle one is this case's weights, the others its weights reversed and scaled
+    stack_gate_up = jnp.stack([gate_up[::-1], gate_up, 2 * gate_up])
+    stack_down = jnp.stack([down[::-1] * 3, down, -down])
+    on_layer = jax.jit(backend)(x, weights, expert_ids, gate_up, down)
+    for layer in range(3):
+        in_stack = jax.jit(functools.partial(backend, layer=layer))(x, weights, expert_ids, stack_gate_up, stack_down)
+        expected = on_layer if layer == 1 else jax.jit(backend)(x, weights, expert_ids, stack_gate_up[layer],
+                                                                 stack_down[layer])
+        assert max_diff(in_stack, expected) <= TOLERANCE, f"{name}, layer {layer}"
+    assert max_diff(jax.jit(routed_experts_dense)(x, weights, expert_ids, gate_up, down), on_layer) <= TOLERANCE
 
 
 # Op-by-op (un-jitted) execution compiles every primitive for every shape: two cases suffice.
