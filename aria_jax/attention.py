@@ -218,6 +218,13 @@ def normalized(running_sum, values, dtype) -> jax.Array:
     return jnp.einsum("bkgqh->bqkgh", out).reshape(batch, num_queries, num_kv_heads * groups, head_dim).astype(dtype)
 
 
+def stats_by_size(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0):
+    """`dense_stats` up to DENSE_LIMIT (query, key) pairs, else `blockwise_stats` over BLOCK keys."""
+    if q.shape[1] * k.shape[2] <= DENSE_LIMIT:
+        return dense_stats(q, k, v, key_mask, query_offset, key_offset)
+    return blockwise_stats(q, k, v, key_mask, query_offset, key_offset, BLOCK)
+
+
 def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, key_mask: jax.Array,
                            cache_index) -> tuple[jax.Array, dict]:
     """Causal attention of q (B, T, N, H) at sequence index `cache_index` to the valid keys the
@@ -228,11 +235,7 @@ def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict
     decode step copied every layer's cache several times."""
     num_queries, num_keys = q.shape[1], cache["k"].shape[2]
     before = key_mask.astype(bool) & (jnp.arange(num_keys) < cache_index)
-    cached_k, cached_v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-    if num_queries * num_keys <= DENSE_LIMIT:
-        cached = dense_stats(q, cached_k, cached_v, before, cache_index)
-    else:
-        cached = blockwise_stats(q, cached_k, cached_v, before, cache_index, 0, BLOCK)
+    cached = stats_by_size(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), before, cache_index)
     own_mask = jax.lax.dynamic_slice_in_dim(key_mask, cache_index, num_queries, axis=1)
     own = dense_stats(q, k, v, own_mask, cache_index, cache_index)
     _, running_sum, values = combined([cached, own])

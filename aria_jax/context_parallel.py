@@ -15,16 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from aria_jax.attention import (
-    BLOCK,
-    DENSE_LIMIT,
-    blockwise_stats,
-    decode_applies,
-    decode_stats,
-    dense_stats,
-    normalized,
-    rescaled,
-)
+from aria_jax.attention import decode_applies, decode_stats, normalized, rescaled, stats_by_size
 from aria_jax.kv_cache import cache_layout
 from aria_jax.sharding import compile_platform
 
@@ -54,10 +45,8 @@ def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, c
         keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
         if decode_kernel:
             stats = decode_stats(q, keys, values, key_mask, cache_index, first)
-        elif num_queries * length <= DENSE_LIMIT:
-            stats = dense_stats(q, keys, values, key_mask, cache_index, first)
         else:
-            stats = blockwise_stats(q, keys, values, key_mask, cache_index, first, BLOCK)
+            stats = stats_by_size(q, keys, values, key_mask, cache_index, first)
         running_max = stats[0]
         running_sum, out = jax.lax.psum(rescaled(stats, jax.lax.pmax(running_max, positions)), positions)
         return normalized(running_sum, out, q.dtype), k_cache, v_cache

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from aria_jax.config import AriaTextConfig
 from aria_jax.grouped_matmul import stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
-from aria_jax.sharding import compile_platform, mesh_axis_size
+from aria_jax.sharding import compile_platform, mesh_axis_size, on_several_devices
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -387,8 +387,7 @@ class MoE(nn.Module):
 
         router = weight("router", (d, e), ("embed", "experts_logits"))
         backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
-        mesh = jax.sharding.get_abstract_mesh()
-        on_mesh = not mesh.empty and math.prod(mesh.axis_sizes) > 1
+        on_mesh = on_several_devices()
         if self.layer_index is None:
             gate_up = weight("experts_gate_up", (e, d, 2 * f), ("experts", "expert_embed", "expert_mlp"), 1)
             down = weight("experts_down", (e, f, d), ("experts", "expert_mlp", "expert_embed"), 1)

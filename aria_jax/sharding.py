@@ -78,12 +78,17 @@ def compile_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+def on_several_devices() -> bool:
+    """Whether the program being traced runs on a mesh of more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and math.prod(mesh.axis_sizes) > 1
+
+
 def on_one_cpu() -> bool:
     """Whether the program being traced is for one CPU device, not a mesh of several. There
     generation takes paths of its own around XLA:CPU's copies of sliced weights; a mesh of CPU
     devices (tests, `aria-jax plan` on the host) runs the accelerators' program."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return compile_platform() == "cpu" and (mesh.empty or math.prod(mesh.axis_sizes) == 1)
+    return compile_platform() == "cpu" and not on_several_devices()
 
 
 def mesh_axis_size(mesh, name: str) -> int:

@@ -230,10 +230,10 @@ def run_split_cache(results: dict) -> None:
 
     rng = np.random.default_rng(0)
     results["split_cache"] = {"attention": [], "layouts": {}}
-    dense_limit = context_parallel.DENSE_LIMIT
+    dense_limit = attention.DENSE_LIMIT
     try:
         for layout, batch, heads, groups, length, queries, index in SPLIT_ATTENTION_CASES:
-            context_parallel.DENSE_LIMIT = queries * length // 8 if length > 64 else dense_limit
+            attention.DENSE_LIMIT = queries * length // 8 if length > 64 else dense_limit
             q = jnp.asarray(rng.standard_normal((batch, queries, heads * groups, 16)), jnp.float32)
             new = {n: jnp.asarray(rng.standard_normal((batch, heads, queries, 16)), jnp.float32) for n in "kv"}
             cache = {n: jnp.asarray(rng.standard_normal((batch, heads, length, 16)), jnp.float32) for n in "kv"}
@@ -263,7 +263,7 @@ def run_split_cache(results: dict) -> None:
                 "cache_spec": describe(written["k"])["spec"],
             })
     finally:
-        context_parallel.DENSE_LIMIT = dense_limit
+        attention.DENSE_LIMIT = dense_limit
 
     # The decode kernel on a cache split by rows (over expert) and heads (over tensor) instead.
     q = jnp.asarray(rng.standard_normal((4, 1, 4, 16)), jnp.float32)
