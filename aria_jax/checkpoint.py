@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from aria_jax.config import read_json_object
 from aria_jax.files import holds_only, pause_point
+from aria_jax.quantization import Quantization
 from aria_jax.safetensors_io import CheckpointError
 from aria_jax.weights import COMPONENTS, flatten_tree, is_stacked, unflatten_tree
 
@@ -217,33 +218,58 @@ def _set_layer(stacked: dict, layer_values: dict, layer: jax.Array) -> dict:
 
 
 def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, components: tuple[str, ...] = COMPONENTS,
-                   sharding_for: Callable[[Path], jax.sharding.Sharding] | None = None) -> dict:
+                   sharding_for: Callable[[Path], jax.sharding.Sharding] | None = None,
+                   quantization: Quantization | None = None) -> dict:
     """The params of `components` (a tree {component: subtree of shape tuples}) from a converted
-    checkpoint, each array in `sharding_for(path)` (default: device 0) and `dtype`."""
+    checkpoint, each array in `sharding_for(path)` (default: device 0) and `dtype`. With
+    `quantization`, the weights it covers are quantized piece by piece, on the host."""
     manifest = Manifest.read(path)
     flat_shapes = flatten_tree(param_shapes_tree)
     manifest.check_covers(flat_shapes, components)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    sharding = {p: sharding_for(p) if sharding_for else default for p in flat_shapes}
     dtype = jnp.dtype(dtype)
+    # what each stored param becomes: {path: (shape, dtype)}, two entries for a quantized one
+    stored_as: dict[Path, dict[Path, tuple[tuple[int, ...], jnp.dtype]]] = {}
+    for p, shape in flat_shapes.items():
+        axes = quantization.input_axes(p, shape) if quantization else None
+        stored_as[p] = {p: (shape, dtype)} if axes is None else {
+            p + ("values",): (shape, quantization.storage_dtype),
+            p + ("scales",): (quantization.scales_shape(p, shape, axes), jnp.dtype(jnp.float32))}
+    sharding = {q: sharding_for(q) if sharding_for else default for parts in stored_as.values() for q in parts}
 
     flat: dict[Path, jax.Array] = {
-        p: jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding[p])()
-        for p, shape in flat_shapes.items() if is_stacked(p)
+        q: jax.jit(functools.partial(jnp.zeros, shape, part_dtype), out_shardings=sharding[q])()
+        for p in flat_shapes if is_stacked(p) for q, (shape, part_dtype) in stored_as[p].items()
     }
     for piece in manifest.pieces:
         if piece.component not in components:
             continue
-        leaf_sharding = {p: _layer_sharding(sharding[p]) if piece.layer is not None else sharding[p]
-                         for p in piece.leaves}
-        target = _relative_tree(piece, {p: jax.ShapeDtypeStruct(shape, dtype, sharding=leaf_sharding[p])
+        quantized = {p for p in piece.leaves if len(stored_as[p]) == 2}
+        leaf_sharding = {q: _layer_sharding(sharding[q]) if piece.layer is not None else sharding[q]
+                         for p in piece.leaves for q in stored_as[p]}
+        # quantized weights are restored to the host, whole, and quantized there
+        target = _relative_tree(piece, {p: jax.ShapeDtypeStruct(shape, dtype, sharding=leaf_sharding.get(p))
                                         for p, shape in piece.leaves.items()})
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restore_args = _relative_tree(piece, {
+            (piece.component,) + p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
+            if (piece.component,) + p in quantized else arg for p, arg in flatten_tree(restore_args).items()})
         try:
             restored = _checkpointer().restore(manifest.piece_directory(piece), args=ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+                target, restore_args=restore_args))
         except (FileNotFoundError, ValueError) as err:
             raise CheckpointError(f"{manifest.piece_directory(piece)}: unreadable piece ({' '.join(str(err).split())[:300]})") from None
-        values = {(piece.component,) + p: v for p, v in flatten_tree(restored).items()}
+        values = {}
+        for p, value in flatten_tree(restored).items():
+            p = (piece.component,) + p
+            if p not in quantized:
+                values[p] = value
+                continue
+            stacked = piece.layer is not None
+            axes = tuple(axis - stacked for axis in quantization.input_axes(p, flat_shapes[p]))
+            for part, array in zip(("values", "scales"), quantization.quantize(value, p, axes)):
+                q = p + (part,)
+                values[q] = jax.make_array_from_callback(array.shape, leaf_sharding[q], lambda index, a=array: a[index])
         if piece.layer is None:
             flat.update(values)
         else:

@@ -8,13 +8,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aria_jax.quantization import QuantizedArray, dequantized, is_quantized
+
 # Parameters are kept as plain arrays; logical axis names travel with them at init time
 # (`nn.with_logical_partitioning`) so that one rules table can map them onto a mesh.
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 def param_with_axes(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
-                    axes: tuple[str, ...], dtype) -> jax.Array:
+                    axes: tuple[str, ...], dtype) -> jax.Array | QuantizedArray:
+    """The param, or a `QuantizedArray` where the params hold it quantized (`aria_jax.quantization`)."""
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if is_quantized(stored):
+            if stored["values"].shape != tuple(shape):
+                raise ValueError(f"{module.path}/{name}: quantized values of shape {stored['values'].shape}, "
+                                 f"expected {tuple(shape)}")
+            return QuantizedArray(stored["values"], stored["scales"])
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
@@ -35,6 +45,7 @@ def adapted(module: nn.Module, name: str, weight: jax.Array, num_expert_dims: in
     if not module.has_variable("lora", f"{name}_lora_a"):
         return weight
     a, b = module.get_variable("lora", f"{name}_lora_a"), module.get_variable("lora", f"{name}_lora_b")
+    weight = dequantized(weight, a.dtype)
     return weight + lora_delta(a, b, num_expert_dims).astype(weight.dtype)
 
 
@@ -110,8 +121,8 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_dims:]
-        kernel = param_with_axes(self, "kernel", default_kernel_init, in_shape + self.out_shape, self.axes,
-                                 self.param_dtype).astype(self.dtype)
+        kernel = dequantized(param_with_axes(self, "kernel", default_kernel_init, in_shape + self.out_shape,
+                                             self.axes, self.param_dtype), self.dtype)
         contract = tuple(range(x.ndim - self.in_dims, x.ndim))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((contract, tuple(range(self.in_dims))), ((), ())))
         if self.use_bias:

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from aria_jax.config import AriaTextConfig
 from aria_jax.grouped_matmul import stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
+from aria_jax.quantization import QuantizedArray, dequantized, spec_for
 from aria_jax.sharding import compile_platform, mesh_axis_size, on_several_devices
 
 
@@ -64,6 +65,7 @@ def routed_experts_dense(x, weights, expert_ids, gate_up, down, sum_hidden=_same
     `sum_hidden` completes the up-projection before its gating: the identity, or a sum over the
     mesh when the weights' D is split (each shard then holds x's and the output's slice of D)."""
     num_experts = gate_up.shape[0]
+    gate_up, down = dequantized(gate_up, x.dtype), dequantized(down, x.dtype)
     activations = _glu(sum_hidden(jnp.einsum("td,edf->tef", x, gate_up)))
     expert_out = jnp.einsum("tef,efd->ted", activations, down)
     combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype))
@@ -72,6 +74,7 @@ def routed_experts_dense(x, weights, expert_ids, gate_up, down, sum_hidden=_same
 
 def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
     """Same contract as `routed_experts_dense`; dropless sort + grouped matmul."""
+    gate_up, down = dequantized(gate_up, x.dtype), dequantized(down, x.dtype)
     return _sorted_pairs(x, weights, expert_ids, gate_up.shape[0], sum_hidden,
                          lambda rows, sizes: jax.lax.ragged_dot(rows, gate_up, sizes),
                          lambda rows, sizes: jax.lax.ragged_dot(rows, down, sizes))
@@ -111,7 +114,7 @@ def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_s
     transpose the gathered weights, a second copy of them. `layer`: the weights are stacked over
     layers, (L, E, D, 2F) and (L, E, F, D), and the gather takes this layer's experts from them."""
     def chosen(experts):
-        return experts[expert_ids] if layer is None else experts[layer, expert_ids]
+        return dequantized(experts[expert_ids] if layer is None else experts[layer, expert_ids], x.dtype)
 
     x_per_slot = jnp.broadcast_to(x[:, None, :], (*expert_ids.shape, x.shape[-1]))
     activations = _glu(sum_hidden(jnp.einsum("tkd,tkdf->tkf", x_per_slot, chosen(gate_up))))
@@ -148,7 +151,8 @@ def routed_experts_looped(x, weights, expert_ids, gate_up, down, layer=None):
 
         def run_block(size):
             def run(row):
-                y = _glu(jax.lax.dynamic_slice_in_dim(x_sorted, row, size) @ gate_up[expert]) @ down[expert]
+                rows = jax.lax.dynamic_slice_in_dim(x_sorted, row, size)
+                y = _glu(rows @ dequantized(gate_up[expert], x.dtype)) @ dequantized(down[expert], x.dtype)
                 return jnp.pad(y, ((0, largest - size), (0, 0)))
             return run
 
@@ -267,8 +271,8 @@ def experts_over_mesh(backend, act, x, weights, expert_ids, gate_up, down, share
     width = P(model_dim, "expert")
     return jax.shard_map(
         local_experts, axis_names=set(mesh.axis_names),
-        in_specs=(P(rows, model_dim), P(rows), P(rows), P(*layers, "expert", model_dim, None),
-                  P(*layers, "expert", None, model_dim), width, width, P("expert", model_dim)),
+        in_specs=(P(rows, model_dim), P(rows), P(rows), spec_for(gate_up, P(*layers, "expert", model_dim, None)),
+                  spec_for(down, P(*layers, "expert", None, model_dim)), width, width, P("expert", model_dim)),
         out_specs=P(rows, model_dim),
     )(x, weights, expert_ids, gate_up, down, *shared)
 
@@ -344,7 +348,8 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
 
     return jax.shard_map(
         local_tokens, axis_names=set(mesh.axis_names),
-        in_specs=(P(rows), P(rows), P(rows), P("expert"), P("expert"), P(), P(), P()),
+        in_specs=(P(rows), P(rows), P(rows), spec_for(gate_up, P("expert")), spec_for(down, P("expert")),
+                  P(), P(), P()),
         out_specs=P(rows),
     )(x, weights, expert_ids, gate_up, down, *shared)
 
@@ -383,7 +388,7 @@ class MoE(nn.Module):
 
         def weight(name, shape, axes, num_expert_dims=0):
             value = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
-            return adapted(self, name, value.astype(self.dtype), num_expert_dims)
+            return adapted(self, name, dequantized(value, self.dtype), num_expert_dims)
 
         router = weight("router", (d, e), ("embed", "experts_logits"))
         backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
@@ -404,7 +409,8 @@ class MoE(nn.Module):
                 backend = functools.partial(backend, layer=self.layer_index)
             else:
                 gate_up, down = gate_up[self.layer_index], down[self.layer_index]
-            gate_up, down = gate_up.astype(self.dtype), down.astype(self.dtype)
+            # quantized experts stay so: each backend dequantizes the experts it reads
+            gate_up, down = (w if isinstance(w, QuantizedArray) else w.astype(self.dtype) for w in (gate_up, down))
 
         batch_shape = x.shape[:-1]
         tokens = x.reshape(-1, d)

@@ -23,6 +23,7 @@ from aria_jax.modeling import (
     text_forward, text_param_shapes,
 )
 from aria_jax.projector import queries_for_patches
+from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization, quantize_params, quantized_shapes
 from aria_jax.sharding import MeshRunner, check_layout, param_sharding_for
 from aria_jax.weights import COMPONENTS, HubCheckpoint, load_params
 
@@ -58,17 +59,18 @@ def open_weights(path) -> HubCheckpoint | str:
 
 
 def load_or_restore(weights: HubCheckpoint | str, config, boxed_shapes: dict, dtype, components: tuple[str, ...],
-                    mesh=None) -> dict:
+                    mesh=None, quantization: Quantization | None = None) -> dict:
     """Params of `components` ({component: boxed shapes}), each built directly in its sharding
-    on `mesh` (or on device 0): no device or host ever holds more than its share."""
+    on `mesh` (or on device 0): no device or host ever holds more than its share. With
+    `quantization`, the weights it covers are quantized as they are read."""
     sharding_for = None
     if mesh is not None:
-        check_layout(config, mesh)
-        sharding_for = param_sharding_for(boxed_shapes, mesh)
+        check_layout(config, mesh, quantization)
+        sharding_for = param_sharding_for(quantized_shapes(boxed_shapes, quantization), mesh)
     shapes = shape_tree(boxed_shapes)
     if isinstance(weights, HubCheckpoint):
-        return load_params(weights, shapes, dtype, components, sharding_for)
-    return restore_params(weights, shapes, dtype, components, sharding_for)
+        return load_params(weights, shapes, dtype, components, sharding_for, quantization)
+    return restore_params(weights, shapes, dtype, components, sharding_for, quantization)
 
 
 class _Pretrained:
@@ -188,21 +190,27 @@ class AriaTextForCausalLM(_Pretrained):
         self._embed_prompt = self._embed
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None) -> "AriaTextForCausalLM":
+    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None, quantize=None,
+                        group_size: int = DEFAULT_GROUP_SIZE) -> "AriaTextForCausalLM":
         """Loads the text model of a hub-format directory (text-only or multimodal checkpoint,
         transformers or original rhymes-ai naming) or of a converted checkpoint; with `mesh`
-        (`aria_jax.make_mesh`), every param is built directly in its sharding."""
+        (`aria_jax.make_mesh`), every param is built directly in its sharding. `quantize`:
+        None, "int8" or "int4" (in groups of `group_size` inputs), see `aria_jax.quantization`."""
         jdtype = resolve_dtype(dtype)
+        quantization = Quantization.of(quantize, group_size)
         weights = open_weights(path)
         config = text_config_from_pretrained(path)
         shapes = {"language_model": text_param_shapes(config, jdtype)}
-        params = load_or_restore(weights, config, shapes, jdtype, ("language_model",), mesh)["language_model"]
+        params = load_or_restore(weights, config, shapes, jdtype, ("language_model",), mesh,
+                                 quantization)["language_model"]
         return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
 
     @classmethod
-    def from_random(cls, config: AriaTextConfig, seed: int = 0, dtype="float32") -> "AriaTextForCausalLM":
+    def from_random(cls, config: AriaTextConfig, seed: int = 0, dtype="float32", quantize=None,
+                    group_size: int = DEFAULT_GROUP_SIZE) -> "AriaTextForCausalLM":
         jdtype = resolve_dtype(dtype)
-        return cls(config, init_text_params(config, jax.random.key(seed), jdtype), jdtype)
+        params = init_text_params(config, jax.random.key(seed), jdtype)
+        return cls(config, quantize_params(params, Quantization.of(quantize, group_size), "language_model"), jdtype)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None) -> CausalLMOutput:
         ids, mask, positions = self._check_text(input_ids, attention_mask, position_ids)
@@ -238,21 +246,30 @@ class AriaForConditionalGeneration(_Pretrained):
         self._embed_prompt = self._embeddings
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None) -> "AriaForConditionalGeneration":
+    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None, quantize=None,
+                        group_size: int = DEFAULT_GROUP_SIZE, quantize_vision: bool = False,
+                        ) -> "AriaForConditionalGeneration":
         """Loads every weight of a multimodal hub-format directory (transformers or original
         rhymes-ai naming) or of a converted checkpoint; with `mesh` (`aria_jax.make_mesh`), every
         param is built directly in its sharding. The vision tower's zero `post_layernorm` is not
-        used, so not loaded."""
+        used, so not loaded. `quantize`: None, "int8" or "int4" (in groups of `group_size`
+        inputs) for the decoder's weights, and the vision tower's and projector's too with
+        `quantize_vision` (see `aria_jax.quantization`)."""
         jdtype = resolve_dtype(dtype)
+        quantization = Quantization.of(quantize, group_size, quantize_vision)
         weights = open_weights(path)
         config = config_from_pretrained(path)
-        params = load_or_restore(weights, config, multimodal_param_shapes(config, jdtype), jdtype, COMPONENTS, mesh)
+        params = load_or_restore(weights, config, multimodal_param_shapes(config, jdtype), jdtype, COMPONENTS, mesh,
+                                 quantization)
         return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
 
     @classmethod
-    def from_random(cls, config: AriaConfig, seed: int = 0, dtype="float32") -> "AriaForConditionalGeneration":
+    def from_random(cls, config: AriaConfig, seed: int = 0, dtype="float32", quantize=None,
+                    group_size: int = DEFAULT_GROUP_SIZE, quantize_vision: bool = False,
+                    ) -> "AriaForConditionalGeneration":
         jdtype = resolve_dtype(dtype)
-        return cls(config, init_multimodal_params(config, jax.random.key(seed), jdtype), jdtype)
+        params = init_multimodal_params(config, jax.random.key(seed), jdtype)
+        return cls(config, quantize_params(params, Quantization.of(quantize, group_size, quantize_vision)), jdtype)
 
     def _check_images(self, ids, pixel_values, pixel_mask):
         num_image_tokens = int((ids == self.config.image_token_index).sum())

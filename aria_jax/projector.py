@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from aria_jax.attention import attention
 from aria_jax.config import AriaConfig
 from aria_jax.layers import ACTIVATIONS, LayerNorm, Linear, default_kernel_init, param_with_axes
+from aria_jax.quantization import dequantized
 
 PROJECTOR_LAYER_NORM_EPS = 1e-5
 
@@ -38,8 +39,8 @@ class CrossAttention(nn.Module):
         v = Linear((d,), ("embed", "embed_out"), use_bias=False, name="v_proj", **kw)(features)
 
         # torch.nn.MultiheadAttention: one packed in-projection for q, k and v (index 0, 1, 2).
-        in_proj = param_with_axes(self, "in_proj_kernel", default_kernel_init, (d, 3, n, h),
-                                  ("embed", "qkv", "heads", "head_dim"), self.param_dtype).astype(self.dtype)
+        in_proj = dequantized(param_with_axes(self, "in_proj_kernel", default_kernel_init, (d, 3, n, h),
+                                              ("embed", "qkv", "heads", "head_dim"), self.param_dtype), self.dtype)
         in_bias = param_with_axes(self, "in_proj_bias", nn.initializers.zeros, (3, n, h),
                                   ("qkv", "heads", "head_dim"), self.param_dtype).astype(self.dtype)
         q = jnp.einsum("bqd,dnh->bqnh", q, in_proj[:, 0]) + in_bias[0]

@@ -12,6 +12,7 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.context_parallel import attention_over_split_cache
 from aria_jax.kv_cache import positions_split
 from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
+from aria_jax.quantization import dequantized
 from aria_jax.sharding import constrain, on_one_cpu
 
 
@@ -31,7 +32,7 @@ class Attention(nn.Module):
 
         def kernel(name, shape, axes):
             weight = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
-            return adapted(self, name, weight.astype(self.dtype))
+            return adapted(self, name, dequantized(weight, self.dtype))
 
         w_q = kernel("q_proj", (d, n, h), ("attention_embed", "q_heads", "head_dim"))
         w_k = kernel("k_proj", (d, k, h), ("attention_embed", "kv_heads", "head_dim"))

@@ -99,8 +99,10 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_layout(config: AriaConfig | AriaTextConfig, mesh) -> None:
-    """Every sharded dimension divides over its mesh axis; otherwise say which and what fits."""
+def check_layout(config: AriaConfig | AriaTextConfig, mesh, quantization=None) -> None:
+    """Every sharded dimension divides over its mesh axis; otherwise say which and what fits.
+    With int4 `quantization` (`aria_jax.quantization`), the routed experts' groups along their
+    model dimension must divide over `tensor` too: each shard dequantizes its own slice."""
     text = config.text_config if isinstance(config, AriaConfig) else config
     tensor_dims = {
         "num_attention_heads": text.num_attention_heads,
@@ -121,6 +123,8 @@ def check_layout(config: AriaConfig | AriaTextConfig, mesh) -> None:
                 f"{name}={value} does not divide over expert={expert_size}; "
                 f"expert sizes that fit {devices} devices: {', '.join(map(str, valid))}"
             )
+    if quantization is not None and quantization.scheme == "int4" and text.hidden_size > quantization.group_size:
+        tensor_dims["hidden_size / group_size"] = text.hidden_size // quantization.group_size
     tensor_ok = math.gcd(*tensor_dims.values())
     for name, value in tensor_dims.items():
         if value % tensor_size:

@@ -30,6 +30,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from aria_jax.quantization import Quantization
 from aria_jax.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, CheckpointError, SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -417,23 +418,47 @@ def read_param(checkpoint: HubCheckpoint, sources: list[Source], shape: tuple[in
 
 def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree: dict, dtype,
                 components: tuple[str, ...] = COMPONENTS,
-                sharding_for: Callable[[tuple[str, ...]], jax.sharding.Sharding] | None = None) -> dict:
+                sharding_for: Callable[[tuple[str, ...]], jax.sharding.Sharding] | None = None,
+                quantization: Quantization | None = None) -> dict:
     """Builds the params of `components` (a tree {component: subtree of shape tuples}) directly
     from the checkpoint, each array placed in `sharding_for(path)` (default: device 0). Arrays
-    are filled by callback, so a host reads only the layers its devices hold."""
+    are filled by callback, so a host reads only the layers its devices hold. With
+    `quantization`, the weights it covers are quantized as they are read (`quantized_part`)."""
     if not isinstance(checkpoint, HubCheckpoint):
         checkpoint = HubCheckpoint(checkpoint)
     flat_shapes = flatten_tree(param_shapes_tree)
     plan = plan_load(checkpoint, flat_shapes, components)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def placed(path, shape, read):
+        return jax.make_array_from_callback(shape, sharding_for(path) if sharding_for else default, read)
+
     flat = {}
     for path, sources in plan.items():
         shape = flat_shapes[path]
-        flat[path] = jax.make_array_from_callback(
-            shape, sharding_for(path) if sharding_for else default,
-            lambda index, s=sources, sh=shape: read_param(checkpoint, s, sh, dtype, index),
-        )
+        input_axes = quantization.input_axes(path, shape) if quantization else None
+        if input_axes is None:
+            flat[path] = placed(path, shape, lambda index, s=sources, sh=shape: read_param(checkpoint, s, sh, dtype, index))
+            continue
+        scales_shape = quantization.scales_shape(path, shape, input_axes)
+        for part, part_shape in (("values", shape), ("scales", scales_shape)):
+            def read(index, s=sources, sh=shape, p=path, axes=input_axes, part=part):
+                return quantized_part(checkpoint, s, sh, index, quantization, p, axes, part)
+
+            flat[path + (part,)] = placed(path + (part,), part_shape, read)
     return unflatten_tree(flat)
+
+
+def quantized_part(checkpoint: HubCheckpoint, sources: list[Source], shape: tuple[int, ...], index: tuple[slice, ...],
+                   quantization: Quantization, path: tuple[str, ...], input_axes: tuple[int, ...], part: str):
+    """Slice `index` of a weight's quantized `part` ("values" or "scales"). The weight is read
+    whole along its input axes (its scales depend on all of them), quantized, then sliced; the
+    values' and scales' reads repeat that work, so memory stays at one slice at a time."""
+    whole_inputs = tuple(slice(None) if axis in input_axes else s for axis, s in enumerate(index))
+    weight = read_param(checkpoint, sources, shape, np.float32, whole_inputs)
+    values, scales = quantization.quantize(weight, path, input_axes)
+    along_inputs = tuple(s if axis in input_axes else slice(None) for axis, s in enumerate(index))
+    return (values if part == "values" else scales)[along_inputs]
 
 
 def is_stacked(path: tuple[str, ...]) -> bool:
