@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from aria_jax.config import read_json_object
 from aria_jax.files import holds_only, pause_point
-from aria_jax.quantization import Quantization
+from aria_jax.quantization import Quantization, is_quantized
 from aria_jax.safetensors_io import CheckpointError
 from aria_jax.weights import COMPONENTS, flatten_tree, is_stacked, unflatten_tree
 
@@ -90,32 +90,38 @@ def _relative_tree(piece: Piece, leaves: dict[Path, object]) -> dict:
     return unflatten_tree({path[1:]: value for path, value in leaves.items()})
 
 
-def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path, int | None], np.ndarray],
-                 dtype) -> None:
+def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path, int | None], np.ndarray | dict],
+                 dtype, quantization: Quantization | None = None) -> None:
     """Saves each piece (its leaves from `read_leaf(path, layer)`, cast to `dtype`) and then
-    the manifest. One piece is in memory at a time."""
+    the manifest. One piece is in memory at a time. With `quantization`, `read_leaf` gives the
+    weights it covers as {"values", "scales"}, stored as they are."""
     dtype = jnp.dtype(dtype)
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
     # An OCDBT checkpoint buffers a second copy of every array until it commits; plain zarr
     # streams chunk by chunk, which is what keeps the converter's memory bounded. Expert weights
     # get a chunk per expert (orbax splits `shard_axes` down to 1 first), the rest chunks of
     # at most CHUNK_BYTES.
-    def save_args(path: Path) -> ocp.SaveArgs:
+    def save_args(path: Path, leaf) -> ocp.SaveArgs | dict:
+        if is_quantized(leaf):
+            return {name: ocp.SaveArgs(dtype=part.dtype, chunk_byte_size=CHUNK_BYTES) for name, part in leaf.items()}
         per_expert = (0,) if path[-1].startswith("experts_") else ()
         return ocp.SaveArgs(dtype=dtype, chunk_byte_size=CHUNK_BYTES, shard_axes=per_expert)
 
     for piece in pieces:
         leaves = {path: read_leaf(path, piece.layer) for path in piece.leaves}
         for path, array in leaves.items():
-            if array.shape != piece.leaves[path]:
-                raise ValueError(f"{'/'.join(path)}: shape {array.shape}, expected {piece.leaves[path]}")
+            shape = array["values"].shape if is_quantized(array) else array.shape
+            if shape != piece.leaves[path]:
+                raise ValueError(f"{'/'.join(path)}: shape {shape}, expected {piece.leaves[path]}")
         tree = _relative_tree(piece, leaves)
         checkpointer.save(os.path.join(directory, PARAMS_DIR, piece.directory), args=ocp.args.PyTreeSave(
-            tree, save_args=_relative_tree(piece, {path: save_args(path) for path in leaves})))
+            tree, save_args=_relative_tree(piece, {path: save_args(path, leaf) for path, leaf in leaves.items()})))
         del leaves, tree
         pause_point("convert:piece-saved")
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name,
                 "pieces": [piece.to_json() for piece in pieces]}
+    if quantization is not None:
+        manifest["quantization"] = quantization.to_json()
     with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
 
@@ -138,6 +144,7 @@ class Manifest:
     path: str
     dtype: jnp.dtype
     pieces: list[Piece]
+    quantization: Quantization | None = None     # how `aria-jax convert --quantize` stored the weights
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":
@@ -151,7 +158,8 @@ class Manifest:
             raise CheckpointError(f"{file}: format {d.get('format')!r} version {d.get('version')!r}, "
                                   f"expected {FORMAT!r} version {VERSION}")
         try:
-            manifest = cls(path, jnp.dtype(d["dtype"]), [Piece.from_json(p) for p in d["pieces"]])
+            quantization = Quantization(**d["quantization"]) if "quantization" in d else None
+            manifest = cls(path, jnp.dtype(d["dtype"]), [Piece.from_json(p) for p in d["pieces"]], quantization)
         except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise CheckpointError(f"{file}: malformed manifest ({err!r})") from None
         for piece in manifest.pieces:
@@ -200,6 +208,18 @@ class Manifest:
         return {(piece.component,) + path: flat[path] for path in flat}
 
 
+def loaded_quantization(manifest: Manifest, requested: Quantization | None) -> Quantization | None:
+    """The quantization a converted checkpoint loads with: as stored (`convert --quantize`), or
+    the requested one applied to float weights; a request that the stored weights cannot meet
+    is an error."""
+    if manifest.quantization is None or requested is None or requested == manifest.quantization:
+        return manifest.quantization or requested
+    stored = manifest.quantization
+    raise CheckpointError(f"{manifest.path}: weights stored quantized as {stored.scheme} (group_size "
+                          f"{stored.group_size}, vision {stored.vision}); they load only as stored (quantize=None "
+                          f"or {stored.scheme!r} with those settings); convert the hub checkpoint again for another")
+
+
 @functools.cache
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
@@ -226,6 +246,7 @@ def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, comp
     manifest = Manifest.read(path)
     flat_shapes = flatten_tree(param_shapes_tree)
     manifest.check_covers(flat_shapes, components)
+    quantization = loaded_quantization(manifest, quantization)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     dtype = jnp.dtype(dtype)
     # what each stored param becomes: {path: (shape, dtype)}, two entries for a quantized one
@@ -247,13 +268,21 @@ def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, comp
         quantized = {p for p in piece.leaves if len(stored_as[p]) == 2}
         leaf_sharding = {q: _layer_sharding(sharding[q]) if piece.layer is not None else sharding[q]
                          for p in piece.leaves for q in stored_as[p]}
-        # quantized weights are restored to the host, whole, and quantized there
-        target = _relative_tree(piece, {p: jax.ShapeDtypeStruct(shape, dtype, sharding=leaf_sharding.get(p))
-                                        for p, shape in piece.leaves.items()})
+
+        def stored_leaf(p, shape):
+            if p in quantized and manifest.quantization is not None:     # stored quantized: restored as stored
+                return {q[-1]: jax.ShapeDtypeStruct(part_shape[piece.layer is not None:], part_dtype,
+                                                    sharding=leaf_sharding[q])
+                        for q, (part_shape, part_dtype) in stored_as[p].items()}
+            # float weights to quantize are restored to the host, whole, and quantized there
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=leaf_sharding.get(p))
+
+        target = _relative_tree(piece, {p: stored_leaf(p, shape) for p, shape in piece.leaves.items()})
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        restore_args = _relative_tree(piece, {
-            (piece.component,) + p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
-            if (piece.component,) + p in quantized else arg for p, arg in flatten_tree(restore_args).items()})
+        if manifest.quantization is None:
+            restore_args = _relative_tree(piece, {
+                (piece.component,) + p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
+                if (piece.component,) + p in quantized else arg for p, arg in flatten_tree(restore_args).items()})
         try:
             restored = _checkpointer().restore(manifest.piece_directory(piece), args=ocp.args.PyTreeRestore(
                 target, restore_args=restore_args))
@@ -262,7 +291,7 @@ def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, comp
         values = {}
         for p, value in flatten_tree(restored).items():
             p = (piece.component,) + p
-            if p not in quantized:
+            if p not in quantized or manifest.quantization is not None:
                 values[p] = value
                 continue
             stacked = piece.layer is not None

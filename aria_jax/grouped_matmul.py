@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from aria_jax.quantization import QuantizedArray
+
 ROW_ALIGN = 8        # sublanes: rows are padded to a multiple
 LANE = 128
 
@@ -44,7 +46,8 @@ def group_order(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     return offsets, active, count.reshape(1)
 
 
-def _kernel(offsets_ref, active_ref, count_ref, rows_ref, weights_ref, out_ref, accumulator_ref):
+def _kernel(offsets_ref, active_ref, count_ref, rows_ref, weights_ref, *refs):
+    *scales_ref, out_ref, accumulator_ref = refs
     step = pl.program_id(1)
 
     @pl.when(step == 0)
@@ -56,7 +59,10 @@ def _kernel(offsets_ref, active_ref, count_ref, rows_ref, weights_ref, out_ref, 
         group = active_ref[step]
         row = jax.lax.broadcasted_iota(jnp.int32, accumulator_ref.shape, 0)
         in_group = (row >= offsets_ref[group]) & (row < offsets_ref[group + 1])
-        product = jnp.dot(rows_ref[...], weights_ref[...], preferred_element_type=jnp.float32)
+        if scales_ref:
+            product = _quantized_product(rows_ref, weights_ref, scales_ref[0])
+        else:
+            product = jnp.dot(rows_ref[...], weights_ref[...], preferred_element_type=jnp.float32)
         accumulator_ref[...] += jnp.where(in_group, product, 0.0)
 
     @pl.when(step == pl.num_programs(1) - 1)
@@ -64,9 +70,28 @@ def _kernel(offsets_ref, active_ref, count_ref, rows_ref, weights_ref, out_ref, 
         out_ref[...] = accumulator_ref[...].astype(out_ref.dtype)
 
 
+def _quantized_product(rows_ref, values_ref, scales_ref) -> jax.Array:
+    """rows times the quantized weights' block, the integers converted in VMEM: one scale per
+    output column (int8), or one per group of inputs, each group's product scaled before the sum."""
+    groups, depth = scales_ref.shape[0], values_ref.shape[0]
+    group = depth // groups
+    product = None
+    for g in range(groups):
+        part = jnp.dot(rows_ref[:, g * group:(g + 1) * group],
+                       values_ref[g * group:(g + 1) * group, :].astype(rows_ref.dtype),
+                       preferred_element_type=jnp.float32) * scales_ref[g:g + 1, :].astype(jnp.float32)
+        product = part if product is None else product + part
+    return product
+
+
 @functools.partial(jax.jit, static_argnames=("layer", "interpret"))
-def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array, layer: int, group_sizes: jax.Array,
+def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array | QuantizedArray, layer: int, group_sizes: jax.Array,
                            interpret: bool = False) -> jax.Array:
+    """`weights` may be quantized (`aria_jax.quantization`): int8 or int4 values, read as they
+    are stored and converted in the chip's memory."""
+    scales = []
+    if isinstance(weights, QuantizedArray):
+        weights, scales = weights.values, [weights.scales]
     num_rows, depth = rows.shape
     num_layers, num_groups, weight_depth, width = weights.shape
     if weight_depth != depth or not 0 <= layer < num_layers or group_sizes.shape != (num_groups,):
@@ -76,13 +101,16 @@ def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array, layer: int, grou
     rows = jnp.pad(rows, ((0, padded_rows - num_rows), (0, 0)))
     block = column_block(width)
     offsets, active, count = group_order(group_sizes)
-    itemsize = weights.dtype.itemsize
+    weight_bits = jnp.iinfo(weights.dtype).bits if scales else 8 * weights.dtype.itemsize
+    scale_bytes = sum(s.size // (num_layers * num_groups) * s.dtype.itemsize for s in scales)
     touched = min(num_groups, num_rows)     # at most one group per row
     cost = pl.CostEstimate(
         flops=2 * padded_rows * depth * width * touched,
         transcendentals=0,
-        bytes_accessed=touched * depth * width * itemsize + (padded_rows * depth + padded_rows * width) * itemsize,
+        bytes_accessed=touched * (depth * width * weight_bits // 8 + scale_bytes)
+        + (padded_rows * depth + padded_rows * width) * rows.dtype.itemsize,
     )
+    expert_block = lambda column, step, offsets, active, count: (layer, active[step], 0, column)  # noqa: E731
     out = pl.pallas_call(
         _kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -90,8 +118,8 @@ def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array, layer: int, grou
             grid=(width // block, num_groups),
             in_specs=[
                 pl.BlockSpec((padded_rows, depth), lambda column, step, offsets, active, count: (0, 0)),
-                pl.BlockSpec((None, None, depth, block),
-                             lambda column, step, offsets, active, count: (layer, active[step], 0, column)),
+                pl.BlockSpec((None, None, depth, block), expert_block),
+                *(pl.BlockSpec((None, None, s.shape[2], block), expert_block) for s in scales),
             ],
             out_specs=pl.BlockSpec((padded_rows, block), lambda column, step, offsets, active, count: (0, column)),
             scratch_shapes=[pltpu.VMEM((padded_rows, block), jnp.float32)],
@@ -101,5 +129,5 @@ def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array, layer: int, grou
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=cost,
         interpret=interpret,
-    )(offsets, active, count, rows, weights)
+    )(offsets, active, count, rows, weights, *scales)
     return out[:num_rows]

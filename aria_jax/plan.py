@@ -22,7 +22,6 @@ temporaries stay an upper bound. `aria_jax.plan_target` compiles for real accele
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import jax
@@ -35,6 +34,7 @@ from aria_jax.generator import STOP_ID_SLOTS
 from aria_jax.kv_cache import prompt_bucket
 from aria_jax.modeling import multimodal_param_shapes
 from aria_jax.pretrained import AriaForConditionalGeneration
+from aria_jax.quantization import Quantization, array_bytes, quantized_shapes
 from aria_jax.sharding import check_layout, param_sharding_for
 from aria_jax.weights import flatten_tree, unflatten_tree
 
@@ -85,21 +85,26 @@ class RefusedProgram:
     message: str
 
 
-def abstract_params(config: AriaConfig, mesh, dtype) -> dict:
-    """The multimodal params as ShapeDtypeStructs, each with the sharding the loaders give it."""
-    boxed = multimodal_param_shapes(config, dtype)
+def abstract_params(config: AriaConfig, mesh, dtype, quantization: Quantization | None = None) -> dict:
+    """The multimodal params as ShapeDtypeStructs, each with the sharding the loaders give it
+    (quantized as `quantization` stores them)."""
+    boxed = quantized_shapes(multimodal_param_shapes(config, dtype), quantization)
     sharding_for = param_sharding_for(boxed, mesh)
     flat = flatten_tree(jax.tree_util.tree_map(lambda p: p.value, boxed, is_leaf=lambda x: hasattr(x, "names")))
     return unflatten_tree({path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(path))
                            for path, leaf in flat.items()})
 
 
+def total_bytes(abstract) -> int:
+    """Bytes of every array in `abstract`, each counted once (as a checkpoint holds them)."""
+    return sum(array_bytes(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(abstract))
+
+
 def per_device_bytes(abstract) -> int:
     """Bytes one device holds of every array in `abstract` (ShapeDtypeStructs with shardings)."""
     total = 0
     for leaf in jax.tree_util.tree_leaves(abstract):
-        shard_shape = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
+        total += array_bytes(leaf.sharding.shard_shape(leaf.shape), leaf.dtype)
     return total
 
 
@@ -121,16 +126,17 @@ def _unused_argument_bytes(traced, abstract_params) -> int:
 
 
 def compile_generation(config: AriaConfig, mesh, dtype, shape: GenerationShape, compiler_options: dict | None = None,
-                       when_refused=None) -> list[CompiledProgram | RefusedProgram]:
+                       when_refused=None, quantization: Quantization | None = None,
+                       ) -> list[CompiledProgram | RefusedProgram]:
     """Compiles prefill and decode for `shape` on `mesh` (its devices may be an accelerator's
     topology). When the compiler refuses a program, `when_refused(error)` may return compiler
     options to compile it again with (on TPU: with the memory check off, to report what a
     program that does not fit would need); the program then carries the refusal, or, refused
     again, ends the list (the next program takes its outputs). Without `when_refused` (or when
     it returns None) the error propagates."""
-    check_layout(config, mesh)
+    check_layout(config, mesh, quantization)
     dtype = jnp.dtype(dtype)
-    params = abstract_params(config, mesh, dtype)
+    params = abstract_params(config, mesh, dtype, quantization)
     text_params = params["language_model"]
     other_weights = per_device_bytes({k: v for k, v in params.items() if k != "language_model"})
     model = AriaForConditionalGeneration(config, params, dtype, mesh=mesh)
@@ -232,15 +238,16 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_memory(config: AriaConfig, mesh, dtype, batch: int, max_length: int, prompt_length: int) -> Plan:
+def plan_memory(config: AriaConfig, mesh, dtype, batch: int, max_length: int, prompt_length: int,
+                quantization: Quantization | None = None) -> Plan:
     """Compiles generation's prefill and decode for `batch` rows on `mesh` (host CPU devices)
     and returns each device's memory."""
     dtype = jnp.dtype(dtype)
     shape = GenerationShape.for_request(batch, prompt_length, max_length)
-    programs = compile_generation(config, mesh, dtype, shape)
+    programs = compile_generation(config, mesh, dtype, shape, quantization=quantization)
     estimates = [p.compiled.memory_analysis().temp_size_in_bytes for p in programs]
     if jax.default_backend() == "cpu" and dtype.itemsize < 4:
-        reference = compile_generation(config, mesh, jnp.dtype(jnp.float32), shape)
+        reference = compile_generation(config, mesh, jnp.dtype(jnp.float32), shape, quantization=quantization)
         estimates = [p.compiled.memory_analysis().temp_size_in_bytes * dtype.itemsize // 4 for p in reference]
     steps = []
     for program, estimate in zip(programs, estimates):
@@ -248,6 +255,6 @@ def plan_memory(config: AriaConfig, mesh, dtype, batch: int, max_length: int, pr
         steps.append(StepMemory(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
                                 memory.alias_size_in_bytes, memory.temp_size_in_bytes, estimate,
                                 program.resident_bytes, program.compile_seconds))
-    params = abstract_params(config, mesh, dtype)
+    params = abstract_params(config, mesh, dtype, quantization)
     cache = _outputs_as_inputs(programs[0].compiled).cache
     return Plan(dict(zip(mesh.axis_names, mesh.axis_sizes)), per_device_bytes(params), per_device_bytes(cache), steps)

@@ -23,7 +23,10 @@ import jax.numpy as jnp
 from aria_jax.accelerators import Chip, Target
 from aria_jax.config import AriaConfig
 from aria_jax.hlo_cost import Cost, ProgramCost
-from aria_jax.plan import GenerationShape, RefusedProgram, abstract_params, compile_generation, per_device_bytes
+from aria_jax.plan import (
+    GenerationShape, RefusedProgram, abstract_params, compile_generation, per_device_bytes, total_bytes,
+)
+from aria_jax.quantization import Quantization
 from aria_jax.roofline import decode_step_bytes, prefill_flops
 
 GB = 1e9
@@ -99,6 +102,16 @@ class TargetPlan:
     params_per_chip: int
     programs: list[ProgramReport | UncompiledProgram]
     hlo: dict[str, str]
+    quantization: Quantization | None = None
+    params_in_all: int = 0
+
+    @property
+    def weights(self) -> str:
+        """The weights' dtype, as `--quantize` made them."""
+        if self.quantization is None:
+            return self.dtype
+        groups = f" in groups of {self.quantization.group_size}" if self.quantization.scheme == "int4" else ""
+        return f"{self.quantization.scheme} weights{groups}, {self.dtype} compute"
 
     @property
     def chip(self) -> Chip:
@@ -123,6 +136,8 @@ class TargetPlan:
             "batch": self.shape.batch, "prompt_length": self.shape.prompt_length,
             "cache_length": self.shape.cache_length, "max_new_tokens": self.shape.max_new_tokens,
             "dtype": self.dtype, "moe_backend": self.moe_backend, "params_per_chip": self.params_per_chip,
+            "params_in_all": self.params_in_all,
+            "quantization": self.quantization and self.quantization.to_json(),
             "programs": programs,
             "note": "memory from the compiler; times are the compiler's estimates (on TPU) or a bytes/flops rule "
                     "per instruction (where the compiler gives none, and on GPU), not timings",
@@ -136,8 +151,8 @@ class TargetPlan:
             f"({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_second / GB:.0f} GB/s, "
             f"{chip.hbm_bytes / 2**30:.1f} GiB HBM per chip); mesh {mesh}",
             f"batch {shape.batch}, prompt {shape.prompt_length}, KV cache {shape.cache_length} "
-            f"({shape.max_new_tokens} new tokens), {self.dtype}, moe_backend {self.moe_backend}; "
-            f"params {self.params_per_chip / GB:.2f} GB per chip",
+            f"({shape.max_new_tokens} new tokens), {self.weights}, moe_backend {self.moe_backend}; "
+            f"params {self.params_in_all / GB:.2f} GB in all, {self.params_per_chip / GB:.2f} GB per chip",
         ]
         for program in self.programs:
             lines += self._program_lines(program)
@@ -217,11 +232,13 @@ def _heaviest(cost: ProgramCost) -> list[dict]:
             for seconds, instruction in cost.heaviest(HEAVIEST_SHOWN)]
 
 
-def plan_target(config: AriaConfig, target: Target, mesh, dtype, shape: GenerationShape) -> TargetPlan:
+def plan_target(config: AriaConfig, target: Target, mesh, dtype, shape: GenerationShape,
+                quantization: Quantization | None = None) -> TargetPlan:
     chip = target.chip
     dtype = jnp.dtype(dtype)
     programs = compile_generation(config, mesh, dtype, shape, compiler_options=target.compiler_options,
-                                  when_refused=compile_again_without_memory_check if target.platform == "tpu" else None)
+                                  when_refused=compile_again_without_memory_check if target.platform == "tpu" else None,
+                                  quantization=quantization)
     text = config.text_config
     reports, hlo = [], {}
     for program in programs:
@@ -234,7 +251,7 @@ def plan_target(config: AriaConfig, target: Target, mesh, dtype, shape: Generati
         memory = program.compiled.memory_analysis()
         if program.name == "decode":
             estimate = _estimate(cost, shape.decode_steps)
-            step_bytes = decode_step_bytes(text, dtype, shape.batch, shape.cache_length)
+            step_bytes = decode_step_bytes(text, dtype, shape.batch, shape.cache_length, quantization)
             roofline = Roofline(sum(step_bytes.values()) / (target.num_chips * chip.hbm_bytes_per_second), step_bytes)
         else:
             estimate = _estimate(cost, None)
@@ -247,8 +264,9 @@ def plan_target(config: AriaConfig, target: Target, mesh, dtype, shape: Generati
     for name in [name for name in ("prefill", "decode") if name not in {report.name for report in reports}]:
         reports.append(UncompiledProgram(name, f"not compiled: it takes the outputs of {reports[-1].name}, "
                                                f"which did not compile"))
+    params = abstract_params(config, mesh, dtype, quantization)
     return TargetPlan(target, dict(zip(mesh.axis_names, mesh.axis_sizes)), shape, dtype.name, text.moe_backend,
-                      per_device_bytes(abstract_params(config, mesh, dtype)), reports, hlo)
+                      per_device_bytes(params), reports, hlo, quantization, total_bytes(params))
 
 
 def write_json(plan: TargetPlan, path: str) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aria_jax.checkpoint import is_converted, restore_params
+from aria_jax.checkpoint import Manifest, is_converted, loaded_quantization, restore_params
 from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
 from aria_jax.generator import Generator, RequestError, check_request, shorten
 from aria_jax.modeling import (
@@ -62,7 +62,10 @@ def load_or_restore(weights: HubCheckpoint | str, config, boxed_shapes: dict, dt
                     mesh=None, quantization: Quantization | None = None) -> dict:
     """Params of `components` ({component: boxed shapes}), each built directly in its sharding
     on `mesh` (or on device 0): no device or host ever holds more than its share. With
-    `quantization`, the weights it covers are quantized as they are read."""
+    `quantization`, the weights it covers are quantized as they are read (a checkpoint converted
+    with `--quantize` loads as stored)."""
+    if not isinstance(weights, HubCheckpoint):
+        quantization = loaded_quantization(Manifest.read(weights), quantization)
     sharding_for = None
     if mesh is not None:
         check_layout(config, mesh, quantization)

@@ -199,3 +199,13 @@ def quantized_shapes(boxed_shapes: dict, quantization: Quantization | None) -> d
                 "scales": node.replace_boxed(jax.ShapeDtypeStruct(scales, jnp.float32))}
 
     return walk(boxed_shapes, ())
+
+
+def array_bytes(shape: tuple[int, ...], dtype) -> int:
+    """Bytes an array takes on an accelerator, which packs int4 two to a byte."""
+    dtype = jnp.dtype(dtype)
+    bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+    count = 1
+    for size in shape:
+        count *= size
+    return -(-count * bits // 8)

@@ -21,23 +21,26 @@ import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.modeling import text_param_shapes
+from aria_jax.quantization import Quantization, array_bytes, quantized_shapes
 
 
-def _declared_weights(config: AriaTextConfig, dtype) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
-    """(path, shape, logical axis names) of every text weight."""
-    boxed = text_param_shapes(config, dtype)
+def _declared_weights(config: AriaTextConfig, dtype, quantization: Quantization | None = None,
+                      ) -> list[tuple[str, tuple[int, ...], tuple[str, ...], int]]:
+    """(path, shape, logical axis names, bytes) of every text weight (quantized: its values and
+    its scales, each with the weight's names)."""
+    boxed = quantized_shapes({"language_model": text_param_shapes(config, dtype)}, quantization)["language_model"]
     leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))
-    return [("/".join(str(getattr(k, "key", k)) for k in path), tuple(leaf.value.shape), tuple(leaf.names))
-            for path, leaf in leaves]
+    return [("/".join(str(getattr(k, "key", k)) for k in path), tuple(leaf.value.shape), tuple(leaf.names),
+             array_bytes(leaf.value.shape, leaf.value.dtype)) for path, leaf in leaves]
 
 
-def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: int) -> dict[str, int]:
+def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: int,
+                      quantization: Quantization | None = None) -> dict[str, int]:
     """The bytes one decode step of `batch` rows must read, by kind."""
     itemsize = jnp.dtype(dtype).itemsize
     experts_touched = min(config.moe_num_experts, batch * config.moe_topk)
     parts = {"weights": 0, "routed experts": 0, "embedding rows": 0}
-    for path, shape, names in _declared_weights(config, dtype):
-        size = math.prod(shape) * itemsize
+    for path, shape, names, size in _declared_weights(config, dtype, quantization):
         if "experts" in names:
             parts["routed experts"] += size * experts_touched // config.moe_num_experts
         elif path == "embed_tokens":
@@ -55,7 +58,7 @@ def prefill_flops(config: AriaTextConfig, dtype, batch: int, prompt_length: int)
     tokens = batch * prompt_length
     per_token = 0.0
     last_token = 0.0
-    for path, shape, names in _declared_weights(config, dtype):
+    for path, shape, names, _ in _declared_weights(config, dtype):
         if path == "embed_tokens":
             continue    # a gather, no flops
         if "layers" in names:

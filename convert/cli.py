@@ -144,7 +144,8 @@ def convert(args: argparse.Namespace) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)  # said below, in one line
         summary = convert_checkpoint(args.source, args.destination, dtype=args.dtype, overwrite=args.overwrite,
-                                     quiet=args.quiet, strict=args.strict)
+                                     quiet=args.quiet, strict=args.strict, quantize=args.quantize,
+                                     group_size=args.group_size, quantize_vision=args.quantize_vision)
     if summary.nonfinite:
         print(f"aria-jax: warning: {nonfinite_message(summary.nonfinite)} (--strict refuses them)", file=sys.stderr)
     print(summary.line())
@@ -164,6 +165,7 @@ def plan(args: argparse.Namespace) -> None:
 
     from aria_jax.config import config_from_pretrained
     from aria_jax.pretrained import resolve_dtype
+    from aria_jax.quantization import Quantization
 
     if not args.target and (args.json or args.dump_hlo):
         raise UserError("--json and --dump-hlo need --target (the host-CPU plan prints memory only)")
@@ -172,17 +174,19 @@ def plan(args: argparse.Namespace) -> None:
         config = dataclasses.replace(config, text_config=dataclasses.replace(config.text_config,
                                                                              moe_backend=args.moe_backend))
     prompt_length = args.prompt_length or args.max_length // 2
+    quantization = Quantization.of(args.quantize, args.group_size)
     if args.target:
-        plan_for_target(args, config, resolve_dtype(args.dtype), prompt_length)
+        plan_for_target(args, config, resolve_dtype(args.dtype), prompt_length, quantization)
         return
     from aria_jax.plan import plan_memory
     from aria_jax.sharding import make_mesh
 
     mesh = make_mesh(**args.mesh_sizes)
-    print(plan_memory(config, mesh, resolve_dtype(args.dtype), args.batch, args.max_length, prompt_length).table())
+    print(plan_memory(config, mesh, resolve_dtype(args.dtype), args.batch, args.max_length, prompt_length,
+                      quantization).table())
 
 
-def plan_for_target(args: argparse.Namespace, config, dtype, prompt_length: int) -> None:
+def plan_for_target(args: argparse.Namespace, config, dtype, prompt_length: int, quantization=None) -> None:
     from aria_jax.accelerators import parse_target, prepare_environment, target_devices
     from aria_jax.plan import GenerationShape
     from aria_jax.plan_target import dump_hlo, plan_target, write_json
@@ -193,7 +197,7 @@ def plan_for_target(args: argparse.Namespace, config, dtype, prompt_length: int)
     prepare_environment(target)
     with native_stderr_discarded() if target.platform == "cuda" else contextlib.nullcontext():
         mesh = make_mesh(**args.mesh_sizes, devices=target_devices(target))
-        result = plan_target(config, target, mesh, dtype, shape)
+        result = plan_target(config, target, mesh, dtype, shape, quantization)
     print(result.table())
     if args.json:
         write_json(result, args.json)
@@ -393,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dtype of the stored params (default: the source's)")
     conv.add_argument("--strict", action="store_true",
                       help="refuse weights holding NaN or infinite values instead of naming them in a warning")
+    conv.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                      help="store the decoder's linear weights quantized (int8 per output channel, int4 in groups), "
+                           "scales beside them; from_pretrained loads them as stored")
+    conv.add_argument("--group-size", type=_positive_int, default=128, help="int4: inputs per scale")
+    conv.add_argument("--quantize-vision", action="store_true",
+                      help="with --quantize: the vision tower's and projector's linear weights too")
     _add_writing_options(conv)
     conv.set_defaults(run=convert)
 
@@ -431,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--moe-backend", default=None,
                     help="routed-expert implementation to compile, as AriaTextConfig.moe_backend "
                          "(default: the config's)")
+    pl.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="weights quantized as from_pretrained(quantize=...) stores them")
+    pl.add_argument("--group-size", type=_positive_int, default=128, help="int4: inputs per scale")
     pl.add_argument("--json", default=None, metavar="PATH", help="with --target: write every figure to PATH as JSON")
     pl.add_argument("--dump-hlo", default=None, metavar="DIR",
                     help="with --target: write each compiled program's optimized HLO to DIR/<program>.txt")

@@ -23,6 +23,7 @@ from aria_jax.safetensors_io import CheckpointError
 from aria_jax.files import atomic_directory, copy_side_files, write_json
 from aria_jax.modeling import multimodal_param_shapes, text_param_shapes
 from aria_jax.pretrained import resolve_dtype, shape_tree
+from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization
 from aria_jax.weights import COMPONENTS, HubCheckpoint, flatten_tree, plan_load
 
 
@@ -88,7 +89,8 @@ def nonfinite_message(counts: dict[str, tuple[int, int]]) -> str:
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, dtype: str | None = None,
-                       overwrite: bool = False, quiet: bool = True, strict: bool = False) -> Summary:
+                       overwrite: bool = False, quiet: bool = True, strict: bool = False, quantize=None,
+                       group_size: int = DEFAULT_GROUP_SIZE, quantize_vision: bool = False) -> Summary:
     """Converts a hub-format directory (hub or original rhymes-ai naming, one or several
     safetensors files) into a self-contained converted checkpoint at `destination`, with params
     in `dtype` (default: the source's widest float type).
@@ -97,13 +99,18 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     are, with a NonFiniteWarning naming the tensors (`Summary.nonfinite` has the counts), or with
     `strict` the first such tensor is a CheckpointError and nothing is written. A destination
     that is, contains or lies inside the source is refused, and `overwrite` replaces only a
-    converted checkpoint."""
+    converted checkpoint. `quantize` ("int8" or "int4", see `aria_jax.quantization`) stores the
+    weights it covers quantized, their scales beside them."""
     start = time.perf_counter()
+    quantization = Quantization.of(quantize, group_size, quantize_vision)
     source = os.fspath(source)
     checkpoint = HubCheckpoint(source)  # refuses pickles and unreadable files before anything else
     directory = source if os.path.isdir(source) else os.path.dirname(source)
     model = ModelLayout.of(directory)
     plan = plan_load(checkpoint, model.flat_shapes, model.components)
+    for path, shape in model.flat_shapes.items() if quantization else ():   # a bad group size fails before writing
+        if (input_axes := quantization.input_axes(path, shape)) is not None:
+            quantization.scales_shape(path, shape, input_axes)
     keys = [s.key for sources in plan.values() for s in sources]
     source_dtypes = [checkpoint.file_of[key].dtype(key) for key in keys]
     target = np.dtype(resolve_dtype(dtype) if dtype else max(source_dtypes, key=lambda t: t.itemsize))
@@ -130,12 +137,16 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             shape = model.flat_shapes[path][1:] if layer is not None else model.flat_shapes[path]
             param = found.rule.layout.to_param(tensor, shape)
             bar.update(tensor.nbytes)
+            input_axes = quantization.input_axes(path, model.flat_shapes[path]) if quantization else None
+            if input_axes is not None:
+                in_layer = tuple(axis - (layer is not None) for axis in input_axes)
+                return dict(zip(("values", "scales"), quantization.quantize(param, path, in_layer)))
             narrower = target.itemsize < param.dtype.itemsize
             return param.astype(target) if narrower else np.ascontiguousarray(param)
 
         write_json(os.path.join(partial, "config.json"), hub_config(model.config, target))
         copy_side_files(directory, partial)
-        write_pieces(partial, pieces, read_leaf, target)
+        write_pieces(partial, pieces, read_leaf, target, quantization)
     if nonfinite:
         warnings.warn(nonfinite_message(nonfinite), NonFiniteWarning, stacklevel=2)
     return Summary("converted", len(keys), total, time.perf_counter() - start, os.path.abspath(destination),
@@ -153,6 +164,9 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
     start = time.perf_counter()
     source = os.fspath(source)
     manifest = Manifest.read(source)
+    if manifest.quantization is not None:
+        raise CheckpointError(f"{source}: weights stored quantized ({manifest.quantization.scheme}); the hub format "
+                              "holds float weights, so export the float conversion (convert without --quantize)")
     model = ModelLayout.of(source)
     manifest.check_covers(model.flat_shapes, model.components)
     pieces = [piece for piece in manifest.pieces if piece.component in model.components]

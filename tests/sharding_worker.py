@@ -27,6 +27,10 @@ LAYOUTS = [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
 # on every device (2 rows do not divide over expert=4), then 4 rows split across the hosts.
 HOST_CASES = [((1, 4, 1), 2), ((2, 1, 2), 4)]
 TEXT_LAYOUT = (1, 4, 2)
+# Quantized weights (`from_pretrained(quantize=...)`, int4 in groups of 32: two per model
+# dimension of 64) on a layout each: experts over 8, and experts x tensor.
+QUANTIZED_CASES = [("int8", (1, 8, 1)), ("int4", (1, 4, 2))]
+QUANTIZED_GROUP = 32
 MOE_BACKENDS = ["ragged_dot", "looped", "gathered", "dense", "auto"]
 NEW_TOKENS = 8
 QUESTIONS = [
@@ -134,6 +138,27 @@ def run_text_model(results: dict, out_dir: str) -> None:
         "experts_gate_up": describe(model.params["layers"]["mlp"]["experts_gate_up"]),
         "q_proj": describe(model.params["layers"]["self_attn"]["q_proj"]),
     }
+
+
+def run_quantized(results: dict, out_dir: str) -> None:
+    """The multimodal model with quantized weights (QUANTIZED_CASES): greedy tokens, logits, and
+    where the quantized experts' values and scales live."""
+    import numpy as np
+
+    import aria_jax
+
+    inputs = build_inputs(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
+    for scheme, layout in QUANTIZED_CASES:
+        model = aria_jax.AriaForConditionalGeneration.from_pretrained(
+            TINY_RANDOM, mesh=aria_jax.make_mesh(*layout), quantize=scheme, group_size=QUANTIZED_GROUP)
+        logits_file = os.path.join(out_dir, f"quantized_logits_{scheme}.npy")
+        np.save(logits_file, np.asarray(model(**inputs).logits))
+        experts = model.params["language_model"]["layers"]["mlp"]["experts_gate_up"]
+        results.setdefault("quantized", {})[scheme] = {
+            "tokens": np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)).tolist(),
+            "logits_file": logits_file,
+            "values": describe(experts["values"]), "scales": describe(experts["scales"]),
+        }
 
 
 def run_moe_layouts(results: dict) -> None:
@@ -333,6 +358,8 @@ def main_mesh(out_dir: str, parts: list[str]) -> None:
             run_text_model(results, out_dir)
         elif part == "split_cache":
             run_split_cache(results)
+        elif part == "quantized":
+            run_quantized(results, out_dir)
         else:
             run_model_layout(results, tuple(int(n) for n in part.split("x")), out_dir)
         results["seconds"][part] = round(time.perf_counter() - start, 1)

@@ -12,6 +12,7 @@ import pytest
 from aria_jax.grouped_matmul import group_order, stacked_grouped_matmul
 from aria_jax.hlo_cost import declared_kernel_cost
 from aria_jax.hlo_text import parse_instruction
+from aria_jax.quantization import Quantization, QuantizedArray
 from aria_jax.moe import route, routed_experts_in_stack, routed_experts_sorted
 
 
@@ -44,6 +45,19 @@ def test_kernel_with_column_blocks():
     out = stacked_grouped_matmul(rows, weights, 1, sizes, interpret=True)
     expected = jax.lax.ragged_dot(rows, weights[1], sizes, preferred_element_type=jnp.float32)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_kernel_reads_quantized_weights(scheme):
+    """int8 / int4 weights (int4 in groups of 32 inputs): the products of their dequantized values."""
+    quantization = Quantization(scheme, 32)
+    values, scales = quantization.quantize(np.asarray(random((3, 5, 64, 256), 4)), ("language_model", "layers", "mlp",
+                                                                                    "experts_down"), (2,))
+    weights = QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
+    rows, sizes = random((13, 64), 5), jnp.asarray([3, 0, 6, 0, 2], jnp.int32)
+    out = stacked_grouped_matmul(rows, weights, 2, sizes, interpret=True)
+    expected = jax.lax.ragged_dot(rows, weights[2].dequantize(jnp.float32), sizes)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_group_order_lists_groups_with_rows_first_and_repeats_the_last():

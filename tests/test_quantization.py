@@ -199,3 +199,28 @@ def test_bad_quantization_arguments_are_named(text_dir):
         aria_jax.AriaTextForCausalLM.from_pretrained(text_dir, quantize="int4", group_size=0)
     with pytest.raises(ValueError, match="does not divide into groups of 48"):
         aria_jax.AriaTextForCausalLM.from_pretrained(text_dir, quantize="int4", group_size=48)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_conversion_round_trip(text_dir, tmp_path, scheme):
+    """`aria-jax convert --quantize` stores values and scales; from_pretrained loads them as
+    stored (the same arrays as quantizing while loading the hub files), refuses another scheme,
+    and export refuses them: the hub format holds float weights."""
+    from convert.conversion import convert_checkpoint, export_checkpoint
+
+    from aria_jax.safetensors_io import CheckpointError
+
+    converted = tmp_path / "converted"
+    convert_checkpoint(text_dir, converted, quantize=scheme, group_size=GROUP)
+    stored = aria_jax.AriaTextForCausalLM.from_pretrained(converted)
+    from_hub = aria_jax.AriaTextForCausalLM.from_pretrained(text_dir, quantize=scheme, group_size=GROUP)
+    assert stored.params["layers"]["mlp"]["experts_down"]["values"].dtype == (jnp.int8 if scheme == "int8" else jnp.int4)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stored.params, from_hub.params)
+    np.testing.assert_array_equal(stored.generate(prompt_ids(2, (1, 8)), max_new_tokens=4),
+                                  from_hub.generate(prompt_ids(2, (1, 8)), max_new_tokens=4))
+    other = "int4" if scheme == "int8" else "int8"
+    with pytest.raises(CheckpointError, match=f"stored quantized as {scheme}"):
+        aria_jax.AriaTextForCausalLM.from_pretrained(converted, quantize=other, group_size=GROUP)
+    with pytest.raises(CheckpointError, match="export the float conversion"):
+        export_checkpoint(converted, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()

@@ -38,7 +38,7 @@ LOGIT_TOLERANCE = 1e-5    # max |mesh - single device| <= LOGIT_TOLERANCE * max(
 NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512   # models/tiny-random
 
 # What the 8-device process runs (see sharding_worker.main_mesh).
-MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache"]
+MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized"]
 
 
 def within_tolerance(diff: float, scale: float) -> bool:
@@ -89,7 +89,14 @@ def reference(jobs):
         rows[num_rows] = {"tokens": tokens[:num_rows], "logits": logits[:num_rows]}
     ids, mask = worker.text_ids()
     text_logits = np.asarray(aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM)(ids, mask).logits)
-    return {"inputs": inputs, "tokens": tokens, "logits": logits, "rows": rows, "text_logits": text_logits}
+    quantized = {}
+    for scheme, _ in worker.QUANTIZED_CASES:
+        model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, quantize=scheme,
+                                                                      group_size=worker.QUANTIZED_GROUP)
+        quantized[scheme] = {"tokens": model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None),
+                             "logits": np.asarray(model(**inputs).logits)}
+    return {"inputs": inputs, "tokens": tokens, "logits": logits, "rows": rows, "text_logits": text_logits,
+            "quantized": quantized}
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +212,23 @@ def test_text_model_on_mesh(mesh_results, reference):
     assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
     assert_split(run["experts_gate_up"], 1, "expert", expert, 8, {2: tensor})
     assert_split(run["q_proj"], 2, "tensor", tensor, 8, {1: expert})
+
+
+@pytest.mark.parametrize("scheme,layout", worker.QUANTIZED_CASES, ids=[scheme for scheme, _ in worker.QUANTIZED_CASES])
+def test_quantized_model_on_mesh_is_the_single_device_one(mesh_results, reference, scheme, layout):
+    """Quantized weights sharded like the float ones (values and their scales on the same
+    devices, a scale axis of 1 whole): the single-device logits and greedy tokens, which differ
+    from the float model's."""
+    run, single = mesh_results["quantized"][scheme], reference["quantized"][scheme]
+    logits = np.load(run["logits_file"])
+    diff, scale = float(np.abs(logits - single["logits"]).max()), float(np.abs(single["logits"]).max())
+    assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
+    assert run["tokens"] == single["tokens"].tolist()
+    assert float(np.abs(single["logits"] - reference["logits"]).max()) > 1e-3     # quantization is visible
+    _, expert, tensor = layout
+    assert_split(run["values"], 1, "expert", expert, 8, {2: tensor})
+    groups_split = {2: tensor} if scheme == "int4" else {}         # int8: one scale per output column
+    assert_split(run["scales"], 1, "expert", expert, 8, groups_split)
 
 
 # ----------------------------------------------------------------------------- 8 devices: the MoE layer
