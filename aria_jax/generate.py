@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.kv_cache import PREFILL_CHUNK, init_cache, init_per_layer, per_layer, pinned
-from aria_jax.modeling import TextDecoder, layer_params, unrolled_cached_step
+from aria_jax.modeling import STACKED_IN_DECODE, TextDecoder, layer_params, unrolled_cached_step
+from aria_jax.quantization import dequantize_tree
 from aria_jax.sharding import constrain, on_one_cpu
 
 
@@ -166,8 +167,12 @@ def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling:
         # XLA:CPU copies a layer's weights out of the stacks for each matmul that reads them, at
         # every step (a TPU's matmuls read them in place). Taken out once, ahead of the steps,
         # they are read where they lie, for one copy of the layers' weights (but the routed
-        # experts') per call.
-        layers = [layer_params(text_params, index) for index in range(config.num_hidden_layers)]
+        # experts') per call. Quantized ones are dequantized there too: XLA:CPU would convert
+        # them at every step (its matmuls read float operands); the routed experts stay
+        # quantized, and each step dequantizes only those its tokens chose.
+        layers = [dequantize_tree(layer_params(text_params, index), dtype, keep=STACKED_IN_DECODE)
+                  for index in range(config.num_hidden_layers)]
+        text_params = dequantize_tree({name: part for name, part in text_params.items() if name != "layers"}, dtype)
 
     def keep_going(state):
         return (state.step < last_step) & ~jnp.all(state.done)

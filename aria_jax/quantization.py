@@ -209,3 +209,10 @@ def array_bytes(shape: tuple[int, ...], dtype) -> int:
     for size in shape:
         count *= size
     return -(-count * bits // 8)
+
+
+def dequantize_tree(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
+    """A params tree with its quantized weights in `dtype`, but those named in `keep`."""
+    return {name: QuantizedArray(**child).dequantize(dtype) if is_quantized(child) and name not in keep
+            else dequantize_tree(child, dtype, keep) if isinstance(child, dict) and not is_quantized(child) else child
+            for name, child in params.items()}

@@ -240,10 +240,11 @@ def never_stopping(model):
 def run_ours(settings: dict) -> dict:
     import aria_jax
 
-    log(f"ours: loading ({settings['dtype']})")
+    quantize = settings.get("quantize_ours")
+    log(f"ours: loading ({settings['dtype']}{', ' + quantize + ' weights' if quantize else ''})")
     start = time.perf_counter()
     model = never_stopping(aria_jax.AriaForConditionalGeneration.from_pretrained(
-        settings["model_dir"], dtype=settings["dtype"]))
+        settings["model_dir"], dtype=settings["dtype"], quantize=quantize))
     load_seconds, rss_after_load = time.perf_counter() - start, peak_rss_gb()
 
     def generate(ids, new_tokens, cache_length=None, **images):
@@ -289,6 +290,8 @@ def decoder_bytes(model) -> dict:
     dense = expert_total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(model.params["language_model"]):
         name, nbytes = str(getattr(path[-1], "key", path[-1])), leaf.size * leaf.dtype.itemsize
+        if name in ("values", "scales"):      # a quantized weight: named by its parent
+            name = str(getattr(path[-2], "key", path[-2]))
         if name in ("experts_gate_up", "experts_down"):
             expert_total += nbytes
         elif name == "embed_tokens":
@@ -492,6 +495,28 @@ def get(results: dict | None, *keys):
     return results
 
 
+def quantized_table(quantized: dict | None, ours: dict | None, theirs: dict | None, settings: dict) -> str:
+    """`--quantize`: ours with quantized weights against transformers (float32) and ours in float."""
+    scheme, prompt, new = settings["quantize"], settings["prompt_tokens"], settings["new_tokens"]
+    lines = [f"| | ours, {scheme} weights | ours | transformers | speedup vs transformers | speedup vs ours |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def row(label, key, digits, higher_is_better):
+        mine, float_ours, other = get(quantized, *key), get(ours, *key), get(theirs, *key)
+        lines.append(f"| {label} | {number(mine, digits)} | {number(float_ours, digits)} | {number(other, digits)} "
+                     f"| {speedup(mine, other, higher_is_better)} | {speedup(mine, float_ours, higher_is_better)} |")
+
+    row(f"prefill tokens/s, text ({prompt} tokens, batch 1)", ("prefill_text", "tokens_per_second"), 1, True)
+    for batch in DECODE_BATCHES:
+        row(f"decode tokens/s, batch {batch} ({new} new tokens, greedy)", (f"decode_b{batch}", "tokens_per_second"),
+            1, True)
+    row("peak memory (RSS of the process), GB", ("peak_rss_gb",), 2, False)
+    if quantized and ours:
+        agree = common_prefix(quantized["decode_b1"]["tokens"][0], ours["decode_b1"]["tokens"][0])
+        lines.append(f"\nbatch-1 greedy tokens, {scheme} against float weights: the first {agree} of {new} agree")
+    return "\n".join(lines)
+
+
 def table(ours: dict | None, theirs: dict | None, limits: dict, settings: dict) -> str:
     prompt, new = settings["prompt_tokens"], settings["new_tokens"]
     header = ("| | ours (aria_jax) | transformers | speedup, ours vs transformers (>1: ours better) "
@@ -684,6 +709,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-backend", default=None,
                         help="aria_jax.moe.ROUTED_EXPERT_BACKENDS entry for the MoE micro-benchmark "
                              "(default: looped if aria_jax has it, else ragged_dot)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="also run ours with weights quantized so (from_pretrained(quantize=...)): a second table")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
 
 
@@ -701,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         platform=args.platform, dtype="float32" if args.platform == "cpu" else "bfloat16", repeats=args.repeats,
         new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, skip_image=args.skip_image,
         moe_backend=args.moe_backend, decode_cache_length=bucket_length(DECODE_PROMPT_TOKENS + args.new_tokens),
+        quantize=args.quantize,
     )
     settings["model_dir"] = ensure_checkpoint(args.cache_dir)
     if settings["model_dir"] is None:
@@ -711,19 +739,26 @@ def main(argv: list[str] | None = None) -> int:
     theirs = None
     if args.only in ("transformers", "both") and transformers_runs:
         theirs = run_worker("transformers", settings)
+    quantized = None
+    if args.quantize and args.only in ("ours", "both"):
+        quantized = run_worker("ours", dict(settings, quantize_ours=args.quantize, skip_image=True))
     limits = bounds(machine, ours) if machine and ours else {}
 
     report = [machine_line(settings), "", table(ours, theirs, limits, settings), ""]
+    if args.quantize:
+        report += [quantized_table(quantized, ours, theirs, settings), ""]
     report += limit_lines(machine, ours, theirs, limits, settings) + note_lines(ours, theirs, settings)
     total = time.perf_counter() - started
-    report += [contention_line({"machine": machine, "ours": ours, "transformers": theirs}),
+    report += [contention_line({"machine": machine, "ours": ours, "transformers": theirs,
+                                "ours quantized": quantized}),
                f"total benchmark time: {total:.0f} s"]
     print("\n".join(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(settings=settings, machine=machine, ours=ours, transformers=theirs, bounds=limits,
-                           total_seconds=total), f, indent=1)
+                           ours_quantized=quantized, total_seconds=total), f, indent=1)
     wanted = [machine] + [ours] * (args.only != "transformers") + [theirs] * (args.only != "ours" and transformers_runs)
+    wanted += [quantized] * bool(args.quantize and args.only != "transformers")
     return 0 if all(part is not None for part in wanted) else 1
 
 
