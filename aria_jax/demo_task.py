@@ -354,11 +354,11 @@ def question_type(answer: str) -> str:
 def evaluate(model, processor, num_questions: int, seed: int, batch_size: int = 50) -> dict:
     """Asks `num_questions` freshly drawn questions through processor -> generate -> decode, as a
     user would, and scores the answers by exact match. Returns {"accuracy", "by_type":
-    {type: accuracy}, "failures": [(question, expected, answered), ...]}."""
+    {type: accuracy}, "failures": [(question, expected, answered), ...], "replies": [answered, ...]}."""
     rng = np.random.default_rng(seed)
     examples = [sample(rng) for _ in range(num_questions)]
     correct: dict[str, list[bool]] = {kind: [] for kind in QUESTION_TYPES}
-    failures = []
+    failures, all_replies = [], []
     for start in range(0, num_questions, batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [processor.apply_chat_template(conversation(question, "")[:1], add_generation_prompt=True)
@@ -367,6 +367,7 @@ def evaluate(model, processor, num_questions: int, seed: int, batch_size: int = 
         sequences = model.generate(**inputs, max_new_tokens=4)
         replies = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         replies = [reply.split(END_OF_TURN)[0] for reply in replies]  # the turn ends at <|im_end|>
+        all_replies += replies
         for (_, question, answer), reply in zip(chunk, replies):
             ok = answers_match(reply, answer)
             correct[question_type(answer)].append(ok)
@@ -377,4 +378,5 @@ def evaluate(model, processor, num_questions: int, seed: int, batch_size: int = 
         "accuracy": sum(sum(v) for v in correct.values()) / total,
         "by_type": {kind: sum(v) / len(v) for kind, v in correct.items() if v},
         "failures": failures,
+        "replies": all_replies,
     }

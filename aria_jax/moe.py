@@ -207,14 +207,22 @@ def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same,
     kernel runs each expert's rows on the matrix units and skips experts with none. CPU: gathered
     weights for a few (token, slot) pairs (decode), else the looped backend (a gather copies
     slowly on CPU, so from a few tokens on, batched decode included, the loop is faster).
-    `layer`: as in `routed_experts_gathered`."""
-    if compile_platform() != "cpu" or (sum_hidden is not _same and expert_ids.size >= gate_up.shape[-3] // 4):
+    `layer`: as in `routed_experts_gathered`. Quantized experts on GPU take the CPU's backends:
+    the grouped matmul would take a layer's experts dequantized, a float copy of them all (which
+    the compiler hoists out of decode's loop, for every layer at once), and XLA:GPU multiplies
+    every row by every expert."""
+    few_pairs = expert_ids.size < gate_up.shape[-3] // 4
+    if compile_platform() in ("gpu", "cuda") and isinstance(gate_up, QuantizedArray) and sum_hidden is _same:
+        if few_pairs:
+            return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
+        return routed_experts_looped(x, weights, expert_ids, gate_up, down, layer)
+    if compile_platform() != "cpu" or (sum_hidden is not _same and not few_pairs):
         # the grouped matmul; on CPU too when a collective completes the up-projection, which
         # cannot run inside the looped backend's loops of data-dependent length
         if layer is not None:
             gate_up, down = gate_up[layer], down[layer]
         return routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden)
-    if expert_ids.size < gate_up.shape[-3] // 4:
+    if few_pairs:
         return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
     return routed_experts_looped(x, weights, expert_ids, gate_up, down, layer)
 
@@ -387,7 +395,11 @@ class MoE(nn.Module):
         d, e, f, s = cfg.hidden_size, cfg.moe_num_experts, cfg.intermediate_size, cfg.shared_expert_size
 
         def weight(name, shape, axes, num_expert_dims=0):
+            """The weight in the compute dtype; routed experts (num_expert_dims) stay quantized
+            unless an adapter is added to them: each backend dequantizes what it reads."""
             value = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
+            if num_expert_dims and isinstance(value, QuantizedArray) and not self.has_variable("lora", name + "_lora_a"):
+                return value
             return adapted(self, name, dequantized(value, self.dtype), num_expert_dims)
 
         router = weight("router", (d, e), ("embed", "experts_logits"))

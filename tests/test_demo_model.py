@@ -86,3 +86,20 @@ def test_readme_main_command_answers_about_the_example_image():
                             env=environment)
     assert result.returncode == 0, result.stderr
     assert demo_task.answers_match(result.stdout, "triangle"), result.stdout
+
+
+def test_quantized_demo_answers_as_the_float_one(demo):
+    """int8 weights give the float model's answers to >= 95% of the held-out questions; int4
+    weights keep its accuracy within 3 points."""
+    model, processor = demo
+
+    def evaluate(quantize):
+        quantized = model if quantize is None else aria_jax.AriaForConditionalGeneration.from_pretrained(
+            DEMO, quantize=quantize)
+        return demo_task.evaluate(quantized, processor, demo_task.EVALUATION_QUESTIONS, seed=demo_task.EVALUATION_SEED)
+
+    reference, int8, int4 = evaluate(None), evaluate("int8"), evaluate("int4")
+    same = np.mean([a == b for a, b in zip(int8["replies"], reference["replies"])])
+    assert len(int8["replies"]) == demo_task.EVALUATION_QUESTIONS
+    assert same >= 0.95, same
+    assert int4["accuracy"] >= reference["accuracy"] - 0.03, (int4["accuracy"], reference["accuracy"])
