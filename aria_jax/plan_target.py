@@ -122,7 +122,8 @@ class TargetPlan:
             "chip": dataclasses.asdict(chip), "mesh": self.mesh_shape,
             "batch": self.shape.batch, "prompt_length": self.shape.prompt_length,
             "cache_length": self.shape.cache_length, "max_new_tokens": self.shape.max_new_tokens,
-            "dtype": self.dtype, "moe_backend": self.moe_backend, "params_per_chip": self.params_per_chip,
+            "dtype": self.dtype, "kv_cache_dtype": self.shape.kv_cache_dtype, "moe_backend": self.moe_backend,
+            "params_per_chip": self.params_per_chip,
             "programs": programs,
             "note": "memory from the compiler; times are the compiler's estimates (on TPU) or a bytes/flops rule "
                     "per instruction (where the compiler gives none, and on GPU), not timings",
@@ -136,7 +137,8 @@ class TargetPlan:
             f"({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_second / GB:.0f} GB/s, "
             f"{chip.hbm_bytes / 2**30:.1f} GiB HBM per chip); mesh {mesh}",
             f"batch {shape.batch}, prompt {shape.prompt_length}, KV cache {shape.cache_length} "
-            f"({shape.max_new_tokens} new tokens), {self.dtype}, moe_backend {self.moe_backend}; "
+            f"({shape.max_new_tokens} new tokens{', int8' if shape.kv_cache_dtype == 'int8' else ''}), "
+            f"{self.dtype}, moe_backend {self.moe_backend}; "
             f"params {self.params_per_chip / GB:.2f} GB per chip",
         ]
         for program in self.programs:
@@ -234,7 +236,7 @@ def plan_target(config: AriaConfig, target: Target, mesh, dtype, shape: Generati
         memory = program.compiled.memory_analysis()
         if program.name == "decode":
             estimate = _estimate(cost, shape.decode_steps)
-            step_bytes = decode_step_bytes(text, dtype, shape.batch, shape.cache_length)
+            step_bytes = decode_step_bytes(text, dtype, shape.batch, shape.cache_length, shape.kv_cache_dtype)
             roofline = Roofline(sum(step_bytes.values()) / (target.num_chips * chip.hbm_bytes_per_second), step_bytes)
         else:
             estimate = _estimate(cost, None)
