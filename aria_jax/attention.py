@@ -10,6 +10,7 @@ from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.decode_attention import decode_attention_stats
+from aria_jax.kv_cache import at_position, dequantized, entries, readable
 from aria_jax.sharding import compile_platform, mesh_axes_for
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
@@ -34,8 +35,11 @@ def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | 
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset=None, *,
-              implementation: str = "auto", block: int = BLOCK) -> jax.Array:
+              scales: tuple[jax.Array, jax.Array] | None = None, implementation: str = "auto",
+              block: int = BLOCK) -> jax.Array:
     """q: (B, T, N, H); k, v: (B, K, S, H) with K dividing N; key_mask (B, S) True = a key to attend.
+    `scales`: (k_scale, v_scale) of (B, K, S) when k and v are an int8 cache's (`kv_cache.quantized`):
+    key s of head k is k[:, k, s] * k_scale[:, k, s], and so are the values.
 
     `query_offset` None: every query may attend every valid key (vision tower, projector). An int
     or traced scalar: causal, query t sits at sequence index `query_offset + t` of the keys.
@@ -64,47 +68,53 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, que
             mask = key_mask.astype(bool)[:, None, :]
         else:
             mask = causal_padding_mask(key_mask, query_offset, num_queries)
-        return dot_product_attention(q, k, v, mask)
+        return dot_product_attention(q, k, v, mask, scales)
     if implementation == "flash":
         if not flash_applies(num_queries, num_keys, query_offset):
             raise ValueError(f"flash attention takes self-attention of a whole sequence: not {num_queries} queries "
                              f"at offset {query_offset} over {num_keys} keys")
+        if scales is not None:      # a prompt's keys, at prefill: the kernel takes them in the compute dtype
+            k, v = dequantized(k, scales[0], q.dtype), dequantized(v, scales[1], q.dtype)
         return flash_attention(q, k, v, key_mask, causal=query_offset is not None)
     if implementation == "decode":
         if not decode_applies(num_queries, query_offset):
             raise ValueError(f"decode attention takes up to {DECODE_QUERIES} causal queries: not {num_queries} "
                              f"at offset {query_offset}")
-        return decode_attention(q, k, v, key_mask, query_offset)
-    return blockwise_attention(q, k, v, key_mask, query_offset, block)
+        return decode_attention(q, k, v, key_mask, query_offset, scales)
+    return blockwise_attention(q, k, v, key_mask, query_offset, block, scales)
 
 
 def decode_applies(num_queries: int, query_offset) -> bool:
     return query_offset is not None and num_queries <= DECODE_QUERIES
 
 
-def decode_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0):
+def decode_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0,
+                 scales=None):
     """`dense_stats` from the decode kernel (`decode_attention_stats`): compiled on TPU, elsewhere
     in Pallas' interpreter."""
-    return decode_attention_stats(q, k, v, key_mask, query_offset, key_offset, interpret=compile_platform() != "tpu")
+    return decode_attention_stats(q, k, v, key_mask, query_offset, key_offset, scales,
+                                  interpret=compile_platform() != "tpu")
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset) -> jax.Array:
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset,
+                     scales=None) -> jax.Array:
     """The decode kernel with `attention`'s contract. On a mesh it runs under shard_map, rows over
     the batch axes and heads over the head axes, every key whole."""
 
-    def run(q, k, v, key_mask, query_offset):
-        _, running_sum, values = decode_stats(q, k, v, key_mask, query_offset)
+    def run(q, k, v, key_mask, query_offset, scales):
+        _, running_sum, values = decode_stats(q, k, v, key_mask, query_offset, scales=scales)
         return normalized(running_sum, values, q.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         rows = mesh_axes_for("batch", q.shape[0], mesh)
         heads = mesh_axes_for("kv_heads", k.shape[1], mesh)     # q's heads, a multiple, split alike
+        scale_specs = None if scales is None else (P(rows, heads, None),) * 2
         run = jax.shard_map(run, axis_names=set(mesh.axis_names),
                             in_specs=(P(rows, None, heads, None), P(rows, heads, None, None),
-                                      P(rows, heads, None, None), P(rows, None), P()),
+                                      P(rows, heads, None, None), P(rows, None), P(), scale_specs),
                             out_specs=P(rows, None, heads, None), check_vma=False)
-    return run(q, k, v, key_mask, jnp.asarray(query_offset, jnp.int32))
+    return run(q, k, v, key_mask, jnp.asarray(query_offset, jnp.int32), scales)
 
 
 def flash_applies(num_queries: int, num_keys: int, query_offset) -> bool:
@@ -144,8 +154,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     return run(q, k, v, key_mask).swapaxes(1, 2)[:, :length]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q: (B, T, N, H); k, v: (B, K, S, H) with K dividing N; mask: (B, T or 1, S) True = attend.
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scales=None) -> jax.Array:
+    """q: (B, T, N, H); k, v: (B, K, S, H) with K dividing N; mask: (B, T or 1, S) True = attend;
+    `scales` as `attention`'s.
 
     Query head n reads key/value head n // (N / K). Scale H^-0.5, softmax in float32. A query
     row with no key to attend (a left pad) yields finite garbage rather than NaN; callers
@@ -153,45 +164,65 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """
     batch, length, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    if scales is not None:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k) * (head_dim ** -0.5)
+    if scales is not None:
+        scores = scores.astype(jnp.float32) * per_key(scales[0])
     scores = jnp.where(mask[:, None, None, :, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if scales is not None:
+        probs = probs * per_key(scales[1])
+    out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v)
     return out.reshape(batch, length, num_heads, head_dim)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, block: int):
+def per_key(scale: jax.Array) -> jax.Array:
+    """A quantized cache's (B, K, S) scales, broadcast against (B, K, G, T, S) scores."""
+    return scale[:, :, None, None, :]
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, block: int,
+                        scales=None):
     """`attention` one (query block, key block) tile at a time, with a running max and sum per
     query (the online softmax of flash attention). Tiles wholly in a query block's future are
     skipped. Each query block is rematerialized in the backward pass, so training keeps
     O(block x keys) per layer rather than the score matrix."""
-    _, running_sum, values = blockwise_stats(q, k, v, key_mask, query_offset, 0, block)
-    return normalized(running_sum, values, v.dtype)
+    _, running_sum, values = blockwise_stats(q, k, v, key_mask, query_offset, 0, block, scales)
+    return normalized(running_sum, values, v.dtype if scales is None else q.dtype)
 
 
-def dense_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0):
+def dense_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0,
+                scales=None):
     """The softmax statistics of `attention` over these keys, from the whole score matrix:
     (max, sum, unnormalized values) per query, (B, K, G, T), (B, K, G, T) and (B, K, G, T, H) in
     float32, where G = N / K. Key s sits at sequence index `key_offset + s`; a query with no key
-    to attend here has max -inf and sum 0. `combined` merges the statistics of disjoint keys."""
+    to attend here has max -inf and sum 0. `combined` merges the statistics of disjoint keys.
+    `scales` as `attention`'s."""
     batch, num_queries, num_heads, head_dim = q.shape
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    if scales is not None:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     q = q.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * (head_dim ** -0.5)
+    if scales is not None:
+        scores = scores * per_key(scales[0])
     allowed = key_mask.astype(bool)[:, None, None, None, :]
     if query_offset is not None:
         allowed = allowed & ((key_offset + jnp.arange(num_keys)) <= (query_offset + jnp.arange(num_queries))[:, None])
     scores = jnp.where(allowed, scores, -jnp.inf)
-    return _stats_of(scores, v)
+    return _stats_of(scores, v, None if scales is None else scales[1])
 
 
-def _stats_of(scores: jax.Array, v: jax.Array):
-    """(max, sum, probabilities @ values) of (B, K, G, T, S) scores, -inf where not allowed."""
+def _stats_of(scores: jax.Array, v: jax.Array, v_scale: jax.Array | None = None):
+    """(max, sum, probabilities @ values) of (B, K, G, T, S) scores, -inf where not allowed.
+    `v_scale` (B, K, S): quantized values' scales, which weigh the probabilities instead."""
     running_max = scores.max(axis=-1)
     safe_max = jnp.where(jnp.isfinite(running_max), running_max, 0.0)   # rows with no key
     probs = jnp.exp(scores - safe_max[..., None])
-    values = jnp.einsum("bkgqs,bksh->bkgqh", probs.astype(v.dtype), v).astype(jnp.float32)
+    weights = probs if v_scale is None else probs * per_key(v_scale)
+    values = jnp.einsum("bkgqs,bksh->bkgqh", weights.astype(v.dtype), v).astype(jnp.float32)
     return running_max, probs.sum(axis=-1), values
 
 
@@ -218,38 +249,44 @@ def normalized(running_sum, values, dtype) -> jax.Array:
     return jnp.einsum("bkgqh->bqkgh", out).reshape(batch, num_queries, num_kv_heads * groups, head_dim).astype(dtype)
 
 
-def stats_by_size(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0):
+def stats_by_size(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0,
+                  scales=None):
     """`dense_stats` up to DENSE_LIMIT (query, key) pairs, else `blockwise_stats` over BLOCK keys."""
     if q.shape[1] * k.shape[2] <= DENSE_LIMIT:
-        return dense_stats(q, k, v, key_mask, query_offset, key_offset)
-    return blockwise_stats(q, k, v, key_mask, query_offset, key_offset, BLOCK)
+        return dense_stats(q, k, v, key_mask, query_offset, key_offset, scales)
+    return blockwise_stats(q, k, v, key_mask, query_offset, key_offset, BLOCK, scales)
 
 
 def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, key_mask: jax.Array,
                            cache_index) -> tuple[jax.Array, dict]:
     """Causal attention of q (B, T, N, H) at sequence index `cache_index` to the valid keys the
     layer cache {"k", "v"} (B, K, S, H) holds before it and to its own k, v (B, K, T, H), which
-    are written to the cache after. Returns ((B, T, N, H), cache). For one CPU device: XLA:CPU
-    reads a cache just written through a second copy of the write, and orders an in-place write
-    after the reads of its buffer only where data flows from them, else it copies the buffer: a
-    decode step copied every layer's cache several times."""
+    are written to the cache after (an int8 cache's: rounded as written, and attended so).
+    Returns ((B, T, N, H), cache). For one CPU device: XLA:CPU reads a cache just written through
+    a second copy of the write, and orders an in-place write after the reads of its buffer only
+    where data flows from them, else it copies the buffer: a decode step copied every layer's
+    cache several times."""
     num_queries, num_keys = q.shape[1], cache["k"].shape[2]
     before = key_mask.astype(bool) & (jnp.arange(num_keys) < cache_index)
-    cached = stats_by_size(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), before, cache_index)
+    keys, values, scales = readable(cache, q.dtype)
+    cached = stats_by_size(q, keys, values, before, cache_index, scales=scales)
+    new = entries(cache, k, v)
     own_mask = jax.lax.dynamic_slice_in_dim(key_mask, cache_index, num_queries, axis=1)
-    own = dense_stats(q, k, v, own_mask, cache_index, cache_index)
+    own_keys, own_values, own_scales = readable(new, q.dtype)
+    own = dense_stats(q, own_keys, own_values, own_mask, cache_index, cache_index, own_scales)
     _, running_sum, values = combined([cached, own])
-    # Each write at cache_index as data from the reads of its buffer: the sum read the keys, the
-    # values the values (and no number exceeds infinity, NaN included).
+    # Each write at cache_index as data from the reads of its buffer: the sum read the keys (and
+    # their scales), the values the values (and no number exceeds infinity, NaN included).
+    read_by = {"k": cached[1], "v": cached[2]}
     cache = {name: jax.lax.dynamic_update_slice(
-                 cache[name], new.astype(cache[name].dtype),
-                 (0, 0, cache_index + jnp.any(read > jnp.inf).astype(jnp.int32), 0))
-             for name, new, read in (("k", k, cached[1]), ("v", v, cached[2]))}
+                 buffer, new[name],
+                 at_position(cache_index + jnp.any(read_by[name[0]] > jnp.inf).astype(jnp.int32), buffer.ndim))
+             for name, buffer in cache.items()}
     return normalized(running_sum, values, q.dtype), cache
 
 
 def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset,
-                    block: int):
+                    block: int, scales=None):
     """`dense_stats` one (query block, key block) tile at a time (see `blockwise_attention`)."""
     batch, num_queries, num_heads, head_dim = q.shape
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
@@ -264,6 +301,9 @@ def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     q_blocks = q.reshape(batch, -1, block_q, num_kv_heads, groups, head_dim).swapaxes(0, 1)
     k_blocks, v_blocks = (jnp.moveaxis(jnp.pad(x, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
                                        .reshape(batch, num_kv_heads, -1, block_k, head_dim), 2, 0) for x in (k, v))
+    scale_blocks = None if scales is None else tuple(
+        jnp.moveaxis(jnp.pad(x, ((0, 0), (0, 0), (0, pad_k))).reshape(batch, num_kv_heads, -1, block_k), 2, 0)
+        for x in scales)
     mask_blocks = jnp.pad(key_mask.astype(bool), ((0, 0), (0, pad_k))).reshape(batch, -1, block_k).swapaxes(0, 1)
 
     @jax.checkpoint
@@ -274,14 +314,19 @@ def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
                 jnp.zeros((*stats_shape, head_dim), jnp.float32))
 
         def one_key_block(carry, tile):
-            k_start, k_block, v_block, mask_block = tile
+            k_start, k_block, v_block, mask_block, scale_block = tile
+            if scale_block is not None:     # a quantized cache's blocks, converted one at a time
+                k_block, v_block = k_block.astype(q_block.dtype), v_block.astype(q_block.dtype)
 
             def accumulate(carry):
                 scores = jnp.einsum("bqkgh,bksh->bkgqs", q_block, k_block).astype(jnp.float32)
+                if scale_block is not None:
+                    scores = scores * per_key(scale_block[0])
                 allowed = mask_block[:, None, None, None, :]
                 if causal:
                     allowed = allowed & (k_start + jnp.arange(block_k) <= query_index[:, None])
-                return combined([carry, _stats_of(jnp.where(allowed, scores, -jnp.inf), v_block)])
+                v_scale = None if scale_block is None else scale_block[1]
+                return combined([carry, _stats_of(jnp.where(allowed, scores, -jnp.inf), v_block, v_scale)])
 
             if not causal:
                 return accumulate(carry), None
@@ -289,7 +334,7 @@ def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
             return jax.lax.cond(in_the_past, accumulate, lambda carry: carry, carry), None
 
         k_starts = key_offset + jnp.arange(k_blocks.shape[0], dtype=jnp.int32) * block_k
-        return jax.lax.scan(one_key_block, init, (k_starts, k_blocks, v_blocks, mask_blocks))[0]
+        return jax.lax.scan(one_key_block, init, (k_starts, k_blocks, v_blocks, mask_blocks, scale_blocks))[0]
 
     q_starts = jnp.arange(q_blocks.shape[0], dtype=jnp.int32) * block_q
     stats = jax.lax.map(lambda args: one_query_block(*args), (q_starts, q_blocks))  # (blocks, B, K, G, bq, ...)

@@ -16,46 +16,45 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.attention import decode_applies, decode_stats, normalized, rescaled, stats_by_size
-from aria_jax.kv_cache import cache_layout
+from aria_jax.kv_cache import entries, layer_specs, readable
 from aria_jax.sharding import compile_platform
 
 
 def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, cache: dict, key_mask: jax.Array,
                                cache_index, decode_kernel: bool | None = None) -> tuple[jax.Array, dict]:
-    """Writes `key`, `value` (B, K, T, H) into the layer cache {"k", "v"} (B, K, S, H) at sequence
-    index `cache_index` and attends q (B, T, N, H), causal, to every valid cached key: `Attention`'s
-    cached path, for a cache whose positions the current mesh splits. Returns ((B, T, N, H), cache).
-    `decode_kernel`: each shard's statistics from the decode kernel (default: on TPU, for up to
-    `attention.DECODE_QUERIES` queries), else dense or blockwise by size."""
+    """Writes `key`, `value` (B, K, T, H) into the layer cache {"k", "v"} (B, K, S, H) (an int8
+    cache: rounded, with their scales) at sequence index `cache_index` and attends q (B, T, N, H),
+    causal, to every valid cached key: `Attention`'s cached path, for a cache whose positions the
+    current mesh splits. Returns ((B, T, N, H), cache). `decode_kernel`: each shard's statistics
+    from the decode kernel (default: on TPU, for up to `attention.DECODE_QUERIES` queries), else
+    dense or blockwise by size."""
     mesh = jax.sharding.get_abstract_mesh()
-    cache_spec = cache_layout(cache["k"].shape, mesh)
-    rows, heads, positions, _ = cache_spec
+    cache_specs = layer_specs(cache, mesh)
+    rows, heads, positions, _ = cache_specs["k"]
     num_queries = q.shape[1]
     if decode_kernel is None:
         decode_kernel = compile_platform() == "tpu" and decode_applies(num_queries, cache_index)
 
-    def local(q, key, value, k_cache, v_cache, key_mask, cache_index):
-        length = k_cache.shape[2]                       # this shard's positions
+    def local(q, new, cache, key_mask, cache_index):
+        length = cache["k"].shape[2]                    # this shard's positions
         first = jax.lax.axis_index(positions) * length  # the sequence index of the first
         # The new positions that fall here; the others are pushed past the end and dropped.
         at = cache_index + jnp.arange(num_queries) - first
         at = jnp.where((at >= 0) & (at < length), at, length)
-        k_cache, v_cache = (buffer.at[:, :, at].set(new.astype(buffer.dtype), mode="drop")
-                            for buffer, new in ((k_cache, key), (v_cache, value)))
-        keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        cache = {name: buffer.at[:, :, at].set(new[name], mode="drop") for name, buffer in cache.items()}
+        keys, values, scales = readable(cache, q.dtype)
         if decode_kernel:
-            stats = decode_stats(q, keys, values, key_mask, cache_index, first)
+            stats = decode_stats(q, keys, values, key_mask, cache_index, first, scales)
         else:
-            stats = stats_by_size(q, keys, values, key_mask, cache_index, first)
+            stats = stats_by_size(q, keys, values, key_mask, cache_index, first, scales)
         running_max = stats[0]
         running_sum, out = jax.lax.psum(rescaled(stats, jax.lax.pmax(running_max, positions)), positions)
-        return normalized(running_sum, out, q.dtype), k_cache, v_cache
+        return normalized(running_sum, out, q.dtype), cache
 
     per_head = P(rows, None, heads, None)               # q and the output, (B, T, N, H)
-    new_spec = P(rows, heads, None, None)
-    out, k_cache, v_cache = jax.shard_map(
+    new_specs = {name: P(rows, heads, *(None,) * (len(spec) - 2)) for name, spec in cache_specs.items()}
+    return jax.shard_map(
         local, axis_names=set(mesh.axis_names),
-        in_specs=(per_head, new_spec, new_spec, cache_spec, cache_spec, P(rows, positions), P()),
-        out_specs=(per_head, cache_spec, cache_spec), check_vma=False,
-    )(q, key, value, cache["k"], cache["v"], key_mask, jnp.asarray(cache_index, jnp.int32))
-    return out, {"k": k_cache, "v": v_cache}
+        in_specs=(per_head, new_specs, cache_specs, P(rows, positions), P()),
+        out_specs=(per_head, cache_specs), check_vma=False,
+    )(q, entries(cache, key, value), cache, key_mask, jnp.asarray(cache_index, jnp.int32))

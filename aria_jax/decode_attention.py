@@ -9,6 +9,10 @@ the last position any query may attend are neither computed nor fetched again (t
 index repeats, which the pipeline does not copy twice). The result is the softmax statistics
 (max, sum, unnormalized values) of `attention.dense_stats`, so that callers normalize them or
 merge them over a cache whose positions are split over the mesh.
+
+An int8 cache (`kv_cache.quantized`) streams through as int8, with its (B, K, S) scales beside
+it: a block is converted to the queries' dtype in VMEM, its key scales multiply the scores and
+its value scales the probabilities, so HBM is read once, at one byte per number.
 """
 
 from __future__ import annotations
@@ -26,14 +30,22 @@ KEY_BLOCK = 512                # keys per step (a cache of fewer: all of it at o
 BLOCK_BYTES = 1 << 20          # keys (and as many values) per step, over the heads of a block
 
 
-def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int) -> int:
-    """The most heads whose block of keys fits BLOCK_BYTES (at least one), dividing the heads."""
+def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int, scaled: bool = False) -> int:
+    """The most heads whose block of keys fits BLOCK_BYTES (at least one), dividing the heads.
+    `scaled`: the (heads, keys) blocks of an int8 cache's scales must be all the heads or a
+    multiple of 8 of them (the sublanes); all of them when no such block fits."""
     fitting = max(1, BLOCK_BYTES // (keys * head_dim * itemsize))
-    return max(h for h in range(1, num_kv_heads + 1) if num_kv_heads % h == 0 and h <= fitting)
+    allowed = [h for h in range(1, num_kv_heads + 1)
+               if num_kv_heads % h == 0 and h <= fitting and (not scaled or h % ROW_ALIGN == 0)]
+    return max(allowed) if allowed else num_kv_heads
 
 
-def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, values_ref,
-            max_scratch, sum_scratch, values_scratch, *, num_queries: int, keys: int, num_keys: int):
+def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: int, keys: int, num_keys: int,
+            scaled: bool):
+    """`scaled`: k and v are int8, their scales (heads, keys) follow the mask."""
+    if scaled:
+        k_scale_ref, v_scale_ref, *refs = refs
+    max_ref, sum_ref, values_ref, max_scratch, sum_scratch, values_scratch = refs
     step = pl.program_id(2)
     query_index, key_offset = positions_ref[0], positions_ref[1]
     first_key = key_offset + step * keys
@@ -54,9 +66,13 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, valu
         if ragged:
             allowed &= key_position < key_offset + num_keys
             in_cache = step * keys + jax.lax.broadcasted_iota(jnp.int32, (keys, 1), 0) < num_keys
+            scales_in_cache = step * keys + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1) < num_keys
         for head in range(q_ref.shape[0]):       # a 2-D matmul per head of the block
-            scores = jax.lax.dot_general(q_ref[head], k_ref[head], (((1,), (1,)), ((), ())),
+            cached_keys = k_ref[head].astype(q_ref.dtype) if scaled else k_ref[head]
+            scores = jax.lax.dot_general(q_ref[head], cached_keys, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)          # (rows, keys)
+            if scaled:
+                scores = scores * k_scale_ref[head:head + 1, :]
             scores = jnp.where(allowed, scores, -jnp.inf)
             previous_max = max_scratch[head][:, :1]
             new_max = jnp.maximum(previous_max, scores.max(axis=1, keepdims=True))
@@ -64,8 +80,15 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, valu
             probs = jnp.exp(scores - safe_max)
             rescale = jnp.exp(previous_max - safe_max)
             new_sum = rescale * sum_scratch[head][:, :1] + probs.sum(axis=1, keepdims=True)
-            cached_values = jnp.where(in_cache, v_ref[head], 0) if ragged else v_ref[head]   # 0 x NaN is NaN
-            values = jnp.dot(probs.astype(v_ref.dtype), cached_values, preferred_element_type=jnp.float32)
+            if scaled:      # int8 values are finite wherever read; their scales past the cache may not be
+                value_scales = v_scale_ref[head:head + 1, :]
+                if ragged:
+                    value_scales = jnp.where(scales_in_cache, value_scales, 0.0)
+                weights, cached_values = probs * value_scales, v_ref[head].astype(q_ref.dtype)
+            else:
+                weights = probs
+                cached_values = jnp.where(in_cache, v_ref[head], 0) if ragged else v_ref[head]   # 0 x NaN is NaN
+            values = jnp.dot(weights.astype(cached_values.dtype), cached_values, preferred_element_type=jnp.float32)
             values_scratch[head] = rescale * values_scratch[head] + values
             max_scratch[head] = jnp.broadcast_to(new_max, max_scratch.shape[1:])
             sum_scratch[head] = jnp.broadcast_to(new_sum, sum_scratch.shape[1:])
@@ -79,23 +102,25 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, max_ref, sum_ref, valu
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_index,
-                           key_offset=0, interpret: bool = False):
+                           key_offset=0, scales=None, interpret: bool = False):
     """q (B, T, N, H); k, v (B, K, S, H) with K dividing N; key_mask (B, S) True = a key to attend.
     Causal: query t sits at sequence index `query_index + t`, key s at `key_offset + s`. Returns
     `dense_stats`'s (max, sum, values): (B, K, G, T), (B, K, G, T), (B, K, G, T, H) float32,
-    G = N / K. `interpret`: run in Pallas' interpreter, on any platform."""
+    G = N / K. `scales`: (k_scale, v_scale) of (B, K, S) for int8 k and v, as
+    `attention.attention` takes them. `interpret`: run in Pallas' interpreter, on any platform."""
     batch, num_queries, num_heads, head_dim = q.shape
     _, num_kv_heads, num_keys, _ = k.shape
     groups = num_heads // num_kv_heads
     rows = groups * num_queries
     padded_rows = -(-rows // ROW_ALIGN) * ROW_ALIGN
+    scaled = scales is not None
     # A head's rows: its group's queries, (g, t) in order; pads after them are never read.
     q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim ** -0.5, q.dtype)
     q = jnp.einsum("btkgh->bkgth", q).reshape(batch, num_kv_heads, rows, head_dim)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0))).astype(k.dtype)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0))).astype(q.dtype if scaled else k.dtype)
     keys = min(KEY_BLOCK, num_keys)
     num_blocks = -(-num_keys // keys)
-    heads = head_block(num_kv_heads, keys, head_dim, k.dtype.itemsize)
+    heads = head_block(num_kv_heads, keys, head_dim, k.dtype.itemsize, scaled)
     positions = jnp.stack([jnp.asarray(query_index, jnp.int32), jnp.asarray(key_offset, jnp.int32)])
 
     def key_step(step, positions):
@@ -106,21 +131,23 @@ def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: j
     per_head = pl.BlockSpec((None, heads, padded_rows, head_dim), lambda b, h, s, positions: (b, h, 0, 0))
     cached = pl.BlockSpec((None, heads, keys, head_dim), lambda b, h, s, positions: (b, h, key_step(s, positions), 0))
     mask = pl.BlockSpec((None, 1, keys), lambda b, h, s, positions: (b, 0, key_step(s, positions)))
+    per_key = pl.BlockSpec((None, heads, keys), lambda b, h, s, positions: (b, h, key_step(s, positions)))
     lane_stats = pl.BlockSpec((None, heads, padded_rows, LANES), lambda b, h, s, positions: (b, h, 0, 0))
     itemsize = k.dtype.itemsize
     cost = pl.CostEstimate(
         flops=4 * batch * num_kv_heads * padded_rows * num_keys * head_dim,
         transcendentals=batch * num_kv_heads * padded_rows * num_keys,
-        bytes_accessed=(2 * k.size + q.size) * itemsize + batch * num_keys * 4
+        bytes_accessed=2 * k.size * itemsize + q.size * q.dtype.itemsize + batch * num_keys * 4
+        + (2 * batch * num_kv_heads * num_keys * 4 if scaled else 0)
         + batch * num_kv_heads * padded_rows * (head_dim + 2 * LANES) * 4,
     )
     stats_shape = (batch, num_kv_heads, padded_rows)
     running_max, running_sum, values = pl.pallas_call(
-        functools.partial(_kernel, num_queries=num_queries, keys=keys, num_keys=num_keys),
+        functools.partial(_kernel, num_queries=num_queries, keys=keys, num_keys=num_keys, scaled=scaled),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, num_kv_heads // heads, num_blocks),
-            in_specs=[per_head, cached, cached, mask],
+            in_specs=[per_head, cached, cached, mask] + ([per_key, per_key] if scaled else []),
             out_specs=[lane_stats, lane_stats, per_head],
             scratch_shapes=[pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
                             pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
@@ -132,7 +159,7 @@ def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: j
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost,
         interpret=interpret,
-    )(positions, q, k, v, key_mask.astype(jnp.int32)[:, None, :])
+    )(positions, q, k, v, key_mask.astype(jnp.int32)[:, None, :], *(scales if scaled else ()))
 
     def per_query(x):       # (B, K, R, ...) -> (B, K, G, T, ...)
         return x[:, :, :rows].reshape(batch, num_kv_heads, groups, num_queries, *x.shape[3:])

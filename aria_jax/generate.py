@@ -10,6 +10,9 @@ changing them never recompiles; only the shapes (batch, prompt bucket, cache len
 
 Token i of a row is written at cache index T + i - 1 (T = prompt bucket) with position id
 `prompt tokens of the row + i - 1`, so left padding never shifts positions.
+
+Prefill's `kv_cache_dtype` chooses the cache's form (`kv_cache`: None, or "int8" with scales);
+decode takes whatever cache the state holds.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.kv_cache import PREFILL_CHUNK, init_cache, init_per_layer, per_layer, pinned
+from aria_jax.kv_cache import PREFILL_CHUNK, check_kv_cache_dtype, init_cache, init_per_layer, per_layer, pinned
 from aria_jax.modeling import STACKED_IN_DECODE, TextDecoder, layer_params, unrolled_cached_step
 from aria_jax.quantization import dequantize_tree
 from aria_jax.sharding import constrain, on_one_cpu
@@ -38,7 +41,7 @@ class Sampling:
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: list[dict]           # per layer {"k", "v"}: (B, K, S, H)
+    cache: list[dict]           # per layer {"k", "v"}: (B, K, S, H) (int8: and their scales, (B, K, S))
     key_mask: jax.Array         # (B, S) bool: prompt tokens, then every generated slot
     prompt_lengths: jax.Array   # (B,) real prompt tokens per row
     tokens: jax.Array           # (B, max_new_tokens) generated so far, pad after a row is done
@@ -103,9 +106,11 @@ def _finish(token, done, config: AriaTextConfig, stop_ids):
 
 def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop_ids, *, config: AriaTextConfig,
             cache_length: int, max_new_tokens_capacity: int, chunk: int = PREFILL_CHUNK,
-            dtype=jnp.float32) -> DecodeState:
+            dtype=jnp.float32, kv_cache_dtype: str | None = None) -> DecodeState:
     """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token.
-    T must be at most `chunk` or a multiple of it (`kv_cache.prompt_bucket`)."""
+    T must be at most `chunk` or a multiple of it (`kv_cache.prompt_bucket`). `kv_cache_dtype`:
+    one of `kv_cache.KV_CACHE_DTYPES`."""
+    check_kv_cache_dtype(kv_cache_dtype)
     batch, prompt_len, _ = prompt_embeds.shape
     chunk = min(chunk, prompt_len)
     if prompt_len % chunk:
@@ -121,13 +126,13 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
         # cache buffer: less memory than scanning over the whole cache and splitting it after.
         decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype, dispatch=True)
         logits, prompt_cache = decoder.apply(
-            {"params": text_params}, prompt_embeds, mask, positions, init_cache(config, batch, prompt_len, dtype), 0,
-            method=TextDecoder.cached_step,
+            {"params": text_params}, prompt_embeds, mask, positions,
+            init_cache(config, batch, prompt_len, dtype, kv_cache_dtype), 0, method=TextDecoder.cached_step,
         )
         cache = per_layer(prompt_cache, cache_length)
     else:
         logits, cache = _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk, cache_length,
-                                           config, dtype)
+                                           config, dtype, kv_cache_dtype)
     # As decode lays them out: left to the compiler, they came out split over the positions,
     # and each decode step gathered the whole cache back.
     cache = [pinned(layer) for layer in cache]
@@ -138,13 +143,13 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
 
 
 def _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk: int, cache_length: int,
-                       config: AriaTextConfig, dtype):
+                       config: AriaTextConfig, dtype, kv_cache_dtype):
     """A long prompt `chunk` tokens at a time, each chunk's queries at their place in the cache,
     straight into decode's per-layer cache buffers: the layers run unrolled, as in decode, so the
     cache exists once (a layer scan would stack it, and splitting it into layers would copy it).
     Returns the last token's logits and the per-layer cache."""
     batch, prompt_len, _ = prompt_embeds.shape
-    cache = init_per_layer(config, batch, cache_length, dtype)
+    cache = init_per_layer(config, batch, cache_length, dtype, kv_cache_dtype)
 
     def one_chunk(cache, start):
         embeds, chunk_positions = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)

@@ -18,7 +18,7 @@ import numpy as np
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.generate import DecodeState, Sampling, decode, prefill
-from aria_jax.kv_cache import bucket_length, prompt_bucket
+from aria_jax.kv_cache import KV_CACHE_DTYPES, bucket_length, prompt_bucket
 from aria_jax.sharding import MeshRunner
 from aria_jax.tokenizer import TokenizerError, check_text
 
@@ -42,14 +42,16 @@ class Request:
     sampling: Sampling
     stop_ids: np.ndarray            # (STOP_ID_SLOTS or more,) eos ids + single-token stop strings, -1 padded
     stop_texts: tuple[str, ...]     # stop strings checked on decoded text
+    kv_cache_dtype: str | None = None   # one of kv_cache.KV_CACHE_DTYPES
 
 
 def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer, *, max_new_tokens, do_sample,
-                  temperature, top_k, top_p, seed, stop_strings) -> Request:
+                  temperature, top_k, top_p, seed, stop_strings, kv_cache_dtype=None) -> Request:
     """Validates the settings (errors name the value) and broadcasts them to one per row.
 
     `stop_strings`: a str or strings, stopping in addition to `DEFAULT_STOP_STRINGS` (when there
-    is a tokenizer); None: no stop strings at all. The config's eos ids always stop."""
+    is a tokenizer); None: no stop strings at all. The config's eos ids always stop.
+    `kv_cache_dtype`: None (keys and values in the compute dtype) or "int8" (`kv_cache`)."""
     if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise RequestError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
     if prompt_len + max_new_tokens > config.max_position_embeddings:
@@ -59,6 +61,10 @@ def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer
         )
     if not isinstance(do_sample, (bool, np.bool_)):
         raise RequestError(f"do_sample={do_sample!r}: must be True or False")
+    # isinstance first: an unhashable or array value must not reach the membership test.
+    if not (kv_cache_dtype is None or isinstance(kv_cache_dtype, str)) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise RequestError(f"kv_cache_dtype={shorten(kv_cache_dtype)}: must be one of "
+                           f"{', '.join(map(repr, KV_CACHE_DTYPES))}")
 
     def per_row(name, value, dtype, valid, why):
         values, scalar = rows_of(name, value, batch)
@@ -86,7 +92,7 @@ def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer
     # As 32-bit words: without jax_enable_x64 the device holds no 64-bit integers.
     seed_words = np.asarray([[int(s) >> 32, int(s) & 0xFFFFFFFF] for s in seeds], np.uint32)
     sampling = Sampling(temperature, top_k, top_p, seed_words)
-    return Request(int(max_new_tokens), sampling, *split_stop_strings(stop_strings, config, tokenizer))
+    return Request(int(max_new_tokens), sampling, *split_stop_strings(stop_strings, config, tokenizer), kv_cache_dtype)
 
 
 def is_integer(value) -> bool:
@@ -162,7 +168,7 @@ class Generator:
         self.config, self.dtype, self.tokenizer = config, dtype, tokenizer
         self.prefill = runner.wrap(jax.jit(
             functools.partial(prefill, config=config, dtype=dtype),
-            static_argnames=("cache_length", "max_new_tokens_capacity", "chunk"),
+            static_argnames=("cache_length", "max_new_tokens_capacity", "chunk", "kv_cache_dtype"),
         ))
         self.decode = runner.wrap(jax.jit(
             functools.partial(decode, config=config, dtype=dtype),
@@ -192,6 +198,7 @@ class Generator:
         state: DecodeState = self.prefill(
             params, prompt_embeds, attention_mask, request.sampling, stop_ids,
             cache_length=cache_length, max_new_tokens_capacity=cache_length - prompt_len,
+            kv_cache_dtype=request.kv_cache_dtype,
         )
         while True:
             tokens, step, done = jax.device_get((state.tokens, state.step, state.done))  # one transfer

@@ -5,7 +5,14 @@ compiler keeps no transposed copy of the cache.
 
 On a mesh, a layer's cache splits its rows over the batch axes, its heads over `tensor`, and its
 positions over the axes left (`cache_layout`), so that no chip holds or reads all of it
-(`context_parallel`)."""
+(`context_parallel`).
+
+`kv_cache_dtype="int8"` stores keys and values as int8 with a float32 scale per (row, kv head,
+position), "k_scale" and "v_scale" of (batch, kv_heads, length) beside "k" and "v": symmetric
+absmax over the head dimension, ~half the bytes of a bfloat16 cache ((1 + 4 / head_dim) / 2).
+Keys and values are rounded when written; attention reads them back as the cache holds them,
+the tokens just written included, and folds the scales into its scores and probabilities
+(`attention.attention(..., scales=)`) rather than dequantizing the cache."""
 
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ LARGE_BUCKET_STEP = 1024
 # Longer prompts are prefilled this many tokens at a time (activation memory bounded by the
 # chunk, not the prompt); a multiple of LARGE_BUCKET_STEP.
 PREFILL_CHUNK = 4096
+# What `generate(kv_cache_dtype=)` takes: None keeps keys and values in the compute dtype.
+KV_CACHE_DTYPES = (None, "int8")
+INT8_MAX = 127
 
 
 def bucket_length(length: int) -> int:
@@ -39,10 +49,71 @@ def prompt_bucket(length: int, chunk: int = PREFILL_CHUNK) -> int:
     return bucket if bucket <= chunk else -(-bucket // chunk) * chunk
 
 
-def init_cache(config: AriaTextConfig, batch: int, length: int, dtype) -> dict:
-    """{"k", "v"}: zeros of (layers, batch, kv_heads, length, head_dim)."""
-    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def check_kv_cache_dtype(kv_cache_dtype) -> None:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
+
+
+def _zeros(leading: tuple[int, ...], config: AriaTextConfig, length: int, dtype, kv_cache_dtype) -> dict:
+    """A cache of zeros: "k", "v" of (*leading, kv_heads, length, head_dim), and for int8 their
+    scales of (*leading, kv_heads, length)."""
+    check_kv_cache_dtype(kv_cache_dtype)
+    shape = (*leading, config.num_key_value_heads, length, config.head_dim)
+    if kv_cache_dtype is None:
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {"k": jnp.zeros(shape, jnp.int8), "v": jnp.zeros(shape, jnp.int8),
+            "k_scale": jnp.zeros(shape[:-1], jnp.float32), "v_scale": jnp.zeros(shape[:-1], jnp.float32)}
+
+
+def init_cache(config: AriaTextConfig, batch: int, length: int, dtype, kv_cache_dtype=None) -> dict:
+    """{"k", "v"} (and their scales for int8): zeros of (layers, batch, kv_heads, length, head_dim)."""
+    return _zeros((config.num_hidden_layers, batch), config, length, dtype, kv_cache_dtype)
+
+
+def is_quantized(layer_cache: dict) -> bool:
+    return "k_scale" in layer_cache
+
+
+def quantized(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(..., H) -> int8 (..., H) and float32 scales (...): per vector, symmetric absmax over H,
+    scale = absmax / 127 (1 for a zero vector), values round(x / scale) in [-127, 127]."""
+    x = x.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(absmax > 0, absmax / INT8_MAX, 1.0)
+    values = jnp.clip(jnp.round(x / scale[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return values, scale
+
+
+def dequantized(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    return (values.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def entries(layer_cache: dict, key: jax.Array, value: jax.Array) -> dict:
+    """New keys and values (B, K, T, H) in the form `layer_cache` stores them: cast to its dtype,
+    or int8 with their scales (B, K, T)."""
+    if not is_quantized(layer_cache):
+        return {"k": key.astype(layer_cache["k"].dtype), "v": value.astype(layer_cache["v"].dtype)}
+    (k, k_scale), (v, v_scale) = quantized(key), quantized(value)
+    return {"k": k, "v": v, "k_scale": k_scale, "v_scale": v_scale}
+
+
+def readable(layer_cache: dict, dtype) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """(keys, values, scales) as `attention.attention` takes them: keys and values in `dtype`,
+    scales None; or int8 keys and values with their (k_scale, v_scale)."""
+    if not is_quantized(layer_cache):
+        return layer_cache["k"].astype(dtype), layer_cache["v"].astype(dtype), None
+    return layer_cache["k"], layer_cache["v"], (layer_cache["k_scale"], layer_cache["v_scale"])
+
+
+def at_position(index, ndim: int) -> tuple:
+    """The start of a write at sequence `index` into a (B, K, S, H) buffer or a (B, K, S) scale."""
+    return (0, 0, index) + (0,) * (ndim - 3)
+
+
+def written(layer_cache: dict, new: dict, index) -> dict:
+    """`layer_cache` with the `entries` `new` written at sequence index `index`."""
+    return {name: jax.lax.dynamic_update_slice(buffer, new[name], at_position(index, buffer.ndim))
+            for name, buffer in layer_cache.items()}
 
 
 def cache_layout(shape: tuple[int, ...], mesh) -> P:
@@ -67,27 +138,35 @@ def positions_split(shape: tuple[int, ...]) -> tuple[str, ...] | None:
     return None if mesh.empty else cache_layout(shape, mesh)[2]
 
 
+def layer_specs(layer_cache: dict, mesh) -> dict:
+    """Each buffer's `cache_layout` on `mesh`: scales (B, K, S) are laid out as their keys."""
+    layout = cache_layout(layer_cache["k"].shape, mesh)
+    return {name: P(*layout[:buffer.ndim]) for name, buffer in layer_cache.items()}
+
+
 def pinned(layer_cache: dict | None) -> dict | None:
-    """A layer's {"k", "v"} in the layout decode keeps it (`cache_layout`). Pinned wherever it
-    enters or leaves a layer, so that the compiler never picks another layout for a loop's copy
-    of it and moves the whole cache every step."""
+    """A layer's {"k", "v"} (and scales) in the layout decode keeps it (`cache_layout`). Pinned
+    wherever it enters or leaves a layer, so that the compiler never picks another layout for a
+    loop's copy of it and moves the whole cache every step."""
     mesh = jax.sharding.get_abstract_mesh()
     if layer_cache is None or mesh.empty:
         return layer_cache
-    return {name: jax.lax.with_sharding_constraint(kv, cache_layout(kv.shape, mesh))
-            for name, kv in layer_cache.items()}
+    specs = layer_specs(layer_cache, mesh)
+    return {name: jax.lax.with_sharding_constraint(buffer, specs[name]) for name, buffer in layer_cache.items()}
 
 
-def init_per_layer(config: AriaTextConfig, batch: int, length: int, dtype) -> list[dict]:
-    """One {"k", "v"} of zeros (batch, kv_heads, length, head_dim) per layer."""
-    shape = (batch, config.num_key_value_heads, length, config.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+def init_per_layer(config: AriaTextConfig, batch: int, length: int, dtype, kv_cache_dtype=None) -> list[dict]:
+    """One {"k", "v"} (and scales) of zeros (batch, kv_heads, length, head_dim) per layer."""
+    return [_zeros((batch,), config, length, dtype, kv_cache_dtype) for _ in range(config.num_hidden_layers)]
 
 
 def per_layer(cache: dict, length: int) -> list[dict]:
-    """A stacked cache (of a prompt) as one {"k", "v"} of (batch, kv_heads, length, head_dim) per
-    layer, zero past the prompt: separate buffers, so that each decode step writes a layer's new
-    keys in place and reads no other layer's."""
+    """A stacked cache (of a prompt) as one {"k", "v"} (and scales) of (batch, kv_heads, length,
+    head_dim) per layer, zero past the prompt: separate buffers, so that each decode step writes a
+    layer's new keys in place and reads no other layer's."""
     extra = length - cache["k"].shape[3]
-    return [{name: jnp.pad(kv[layer], ((0, 0), (0, 0), (0, extra), (0, 0))) for name, kv in cache.items()}
-            for layer in range(cache["k"].shape[0])]
+
+    def padded(buffer):     # positions are axis 2 of a layer's (B, K, S, H) and of its scales (B, K, S)
+        return jnp.pad(buffer, [(0, extra) if axis == 2 else (0, 0) for axis in range(buffer.ndim)])
+
+    return [{name: padded(buffer[layer]) for name, buffer in cache.items()} for layer in range(cache["k"].shape[0])]

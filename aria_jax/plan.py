@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aria_jax.config import AriaConfig
 from aria_jax.generate import Sampling
 from aria_jax.generator import STOP_ID_SLOTS
-from aria_jax.kv_cache import prompt_bucket
+from aria_jax.kv_cache import check_kv_cache_dtype, prompt_bucket
 from aria_jax.modeling import multimodal_param_shapes
 from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.quantization import Quantization, array_bytes, quantized_shapes
@@ -48,15 +48,18 @@ class GenerationShape:
     batch: int
     prompt_length: int      # the prompt's bucket: generate() left-pads prompts to it
     cache_length: int       # `generate(..., max_length=)`: the KV cache length
+    kv_cache_dtype: str | None = None   # `generate(..., kv_cache_dtype=)`
 
     @classmethod
-    def for_request(cls, batch: int, prompt_length: int, max_length: int) -> "GenerationShape":
+    def for_request(cls, batch: int, prompt_length: int, max_length: int,
+                    kv_cache_dtype: str | None = None) -> "GenerationShape":
         bucket = prompt_bucket(prompt_length)
         if bucket >= max_length:
             padded = f" (padded to its bucket, {bucket})" if bucket != prompt_length else ""
             raise ValueError(f"--prompt-length {prompt_length}{padded} leaves no room to generate in "
                              f"--max-length {max_length}")
-        return cls(batch, bucket, max_length)
+        check_kv_cache_dtype(kv_cache_dtype)
+        return cls(batch, bucket, max_length, kv_cache_dtype)
 
     @property
     def max_new_tokens(self) -> int:
@@ -180,7 +183,8 @@ def compile_generation(config: AriaConfig, mesh, dtype, shape: GenerationShape, 
         return [embedding]
     prefill_program = compile_program("prefill", prefill.trace(
         text_params, _outputs_as_inputs(embedding.compiled), mask, sampling, stop_ids,
-        cache_length=shape.cache_length, max_new_tokens_capacity=shape.max_new_tokens), text_params, other_weights)
+        cache_length=shape.cache_length, max_new_tokens_capacity=shape.max_new_tokens,
+        kv_cache_dtype=shape.kv_cache_dtype), text_params, other_weights)
     if isinstance(prefill_program, RefusedProgram):
         return [prefill_program]
     state = _outputs_as_inputs(prefill_program.compiled)
@@ -239,11 +243,11 @@ class Plan:
 
 
 def plan_memory(config: AriaConfig, mesh, dtype, batch: int, max_length: int, prompt_length: int,
-                quantization: Quantization | None = None) -> Plan:
+                quantization: Quantization | None = None, kv_cache_dtype: str | None = None) -> Plan:
     """Compiles generation's prefill and decode for `batch` rows on `mesh` (host CPU devices)
     and returns each device's memory."""
     dtype = jnp.dtype(dtype)
-    shape = GenerationShape.for_request(batch, prompt_length, max_length)
+    shape = GenerationShape.for_request(batch, prompt_length, max_length, kv_cache_dtype)
     programs = compile_generation(config, mesh, dtype, shape, quantization=quantization)
     estimates = [p.compiled.memory_analysis().temp_size_in_bytes for p in programs]
     if jax.default_backend() == "cpu" and dtype.itemsize < 4:

@@ -135,8 +135,8 @@ class TargetPlan:
             "chip": dataclasses.asdict(chip), "mesh": self.mesh_shape,
             "batch": self.shape.batch, "prompt_length": self.shape.prompt_length,
             "cache_length": self.shape.cache_length, "max_new_tokens": self.shape.max_new_tokens,
-            "dtype": self.dtype, "moe_backend": self.moe_backend, "params_per_chip": self.params_per_chip,
-            "params_in_all": self.params_in_all,
+            "dtype": self.dtype, "kv_cache_dtype": self.shape.kv_cache_dtype, "moe_backend": self.moe_backend,
+            "params_per_chip": self.params_per_chip, "params_in_all": self.params_in_all,
             "quantization": self.quantization and self.quantization.to_json(),
             "programs": programs,
             "note": "memory from the compiler; times are the compiler's estimates (on TPU) or a bytes/flops rule "
@@ -151,7 +151,8 @@ class TargetPlan:
             f"({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_second / GB:.0f} GB/s, "
             f"{chip.hbm_bytes / 2**30:.1f} GiB HBM per chip); mesh {mesh}",
             f"batch {shape.batch}, prompt {shape.prompt_length}, KV cache {shape.cache_length} "
-            f"({shape.max_new_tokens} new tokens), {self.weights}, moe_backend {self.moe_backend}; "
+            f"({shape.max_new_tokens} new tokens{', int8' if shape.kv_cache_dtype == 'int8' else ''}), "
+            f"{self.weights}, moe_backend {self.moe_backend}; "
             f"params {self.params_in_all / GB:.2f} GB in all, {self.params_per_chip / GB:.2f} GB per chip",
         ]
         for program in self.programs:
@@ -251,7 +252,8 @@ def plan_target(config: AriaConfig, target: Target, mesh, dtype, shape: Generati
         memory = program.compiled.memory_analysis()
         if program.name == "decode":
             estimate = _estimate(cost, shape.decode_steps)
-            step_bytes = decode_step_bytes(text, dtype, shape.batch, shape.cache_length, quantization)
+            step_bytes = decode_step_bytes(text, dtype, shape.batch, shape.cache_length, quantization,
+                                           shape.kv_cache_dtype)
             roofline = Roofline(sum(step_bytes.values()) / (target.num_chips * chip.hbm_bytes_per_second), step_bytes)
         else:
             estimate = _estimate(cost, None)

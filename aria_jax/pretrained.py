@@ -120,7 +120,8 @@ class _Pretrained:
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                 stop_strings=(), max_length: int | None = None) -> np.ndarray:
+                 stop_strings=(), max_length: int | None = None,
+                 kv_cache_dtype: str | None = None) -> np.ndarray:
         """Returns (B, T + max_new_tokens) int32: the prompt, then the new tokens, then the pad
         id once a row has stopped. The config's eos ids always stop a row. `stop_strings` (a str
         is one stop string, or a list of them) stop it too, in addition to `<|im_end|>`, the
@@ -128,22 +129,25 @@ class _Pretrained:
         strings need one); `stop_strings=None` turns every stop string off, `<|im_end|>`
         included. temperature, top_k (an integer, 0: off) and top_p may be one value or one per
         row; `seed` is an integer in [0, 2**64) (row r uses seed + r, which must stay in range)
-        or one per row. A bad argument raises `RequestError` naming it, before anything runs."""
+        or one per row. `kv_cache_dtype="int8"` keeps the KV cache in int8 with a scale per token
+        and head (about half a bfloat16 cache's memory; `aria_jax.kv_cache`). A bad argument
+        raises `RequestError` naming it, before anything runs."""
         ids, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop_strings=stop_strings))
+            top_p=top_p, seed=seed, stop_strings=stop_strings, kv_cache_dtype=kv_cache_dtype))
         new_tokens = self._generator.generate(self._text_params, embeds, mask, request, max_length)
         return np.concatenate([ids, new_tokens], axis=1)
 
     def stream(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
                max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-               stop_strings=(), max_length: int | None = None):
+               stop_strings=(), max_length: int | None = None,
+               kv_cache_dtype: str | None = None):
         """Like `generate` (the same arguments, stop strings and errors), but yields the
         answer's text as it is produced: a str per piece for one prompt, a tuple of str (one per
         row) for a batch. The text ends before the first stop string."""
         _, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop_strings=stop_strings))
+            top_p=top_p, seed=seed, stop_strings=stop_strings, kv_cache_dtype=kv_cache_dtype))
         return self._generator.stream(self._text_params, embeds, mask, request, max_length)
 
     def _check_text(self, input_ids, attention_mask, position_ids):

@@ -35,8 +35,10 @@ def _declared_weights(config: AriaTextConfig, dtype, quantization: Quantization 
 
 
 def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: int,
-                      quantization: Quantization | None = None) -> dict[str, int]:
-    """The bytes one decode step of `batch` rows must read, by kind."""
+                      quantization: Quantization | None = None, kv_cache_dtype: str | None = None,
+                      ) -> dict[str, int]:
+    """The bytes one decode step of `batch` rows must read, by kind. `kv_cache_dtype` "int8": a
+    byte per number and a float32 scale per (row, kv head, position) for keys and values alike."""
     itemsize = jnp.dtype(dtype).itemsize
     experts_touched = min(config.moe_num_experts, batch * config.moe_topk)
     parts = {"weights": 0, "routed experts": 0, "embedding rows": 0}
@@ -48,8 +50,9 @@ def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: i
         else:
             parts["weights"] += size
     # k and v: (layers, batch, kv heads, length, head dim) each, as `kv_cache.init_cache` makes them
+    per_position = config.head_dim * itemsize if kv_cache_dtype is None else config.head_dim + 4
     parts["KV cache"] = 2 * config.num_hidden_layers * batch * cache_length * config.num_key_value_heads \
-        * config.head_dim * itemsize
+        * per_position
     return parts
 
 

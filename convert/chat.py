@@ -44,6 +44,7 @@ class Settings:
     seed: int = 0
     max_image_size: int | None = None
     split_image: bool = False
+    kv_cache_dtype: str | None = None
 
 
 def user_message(text: str, num_images: int) -> dict:
@@ -180,7 +181,7 @@ class ChatSession:
                     do_sample=settings.temperature > 0, temperature=settings.temperature, top_p=settings.top_p,
                     # A different seed per turn, so sampled turns differ but a session can be replayed;
                     # wrapping keeps a seed near 2**64 - 1 usable past the first turn.
-                    seed=(settings.seed + self.conversation.turns) % SEED_LIMIT):
+                    seed=(settings.seed + self.conversation.turns) % SEED_LIMIT, kv_cache_dtype=settings.kv_cache_dtype):
                 self.out.write(piece)
                 self.out.flush()
                 pieces.append(piece)

@@ -64,7 +64,8 @@ def generate(args: argparse.Namespace) -> None:
     if not multimodal:
         inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
     for piece in model.stream(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              kv_cache_dtype=args.kv_cache_dtype):
         print(piece, end="", flush=True)
     print()
 
@@ -84,7 +85,8 @@ def chat(args: argparse.Namespace) -> None:
     if interactive:
         enable_line_editing()
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, max_image_size=args.max_image_size, split_image=args.split_image)
+                        seed=args.seed, max_image_size=args.max_image_size, split_image=args.split_image,
+                        kv_cache_dtype=args.kv_cache_dtype)
     ChatSession(model, processor, multimodal, settings, interactive=interactive).run()
 
 
@@ -183,7 +185,7 @@ def plan(args: argparse.Namespace) -> None:
 
     mesh = make_mesh(**args.mesh_sizes)
     print(plan_memory(config, mesh, resolve_dtype(args.dtype), args.batch, args.max_length, prompt_length,
-                      quantization).table())
+                      quantization, args.kv_cache_dtype).table())
 
 
 def plan_for_target(args: argparse.Namespace, config, dtype, prompt_length: int, quantization=None) -> None:
@@ -193,7 +195,7 @@ def plan_for_target(args: argparse.Namespace, config, dtype, prompt_length: int,
     from aria_jax.sharding import make_mesh
 
     target = parse_target(args.target)
-    shape = GenerationShape.for_request(args.batch, prompt_length, args.max_length)
+    shape = GenerationShape.for_request(args.batch, prompt_length, args.max_length, args.kv_cache_dtype)
     prepare_environment(target)
     with native_stderr_discarded() if target.platform == "cuda" else contextlib.nullcontext():
         mesh = make_mesh(**args.mesh_sizes, devices=target_devices(target))
@@ -336,7 +338,7 @@ def _add_writing_options(command: argparse.ArgumentParser) -> None:
 
 
 def _add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, max_new_tokens_help: str) -> None:
-    """What generate and chat share: how an answer is sampled, how images are cropped, the dtype."""
+    """What generate and chat share: how an answer is sampled, how images are cropped, the dtypes."""
     command.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help=max_new_tokens_help)
     command.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     command.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
@@ -346,6 +348,13 @@ def _add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, m
     command.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
     command.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                          help="parameter and compute dtype")
+    _add_kv_cache_dtype_option(command)
+
+
+def _add_kv_cache_dtype_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--kv-cache-dtype", choices=["int8"], default=None,
+                         help="keep the KV cache in int8, a scale per token and head (about half the memory of "
+                              "bfloat16); default: the compute dtype")
 
 
 def _add_command(commands, name: str, summary: str, description: str) -> argparse.ArgumentParser:
@@ -441,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--moe-backend", default=None,
                     help="routed-expert implementation to compile, as AriaTextConfig.moe_backend "
                          "(default: the config's)")
+    _add_kv_cache_dtype_option(pl)
     pl.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="weights quantized as from_pretrained(quantize=...) stores them")
     pl.add_argument("--group-size", type=_positive_int, default=128, help="int4: inputs per scale")

@@ -31,6 +31,9 @@ TEXT_LAYOUT = (1, 4, 2)
 # dimension of 64) on a layout each: experts over 8, and experts x tensor.
 QUANTIZED_CASES = [("int8", (1, 8, 1)), ("int4", (1, 4, 2))]
 QUANTIZED_GROUP = 32
+# Generation with an int8 KV cache: 4 rows over data x expert and 2 kv heads over tensor leave no
+# axis for the positions (the generic cached attention); on expert=8 the positions split.
+INT8_CACHE_LAYOUTS = [(2, 2, 2), (1, 8, 1)]
 MOE_BACKENDS = ["ragged_dot", "looped", "gathered", "dense", "auto"]
 NEW_TOKENS = 8
 QUESTIONS = [
@@ -121,6 +124,29 @@ def run_model_layout(results: dict, layout, out_dir: str) -> None:
             "lm_head": describe(model.params["language_model"]["lm_head"]),
         },
     }
+
+
+def run_int8_cache(results: dict) -> None:
+    """The multimodal model generating with kv_cache_dtype="int8" on INT8_CACHE_LAYOUTS: its
+    tokens, and where its cache's positions live (`kv_cache.cache_layout`, which picks the path)."""
+    import numpy as np
+
+    import aria_jax
+    from aria_jax.kv_cache import bucket_length, cache_layout
+
+    inputs = build_inputs(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
+    results["int8_cache"] = {}
+    for layout in INT8_CACHE_LAYOUTS:
+        mesh = aria_jax.make_mesh(*layout)
+        model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=mesh)
+        tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None, kv_cache_dtype="int8")
+        text = model.text_config
+        cache_shape = (len(tokens), text.num_key_value_heads,
+                       bucket_length(bucket_length(inputs["input_ids"].shape[1]) + NEW_TOKENS), text.head_dim)
+        results["int8_cache"][layout_name(layout)] = {
+            "tokens": np.asarray(tokens).tolist(),
+            "cache_spec": [list(s) if isinstance(s, tuple) else s for s in cache_layout(cache_shape, mesh)],
+        }
 
 
 def run_text_model(results: dict, out_dir: str) -> None:
@@ -286,6 +312,7 @@ def run_split_cache(results: dict) -> None:
                 "cache_diff": max(float(np.abs(np.asarray(written[n]) - np.asarray(expected_cache[n])).max())
                                   for n in "kv"),
                 "cache_spec": describe(written["k"])["spec"],
+                **split_int8_cache(layout, q, new, cache, mask, index, attends),
             })
     finally:
         attention.DENSE_LIMIT = dense_limit
@@ -327,6 +354,44 @@ def run_split_cache(results: dict) -> None:
         }
 
 
+def split_int8_cache(layout, q, new, cache, mask, index, attends) -> dict:
+    """`attention_over_split_cache` over an int8 cache (and, for a few queries, with the decode
+    kernel): its writes are the new keys and values rounded, with their scales, and its output
+    the dense attention over the keys and values the written cache holds."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import aria_jax
+    from aria_jax import attention, context_parallel
+    from aria_jax.kv_cache import dequantized, quantized
+
+    int8 = {}
+    for n in "kv":
+        int8[n], int8[f"{n}_scale"] = quantized(cache[n])
+    expected_cache = dict(int8)
+    for n in "kv":
+        values, scale = quantized(new[n])
+        expected_cache[n] = jax.lax.dynamic_update_slice(int8[n], values, (0, 0, index, 0))
+        expected_cache[f"{n}_scale"] = jax.lax.dynamic_update_slice(int8[f"{n}_scale"], scale, (0, 0, index))
+    held = [dequantized(expected_cache[n], expected_cache[f"{n}_scale"], jnp.float32) for n in "kv"]
+    expected = np.asarray(attention.attention(q, *held, jnp.asarray(mask), index, implementation="dense"))
+    with jax.set_mesh(aria_jax.make_mesh(*layout)):
+        out, written = jax.jit(context_parallel.attention_over_split_cache)(
+            q, new["k"], new["v"], int8, jnp.asarray(mask), index)
+        kernel_out = jax.jit(functools.partial(context_parallel.attention_over_split_cache, decode_kernel=True))(
+            q, new["k"], new["v"], int8, jnp.asarray(mask), index)[0] if q.shape[1] <= 8 else None
+    return {
+        "int8_max_diff": float(np.abs(np.asarray(out) - expected)[attends].max()),
+        "int8_kernel_max_diff": None if kernel_out is None else float(np.abs(np.asarray(kernel_out) - expected)[attends].max()),
+        "int8_cache_equal": all(np.array_equal(np.asarray(written[n]), np.asarray(expected_cache[n])) for n in written),
+        "int8_cache_names": sorted(written),
+        "int8_scale_spec": describe(written["k_scale"])["spec"],
+    }
+
+
 def run_layout_errors(results: dict) -> None:
     import aria_jax
 
@@ -360,6 +425,8 @@ def main_mesh(out_dir: str, parts: list[str]) -> None:
             run_split_cache(results)
         elif part == "quantized":
             run_quantized(results, out_dir)
+        elif part == "int8_cache":
+            run_int8_cache(results)
         else:
             run_model_layout(results, tuple(int(n) for n in part.split("x")), out_dir)
         results["seconds"][part] = round(time.perf_counter() - start, 1)

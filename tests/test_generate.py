@@ -1,5 +1,6 @@
 """Generation: greedy parity with transformers over 100 tokens, cached vs uncached logits at every
-step, zero recompilation across requests within a bucket, sampling statistics, request checks,
+step (and an int8 cache's against a float64 reference that rounds keys and values alike), zero
+recompilation across requests within a bucket, sampling statistics, request checks,
 stop strings and streaming.
 
 Tiny random transformers models (tests/tiny_models.py) are loaded by both sides, as in
@@ -23,11 +24,12 @@ import torch
 import transformers
 
 import aria_jax
+import aria_jax.self_attention
 from aria_jax.config import AriaTextConfig
 from aria_jax.generate import Sampling, sample_tokens
 from aria_jax.hlo_text import Module, arrays_of
 from aria_jax.kv_cache import bucket_length, init_cache, per_layer
-from aria_jax.modeling import TextDecoder, init_text_params, unrolled_cached_step
+from aria_jax.modeling import TextDecoder, init_text_params, text_forward, unrolled_cached_step
 from test_multimodal_parity import build_rows, emulated_crop, noise_image
 from tiny_models import make_multimodal_model, make_text_model
 
@@ -249,6 +251,140 @@ def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
     np.testing.assert_array_equal(buffers[-1], full_ids[:, prompt:])
 
 
+ROUNDING_NOISE = 1e-3    # steps of a scale: how far float32 noise may move a number between two forwards
+
+
+def float64_attention_over_int8_cache(cache: list[dict], checked: list):
+    """A stand-in for `attention.attention` in an uncached forward over the tokens an int8 `cache`
+    holds (one dict per layer, as decode left it): causal attention in float64 numpy, over keys and
+    values rounded per (row, kv head, position) as `kv_cache.quantized` rounds them. Scales are
+    absmax / 127 of this forward's own keys and values, in float64. The integers are the cache's,
+    once checked to be this forward's numbers rounded to the nearest step: the two forwards differ
+    by float32 noise, which may round a number within ROUNDING_NOISE of a tie the other way (as
+    router ties are compared first). The last position, which the cache never holds, is rounded
+    here. Each call (the layers run in order) appends what it checked to `checked`."""
+
+    def on_host(q, k, v, key_mask, query_offset):
+        layer = cache[len(checked)]
+        q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+        key_mask = np.asarray(key_mask, bool)
+        batch, length, heads, head_dim = q.shape
+        held_positions = (key_mask & (np.arange(length) < length - 1))[:, None, :]     # (B, 1, S)
+        found = {}
+
+        def rounded(x, name):
+            absmax = np.abs(x).max(axis=-1)
+            scale = np.where(absmax > 0, absmax / 127, 1.0)
+            steps = x / scale[..., None]
+            held = np.asarray(layer[name], np.float64)[:, :, :length]
+            found[name] = (np.abs(held - steps).max(axis=-1)[held_positions.repeat(x.shape[1], 1)].max(),
+                           np.abs(np.asarray(layer[f"{name}_scale"])[:, :, :length] / scale - 1)[
+                               held_positions.repeat(x.shape[1], 1)].max())
+            integers = np.where(held_positions[..., None], held, np.clip(np.round(steps), -127, 127))
+            return integers * scale[..., None]
+
+        k, v = rounded(k, "k"), rounded(v, "v")
+        checked.append(found)
+        kv_heads = k.shape[1]
+        q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        scores = np.einsum("btkgh,bksh->bkgts", q, k) / np.sqrt(head_dim)
+        positions = np.arange(length)
+        allowed = (positions[None, :] <= positions[:, None] + int(query_offset))[None] & key_mask[:, None, :]
+        scores = np.where(allowed[:, None, None], scores, -np.inf)
+        top = scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores - np.where(np.isfinite(top), top, 0.0))
+        probs = probs / np.maximum(probs.sum(axis=-1, keepdims=True), 1e-300)   # a left pad attends nothing: 0
+        out = np.einsum("bkgts,bksh->btkgh", probs, v).reshape(batch, length, heads, head_dim)
+        return out.astype(np.float32)
+
+    def attention(q, k, v, key_mask, query_offset=None, *, scales=None):
+        assert scales is None and query_offset is not None, "the uncached forward: causal, unquantized keys"
+        return jax.pure_callback(on_host, jax.ShapeDtypeStruct(q.shape, jnp.float32), q, k, v, key_mask,
+                                 jnp.asarray(query_offset, jnp.int32))
+
+    return attention
+
+
+@pytest.mark.parametrize("path", ["beside_cache", "generic"])
+def test_int8_cache_logits_are_attention_over_rounded_keys_and_values(text_pair, path, monkeypatch):
+    """Prefill and decode steps against an int8 cache (as generate.py runs them, greedily), every
+    step's logits against one uncached forward over the same tokens whose attention is float64
+    numpy over keys and values rounded as the cache rounds them: equal within float32 tolerance,
+    and farther from the unquantized forward's. The current token attends to its own rounded key,
+    as every later one does. `path`: decode's attention beside the cache (one CPU device), or the
+    generic one (the cache written, then read whole by `attention`)."""
+    if path == "generic":
+        monkeypatch.setattr(aria_jax.self_attention, "on_one_cpu", lambda: False)
+    model = text_pair.no_eos
+    config = model.config
+    decoder = TextDecoder(config)
+    ids, mask = left_padded(8, (10, 3), config.vocab_size)
+    batch, prompt = ids.shape
+    cache_length = prompt + STEPS
+    key_mask = jnp.concatenate([jnp.asarray(mask, bool), jnp.ones((batch, STEPS), bool)], axis=1)
+
+    @jax.jit
+    def prefill_step(params, token_ids, positions, cache):
+        embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
+        return decoder.apply({"params": params}, embeds, key_mask, positions, cache, 0,
+                             method=TextDecoder.cached_step)
+
+    @jax.jit
+    def step(params, token_ids, positions, cache, index):
+        embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
+        return unrolled_cached_step(params, embeds, key_mask, positions, cache, index, config=config)
+
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    int8_cache = init_cache(config, batch, cache_length, jnp.float32, "int8")
+    assert {name: buffer.dtype for name, buffer in int8_cache.items()} == \
+        {"k": jnp.int8, "v": jnp.int8, "k_scale": jnp.float32, "v_scale": jnp.float32}
+    logits, cache = prefill_step(model.params, ids, positions, int8_cache)
+    cache = per_layer(cache, cache_length)
+    step_logits, tokens = [], []
+    for i in range(STEPS):
+        step_logits.append(np.asarray(logits))
+        tokens.append(np.argmax(step_logits[-1], axis=-1))
+        if i + 1 < STEPS:
+            logits, cache = step(model.params, tokens[-1][:, None], (mask.sum(1) + i)[:, None], cache, prompt + i)
+    assert cache[0]["k"].dtype == jnp.int8 and cache[0]["k_scale"].shape == (batch, config.num_key_value_heads,
+                                                                             cache_length)
+
+    full_ids = np.concatenate([ids, np.stack(tokens, axis=1)], axis=1)
+    full_mask = np.concatenate([mask, np.ones((batch, STEPS), np.int64)], axis=1)
+
+    def uncached_forward():     # traced afresh at each call, so that it sees the attention of the moment
+        return np.asarray(jax.jit(lambda params: text_forward(params, config, full_ids, full_mask))(model.params))
+
+    unquantized = uncached_forward()
+    checked = []
+    with monkeypatch.context() as patch:
+        patch.setattr(aria_jax.self_attention, "attention",
+                      float64_attention_over_int8_cache([jax.device_get(layer) for layer in cache], checked))
+        reference = uncached_forward()
+    assert len(checked) == config.num_hidden_layers
+    for layer, found in enumerate(checked):
+        for name, (steps_off, scale_off) in found.items():
+            # The cache holds every real token's numbers rounded to the nearest step of its scale.
+            assert steps_off <= 0.5 + ROUNDING_NOISE, (layer, name, steps_off)
+            assert scale_off <= 1e-5, (layer, name, scale_off)
+    farthest_from_unquantized = 0.0
+    for i in range(STEPS):
+        assert_logits_close(step_logits[i], reference[:, prompt + i - 1], what=f"step {i}")
+        diff = np.abs(step_logits[i] - unquantized[:, prompt + i - 1]).max()
+        farthest_from_unquantized = max(farthest_from_unquantized, diff / max(1.0, np.abs(unquantized).max()))
+    # The rounding is seen: without it, the logits would be 30x farther than the tolerance.
+    assert farthest_from_unquantized > 30 * LOGIT_TOLERANCE, farthest_from_unquantized
+
+    # The jitted prefill/decode loop with kv_cache_dtype="int8" picks the same tokens.
+    padded_ids, padded_mask = model._generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
+    embeds = model._embed(model.params, padded_ids)
+    request = aria_jax.generator.check_request(
+        batch, prompt, config, None, max_new_tokens=STEPS, do_sample=False, temperature=1.0, top_k=0,
+        top_p=1.0, seed=0, stop_strings=None, kv_cache_dtype="int8")
+    *_, tokens_generated = model._generator.steps(model.params, embeds, padded_mask, request, chunk=8)
+    np.testing.assert_array_equal(tokens_generated, full_ids[:, prompt:])
+
+
 # ----------------------------------------------------------------------------- 3. compile counting
 
 def compile_counts(model):
@@ -463,6 +599,8 @@ def test_model_sampling_seed_reproduces(text_pair):
     (dict(do_sample=True, top_p=0.0), "top_p=0.0"),
     (dict(do_sample=True, top_p=1.5), "top_p=1.5"),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
+    (dict(kv_cache_dtype=np.int8), "kv_cache_dtype=<class 'numpy.int8'>"),
 ])
 def test_invalid_request_is_rejected_and_model_still_serves(text_pair, settings, named):
     model = text_pair.ours

@@ -1,5 +1,5 @@
-"""Long context: blockwise attention against the dense reference, chunked prefill against one-shot
-prefill, float32 parity with transformers on prompts past 8K tokens (text, and many video frames
+"""Long context: blockwise attention against the dense reference (and every attention over an int8
+cache against the dense one over its dequantized keys), chunked prefill against one-shot prefill, float32 parity with transformers on prompts past 8K tokens (text, and many video frames
 in a prompt longer than a prefill chunk), and a 48K-token prompt within bounded memory."""
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from aria_jax.attention import (
     dense_stats,
     normalized,
 )
-from aria_jax.decode_attention import decode_attention_stats
+from aria_jax.decode_attention import decode_attention_stats, head_block
 from aria_jax.generator import check_request
-from aria_jax.kv_cache import PREFILL_CHUNK, prompt_bucket
+from aria_jax.kv_cache import PREFILL_CHUNK, dequantized, prompt_bucket, quantized
 from aria_jax.modeling import IMAGE_GROUP
 
 LONG_CONTEXT = 65536   # max_position_embeddings of the models here (Aria's own context)
@@ -233,6 +233,117 @@ def test_auto_attention_is_blockwise_past_the_dense_limit():
     compiled = jax.jit(lambda q, k, v, m: attention(q, k, v, m, 0)).lower(q, k, v, key_mask).compile()
     scores_bytes = 2 * length * length * 4
     assert compiled.memory_analysis().temp_size_in_bytes < scores_bytes / 16
+
+
+# ----------------------------------------------------------------------------- an int8 cache
+
+
+def test_int8_rounding_per_vector():
+    """Symmetric absmax over the last axis: each vector's largest number is +-127 steps exactly,
+    every number within half a step, a zero vector scale 1."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 50, 16)).astype(np.float32) * rng.uniform(0.01, 100, size=(2, 3, 50, 1))
+    x[0, 1, 7] = 0.0
+    values, scale = map(np.asarray, quantized(jnp.asarray(x)))
+    assert values.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (2, 3, 50)
+    assert scale[0, 1, 7] == 1.0 and not values[0, 1, 7].any()
+    nonzero = np.abs(x).max(axis=-1) > 0
+    np.testing.assert_allclose(scale[nonzero], np.abs(x).max(axis=-1)[nonzero] / 127, rtol=1e-6)
+    np.testing.assert_array_equal(np.abs(values).max(axis=-1)[nonzero], 127)
+    error = np.abs(np.asarray(dequantized(jnp.asarray(values), jnp.asarray(scale), jnp.float32)) - x)
+    assert (error <= scale[..., None] * (0.5 + 1e-5)).all()
+
+
+def int8_cache(k, v):
+    """Random keys and values as an int8 cache holds them, and the float keys and values it gives back."""
+    (k8, k_scale), (v8, v_scale) = quantized(k), quantized(v)
+    return (k8, v8, (k_scale, v_scale)), (dequantized(k8, k_scale, jnp.float32), dequantized(v8, v_scale, jnp.float32))
+
+
+@pytest.mark.parametrize("implementation, case", [
+    ("dense", "chunk_in_cache"), ("dense", "one_query"), ("blockwise", "chunk_in_cache"), ("blockwise", "not_causal_gqa"),
+    ("decode", "one_query"), ("flash", "causal_self")])
+def test_attention_over_an_int8_cache_is_dense_attention_over_its_dequantized_keys(implementation, case):
+    """`attention(..., scales=)` folds the key scales into the scores and the value scales into the
+    probabilities (or, for the flash kernel, which takes float keys, dequantizes them): the
+    attention of the keys and values the cache holds. The kernels run in Pallas' interpreter."""
+    queries, keys, heads, kv_heads, offset, block = ATTENTION_CASES[case]
+    if implementation == "flash":
+        queries = keys = 128
+    q, k, v = random_qkv(9, 2, queries, keys, heads, kv_heads, 16)
+    (k8, v8, scales), (k_held, v_held) = int8_cache(k, v)
+    key_mask = np.ones((2, keys), bool)
+    key_mask[0, :11] = False
+    key_mask[1, keys // 2: keys // 2 + 5] = False
+    expected = attention(q, k_held, v_held, jnp.asarray(key_mask), offset, implementation="dense")
+    with pltpu.force_tpu_interpret_mode():
+        got = attention(q, k8, v8, jnp.asarray(key_mask), offset, scales=scales, implementation=implementation,
+                        block=block)
+    keep = rows_with_a_key(key_mask, queries, offset)
+    np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(expected)[keep], rtol=0, atol=2e-6)
+    # And it is not the attention of the unrounded keys: the test sees the rounding.
+    unrounded = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="dense")
+    assert np.abs(np.asarray(got) - np.asarray(unrounded))[keep].max() > 1e-3
+
+
+# The decode kernel's cases (see DECODE_CASES), and 24 kv heads of 128: the int8 kernel takes
+# blocks of 8 heads (its scales' blocks need a multiple of 8 heads, or all of them).
+INT8_DECODE_CASES = {**DECODE_CASES, "blocks_of_8_heads": (1, 1, 24, 24, 600, 128, 580, 0)}
+
+
+@pytest.mark.parametrize("case", list(INT8_DECODE_CASES))
+def test_decode_kernel_statistics_over_an_int8_cache(case):
+    """The TPU decode kernel reading an int8 cache and its scales (Pallas' TPU interpreter): the
+    dense statistics over the keys and values the cache holds, a last block past the cache included."""
+    batch, queries, heads, kv_heads, keys, head_dim, query_index, key_offset = INT8_DECODE_CASES[case]
+    q, k, v = random_qkv(5, batch, queries, keys, heads, kv_heads, head_dim)
+    (k8, v8, scales), (k_held, v_held) = int8_cache(k, v)
+    if case == "last_block_past_the_cache":     # what a block reads past the cache must not count
+        scales = tuple(jnp.concatenate([s, jnp.full_like(s, jnp.nan)], axis=2)[:, :, :keys] for s in scales)
+    if case == "blocks_of_8_heads":
+        assert head_block(kv_heads, 512, head_dim, 1, scaled=True) == 8
+    key_mask = np.ones((batch, keys), bool)
+    key_mask[0, :37] = False
+    key_mask[-1, keys // 2: keys // 2 + 9] = False
+    with pltpu.force_tpu_interpret_mode():
+        got = decode_attention_stats(q, k8, v8, jnp.asarray(key_mask), query_index, key_offset, scales)
+    want = dense_stats(q, k_held, v_held, jnp.asarray(key_mask), query_index, key_offset)
+    got_max, got_sum, got_values = map(np.asarray, got)
+    want_max, want_sum, want_values = map(np.asarray, want)
+    attended = np.isfinite(want_max)
+    np.testing.assert_array_equal(np.isfinite(got_max), attended)
+    # Scores to float32 precision relative to their size (the kernel scales q . k after the dot,
+    # dense_stats before it); exp turns their absolute error into the sum's relative one.
+    score_error = 1e-6 * max(1.0, np.abs(want_max[attended]).max(initial=0))
+    np.testing.assert_allclose(got_max[attended], want_max[attended], rtol=0, atol=score_error)
+    np.testing.assert_allclose(got_sum, want_sum, rtol=score_error)
+    np.testing.assert_allclose(got_values, want_values, rtol=0, atol=1e-5 * max(1.0, np.abs(want_values).max()))
+
+
+@pytest.mark.parametrize("queries,keys,offset", [(1, 64, 20), (8, 64, 40), (2, 2600, 2000)])
+def test_attention_beside_an_int8_cache_is_attention_over_the_written_cache(queries, keys, offset, monkeypatch):
+    """One CPU device's decode over an int8 cache: the new keys and values are rounded and written
+    with their scales, and attended as written, the query's own included."""
+    q, k, v = random_qkv(3, 2, queries, keys, 4, 2, 8)
+    new_k, new_v = (x[:, :, offset:offset + queries] for x in random_qkv(4, 2, keys, keys, 4, 2, 8)[1:])
+    (k8, v8, (k_scale, v_scale)), _ = int8_cache(k, v)
+    cache = {"k": k8, "v": v8, "k_scale": k_scale, "v_scale": v_scale}
+    key_mask = np.ones((2, keys), bool)
+    key_mask[0, :11] = False
+    key_mask[1, 5:9] = False
+    if keys > 1000:
+        monkeypatch.setattr(attention_module, "DENSE_LIMIT", queries * keys - 1)
+    out, written = jax.jit(attention_beside_cache)(q, new_k, new_v, cache, jnp.asarray(key_mask), offset)
+    expected = dict(cache)
+    for name, new in (("k", new_k), ("v", new_v)):
+        values, scale = quantized(new)
+        expected[name] = expected[name].at[:, :, offset:offset + queries].set(values)
+        expected[f"{name}_scale"] = expected[f"{name}_scale"].at[:, :, offset:offset + queries].set(scale)
+    for name in expected:
+        np.testing.assert_array_equal(np.asarray(written[name]), np.asarray(expected[name]), err_msg=name)
+    k_held, v_held = (dequantized(expected[n], expected[f"{n}_scale"], jnp.float32) for n in "kv")
+    dense = attention(q, k_held, v_held, jnp.asarray(key_mask), offset, implementation="dense")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- text, 8K+ tokens

@@ -121,6 +121,41 @@ def test_decode_rows_split_over_the_chips_keep_the_attention_weights_split(tmp_p
     assert not re.search(r"all-gather[^ ]* = [^\n]*bf16\[(1,)?(2560,20,128|20,128,2560)\]", decode_hlo)
 
 
+@needs_libtpu
+def test_int8_kv_cache_halves_the_decode_cache_on_v5e(tmp_path):
+    """`--kv-cache-dtype int8`: decode's KV cache arguments fall to (1 + 4 / head_dim) / 2 of the
+    bfloat16 cache's (a byte per number, a float32 scale per 128), everything else alike; the
+    decode kernel reads the int8 cache as it lies, with no bfloat16 copy of a layer's cache."""
+    layers, batch, kv_heads, length, head_dim, chips = 2, 2, 20, 1024, 128, 4
+    plans = {}
+    for name, extra in (("bfloat16", ()), ("int8", ("--kv-cache-dtype", "int8"))):
+        result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
+                          "--batch", str(batch), "--prompt-length", "16", "--max-length", str(length),
+                          "--dtype", "bfloat16", "--json", str(tmp_path / f"{name}.json"),
+                          "--dump-hlo", str(tmp_path / name), *extra)
+        assert result.returncode == 0, result.stderr
+        plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        plans[name]["decode_hlo"] = (tmp_path / name / "decode.txt").read_text()
+    assert "1008 new tokens, int8)" in result.stdout
+    assert (plans["bfloat16"]["kv_cache_dtype"], plans["int8"]["kv_cache_dtype"]) == (None, "int8")
+    decode = {name: next(p for p in plan["programs"] if p["name"] == "decode") for name, plan in plans.items()}
+    # 2 rows do not divide over 4 chips: the positions do (`kv_cache.cache_layout`).
+    bf16_cache = 2 * layers * batch * kv_heads * (length // chips) * head_dim * 2
+    int8_cache = bf16_cache - (decode["bfloat16"]["arguments"] - decode["int8"]["arguments"])
+    assert int8_cache / bf16_cache == pytest.approx((1 + 4 / head_dim) / 2, rel=1e-3)
+    roofline = {name: program["roofline"]["bytes"]["KV cache"] for name, program in decode.items()}
+    assert roofline["int8"] / roofline["bfloat16"] == pytest.approx((1 + 4 / head_dim) / 2)
+
+    layer_cache = rf"\[{batch},{kv_heads},{length // chips},{head_dim}\]"
+    int8_hlo = plans["int8"]["decode_hlo"]
+    assert re.search(r"= s8" + layer_cache, int8_hlo)
+    assert not re.search(r"= (bf16|f32)" + layer_cache, int8_hlo), "a layer's cache dequantized whole"
+    assert re.search(r"= bf16" + layer_cache, plans["bfloat16"]["decode_hlo"])
+    # The decode kernel, once per layer, as for the bfloat16 cache.
+    assert int8_hlo.count('custom_call_target="tpu_custom_call"') == \
+        plans["bfloat16"]["decode_hlo"].count('custom_call_target="tpu_custom_call"')
+
+
 def test_unsupported_target_is_a_one_line_error():
     result = run_plan("--target", "v5litepod-8")
     assert result.returncode == 2
@@ -351,6 +386,9 @@ def test_decode_roofline_counts_what_a_step_must_read():
         assert parts["routed experts"] == 2 * layers * touched * one_expert
         assert parts["embedding rows"] == 2 * batch * d
         assert parts["KV cache"] == 2 * 2 * layers * batch * 40 * kv_heads * head
+        # int8: a byte per number and a float32 scale per (row, kv head, position)
+        int8 = decode_step_bytes(SMALL, "bfloat16", batch, cache_length=40, kv_cache_dtype="int8")
+        assert int8["KV cache"] == 2 * layers * batch * 40 * kv_heads * (head + 4)
     assert decode_step_bytes(SMALL, "float32", 1, 40)["weights"] == 2 * decode_step_bytes(SMALL, "bfloat16", 1, 40)["weights"]
 
 

@@ -29,8 +29,8 @@ from aria_jax.sharding import LayoutError, check_layout
 
 import sharding_worker as worker
 from worker_jobs import Job
-from sharding_worker import (HOST_CASES, LAYOUTS, MOE_BACKENDS, NEW_TOKENS, SPLIT_ATTENTION_CASES, SPLIT_CACHE_LAYOUTS,
-                             TEXT_LAYOUT, TINY_RANDOM, layout_name)
+from sharding_worker import (HOST_CASES, INT8_CACHE_LAYOUTS, LAYOUTS, MOE_BACKENDS, NEW_TOKENS, SPLIT_ATTENTION_CASES,
+                             SPLIT_CACHE_LAYOUTS, TEXT_LAYOUT, TINY_RANDOM, layout_name)
 
 WORKER = os.path.abspath(worker.__file__)
 TIMEOUT = 240             # seconds, for every subprocess
@@ -38,7 +38,7 @@ LOGIT_TOLERANCE = 1e-5    # max |mesh - single device| <= LOGIT_TOLERANCE * max(
 NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512   # models/tiny-random
 
 # What the 8-device process runs (see sharding_worker.main_mesh).
-MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized"]
+MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized", "int8_cache"]
 
 
 def within_tolerance(diff: float, scale: float) -> bool:
@@ -73,13 +73,14 @@ def jobs():
 @pytest.fixture(scope="module")
 def reference(jobs):
     """The single-device run, in this process (while the subprocesses, started first, run):
-    multimodal tokens and logits, text-model logits.
+    multimodal tokens (with a float and an int8 KV cache) and logits, text-model logits.
     The multi-host run with 2 rows is compared with the first 2 rows: the same inputs (row 1 is
     the longest prompt, so both batches are padded alike), rows computed independently."""
     processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
     inputs = worker.build_inputs(processor)
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM)
     tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
+    int8_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None, kv_cache_dtype="int8")
     logits = np.asarray(model(**inputs).logits)
     rows = {}
     for _, num_rows in HOST_CASES:
@@ -95,8 +96,8 @@ def reference(jobs):
                                                                       group_size=worker.QUANTIZED_GROUP)
         quantized[scheme] = {"tokens": model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None),
                              "logits": np.asarray(model(**inputs).logits)}
-    return {"inputs": inputs, "tokens": tokens, "logits": logits, "rows": rows, "text_logits": text_logits,
-            "quantized": quantized}
+    return {"inputs": inputs, "tokens": tokens, "int8_tokens": int8_tokens, "logits": logits, "rows": rows,
+            "text_logits": text_logits, "quantized": quantized}
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +280,31 @@ def test_attention_over_a_split_cache_is_the_dense_one(mesh_results, case):
         assert run["kernel_max_diff"] <= 1e-5, run
     assert run["cache_diff"] == 0.0, "the new keys and values are written exactly where they belong"
     assert run["cache_spec"][2] == position_axes(layout), run["cache_spec"]
+
+
+@pytest.mark.parametrize("case", range(len(SPLIT_ATTENTION_CASES)))
+def test_attention_over_a_split_int8_cache_is_the_dense_one(mesh_results, case):
+    """The same cases over an int8 cache: each shard writes its new positions rounded, with their
+    scales (split like the keys), and attends what its cache holds, in dense, blockwise or the
+    decode kernel."""
+    run = mesh_results["split_cache"]["attention"][case]
+    assert run["int8_cache_names"] == ["k", "k_scale", "v", "v_scale"]
+    assert run["int8_cache_equal"], "the rounded keys, values and scales are written where they belong"
+    assert run["int8_scale_spec"] == run["cache_spec"][:3]
+    assert run["int8_max_diff"] <= 1e-5, run
+    if SPLIT_ATTENTION_CASES[case][5] <= 8:
+        assert run["int8_kernel_max_diff"] <= 1e-5, run
+
+
+@pytest.mark.parametrize("layout", INT8_CACHE_LAYOUTS, ids=layout_name)
+def test_int8_cache_generation_matches_single_device(mesh_results, reference, layout):
+    """Greedy generation with kv_cache_dtype="int8" on 8 devices, the cache's positions whole (the
+    generic cached attention) or split over the mesh, gives the one-CPU device's tokens (whose
+    decode attends beside the cache)."""
+    run = mesh_results["int8_cache"][layout_name(layout)]
+    positions = run["cache_spec"][2]
+    assert positions == (None if layout == (2, 2, 2) else "expert"), run["cache_spec"]
+    np.testing.assert_array_equal(np.array(run["tokens"]), reference["int8_tokens"])
 
 
 def test_decode_kernel_on_rows_and_heads_split_over_the_mesh(mesh_results):
