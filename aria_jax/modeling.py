@@ -26,7 +26,7 @@ from aria_jax.layers import (
     rope_cos_sin,
 )
 from aria_jax.kv_cache import pinned
-from aria_jax.quantization import dequantized
+from aria_jax.quantization import dequantized, project
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
 from aria_jax.self_attention import Attention
@@ -116,7 +116,10 @@ class TextDecoder(nn.Module):
         return self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,dv->...v", self.norm(hidden), adapted(self, "lm_head", dequantized(self.lm_head, self.dtype)))
+        lm_head = self.lm_head
+        if self.has_variable("lora", "lm_head_lora_a"):
+            lm_head = adapted(self, "lm_head", dequantized(lm_head, self.dtype))
+        return project(self.norm(hidden), lm_head, self.dtype)
 
     def cached_step(self, inputs_embeds, key_mask, position_ids, cache, cache_index):
         """Runs tokens through the decoder against the KV cache and appends them to it.

@@ -216,3 +216,20 @@ def dequantize_tree(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
     return {name: QuantizedArray(**child).dequantize(dtype) if is_quantized(child) and name not in keep
             else dequantize_tree(child, dtype, keep) if isinstance(child, dict) and not is_quantized(child) else child
             for name, child in params.items()}
+
+
+def project(x: jax.Array, weight, dtype) -> jax.Array:
+    """x (..., D) @ weight (D, N). A quantized weight's scales multiply the products, not the
+    weight (for int4, each group's partial sums): its values go into the matmul as stored,
+    converted, where XLA would otherwise multiply and keep a dequantized copy of a large weight
+    (lm_head's in decode). Many rows of int4 (their partial sums outgrow the weight) take the
+    weight dequantized."""
+    if not isinstance(weight, QuantizedArray):
+        return jnp.einsum("...d,dn->...n", x, weight.astype(dtype))
+    groups, (depth, width) = weight.scales.shape[0], weight.shape
+    rows = x.size // depth
+    if rows * groups > depth:
+        return jnp.einsum("...d,dn->...n", x, weight.dequantize(dtype))
+    values = weight.values.astype(dtype).reshape(groups, depth // groups, width)
+    partial = jnp.einsum("...gk,gkn->...gn", x.reshape(*x.shape[:-1], groups, depth // groups), values)
+    return jnp.einsum("...gn,gn->...n", partial, weight.scales.astype(dtype))

@@ -156,6 +156,34 @@ def test_int8_kv_cache_halves_the_decode_cache_on_v5e(tmp_path):
         plans["bfloat16"]["decode_hlo"].count('custom_call_target="tpu_custom_call"')
 
 
+@needs_libtpu
+def test_int8_weights_halve_the_params_and_are_dequantized_inside_their_matmuls(tmp_path):
+    """`--quantize int8`: the params count a byte per weight (and a float32 scale per output
+    column) in all and per chip; decode's program holds no bfloat16 copy of a weight (its
+    temporaries do not grow), and its experts still run in the grouped-matmul kernel."""
+    plans = {}
+    for name, extra in (("bfloat16", ()), ("int8", ("--quantize", "int8"))):
+        result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
+                          "--batch", "2", "--prompt-length", "16", "--max-length", "64", "--dtype", "bfloat16",
+                          "--json", str(tmp_path / f"{name}.json"), "--dump-hlo", str(tmp_path / name), *extra)
+        assert result.returncode == 0, result.stderr
+        plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        plans[name]["decode_hlo"] = (tmp_path / name / "decode.txt").read_text()
+    assert "int8 weights, bfloat16 compute" in result.stdout
+    assert plans["int8"]["quantization"] == {"scheme": "int8", "group_size": 128, "vision": False}
+    # the decoder's linear weights (all but the embedding, the router and the norms) and the
+    # vision tower stay in bfloat16: between a half and 60% of the bfloat16 params
+    assert 0.5 < plans["int8"]["params_in_all"] / plans["bfloat16"]["params_in_all"] < 0.6
+    assert 0.5 < plans["int8"]["params_per_chip"] / plans["bfloat16"]["params_per_chip"] < 0.65
+    decode = {name: next(p for p in plan["programs"] if p["name"] == "decode") for name, plan in plans.items()}
+    assert decode["int8"]["temporaries"] <= decode["bfloat16"]["temporaries"] + 2**20
+    assert decode["int8"]["roofline"]["bytes"]["routed experts"] < 0.51 * decode["bfloat16"]["roofline"]["bytes"][
+        "routed experts"]
+    assert re.search(r"s8\[2,16,2560,3328\]", plans["int8"]["decode_hlo"])       # (layers, experts / 4, D, 2F)
+    assert plans["int8"]["decode_hlo"].count("stacked_grouped_matmul") == \
+        plans["bfloat16"]["decode_hlo"].count("stacked_grouped_matmul")
+
+
 def test_unsupported_target_is_a_one_line_error():
     result = run_plan("--target", "v5litepod-8")
     assert result.returncode == 2

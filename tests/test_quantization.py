@@ -224,3 +224,18 @@ def test_quantized_conversion_round_trip(text_dir, tmp_path, scheme):
     with pytest.raises(CheckpointError, match="export the float conversion"):
         export_checkpoint(converted, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_projection_scales_the_products_as_the_weight(scheme, rows):
+    """`project` (lm_head): scales applied to the (grouped) products equal the matmul by the
+    dequantized weight, for a few rows and for many (which take the weight dequantized)."""
+    from aria_jax.quantization import project
+
+    rng = np.random.default_rng(7)
+    values, scales = Quantization(scheme, 16).quantize(rng.normal(size=(64, 48)), ("language_model", "lm_head"), (0,))
+    weight = QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
+    x = jnp.asarray(rng.normal(size=(2, rows, 64)), jnp.float32)
+    expected = jnp.einsum("btd,dn->btn", x, weight.dequantize(jnp.float32))
+    np.testing.assert_allclose(project(x, weight, jnp.float32), expected, atol=1e-5, rtol=1e-5)
