@@ -395,10 +395,13 @@ class MoE(nn.Module):
         d, e, f, s = cfg.hidden_size, cfg.moe_num_experts, cfg.intermediate_size, cfg.shared_expert_size
 
         def weight(name, shape, axes, num_expert_dims=0):
-            """The weight in the compute dtype; routed experts (num_expert_dims) stay quantized
-            unless an adapter is added to them: each backend dequantizes what it reads."""
+            """The weight in the compute dtype. Routed experts (num_expert_dims) stay quantized
+            for the backends that read some of them (CPU, GPU), unless an adapter is added to
+            them. On TPU the grouped matmul takes them all: dequantized here, where XLA fuses it
+            with taking the layer's slice out of the stacks."""
             value = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
-            if num_expert_dims and isinstance(value, QuantizedArray) and not self.has_variable("lora", name + "_lora_a"):
+            if (num_expert_dims and isinstance(value, QuantizedArray) and compile_platform() != "tpu"
+                    and not self.has_variable("lora", name + "_lora_a")):
                 return value
             return adapted(self, name, dequantized(value, self.dtype), num_expert_dims)
 
