@@ -60,7 +60,7 @@ def generate(args: argparse.Namespace) -> None:
     inputs = processor(text=chat_prompt(processor, args.prompt, len(args.image)), images=args.image or None,
                        max_image_size=args.max_image_size, split_image=args.split_image)
     check_sampling_options(args, inputs["input_ids"].shape[1], args.max_new_tokens)
-    model = load_model(args.model, multimodal, args.dtype)
+    model = load_model(args.model, multimodal, args.dtype, args.quantize)
     if not multimodal:
         inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
     for piece in model.stream(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -80,7 +80,7 @@ def chat(args: argparse.Namespace) -> None:
     if args.max_image_size is not None and args.max_image_size not in processor.allowed_sizes:
         allowed = ", ".join(str(size) for size in processor.allowed_sizes)
         raise UserError(f"max_image_size={args.max_image_size} is not allowed; use one of: {allowed}")
-    model = load_model(args.model, multimodal, args.dtype)
+    model = load_model(args.model, multimodal, args.dtype, args.quantize)
     interactive = sys.stdin.isatty()
     if interactive:
         enable_line_editing()
@@ -110,12 +110,12 @@ def check_sampling_options(args: argparse.Namespace, prompt_length: int, max_new
                   seed=args.seed, stop_strings=None)
 
 
-def load_model(model_dir: str, multimodal: bool, dtype: str):
+def load_model(model_dir: str, multimodal: bool, dtype: str, quantize: str | None = None):
     import aria_jax
 
     model_class = aria_jax.AriaForConditionalGeneration if multimodal else aria_jax.AriaTextForCausalLM
     with progress_line(f"loading {model_dir}"):
-        return model_class.from_pretrained(model_dir, dtype=dtype)
+        return model_class.from_pretrained(model_dir, dtype=dtype, quantize=quantize)
 
 
 @contextlib.contextmanager
@@ -348,6 +348,8 @@ def _add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, m
     command.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
     command.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                          help="parameter and compute dtype")
+    command.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                         help="quantize the decoder's weights while loading (int4 in groups of 128 inputs)")
     _add_kv_cache_dtype_option(command)
 
 

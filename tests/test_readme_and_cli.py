@@ -85,6 +85,23 @@ def test_generate_streams_the_answer_the_python_api_gives():
     assert result.stdout == processor.decode(answer, skip_special_tokens=True) + "\n"
 
 
+def test_generate_quantizes_as_the_python_api():
+    """`--quantize int4 --kv-cache-dtype int8`: the answer of from_pretrained(quantize="int4")
+    generating with an int8 cache."""
+    import aria_jax
+    from convert.cli import chat_prompt
+
+    result = run_cli("generate", "--model", TINY_MODEL, "--image", EXAMPLE_IMAGE, "--prompt", "Describe it.",
+                     "--max-new-tokens", "6", "--quantize", "int4", "--kv-cache-dtype", "int8")
+    assert result.returncode == 0, result.stderr
+    processor = aria_jax.AriaProcessor.from_pretrained(TINY_MODEL)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_MODEL, quantize="int4")
+    assert model.params["language_model"]["lm_head"]["values"].dtype == "int4"
+    inputs = processor(text=chat_prompt(processor, "Describe it.", 1), images=[EXAMPLE_IMAGE])
+    answer = "".join(model.stream(**inputs, max_new_tokens=6, kv_cache_dtype="int8"))
+    assert result.stdout == answer + "\n"
+
+
 def test_sampling_options_are_checked():
     result = run_cli("generate", "--model", TINY_MODEL, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0")
     assert result.returncode == 2
