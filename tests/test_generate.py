@@ -200,15 +200,13 @@ def test_greedy_100_tokens_batch_of_three_with_images(mm_pair):
 STEPS = 24
 
 
-def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
-    """Runs the decoder step by step against the KV cache exactly as generate.py does (prompt
-    at index 0, token i at index T + i - 1 with position prompt_len + i - 1), greedily, and
-    compares every step's logits with one uncached forward over prompt + generated tokens
-    (causal, so position t of the full forward is the uncached logits of the prefix up to t)."""
-    model = text_pair.no_eos    # no eos: every row runs all STEPS
+def greedy_cached_steps(model, ids, mask, cache=None):
+    """Prefill, then greedy decode steps against the KV cache exactly as generate.py runs them
+    (prompt at index 0, token i at index T + i - 1 with position prompt_len + i - 1), STEPS
+    tokens in all. `cache`: the empty stacked cache to prefill (default: float32). Returns each
+    step's logits, the tokens, and the per-layer cache."""
     config = model.config
     decoder = TextDecoder(config)
-    ids, mask = left_padded(8, (10, 3), config.vocab_size)
     batch, prompt = ids.shape
     cache_length = prompt + STEPS
     key_mask = jnp.concatenate([jnp.asarray(mask, bool), jnp.ones((batch, STEPS), bool)], axis=1)
@@ -225,15 +223,29 @@ def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
         return unrolled_cached_step(params, embeds, key_mask, positions, cache, index, config=config)
 
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = prefill_step(model.params, ids, positions, init_cache(config, batch, cache_length, jnp.float32))
+    if cache is None:
+        cache = init_cache(config, batch, cache_length, jnp.float32)
+    logits, cache = prefill_step(model.params, ids, positions, cache)
     cache = per_layer(cache, cache_length)
     step_logits, tokens = [], []
     for i in range(STEPS):
         step_logits.append(np.asarray(logits))
-        token = np.argmax(step_logits[-1], axis=-1)
-        tokens.append(token)
+        tokens.append(np.argmax(step_logits[-1], axis=-1))
         if i + 1 < STEPS:
-            logits, cache = step(model.params, token[:, None], (mask.sum(1) + i)[:, None], cache, prompt + i)
+            logits, cache = step(model.params, tokens[-1][:, None], (mask.sum(1) + i)[:, None], cache, prompt + i)
+    return step_logits, tokens, cache
+
+
+def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
+    """Runs the decoder step by step against the KV cache exactly as generate.py does (prompt
+    at index 0, token i at index T + i - 1 with position prompt_len + i - 1), greedily, and
+    compares every step's logits with one uncached forward over prompt + generated tokens
+    (causal, so position t of the full forward is the uncached logits of the prefix up to t)."""
+    model = text_pair.no_eos    # no eos: every row runs all STEPS
+    config = model.config
+    ids, mask = left_padded(8, (10, 3), config.vocab_size)
+    batch, prompt = ids.shape
+    step_logits, tokens, _ = greedy_cached_steps(model, ids, mask)
 
     full_ids = np.concatenate([ids, np.stack(tokens, axis=1)], axis=1)
     full_mask = np.concatenate([mask, np.ones((batch, STEPS), np.int64)], axis=1)
@@ -317,35 +329,13 @@ def test_int8_cache_logits_are_attention_over_rounded_keys_and_values(text_pair,
         monkeypatch.setattr(aria_jax.self_attention, "on_one_cpu", lambda: False)
     model = text_pair.no_eos
     config = model.config
-    decoder = TextDecoder(config)
     ids, mask = left_padded(8, (10, 3), config.vocab_size)
     batch, prompt = ids.shape
     cache_length = prompt + STEPS
-    key_mask = jnp.concatenate([jnp.asarray(mask, bool), jnp.ones((batch, STEPS), bool)], axis=1)
-
-    @jax.jit
-    def prefill_step(params, token_ids, positions, cache):
-        embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
-        return decoder.apply({"params": params}, embeds, key_mask, positions, cache, 0,
-                             method=TextDecoder.cached_step)
-
-    @jax.jit
-    def step(params, token_ids, positions, cache, index):
-        embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
-        return unrolled_cached_step(params, embeds, key_mask, positions, cache, index, config=config)
-
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     int8_cache = init_cache(config, batch, cache_length, jnp.float32, "int8")
     assert {name: buffer.dtype for name, buffer in int8_cache.items()} == \
         {"k": jnp.int8, "v": jnp.int8, "k_scale": jnp.float32, "v_scale": jnp.float32}
-    logits, cache = prefill_step(model.params, ids, positions, int8_cache)
-    cache = per_layer(cache, cache_length)
-    step_logits, tokens = [], []
-    for i in range(STEPS):
-        step_logits.append(np.asarray(logits))
-        tokens.append(np.argmax(step_logits[-1], axis=-1))
-        if i + 1 < STEPS:
-            logits, cache = step(model.params, tokens[-1][:, None], (mask.sum(1) + i)[:, None], cache, prompt + i)
+    step_logits, tokens, cache = greedy_cached_steps(model, ids, mask, int8_cache)
     assert cache[0]["k"].dtype == jnp.int8 and cache[0]["k_scale"].shape == (batch, config.num_key_value_heads,
                                                                              cache_length)
 
