@@ -356,6 +356,24 @@ def test_sharded_export(mm_f32, mm_f32_converted, mm_f32_exported, mm_f32_refere
 
 # ----------------------------------------------------------------------------- restoring
 
+def test_cli_converts_quantized_and_export_refuses_it(mm_f32, tmp_path, capsys):
+    """`aria-jax convert --quantize int8`: the manifest says so, the model loads as stored (the
+    arrays of quantizing while reading the hub files), and `aria-jax export` refuses it in one line."""
+    import aria_jax
+
+    destination = tmp_path / "int8"
+    result = run_main(capsys, "convert", "--quiet", "--quantize", "int8", mm_f32, str(destination))
+    assert result.returncode == 0, result.stderr
+    assert load_json(destination / MANIFEST)["quantization"] == {"scheme": "int8", "group_size": 128, "vision": False}
+    stored = aria_jax.AriaForConditionalGeneration.from_pretrained(destination).params
+    from_hub = aria_jax.AriaForConditionalGeneration.from_pretrained(mm_f32, quantize="int8").params
+    assert stored["language_model"]["layers"]["mlp"]["experts_gate_up"]["values"].dtype == np.int8
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stored, from_hub)
+    assert_one_line_error(run_main(capsys, "export", "--quiet", str(destination), str(tmp_path / "hub")),
+                          "export the float conversion")
+    assert not (tmp_path / "hub").exists()
+
+
 def test_from_pretrained_converted_equals_hub(mm_f32, mm_f32_converted):
     hub = aria_jax.AriaForConditionalGeneration.from_pretrained(mm_f32)
     converted = aria_jax.AriaForConditionalGeneration.from_pretrained(mm_f32_converted)
