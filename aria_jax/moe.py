@@ -210,12 +210,15 @@ def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same,
     `layer`: as in `routed_experts_gathered`. Quantized experts on GPU take the CPU's backends:
     the grouped matmul would take a layer's experts dequantized, a float copy of them all (which
     the compiler hoists out of decode's loop, for every layer at once), and XLA:GPU multiplies
-    every row by every expert."""
+    every row by every expert. For many pairs the loop reads the layer's experts dequantized
+    once: on int4 blocks XLA:GPU lays the whole stack of experts out again for its matmuls."""
     few_pairs = expert_ids.size < gate_up.shape[-3] // 4
     if compile_platform() in ("gpu", "cuda") and isinstance(gate_up, QuantizedArray) and sum_hidden is _same:
         if few_pairs:
             return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
-        return routed_experts_looped(x, weights, expert_ids, gate_up, down, layer)
+        if layer is not None:
+            gate_up, down = gate_up[layer], down[layer]
+        return routed_experts_looped(x, weights, expert_ids, dequantized(gate_up, x.dtype), dequantized(down, x.dtype))
     if compile_platform() != "cpu" or (sum_hidden is not _same and not few_pairs):
         # the grouped matmul; on CPU too when a collective completes the up-projection, which
         # cannot run inside the looped backend's loops of data-dependent length
