@@ -252,7 +252,7 @@ def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, comp
     # what each stored param becomes: {path: (shape, dtype)}, two entries for a quantized one
     stored_as: dict[Path, dict[Path, tuple[tuple[int, ...], jnp.dtype]]] = {}
     for p, shape in flat_shapes.items():
-        axes = quantization.input_axes(p, shape) if quantization else None
+        axes = quantization.input_axes(p) if quantization else None
         stored_as[p] = {p: (shape, dtype)} if axes is None else {
             p + ("values",): (shape, quantization.storage_dtype),
             p + ("scales",): (quantization.scales_shape(p, shape, axes), jnp.dtype(jnp.float32))}
@@ -294,8 +294,7 @@ def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, comp
             if p not in quantized or manifest.quantization is not None:
                 values[p] = value
                 continue
-            stacked = piece.layer is not None
-            axes = tuple(axis - stacked for axis in quantization.input_axes(p, flat_shapes[p]))
+            axes = quantization.input_axes(p, one_layer=piece.layer is not None)
             for part, array in zip(("values", "scales"), quantization.quantize(value, p, axes)):
                 q = p + (part,)
                 values[q] = jax.make_array_from_callback(array.shape, leaf_sharding[q], lambda index, a=array: a[index])

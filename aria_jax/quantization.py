@@ -64,15 +64,16 @@ class Quantization:
     def to_json(self) -> dict:
         return {"scheme": self.scheme, "group_size": self.group_size, "vision": self.vision}
 
-    def input_axes(self, path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        """The axes of param `path` (its full shape, layer axis included) that its matmul
-        contracts, or None if this quantization leaves it alone."""
+    def input_axes(self, path: tuple[str, ...], one_layer: bool = False) -> tuple[int, ...] | None:
+        """The axes of param `path` that its matmul contracts (in the whole param, layer axis
+        included; with `one_layer`, in one layer's slice of it), or None if this quantization
+        leaves it alone."""
         from aria_jax.weights import RULE_FOR_PATH, is_stacked
 
         rule = RULE_FOR_PATH.get(path)
         if rule is None or (path[0] != "language_model" and not self.vision) or path[-1] == "router":
             return None
-        first = 1 if is_stacked(path) else 0
+        first = 1 if is_stacked(path) and not one_layer else 0
         if rule.layout.kind == "linear":
             return tuple(range(first, first + rule.layout.linear_in_dims))
         if path[-1] in ("experts_gate_up", "experts_down"):     # (E, in, out) per layer
@@ -171,7 +172,7 @@ def quantize_params(params: dict, quantization: Quantization | None, component: 
     def walk(node, path):
         if isinstance(node, dict):
             return {name: walk(child, path + (name,)) for name, child in node.items()}
-        axes = quantization.input_axes(prefix + path, node.shape)
+        axes = quantization.input_axes(prefix + path)
         if axes is None:
             return node
         values, scales = quantization.quantize(np.asarray(node), prefix + path, axes)
@@ -191,7 +192,7 @@ def quantized_shapes(boxed_shapes: dict, quantization: Quantization | None) -> d
         if isinstance(node, dict):
             return {name: walk(child, path + (name,)) for name, child in node.items()}
         shape = node.value.shape
-        axes = quantization.input_axes(path, shape)
+        axes = quantization.input_axes(path)
         if axes is None:
             return node
         scales = quantization.scales_shape(path, shape, axes)

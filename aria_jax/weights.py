@@ -436,7 +436,7 @@ def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree
     flat = {}
     for path, sources in plan.items():
         shape = flat_shapes[path]
-        input_axes = quantization.input_axes(path, shape) if quantization else None
+        input_axes = quantization.input_axes(path) if quantization else None
         if input_axes is None:
             flat[path] = placed(path, shape, lambda index, s=sources, sh=shape: read_param(checkpoint, s, sh, dtype, index))
             continue

@@ -109,7 +109,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     model = ModelLayout.of(directory)
     plan = plan_load(checkpoint, model.flat_shapes, model.components)
     for path, shape in model.flat_shapes.items() if quantization else ():   # a bad group size fails before writing
-        if (input_axes := quantization.input_axes(path, shape)) is not None:
+        if (input_axes := quantization.input_axes(path)) is not None:
             quantization.scales_shape(path, shape, input_axes)
     keys = [s.key for sources in plan.values() for s in sources]
     source_dtypes = [checkpoint.file_of[key].dtype(key) for key in keys]
@@ -137,10 +137,9 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             shape = model.flat_shapes[path][1:] if layer is not None else model.flat_shapes[path]
             param = found.rule.layout.to_param(tensor, shape)
             bar.update(tensor.nbytes)
-            input_axes = quantization.input_axes(path, model.flat_shapes[path]) if quantization else None
+            input_axes = quantization.input_axes(path, one_layer=layer is not None) if quantization else None
             if input_axes is not None:
-                in_layer = tuple(axis - (layer is not None) for axis in input_axes)
-                return dict(zip(("values", "scales"), quantization.quantize(param, path, in_layer)))
+                return dict(zip(("values", "scales"), quantization.quantize(param, path, input_axes)))
             narrower = target.itemsize < param.dtype.itemsize
             return param.astype(target) if narrower else np.ascontiguousarray(param)
 
