@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from aria_jax.quantization import QuantizedArray
+from aria_jax.quantization import QuantizedArray, array_bytes
 
 ROW_ALIGN = 8        # sublanes: rows are padded to a multiple
 LANE = 128
@@ -101,14 +101,13 @@ def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array | QuantizedArray,
     rows = jnp.pad(rows, ((0, padded_rows - num_rows), (0, 0)))
     block = column_block(width)
     offsets, active, count = group_order(group_sizes)
-    weight_bits = jnp.iinfo(weights.dtype).bits if scales else 8 * weights.dtype.itemsize
-    scale_bytes = sum(s.size // (num_layers * num_groups) * s.dtype.itemsize for s in scales)
+    # one group's weights (and scales) as the chip holds them, int4 packed two to a byte
+    group_bytes = sum(array_bytes(w.shape[2:], w.dtype) for w in (weights, *scales))
     touched = min(num_groups, num_rows)     # at most one group per row
     cost = pl.CostEstimate(
         flops=2 * padded_rows * depth * width * touched,
         transcendentals=0,
-        bytes_accessed=touched * (depth * width * weight_bits // 8 + scale_bytes)
-        + (padded_rows * depth + padded_rows * width) * rows.dtype.itemsize,
+        bytes_accessed=touched * group_bytes + (padded_rows * depth + padded_rows * width) * rows.dtype.itemsize,
     )
     expert_block = lambda column, step, offsets, active, count: (layer, active[step], 0, column)  # noqa: E731
     out = pl.pallas_call(

@@ -24,6 +24,7 @@ quantizes (hub loading, converted checkpoints, `quantize_params`), so they agree
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -206,17 +207,17 @@ def array_bytes(shape: tuple[int, ...], dtype) -> int:
     """Bytes an array takes on an accelerator, which packs int4 two to a byte."""
     dtype = jnp.dtype(dtype)
     bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
-    count = 1
-    for size in shape:
-        count *= size
-    return -(-count * bits // 8)
+    return -(-math.prod(shape) * bits // 8)
 
 
 def dequantize_tree(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
     """A params tree with its quantized weights in `dtype`, but those named in `keep`."""
-    return {name: QuantizedArray(**child).dequantize(dtype) if is_quantized(child) and name not in keep
-            else dequantize_tree(child, dtype, keep) if isinstance(child, dict) and not is_quantized(child) else child
-            for name, child in params.items()}
+    def entry(name, child):
+        if is_quantized(child):
+            return child if name in keep else QuantizedArray(**child).dequantize(dtype)
+        return dequantize_tree(child, dtype, keep) if isinstance(child, dict) else child
+
+    return {name: entry(name, child) for name, child in params.items()}
 
 
 def project(x: jax.Array, weight, dtype) -> jax.Array:
