@@ -10,7 +10,7 @@ from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.decode_attention import decode_attention_stats
-from aria_jax.kv_cache import at_position, dequantized, entries, readable
+from aria_jax.kv_cache import at_position, entries, from_int8, readable
 from aria_jax.sharding import compile_platform, mesh_axes_for
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
@@ -38,7 +38,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, que
               scales: tuple[jax.Array, jax.Array] | None = None, implementation: str = "auto",
               block: int = BLOCK) -> jax.Array:
     """q: (B, T, N, H); k, v: (B, K, S, H) with K dividing N; key_mask (B, S) True = a key to attend.
-    `scales`: (k_scale, v_scale) of (B, K, S) when k and v are an int8 cache's (`kv_cache.quantized`):
+    `scales`: (k_scale, v_scale) of (B, K, S) when k and v are an int8 cache's (`kv_cache.to_int8`):
     key s of head k is k[:, k, s] * k_scale[:, k, s], and so are the values.
 
     `query_offset` None: every query may attend every valid key (vision tower, projector). An int
@@ -74,7 +74,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, que
             raise ValueError(f"flash attention takes self-attention of a whole sequence: not {num_queries} queries "
                              f"at offset {query_offset} over {num_keys} keys")
         if scales is not None:      # a prompt's keys, at prefill: the kernel takes them in the compute dtype
-            k, v = dequantized(k, scales[0], q.dtype), dequantized(v, scales[1], q.dtype)
+            k, v = from_int8(k, scales[0], q.dtype), from_int8(v, scales[1], q.dtype)
         return flash_attention(q, k, v, key_mask, causal=query_offset is not None)
     if implementation == "decode":
         if not decode_applies(num_queries, query_offset):

@@ -10,7 +10,7 @@ index repeats, which the pipeline does not copy twice). The result is the softma
 (max, sum, unnormalized values) of `attention.dense_stats`, so that callers normalize them or
 merge them over a cache whose positions are split over the mesh.
 
-An int8 cache (`kv_cache.quantized`) streams through as int8, with its (B, K, S) scales beside
+An int8 cache (`kv_cache.to_int8`) streams through as int8, with its (B, K, S) scales beside
 it: a block is converted to the queries' dtype in VMEM, its key scales multiply the scores and
 its value scales the probabilities, so HBM is read once, at one byte per number.
 """

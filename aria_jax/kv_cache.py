@@ -70,11 +70,11 @@ def init_cache(config: AriaTextConfig, batch: int, length: int, dtype, kv_cache_
     return _zeros((config.num_hidden_layers, batch), config, length, dtype, kv_cache_dtype)
 
 
-def is_quantized(layer_cache: dict) -> bool:
+def holds_int8(layer_cache: dict) -> bool:
     return "k_scale" in layer_cache
 
 
-def quantized(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def to_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(..., H) -> int8 (..., H) and float32 scales (...): per vector, symmetric absmax over H,
     scale = absmax / 127 (1 for a zero vector), values round(x / scale) in [-127, 127]."""
     x = x.astype(jnp.float32)
@@ -84,23 +84,23 @@ def quantized(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return values, scale
 
 
-def dequantized(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+def from_int8(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     return (values.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def entries(layer_cache: dict, key: jax.Array, value: jax.Array) -> dict:
     """New keys and values (B, K, T, H) in the form `layer_cache` stores them: cast to its dtype,
     or int8 with their scales (B, K, T)."""
-    if not is_quantized(layer_cache):
+    if not holds_int8(layer_cache):
         return {"k": key.astype(layer_cache["k"].dtype), "v": value.astype(layer_cache["v"].dtype)}
-    (k, k_scale), (v, v_scale) = quantized(key), quantized(value)
+    (k, k_scale), (v, v_scale) = to_int8(key), to_int8(value)
     return {"k": k, "v": v, "k_scale": k_scale, "v_scale": v_scale}
 
 
 def readable(layer_cache: dict, dtype) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
     """(keys, values, scales) as `attention.attention` takes them: keys and values in `dtype`,
     scales None; or int8 keys and values with their (k_scale, v_scale)."""
-    if not is_quantized(layer_cache):
+    if not holds_int8(layer_cache):
         return layer_cache["k"].astype(dtype), layer_cache["v"].astype(dtype), None
     return layer_cache["k"], layer_cache["v"], (layer_cache["k_scale"], layer_cache["v_scale"])
 

@@ -366,17 +366,17 @@ def split_int8_cache(layout, q, new, cache, mask, index, attends) -> dict:
 
     import aria_jax
     from aria_jax import attention, context_parallel
-    from aria_jax.kv_cache import dequantized, quantized
+    from aria_jax.kv_cache import from_int8, to_int8
 
     int8 = {}
     for n in "kv":
-        int8[n], int8[f"{n}_scale"] = quantized(cache[n])
+        int8[n], int8[f"{n}_scale"] = to_int8(cache[n])
     expected_cache = dict(int8)
     for n in "kv":
-        values, scale = quantized(new[n])
+        values, scale = to_int8(new[n])
         expected_cache[n] = jax.lax.dynamic_update_slice(int8[n], values, (0, 0, index, 0))
         expected_cache[f"{n}_scale"] = jax.lax.dynamic_update_slice(int8[f"{n}_scale"], scale, (0, 0, index))
-    held = [dequantized(expected_cache[n], expected_cache[f"{n}_scale"], jnp.float32) for n in "kv"]
+    held = [from_int8(expected_cache[n], expected_cache[f"{n}_scale"], jnp.float32) for n in "kv"]
     expected = np.asarray(attention.attention(q, *held, jnp.asarray(mask), index, implementation="dense"))
     with jax.set_mesh(aria_jax.make_mesh(*layout)):
         out, written = jax.jit(context_parallel.attention_over_split_cache)(

@@ -269,7 +269,7 @@ ROUNDING_NOISE = 1e-3    # steps of a scale: how far float32 noise may move a nu
 def float64_attention_over_int8_cache(cache: list[dict], checked: list):
     """A stand-in for `attention.attention` in an uncached forward over the tokens an int8 `cache`
     holds (one dict per layer, as decode left it): causal attention in float64 numpy, over keys and
-    values rounded per (row, kv head, position) as `kv_cache.quantized` rounds them. Scales are
+    values rounded per (row, kv head, position) as `kv_cache.to_int8` rounds them. Scales are
     absmax / 127 of this forward's own keys and values, in float64. The integers are the cache's,
     once checked to be this forward's numbers rounded to the nearest step: the two forwards differ
     by float32 noise, which may round a number within ROUNDING_NOISE of a tie the other way (as

@@ -41,7 +41,7 @@ from aria_jax.attention import (
 )
 from aria_jax.decode_attention import decode_attention_stats, head_block
 from aria_jax.generator import check_request
-from aria_jax.kv_cache import PREFILL_CHUNK, dequantized, prompt_bucket, quantized
+from aria_jax.kv_cache import PREFILL_CHUNK, from_int8, prompt_bucket, to_int8
 from aria_jax.modeling import IMAGE_GROUP
 
 LONG_CONTEXT = 65536   # max_position_embeddings of the models here (Aria's own context)
@@ -244,20 +244,20 @@ def test_int8_rounding_per_vector():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, 50, 16)).astype(np.float32) * rng.uniform(0.01, 100, size=(2, 3, 50, 1))
     x[0, 1, 7] = 0.0
-    values, scale = map(np.asarray, quantized(jnp.asarray(x)))
+    values, scale = map(np.asarray, to_int8(jnp.asarray(x)))
     assert values.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (2, 3, 50)
     assert scale[0, 1, 7] == 1.0 and not values[0, 1, 7].any()
     nonzero = np.abs(x).max(axis=-1) > 0
     np.testing.assert_allclose(scale[nonzero], np.abs(x).max(axis=-1)[nonzero] / 127, rtol=1e-6)
     np.testing.assert_array_equal(np.abs(values).max(axis=-1)[nonzero], 127)
-    error = np.abs(np.asarray(dequantized(jnp.asarray(values), jnp.asarray(scale), jnp.float32)) - x)
+    error = np.abs(np.asarray(from_int8(jnp.asarray(values), jnp.asarray(scale), jnp.float32)) - x)
     assert (error <= scale[..., None] * (0.5 + 1e-5)).all()
 
 
 def int8_cache(k, v):
     """Random keys and values as an int8 cache holds them, and the float keys and values it gives back."""
-    (k8, k_scale), (v8, v_scale) = quantized(k), quantized(v)
-    return (k8, v8, (k_scale, v_scale)), (dequantized(k8, k_scale, jnp.float32), dequantized(v8, v_scale, jnp.float32))
+    (k8, k_scale), (v8, v_scale) = to_int8(k), to_int8(v)
+    return (k8, v8, (k_scale, v_scale)), (from_int8(k8, k_scale, jnp.float32), from_int8(v8, v_scale, jnp.float32))
 
 
 @pytest.mark.parametrize("implementation, case", [
@@ -336,12 +336,12 @@ def test_attention_beside_an_int8_cache_is_attention_over_the_written_cache(quer
     out, written = jax.jit(attention_beside_cache)(q, new_k, new_v, cache, jnp.asarray(key_mask), offset)
     expected = dict(cache)
     for name, new in (("k", new_k), ("v", new_v)):
-        values, scale = quantized(new)
+        values, scale = to_int8(new)
         expected[name] = expected[name].at[:, :, offset:offset + queries].set(values)
         expected[f"{name}_scale"] = expected[f"{name}_scale"].at[:, :, offset:offset + queries].set(scale)
     for name in expected:
         np.testing.assert_array_equal(np.asarray(written[name]), np.asarray(expected[name]), err_msg=name)
-    k_held, v_held = (dequantized(expected[n], expected[f"{n}_scale"], jnp.float32) for n in "kv")
+    k_held, v_held = (from_int8(expected[n], expected[f"{n}_scale"], jnp.float32) for n in "kv")
     dense = attention(q, k_held, v_held, jnp.asarray(key_mask), offset, implementation="dense")
     np.testing.assert_allclose(np.asarray(out), np.asarray(dense), rtol=0, atol=2e-6)
 
