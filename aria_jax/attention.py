@@ -10,7 +10,7 @@ from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.decode_attention import decode_attention_stats
-from aria_jax.kv_cache import at_position, entries, from_int8, readable
+from aria_jax.kv_cache import entries, from_int8, furthest, is_per_row, readable, written
 from aria_jax.sharding import compile_platform, mesh_axes_for
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
@@ -259,7 +259,8 @@ def stats_by_size(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
 
 def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, key_mask: jax.Array,
                            cache_index) -> tuple[jax.Array, dict]:
-    """Causal attention of q (B, T, N, H) at sequence index `cache_index` to the valid keys the
+    """Causal attention of q (B, T, N, H) at sequence index `cache_index` (or one per row,
+    `kv_cache.is_per_row`) to the valid keys the
     layer cache {"k", "v"} (B, K, S, H) holds before it and to its own k, v (B, K, T, H), which
     are written to the cache after (an int8 cache's: rounded as written, and attended so).
     Returns ((B, T, N, H), cache). For one CPU device: XLA:CPU reads a cache just written through
@@ -267,20 +268,22 @@ def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict
     where data flows from them, else it copies the buffer: a decode step copied every layer's
     cache several times."""
     num_queries, num_keys = q.shape[1], cache["k"].shape[2]
-    before = key_mask.astype(bool) & (jnp.arange(num_keys) < cache_index)
+    row_index = cache_index[:, None] if is_per_row(cache_index) else cache_index
+    before = key_mask.astype(bool) & (jnp.arange(num_keys) < row_index)
     keys, values, scales = readable(cache, q.dtype)
-    cached = stats_by_size(q, keys, values, before, cache_index, scales=scales)
+    cached = stats_by_size(q, keys, values, before, furthest(cache_index), scales=scales)
     new = entries(cache, k, v)
-    own_mask = jax.lax.dynamic_slice_in_dim(key_mask, cache_index, num_queries, axis=1)
+    if is_per_row(cache_index):
+        own_mask = jnp.take_along_axis(key_mask, row_index + jnp.arange(num_queries), axis=1)
+    else:
+        own_mask = jax.lax.dynamic_slice_in_dim(key_mask, cache_index, num_queries, axis=1)
     own_keys, own_values, own_scales = readable(new, q.dtype)
-    own = dense_stats(q, own_keys, own_values, own_mask, cache_index, cache_index, own_scales)
+    own = dense_stats(q, own_keys, own_values, own_mask, 0, 0, own_scales)
     _, running_sum, values = combined([cached, own])
     # Each write at cache_index as data from the reads of its buffer: the sum read the keys (and
     # their scales), the values the values (and no number exceeds infinity, NaN included).
     read_by = {"k": cached[1], "v": cached[2]}
-    cache = {name: jax.lax.dynamic_update_slice(
-                 buffer, new[name],
-                 at_position(cache_index + jnp.any(read_by[name[0]] > jnp.inf).astype(jnp.int32), buffer.ndim))
+    cache = {name: written({name: buffer}, new, cache_index + jnp.any(read_by[name[0]] > jnp.inf).astype(jnp.int32))[name]
              for name, buffer in cache.items()}
     return normalized(running_sum, values, q.dtype), cache
 

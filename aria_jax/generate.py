@@ -51,7 +51,8 @@ class DecodeState:
 
 def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
     """logits (B, V) -> token ids (B,). Top-k, then top-p on what is left, then a categorical
-    draw from softmax(logits / temperature) with a key from (row seed, step). The sorts over the
+    draw from softmax(logits / temperature) with a key from (row seed, step): `step` is the
+    index of the token drawn, for every row or one per row (B,). The sorts over the
     vocabulary are skipped when every row is greedy (they cost as much as a layer on CPU)."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -80,7 +81,7 @@ def _sampled_tokens(logits: jax.Array, greedy: jax.Array, step: jax.Array, sampl
     smallest_kept = jnp.take_along_axis(descending, (kept - 1)[:, None], axis=-1)
     scaled = jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
 
-    keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(seed_keys(sampling.seed))
+    keys = jax.vmap(jax.random.fold_in)(seed_keys(sampling.seed), jnp.broadcast_to(step, sampling.temperature.shape))
     sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(sampling.temperature > 0, sampled, greedy)
 
@@ -162,22 +163,28 @@ def _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk: i
     return logits[-1], cache
 
 
+def decode_params(text_params, config: AriaTextConfig, dtype):
+    """(params, layers) for a loop of decode steps: `unrolled_cached_step`'s params and `layers`.
+
+    XLA:CPU copies a layer's weights out of the stacks for each matmul that reads them, at every
+    step (a TPU's matmuls read them in place). On one CPU device they are taken out once, ahead
+    of the steps, and read where they lie, for one copy of the layers' weights (but the routed
+    experts') per call. Quantized ones are dequantized there too: XLA:CPU would convert them at
+    every step (its matmuls read float operands); the routed experts stay quantized, and each
+    step dequantizes only those its tokens chose. Elsewhere: the params as they are, no layers."""
+    if not on_one_cpu():
+        return text_params, None
+    layers = [dequantize_tree(layer_params(text_params, index), dtype, keep=STACKED_IN_DECODE)
+              for index in range(config.num_hidden_layers)]
+    return dequantize_tree({name: part for name, part in text_params.items() if name != "layers"}, dtype), layers
+
+
 def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling: Sampling, stop_ids, *,
            config: AriaTextConfig, prompt_len: int, dtype=jnp.float32) -> DecodeState:
     """Up to `num_steps` more tokens, stopping early at `max_new_tokens` or when every row is done."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     last_step = jnp.minimum(state.step + num_steps, max_new_tokens)
-    layers = None
-    if on_one_cpu():
-        # XLA:CPU copies a layer's weights out of the stacks for each matmul that reads them, at
-        # every step (a TPU's matmuls read them in place). Taken out once, ahead of the steps,
-        # they are read where they lie, for one copy of the layers' weights (but the routed
-        # experts') per call. Quantized ones are dequantized there too: XLA:CPU would convert
-        # them at every step (its matmuls read float operands); the routed experts stay
-        # quantized, and each step dequantizes only those its tokens chose.
-        layers = [dequantize_tree(layer_params(text_params, index), dtype, keep=STACKED_IN_DECODE)
-                  for index in range(config.num_hidden_layers)]
-        text_params = dequantize_tree({name: part for name, part in text_params.items() if name != "layers"}, dtype)
+    text_params, layers = decode_params(text_params, config, dtype)
 
     def keep_going(state):
         return (state.step < last_step) & ~jnp.all(state.done)

@@ -111,9 +111,29 @@ def at_position(index, ndim: int) -> tuple:
 
 
 def written(layer_cache: dict, new: dict, index) -> dict:
-    """`layer_cache` with the `entries` `new` written at sequence index `index`."""
-    return {name: jax.lax.dynamic_update_slice(buffer, new[name], at_position(index, buffer.ndim))
-            for name, buffer in layer_cache.items()}
+    """`layer_cache` with the `entries` `new` written at sequence index `index`: one for every
+    row, or one per row (B,) (`is_per_row`)."""
+    if not is_per_row(index):
+        return {name: jax.lax.dynamic_update_slice(buffer, new[name], at_position(index, buffer.ndim))
+                for name, buffer in layer_cache.items()}
+
+    def in_row(buffer, update, row_index):      # a row's (K, S, H) buffer or (K, S) scales
+        return jax.lax.dynamic_update_slice(buffer, update, at_position(row_index, buffer.ndim + 1)[1:])
+
+    return {name: jax.vmap(in_row)(buffer, new[name], index) for name, buffer in layer_cache.items()}
+
+
+def is_per_row(cache_index) -> bool:
+    """A cache index is one sequence index for every row, or one per row (B,): continuous
+    batching's rows each write their single new token at their own place (`aria_jax.slots`).
+    With one per row, the key mask marks for each row only the keys at or before its index,
+    so that causal attention may take the furthest row's index for all (`furthest`)."""
+    return jnp.ndim(cache_index) == 1
+
+
+def furthest(cache_index):
+    """The sequence index causal attention takes: the cache index, or the largest of one per row."""
+    return jnp.max(cache_index) if is_per_row(cache_index) else cache_index
 
 
 def cache_layout(shape: tuple[int, ...], mesh) -> P:

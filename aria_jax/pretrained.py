@@ -7,6 +7,7 @@ leaves the model untouched), and call jitted functions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from aria_jax.checkpoint import Manifest, is_converted, loaded_quantization, restore_params
 from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
-from aria_jax.generator import Generator, RequestError, check_request, shorten
+from aria_jax.generator import Generator, Request, RequestError, check_request, shorten
 from aria_jax.modeling import (
     TextDecoder, init_multimodal_params, init_text_params, multimodal_apply, multimodal_param_shapes,
     text_forward, text_param_shapes,
@@ -76,6 +77,18 @@ def load_or_restore(weights: HubCheckpoint | str, config, boxed_shapes: dict, dt
     return restore_params(weights, shapes, dtype, components, sharding_for, quantization)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A generation request checked on the host (`_Pretrained.prompt`), ready to embed."""
+
+    ids: np.ndarray                 # (B, T) the prompt as given
+    padded_ids: np.ndarray          # (B, bucket) left-padded (`Generator.pad_prompt`)
+    padded_mask: np.ndarray         # (B, bucket)
+    pixel_values: np.ndarray | None  # checked, crops padded to a power of two
+    pixel_mask: np.ndarray | None
+    request: Request
+
+
 class _Pretrained:
     """What both model classes share: dtype, tokenizer, input checks, generate and stream."""
 
@@ -98,8 +111,22 @@ class _Pretrained:
 
         return AriaTokenizer.from_pretrained(directory)
 
-    def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
+    def _checked_images(self, ids, pixel_values, pixel_mask):
+        """pixel_values and pixel_mask checked against the image tokens of `ids`, crops padded."""
         raise NotImplementedError
+
+    def _embedded(self, ids, pixel_values, pixel_mask):
+        raise NotImplementedError
+
+    @property
+    def text_params(self):
+        """The decoder's params: what `generator`'s prefill and decode take."""
+        return self._text_params
+
+    @property
+    def generator(self) -> Generator:
+        """The compiled prefill and decode, and the host loop that `generate` and `stream` run."""
+        return self._generator
 
     def generation_functions(self) -> tuple:
         """The jitted functions `generate` and `stream` call, in order: the prompt embedding
@@ -107,16 +134,26 @@ class _Pretrained:
         compiles these very functions."""
         return self._embed_prompt, self._generator.prefill, self._generator.decode
 
-    def _prepare(self, input_ids, attention_mask, pixel_values, pixel_mask, settings):
-        """Checks the request, pads the prompt to its bucket and embeds it (images merged)."""
+    def prompt(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, **settings) -> Prompt:
+        """Checks a generation request on the host (`generate`'s arguments; a bad one raises
+        `RequestError` naming it) and pads its prompt to the bucket, without running anything."""
         ids, mask, _ = self._check_text(input_ids, attention_mask, None)
         empty_rows = np.flatnonzero(~mask.any(axis=1))
         if empty_rows.size:
             raise RequestError(f"attention_mask row {empty_rows[0]} is all zeros: that row has no prompt to answer")
         request = check_request(ids.shape[0], ids.shape[1], self.text_config, self.tokenizer, **settings)
+        pixel_values, pixel_mask = self._checked_images(ids, pixel_values, pixel_mask)
         padded_ids, padded_mask = self._generator.pad_prompt(ids, mask)
-        embeds = self._prompt_embeddings(padded_ids, padded_mask, pixel_values, pixel_mask)
-        return ids, embeds, padded_mask, request
+        return Prompt(ids, padded_ids, padded_mask, pixel_values, pixel_mask, request)
+
+    def prompt_embeddings(self, prompt: Prompt) -> jax.Array:
+        """The padded prompt's embeddings (B, T, D), image features in place of image tokens."""
+        return self._embedded(prompt.padded_ids, prompt.pixel_values, prompt.pixel_mask)
+
+    def _prepare(self, input_ids, attention_mask, pixel_values, pixel_mask, settings):
+        """Checks the request, pads the prompt to its bucket and embeds it (images merged)."""
+        prompt = self.prompt(input_ids, attention_mask, pixel_values, pixel_mask, **settings)
+        return prompt.ids, self.prompt_embeddings(prompt), prompt.padded_mask, prompt.request
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
@@ -227,9 +264,12 @@ class AriaTextForCausalLM(_Pretrained):
     def _text_params(self):
         return self.params
 
-    def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
+    def _checked_images(self, ids, pixel_values, pixel_mask):
         if pixel_values is not None:
             raise RequestError("AriaTextForCausalLM takes no images; use AriaForConditionalGeneration")
+        return None, None
+
+    def _embedded(self, ids, pixel_values, pixel_mask):
         return self._embed(self.params, ids)
 
 
@@ -322,10 +362,13 @@ class AriaForConditionalGeneration(_Pretrained):
     def _text_params(self):
         return self.params["language_model"]
 
-    def _prompt_embeddings(self, ids, mask, pixel_values, pixel_mask):
+    def _checked_images(self, ids, pixel_values, pixel_mask):
         pixel_values, pixel_mask = self._check_images(ids, pixel_values, pixel_mask)
-        if pixel_values is not None:
-            pixel_values, pixel_mask = pad_crops(pixel_values, pixel_mask)
+        if pixel_values is None:
+            return None, None
+        return pad_crops(pixel_values, pixel_mask)
+
+    def _embedded(self, ids, pixel_values, pixel_mask):
         return self._embeddings(self.params, ids, pixel_values, pixel_mask)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from aria_jax.attention import DECODE_QUERIES, attention, attention_beside_cache
 from aria_jax.config import AriaTextConfig
 from aria_jax.context_parallel import attention_over_split_cache
-from aria_jax.kv_cache import entries, positions_split, readable, written
+from aria_jax.kv_cache import entries, furthest, positions_split, readable, written
 from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
 from aria_jax.quantization import dequantized
 from aria_jax.sharding import constrain, on_one_cpu
@@ -26,8 +26,8 @@ class Attention(nn.Module):
                  cache: dict | None = None, cache_index=None):
         """x (B, T, D); key_mask (B, S) True = a real token (S = T without a cache). Causal.
         Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, K, S, H) (int8 with their
-        scales, see `kv_cache`) and the sequence index of x's first token: ((B, T, D), updated
-        cache)."""
+        scales, see `kv_cache`) and the sequence index of x's first token, or of each row's one
+        token (`kv_cache.is_per_row`): ((B, T, D), updated cache)."""
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -66,7 +66,7 @@ class Attention(nn.Module):
                     cache = written(cache, entries(cache, key, value), cache_index)
                     key, value, scales = readable(cache, self.dtype)
             with jax.named_scope("attend"):
-                out = attention(q, key, value, key_mask, 0 if cache is None else cache_index, scales=scales)
+                out = attention(q, key, value, key_mask, 0 if cache is None else furthest(cache_index), scales=scales)
         if few_rows:
             out = constrain(project_out(constrain(out, None, None, None, None), w_o), None, None, "attention_embed")
         else:

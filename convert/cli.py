@@ -110,12 +110,49 @@ def check_sampling_options(args: argparse.Namespace, prompt_length: int, max_new
                   seed=args.seed, stop_strings=None)
 
 
-def load_model(model_dir: str, multimodal: bool, dtype: str, quantize: str | None = None):
+def load_model(model_dir: str, multimodal: bool, dtype: str, quantize: str | None = None, mesh=None):
     import aria_jax
 
     model_class = aria_jax.AriaForConditionalGeneration if multimodal else aria_jax.AriaTextForCausalLM
     with progress_line(f"loading {model_dir}"):
-        return model_class.from_pretrained(model_dir, dtype=dtype, quantize=quantize)
+        return model_class.from_pretrained(model_dir, dtype=dtype, quantize=quantize, mesh=mesh)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Every process of a multi-host mesh runs this: process 0 serves HTTP and leads the
+    engine's rounds, the others follow them (`aria_jax.engine`)."""
+    import aria_jax
+
+    if args.distributed:
+        aria_jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    from aria_jax.engine import Engine
+
+    multimodal = takes_images(args.model)
+    if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
+        raise UserError(f"--allowed-media-dir {args.allowed_media_dir}: no such directory")
+    try:
+        from aria_jax.server import create_app, default_model_name
+        import uvicorn
+    except ImportError as err:
+        raise UserError(f"serving needs the serve extra (pip install 'aria-jax[serve]'): {err}") from None
+    processor = aria_jax.AriaProcessor.from_pretrained(args.model)
+    mesh = aria_jax.make_mesh(**args.mesh_sizes) if args.mesh_sizes else None
+    model = load_model(args.model, multimodal, args.dtype, args.quantize, mesh)
+    engine = Engine(model, max_batch=args.max_batch, max_length=args.max_length, decode_steps=args.decode_steps,
+                    max_queue=args.max_queue, kv_cache_dtype=args.kv_cache_dtype)
+    if jax.process_index() != 0:
+        engine.follow()
+        return
+    with progress_line("compiling"):
+        engine.warm_up()
+    name = args.served_model_name or default_model_name(args.model)
+    app = create_app(engine, processor, name, allowed_media_dir=args.allowed_media_dir)
+    print(f"aria-jax: serving {name} on http://{args.host}:{args.port} ({args.max_batch} slots of "
+          f"{engine.max_length} positions)", file=sys.stderr, flush=True)
+    with engine:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 @contextlib.contextmanager
@@ -499,6 +536,41 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(run=finetune)
 
+    sv = _add_command(
+        commands, "serve", "an OpenAI-compatible HTTP server with continuous batching",
+        description="Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions (text and image_url "
+                    "parts, images as data: URLs), POST /v1/completions, GET /v1/models, GET /health (200 once "
+                    "ready) and GET /metrics (Prometheus). Requests share --max-batch decode slots: each is "
+                    "prefilled into a free slot while the others keep decoding, and leaves it as soon as it "
+                    "ends. On several hosts run the same command on every process with --distributed; process "
+                    "0 serves HTTP.",
+    )
+    sv.add_argument("--model", required=True, help="model directory (hub format or converted), with its tokenizer")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots: requests answered at once")
+    sv.add_argument("--max-length", type=_positive_int, default=None,
+                    help="cache positions per slot, prompt and answer (default: the model's context, at most 4096)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond it get 429")
+    sv.add_argument("--decode-steps", type=_positive_int, default=4,
+                    help="tokens per slot between admissions of new requests")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: the "
+                    "model directory's name)")
+    sv.add_argument("--allowed-media-dir", default=None,
+                    help="image_url may name local files under this directory (otherwise only data: URLs)")
+    sv.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="param and compute dtype (bfloat16 on TPU and GPU)")
+    sv.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="quantize the decoder's weights as they load")
+    _add_kv_cache_dtype_option(sv)
+    sv.add_argument("--mesh", default=None, help="mesh axis sizes over all devices, e.g. data=2,expert=4")
+    sv.add_argument("--distributed", action="store_true",
+                    help="several processes: jax.distributed.initialize (on TPU pods it reads the environment)")
+    sv.add_argument("--coordinator", default=None, help="with --distributed off TPU: process 0's host:port")
+    sv.add_argument("--num-processes", type=int, default=None, help="with --distributed off TPU")
+    sv.add_argument("--process-id", type=int, default=None, help="with --distributed off TPU")
+    sv.set_defaults(run=serve)
+
     be = _add_command(
         commands, "bench", "benchmark against transformers on the same random weights; prints a markdown table",
         description="Benchmark aria_jax against transformers' PyTorch Aria on the same random weights (a "
@@ -519,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_target_environment(args.target)
         elif args.command == "plan":
             args.mesh_sizes = simulate_devices(args.mesh)
-        if args.command == "finetune":
+        if args.command in ("finetune", "serve"):
             args.mesh_sizes = parse_mesh(args.mesh) if args.mesh else None
         code = args.run(args)  # None, or bench's exit code
     except (UserError, ValueError, OSError) as err:  # CheckpointError, ConfigError, LayoutError included

@@ -332,7 +332,7 @@ def run_split_cache(results: dict) -> None:
 
     def prefilled(text, chunk):
         padded_ids, padded_mask = text._generator.pad_prompt(ids, mask)
-        embeds = text._prompt_embeddings(padded_ids, padded_mask, None, None)
+        embeds = text._embedded(padded_ids, None, None)
         request = check_request(len(ids), ids.shape[1], text.config, None, max_new_tokens=4, do_sample=False,
                                 temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
         return padded_mask, text._generator.prefill(text._text_params, embeds, jnp.asarray(padded_mask),
