@@ -37,6 +37,12 @@ DEFAULT_MAX_QUEUE = 64
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
+# Compiled once per shape and config, whichever engine calls them.
+_empty_slots = jax.jit(empty_slots, static_argnums=range(6))
+_insert = jax.jit(insert, donate_argnames=("slots",))
+_decode_slots = jax.jit(decode_slots, static_argnames=("num_steps", "config", "dtype"), donate_argnames=("slots",))
+
+
 class QueueFull(RuntimeError):
     """The engine's queue holds `max_queue` requests: try again later."""
 
@@ -146,11 +152,11 @@ class Engine:
         self._generator, self._pad_id = generator, config.pad_id
         self._prefill = generator.prefill
         run = MeshRunner(model.mesh)
-        self._empty = run.wrap(jax.jit(functools.partial(
-            empty_slots, config, max_batch, max_length, STOP_ID_SLOTS, model.dtype, kv_cache_dtype)))
-        self._insert = run.wrap(jax.jit(insert, donate_argnames=("slots",)))
-        self._decode = run.wrap(jax.jit(functools.partial(decode_slots, config=config, dtype=model.dtype),
-                                        static_argnames=("num_steps",), donate_argnames=("slots",)))
+        self._empty = functools.partial(run.wrap(_empty_slots), config, max_batch, max_length, STOP_ID_SLOTS,
+                                        model.dtype, kv_cache_dtype)
+        self._insert = run.wrap(_insert)
+        self._decode = functools.partial(run.wrap(_decode_slots), config=config, dtype=model.dtype,
+                                         num_steps=decode_steps)
         self._slots = None
         self._answers: dict[int, _Answer] = {}          # slot -> the request in it
         self._queue: collections.deque[tuple[Handle, Prompt]] = collections.deque()
@@ -320,7 +326,9 @@ class Engine:
             prompt, request = admission.prompt, admission.prompt.request
             prefilled = self._prefill(
                 params, self.model.prompt_embeddings(prompt), prompt.padded_mask, request.sampling,
-                request.stop_ids, cache_length=self.max_length, max_new_tokens_capacity=1,
+                request.stop_ids, cache_length=self.max_length,
+                # generate(max_length=) takes this capacity: the two share the compiled prefill
+                max_new_tokens_capacity=self.max_length - prompt.padded_ids.shape[1],
                 kv_cache_dtype=self.kv_cache_dtype)
             stop_ids = request.stop_ids[:STOP_ID_SLOTS]     # the rest stop on the host
             self._slots = self._insert(self._slots, prefilled, np.int32(admission.slot),
@@ -329,7 +337,7 @@ class Engine:
             first_tokens.append(prefilled.tokens[0, 0])
         if not round_.decode:
             return jax.device_get(first_tokens), None, None, None
-        self._slots, new_tokens = self._decode(params, self._slots, round_.release, num_steps=self.decode_steps)
+        self._slots, new_tokens = self._decode(params, self._slots, round_.release)
         return jax.device_get((first_tokens, new_tokens, self._slots.generated, self._slots.done))
 
     def _deliver(self, round_: Round, first_tokens, new_tokens, generated, done) -> None:
