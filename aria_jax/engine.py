@@ -168,17 +168,24 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, input_ids, pixel_values=None, pixel_mask=None, *, max_new_tokens: int = 32,
-               do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=(),
-               loop: asyncio.AbstractEventLoop | None = None) -> Handle:
-        """Queues one prompt (token ids (T,) or (1, T), images as `generate` takes them) with
-        `generate`'s settings; returns its `Handle`. Raises `RequestError` for a bad request,
-        `QueueFull` when `max_queue` requests wait, `EngineStopped` after `stop()`."""
+    def submit(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
+               max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+               stop_strings=(), loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queues one prompt, as the processor gives it (`engine.submit(**inputs, ...)`: token
+        ids (1, T) or (T,), padding in `attention_mask` dropped, images) with `generate`'s
+        settings; returns its `Handle`. Raises `RequestError` for a bad request, `QueueFull`
+        when `max_queue` requests wait, `EngineStopped` after `stop()`. `num_crops` is accepted
+        and not needed."""
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise RequestError(f"input_ids of shape {ids.shape}: the engine takes one prompt per request")
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask).reshape(-1)
+            if mask.shape != ids.shape[1:] or not np.isin(mask, (0, 1)).all():
+                raise RequestError(f"attention_mask must be 0s and 1s of input_ids' shape {ids.shape}")
+            ids = ids[:, mask.astype(bool)]
         prompt = self.model.prompt(ids, None, pixel_values, pixel_mask, max_new_tokens=max_new_tokens,
                                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                    seed=seed, stop_strings=stop_strings)

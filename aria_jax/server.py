@@ -130,10 +130,8 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
 
     def submit(inputs: dict, body, loop):
         """Runs on a worker thread: image decoding and tokenizing must not hold the event loop."""
-        ids = inputs["input_ids"][0]
-        settings = body.settings(engine.max_length - prompt_bucket(len(ids)))
-        images = {key: inputs[key] for key in ("pixel_values", "pixel_mask") if key in inputs}
-        return engine.submit(ids, **images, **settings, loop=loop)
+        settings = body.settings(engine.max_length - prompt_bucket(inputs["input_ids"].shape[1]))
+        return engine.submit(**inputs, **settings, loop=loop)
 
     async def submitted(make_inputs, body):
         loop = asyncio.get_running_loop()

@@ -59,8 +59,7 @@ def assert_same_answer(completion: Completion, solo: np.ndarray, pad_id: int, wh
 
 
 def submit(engine: Engine, inputs: dict, settings: dict):
-    images = {key: inputs[key] for key in ("pixel_values", "pixel_mask") if key in inputs}
-    return engine.submit(inputs["input_ids"][0], **images, **settings)
+    return engine.submit(**inputs, **settings)
 
 
 def test_answers_equal_generate_alone_with_slots_reused(tiny):

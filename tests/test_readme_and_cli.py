@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = os.path.join(ROOT, "models", "tiny-random")
+DEMO_MODEL = os.path.join(ROOT, "models", "aria-jax-demo")
 EXAMPLE_IMAGE = os.path.join(ROOT, "examples", "shapes.png")
 
 
@@ -24,11 +27,46 @@ def test_readme_has_python_examples():
     assert readme_python_blocks()
 
 
+README_SERVER = "http://127.0.0.1:8000"      # where the README's client example finds the server
+
+
+@pytest.fixture(scope="module")
+def readme_server():
+    """The README's `aria-jax serve --model models/aria-jax-demo --port 8000`, until the module ends."""
+    import httpx2
+
+    for _ in range(5):      # the README's bash example may still be releasing the port
+        server = subprocess.Popen([sys.executable, "-m", "convert.cli", "serve", "--model", DEMO_MODEL,
+                                   "--port", "8000"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while server.poll() is None and time.time() < deadline:
+            try:
+                if httpx2.get(f"{README_SERVER}/health", timeout=1).status_code == 200:
+                    yield
+                    server.terminate()
+                    server.wait(timeout=60)
+                    return
+            except httpx2.TransportError:
+                time.sleep(0.2)
+        server.kill()
+        error = server.communicate()[1]
+        if "address already in use" not in error:
+            break
+        time.sleep(2)
+    pytest.fail(f"aria-jax serve did not start: {error[-2000:]}")
+
+
 @pytest.mark.parametrize("block", readme_python_blocks())
-def test_readme_python_block_runs(block, monkeypatch):
+def test_readme_python_block_runs(block, monkeypatch, request):
     monkeypatch.chdir(ROOT)
+    if README_SERVER in block:
+        request.getfixturevalue("readme_server")
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
+    if README_SERVER in block:      # the serving examples ask the demo model about its picture
+        assert namespace["answer"] == "triangle"
+    if "Engine(" in block:
+        assert namespace["answers"][0] == "triangle", namespace["answers"]
     if "logits" in namespace:
         assert np.all(np.isfinite(np.asarray(namespace["logits"])))
     if "tokens" in namespace:
@@ -58,6 +96,8 @@ def test_readme_bash_block_runs(block):
     assert result.returncode == 0, result.stderr[-3000:]
     if "aria-jax chat" in block:   # two questions about the three yellow triangles, two answers
         assert result.stdout.split() == ["triangle", "yellow"], result.stdout
+    if "aria-jax serve" in block:
+        assert json.loads(result.stdout)["choices"][0]["message"]["content"] == "triangle", result.stdout
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
