@@ -2,6 +2,7 @@
 
 from aria_jax import distributed
 from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig, ConfigError
+from aria_jax.engine import Engine
 from aria_jax.finetune import ResumeError, TrainingDivergedError
 from aria_jax.generator import RequestError
 from aria_jax.image_processing import AriaImageProcessor, ImageError
@@ -16,7 +17,7 @@ from aria_jax.video import Video, VideoError, load_video
 __all__ = [
     "AriaConfig", "AriaTextConfig", "AriaVisionConfig", "AriaForConditionalGeneration",
     "AriaTextForCausalLM", "CausalLMOutput",
-    "AriaImageProcessor", "AriaProcessor", "AriaTokenizer", "CheckpointError", "ConfigError", "ImageError",
+    "AriaImageProcessor", "AriaProcessor", "AriaTokenizer", "CheckpointError", "ConfigError", "Engine", "ImageError",
     "LayoutError", "RequestError", "ResumeError", "TrainConfigError", "TrainingDivergedError", "Video",
     "VideoError", "distributed", "load_video", "make_mesh",
 ]

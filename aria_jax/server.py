@@ -21,7 +21,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -57,6 +57,7 @@ class Metrics:
     at each scrape."""
 
     def __init__(self, engine: Engine):
+        disable_created_metrics()       # a `_created` timestamp beside every series is noise here
         self.registry = CollectorRegistry()
         self.time_to_first_token = Histogram(
             "aria_jax_time_to_first_token_seconds", "From a request's arrival to its first token",
