@@ -48,7 +48,12 @@ class QueueFull(RuntimeError):
 
 
 class EngineStopped(RuntimeError):
-    """The engine has stopped (or failed) and takes no more requests."""
+    """The engine has stopped and takes no more requests."""
+
+
+class RoundFailed(RuntimeError):
+    """The device work of a round failed: its requests, and those in the slots, are lost; the
+    engine starts again from empty slots."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,23 +263,26 @@ class Engine:
                         self._lock.wait()
                     if self._stopped:
                         break
-                self.step()
-        except BaseException as error:      # a failed round: nothing more can be served
-            with self._lock:
-                self._stopped = True
-            self._fail_all(EngineStopped(f"the engine failed: {error!r}"))
-            raise
+                try:
+                    self.step()
+                except Exception as error:      # noqa: BLE001 - the requests learn of it; serving goes on
+                    self._fail_all(RoundFailed(f"the engine's round failed: {error!r}"), queued=False)
+                    self._slots = None          # donated to the failed call: start from empty slots
+                    self._release[:] = False
         finally:
             if jax.process_count() > 1:
                 broadcast_round(Round.stopping(self.max_batch))
-        self._fail_all(EngineStopped("the engine has stopped"))
+            self._fail_all(EngineStopped("the engine has stopped"), queued=True)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception, queued: bool) -> None:
+        """Fails the requests in the slots (and with `queued`, those waiting) with `error`."""
         with self._lock:
-            waiting = [handle for handle, _ in self._queue] + [answer.handle for answer in self._answers.values()]
-            self._queue.clear()
+            failed = [answer.handle for answer in self._answers.values()]
             self._answers.clear()
-        for handle in waiting:
+            if queued:
+                failed += [handle for handle, _ in self._queue]
+                self._queue.clear()
+        for handle in failed:
             handle._emit(error)
 
     # ------------------------------------------------------------------ rounds

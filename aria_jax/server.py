@@ -27,7 +27,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aria_jax.engine import Completion, Engine, EngineStopped, QueueFull
+from aria_jax.engine import Completion, Engine, EngineStopped, QueueFull, RoundFailed
 from aria_jax.generator import RequestError
 from aria_jax.image_processing import ImageError
 from aria_jax.kv_cache import prompt_bucket
@@ -176,6 +176,8 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
             completion = await finished(handle, request)
         except EngineStopped as error:
             raise APIError(503, str(error), "service_unavailable") from None
+        except RoundFailed as error:
+            raise APIError(500, str(error), "server_error") from None
         if completion is None:      # the client went away
             return error_response(499, "the client closed the request", "invalid_request_error")
         metrics.requests.labels(completion.finish_reason).inc()
@@ -228,9 +230,9 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
             yield {"data": chunk(None, completion.finish_reason)}
             if body.include_usage:
                 yield {"data": json.dumps({**shape, "object": kind, "choices": [], "usage": usage(completion)})}
-        except EngineStopped as error:
-            message = {"message": str(error), "type": "service_unavailable", "param": None, "code": None}
-            yield {"data": json.dumps({"error": message})}
+        except (EngineStopped, RoundFailed) as error:
+            kind = "service_unavailable" if isinstance(error, EngineStopped) else "server_error"
+            yield {"data": json.dumps({"error": {"message": str(error), "type": kind, "param": None, "code": None}})}
         finally:
             if completion is None:          # the client disconnected (or the engine failed)
                 handle.cancel()

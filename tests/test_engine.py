@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import aria_jax
-from aria_jax.engine import Completion, Engine, EngineStopped, QueueFull
+from aria_jax.engine import Completion, Engine, EngineStopped, QueueFull, RoundFailed
 from aria_jax.rounds import Admission, Round, decode, encode
 
 from test_readme_and_cli import EXAMPLE_IMAGE, TINY_MODEL
@@ -169,6 +169,30 @@ def test_stop_fails_waiting_requests(tiny):
         assert isinstance(handle.result(), Completion)
     except EngineStopped:
         pass
+
+
+def test_a_failed_round_fails_its_requests_and_serving_goes_on(tiny):
+    """Device work that raises (say, out of memory) fails the requests in the slots with
+    RoundFailed; the engine starts again from empty slots and answers the next one rightly."""
+    model, processor = tiny
+    inputs = chat_inputs(processor, "Hello", [])
+    engine = Engine(model, max_batch=SLOTS, max_length=MAX_LENGTH)
+    working_decode, calls = engine._decode, []
+
+    def failing_once(*args):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return working_decode(*args)
+
+    engine._decode = failing_once
+    with engine:
+        with pytest.raises(RoundFailed, match="out of memory"):
+            submit(engine, inputs, dict(max_new_tokens=6)).result()
+        assert_same_answer(submit(engine, inputs, dict(max_new_tokens=6)).result(),
+                           solo_tokens(model, inputs, dict(max_new_tokens=6)), model.text_config.pad_id,
+                           "after a failed round")
+    assert len(calls) > 1
 
 
 def test_int8_kv_cache_slots_equal_generate(tiny):

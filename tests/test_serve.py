@@ -13,7 +13,6 @@ import base64
 import concurrent.futures
 import io
 import json
-import os
 import random
 import shutil
 import socket
@@ -21,7 +20,6 @@ import threading
 import time
 
 import httpx2
-import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -341,3 +339,13 @@ def test_soak_of_200_requests_loses_nothing(tiny, served):
             assert status == 200 and text == expected[kind], kind
     assert sum(what == "valid" for what, _ in outcomes) > 100
     wait_until(lambda: engine.busy_slots == 0 and engine.queue_length == 0)
+
+
+def test_serve_command_errors_are_one_line(tmp_path):
+    from test_readme_and_cli import run_cli
+
+    missing = run_cli("serve", "--model", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no such model directory" in missing.stderr
+    outside = run_cli("serve", "--model", TINY_MODEL, "--allowed-media-dir", str(tmp_path / "nowhere"))
+    assert outside.returncode == 2 and "--allowed-media-dir" in outside.stderr
+    assert len(outside.stderr.strip().splitlines()) == 1
