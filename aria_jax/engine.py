@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import queue
@@ -25,6 +26,7 @@ import time
 import jax
 import numpy as np
 
+from aria_jax.generate import decode_params
 from aria_jax.generator import STOP_ID_SLOTS, RequestError, possible_stop_start
 from aria_jax.pretrained import Prompt
 from aria_jax.rounds import Admission, Round, broadcast_round
@@ -41,6 +43,7 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 _empty_slots = jax.jit(empty_slots, static_argnums=range(6))
 _insert = jax.jit(insert, donate_argnames=("slots",))
 _decode_slots = jax.jit(decode_slots, static_argnames=("num_steps", "config", "dtype"), donate_argnames=("slots",))
+_decode_params = jax.jit(decode_params, static_argnums=(1, 2))
 
 
 class QueueFull(RuntimeError):
@@ -162,6 +165,8 @@ class Engine:
         self._insert = run.wrap(_insert)
         self._decode = functools.partial(run.wrap(_decode_slots), config=config, dtype=model.dtype,
                                          num_steps=decode_steps)
+        self._run = run
+        self._decode_inputs = None      # (params, layers) for `decode_slots`, made at the first round
         self._slots = None
         self._answers: dict[int, _Answer] = {}          # slot -> the request in it
         self._queue: collections.deque[tuple[Handle, Prompt]] = collections.deque()
@@ -335,6 +340,8 @@ class Engine:
         tokens (B, decode_steps), tokens generated per slot and done flags (or None)."""
         if self._slots is None:
             self._slots = self._empty()
+        if self._decode_inputs is None:
+            self._decode_inputs = self._params_for_decode()
         params = self.model.text_params
         first_tokens = []
         for admission in round_.admissions:
@@ -352,8 +359,20 @@ class Engine:
             first_tokens.append(prefilled.tokens[0, 0])
         if not round_.decode:
             return jax.device_get(first_tokens), None, None, None
-        self._slots, new_tokens = self._decode(params, self._slots, round_.release)
+        self._slots, new_tokens = self._decode(*self._decode_inputs, self._slots, round_.release)
         return jax.device_get((first_tokens, new_tokens, self._slots.generated, self._slots.done))
+
+    def _params_for_decode(self) -> tuple:
+        """On one CPU device, each layer's weights out of the stacks (dequantized), made once for
+        the engine's life rather than at every round's decode call, as `generate` makes them per
+        call (`generate.decode_params`): a second copy of all but the routed experts, for decode
+        steps as fast as generate's. Elsewhere the params as they are."""
+        config, dtype, params = self.model.text_config, self.model.dtype, self.model.text_params
+        with jax.set_mesh(self.model.mesh) if self.model.mesh is not None else contextlib.nullcontext():
+            _, layers = jax.eval_shape(functools.partial(decode_params, config=config, dtype=dtype), params)
+        if layers is None:
+            return params, None
+        return self._run.wrap(_decode_params)(params, config, dtype)
 
     def _deliver(self, round_: Round, first_tokens, new_tokens, generated, done) -> None:
         """Hands every request its new tokens and text; finishes those that stopped."""

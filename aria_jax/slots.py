@@ -82,12 +82,15 @@ def release(slots: Slots, finished) -> Slots:
     return slots.replace(done=slots.done | finished)
 
 
-def decode_slots(text_params, slots: Slots, finished, *, num_steps: int, config: AriaTextConfig,
+def decode_slots(text_params, layers, slots: Slots, finished, *, num_steps: int, config: AriaTextConfig,
                  dtype=jnp.float32) -> tuple[Slots, jax.Array]:
     """Up to `num_steps` tokens for every busy slot, after marking `finished` (B,) done.
-    Returns the slots and the new tokens (B, num_steps), the pad id where a slot was done."""
+    `text_params, layers`: the decoder's params, or `generate.decode_params` of them made once
+    (layers None: made here, per call). Returns the slots and the new tokens (B, num_steps), the
+    pad id where a slot was done."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
-    text_params, layers = decode_params(text_params, config, dtype)
+    if layers is None:
+        text_params, layers = decode_params(text_params, config, dtype)
     slots = release(slots, finished)
     num_slots, cache_length = slots.key_mask.shape
     new_tokens = jnp.full((num_slots, num_steps), config.pad_id, jnp.int32)
@@ -114,5 +117,7 @@ def decode_slots(text_params, slots: Slots, finished, *, num_steps: int, config:
         return step + 1, slots, new_tokens.at[:, step].set(token)
 
     _, slots, new_tokens = jax.lax.while_loop(keep_going, one_token, (jnp.int32(0), slots, new_tokens))
-    # read by the host after every call: whole on every device, so that each host can read it
-    return slots.replace(done=constrain(slots.done, None)), constrain(new_tokens, None, None)
+    # read by the host after every call (`Engine._run_round`): whole on every device, so that
+    # each host of a multi-host mesh can read it
+    slots = slots.replace(generated=constrain(slots.generated, None), done=constrain(slots.done, None))
+    return slots, constrain(new_tokens, None, None)
