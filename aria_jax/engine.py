@@ -34,7 +34,7 @@ from aria_jax.sharding import MeshRunner
 from aria_jax.slots import decode_slots, empty_slots, insert
 
 DEFAULT_MAX_LENGTH = 4096     # cache positions per slot, when the model's context is longer
-DEFAULT_DECODE_STEPS = 4      # tokens per slot between rounds: new requests wait at most this long
+DEFAULT_DECODE_STEPS = 8      # tokens per slot between rounds: new requests wait at most this long
 DEFAULT_MAX_QUEUE = 64
 FINISH_REASONS = ("stop", "length", "cancelled")
 

@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-length", type=_positive_int, default=None,
                     help="cache positions per slot, prompt and answer (default: the model's context, at most 4096)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond it get 429")
-    sv.add_argument("--decode-steps", type=_positive_int, default=4,
+    sv.add_argument("--decode-steps", type=_positive_int, default=8,
                     help="tokens per slot between admissions of new requests")
     sv.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: the "
                     "model directory's name)")
