@@ -7,8 +7,9 @@ position, step count, sampling settings, stop ids and token budget, so a request
 not depend on what the other slots hold: row r's token goes to cache index `write_index[r]`
 (`kv_cache.is_per_row`), and its key mask marks exactly the keys it has written.
 
-Shapes never change (slots, cache length, stop ids), so nothing recompiles while serving; a
-free or finished slot still computes (garbage, never read) and writes only its own row.
+Shapes never change (slots, cache length, stop ids), nor, on a mesh, layouts (`laid_out`), so
+nothing recompiles while serving; a free or finished slot still computes (garbage, never read)
+and writes only its own row.
 """
 
 from __future__ import annotations
@@ -43,10 +44,20 @@ def empty_slots(config: AriaTextConfig, num_slots: int, cache_length: int, stop_
     zeros = jnp.zeros((num_slots,), jnp.int32)
     sampling = Sampling(jnp.zeros((num_slots,), jnp.float32), zeros, jnp.ones((num_slots,), jnp.float32),
                         jnp.zeros((num_slots, 2), jnp.uint32))
-    cache = [pinned(layer) for layer in init_per_layer(config, num_slots, cache_length, dtype, kv_cache_dtype)]
-    return Slots(cache, constrain(jnp.zeros((num_slots, cache_length), bool), "batch", None), zeros, zeros,
-                 zeros, zeros, zeros, jnp.ones((num_slots,), bool), sampling,
-                 jnp.full((num_slots, stop_id_width), -1, jnp.int32))
+    cache = init_per_layer(config, num_slots, cache_length, dtype, kv_cache_dtype)
+    return laid_out(Slots(cache, jnp.zeros((num_slots, cache_length), bool), zeros, zeros, zeros, zeros, zeros,
+                          jnp.ones((num_slots,), bool), sampling, jnp.full((num_slots, stop_id_width), -1, jnp.int32)))
+
+
+def laid_out(slots: Slots) -> Slots:
+    """The slots in the one layout that every call takes and returns them in: the cache as decode
+    keeps it (`kv_cache.pinned`), the key mask split by rows, the rest whole on every device (the
+    host reads the tokens generated and the done flags; on several hosts each must hold them).
+    Left to the compiler, decode returned the key mask split over the cache's positions, and the
+    next insert and decode compiled again for it."""
+    per_slot = slots.replace(cache=[], key_mask=None)       # the (B,) and (B, W) fields
+    return jax.tree.map(lambda x: constrain(x, *(None,) * x.ndim), per_slot).replace(
+        cache=[pinned(layer) for layer in slots.cache], key_mask=constrain(slots.key_mask, "batch", None))
 
 
 def insert(slots: Slots, prefilled: DecodeState, slot, prompt_length, max_new_tokens, sampling: Sampling,
@@ -56,7 +67,7 @@ def insert(slots: Slots, prefilled: DecodeState, slot, prompt_length, max_new_to
     def into_row(buffer, row):
         return jax.lax.dynamic_update_slice_in_dim(buffer, row.astype(buffer.dtype), slot, axis=0)
 
-    cache = [pinned({name: into_row(buffer, new[name]) for name, buffer in layer.items()})
+    cache = [{name: into_row(buffer, new[name]) for name, buffer in layer.items()}
              for layer, new in zip(slots.cache, prefilled.cache)]
     cache_length = slots.key_mask.shape[1]
     # The prefilled mask marks every slot past the prompt (its decode relies on causality);
@@ -64,7 +75,7 @@ def insert(slots: Slots, prefilled: DecodeState, slot, prompt_length, max_new_to
     key_mask = prefilled.key_mask & (jnp.arange(cache_length) < prompt_length)
     first_token = prefilled.tokens[:, :1]
     done = prefilled.done | (max_new_tokens <= 1)
-    return Slots(
+    return laid_out(Slots(
         cache, into_row(slots.key_mask, key_mask),
         into_row(slots.write_index, jnp.reshape(prompt_length, (1,))),
         into_row(slots.positions, prefilled.prompt_lengths),
@@ -74,7 +85,7 @@ def insert(slots: Slots, prefilled: DecodeState, slot, prompt_length, max_new_to
         into_row(slots.done, done),
         jax.tree.map(into_row, slots.sampling, sampling),
         into_row(slots.stop_ids, stop_ids),
-    )
+    ))
 
 
 def release(slots: Slots, finished) -> Slots:
@@ -117,7 +128,6 @@ def decode_slots(text_params, layers, slots: Slots, finished, *, num_steps: int,
         return step + 1, slots, new_tokens.at[:, step].set(token)
 
     _, slots, new_tokens = jax.lax.while_loop(keep_going, one_token, (jnp.int32(0), slots, new_tokens))
-    # read by the host after every call (`Engine._run_round`): whole on every device, so that
-    # each host of a multi-host mesh can read it
-    slots = slots.replace(generated=constrain(slots.generated, None), done=constrain(slots.done, None))
-    return slots, constrain(new_tokens, None, None)
+    # the host reads the new tokens after every call (and the slots' counts and flags): whole on
+    # every device, so that each host can read them
+    return laid_out(slots), constrain(new_tokens, None, None)

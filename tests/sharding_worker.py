@@ -42,6 +42,36 @@ QUESTIONS = [
     "Describe it.",
     "Count the circles in the picture, please.",
 ]
+# Continuous batching (`aria_jax.engine`), greedy, with more requests than slots so that freed
+# slots take new ones: (layout, slots). On expert=8, 2 slots leave the cache's positions split
+# over the mesh (each row's write in `context_parallel`); on 2x2x2, 4 slots split over data x
+# expert and the heads over tensor, positions whole (`kv_cache.written`).
+ENGINE_CASES = [((1, 8, 1), 2), ((2, 2, 2), 4)]
+# (question, image: an index into shape_images() or None, max_new_tokens, stop_strings): prompts
+# of 39 to 43 tokens, all in one bucket (64: one prefill to compile). "/" is one token, the second
+# that tiny-random answers the second question with: that request stops early on a stop id and
+# frees its slot.
+ENGINE_REQUESTS = [
+    ("What is this?", 0, 6, None),
+    ("Hi, what can you see in this picture today?", None, 8, "/"),
+    ("How many triangles are there on the page?", None, 3, None),
+    ("Describe it.", 2, 4, None),
+    ("Tell me about the blue square and the red circle.", None, 5, None),
+]
+ENGINE_MAX_LENGTH = 72          # the prompts' bucket + the most new tokens
+ENGINE_DECODE_STEPS = 4
+# The two-process engine: process 0 leads and process 1 follows, with the first requests, on a
+# HOST_CASES layout where the 2 slots split their cache positions over expert=4, across both hosts.
+HOST_ENGINE_LAYOUT, HOST_ENGINE_SLOTS, HOST_ENGINE_REQUESTS = (1, 4, 1), 2, 3
+
+
+def shape_images():
+    """shapes.png, flipped, rotated and grey: four images that differ."""
+    from PIL import Image
+
+    image = Image.open(SHAPES_PNG).convert("RGB")
+    return [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), image.rotate(90),
+            image.convert("L").convert("RGB")]
 
 
 def build_inputs(processor, num_rows: int = 4):
@@ -49,11 +79,7 @@ def build_inputs(processor, num_rows: int = 4):
     question, so every row differs and the batch is left-padded (or the first `num_rows`). Four
     rows, not two: with two, no 8-device layout above splits the rows (data x expert never
     divides 2), and the batch sharding of activations and KV cache would go untested."""
-    from PIL import Image
-
-    image = Image.open(SHAPES_PNG).convert("RGB")
-    images = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), image.rotate(90),
-              image.convert("L").convert("RGB")]
+    images = shape_images()
     prompts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
@@ -61,6 +87,40 @@ def build_inputs(processor, num_rows: int = 4):
         for q in QUESTIONS
     ]
     return processor(text=prompts[:num_rows], images=images[:num_rows])
+
+
+def engine_requests(processor, count: int = len(ENGINE_REQUESTS)) -> list[dict]:
+    """ENGINE_REQUESTS (the first `count`) as keyword arguments of both `Engine.submit` and
+    `generate`: input_ids (1, T), an image's pixel_values and pixel_mask, max_new_tokens,
+    stop_strings."""
+    images = shape_images()
+    requests = []
+    for question, image, max_new_tokens, stop_strings in ENGINE_REQUESTS[:count]:
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=None if image is None else [images[image]])
+        request = {"input_ids": inputs["input_ids"], "max_new_tokens": max_new_tokens, "stop_strings": stop_strings}
+        if image is not None:
+            request.update(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+        requests.append(request)
+    return requests
+
+
+def make_engine(model, num_slots: int):
+    from aria_jax.engine import Engine
+
+    return Engine(model, max_batch=num_slots, max_length=ENGINE_MAX_LENGTH, decode_steps=ENGINE_DECODE_STEPS)
+
+
+def engine_answers(model, requests: list[dict], num_slots: int) -> list[list[int]]:
+    """Every request's generated ids (through its stop id) from an Engine of `num_slots` slots
+    on `model`, greedy. On several processes, call it on process 0 while the others follow: its
+    thread broadcasts the rounds, and a stop round when it ends."""
+    engine = make_engine(model, num_slots)
+    # All queued before the thread starts: the same rounds on every run.
+    handles = [engine.submit(**request) for request in requests]
+    with engine:
+        return [handle.result().tokens.tolist() for handle in handles]
 
 
 def text_ids(num_rows: int = 2):
@@ -147,6 +207,17 @@ def run_int8_cache(results: dict) -> None:
             "tokens": np.asarray(tokens).tolist(),
             "cache_spec": [list(s) if isinstance(s, tuple) else s for s in cache_layout(cache_shape, mesh)],
         }
+
+
+def run_engine(results: dict) -> None:
+    """ENGINE_REQUESTS through an Engine on each of ENGINE_CASES: every request's answer."""
+    import aria_jax
+
+    requests = engine_requests(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
+    results["engine"] = {}
+    for layout, num_slots in ENGINE_CASES:
+        model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(*layout))
+        results["engine"][layout_name(layout)] = engine_answers(model, requests, num_slots)
 
 
 def run_text_model(results: dict, out_dir: str) -> None:
@@ -427,6 +498,8 @@ def main_mesh(out_dir: str, parts: list[str]) -> None:
             run_quantized(results, out_dir)
         elif part == "int8_cache":
             run_int8_cache(results)
+        elif part == "engine":
+            run_engine(results)
         else:
             run_model_layout(results, tuple(int(n) for n in part.split("x")), out_dir)
         results["seconds"][part] = round(time.perf_counter() - start, 1)
@@ -435,7 +508,8 @@ def main_mesh(out_dir: str, parts: list[str]) -> None:
 
 def main_host(process_id: int, port: int, out_dir: str) -> None:
     """One of two processes: every HOST_CASES run; generate's tokens as this host reads them
-    (or the error it raised), the logits gathered from both hosts, this host's expert shards."""
+    (or the error it raised), the logits gathered from both hosts, this host's expert shards;
+    on HOST_ENGINE_LAYOUT, an Engine that process 0 leads and process 1 follows."""
     import aria_jax
 
     aria_jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
@@ -460,7 +534,23 @@ def main_host(process_id: int, port: int, out_dir: str) -> None:
         run["logits_file"] = os.path.join(out_dir, f"host{process_id}_logits_{layout_name(layout)}.npy")
         np.save(run["logits_file"], np.asarray(logits))
         run["experts_gate_up"] = describe(model.params["language_model"]["layers"]["mlp"]["experts_gate_up"])
+        if layout == HOST_ENGINE_LAYOUT:
+            run.update(host_engine(model, engine_requests(processor, HOST_ENGINE_REQUESTS), HOST_ENGINE_SLOTS))
     print("RESULT " + json.dumps(results), flush=True)
+
+
+def host_engine(model, requests: list[dict], num_slots: int) -> dict:
+    """Process 0 leads an Engine through `requests` (its answers, or the error it raised);
+    process 1 follows its rounds until the stop round arrives."""
+    import jax
+
+    if jax.process_index() != 0:
+        make_engine(model, num_slots).follow()
+        return {"followed": True}
+    try:
+        return {"engine_answers": engine_answers(model, requests, num_slots)}
+    except Exception as e:  # noqa: BLE001 - reported; the engine's thread has sent the stop round
+        return {"engine_error": f"{type(e).__name__}: {e}"}
 
 
 if __name__ == "__main__":

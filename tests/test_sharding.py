@@ -25,12 +25,16 @@ from jax.sharding import AbstractMesh
 
 import aria_jax
 from aria_jax.config import AriaTextConfig, config_from_pretrained
+from aria_jax.generator import check_stop_strings, split_stop_strings
+from aria_jax.kv_cache import cache_layout
 from aria_jax.sharding import LayoutError, check_layout
 
 import sharding_worker as worker
 from worker_jobs import Job
-from sharding_worker import (HOST_CASES, INT8_CACHE_LAYOUTS, LAYOUTS, MOE_BACKENDS, NEW_TOKENS, SPLIT_ATTENTION_CASES,
-                             SPLIT_CACHE_LAYOUTS, TEXT_LAYOUT, TINY_RANDOM, layout_name)
+from sharding_worker import (ENGINE_CASES, ENGINE_MAX_LENGTH, ENGINE_REQUESTS, HOST_CASES, HOST_ENGINE_LAYOUT,
+                             HOST_ENGINE_REQUESTS, HOST_ENGINE_SLOTS, INT8_CACHE_LAYOUTS, LAYOUTS, MOE_BACKENDS,
+                             NEW_TOKENS, SPLIT_ATTENTION_CASES, SPLIT_CACHE_LAYOUTS, TEXT_LAYOUT, TINY_RANDOM,
+                             layout_name)
 
 WORKER = os.path.abspath(worker.__file__)
 TIMEOUT = 240             # seconds, for every subprocess
@@ -38,11 +42,16 @@ LOGIT_TOLERANCE = 1e-5    # max |mesh - single device| <= LOGIT_TOLERANCE * max(
 NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512   # models/tiny-random
 
 # What the 8-device process runs (see sharding_worker.main_mesh).
-MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized", "int8_cache"]
+MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized", "int8_cache",
+              "engine"]
 
 
 def within_tolerance(diff: float, scale: float) -> bool:
     return diff <= LOGIT_TOLERANCE * max(1.0, scale)
+
+
+def abstract_mesh(data, expert, tensor) -> AbstractMesh:
+    return AbstractMesh((data, expert, tensor), ("data", "expert", "tensor"))
 
 
 # ----------------------------------------------------------------------------- subprocesses
@@ -73,14 +82,16 @@ def jobs():
 @pytest.fixture(scope="module")
 def reference(jobs):
     """The single-device run, in this process (while the subprocesses, started first, run):
-    multimodal tokens (with a float and an int8 KV cache) and logits, text-model logits.
-    The multi-host run with 2 rows is compared with the first 2 rows: the same inputs (row 1 is
-    the longest prompt, so both batches are padded alike), rows computed independently."""
+    multimodal tokens (with a float and an int8 KV cache) and logits, text-model logits, and
+    each engine request's answer from generate alone. The multi-host run with 2 rows is
+    compared with the first 2 rows: the same inputs (row 1 is the longest prompt, so both
+    batches are padded alike), rows computed independently."""
     processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
     inputs = worker.build_inputs(processor)
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM)
     tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
     int8_tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None, kv_cache_dtype="int8")
+    answers = [solo_answer(model, request) for request in worker.engine_requests(processor)]
     logits = np.asarray(model(**inputs).logits)
     rows = {}
     for _, num_rows in HOST_CASES:
@@ -97,7 +108,17 @@ def reference(jobs):
         quantized[scheme] = {"tokens": model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None),
                              "logits": np.asarray(model(**inputs).logits)}
     return {"inputs": inputs, "tokens": tokens, "int8_tokens": int8_tokens, "logits": logits, "rows": rows,
-            "text_logits": text_logits, "quantized": quantized}
+            "text_logits": text_logits, "quantized": quantized, "answers": answers}
+
+
+def solo_answer(model, request: dict) -> list[int]:
+    """A request's answer from `generate` alone: its new tokens through the first stop id, as an
+    engine's completion holds them (generate pads after it)."""
+    new_tokens = model.generate(**request)[0, request["input_ids"].shape[1]:].tolist()
+    stop_strings = check_stop_strings(request["stop_strings"], model.tokenizer)
+    stop_ids = set(split_stop_strings(stop_strings, model.text_config, model.tokenizer)[0].tolist())
+    end = next((k + 1 for k, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
+    return new_tokens[:end]
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +328,34 @@ def test_int8_cache_generation_matches_single_device(mesh_results, reference, la
     np.testing.assert_array_equal(np.array(run["tokens"]), reference["int8_tokens"])
 
 
+def engine_positions(layout, num_slots: int):
+    """The mesh axes an engine's slots split their cache positions over (`kv_cache.cache_layout`):
+    decode then attends with `context_parallel`, else the generic cached attention."""
+    text = config_from_pretrained(TINY_RANDOM).text_config
+    shape = (num_slots, text.num_key_value_heads, ENGINE_MAX_LENGTH, text.head_dim)
+    return cache_layout(shape, abstract_mesh(*layout))[2]
+
+
+def test_engine_requests_reuse_slots_and_one_stops_early(reference):
+    """What the engine runs below exercises: more requests than slots, an image, and an answer
+    that ends on a stop id before its max_new_tokens (its slot is freed early)."""
+    assert all(len(ENGINE_REQUESTS) > num_slots for _, num_slots in ENGINE_CASES)
+    assert HOST_ENGINE_REQUESTS > HOST_ENGINE_SLOTS
+    assert any(image is not None for _, image, _, _ in ENGINE_REQUESTS[:HOST_ENGINE_REQUESTS])
+    lengths = [(len(answer), max_new_tokens) for answer, (_, _, max_new_tokens, _)
+               in zip(reference["answers"], ENGINE_REQUESTS)]
+    assert any(length < max_new_tokens for length, max_new_tokens in lengths[:HOST_ENGINE_REQUESTS]), lengths
+
+
+@pytest.mark.parametrize("layout,num_slots", ENGINE_CASES, ids=[layout_name(layout) for layout, _ in ENGINE_CASES])
+def test_engine_answers_are_generate_alone(mesh_results, reference, layout, num_slots):
+    """Continuous batching on 8 devices, its slots' cache positions split over the mesh (each
+    row writing its own index in `context_parallel`) or whole (rows over data x expert, heads
+    over tensor): every request gets the tokens that generate gives it alone on one device."""
+    assert engine_positions(layout, num_slots) == ("expert" if layout == (1, 8, 1) else None)
+    assert mesh_results["engine"][layout_name(layout)] == reference["answers"]
+
+
 def test_decode_kernel_on_rows_and_heads_split_over_the_mesh(mesh_results):
     run = mesh_results["split_cache"]["decode_kernel_by_rows_and_heads"]
     assert run["max_diff"] <= 1e-5, run
@@ -329,10 +378,6 @@ def test_chunked_prefill_into_a_split_cache_is_one_shot_prefill(mesh_results, la
 TWENTY_HEADS = AriaTextConfig(vocab_size=640, hidden_size=320, intermediate_size=40, num_hidden_layers=1,
                               num_attention_heads=20, num_key_value_heads=20, moe_num_experts=8, moe_topk=2,
                               moe_num_shared_experts=1)
-
-
-def abstract_mesh(data, expert, tensor) -> AbstractMesh:
-    return AbstractMesh((data, expert, tensor), ("data", "expert", "tensor"))
 
 
 def test_heads_that_do_not_divide_over_tensor():
@@ -441,3 +486,14 @@ def test_two_processes_logits_and_expert_shards(host_results, reference, layout)
     if expert == 4:
         assert not held[0] & held[1], held
         assert sorted(held[0] | held[1]) == [(2 * i, 2 * i + 2) for i in range(4)]
+
+
+def test_two_processes_run_the_engine(host_results, reference):
+    """Process 0 leads an Engine, broadcasting every round; process 1 runs them and returns from
+    follow() when the stop round arrives. The slots' cache splits its positions over both hosts:
+    process 0's answers are those of generate alone."""
+    leader, follower = check_hosts(host_results, HOST_ENGINE_LAYOUT)
+    assert engine_positions(HOST_ENGINE_LAYOUT, HOST_ENGINE_SLOTS) == "expert"
+    assert "engine_error" not in leader, leader["engine_error"]
+    assert leader["engine_answers"] == reference["answers"][:HOST_ENGINE_REQUESTS]
+    assert follower["followed"]
