@@ -260,9 +260,9 @@ def stats_by_size(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
 def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, key_mask: jax.Array,
                            cache_index) -> tuple[jax.Array, dict]:
     """Causal attention of q (B, T, N, H) at sequence index `cache_index` (or one per row,
-    `kv_cache.is_per_row`) to the valid keys the
-    layer cache {"k", "v"} (B, K, S, H) holds before it and to its own k, v (B, K, T, H), which
-    are written to the cache after (an int8 cache's: rounded as written, and attended so).
+    `kv_cache.is_per_row`) to the valid keys the layer cache {"k", "v"} (B, K, S, H) holds
+    before it and to its own k, v (B, K, T, H), which are written to the cache after (an int8
+    cache's: rounded as written, and attended so).
     Returns ((B, T, N, H), cache). For one CPU device: XLA:CPU reads a cache just written through
     a second copy of the write, and orders an in-place write after the reads of its buffer only
     where data flows from them, else it copies the buffer: a decode step copied every layer's
@@ -283,7 +283,8 @@ def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict
     # Each write at cache_index as data from the reads of its buffer: the sum read the keys (and
     # their scales), the values the values (and no number exceeds infinity, NaN included).
     read_by = {"k": cached[1], "v": cached[2]}
-    cache = {name: written({name: buffer}, new, cache_index + jnp.any(read_by[name[0]] > jnp.inf).astype(jnp.int32))[name]
+    cache = {name: written({name: buffer}, new,
+                           cache_index + jnp.any(read_by[name[0]] > jnp.inf).astype(jnp.int32))[name]
              for name, buffer in cache.items()}
     return normalized(running_sum, values, q.dtype), cache
 
