@@ -3,8 +3,8 @@
 `Engine.submit` checks a request on the caller's thread (a bad one raises `RequestError` at
 once and changes nothing) and queues it; the engine's thread runs rounds: free the slots of
 finished and cancelled requests, prefill waiting requests into free slots (`slots.insert`),
-then advance every busy slot `decode_steps` tokens (`slots.decode_slots`) and hand each
-request its new text. A request's tokens do not depend on the other slots: greedy answers are
+handing each its first token as soon as its prefill is done, then advance every busy slot
+`decode_steps` tokens (`slots.decode_slots`) and hand each request its new text. A request's tokens do not depend on the other slots: greedy answers are
 `generate()`'s for that request alone, and a seed draws the same samples.
 
 On several hosts every process runs the same rounds: process 0 decides each round (which
@@ -300,8 +300,9 @@ class Engine:
             return False
         if jax.process_count() > 1:
             broadcast_round(round_)
-        first_tokens, new_tokens, generated, done = self._run_round(round_)
-        self._deliver(round_, first_tokens, new_tokens, generated, done)
+        decoded = self._run_round(round_, on_first_token=self._deliver_first_token)
+        if decoded is not None:
+            self._deliver(*decoded)
         return True
 
     def follow(self) -> None:
@@ -334,16 +335,17 @@ class Engine:
         release, self._release = self._release, np.zeros_like(self._release)
         return Round(admissions, release, decode=bool(self._answers))
 
-    def _run_round(self, round_: Round):
+    def _run_round(self, round_: Round, on_first_token=None):
         """The round's device work, the same on every process: prefill and insert each admission,
-        then decode. Returns host arrays: each admission's first token, and the decode's new
-        tokens (B, decode_steps), tokens generated per slot and done flags (or None)."""
+        then decode. `on_first_token(slot, token)` gets each admission's first token as soon as
+        its prefill is done, so its client does not wait for the round's other prefills and its
+        decode. Returns host arrays: the decode's new tokens (B, decode_steps), tokens generated
+        per slot and done flags; None for a round without decode."""
         if self._slots is None:
             self._slots = self._empty()
         if self._decode_inputs is None:
             self._decode_inputs = self._params_for_decode()
         params = self.model.text_params
-        first_tokens = []
         for admission in round_.admissions:
             prompt, request = admission.prompt, admission.prompt.request
             prefilled = self._prefill(
@@ -356,11 +358,12 @@ class Engine:
             self._slots = self._insert(self._slots, prefilled, np.int32(admission.slot),
                                        np.int32(prompt.padded_ids.shape[1]), np.int32(request.max_new_tokens),
                                        request.sampling, stop_ids[None])
-            first_tokens.append(prefilled.tokens[0, 0])
+            if on_first_token is not None:      # read after the insert is queued: it runs meanwhile
+                on_first_token(admission.slot, int(jax.device_get(prefilled.tokens)[0, 0]))
         if not round_.decode:
-            return jax.device_get(first_tokens), None, None, None
+            return None
         self._slots, new_tokens = self._decode(*self._decode_inputs, self._slots, round_.release)
-        return jax.device_get((first_tokens, new_tokens, self._slots.generated, self._slots.done))
+        return jax.device_get((new_tokens, self._slots.generated, self._slots.done))
 
     def _params_for_decode(self) -> tuple:
         """On one CPU device, each layer's weights out of the stacks (dequantized), made once for
@@ -374,17 +377,18 @@ class Engine:
             return params, None
         return self._run.wrap(_decode_params)(params, config, dtype)
 
-    def _deliver(self, round_: Round, first_tokens, new_tokens, generated, done) -> None:
+    def _deliver_first_token(self, slot: int, token: int) -> None:
+        """Hands a request just prefilled its first token and text."""
+        answer = self._answers[slot]
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.first_token(now - answer.last_delivery)
+        answer.last_delivery = now
+        self._take(slot, [token], device_done=False)
+
+    def _deliver(self, new_tokens, generated, done) -> None:
         """Hands every request its new tokens and text; finishes those that stopped."""
         now = time.perf_counter()
-        for admission, token in zip(round_.admissions, first_tokens):
-            answer = self._answers[admission.slot]
-            if self.metrics is not None:
-                self.metrics.first_token(now - answer.last_delivery)
-            answer.last_delivery = now
-            self._take(admission.slot, [int(token)], device_done=False)
-        if new_tokens is None:
-            return
         for slot, answer in list(self._answers.items()):
             count = int(generated[slot]) - len(answer.tokens)
             if count <= 0:

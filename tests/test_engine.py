@@ -229,6 +229,29 @@ def test_metrics_hook_sees_every_token(tiny):
     assert all(seconds >= 0 for seconds in recorded.first + recorded.gaps)
 
 
+def test_each_first_token_is_handed_over_before_the_round_goes_on(tiny):
+    """An admission's client gets its first token when its prefill is done, before the round's
+    next prefill and its decode."""
+    model, processor = tiny
+    first_tokens, seen = [], []
+
+    class Recorded:
+        def first_token(self, seconds):
+            first_tokens.append(seconds)
+
+        def token_gap(self, seconds):
+            pass
+
+    engine = Engine(model, max_batch=SLOTS, max_length=MAX_LENGTH, metrics=Recorded())
+    prefill, decode = engine._prefill, engine._decode
+    engine._prefill = lambda *args, **kwargs: seen.append(("prefill", len(first_tokens))) or prefill(*args, **kwargs)
+    engine._decode = lambda *args: seen.append(("decode", len(first_tokens))) or decode(*args)
+    for inputs, _ in mixed_requests(processor)[1:3]:
+        submit(engine, inputs, dict(max_new_tokens=4))
+    assert engine.step()
+    assert seen == [("prefill", 0), ("prefill", 1), ("decode", 2)]
+
+
 def test_rounds_cross_processes_as_npz_without_pickle(tiny):
     """What process 0 broadcasts comes back whole: the prompt's device inputs and settings."""
     model, processor = tiny
