@@ -7,7 +7,7 @@ starts, and this process has one CPU device. They all start together, in the bac
 first time a test needs one: one process for every 8-device part (layouts, MoE layer, layout
 errors), two for the multi-host run. Meanwhile this process computes the single-device
 reference that every run is compared with. Most of the time is compilation; the file takes
-80-90 s on a 2-core machine.
+about 150 s on a 2-core machine.
 """
 
 from __future__ import annotations
