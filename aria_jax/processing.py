@@ -56,19 +56,24 @@ class ProcessorError(ValueError):
 def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
     """Crop size -> image tokens per crop, from a multimodal config.json:
     `projector_patch_to_query_dict` maps patches per crop (a square) to queries, and a crop of
-    side S has (S / patch_size)^2 patches. A crop larger than the vision tower's image_size is
-    a ConfigError."""
+    side S has (S // patch_size)^2 patches. Keys no crop can have (not a square, or more patches
+    than the vision grid) are unused, as in transformers; a map without any usable key, or with
+    a query count that is not positive, is a ConfigError."""
     mapping = config.get("projector_patch_to_query_dict")
     if not mapping:
         return None
     vision = AriaVisionConfig.from_hf_dict(config.get("vision_config") or {})
     out = {}
     for patches, queries in patch_to_query_pairs(mapping):
+        if queries <= 0:
+            raise ConfigError(f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; "
+                              "a query count must be positive")
         side = math.isqrt(patches) if patches >= 0 else 0
-        if side * side != patches or not 0 < side <= vision.num_patches_per_side or queries <= 0:
-            raise ConfigError(f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; a key is a "
-                              f"square number of patches up to {vision.num_patches_per_side ** 2}, a value positive")
-        out[side * vision.patch_size] = queries
+        if side * side == patches and 0 < side <= vision.num_patches_per_side:
+            out[side * vision.patch_size] = queries
+    if not out:
+        raise ConfigError(f"invalid config: projector_patch_to_query_dict={dict(mapping)!r} has no square number "
+                          f"of patches up to {vision.num_patches_per_side ** 2} (the vision grid): no crop fits")
     return out
 
 
