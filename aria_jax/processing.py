@@ -321,7 +321,7 @@ class AriaProcessor:
             raise ProcessorError(f"return_tensors={return_tensors!r}: use one of {', '.join(TENSOR_TYPES)} or None")
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        padding = _padding_strategy(padding, max_length)
+        padding_asked, padding = padding, _padding_strategy(padding, max_length)
         truncate = _truncates(truncation)
         if text is None and images is None:
             raise ProcessorError("pass text, images, or both")
@@ -380,7 +380,7 @@ class AriaProcessor:
             else:
                 lengths = sorted({len(row) for row in ids})
                 if len(lengths) > 1:
-                    raise ProcessorError(f"the rows have {lengths[0]} to {lengths[-1]} tokens: padding={padding!r} "
+                    raise ProcessorError(f"the rows have {lengths[0]} to {lengths[-1]} tokens: padding={padding_asked!r} "
                                          f"cannot make return_tensors={return_tensors!r} arrays; use padding=True "
                                          "or return_tensors=None")
                 text_inputs = to_tensors({"input_ids": np.asarray(ids, dtype=np.int32).reshape(len(ids), -1),
