@@ -10,7 +10,8 @@ Per image:
 2. Optionally split into crops (`split_transformers` or `split_original`, section 4.2).
 3. Each crop: resize keeping the aspect ratio so its long side is `max_image_size` and its short
    side at least `min_image_size` (PIL, bicubic, on uint8), pad right and bottom with black to a
-   square, mark the real pixels in `pixel_mask`, then `(pixel / 255 - mean) / std` in float32.
+   square, mark the real pixels in `pixel_mask`, then `(pixel / 255 - mean) / std` in float32
+   (`do_rescale`, `rescale_factor` and `do_normalize` change that step as in transformers).
 
 Differences from the oracle, on purpose:
 

@@ -4,6 +4,7 @@
     inputs = processor(text=prompts, images=images, max_image_size=980, split_image=False)
     # -> numpy: input_ids (B, T) int32, attention_mask (B, T) int32 (left padding by default),
     #    pixel_values (N, 3, S, S) float32, pixel_mask (N, S, S) bool, num_crops (num_images,)
+    answers = processor.decode_replies(model.generate(**inputs), inputs)  # one str per row
 
 Each `<|img|>` in the text (in order across the batch) stands for one image and becomes
 `num_crops[i] * queries` image tokens, where `queries = size_to_queries[max_image_size]` (128 for
@@ -314,7 +315,8 @@ class AriaProcessor:
                                                   "max_length"))):
                 unknown = sorted(set(group or {}) - set(allowed))
                 if unknown:
-                    raise ProcessorError(f"unsupported option(s) {', '.join(unknown)}; these take: {', '.join(allowed)}")
+                    raise ProcessorError(
+                        f"unsupported option(s) {', '.join(unknown)}; these take: {', '.join(allowed)}")
                 options.update(group or {})
             return self(text, images, **options)
         if return_tensors not in (None, *TENSOR_TYPES):
@@ -380,9 +382,9 @@ class AriaProcessor:
             else:
                 lengths = sorted({len(row) for row in ids})
                 if len(lengths) > 1:
-                    raise ProcessorError(f"the rows have {lengths[0]} to {lengths[-1]} tokens: padding={padding_asked!r} "
-                                         f"cannot make return_tensors={return_tensors!r} arrays; use padding=True "
-                                         "or return_tensors=None")
+                    raise ProcessorError(
+                        f"the rows have {lengths[0]} to {lengths[-1]} tokens: padding={padding_asked!r} cannot make "
+                        f"return_tensors={return_tensors!r} arrays; use padding=True or return_tensors=None")
                 text_inputs = to_tensors({"input_ids": np.asarray(ids, dtype=np.int32).reshape(len(ids), -1),
                                           "attention_mask": np.asarray(mask, dtype=np.int32).reshape(len(ids), -1)},
                                          return_tensors)
@@ -466,7 +468,7 @@ class AriaProcessor:
             raise ProcessorError(f"tokens must be a (batch, length) array of token ids, got shape {rows.shape} "
                                  f"of {rows.dtype}")
         if inputs is not None:
-            prompt = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+            prompt = inputs["input_ids"] if hasattr(inputs, "keys") else inputs  # a dict, or the ids
             prompt = np.asarray(prompt.detach().cpu() if hasattr(prompt, "detach") else prompt)
             prompt = prompt[None] if prompt.ndim == 1 else prompt
             if prompt.shape[0] != rows.shape[0]:
@@ -494,8 +496,8 @@ class AriaProcessor:
         `tokenize=True` gives, as transformers' processor does, the processor's inputs for the
         rendered prompts: their `input_ids` (one row per conversation), or everything with
         `return_dict=True`. The processor's options (`padding` (default False here), `truncation`,
-        `max_length`, `return_tensors` (default None: lists), `padding_side`, `max_image_size`, `images`, ...)
-        are taken from `kwargs`; the rest go to the template."""
+        `max_length`, `return_tensors` (default None: lists), `padding_side`, `max_image_size`,
+        `images`, ...) are taken from `kwargs`; the rest go to the template."""
         template = chat_template or self.chat_template
         if tokenize:
             options = {key: kwargs.pop(key) for key in list(kwargs) if key in PROCESSOR_OPTIONS}

@@ -560,7 +560,8 @@ def test_disallowed_max_image_size_and_split_mode(ours):
 # --------------------------------------------------------------------------------------------
 
 OPTIONS = dict(image_mean=[0.48, 0.45, 0.4], image_std=[0.26, 0.26, 0.27], max_image_size=490, min_image_size=200,
-               split_resolutions=[[980, 980]], split_image=True, do_convert_rgb=True, resample=Image.Resampling.BILINEAR)
+               split_resolutions=[[980, 980]], split_image=True, do_convert_rgb=True,
+               resample=Image.Resampling.BILINEAR)
 
 
 @pytest.mark.parametrize("changes", [{}, {"do_normalize": False}, {"do_rescale": False}, {"rescale_factor": 1 / 127.5},
