@@ -595,9 +595,6 @@ class AriaProcessor:
                 continue
             items = []
             for number, item in enumerate(content):
-                if isinstance(item, str):  # a bare string item: the template decides (Aria's skips it)
-                    items.append(check_text(item, f"message {index} item {number}"))
-                    continue
                 kind = _item_type(item)
                 if not isinstance(kind, str):
                     raise ProcessorError(f'message {index}: a content item is a dict with a "type" string, '

@@ -15,7 +15,7 @@ value, held to transformers' output on the same input:
   which also compare pixel_values / pixel_mask with AriaImageProcessorPil.
 - test_processing_aria.py: test_process_interleaved_images_prompts_no_image_splitting (nested
   per-prompt images, left padding), test_non_nested_images_with_batched_text,
-  test_apply_chat_template (rendering with a string content item mixed in),
+  test_apply_chat_template (a bare string content item is refused here, see below),
   test_image_chat_template_accepts_processing_kwargs (padding="max_length", truncation,
   max_length, return_dict, return_tensors through apply_chat_template),
   test_special_mm_token_truncation (truncating into image tokens is an error) -> the
@@ -24,7 +24,8 @@ value, held to transformers' output on the same input:
 
 Where we differ on purpose (README "Where aria-jax is stricter"): `num_crops` is one count per
 image and each `<|img|>` is expanded by its own image's crop count (transformers uses the
-batch-wide maximum, which breaks batches of split images with different crop counts).
+batch-wide maximum, which breaks batches of split images with different crop counts), and a
+bare string content item, which Aria's template would drop silently, is an error.
 """
 
 from __future__ import annotations
@@ -237,11 +238,15 @@ def test_processor_image_splitting(processors):
 
 
 def test_processor_apply_chat_template(processors):
-    """test_apply_chat_template: text, image and plain-string items, several turns."""
+    """test_apply_chat_template: text and image items, several turns. transformers' test also
+    has a bare string item, which Aria's template drops without a word; we refuse it instead
+    (README: where aria-jax is stricter), and render the rest as transformers does."""
     ref, ours = processors
+    with pytest.raises(ValueError, match="content item"):
+        ours.apply_chat_template([{"role": "user", "content": [{"type": "image"}, "What do these images show?"]}])
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "What do these images show?"}, {"type": "image"},
-                                     {"type": "image"}, "What do these images show?"]},
+                                     {"type": "image"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "The first image shows the statue of Liberty."}]},
         {"role": "user", "content": [{"type": "text", "text": "And who is that?"}]},
     ]
