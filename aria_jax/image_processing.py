@@ -191,8 +191,9 @@ def as_array(image: Any) -> np.ndarray | None:
 
 def to_rgb_array(image: Any, convert_rgb: bool = True) -> np.ndarray:
     """One input image (PIL image, uint8 array or tensor, or file path) as RGB uint8 (H, W, 3).
-    `convert_rgb=False` takes only images that are RGB already (PIL mode "RGB", 3 channels)."""
-    if not convert_rgb:
+    `convert_rgb=False` takes only images that are RGB already (PIL mode "RGB", 3 channels; a
+    file is read as RGB either way, as transformers' `load_image` does)."""
+    if not convert_rgb and not isinstance(image, (str, os.PathLike)):
         array = as_array(image)
         is_rgb = (image.mode == "RGB" if isinstance(image, Image.Image)
                   else array is not None and array.ndim == 3 and _channels_last(array).shape[2] == 3)

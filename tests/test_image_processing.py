@@ -600,6 +600,7 @@ def test_do_convert_rgb_false_takes_rgb_images_only():
                                                                                     do_convert_rgb=False)
     np.testing.assert_array_equal(unconverted(rgb)["pixel_values"], plain(rgb)["pixel_values"])
     np.testing.assert_array_equal(unconverted(Image.fromarray(rgb))["pixel_values"], plain(rgb)["pixel_values"])
+    np.testing.assert_array_equal(unconverted(photo(PHOTOS[0]))["pixel_values"], plain(photo(PHOTOS[0]))["pixel_values"])
     with pytest.raises(ImageError, match="do_convert_rgb=False takes RGB images only.*LA image"):
         unconverted(Image.fromarray(rgb).convert("LA"))
     with pytest.raises(ImageError, match=r"do_convert_rgb=False .*shape \(20, 30\)"):
