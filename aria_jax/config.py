@@ -262,8 +262,8 @@ class AriaVisionConfig:
             self.num_attention_heads, f"must divide vision hidden_size={self.hidden_size}",
         )
         _require(
-            self.image_size % self.patch_size == 0, "vision_config.image_size", self.image_size,
-            f"must be a multiple of patch_size={self.patch_size}",
+            self.patch_size <= self.image_size, "vision_config.patch_size", self.patch_size,
+            f"must not exceed image_size={self.image_size}",
         )
 
     @property
@@ -272,6 +272,8 @@ class AriaVisionConfig:
 
     @property
     def num_patches_per_side(self) -> int:
+        """Patches along a side of the position grid; an image_size that is not a multiple of
+        patch_size is floored, as the reference's stride-patch_size convolution drops the rest."""
         return self.image_size // self.patch_size
 
     @classmethod
@@ -297,6 +299,8 @@ class AriaConfig:
     text_config: AriaTextConfig
     vision_config: AriaVisionConfig = AriaVisionConfig()
     # (number of patches of a crop, number of projector queries) pairs, e.g. ((1225, 128), (4900, 256)).
+    # A key no crop can have (not a square, or more patches than the vision grid) is kept but
+    # never used, as in transformers; the projector's query table has max_queries rows either way.
     projector_patch_to_query: tuple[tuple[int, int], ...] = ((1225, 128), (4900, 256))
     image_token_index: int = 9
     pad_token_id: int = 2
@@ -309,16 +313,16 @@ class AriaConfig:
         pairs = patch_to_query_pairs(self.projector_patch_to_query)
         object.__setattr__(self, "projector_patch_to_query", pairs)
         _require(len(pairs) > 0, "projector_patch_to_query_dict", {}, "must not be empty")
-        max_patches = self.vision_config.num_patches_per_side ** 2
         for patches, queries in pairs:
-            side = math.isqrt(patches)
-            _require(
-                side * side == patches and 0 < patches <= max_patches,
-                "projector_patch_to_query_dict", dict(pairs),
-                f"key {patches} must be a square number of patches at most {max_patches}",
-            )
+            _require(0 < patches < INT32_LIMIT, "projector_patch_to_query_dict", dict(pairs),
+                     f"key {patches} must be a positive number of patches below 2**31")
             _require(0 < queries < INT32_LIMIT, "projector_patch_to_query_dict", dict(pairs),
                      f"query count {queries} must be positive and below 2**31")
+        max_patches = self.vision_config.num_patches_per_side ** 2
+        _require(
+            bool(self.used_patch_to_query), "projector_patch_to_query_dict", dict(pairs),
+            f"no key is a square number of patches at most {max_patches} (the vision grid): no crop could be projected",
+        )
         _require(
             _is_int(self.image_token_index) and 0 <= self.image_token_index < self.text_config.vocab_size,
             "image_token_index", self.image_token_index,
@@ -328,7 +332,16 @@ class AriaConfig:
 
     @property
     def max_queries(self) -> int:
+        """Rows of the projector's query table: the largest query count of the map, used or not
+        (transformers' max_value_projector_patch_to_query_dict)."""
         return max(queries for _, queries in self.projector_patch_to_query)
+
+    @property
+    def used_patch_to_query(self) -> tuple[tuple[int, int], ...]:
+        """The (patches, queries) pairs a crop can have: square patch counts within the vision grid."""
+        max_patches = self.vision_config.num_patches_per_side ** 2
+        return tuple((patches, queries) for patches, queries in self.projector_patch_to_query
+                     if math.isqrt(patches) ** 2 == patches and patches <= max_patches)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaConfig":

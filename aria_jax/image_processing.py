@@ -10,14 +10,19 @@ Per image:
 2. Optionally split into crops (`split_transformers` or `split_original`, section 4.2).
 3. Each crop: resize keeping the aspect ratio so its long side is `max_image_size` and its short
    side at least `min_image_size` (PIL, bicubic, on uint8), pad right and bottom with black to a
-   square, mark the real pixels in `pixel_mask`, then `(pixel / 255 - mean) / std` in float32.
+   square, mark the real pixels in `pixel_mask`, then `(pixel / 255 - mean) / std` in float32
+   (`do_rescale`, `rescale_factor` and `do_normalize` change that step as in transformers).
 
 Differences from the oracle, on purpose:
 
 - `num_crops` is one count per input image; transformers returns the batch-wide maximum, which
   is wrong whenever split images in one batch have different crop counts.
-- numpy inputs are always read as (H, W), (H, W, C) with C in 1..4, uint8; transformers guesses
-  the channel axis and reads e.g. a (1, 1, 3) array as a 1-channel 1x3 image.
+- Arrays (numpy, torch tensors, anything with `__array__`) must be uint8, (H, W), (H, W, C)
+  or (C, H, W) with C in 1..4. The channel axis is the last one when its size is 1..4, else the
+  first: the same reading as transformers' except for shapes whose both ends are 1..4 (a 3 x W x 3
+  array), which transformers reads as channels first.
+- `do_convert_rgb=False` (an option transformers has) gives the same output for RGB inputs;
+  any other input is refused, where transformers would pass on a non-RGB array.
 - Inputs the oracle rejects are handled: 2-D numpy arrays (grayscale), (H, W, 2) arrays
   (gray + alpha, blended onto white like RGBA arrays), `os.PathLike` paths, and PIL mode "La"
   (un-premultiplied to "LA" first). URLs and base64 strings are not accepted.
@@ -62,7 +67,11 @@ DEFAULT_SPLIT_RESOLUTIONS = tuple(
     (rows * SPLIT_TILE_SIZE, cols * SPLIT_TILE_SIZE) for rows, cols in DEFAULT_SPLIT_TILES
 )
 DEFAULT_SIZE_TO_QUERIES = {490: 128, 980: 256}
+# The crop sizes transformers' image processor takes whatever its size_conversion says.
+TRANSFORMERS_CROP_SIZES = (490, 980)
 RESCALE_FACTOR = 1 / 255
+DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
+TENSOR_TYPES = ("np", "jax", "pt")
 SPLIT_MODES = ("transformers", "original")
 
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
@@ -138,17 +147,25 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    """A uint8 (H, W) or (H, W, C) array, C in 1..4, to RGB. Alpha is blended onto white with
-    transformers' numpy formula (float64, then round)."""
-    if array.dtype != np.uint8:
-        raise ImageError(f"numpy images must be uint8 (H, W[, C]); got dtype {array.dtype}")
+def _channels_last(array: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H, W, 1); (H, W, C) kept; (C, H, W) -> (H, W, C); C in 1..4, last axis first."""
     if array.ndim == 2:
-        array = array[:, :, None]
+        return array[:, :, None]
+    if array.ndim == 3 and array.shape[2] not in (1, 2, 3, 4) and array.shape[0] in (1, 2, 3, 4):
+        return np.moveaxis(array, 0, 2)
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
         raise ImageError(
-            f"numpy images must have shape (H, W) or (H, W, C) with C in 1..4; got {array.shape}"
+            f"array images must have shape (H, W), (H, W, C) or (C, H, W) with C in 1..4; got {array.shape}"
         )
+    return array
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W), (H, W, C) or (C, H, W) array, C in 1..4, to RGB. Alpha is blended onto
+    white with transformers' numpy formula (float64, then round)."""
+    if array.dtype != np.uint8:
+        raise ImageError(f"array images must be uint8 (H, W[, C]) or (C, H, W); got dtype {array.dtype}")
+    array = _channels_last(array)
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"numpy image has no pixels: shape {array.shape}")
     channels = array.shape[2]
@@ -160,8 +177,30 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def to_rgb_array(image: Any) -> np.ndarray:
-    """One input image (PIL image, uint8 numpy array, or file path) as RGB uint8 (H, W, 3)."""
+def as_array(image: Any) -> np.ndarray | None:
+    """`image` as a numpy array if it is one or has `__array__` (torch / jax tensors, ...), else None."""
+    if isinstance(image, np.ndarray):
+        return image
+    if hasattr(image, "__array__") and not isinstance(image, Image.Image):
+        try:
+            return np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+        except Exception as err:  # e.g. a tensor on an accelerator that cannot be copied
+            raise ImageError(f"cannot read a {type(image).__name__} as an array: {_one_line(err)}") from err
+    return None
+
+
+def to_rgb_array(image: Any, convert_rgb: bool = True) -> np.ndarray:
+    """One input image (PIL image, uint8 array or tensor, or file path) as RGB uint8 (H, W, 3).
+    `convert_rgb=False` takes only images that are RGB already (PIL mode "RGB", 3 channels; a
+    file is read as RGB either way, as transformers' `load_image` does)."""
+    if not convert_rgb and not isinstance(image, (str, os.PathLike)):
+        array = as_array(image)
+        is_rgb = (image.mode == "RGB" if isinstance(image, Image.Image)
+                  else array is not None and array.ndim == 3 and _channels_last(array).shape[2] == 3)
+        if not is_rgb:
+            what = f"a {image.mode} image" if isinstance(image, Image.Image) else \
+                f"an array of shape {array.shape}" if array is not None else f"a {type(image).__name__}"
+            raise ImageError(f"do_convert_rgb=False takes RGB images only (3 channels); got {what}")
     if isinstance(image, (str, os.PathLike)):
         return _pil_to_rgb(load_image_file(image))
     if isinstance(image, Image.Image):
@@ -170,24 +209,44 @@ def to_rgb_array(image: Any) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as err:
             name = getattr(image, "filename", "") or f"a {image.mode} image of size {image.size}"
             raise ImageError(f"cannot convert {name} to RGB: {_one_line(err)}") from err
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
+    array = as_array(image)
+    if array is not None:
+        return _array_to_rgb(array)
     raise ImageError(
-        "images must be PIL images, uint8 numpy arrays or file paths; "
+        "images must be PIL images, uint8 arrays (numpy, torch, or anything with __array__) or file paths; "
         f"got {type(image).__name__}"
     )
 
 
+def is_batch_array(images: Any) -> bool:
+    """A 4-D array or tensor: a batch of images."""
+    return getattr(images, "ndim", None) == 4 and not isinstance(images, Image.Image)
+
+
 def _flatten_images(images: Any) -> list:
     """One image, a list of images, a list of lists of images, or a 4-D array -> flat list."""
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
+    if is_batch_array(images):
+        return list(as_array(images))
     if not isinstance(images, (list, tuple)):
         return [images]
     flat = []
     for item in images:
         flat.extend(item if isinstance(item, (list, tuple)) else [item])
     return flat
+
+
+def to_tensors(arrays: dict[str, Any], return_tensors: str | None) -> dict[str, Any]:
+    """numpy arrays as `return_tensors` asks: "np" (or None) numpy, "jax" jax arrays, "pt" torch
+    tensors (torch is imported only then)."""
+    if return_tensors in (None, "np"):
+        return arrays
+    if return_tensors == "jax":
+        import jax.numpy as jnp
+        return {key: jnp.asarray(value) for key, value in arrays.items()}
+    if return_tensors == "pt":
+        import torch
+        return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
+    raise ValueError(f"return_tensors={return_tensors!r}; use one of: {', '.join(TENSOR_TYPES)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,29 +363,43 @@ class AriaImageProcessor:
         self,
         max_image_size: int = 980,
         min_image_size: int = 336,
-        image_mean: float | Sequence[float] = (0.5, 0.5, 0.5),
-        image_std: float | Sequence[float] = (0.5, 0.5, 0.5),
-        split_resolutions: Sequence[Sequence[int]] = DEFAULT_SPLIT_RESOLUTIONS,
+        image_mean: float | Sequence[float] | None = (0.5, 0.5, 0.5),
+        image_std: float | Sequence[float] | None = (0.5, 0.5, 0.5),
+        split_resolutions: Sequence[Sequence[int]] | None = DEFAULT_SPLIT_RESOLUTIONS,
         size_to_queries: dict[int, int] | None = None,
         resample: int = Image.Resampling.BICUBIC,
         split_image: bool = False,
+        do_convert_rgb: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = RESCALE_FACTOR,
+        do_normalize: bool = True,
     ):
         queries = DEFAULT_SIZE_TO_QUERIES if size_to_queries is None else size_to_queries
         self.size_to_queries = {int(size): int(count) for size, count in queries.items()}
         self.max_image_size = self._check_max_image_size(max_image_size)
         self.min_image_size = int(min_image_size)
-        self.image_mean = self._per_channel(image_mean, "image_mean")
-        self.image_std = self._per_channel(image_std, "image_std")
+        self.image_mean = self._per_channel(DEFAULT_MEAN_STD if image_mean is None else image_mean, "image_mean")
+        self.image_std = self._per_channel(DEFAULT_MEAN_STD if image_std is None else image_std, "image_std")
+        if split_resolutions is None:  # transformers' default too
+            split_resolutions = DEFAULT_SPLIT_RESOLUTIONS
         self.split_resolutions = tuple((int(h), int(w)) for h, w in split_resolutions)
         if not self.split_resolutions:
             raise ValueError("split_resolutions must not be empty")
         self.resample = Image.Resampling(int(resample))
         self.split_image = bool(split_image)
-        # uint8 value -> normalized float32, per channel, computed exactly as transformers does
-        # (float64 rescale, cast to float32, then float32 subtract and divide).
-        scaled = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
+        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_rescale = bool(do_rescale)
+        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) \
+                or not math.isfinite(rescale_factor):
+            raise ValueError(f"rescale_factor must be a finite number; got {rescale_factor!r}")
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        # uint8 value -> output float32, per channel, computed exactly as transformers does
+        # (rescale in float64 then cast to float32; normalize in float32).
+        values = np.arange(256, dtype=np.float64)
+        values = (values * self.rescale_factor).astype(np.float32) if self.do_rescale else values.astype(np.float32)
         self._table = np.stack([
-            (scaled - np.float32(mean)) / np.float32(std)
+            (values - np.float32(mean)) / np.float32(std) if self.do_normalize else values
             for mean, std in zip(self.image_mean, self.image_std)
         ])
 
@@ -339,12 +412,13 @@ class AriaImageProcessor:
 
     @property
     def allowed_sizes(self) -> tuple[int, ...]:
-        return tuple(sorted(self.size_to_queries))
+        """Crop sizes: the checkpoint's (size_to_queries) and those transformers' processor takes."""
+        return tuple(sorted({*self.size_to_queries, *TRANSFORMERS_CROP_SIZES}))
 
     def _check_max_image_size(self, size: Any) -> int:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) \
-                or int(size) not in self.size_to_queries:
-            allowed = ", ".join(str(s) for s in sorted(self.size_to_queries))
+                or int(size) not in self.allowed_sizes:
+            allowed = ", ".join(str(s) for s in self.allowed_sizes)
             raise ValueError(f"max_image_size={size!r} is not allowed; use one of: {allowed}")
         return int(size)
 
@@ -364,18 +438,9 @@ class AriaImageProcessor:
             settings, source = read_optional_json(directory, IMAGE_PROCESSOR_FILE, ValueError), IMAGE_PROCESSOR_FILE
         where = os.path.join(directory, source)
 
-        # Steps we always perform; a config that turns them off is not Aria's preprocessing.
-        for flag in ("do_convert_rgb", "do_rescale", "do_normalize"):
-            if settings.get(flag, True) is False:
-                raise ValueError(f"{where}: {flag}=false is not supported")
-        factor = settings.get("rescale_factor", RESCALE_FACTOR)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
-                or not math.isclose(factor, RESCALE_FACTOR, rel_tol=1e-12):
-            raise ValueError(f"{where}: rescale_factor={factor!r} is not supported (only 1/255)")
-
         kwargs = {}
-        for key in ("max_image_size", "min_image_size", "image_mean", "image_std",
-                    "split_resolutions", "resample", "split_image"):
+        for key in ("max_image_size", "min_image_size", "image_mean", "image_std", "split_resolutions",
+                    "resample", "split_image", "do_convert_rgb", "do_rescale", "rescale_factor", "do_normalize"):
             if settings.get(key) is not None:
                 kwargs[key] = settings[key]
         conversion = processor.get("size_conversion", settings.get("size_conversion"))
@@ -448,12 +513,15 @@ class AriaImageProcessor:
         max_image_size: int | None = None,
         split_image: bool | None = None,
         split_mode: str = "transformers",
-    ) -> dict[str, np.ndarray]:
-        """Preprocess one image or a list of images (PIL images, uint8 (H, W[, C]) arrays, paths).
+        return_tensors: str | None = "np",
+    ) -> dict[str, Any]:
+        """Preprocess one image or a list of images (PIL images, uint8 arrays or tensors of shape
+        (H, W), (H, W, C) or (C, H, W), file paths).
 
-        Returns numpy arrays: `pixel_values` (N, 3, S, S) float32, `pixel_mask` (N, S, S) bool
-        and `num_crops` (num_images,) int64 with N = num_crops.sum(); the crops of each image
-        are consecutive, in input order. `split_image=None` uses the configured default (False).
+        Returns `pixel_values` (N, 3, S, S) float32, `pixel_mask` (N, S, S) bool and `num_crops`
+        (num_images,) int64 with N = num_crops.sum(), as numpy arrays, or as `return_tensors`
+        says ("jax", "pt"); the crops of each image are consecutive, in input order.
+        `split_image=None` uses the configured default (False).
         """
         size = self._check_max_image_size(
             self.max_image_size if max_image_size is None else max_image_size)
@@ -468,22 +536,24 @@ class AriaImageProcessor:
 
         pixel_values, pixel_masks, num_crops = [], [], []
         for image in inputs:
-            crops = self.crops(to_rgb_array(image), size, split, split_mode)
+            crops = self.crops(to_rgb_array(image, self.do_convert_rgb), size, split, split_mode)
             num_crops.append(len(crops))
             for crop in crops:
                 pixels, mask = self.crop_to_arrays(crop, size)
                 pixel_values.append(pixels)
                 pixel_masks.append(mask)
-        return {
+        return to_tensors({
             "pixel_values": np.stack(pixel_values),
             "pixel_mask": np.stack(pixel_masks),
             "num_crops": np.asarray(num_crops, dtype=np.int64),
-        }
+        }, return_tensors)
 
     def num_image_tokens(self, max_image_size: int | None = None) -> int:
         """Image tokens (projector queries) per crop at this crop size."""
-        size = self.max_image_size if max_image_size is None else max_image_size
-        return self.size_to_queries[self._check_max_image_size(size)]
+        size = self._check_max_image_size(self.max_image_size if max_image_size is None else max_image_size)
+        if size not in self.size_to_queries:
+            raise ValueError(f"max_image_size={size} has no query count in size_to_queries {self.size_to_queries}")
+        return self.size_to_queries[size]
 
     def __repr__(self) -> str:
         return (

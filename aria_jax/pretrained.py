@@ -329,8 +329,8 @@ class AriaForConditionalGeneration(_Pretrained):
         if pixel_values.ndim != 4 or pixel_values.shape[1] != vision.num_channels or pixel_values.shape[2] != pixel_values.shape[3]:
             raise RequestError(f"pixel_values must be (crops, {vision.num_channels}, S, S), got {pixel_values.shape}")
         crops, _, side, _ = pixel_values.shape
-        if side % vision.patch_size:
-            raise RequestError(f"pixel_values side {side} is not a multiple of the patch size {vision.patch_size}")
+        if side < vision.patch_size:
+            raise RequestError(f"pixel_values side {side} is smaller than the patch size {vision.patch_size}")
         queries = queries_for_patches(self.config, (side // vision.patch_size) ** 2)
         if num_image_tokens != crops * queries:
             raise RequestError(

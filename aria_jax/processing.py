@@ -4,6 +4,7 @@
     inputs = processor(text=prompts, images=images, max_image_size=980, split_image=False)
     # -> numpy: input_ids (B, T) int32, attention_mask (B, T) int32 (left padding by default),
     #    pixel_values (N, 3, S, S) float32, pixel_mask (N, S, S) bool, num_crops (num_images,)
+    answers = processor.decode_replies(model.generate(**inputs), inputs)  # one str per row
 
 Each `<|img|>` in the text (in order across the batch) stands for one image and becomes
 `num_crops[i] * queries` image tokens, where `queries = size_to_queries[max_image_size]` (128 for
@@ -40,6 +41,7 @@ import numpy as np
 
 from aria_jax.config import (AriaTextConfig, AriaVisionConfig, ConfigError, patch_to_query_pairs,
                              read_optional_json)
+from aria_jax.image_processing import TENSOR_TYPES, is_batch_array, as_array, to_tensors
 from aria_jax.tokenizer import AriaTokenizer, check_text, compile_chat_template, pad_batch, render_chat_template
 from aria_jax.video import Video, VideoCache, frame_timestamp, load_video, resolve_num_frames
 
@@ -47,6 +49,10 @@ PROCESSOR_CONFIG = "processor_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 DEFAULT_IMAGE_TOKEN = "<|img|>"
+IM_END = "<|im_end|>"
+# apply_chat_template(tokenize=True) arguments that go to the processor, not to the template.
+PROCESSOR_OPTIONS = ("images", "max_image_size", "split_image", "split_mode", "padding_side", "return_tensors",
+                     "padding", "truncation", "max_length", "images_kwargs", "text_kwargs")
 
 
 class ProcessorError(ValueError):
@@ -56,20 +62,50 @@ class ProcessorError(ValueError):
 def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
     """Crop size -> image tokens per crop, from a multimodal config.json:
     `projector_patch_to_query_dict` maps patches per crop (a square) to queries, and a crop of
-    side S has (S / patch_size)^2 patches. A crop larger than the vision tower's image_size is
-    a ConfigError."""
+    side S has (S // patch_size)^2 patches. Keys no crop can have (not a square, or more patches
+    than the vision grid) are unused, as in transformers; a map without any usable key, or with
+    a query count that is not positive, is a ConfigError."""
     mapping = config.get("projector_patch_to_query_dict")
     if not mapping:
         return None
     vision = AriaVisionConfig.from_hf_dict(config.get("vision_config") or {})
     out = {}
     for patches, queries in patch_to_query_pairs(mapping):
+        if queries <= 0:
+            raise ConfigError(f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; "
+                              "a query count must be positive")
         side = math.isqrt(patches) if patches >= 0 else 0
-        if side * side != patches or not 0 < side <= vision.num_patches_per_side or queries <= 0:
-            raise ConfigError(f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; a key is a "
-                              f"square number of patches up to {vision.num_patches_per_side ** 2}, a value positive")
-        out[side * vision.patch_size] = queries
+        if side * side == patches and 0 < side <= vision.num_patches_per_side:
+            out[side * vision.patch_size] = queries
+    if not out:
+        raise ConfigError(f"invalid config: projector_patch_to_query_dict={dict(mapping)!r} has no square number "
+                          f"of patches up to {vision.num_patches_per_side ** 2} (the vision grid): no crop fits")
     return out
+
+
+def _padding_strategy(padding: Any, max_length: Any) -> str | None:
+    """transformers' `padding` values -> "longest", "max_length" or None (no padding)."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+                                   or max_length <= 0):
+        raise ProcessorError(f"max_length must be a positive int or None, got {max_length!r}")
+    if padding is True or padding == "longest":
+        return "longest"
+    if padding == "max_length":
+        if max_length is None:
+            raise ProcessorError("padding='max_length' needs max_length")
+        return "max_length"
+    if padding is False or padding is None or padding == "do_not_pad":
+        return None
+    raise ProcessorError(f"padding={padding!r}: use True, 'longest', 'max_length', False or 'do_not_pad'")
+
+
+def _truncates(truncation: Any) -> bool:
+    """transformers' `truncation` values (one sequence: every strategy cuts it) -> whether to cut."""
+    if truncation is True or truncation in ("longest_first", "only_first", "only_second"):
+        return True
+    if truncation is False or truncation is None or truncation == "do_not_truncate":
+        return False
+    raise ProcessorError(f"truncation={truncation!r}: use True, 'longest_first', False or 'do_not_truncate'")
 
 
 def _is_image_list(value: Any) -> bool:
@@ -92,8 +128,10 @@ def _has_video_items(conversation: Sequence[dict]) -> bool:
 def _own_image(item: dict) -> Any:
     """The image an image item carries itself ("image": a PIL image / array / path, or "path"),
     else None."""
-    image = item.get("image")
-    return image if image is not None else item.get("path")
+    for key in ("image", "path", "url"):  # "url": a local file, as transformers' tests pass it
+        if item.get(key) is not None:
+            return item[key]
+    return None
 
 
 def video_placeholders(timestamps: Sequence[float]) -> list[dict]:
@@ -248,18 +286,45 @@ class AriaProcessor:
         split_mode: str = "transformers",
         padding_side: str = "left",
         return_tensors: str | None = "np",
-    ) -> dict[str, np.ndarray]:
+        padding: bool | str = True,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        images_kwargs: dict | None = None,
+        text_kwargs: dict | None = None,
+    ) -> dict[str, Any]:
         """Model inputs for a prompt or a batch of prompts (see the module docstring).
 
         `images` is a flat list of images in placeholder order across the batch (or one image),
         or a list with one list of images per prompt. `max_image_size=None` uses the
         checkpoint's default crop size. Raises ValueError when the number of `<|img|>`
         placeholders and of images differ.
+
+        Text options as transformers' processor takes them (also inside `text_kwargs`, and the
+        image options inside `images_kwargs`): `padding` True / "longest" (the default here;
+        transformers' is False), "max_length" (to `max_length`) or False / "do_not_pad";
+        `truncation=True` cuts each row to `max_length` tokens on the right, and cutting into
+        a row's image tokens is an error, as in transformers. `return_tensors`: "np" (int32
+        ids and mask), "jax", "pt", or None for lists of ids (pixel arrays stay numpy).
         """
-        if return_tensors not in (None, "np"):
-            raise ProcessorError(f"return_tensors={return_tensors!r}: only 'np' (numpy arrays) is supported")
+        if images_kwargs or text_kwargs:
+            options = {"max_image_size": max_image_size, "split_image": split_image, "split_mode": split_mode,
+                       "padding_side": padding_side, "return_tensors": return_tensors, "padding": padding,
+                       "truncation": truncation, "max_length": max_length}
+            for group, allowed in ((images_kwargs, ("max_image_size", "split_image", "split_mode")),
+                                   (text_kwargs, ("padding_side", "return_tensors", "padding", "truncation",
+                                                  "max_length"))):
+                unknown = sorted(set(group or {}) - set(allowed))
+                if unknown:
+                    raise ProcessorError(
+                        f"unsupported option(s) {', '.join(unknown)}; these take: {', '.join(allowed)}")
+                options.update(group or {})
+            return self(text, images, **options)
+        if return_tensors not in (None, *TENSOR_TYPES):
+            raise ProcessorError(f"return_tensors={return_tensors!r}: use one of {', '.join(TENSOR_TYPES)} or None")
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        padding_asked, padding = padding, _padding_strategy(padding, max_length)
+        truncate = _truncates(truncation)
         if text is None and images is None:
             raise ProcessorError("pass text, images, or both")
         size = self._resolve_size(max_image_size)
@@ -288,7 +353,7 @@ class AriaProcessor:
                     f"image(s) were passed; each image needs exactly one {self.image_token} in the text"
                 )
 
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Any] = {}
         num_crops: list[int] = []
         if flat_images:
             pixels = self.image_processor(flat_images, max_image_size=size, split_image=split_image,
@@ -304,14 +369,42 @@ class AriaProcessor:
         if prompts is not None:
             expanded = self.expand_image_tokens(prompts, num_crops, size)
             ids = [self.tokenizer.encode(p) for p in expanded]
-            length = max(len(row) for row in ids)
-            ids, mask = pad_batch(ids, self.pad_token_id, length, padding_side)
-            out = {
-                "input_ids": np.asarray(ids, dtype=np.int32).reshape(len(ids), length),
-                "attention_mask": np.asarray(mask, dtype=np.int32).reshape(len(ids), length),
-                **out,
-            }
+            if truncate and max_length is not None:
+                ids = self._truncate(ids, expanded, max_length)
+            if padding == "longest":
+                ids, mask = pad_batch(ids, self.pad_token_id, max(len(row) for row in ids), padding_side)
+            elif padding == "max_length":
+                ids, mask = pad_batch(ids, self.pad_token_id, max_length, padding_side)
+            else:
+                mask = [[1] * len(row) for row in ids]
+            if return_tensors is None:
+                text_inputs = {"input_ids": ids, "attention_mask": mask}
+            else:
+                lengths = sorted({len(row) for row in ids})
+                if len(lengths) > 1:
+                    raise ProcessorError(
+                        f"the rows have {lengths[0]} to {lengths[-1]} tokens: padding={padding_asked!r} cannot make "
+                        f"return_tensors={return_tensors!r} arrays; use padding=True or return_tensors=None")
+                text_inputs = to_tensors({"input_ids": np.asarray(ids, dtype=np.int32).reshape(len(ids), -1),
+                                          "attention_mask": np.asarray(mask, dtype=np.int32).reshape(len(ids), -1)},
+                                         return_tensors)
+            out = {**text_inputs, **out}
+        if return_tensors is not None and flat_images:
+            out.update(to_tensors({key: out[key] for key in ("pixel_values", "pixel_mask", "num_crops")},
+                                  return_tensors))
         return out
+
+    def _truncate(self, ids: list[list[int]], expanded: list[str], max_length: int) -> list[list[int]]:
+        """Rows cut to `max_length` tokens on the right; a cut through image tokens is an error
+        (the image's features would have no place), as transformers' processor checks."""
+        ids = [row[:max_length] for row in ids]
+        for row, (row_ids, prompt) in enumerate(zip(ids, expanded)):
+            kept, wanted = row_ids.count(self.image_token_id), prompt.count(self.image_token)
+            if kept != wanted:
+                raise ProcessorError(
+                    f"truncation to max_length={max_length} cuts row {row}'s image tokens ({kept} of {wanted} "
+                    f"kept): raise max_length or turn truncation off")
+        return ids
 
     def expand_image_tokens(self, prompts: Sequence[str], num_crops: Sequence[int], max_image_size: int) -> list[str]:
         """Replace the i-th placeholder (across the batch) by num_crops[i] * queries image tokens."""
@@ -334,8 +427,8 @@ class AriaProcessor:
     def _flatten_images(self, images: Any, prompts: list[str] | None) -> list:
         if images is None:
             return []
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            return list(images)
+        if is_batch_array(images):
+            return list(as_array(images))
         if not _is_image_list(images):
             return [images]
         if any(_is_image_list(item) for item in images):
@@ -363,21 +456,63 @@ class AriaProcessor:
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
 
+    def decode_replies(self, tokens: Any, inputs: dict | None = None, stop_token_ids: Sequence[int] = ()) -> list[str]:
+        """Each row's answer text from `generate`'s tokens: the prompt (`inputs["input_ids"]`,
+        when the rows start with it) is removed, each row is cut before its first stop token
+        (`<|im_end|>`, the tokenizer's eos, and `stop_token_ids`) and decoded without special
+        tokens. `tokens` may also be the new tokens only; `inputs=None` takes them as such."""
+        rows = np.asarray(tokens.detach().cpu() if hasattr(tokens, "detach") else tokens)
+        if rows.ndim == 1:
+            rows = rows[None]
+        if rows.ndim != 2 or not (np.issubdtype(rows.dtype, np.integer) or rows.size == 0):
+            raise ProcessorError(f"tokens must be a (batch, length) array of token ids, got shape {rows.shape} "
+                                 f"of {rows.dtype}")
+        if inputs is not None:
+            prompt = inputs["input_ids"] if hasattr(inputs, "keys") else inputs  # a dict, or the ids
+            prompt = np.asarray(prompt.detach().cpu() if hasattr(prompt, "detach") else prompt)
+            prompt = prompt[None] if prompt.ndim == 1 else prompt
+            if prompt.shape[0] != rows.shape[0]:
+                raise ProcessorError(f"tokens has {rows.shape[0]} rows but inputs has {prompt.shape[0]} prompts")
+            width = prompt.shape[1]
+            if rows.shape[1] >= width and np.array_equal(rows[:, :width], prompt):
+                rows = rows[:, width:]
+        stops = {*stop_token_ids, *(i for i in (self.tokenizer.convert_tokens_to_ids(IM_END),
+                                                self.tokenizer.eos_token_id) if i is not None)}
+        replies = []
+        for row in rows.tolist():
+            end = next((index for index, token in enumerate(row) if token in stops), len(row))
+            # The text cut too: a tokenizer without <|im_end|> as one token spells it in pieces.
+            replies.append(self.tokenizer.decode(row[:end], skip_special_tokens=True).split(IM_END)[0])
+        return replies
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
-                            chat_template: str | None = None, **kwargs):
+                            chat_template: str | None = None, return_dict: bool = False, **kwargs):
         """Render messages with the processor's chat template (as transformers' processor does);
         image items become `<fim_prefix><|img|><fim_suffix>` in Aria's template, video items
         "[mm:ss]" + one image + "\\n" per sampled frame (the file is decoded for the timestamps,
         and kept in `video_cache` for the inputs that follow). One conversation gives a str, a
-        list of conversations a list of str."""
+        list of conversations a list of str.
+
+        `tokenize=True` gives, as transformers' processor does, the processor's inputs for the
+        rendered prompts: their `input_ids` (one row per conversation), or everything with
+        `return_dict=True`. The processor's options (`padding` (default False here), `truncation`,
+        `max_length`, `return_tensors` (default None: lists), `padding_side`, `max_image_size`,
+        `images`, ...) are taken from `kwargs`; the rest go to the template."""
         template = chat_template or self.chat_template
+        if tokenize:
+            options = {key: kwargs.pop(key) for key in list(kwargs) if key in PROCESSOR_OPTIONS}
+            options.setdefault("return_tensors", None)  # transformers' defaults on this path: lists, unpadded
+            options.setdefault("padding", False)
+            inputs = self.from_messages(messages, add_generation_prompt=add_generation_prompt,
+                                        images=options.pop("images", None), chat_template=template,
+                                        template_kwargs=kwargs, **options)
+            return inputs if return_dict else inputs["input_ids"]
         if _is_batch_of_conversations(messages):
             messages = [self._expand_videos(conversation)[0] for conversation in messages]
         elif isinstance(messages, (list, tuple)) and messages:
             messages = self._expand_videos(messages)[0]
         return render_chat_template(
             template, messages, add_generation_prompt=add_generation_prompt,
-            tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if tokenize else None,
             template_kwargs={**self.tokenizer.special_tokens_map, **kwargs},
         )
 
@@ -394,7 +529,8 @@ class AriaProcessor:
         return expanded, self._fill_image_slots(slots, self._flatten_images(images, None))
 
     def from_messages(self, messages, add_generation_prompt: bool = True, images: Any = None,
-                      chat_template: str | None = None, **kwargs) -> dict[str, np.ndarray]:
+                      chat_template: str | None = None, template_kwargs: dict | None = None,
+                      **kwargs) -> dict[str, Any]:
         """Model inputs for a conversation, or a list of conversations (one batch row each), as
         `__call__` returns them: video items expanded, the prompt rendered with the chat
         template, images in placeholder order. `images` fills the image items that carry no
@@ -404,7 +540,8 @@ class AriaProcessor:
         expanded = [self._expand_videos(conversation, kwargs.get("max_image_size")) for conversation in conversations]
         supplied = self._split_images(images, [sum(slot is None for slot in slots) for _, slots in expanded])
         prompts = [self.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                            chat_template=chat_template) for conversation, _ in expanded]
+                                            chat_template=chat_template, **(template_kwargs or {}))
+                   for conversation, _ in expanded]
         row_images = [self._fill_image_slots(slots, row) for (_, slots), row in zip(expanded, supplied)]
         return self(text=prompts, images=row_images, **kwargs)
 

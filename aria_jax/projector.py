@@ -78,7 +78,7 @@ def queries_for_patches(config: AriaConfig, num_patches: int) -> int:
     for patches, queries in config.projector_patch_to_query:
         if patches == num_patches:
             return queries
-    sizes = [int(round(patches ** 0.5)) * config.vision_config.patch_size for patches, _ in config.projector_patch_to_query]
+    sizes = [int(round(patches ** 0.5)) * config.vision_config.patch_size for patches, _ in config.used_patch_to_query]
     raise ValueError(
         f"crops of {num_patches} patches have no projector query count; crop sizes this model "
         f"takes: {', '.join(map(str, sizes))} pixels"

@@ -20,8 +20,10 @@ from aria_jax.layers import ACTIVATIONS, LayerNorm, Linear, default_kernel_init,
 
 
 def patch_mask_from_pixel_mask(pixel_mask: jax.Array, patch_size: int) -> jax.Array:
-    """(N, S, S) bool -> (N, S/p, S/p) bool: a patch is valid if any of its pixels is."""
+    """(N, S, S) bool -> (N, S//p, S//p) bool: a patch is valid if any of its pixels is. Rows and
+    columns past the last whole patch are dropped, as the reference's unfold drops them."""
     n, height, width = pixel_mask.shape
+    pixel_mask = pixel_mask[:, :height // patch_size * patch_size, :width // patch_size * patch_size]
     grid = pixel_mask.reshape(n, height // patch_size, patch_size, width // patch_size, patch_size)
     return grid.any(axis=(2, 4))
 
@@ -83,7 +85,7 @@ class VisionEncoderLayer(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """pixel_values (N, C, S, S) and patch mask (N, S/p, S/p) -> features (N, (S/p)^2, D)."""
+    """pixel_values (N, C, S, S) and patch mask (N, S//p, S//p) -> features (N, (S//p)^2, D)."""
 
     config: AriaVisionConfig
     dtype: jnp.dtype = jnp.float32
@@ -99,7 +101,9 @@ class VisionTower(nn.Module):
             kernel = param_with_axes(self, "patch_kernel", default_kernel_init, (c, p, p, d),
                                      ("channels", "patch", "patch", "embed"), self.param_dtype)
             bias = param_with_axes(self, "patch_bias", nn.initializers.zeros, (d,), ("embed",), self.param_dtype)
-            patches = pixel_values.astype(self.dtype).reshape(n, c, height // p, p, width // p, p)
+            # A stride-p convolution: pixels past the last whole patch are not read.
+            pixels = pixel_values[:, :, :height // p * p, :width // p * p]
+            patches = pixels.astype(self.dtype).reshape(n, c, height // p, p, width // p, p)
             x = jnp.einsum("ncyixj,cijd->nyxd", patches, kernel.astype(self.dtype)) + bias.astype(self.dtype)
             x = x.reshape(n, (height // p) * (width // p), d)
         with jax.named_scope("position_embedding"):

@@ -15,6 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+import transformers
 
 import aria_jax
 from aria_jax import AriaConfig, AriaTextConfig, AriaVisionConfig, ConfigError
@@ -243,8 +244,8 @@ def test_invalid_values_through_the_multimodal_config():
 
 @pytest.mark.parametrize("changes,field,value", [
     ({"hidden_size": 1000}, "num_attention_heads", "16"),   # 16 does not divide 1000
-    ({"image_size": 1000}, "image_size", "1000"),          # not a multiple of 14
     ({"patch_size": 0}, "patch_size", "0"),
+    ({"patch_size": 981}, "patch_size", "981"),             # larger than image_size: no patch at all
     ({"model_type": "clip_vision_model"}, "model_type", "clip_vision_model"),
 ])
 def test_invalid_vision_values(changes, field, value):
@@ -256,7 +257,9 @@ def test_invalid_vision_values(changes, field, value):
 
 
 @pytest.mark.parametrize("changes,field,value", [
-    ({"projector_patch_to_query_dict": {"1000": 128}}, "projector_patch_to_query_dict", "1000"),
+    ({"projector_patch_to_query_dict": {"1000": 128}}, "projector_patch_to_query_dict", "1000"),  # no square
+    ({"projector_patch_to_query_dict": {"6400": 128}}, "projector_patch_to_query_dict", "6400"),  # > 70 x 70
+    ({"projector_patch_to_query_dict": {"0": 128, "1225": 8}}, "projector_patch_to_query_dict", "0"),
     ({"projector_patch_to_query_dict": {"1225": 0}}, "projector_patch_to_query_dict", "0"),
     ({"projector_patch_to_query_dict": {}}, "projector_patch_to_query_dict", "{}"),
     ({"image_token_index": 100352}, "image_token_index", "100352"),
@@ -267,6 +270,20 @@ def test_invalid_top_level_values(changes, field, value):
     with pytest.raises(ConfigError) as err:
         AriaConfig.from_hf_dict(d)
     assert field in str(err.value) and value in str(err.value)
+
+
+def test_configs_transformers_loads_are_accepted():
+    """transformers' own Aria tester config: image_size 358 with patch 10 (a floored 35 x 35
+    grid), a key of 4900 patches that no crop of that grid has, and a query table of
+    max(values) rows, more than the largest query count a crop uses."""
+    d = copy.deepcopy(HUB_CONFIG)
+    d["vision_config"].update(image_size=358, patch_size=10)
+    d["projector_patch_to_query_dict"] = {"1225": 64, "4900": 256, "1000": 512}
+    config = AriaConfig.from_hf_dict(d)
+    assert config.vision_config.num_patches_per_side == 35
+    assert config.projector_patch_to_query == ((1000, 512), (1225, 64), (4900, 256))
+    assert config.used_patch_to_query == ((1225, 64),)
+    assert config.max_queries == transformers.AriaConfig(**d).max_value_projector_patch_to_query_dict == 512
 
 
 def test_config_error_is_a_value_error_exported_at_top_level():

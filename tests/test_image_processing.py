@@ -16,8 +16,10 @@ import struct
 import warnings
 import zlib
 
+import jax
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from aria_jax.image_processing import (
@@ -260,7 +262,7 @@ def test_numpy_channel_counts(ours, oracle):
     with pytest.raises(ImageError, match="uint8"):
         ours(gray.astype(np.float32))
     with pytest.raises(ImageError, match="shape"):
-        ours(np.zeros((4, 4, 5), dtype=np.uint8))
+        ours(np.zeros((5, 4, 6), dtype=np.uint8))  # no axis at either end is a channel count
     with pytest.raises(ImageError, match="got int"):
         ours(12345)
 
@@ -448,15 +450,23 @@ def test_from_pretrained_defaults_and_bad_configs(tmp_path):
     (tmp_path / "processor_config.json").write_text(json.dumps({"size_conversion": {"490": 128}}))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_image_size": 490}))
     only_490 = AriaImageProcessor.from_pretrained(tmp_path)
-    assert only_490.allowed_sizes == (490,)
-    with pytest.raises(ValueError, match="max_image_size=980 .*490"):
-        only_490(np.zeros((8, 8, 3), dtype=np.uint8), max_image_size=980)
+    # transformers' image processor takes 490 and 980 whatever size_conversion says; so do we,
+    # but 980 has no token count here
+    assert only_490.allowed_sizes == (490, 980)
+    assert only_490(np.zeros((8, 8, 3), dtype=np.uint8), max_image_size=980)["pixel_values"].shape == (1, 3, 980, 980)
+    with pytest.raises(ValueError, match="max_image_size=980 has no query count"):
+        only_490.num_image_tokens(980)
+    with pytest.raises(ValueError, match="max_image_size=700 .*490, 980"):
+        only_490(np.zeros((8, 8, 3), dtype=np.uint8), max_image_size=700)
 
     (tmp_path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="preprocessor_config.json"):
         AriaImageProcessor.from_pretrained(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
-    with pytest.raises(ValueError, match="do_normalize"):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "rescale_factor": 0.5}))
+    unnormalized = AriaImageProcessor.from_pretrained(tmp_path)
+    assert not unnormalized.do_normalize and unnormalized.rescale_factor == 0.5
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"rescale_factor": "1/255"}))
+    with pytest.raises(ValueError, match="rescale_factor"):
         AriaImageProcessor.from_pretrained(tmp_path)
 
 
@@ -543,3 +553,69 @@ def test_disallowed_max_image_size_and_split_mode(ours):
     assert_one_line_error(lambda: ours([]), "no images")
     assert_one_line_error(lambda: AriaImageProcessor(min_image_size=600)(image, max_image_size=490),
                           "min_image_size=600")
+
+
+# --------------------------------------------------------------------------------------------
+# transformers' constructor options and input types
+# --------------------------------------------------------------------------------------------
+
+OPTIONS = dict(image_mean=[0.48, 0.45, 0.4], image_std=[0.26, 0.26, 0.27], max_image_size=490, min_image_size=200,
+               split_resolutions=[[980, 980]], split_image=True, do_convert_rgb=True,
+               resample=Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("changes", [{}, {"do_normalize": False}, {"do_rescale": False}, {"rescale_factor": 1 / 127.5},
+                                     {"do_rescale": False, "do_normalize": False}])
+def test_constructor_options_match_transformers(changes):
+    """Each option of transformers' AriaImageProcessor, and one image given as a torch tensor
+    and a numpy array channels first, a numpy array channels last and a PIL image: the same
+    pixel_values and pixel_mask as AriaImageProcessorPil with the same options."""
+    options = {**OPTIONS, **changes}
+    oracle, ours = AriaImageProcessorPil(**options), AriaImageProcessor(**options)
+    rng = np.random.default_rng(7)
+    chw = [rng.integers(0, 256, (3, 35, 31), dtype=np.uint8), rng.integers(0, 256, (3, 50, 120), dtype=np.uint8)]
+    expected = oracle(chw, return_tensors="np")
+    expected_values = np.asarray(expected["pixel_values"], np.float32)
+    assert expected_values.shape == (8, 3, 490, 490)  # 2 x 2 crops of 490 per image
+    for images in (
+        [torch.from_numpy(image) for image in chw],
+        chw,
+        [image.transpose(1, 2, 0) for image in chw],
+        [Image.fromarray(image.transpose(1, 2, 0)) for image in chw],
+    ):
+        got = ours(images)
+        np.testing.assert_array_equal(got["pixel_values"], expected_values)
+        np.testing.assert_array_equal(got["pixel_mask"], expected["pixel_mask"])
+        assert got["num_crops"].tolist() == [4, 4]
+    batch = torch.from_numpy(np.stack([chw[0][:, :30, :30], chw[0][:, 5:, 1:]]))  # one (N, C, H, W) tensor
+    expected = oracle(list(batch), return_tensors="np")
+    got = ours(batch)
+    np.testing.assert_array_equal(got["pixel_values"], np.asarray(expected["pixel_values"], np.float32))
+    np.testing.assert_array_equal(got["pixel_mask"], expected["pixel_mask"])
+
+
+def test_do_convert_rgb_false_takes_rgb_images_only():
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    plain, unconverted = AriaImageProcessor(max_image_size=490), AriaImageProcessor(max_image_size=490,
+                                                                                    do_convert_rgb=False)
+    np.testing.assert_array_equal(unconverted(rgb)["pixel_values"], plain(rgb)["pixel_values"])
+    np.testing.assert_array_equal(unconverted(Image.fromarray(rgb))["pixel_values"], plain(rgb)["pixel_values"])
+    np.testing.assert_array_equal(unconverted(photo(PHOTOS[0]))["pixel_values"], plain(photo(PHOTOS[0]))["pixel_values"])
+    with pytest.raises(ImageError, match="do_convert_rgb=False takes RGB images only.*LA image"):
+        unconverted(Image.fromarray(rgb).convert("LA"))
+    with pytest.raises(ImageError, match=r"do_convert_rgb=False .*shape \(20, 30\)"):
+        unconverted(rgb[:, :, 0])
+
+
+def test_return_tensors():
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    processor = AriaImageProcessor(max_image_size=490)
+    arrays = processor(image)
+    as_torch = processor(image, return_tensors="pt")
+    as_jax = processor(image, return_tensors="jax")
+    for key, value in arrays.items():
+        assert isinstance(as_torch[key], torch.Tensor) and isinstance(as_jax[key], jax.Array)
+        np.testing.assert_array_equal(as_torch[key].numpy(), value)
+        np.testing.assert_array_equal(np.asarray(as_jax[key]), value)
+    with pytest.raises(ValueError, match="return_tensors='tf'"):
+        processor(image, return_tensors="tf")

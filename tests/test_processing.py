@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 
+from PIL import Image
+
 import numpy as np
 import pytest
 import transformers
@@ -204,3 +206,148 @@ def test_shipped_tiny_model_loads_in_both_libraries():
     assert crops[0] > crops[1] and [image_runs(row) for row in split["input_ids"]] == [[8 * crops[0]], [8 * crops[1]]]
     with pytest.raises(ValueError, match="use one of: 70, 140"):
         ours(text="<|img|>", images=images((20, 20)), max_image_size=980)
+
+
+# ----------------------------------------------------------------------------- padding, truncation, tensors
+
+PADDING_CASES = [
+    dict(padding=True), dict(padding="longest"), dict(padding="max_length", max_length=300),
+    dict(padding="longest", truncation=True, max_length=140), dict(padding="max_length", truncation=True, max_length=135),
+]
+
+
+@pytest.mark.parametrize("options", PADDING_CASES, ids=lambda options: "-".join(map(str, options.values())))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_and_truncation_match_transformers(processors, options, side):
+    ref, ours = processors
+    prompts = [PROMPT, "one <|img|> and a much longer tail of plain text words after the image token"]
+    batch = images((40, 70), (90, 30))
+    expected = ref(text=prompts, images=batch, max_image_size=490, padding_side=side, return_tensors="np", **options)
+    got = ours(text=prompts, images=batch, max_image_size=490, padding_side=side, **options)
+    assert_same_text_inputs(expected, got)
+    if options.get("max_length"):
+        assert got["input_ids"].shape[1] == options["max_length"] or options["padding"] == "longest"
+
+
+def test_no_padding_gives_lists_as_transformers(processors):
+    ref, ours = processors
+    prompts = ["<|img|> first prompt", "second"]
+    batch = images((40, 70))
+    expected = ref(text=prompts, images=batch, max_image_size=490, padding=False)
+    got = ours(text=prompts, images=batch, max_image_size=490, padding=False, return_tensors=None)
+    assert got["input_ids"] == expected["input_ids"] and got["attention_mask"] == expected["attention_mask"]
+    assert len(got["input_ids"][0]) != len(got["input_ids"][1])
+    with pytest.raises(ValueError, match="padding=False cannot make return_tensors='np' arrays"):
+        ours(text=prompts, images=batch, max_image_size=490, padding=False)
+
+
+def test_truncating_image_tokens_is_an_error(processors):
+    ref, ours = processors
+    prompts = ["<|img|> first", "a few words then <|img|>"]
+    batch = images((40, 70), (30, 30))
+    with pytest.raises(ValueError):
+        ref(text=prompts, images=batch, max_image_size=490, padding=True, truncation=True, max_length=10)
+    with pytest.raises(ValueError, match=r"max_length=10 cuts row 0's image tokens \(10 of 128 kept\)"):
+        ours(text=prompts, images=batch, max_image_size=490, truncation=True, max_length=10)
+    # without truncation max_length only pads: rows longer than it stay whole
+    got = ours(text=prompts, images=batch, max_image_size=490, padding="max_length", max_length=10,
+               return_tensors=None)
+    expected = ref(text=prompts, images=batch, max_image_size=490, padding="max_length", max_length=10)
+    assert got["input_ids"] == expected["input_ids"] and min(len(row) for row in got["input_ids"]) > 10
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(padding="max_length"), "padding='max_length' needs max_length"),
+    (dict(padding="both"), "padding='both'"),
+    (dict(truncation="sideways", max_length=4), "truncation='sideways'"),
+    (dict(max_length=0), "max_length must be a positive int"),
+    (dict(return_tensors="tf"), "return_tensors='tf'"),
+    (dict(images_kwargs={"do_resize": True}), "unsupported option.*do_resize"),
+])
+def test_bad_text_options_are_named(processors, bad, message):
+    _, ours = processors
+    with pytest.raises(ValueError, match=message):
+        ours(text="hello", **bad)
+
+
+def test_return_tensors_jax_and_pt(processors):
+    import jax
+    import torch
+    _, ours = processors
+    prompts, batch = ["<|img|> a", "b <|img|> c d"], images((40, 70), (50, 50))
+    arrays = ours(text=prompts, images=batch, max_image_size=490)
+    as_jax = ours(text=prompts, images=batch, max_image_size=490, return_tensors="jax")
+    as_torch = ours(text=prompts, images=batch, max_image_size=490, return_tensors="pt")
+    assert set(arrays) == set(as_jax) == set(as_torch)
+    for key, value in arrays.items():
+        assert isinstance(as_jax[key], jax.Array) and isinstance(as_torch[key], torch.Tensor)
+        np.testing.assert_array_equal(np.asarray(as_jax[key]), value)
+        np.testing.assert_array_equal(as_torch[key].numpy(), value)
+    # images_kwargs / text_kwargs, as transformers takes them
+    nested = ours(text=prompts, images=batch, images_kwargs={"max_image_size": 490}, text_kwargs={"padding": True})
+    np.testing.assert_array_equal(nested["input_ids"], arrays["input_ids"])
+
+
+CHAT = [{"role": "user", "content": [{"type": "text", "text": "What is shown in this image?"}]}]
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(padding=True), dict(padding="max_length", max_length=50), dict(truncation=True, max_length=5),
+    dict(padding="longest", truncation=True, max_length=20, return_tensors="np"),
+], ids=lambda options: "-".join(map(str, options.values())) or "defaults")
+def test_tokenized_chat_template_matches_transformers(processors, options):
+    ref, ours = processors
+    batch = [CHAT, CHAT + [{"role": "assistant", "content": "a cat"}] + CHAT]
+    kwargs = dict(add_generation_prompt=True, tokenize=True, padding_side="left", **options)
+    expected, got = ref.apply_chat_template(batch, **kwargs), ours.apply_chat_template(batch, **kwargs)
+    assert type(got) is type(expected) and as_lists(got) == as_lists(expected)
+    single = dict(add_generation_prompt=True, tokenize=True)
+    assert ours.apply_chat_template(CHAT, **single) == ref.apply_chat_template(CHAT, **single)
+    expected = ref.apply_chat_template(batch, return_dict=True, **kwargs)
+    got = ours.apply_chat_template(batch, return_dict=True, **kwargs)
+    assert set(got) == {"input_ids", "attention_mask"}
+    assert as_lists(got["attention_mask"]) == as_lists(expected["attention_mask"])
+
+
+def as_lists(rows):
+    return [list(map(int, row)) for row in rows]
+
+
+def test_tokenized_chat_template_with_an_image(processors, tmp_path):
+    ref, ours = processors
+    path = tmp_path / "image.png"
+    Image.fromarray(images((60, 80))[0]).save(path)
+    messages = [{"role": "user", "content": [{"type": "image", "url": str(path)}, {"type": "text", "text": "hi"}]}]
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, max_image_size=490, return_tensors="np")
+    expected, got = ref.apply_chat_template(messages, **kwargs), ours.apply_chat_template(messages, **kwargs)
+    assert_same_text_inputs(expected, got)
+    np.testing.assert_array_equal(got["pixel_values"], expected["pixel_values"])
+
+
+# ----------------------------------------------------------------------------- decode_replies
+
+def test_decode_replies(processors):
+    _, ours = processors
+    tokenizer = ours.tokenizer
+    inputs = ours(text=[PROMPT.replace("<|img|>", ""), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"])
+    answers = ["A red square.", "Hello there"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    new = [tokenizer.encode(answers[0], add_special_tokens=False) + [end] + tokenizer.encode("junk", add_special_tokens=False),
+           tokenizer.encode(answers[1], add_special_tokens=False)]
+    width = max(len(row) for row in new)
+    new = np.asarray([row + [ours.pad_token_id] * (width - len(row)) for row in new], np.int32)
+    assert ours.pad_token_id in tokenizer.all_special_ids  # padding decodes to nothing
+    tokens = np.concatenate([inputs["input_ids"], new], axis=1)
+    expected = [tokenizer.decode(row, skip_special_tokens=True) for row in
+                [new[0, :new[0].tolist().index(end)], new[1]]]
+    assert expected == answers
+    assert ours.decode_replies(tokens, inputs) == answers       # generate's output: prompt + new tokens
+    assert ours.decode_replies(new, inputs) == answers          # the new tokens only
+    assert ours.decode_replies(new) == answers
+    import jax.numpy as jnp
+    import torch
+    assert ours.decode_replies(jnp.asarray(tokens), inputs) == ours.decode_replies(torch.from_numpy(tokens), inputs) \
+        == answers
+    assert ours.decode_replies(tokens, inputs, stop_token_ids=[new[1, 1]]) == [answers[0], tokenizer.decode(new[1, :1])]
+    with pytest.raises(ValueError, match="tokens has 1 rows but inputs has 2 prompts"):
+        ours.decode_replies(tokens[:1], inputs)
