@@ -1,18 +1,28 @@
-"""aria-jax: Aria (rhymes-ai/Aria), the multimodal mixture-of-experts model, in JAX/Flax."""
+"""aria-jax: Aria (rhymes-ai/Aria), the multimodal mixture-of-experts model, in JAX/Flax.
 
-from aria_jax import distributed
-from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig, ConfigError
-from aria_jax.engine import Engine
-from aria_jax.finetune import ResumeError, TrainingDivergedError
-from aria_jax.generator import RequestError
-from aria_jax.image_processing import AriaImageProcessor, ImageError
-from aria_jax.processing import AriaProcessor
-from aria_jax.pretrained import AriaForConditionalGeneration, AriaTextForCausalLM, CausalLMOutput
-from aria_jax.safetensors_io import CheckpointError
-from aria_jax.sharding import LayoutError, make_mesh
-from aria_jax.tokenizer import AriaTokenizer
-from aria_jax.train import TrainConfigError
-from aria_jax.video import Video, VideoError, load_video
+The public names below are imported on first use: the `aria-jax` command line lives in this
+package (`aria_jax.cli`), and `import aria_jax` loading JAX would make every `--help` slow and
+leave `aria-jax plan` too late to choose JAX's devices."""
+
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AriaConfig": "aria_jax.config", "AriaTextConfig": "aria_jax.config", "AriaVisionConfig": "aria_jax.config",
+    "ConfigError": "aria_jax.config",
+    "Engine": "aria_jax.engine",
+    "ResumeError": "aria_jax.finetune", "TrainingDivergedError": "aria_jax.finetune",
+    "RequestError": "aria_jax.generator",
+    "AriaImageProcessor": "aria_jax.image_processing", "ImageError": "aria_jax.image_processing",
+    "AriaProcessor": "aria_jax.processing",
+    "AriaForConditionalGeneration": "aria_jax.pretrained", "AriaTextForCausalLM": "aria_jax.pretrained",
+    "CausalLMOutput": "aria_jax.pretrained",
+    "CheckpointError": "aria_jax.safetensors_io",
+    "LayoutError": "aria_jax.sharding", "make_mesh": "aria_jax.sharding",
+    "AriaTokenizer": "aria_jax.tokenizer",
+    "TrainConfigError": "aria_jax.train",
+    "Video": "aria_jax.video", "VideoError": "aria_jax.video", "load_video": "aria_jax.video",
+}
 
 __all__ = [
     "AriaConfig", "AriaTextConfig", "AriaVisionConfig", "AriaForConditionalGeneration",
@@ -21,3 +31,24 @@ __all__ = [
     "LayoutError", "RequestError", "ResumeError", "TrainConfigError", "TrainingDivergedError", "Video",
     "VideoError", "distributed", "load_video", "make_mesh",
 ]
+
+
+def __getattr__(name: str):
+    """A public name, or a submodule (`aria_jax.distributed`), imported when first asked for."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("_"):
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise  # the submodule exists and failed to import something
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -44,10 +44,10 @@ import time
 import jax
 import numpy as np
 
+from aria_jax.benchmark import OtherProcessesWatch, installed_version
 from aria_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_MAX_QUEUE, Engine
 from aria_jax.kv_cache import bucket_length, prompt_bucket
-from benchmarks.run import OtherProcessesWatch, installed_version
-from benchmarks.stream_vs_generate import bench_model
+from stream_vs_generate import bench_model  # the script beside this one (its directory is on sys.path)
 
 PROMPT_LENGTHS = (16, 256)                    # prompt tokens, log-uniform in this range
 ANSWER_LENGTHS = (8, 16, 32, 64, 128)         # max_new_tokens, drawn uniformly

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`aria-jax ARGS` in a fresh process (exit code, stdout and stderr as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "convert.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "aria_jax.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -19,7 +19,7 @@ def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
     """The console script's `main(argv)` in this process: the code `aria-jax ARGS` runs, without
     a second ~2 s import of jax and orbax. An exception escaping `main` (which would print a
     traceback) fails the test."""
-    from convert.cli import main
+    from aria_jax.cli import main
 
     capsys.readouterr()
     code = main(list(args))

@@ -12,10 +12,10 @@ from aria_jax.files import PAUSE_ENV
 
 
 def kill_at(argv: list[str], point: str, timeout: float = 300.0, env: dict | None = None) -> None:
-    """Runs `python -m convert.cli *argv` until it reports pausing at `point`, then SIGKILLs it.
+    """Runs `python -m aria_jax.cli *argv` until it reports pausing at `point`, then SIGKILLs it.
     Fails if the process ends, or does not reach the point within `timeout` seconds."""
     environment = {**os.environ, **(env or {}), PAUSE_ENV: point}
-    process = subprocess.Popen([sys.executable, "-m", "convert.cli", *argv], env=environment,
+    process = subprocess.Popen([sys.executable, "-m", "aria_jax.cli", *argv], env=environment,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(timeout, process.kill)
     watchdog.start()

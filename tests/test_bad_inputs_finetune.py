@@ -9,7 +9,7 @@
   it resumes from the newest checkpoint and ends with the model of an uninterrupted run, the
   log holds each step once, and the model and data directories are untouched.
 
-The runs go through `python -m convert.cli` in subprocesses that share a persistent compilation
+The runs go through `python -m aria_jax.cli` in subprocesses that share a persistent compilation
 cache and compile at XLA's lowest optimization level: the uninterrupted run compiles the step
 (in half the time of the default level) while the tests without a run go on, the other runs load
 it. All of them compile alike, so their results compare bit for bit.
@@ -75,7 +75,7 @@ def logged_metrics(out: str) -> list[dict]:
 
 
 def cli_command(argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "convert.cli", *argv]
+    return [sys.executable, "-m", "aria_jax.cli", *argv]
 
 
 def run_cli(argv: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import aria_jax
+from aria_jax.cli import main
 from aria_jax.generate import seed_keys
 from aria_jax.generator import STOP_ID_SLOTS, check_request
-from convert.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RANDOM = os.path.join(ROOT, "models", "tiny-random")
@@ -270,7 +270,7 @@ def test_chat_survives_undecodable_and_binary_lines():
         b"What shape is in the image?",
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "convert.cli", "chat", "--model", DEMO_MODEL, "--max-new-tokens", "8"],
+        [sys.executable, "-m", "aria_jax.cli", "chat", "--model", DEMO_MODEL, "--max-new-tokens", "8"],
         input=b"\n".join(lines) + b"\n", cwd=ROOT, capture_output=True, timeout=300,
         env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
     )

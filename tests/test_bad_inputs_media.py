@@ -22,11 +22,11 @@ import pytest
 from PIL import Image
 
 from aria_jax import processing, tokenizer as tokenizer_module, video
+from aria_jax.cli import main as cli_main
 from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig, ConfigError, config_from_pretrained
 from aria_jax.image_processing import ImageError
 from aria_jax.processing import AriaProcessor
 from aria_jax.tokenizer import AriaTokenizer, TokenizerError
-from convert.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "models", "aria-jax-demo")  # context 256 tokens, 16 image tokens per frame
@@ -407,7 +407,7 @@ def test_lone_surrogates_are_named_by_position_and_code_point(processor):
 
 def test_cli_prompt_of_invalid_utf8_bytes_is_a_one_line_error():
     result = subprocess.run(
-        [os.fsencode(sys.executable), b"-m", b"convert.cli", b"generate", b"--model", os.fsencode(DEMO),
+        [os.fsencode(sys.executable), b"-m", b"aria_jax.cli", b"generate", b"--model", os.fsencode(DEMO),
          b"--prompt", b"\xff\xfe"],
         capture_output=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2, result.stderr

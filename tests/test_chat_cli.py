@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from aria_jax.cli import build_parser, main
 from aria_jax.demo_task import QUESTIONS
-from convert.cli import build_parser, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "models", "aria-jax-demo")
@@ -24,7 +24,7 @@ DEMO_IMAGE = "examples/demo_shapes.png"  # three yellow triangles
 SHAPE_QUESTION = QUESTIONS["shape"][0]    # "What shape is in the image?"
 COLOR_QUESTION = QUESTIONS["colors"][0]   # "What color are the shapes?"
 MAX_NEW_TOKENS = 16
-CHAT = [sys.executable, "-m", "convert.cli", "chat", "--model", DEMO_MODEL]
+CHAT = [sys.executable, "-m", "aria_jax.cli", "chat", "--model", DEMO_MODEL]
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +210,16 @@ def test_user_errors_are_one_line(capsys, monkeypatch, argv, expected):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("aria-jax") and "error" in lines[0] and expected in lines[0], err
+
+
+def test_help_and_the_converter_alone_load_no_jax():
+    """`aria-jax --help` stays quick, and `plan` can choose JAX's devices before JAX starts:
+    importing the package and its command line loads no JAX. `python -m convert` is the
+    converter's two commands alone."""
+    check = "import sys, aria_jax, aria_jax.cli; print(sorted({'jax', 'flax'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    converter = subprocess.run([sys.executable, "-m", "convert", "--help"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=60)
+    assert converter.returncode == 0, converter.stderr
+    assert "{convert,export}" in converter.stdout and "generate" not in converter.stdout

@@ -590,7 +590,7 @@ def test_killed_conversion_leaves_no_destination(tmp_path, capsys):
     partial = partial_of(destination)
     pieces_dir = os.path.join(partial, "params", "language_model")
 
-    process = subprocess.Popen([sys.executable, "-m", "convert.cli", "convert", "--quiet", str(source),
+    process = subprocess.Popen([sys.executable, "-m", "aria_jax.cli", "convert", "--quiet", str(source),
                                 str(destination)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

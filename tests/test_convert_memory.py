@@ -106,7 +106,7 @@ def convert_measuring_peak(source: str, destination: str, *extra: str, timeout: 
     (os.wait4 gives that child's rusage, not the max over all children so far) and its output."""
     log = destination + ".log"
     with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", "convert.cli", "convert", source, destination, "--quiet",
+        child = subprocess.Popen([sys.executable, "-m", "aria_jax.cli", "convert", source, destination, "--quiet",
                                   *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         watchdog = threading.Timer(timeout, child.kill)
         watchdog.start()

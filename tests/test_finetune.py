@@ -12,10 +12,10 @@ import safetensors.numpy
 
 import aria_jax
 from aria_jax import demo_task
+from aria_jax.cli import main as cli_main
 from aria_jax.finetune import RunSettings, finetune
 from aria_jax.lora import LoraConfig, load_adapters
 from aria_jax.train import TrainConfig
-from convert.cli import main as cli_main
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-random")
 SETTINGS = RunSettings(batch_size=2, max_image_size=70, max_length=64, save_every=4, seed=3)

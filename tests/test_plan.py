@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "convert.cli", "plan", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "aria_jax.cli", "plan", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -26,7 +26,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "convert.cli", "plan", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "aria_jax.cli", "plan", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -36,7 +36,7 @@ def readme_server():
     import httpx2
 
     for _ in range(5):      # the README's bash example may still be releasing the port
-        server = subprocess.Popen([sys.executable, "-m", "convert.cli", "serve", "--model", DEMO_MODEL,
+        server = subprocess.Popen([sys.executable, "-m", "aria_jax.cli", "serve", "--model", DEMO_MODEL,
                                    "--port", "8000"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 180
         while server.poll() is None and time.time() < deadline:
@@ -102,13 +102,13 @@ def test_readme_bash_block_runs(block):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "convert.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "aria_jax.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
 
 
 def test_generate_streams_the_answer_the_python_api_gives():
     import aria_jax
-    from convert.cli import chat_prompt
+    from aria_jax.cli.generate import chat_prompt
 
     result = run_cli("generate", "--model", TINY_MODEL, "--image", EXAMPLE_IMAGE,
                      "--prompt", "What shape is in the middle?", "--max-new-tokens", "6")
@@ -129,7 +129,7 @@ def test_generate_quantizes_as_the_python_api():
     """`--quantize int4 --kv-cache-dtype int8`: the answer of from_pretrained(quantize="int4")
     generating with an int8 cache."""
     import aria_jax
-    from convert.cli import chat_prompt
+    from aria_jax.cli.generate import chat_prompt
 
     result = run_cli("generate", "--model", TINY_MODEL, "--image", EXAMPLE_IMAGE, "--prompt", "Describe it.",
                      "--max-new-tokens", "6", "--quantize", "int4", "--kv-cache-dtype", "int8")

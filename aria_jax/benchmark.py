@@ -10,8 +10,8 @@ that this process reads. A third subprocess measures the machine's limits (memor
 float32 matmul FLOP/s, a MoE kernel against a dense matmul chain of the same FLOPs), which give
 the bounds printed next to our numbers. The output is a markdown table.
 
-Run: python benchmarks/run.py [--repeats 3] [--only both] [--json results.json]
-  or: aria-jax bench [...]
+Run: aria-jax bench [--repeats 3] [--only both] [--json results.json]
+  or: python -m aria_jax.benchmark [...]
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ def run_worker(role: str, settings: dict) -> dict | None:
     """Runs one worker in a fresh Python process; its progress goes to our stderr. Returns its
     result, or None (with its exit code reported) if it failed."""
     env = dict(os.environ, JAX_PLATFORMS=JAX_PLATFORM_NAMES[settings["platform"]], TF_CPP_MIN_LOG_LEVEL="2")
-    command = [sys.executable, os.path.abspath(__file__), "--worker", role, "--worker-settings", json.dumps(settings)]
+    command = [sys.executable, "-m", "aria_jax.benchmark", "--worker", role, "--worker-settings", json.dumps(settings)]
     start, watch = time.perf_counter(), OtherProcessesWatch()
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
@@ -687,7 +687,7 @@ def installed_version(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="benchmarks/run.py", description=__doc__.split("\n\n")[0],
+        prog="python -m aria_jax.benchmark", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_options(parser)
@@ -715,14 +715,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # aria_jax (and JAX) are imported where used: the `aria-jax` command line imports this module.
+    # JAX and the model code are imported where used: the `aria-jax` command line imports this module.
     from aria_jax.kv_cache import bucket_length
 
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker, json.loads(args.worker_settings))
     if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-        raise SystemExit("benchmarks: --repeats and --prompt-tokens must be >= 1, --new-tokens >= 2")
+        raise SystemExit("aria-jax bench: --repeats and --prompt-tokens must be >= 1, --new-tokens >= 2")
     started = time.perf_counter()
     settings = dict(
         platform=args.platform, dtype="float32" if args.platform == "cpu" else "bfloat16", repeats=args.repeats,

@@ -1,1 +1,0 @@
-"""Benchmarks of aria_jax: `benchmarks.run` compares it with transformers on the same weights."""
