@@ -24,13 +24,7 @@ _EXPORTS = {
     "Video": "aria_jax.video", "VideoError": "aria_jax.video", "load_video": "aria_jax.video",
 }
 
-__all__ = [
-    "AriaConfig", "AriaTextConfig", "AriaVisionConfig", "AriaForConditionalGeneration",
-    "AriaTextForCausalLM", "CausalLMOutput",
-    "AriaImageProcessor", "AriaProcessor", "AriaTokenizer", "CheckpointError", "ConfigError", "Engine", "ImageError",
-    "LayoutError", "RequestError", "ResumeError", "TrainConfigError", "TrainingDivergedError", "Video",
-    "VideoError", "distributed", "load_video", "make_mesh",
-]
+__all__ = sorted([*_EXPORTS, "distributed"])
 
 
 def __getattr__(name: str):
