@@ -138,7 +138,7 @@ class SFTDataset:
         self.max_length = max_length
         # The processor's own resolution of None to a crop size, so batches know the crop
         # side S even when none of their rows has an image.
-        self.image_size: int = processor._resolve_size(max_image_size)
+        self.image_size: int = processor.crop_size(max_image_size)
         self._real_folder = os.path.realpath(self.folder)
         self._reserved = (TURN_START, TURN_END, processor.image_token)
 

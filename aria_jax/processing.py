@@ -267,7 +267,8 @@ class AriaProcessor:
     def allowed_sizes(self) -> tuple[int, ...]:
         return tuple(sorted(self.size_to_queries))
 
-    def _resolve_size(self, max_image_size: int | None) -> int:
+    def crop_size(self, max_image_size: int | None = None) -> int:
+        """The crop size `max_image_size` asks for (None: the checkpoint's default), checked."""
         if max_image_size is None:
             default = getattr(self.image_processor, "max_image_size", None)
             return default if default in self.size_to_queries else max(self.size_to_queries)
@@ -327,7 +328,7 @@ class AriaProcessor:
         truncate = _truncates(truncation)
         if text is None and images is None:
             raise ProcessorError("pass text, images, or both")
-        size = self._resolve_size(max_image_size)
+        size = self.crop_size(max_image_size)
 
         prompts: list[str] | None = None
         if text is not None:
@@ -408,7 +409,7 @@ class AriaProcessor:
 
     def expand_image_tokens(self, prompts: Sequence[str], num_crops: Sequence[int], max_image_size: int) -> list[str]:
         """Replace the i-th placeholder (across the batch) by num_crops[i] * queries image tokens."""
-        queries = self.size_to_queries[self._resolve_size(max_image_size)]
+        queries = self.size_to_queries[self.crop_size(max_image_size)]
         crops = iter(num_crops)
         expanded = []
         for prompt in prompts:
@@ -422,7 +423,7 @@ class AriaProcessor:
 
     def num_image_tokens(self, num_crops: int, max_image_size: int | None = None) -> int:
         """Image tokens one image with `num_crops` crops takes at this crop size."""
-        return int(num_crops) * self.size_to_queries[self._resolve_size(max_image_size)]
+        return int(num_crops) * self.size_to_queries[self.crop_size(max_image_size)]
 
     def _flatten_images(self, images: Any, prompts: list[str] | None) -> list:
         if images is None:
@@ -579,7 +580,7 @@ class AriaProcessor:
         if not isinstance(conversation, (list, tuple)):
             raise ProcessorError(f"a conversation is a list of message dicts, got {type(conversation).__name__}")
         has_videos = _has_video_items(conversation)
-        size = self._resolve_size(max_image_size) if has_videos else None
+        size = self.crop_size(max_image_size) if has_videos else None
         frames_left = None if self.context_length is None or size is None \
             else self.context_length // self.size_to_queries[size]
         expanded, slots = [], []

@@ -28,7 +28,7 @@ def bench_model() -> aria_jax.AriaTextForCausalLM:
     )
     model = aria_jax.AriaTextForCausalLM.from_random(config, seed=0)
     model.tokenizer = aria_jax.AriaTokenizer.from_pretrained(TOKENIZER_DIR)
-    model._generator.tokenizer = model.tokenizer
+    model.generator.tokenizer = model.tokenizer
     return model
 
 

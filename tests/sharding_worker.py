@@ -402,11 +402,11 @@ def run_split_cache(results: dict) -> None:
     ids, mask = text_ids()
 
     def prefilled(text, chunk):
-        padded_ids, padded_mask = text._generator.pad_prompt(ids, mask)
+        padded_ids, padded_mask = text.generator.pad_prompt(ids, mask)
         embeds = text._embedded(padded_ids, None, None)
         request = check_request(len(ids), ids.shape[1], text.config, None, max_new_tokens=4, do_sample=False,
                                 temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
-        return padded_mask, text._generator.prefill(text._text_params, embeds, jnp.asarray(padded_mask),
+        return padded_mask, text.generator.prefill(text.text_params, embeds, jnp.asarray(padded_mask),
                                                     request.sampling, request.stop_ids, cache_length=32,
                                                     max_new_tokens_capacity=8, chunk=chunk)
 

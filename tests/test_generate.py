@@ -253,12 +253,12 @@ def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
     for i in range(STEPS):
         assert_logits_close(step_logits[i], full_logits[:, prompt + i - 1], what=f"step {i}")
     # And the jitted prefill/decode loop (chunks of one step) picks the same tokens.
-    padded_ids, padded_mask = model._generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
+    padded_ids, padded_mask = model.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     embeds = model._embed(model.params, padded_ids)
     request = aria_jax.generator.check_request(
         batch, prompt, config, None, max_new_tokens=STEPS, do_sample=False, temperature=1.0, top_k=0,
         top_p=1.0, seed=0, stop_strings=None)
-    buffers = list(model._generator.steps(model.params, embeds, padded_mask, request, chunk=1))
+    buffers = list(model.generator.steps(model.params, embeds, padded_mask, request, chunk=1))
     assert len(buffers) == STEPS, "expected one buffer after prefill and one per single decode step"
     np.testing.assert_array_equal(buffers[-1], full_ids[:, prompt:])
 
@@ -366,19 +366,19 @@ def test_int8_cache_logits_are_attention_over_rounded_keys_and_values(text_pair,
     assert farthest_from_unquantized > 30 * LOGIT_TOLERANCE, farthest_from_unquantized
 
     # The jitted prefill/decode loop with kv_cache_dtype="int8" picks the same tokens.
-    padded_ids, padded_mask = model._generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
+    padded_ids, padded_mask = model.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     embeds = model._embed(model.params, padded_ids)
     request = aria_jax.generator.check_request(
         batch, prompt, config, None, max_new_tokens=STEPS, do_sample=False, temperature=1.0, top_k=0,
         top_p=1.0, seed=0, stop_strings=None, kv_cache_dtype="int8")
-    *_, tokens_generated = model._generator.steps(model.params, embeds, padded_mask, request, chunk=8)
+    *_, tokens_generated = model.generator.steps(model.params, embeds, padded_mask, request, chunk=8)
     np.testing.assert_array_equal(tokens_generated, full_ids[:, prompt:])
 
 
 # ----------------------------------------------------------------------------- 3. compile counting
 
 def compile_counts(model):
-    return (model._generator.prefill._cache_size(), model._generator.decode._cache_size(),
+    return (model.generator.prefill._cache_size(), model.generator.decode._cache_size(),
             model._embed._cache_size())
 
 
@@ -466,11 +466,11 @@ def test_cpu_decode_step_copies_no_layer_weights(batch):
     _, embeds, padded_mask, request = model._prepare(ids, mask, None, None, dict(
         max_new_tokens=8, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None))
     prompt_len = embeds.shape[1]
-    generator = model._generator
-    state = generator.prefill(model._text_params, embeds, jnp.asarray(padded_mask), request.sampling,
+    generator = model.generator
+    state = generator.prefill(model.text_params, embeds, jnp.asarray(padded_mask), request.sampling,
                               request.stop_ids, cache_length=CPU_DECODE_CACHE,
                               max_new_tokens_capacity=CPU_DECODE_CACHE - prompt_len)
-    hlo = generator.decode.lower(model._text_params, state, 8, 8, request.sampling, request.stop_ids,
+    hlo = generator.decode.lower(model.text_params, state, 8, 8, request.sampling, request.stop_ids,
                                  prompt_len=prompt_len).compile().as_text()
     made = [instruction for instruction in step_loop_instructions(Module.parse(hlo))
             if instruction.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional")]

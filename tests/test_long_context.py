@@ -385,14 +385,14 @@ def test_chunked_prefill_is_one_shot_prefill(text_pair):
     sums run in another order) relative to the cache's scale."""
     _, ours = text_pair
     ids, mask = left_padded(13, (3000, 2200), TEXT_CONFIG["vocab_size"])
-    padded_ids, padded_mask = ours._generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
+    padded_ids, padded_mask = ours.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     assert padded_ids.shape[1] == 3072
     embeds = ours._embedded(padded_ids, None, None)
     request = check_request(2, ids.shape[1], ours.config, None, max_new_tokens=4,
                             do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
 
     def prefilled(chunk):
-        return ours._generator.prefill(ours._text_params, embeds, jnp.asarray(padded_mask), request.sampling,
+        return ours.generator.prefill(ours.text_params, embeds, jnp.asarray(padded_mask), request.sampling,
                                        request.stop_ids, cache_length=4096, max_new_tokens_capacity=1024, chunk=chunk)
 
     chunked, one_shot = prefilled(1024), prefilled(4096)
