@@ -608,7 +608,7 @@ def common_prefix(a, b) -> int:
 
 
 def note_lines(ours: dict | None, theirs: dict | None, settings: dict) -> list[str]:
-    from aria_jax.kv_cache import bucket_length
+    from aria_jax.buckets import bucket_length
 
     lines = []
     if ours and theirs:
@@ -716,7 +716,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # JAX and the model code are imported where used: the `aria-jax` command line imports this module.
-    from aria_jax.kv_cache import bucket_length
+    from aria_jax.buckets import bucket_length
 
     args = build_parser().parse_args(argv)
     if args.worker:

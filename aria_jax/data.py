@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tokenizers import Encoding
 
+from aria_jax.buckets import default_length_buckets
 from aria_jax.image_processing import ImageError, load_image_file
 from aria_jax.processing import AriaProcessor
 
@@ -50,7 +51,6 @@ ITEM_TYPES = ("text", "image")
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
 ASSISTANT_PREFIX = f"{TURN_START}assistant\n"
-SMALLEST_BUCKET = 16
 
 
 class DatasetError(ValueError):
@@ -260,16 +260,6 @@ class SFTDataset:
             "pixel_values": pixels.get("pixel_values"),
             "pixel_mask": pixels.get("pixel_mask"),
         }
-
-
-def default_length_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from 16 below `max_length`, then `max_length` itself."""
-    buckets = []
-    bucket = SMALLEST_BUCKET
-    while bucket < max_length:
-        buckets.append(bucket)
-        bucket *= 2
-    return (*buckets, max_length)
 
 
 class Batches:

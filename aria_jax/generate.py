@@ -21,8 +21,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from aria_jax.buckets import PREFILL_CHUNK
 from aria_jax.config import AriaTextConfig
-from aria_jax.kv_cache import PREFILL_CHUNK, check_kv_cache_dtype, init_cache, init_per_layer, per_layer, pinned
+from aria_jax.kv_cache import check_kv_cache_dtype, init_cache, init_per_layer, per_layer, pinned
 from aria_jax.modeling import STACKED_IN_DECODE, TextDecoder, layer_params, unrolled_cached_step
 from aria_jax.quantization import dequantize_tree
 from aria_jax.sharding import constrain, on_one_cpu
@@ -109,7 +110,7 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
             cache_length: int, max_new_tokens_capacity: int, chunk: int = PREFILL_CHUNK,
             dtype=jnp.float32, kv_cache_dtype: str | None = None) -> DecodeState:
     """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token.
-    T must be at most `chunk` or a multiple of it (`kv_cache.prompt_bucket`). `kv_cache_dtype`:
+    T must be at most `chunk` or a multiple of it (`buckets.prompt_bucket`). `kv_cache_dtype`:
     one of `kv_cache.KV_CACHE_DTYPES`."""
     check_kv_cache_dtype(kv_cache_dtype)
     batch, prompt_len, _ = prompt_embeds.shape

@@ -16,9 +16,10 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from aria_jax.buckets import bucket_length, prompt_bucket
 from aria_jax.config import AriaTextConfig
 from aria_jax.generate import DecodeState, Sampling, decode, prefill
-from aria_jax.kv_cache import KV_CACHE_DTYPES, bucket_length, prompt_bucket
+from aria_jax.kv_cache import KV_CACHE_DTYPES
 from aria_jax.sharding import MeshRunner
 from aria_jax.tokenizer import TokenizerError, check_text
 
@@ -176,7 +177,7 @@ class Generator:
         ))
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray):
-        """Left-pads to the prompt bucket (`kv_cache.prompt_bucket`); returns the padded ids and mask."""
+        """Left-pads to the prompt bucket (`buckets.prompt_bucket`); returns the padded ids and mask."""
         batch, length = input_ids.shape
         extra = prompt_bucket(length) - length
         ids = np.concatenate([np.full((batch, extra), self.config.pad_id, np.int32), input_ids], axis=1)

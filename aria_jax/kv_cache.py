@@ -25,28 +25,9 @@ from jax.sharding import PartitionSpec as P
 from aria_jax.config import AriaTextConfig
 from aria_jax.sharding import mesh_axes_for, mesh_axis_size
 
-# Prompt and cache lengths are rounded up to these so that new requests reuse compiled code.
-MIN_BUCKET = 16
-LARGE_BUCKET_STEP = 1024
-# Longer prompts are prefilled this many tokens at a time (activation memory bounded by the
-# chunk, not the prompt); a multiple of LARGE_BUCKET_STEP.
-PREFILL_CHUNK = 4096
 # What `generate(kv_cache_dtype=)` takes: None keeps keys and values in the compute dtype.
 KV_CACHE_DTYPES = (None, "int8")
 INT8_MAX = 127
-
-
-def bucket_length(length: int) -> int:
-    """Powers of two from 16 up to 1024, then multiples of 1024."""
-    if length <= LARGE_BUCKET_STEP:
-        return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
-    return -(-length // LARGE_BUCKET_STEP) * LARGE_BUCKET_STEP
-
-
-def prompt_bucket(length: int, chunk: int = PREFILL_CHUNK) -> int:
-    """A prompt's padded length: its bucket, rounded up to whole chunks past one chunk."""
-    bucket = bucket_length(length)
-    return bucket if bucket <= chunk else -(-bucket // chunk) * chunk
 
 
 def check_kv_cache_dtype(kv_cache_dtype) -> None:

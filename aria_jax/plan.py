@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from aria_jax.buckets import prompt_bucket
 from aria_jax.config import AriaConfig
 from aria_jax.generate import Sampling
 from aria_jax.generator import STOP_ID_SLOTS
-from aria_jax.kv_cache import check_kv_cache_dtype, prompt_bucket
+from aria_jax.kv_cache import check_kv_cache_dtype
 from aria_jax.modeling import multimodal_param_shapes
 from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.quantization import Quantization, array_bytes, quantized_shapes

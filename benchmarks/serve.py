@@ -45,8 +45,8 @@ import jax
 import numpy as np
 
 from aria_jax.benchmark import OtherProcessesWatch, installed_version
+from aria_jax.buckets import bucket_length, prompt_bucket
 from aria_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_MAX_QUEUE, Engine
-from aria_jax.kv_cache import bucket_length, prompt_bucket
 from stream_vs_generate import bench_model  # the script beside this one (its directory is on sys.path)
 
 PROMPT_LENGTHS = (16, 256)                    # prompt tokens, log-uniform in this range

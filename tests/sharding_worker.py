@@ -192,7 +192,8 @@ def run_int8_cache(results: dict) -> None:
     import numpy as np
 
     import aria_jax
-    from aria_jax.kv_cache import bucket_length, cache_layout
+    from aria_jax.buckets import bucket_length
+    from aria_jax.kv_cache import cache_layout
 
     inputs = build_inputs(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
     results["int8_cache"] = {}

@@ -25,10 +25,11 @@ import transformers
 
 import aria_jax
 import aria_jax.self_attention
+from aria_jax.buckets import bucket_length
 from aria_jax.config import AriaTextConfig
 from aria_jax.generate import Sampling, sample_tokens
 from aria_jax.hlo_text import Module, arrays_of
-from aria_jax.kv_cache import bucket_length, init_cache, per_layer
+from aria_jax.kv_cache import init_cache, per_layer
 from aria_jax.modeling import TextDecoder, init_text_params, text_forward, unrolled_cached_step
 from test_multimodal_parity import build_rows, emulated_crop, noise_image
 from tiny_models import make_multimodal_model, make_text_model

@@ -39,9 +39,10 @@ from aria_jax.attention import (
     dense_stats,
     normalized,
 )
+from aria_jax.buckets import PREFILL_CHUNK, prompt_bucket
 from aria_jax.decode_attention import decode_attention_stats, head_block
 from aria_jax.generator import check_request
-from aria_jax.kv_cache import PREFILL_CHUNK, from_int8, prompt_bucket, to_int8
+from aria_jax.kv_cache import from_int8, to_int8
 from aria_jax.modeling import IMAGE_GROUP
 
 LONG_CONTEXT = 65536   # max_position_embeddings of the models here (Aria's own context)
