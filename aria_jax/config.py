@@ -1,10 +1,15 @@
 """Model configs: frozen, hashable dataclasses read from either generation of Aria's config.json.
 
-Two on-disk generations exist (aria-reference.md section 1):
-- transformers-native (`text_config.model_type == "aria_text"`): `intermediate_size` is the
-  expert width; rope theta in `rope_parameters` (transformers 5) or at the top level.
-- the original remote-code format (`"aria_moe_lm"`): the expert width is
-  `moe_intermediate_size`, and `intermediate_size` (13568) is unused and must be ignored.
+Two on-disk generations exist (both in the hub repo rhymes-ai/Aria: its current config.json,
+and the one of the remote-code revisions before the transformers integration):
+- transformers-native (`text_config.model_type == "aria_text"`, vision `"idefics3_vision"`):
+  `intermediate_size` is the expert width (1664 for Aria); rope theta in `rope_parameters`
+  (transformers 5) or at the top level. Aria's file omits rms_norm_eps (1e-6) and
+  moe_num_shared_experts (2), which come from the defaults, as in transformers' `AriaTextConfig`.
+- the original remote-code format (`"aria_moe_lm"`, vision `"aria_vision_model"`): the expert
+  width is `moe_intermediate_size`, and `intermediate_size` (13568) is unused and must be ignored
+  (transformers' `src/transformers/models/aria/convert_aria_weights_to_hf.py` likewise sets
+  intermediate_size from it).
 
 The configs are hashable so they can be static arguments of jitted functions.
 """

@@ -1,13 +1,16 @@
 """Aria image preprocessing: images in, `pixel_values` / `pixel_mask` / `num_crops` out.
 
-numpy and Pillow only. The exact algorithm is aria-reference.md section 4; the parity oracle is
-transformers' `AriaImageProcessorPil` (`models/aria/image_processing_pil_aria.py`), whose output
-this module reproduces bit for bit.
+numpy and Pillow only. The parity oracle is transformers' `AriaImageProcessorPil`
+(`transformers/models/aria/image_processing_pil_aria.py`), whose output this module reproduces bit
+for bit. (transformers' torchvision-backed `AriaImageProcessor` resizes with torchvision's bicubic,
+which differs from PIL's by +-1 on uint8 values, so it is not the oracle.)
 
 Per image:
 
 1. Load and convert to RGB uint8, the way the oracle does (`to_rgb_array`, `load_image_file`).
-2. Optionally split into crops (`split_transformers` or `split_original`, section 4.2).
+2. Optionally split into crops: `split_transformers` (transformers' `get_image_patches`) or
+   `split_original` (rhymes-ai's original remote-code processor, which adds a global view);
+   the two give different crops and crop counts.
 3. Each crop: resize keeping the aspect ratio so its long side is `max_image_size` and its short
    side at least `min_image_size` (PIL, bicubic, on uint8), pad right and bottom with black to a
    square, mark the real pixels in `pixel_mask`, then `(pixel / 255 - mean) / std` in float32
@@ -56,8 +59,9 @@ class ImageError(ValueError):
     """An image that cannot be used; the message is one line naming the file (or image) and why."""
 
 
-# Section 4.2: the 19 split shapes, in tiles of 490 pixels. transformers reads each pair as
-# (rows, cols), i.e. (height, width); rhymes-ai's original code reads it as (cols, rows).
+# The 19 split shapes (no 1 x 1), in tiles of 490 pixels: transformers' default
+# `split_resolutions` (`image_processing_pil_aria.py`) and rhymes-ai's. transformers reads each
+# pair as (rows, cols), i.e. (height, width); rhymes-ai's original code reads it as (cols, rows).
 DEFAULT_SPLIT_TILES = (
     (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3), (2, 2),
     (2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1), (7, 1), (8, 1),
@@ -254,7 +258,8 @@ def to_tensors(arrays: dict[str, Any], return_tensors: str | None) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 
 def fit_size(height: int, width: int, max_size: int, min_size: int) -> tuple[int, int]:
-    """Section 4.1 step 2: long side -> max_size, short side scaled (truncated) but >= min_size."""
+    """Crop size: long side -> max_size, short side scaled (truncated) but >= min_size, so the
+    aspect ratio is not kept when min_size applies."""
     scale = max_size / max(height, width)
     if width >= height:
         return max(int(height * scale), min_size), max_size
@@ -310,7 +315,7 @@ def _resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarr
 
 
 # --------------------------------------------------------------------------------------------
-# Splitting (section 4.2)
+# Splitting
 # --------------------------------------------------------------------------------------------
 
 def split_transformers(
@@ -475,7 +480,8 @@ class AriaImageProcessor:
     def crop_to_arrays(
         self, crop: np.ndarray, max_image_size: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Section 4.1 steps 2-6 for one uint8 RGB crop: (3, S, S) float32 and (S, S) bool."""
+        """One uint8 RGB crop -> (3, S, S) float32 and (S, S) bool: fit_size, PIL resize, pad right
+        and bottom with 0 to S x S, mask the resized area, rescale and normalize."""
         new_h, new_w = fit_size(crop.shape[0], crop.shape[1], max_image_size, self.min_image_size)
         resized = _resize(crop, new_h, new_w, self.resample)
         pad = ((0, max_image_size - new_h), (0, max_image_size - new_w), (0, 0))

@@ -1,10 +1,13 @@
-"""The projector: learned queries cross-attend to a crop's vision features (aria-reference.md section 6).
+"""The projector: learned queries cross-attend to a crop's vision features.
+
+Same math as transformers' `transformers.models.aria.modeling_aria.AriaProjector` (with
+`AriaCrossAttention` and `AriaProjectorMLP`).
 
 A crop of P patches gets Q learned queries (the first Q rows of the query table, Q from the
-config's patch-to-query map). q/k/v projections are followed by torch's packed multi-head
-attention (in_proj, out_proj), a linear, no residual, a LayerNorm and a gelu-tanh FFN into the
-text model's width. Every LayerNorm here uses torch's default eps, 1e-5. Padded patches are
-never attended.
+config's patch-to-query map; Aria: 1225 patches -> 128, 4900 -> 256). q/k/v projections are
+followed by torch's packed multi-head attention (in_proj, out_proj), a linear, no residual, a
+LayerNorm and a gelu-tanh FFN into the text model's width. Every LayerNorm here uses torch's
+default eps, 1e-5. Padded patches are never attended.
 """
 
 from __future__ import annotations

@@ -30,7 +30,11 @@ from aria_jax.config import read_json_object
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
-# Aria's chat template (aria-reference.md section 3), used when a checkpoint ships none.
+# Aria's chat template (the one in rhymes-ai/Aria's chat_template.json and in transformers'
+# `src/transformers/models/aria/convert_aria_weights_to_hf.py`), used when a checkpoint ships none.
+# No BOS, no system-prompt handling; an image item renders as "<fim_prefix><|img|><fim_suffix>".
+# One user turn with an image then "describe the image", plus the generation prompt, renders as
+# "<|im_start|>user\n<fim_prefix><|img|><fim_suffix>describe the image<|im_end|>\n<|im_start|>assistant\n".
 DEFAULT_CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"

@@ -1,4 +1,8 @@
-"""The vision tower: Idefics3/SigLIP ViT with NaViT-style patch masks (aria-reference.md section 5).
+"""The vision tower: Idefics3/SigLIP ViT with NaViT-style patch masks.
+
+Same math as transformers' `transformers.models.idefics3.modeling_idefics3.Idefics3VisionTransformer`
+as `transformers.models.aria.modeling_aria.AriaModel` uses it (patch mask from
+`AriaModel._create_patch_attention_mask`, features from `hidden_states[-1]`).
 
 Crops arrive padded right/bottom to a square with a pixel mask. A patch is valid when any of its
 pixels is; padded patches get position 0 and are never attended as keys. Position ids are

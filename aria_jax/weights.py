@@ -6,8 +6,9 @@ names the file and the key. Tensors are read from memory maps one at a time, str
 the arrays they belong to; no file is ever read whole into a dict, and only safetensors are
 read (a pickle checkpoint is refused without being opened).
 
-Four key generations are read (aria-reference.md section 2); `canonical_key` maps each onto the
-hub's multimodal naming, which the table uses:
+Four key generations are read; `canonical_key` maps each onto the hub's multimodal naming (what
+rhymes-ai/Aria ships and transformers' `save_pretrained` writes), which the table uses. No tensor
+is transposed between generations: only names differ.
 - multimodal hub checkpoints:      `language_model.model.layers.{i}...`, `vision_tower.encoder...`,
                                    `multi_modal_projector...`
 - original rhymes-ai checkpoints:  `vision_tower.vision_model...`, projector `ln_ffn`, `ffn`, `ln_kv`,
@@ -179,7 +180,11 @@ IGNORED = (
     re.compile(r"vision_tower\.post_layernorm\.(weight|bias)"),
 )
 
-# Other generations -> canonical, applied in order (aria-reference.md section 2.1).
+# Other generations -> canonical, applied in order. The original -> hub renames are those of
+# transformers' `src/transformers/models/aria/convert_aria_weights_to_hf.py` (KEYS_TO_MODIFY_MAPPING;
+# it also drops `.inv_freq` buffers). The transformers 5 in-memory names are undone by inverting
+# the load-time renames of `transformers/conversion_mapping.py` (its "llava", "LlavaModel" and
+# "aria_text" rules).
 RENAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
     (r"^model\.language_model\.", "language_model.model."),        # transformers 5 in-memory
     (r"^model\.vision_tower\.", "vision_tower."),

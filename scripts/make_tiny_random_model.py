@@ -36,7 +36,7 @@ SEED = 0
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<|img|>"]
 
 
-# Aria's tokenizer_config.json settings (aria-reference.md section 3): no BOS / EOS added,
+# Aria's tokenizer_config.json settings (hub repo rhymes-ai/Aria): no BOS / EOS added,
 # pad = unk. Ids 0..2 are sentencepiece's control pieces.
 TOKENIZER_CONFIG = {
     "add_bos_token": False, "add_eos_token": False, "add_prefix_space": True, "legacy": True,

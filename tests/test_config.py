@@ -1,7 +1,7 @@
 """Config parsing: both on-disk generations of Aria's config.json, validation, hashing, round trips.
 
-Reference: /work/shared/docs/aria-reference.md sections 1.1 (transformers-native hub config) and
-1.2 (original remote-code config).
+HUB_CONFIG and ORIGINAL_CONFIG are the two generations of the hub repo rhymes-ai/Aria's config.json:
+the current transformers-native one and the one of the remote-code revisions before it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from aria_jax.config import text_config_from_pretrained
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
 
-# Reference section 1.1: rhymes-ai/Aria config.json, transformers-native format.
+# rhymes-ai/Aria config.json, transformers-native format.
 HUB_CONFIG = {
     "architectures": ["AriaForConditionalGeneration"], "model_type": "aria",
     "image_token_index": 9, "pad_token_id": 2, "ignore_index": -100, "initializer_range": 0.02,
@@ -43,7 +43,7 @@ HUB_CONFIG = {
     },
 }
 
-# Reference section 1.2: the original remote-code format. intermediate_size 13568 is unused; the
+# rhymes-ai/Aria's original remote-code config.json. intermediate_size 13568 is unused; the
 # expert width is moe_intermediate_size; rope_theta sits at the top level of text_config.
 ORIGINAL_CONFIG = {
     "architectures": ["AriaForConditionalGeneration"],

@@ -1,9 +1,8 @@
 """Image preprocessing: bit-identical to transformers' AriaImageProcessorPil, rhymes-ai's original
 split mode against an independent implementation, image modes, checkpoint configs, errors.
 
-Reference: /work/shared/docs/aria-reference.md section 4. The photographs are the real ones that
-ship inside the scikit-image wheel (`skimage/data`, a `test` extra); they are read as files, so
-scikit-image itself is never imported.
+The photographs are the real ones that ship inside the scikit-image wheel (`skimage/data`, a
+`test` extra); they are read as files, so scikit-image itself is never imported.
 """
 
 from __future__ import annotations
@@ -268,7 +267,7 @@ def test_numpy_channel_counts(ours, oracle):
 
 
 # --------------------------------------------------------------------------------------------
-# split_mode="original" (rhymes-ai), against a straightforward implementation of section 4.2
+# split_mode="original" (rhymes-ai), against a straightforward implementation of it
 # --------------------------------------------------------------------------------------------
 
 # the 19 pairs, read by the original code as [ratio_w, ratio_h]
@@ -291,7 +290,11 @@ def reference_ratio(width, height, max_size):
 
 
 def reference_original(image: Image.Image, max_size: int):
-    """Section 4.2 (original) then 4.1 for each crop, with PIL only."""
+    """rhymes-ai's original split, with PIL only: the closest [ratio_w, ratio_h] (ties: the later
+    pair iff the image area > half the pair's), a stretch to (max_size * ratio_w, max_size * ratio_h)
+    cut row-major into max_size tiles, the whole image first when there are >1 tiles; then each crop
+    resized keeping the ratio (long side max_size, short side >= 336, truncated), padded right and
+    bottom with 0, normalized to [-1, 1]."""
     image = image.convert("RGB")
     ratio_w, ratio_h = reference_ratio(image.width, image.height, max_size)
     stretched = image.resize((max_size * ratio_w, max_size * ratio_h), Image.Resampling.BICUBIC)
@@ -321,8 +324,9 @@ def reference_original(image: Image.Image, max_size: int):
     return np.stack(values), np.stack(masks), len(crops)
 
 
-# (width, height), max size -> (original crops, transformers crops), from section 4.2
-SECTION_4_2_COUNTS = [
+# (width, height), max size -> crop counts of rhymes-ai's original split (global view included)
+# and of transformers' split (no global view)
+SPLIT_CROP_COUNTS = [
     ((768, 768), 490, 5, 4),
     ((768, 768), 980, 5, 1),
     ((300, 1200), 490, 5, 3),
@@ -330,7 +334,7 @@ SECTION_4_2_COUNTS = [
 ]
 
 
-@pytest.mark.parametrize("wh,size,original_crops,transformers_crops", SECTION_4_2_COUNTS)
+@pytest.mark.parametrize("wh,size,original_crops,transformers_crops", SPLIT_CROP_COUNTS)
 def test_crop_counts_of_the_reference_examples(
         ours, oracle, wh, size, original_crops, transformers_crops):
     width, height = wh

@@ -1,5 +1,6 @@
 """The MoE block's routed-expert paths agree, values and gradients, and the router is
-"top-k on raw logits, softmax over the k selected" (aria-reference.md section 7)."""
+"top-k on raw logits, softmax over the k selected" (transformers'
+`transformers.models.aria.modeling_aria.AriaTextTopKRouter`)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Each tiny config is built once (random weights, norms included; tests/tiny_model
 - ours: `aria_jax.AriaForConditionalGeneration.from_pretrained(dir, dtype="float32")`.
 
 Pixels come from noise images of varied sizes through Aria's preprocessing
-(aria-reference.md section 4): transformers' `AriaImageProcessorPil` itself where it can run (it
+(keep-ratio resize, pad, normalize): transformers' `AriaImageProcessorPil` itself where it can run (it
 only accepts max_image_size 490 or 980, so the "s980_p70" config uses 70-pixel patches to have
 real 980/490 crops on a 14x14 patch grid), and for the 140- and 112-pixel configs `emulated_crop`,
 the same algorithm, which `test_emulated_processor_is_the_processor` shows bit-identical to
@@ -106,9 +106,9 @@ def noise_image(seed: int, width: int, height: int) -> Image.Image:
 
 
 def emulated_crop(image: Image.Image, max_size: int, min_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """aria-reference.md 4.1 at any size: keep-ratio resize (PIL bicubic) so the long side is
-    max_size and the short side at least min_size, pad right/bottom with 0, mask the resized
-    area, normalize to [-1, 1]. -> pixel_values (3, S, S) float32, pixel_mask (S, S) bool."""
+    """Aria's non-split crop preprocessing at any size: keep-ratio resize (PIL bicubic) so the
+    long side is max_size and the short side at least min_size, pad right/bottom with 0, mask the
+    resized area, normalize to [-1, 1]. -> pixel_values (3, S, S) float32, pixel_mask (S, S) bool."""
     width, height = image.size
     scale = max_size / max(width, height)
     if width >= height:
@@ -481,7 +481,9 @@ def rename(key: str, rules) -> str:
     return key
 
 
-# Hub naming -> original rhymes-ai naming (aria-reference.md 2.1/2.2).
+# Hub naming -> original rhymes-ai naming: the inverse of transformers' convert_aria_weights_to_hf.py
+# KEYS_TO_MODIFY_MAPPING (`original_tensors` also drops the hub's zero post_layernorm and adds the
+# rotary inv_freq buffers old files carry).
 TO_ORIGINAL = (
     (r"^vision_tower\.", "vision_tower.vision_model."),
     (r"^multi_modal_projector\.layer_norm\.", "multi_modal_projector.ln_ffn."),

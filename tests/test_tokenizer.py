@@ -343,7 +343,8 @@ def test_chat_template_matches_transformers(pairs, layout):
 
 
 def test_chat_template_reference_example(pairs):
-    """aria-reference.md section 3's rendered example, from the default template too."""
+    """The rendered example of rhymes-ai's processor test (tests/test_aria_processor.py in the
+    rhymes-ai/Aria GitHub repository), from the default template too."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
     expected = "<|im_start|>user\n<fim_prefix><|img|><fim_suffix>describe the image<|im_end|>\n<|im_start|>assistant\n"
     assert pairs["hub5"][1].apply_chat_template(messages, add_generation_prompt=True) == expected
