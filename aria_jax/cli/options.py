@@ -63,10 +63,12 @@ def byte_size(text: str) -> int:
 
 def parse_mesh(text: str) -> dict[str, int]:
     """"expert=8,tensor=1" -> {"expert": 8, "tensor": 1}."""
+    from aria_jax.sharding import MESH_AXES  # here: importing JAX would slow every --help
+
     sizes = {}
     for part in filter(None, text.split(",")):
         name, _, value = (piece.strip() for piece in part.partition("="))
-        if name not in ("data", "expert", "tensor") or not value.isdigit() or int(value) < 1:
+        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
             raise UserError(f"--mesh {text!r}: expected comma-separated data=N, expert=N, tensor=N (N >= 1)")
         sizes[name] = int(value)
     return sizes
