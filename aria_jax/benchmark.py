@@ -627,15 +627,17 @@ def note_lines(ours: dict | None, theirs: dict | None, settings: dict) -> list[s
     return lines
 
 
-def machine_line(settings: dict) -> str:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return "unknown CPU"
+
+
+def machine_line(settings: dict) -> str:
     versions = ", ".join(f"{name} {installed_version(name)}" for name in ("jax", "torch", "transformers"))
-    return (f"Machine: {cpu}, {os.cpu_count()} cores; {versions}; {settings['dtype']} on {settings['platform']}; "
+    return (f"Machine: {cpu_name()}, {os.cpu_count()} cores; {versions}; {settings['dtype']} on {settings['platform']}; "
             f"best of {settings['repeats']} warm runs")
 
 

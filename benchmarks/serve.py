@@ -44,7 +44,7 @@ import time
 import jax
 import numpy as np
 
-from aria_jax.benchmark import OtherProcessesWatch, installed_version
+from aria_jax.benchmark import OtherProcessesWatch, cpu_name, installed_version
 from aria_jax.buckets import bucket_length, prompt_bucket
 from aria_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_MAX_QUEUE, Engine
 from stream_vs_generate import bench_model  # the script beside this one (its directory is on sys.path)
@@ -352,13 +352,7 @@ def target_lines(engine_rows: dict[int, Row], one_at_a_time: Row, static: Row) -
 
 
 def machine_line() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"Machine: {cpu}, {os.cpu_count()} cores; jax {installed_version('jax')} on {jax.default_backend()}, "
+    return (f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {installed_version('jax')} on {jax.default_backend()}, "
             "float32; one timed run per row, everything compiled beforehand")
 
 
