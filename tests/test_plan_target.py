@@ -42,20 +42,35 @@ def two_layer_config(directory) -> str:
     return path
 
 
-@needs_libtpu
-def test_two_layer_full_width_model_on_v5e_2x2(tmp_path):
-    result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
+def plan_two_layers(directory, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """The 2-layer full-width model planned on v5e:2x2 (expert=4, 2 rows, 16-token prompts, 64
+    positions, bfloat16): the run, its --json plan and its decode program's optimized HLO."""
+    result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(directory), "--mesh", "expert=4",
                       "--batch", "2", "--prompt-length", "16", "--max-length", "64", "--dtype", "bfloat16",
-                      "--json", str(tmp_path / "plan.json"), "--dump-hlo", str(tmp_path / "hlo"))
+                      "--json", str(directory / "plan.json"), "--dump-hlo", str(directory / "hlo"), *extra)
     assert result.returncode == 0, result.stderr
+    plan = json.loads((directory / "plan.json").read_text())
+    return result, plan, (directory / "hlo" / "decode.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def bfloat16_plan(tmp_path_factory):
+    """`plan_two_layers` once for the module: read whole by the first test, and the baseline the
+    int8-weights test compares with."""
+    directory = tmp_path_factory.mktemp("bfloat16_plan")
+    return directory, *plan_two_layers(directory)
+
+
+@needs_libtpu
+def test_two_layer_full_width_model_on_v5e_2x2(bfloat16_plan):
+    directory, result, plan, decode_hlo = bfloat16_plan
     assert result.stderr == ""      # no libtpu start-up trace, no warnings
     out = result.stdout
     assert "target v5e:2x2: 4 x TPU v5e" in out and "mesh data=1, expert=4, tensor=1" in out
     assert "not timings" in out
 
     # Each program's optimized HLO, the decode one named so.
-    assert sorted(os.listdir(tmp_path / "hlo")) == ["decode.txt", "prefill.txt"]
-    decode_hlo = (tmp_path / "hlo" / "decode.txt").read_text()
+    assert sorted(os.listdir(directory / "hlo")) == ["decode.txt", "prefill.txt"]
     assert decode_hlo.startswith("HloModule jit_decode") and '"estimated_cycles"' in decode_hlo
     # Decode reads each layer's experts in place: the grouped-matmul kernel, once per projection
     # and layer, and no copy of a layer's 16 local experts out of the stack; attention reads the
@@ -64,9 +79,8 @@ def test_two_layer_full_width_model_on_v5e_2x2(tmp_path):
     assert not re.search(r"= bf16\[16,2560,3328\]|= bf16\[16,1664,2560\]", decode_hlo)
     # Prefill sends each (token, slot) pair to its expert's chip; decode (2 tokens) does not.
     dispatch = re.compile(r" all-to-all\(.*op_name=\"[^\"]*/experts/shard_map/[^\"]*all_to_all\"")
-    assert dispatch.search((tmp_path / "hlo" / "prefill.txt").read_text()) and not dispatch.search(decode_hlo)
+    assert dispatch.search((directory / "hlo" / "prefill.txt").read_text()) and not dispatch.search(decode_hlo)
 
-    plan = json.loads((tmp_path / "plan.json").read_text())
     chip = plan["chip"]
     assert (plan["target"], plan["chips"], plan["batch"], plan["prompt_length"], plan["cache_length"]) == \
         ("v5e:2x2", 4, 2, 16, 64)
@@ -157,18 +171,13 @@ def test_int8_kv_cache_halves_the_decode_cache_on_v5e(tmp_path):
 
 
 @needs_libtpu
-def test_int8_weights_halve_the_params_and_are_dequantized_inside_their_matmuls(tmp_path):
+def test_int8_weights_halve_the_params_and_are_dequantized_inside_their_matmuls(bfloat16_plan, tmp_path):
     """`--quantize int8`: the params count a byte per weight (and a float32 scale per output
     column) in all and per chip; decode's program holds no bfloat16 copy of a weight (its
     temporaries do not grow), and its experts still run in the grouped-matmul kernel."""
-    plans = {}
-    for name, extra in (("bfloat16", ()), ("int8", ("--quantize", "int8"))):
-        result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
-                          "--batch", "2", "--prompt-length", "16", "--max-length", "64", "--dtype", "bfloat16",
-                          "--json", str(tmp_path / f"{name}.json"), "--dump-hlo", str(tmp_path / name), *extra)
-        assert result.returncode == 0, result.stderr
-        plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
-        plans[name]["decode_hlo"] = (tmp_path / name / "decode.txt").read_text()
+    result, int8_plan, int8_hlo = plan_two_layers(tmp_path, "--quantize", "int8")
+    _, _, bfloat16, bfloat16_hlo = bfloat16_plan
+    plans = {"bfloat16": {**bfloat16, "decode_hlo": bfloat16_hlo}, "int8": {**int8_plan, "decode_hlo": int8_hlo}}
     assert "int8 weights, bfloat16 compute" in result.stdout
     assert plans["int8"]["quantization"] == {"scheme": "int8", "group_size": 128, "vision": False}
     # the decoder's linear weights (all but the embedding, the router and the norms) and the
