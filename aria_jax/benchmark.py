@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from aria_jax.config import ARIA_CROP_SIZE_TO_QUERIES, ARIA_PATCH_TO_QUERY
+
 # ----------------------------------------------------------------------------- the bench model
 
 TEXT_CONFIG = dict(
@@ -44,15 +46,15 @@ VISION_CONFIG = dict(
     model_type="idefics3_vision", hidden_size=384, intermediate_size=1536, num_hidden_layers=4,
     num_attention_heads=6, patch_size=14, image_size=980,
 )
-PATCH_TO_QUERY = {1225: 128, 4900: 256}
+PATCH_TO_QUERY = dict(ARIA_PATCH_TO_QUERY)
 IMAGE_TOKEN = 9
 EOS_TOKEN = PAD_TOKEN = 2
 SEED = 0
 
 # ----------------------------------------------------------------------------- the requests
 
-IMAGE_SIDE = 490                 # one crop: 35 x 35 = 1225 patches -> 128 image tokens
-IMAGE_TOKENS = PATCH_TO_QUERY[(IMAGE_SIDE // VISION_CONFIG["patch_size"]) ** 2]
+IMAGE_SIDE = 490                 # one crop of Aria's smaller size
+IMAGE_TOKENS = ARIA_CROP_SIZE_TO_QUERIES[IMAGE_SIDE]
 IMAGE_TEXT_TOKENS = 64           # text after the image tokens
 DECODE_PROMPT_TOKENS = 64
 DECODE_BATCHES = (1, 8)
@@ -71,7 +73,7 @@ def decode_prompts(batch: int) -> np.ndarray:
 
 
 def image_request() -> dict[str, np.ndarray]:
-    """One 490 x 490 crop (random normal pixels, all valid) and its 128 image tokens, then text."""
+    """One IMAGE_SIDE crop (random normal pixels, all valid) and its IMAGE_TOKENS image tokens, then text."""
     pixels = np.random.default_rng(2).standard_normal((1, 3, IMAGE_SIDE, IMAGE_SIDE)).astype(np.float32)
     ids = np.concatenate([np.full((1, IMAGE_TOKENS), IMAGE_TOKEN), text_ids(1, IMAGE_TEXT_TOKENS, seed=1)], axis=1)
     return {"input_ids": ids, "pixel_values": pixels, "pixel_mask": np.ones((1, IMAGE_SIDE, IMAGE_SIDE), bool)}

@@ -297,16 +297,33 @@ class AriaVisionConfig:
         return {"model_type": "idefics3_vision", **dataclasses.asdict(self)}
 
 
+def used_patch_to_query(pairs: tuple[tuple[int, int], ...], vision: AriaVisionConfig) -> tuple[tuple[int, int], ...]:
+    """The (patches, queries) pairs a crop can have: square patch counts within the vision grid."""
+    max_patches = vision.num_patches_per_side ** 2
+    return tuple((patches, queries) for patches, queries in pairs
+                 if patches > 0 and math.isqrt(patches) ** 2 == patches and patches <= max_patches)
+
+
+def crop_size_to_queries(pairs: tuple[tuple[int, int], ...], vision: AriaVisionConfig) -> dict[int, int]:
+    """Crop side in pixels -> image tokens per crop: a crop of side S has (S / patch_size)^2 patches."""
+    return {math.isqrt(patches) * vision.patch_size: queries for patches, queries in used_patch_to_query(pairs, vision)}
+
+
+# Aria's crops: 490 pixels = 35 x 35 patches of 14 -> 128 image tokens; 980 pixels = 70 x 70 -> 256.
+ARIA_PATCH_TO_QUERY = ((1225, 128), (4900, 256))
+ARIA_CROP_SIZE_TO_QUERIES = crop_size_to_queries(ARIA_PATCH_TO_QUERY, AriaVisionConfig())
+
+
 @dataclasses.dataclass(frozen=True)
 class AriaConfig:
     """The whole model: vision tower, projector, text decoder."""
 
     text_config: AriaTextConfig
     vision_config: AriaVisionConfig = AriaVisionConfig()
-    # (number of patches of a crop, number of projector queries) pairs, e.g. ((1225, 128), (4900, 256)).
-    # A key no crop can have (not a square, or more patches than the vision grid) is kept but
-    # never used, as in transformers; the projector's query table has max_queries rows either way.
-    projector_patch_to_query: tuple[tuple[int, int], ...] = ((1225, 128), (4900, 256))
+    # (number of patches of a crop, number of projector queries) pairs. A key no crop can have
+    # (not a square, or more patches than the vision grid) is kept but never used, as in
+    # transformers; the projector's query table has max_queries rows either way.
+    projector_patch_to_query: tuple[tuple[int, int], ...] = ARIA_PATCH_TO_QUERY
     image_token_index: int = 9
     pad_token_id: int = 2
 
@@ -344,9 +361,12 @@ class AriaConfig:
     @property
     def used_patch_to_query(self) -> tuple[tuple[int, int], ...]:
         """The (patches, queries) pairs a crop can have: square patch counts within the vision grid."""
-        max_patches = self.vision_config.num_patches_per_side ** 2
-        return tuple((patches, queries) for patches, queries in self.projector_patch_to_query
-                     if math.isqrt(patches) ** 2 == patches and patches <= max_patches)
+        return used_patch_to_query(self.projector_patch_to_query, self.vision_config)
+
+    @property
+    def crop_size_to_queries(self) -> dict[int, int]:
+        """Crop side in pixels -> image tokens per crop: the processor's `size_conversion`."""
+        return crop_size_to_queries(self.projector_patch_to_query, self.vision_config)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaConfig":

@@ -52,7 +52,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from aria_jax.config import read_optional_json
+from aria_jax.config import ARIA_CROP_SIZE_TO_QUERIES, read_optional_json
 
 
 class ImageError(ValueError):
@@ -70,9 +70,8 @@ SPLIT_TILE_SIZE = 490
 DEFAULT_SPLIT_RESOLUTIONS = tuple(
     (rows * SPLIT_TILE_SIZE, cols * SPLIT_TILE_SIZE) for rows, cols in DEFAULT_SPLIT_TILES
 )
-DEFAULT_SIZE_TO_QUERIES = {490: 128, 980: 256}
-# The crop sizes transformers' image processor takes whatever its size_conversion says.
-TRANSFORMERS_CROP_SIZES = (490, 980)
+# The crop sizes transformers' image processor takes whatever its size_conversion says: Aria's.
+TRANSFORMERS_CROP_SIZES = tuple(ARIA_CROP_SIZE_TO_QUERIES)
 RESCALE_FACTOR = 1 / 255
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
 TENSOR_TYPES = ("np", "jax", "pt")
@@ -379,7 +378,7 @@ class AriaImageProcessor:
         rescale_factor: float = RESCALE_FACTOR,
         do_normalize: bool = True,
     ):
-        queries = DEFAULT_SIZE_TO_QUERIES if size_to_queries is None else size_to_queries
+        queries = ARIA_CROP_SIZE_TO_QUERIES if size_to_queries is None else size_to_queries
         self.size_to_queries = {int(size): int(count) for size, count in queries.items()}
         self.max_image_size = self._check_max_image_size(max_image_size)
         self.min_image_size = int(min_image_size)

@@ -280,8 +280,7 @@ class AriaModel(nn.Module):
 
 def _init_inputs(config: AriaConfig):
     """Inputs that touch every parameter: one crop of the largest size and one token."""
-    patches, _ = max(config.used_patch_to_query)
-    side = int(round(patches ** 0.5)) * config.vision_config.patch_size
+    side = max(config.crop_size_to_queries)
     pixel_values = jnp.zeros((1, config.vision_config.num_channels, side, side), jnp.float32)
     return jnp.zeros((1, 1), jnp.int32), None, None, pixel_values
 

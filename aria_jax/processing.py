@@ -7,8 +7,8 @@
     answers = processor.decode_replies(model.generate(**inputs), inputs)  # one str per row
 
 Each `<|img|>` in the text (in order across the batch) stands for one image and becomes
-`num_crops[i] * queries` image tokens, where `queries = size_to_queries[max_image_size]` (128 for
-490, 256 for 980 in Aria) and `num_crops[i]` is that image's own crop count. transformers 5
+`num_crops[i] * queries` image tokens, where `queries = size_to_queries[max_image_size]`
+(`AriaConfig.crop_size_to_queries`) and `num_crops[i]` is that image's own crop count. transformers 5
 expands every placeholder by the batch-wide maximum crop count instead, which gives a
 token / feature count mismatch as soon as split images in one batch have different crop
 counts; for batches where all images have the same crop count the ids are identical.
@@ -33,14 +33,13 @@ both ValueErrors naming the argument and value.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from aria_jax.config import (AriaTextConfig, AriaVisionConfig, ConfigError, patch_to_query_pairs,
-                             read_optional_json)
+from aria_jax.config import (ARIA_CROP_SIZE_TO_QUERIES, AriaTextConfig, AriaVisionConfig, ConfigError,
+                             crop_size_to_queries, patch_to_query_pairs, read_optional_json)
 from aria_jax.image_processing import TENSOR_TYPES, is_batch_array, as_array, to_tensors
 from aria_jax.tokenizer import AriaTokenizer, check_text, compile_chat_template, pad_batch, render_chat_template
 from aria_jax.video import Video, VideoCache, frame_timestamp, load_video, resolve_num_frames
@@ -60,23 +59,19 @@ class ProcessorError(ValueError):
 
 
 def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
-    """Crop size -> image tokens per crop, from a multimodal config.json:
-    `projector_patch_to_query_dict` maps patches per crop (a square) to queries, and a crop of
-    side S has (S // patch_size)^2 patches. Keys no crop can have (not a square, or more patches
-    than the vision grid) are unused, as in transformers; a map without any usable key, or with
-    a query count that is not positive, is a ConfigError."""
+    """Crop size -> image tokens per crop from a multimodal config.json (`AriaConfig.crop_size_to_queries`
+    without reading the rest of the model). A map without any usable key, or with a query count
+    that is not positive, is a ConfigError."""
     mapping = config.get("projector_patch_to_query_dict")
     if not mapping:
         return None
     vision = AriaVisionConfig.from_hf_dict(config.get("vision_config") or {})
-    out = {}
-    for patches, queries in patch_to_query_pairs(mapping):
+    pairs = patch_to_query_pairs(mapping)
+    for patches, queries in pairs:
         if queries <= 0:
             raise ConfigError(f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; "
                               "a query count must be positive")
-        side = math.isqrt(patches) if patches >= 0 else 0
-        if side * side == patches and 0 < side <= vision.num_patches_per_side:
-            out[side * vision.patch_size] = queries
+    out = crop_size_to_queries(pairs, vision)
     if not out:
         raise ConfigError(f"invalid config: projector_patch_to_query_dict={dict(mapping)!r} has no square number "
                           f"of patches up to {vision.num_patches_per_side ** 2} (the vision grid): no crop fits")
@@ -164,7 +159,7 @@ class AriaProcessor:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         if size_to_queries is None:
-            size_to_queries = getattr(image_processor, "size_to_queries", None) or {490: 128, 980: 256}
+            size_to_queries = getattr(image_processor, "size_to_queries", None) or ARIA_CROP_SIZE_TO_QUERIES
         try:
             self.size_to_queries = {int(k): int(v) for k, v in dict(size_to_queries).items()}
         except (TypeError, ValueError):
@@ -225,7 +220,7 @@ class AriaProcessor:
                 f"{directory}: the processor's size_conversion {declared} does not match the model's "
                 f"projector_patch_to_query_dict (crop size -> queries {from_model})"
             )
-        size_to_queries = declared or from_model or {490: 128, 980: 256}
+        size_to_queries = declared or from_model or ARIA_CROP_SIZE_TO_QUERIES
 
         # A processor-level template (processor_config.json) overrides the tokenizer's unless a
         # chat_template.jinja exists, which the tokenizer has read already.

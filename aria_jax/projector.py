@@ -4,7 +4,7 @@ Same math as transformers' `transformers.models.aria.modeling_aria.AriaProjector
 `AriaCrossAttention` and `AriaProjectorMLP`).
 
 A crop of P patches gets Q learned queries (the first Q rows of the query table, Q from the
-config's patch-to-query map; Aria: 1225 patches -> 128, 4900 -> 256). q/k/v projections are
+config's `projector_patch_to_query`; `AriaConfig.crop_size_to_queries` by crop side). q/k/v projections are
 followed by torch's packed multi-head attention (in_proj, out_proj), a linear, no residual, a
 LayerNorm and a gelu-tanh FFN into the text model's width. Every LayerNorm here uses torch's
 default eps, 1e-5. Padded patches are never attended.
@@ -81,8 +81,6 @@ def queries_for_patches(config: AriaConfig, num_patches: int) -> int:
     for patches, queries in config.projector_patch_to_query:
         if patches == num_patches:
             return queries
-    sizes = [int(round(patches ** 0.5)) * config.vision_config.patch_size for patches, _ in config.used_patch_to_query]
-    raise ValueError(
-        f"crops of {num_patches} patches have no projector query count; crop sizes this model "
-        f"takes: {', '.join(map(str, sizes))} pixels"
-    )
+    sizes = ", ".join(map(str, config.crop_size_to_queries))
+    raise ValueError(f"crops of {num_patches} patches have no projector query count; crop sizes this model "
+                     f"takes: {sizes} pixels")

@@ -19,10 +19,10 @@ import transformers
 
 import aria_jax
 from aria_jax import AriaConfig, AriaTextConfig, AriaVisionConfig, ConfigError
-from aria_jax.config import text_config_from_pretrained
+from aria_jax.config import config_from_pretrained, text_config_from_pretrained
+from repo_paths import DEMO_MODEL, ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
+CONFIGS_DIR = os.path.join(ROOT, "configs")
 
 # rhymes-ai/Aria config.json, transformers-native format.
 HUB_CONFIG = {
@@ -283,7 +283,16 @@ def test_configs_transformers_loads_are_accepted():
     assert config.vision_config.num_patches_per_side == 35
     assert config.projector_patch_to_query == ((1000, 512), (1225, 64), (4900, 256))
     assert config.used_patch_to_query == ((1225, 64),)
+    assert config.crop_size_to_queries == {350: 64}
     assert config.max_queries == transformers.AriaConfig(**d).max_value_projector_patch_to_query_dict == 512
+
+
+def test_crop_sizes_and_query_counts_come_from_the_config():
+    """The processor's crop size -> image tokens table is the model config's, for the hub config
+    and for a model directory whose processor files state it too."""
+    assert AriaConfig.from_hf_dict(copy.deepcopy(HUB_CONFIG)).crop_size_to_queries == {490: 128, 980: 256}
+    assert aria_jax.AriaProcessor.from_pretrained(DEMO_MODEL).size_to_queries == \
+        config_from_pretrained(DEMO_MODEL).crop_size_to_queries
 
 
 def test_config_error_is_a_value_error_exported_at_top_level():
