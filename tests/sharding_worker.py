@@ -16,10 +16,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from repo_paths import ROOT, SHAPES_PNG, TINY_RANDOM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RANDOM = os.path.join(ROOT, "models", "tiny-random")
-SHAPES_PNG = os.path.join(ROOT, "examples", "shapes.png")
 
 # (data, expert, tensor) layouts of 8 devices; tiny-random has 8 experts, 4 heads, 2 kv heads.
 LAYOUTS = [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]

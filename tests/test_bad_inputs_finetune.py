@@ -38,8 +38,8 @@ from aria_jax.train import TrainConfig, TrainConfigError
 from cli_helpers import assert_one_line_error, run_main
 from crash_points import kill_at
 from test_finetune import SETTINGS, TINY, dataset, logged_steps  # noqa: F401 (dataset: its fixture)
+from repo_paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 # test_finetune's data settings, as command-line options, with a checkpoint every 2 of 6 steps.
 RUN_OPTIONS = [

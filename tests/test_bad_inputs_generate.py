@@ -20,10 +20,8 @@ import aria_jax
 from aria_jax.cli import main
 from aria_jax.generate import seed_keys
 from aria_jax.generator import STOP_ID_SLOTS, check_request
+from repo_paths import DEMO_MODEL, ROOT, TINY_RANDOM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RANDOM = os.path.join(ROOT, "models", "tiny-random")
-DEMO_MODEL = os.path.join(ROOT, "models", "aria-jax-demo")
 PROMPT = "<|im_start|>user\nDescribe the sea in detail.<|im_end|>\n<|im_start|>assistant\n"
 NEW_TOKENS = 24
 SAMPLED = dict(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5, stop_strings=None)

@@ -27,10 +27,8 @@ from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig, Config
 from aria_jax.image_processing import ImageError
 from aria_jax.processing import AriaProcessor
 from aria_jax.tokenizer import AriaTokenizer, TokenizerError
+from repo_paths import DEMO_MODEL, ROOT, TINY_RANDOM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "models", "aria-jax-demo")  # context 256 tokens, 16 image tokens per frame
-TINY = os.path.join(ROOT, "models", "tiny-random")
 FAST = 1.0  # seconds: a refusal happens before any decoding
 
 
@@ -59,7 +57,7 @@ def one_line(excinfo) -> str:
 
 @pytest.fixture(scope="module")
 def processor() -> AriaProcessor:
-    return AriaProcessor.from_pretrained(DEMO)
+    return AriaProcessor.from_pretrained(DEMO_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +135,7 @@ def test_frames_of_several_videos_share_the_context(processor, clip):
 
 
 def test_context_length_comes_from_config_json(tmp_path):
-    model = without_weights(DEMO, tmp_path / "model")
+    model = without_weights(DEMO_MODEL, tmp_path / "model")
     edit_json(os.path.join(model, "config.json"),
               lambda d: d["text_config"].update(max_position_embeddings=64))
     assert AriaProcessor.from_pretrained(model).context_length == 64
@@ -184,7 +182,7 @@ BROKEN_TEMPLATE = "{% for message in messages %}\n{{ message['role'] }\n{% endfo
 
 
 def test_broken_chat_template_jinja_names_file_and_line(tmp_path, capsys):
-    model = without_weights(DEMO, tmp_path / "model")
+    model = without_weights(DEMO_MODEL, tmp_path / "model")
     template = os.path.join(model, "chat_template.jinja")
     with open(template, "w", encoding="utf-8") as f:
         f.write(BROKEN_TEMPLATE)
@@ -197,7 +195,7 @@ def test_broken_chat_template_jinja_names_file_and_line(tmp_path, capsys):
 
 
 def test_broken_chat_template_in_tokenizer_config_names_that_file(tmp_path):
-    model = without_weights(TINY, tmp_path / "model")
+    model = without_weights(TINY_RANDOM, tmp_path / "model")
     os.remove(os.path.join(model, "chat_template.jinja"))
     config = os.path.join(model, "tokenizer_config.json")
     edit_json(config, lambda d: d.update(chat_template=BROKEN_TEMPLATE))
@@ -364,7 +362,7 @@ def test_config_json_nested_too_deep_is_a_config_error(tmp_path):
      ["max_position_embeddings", "'256'"]),
 ])
 def test_processor_reads_config_json_safely(tmp_path, change, error, words):
-    model = without_weights(DEMO, tmp_path / "model")
+    model = without_weights(DEMO_MODEL, tmp_path / "model")
     edit_json(os.path.join(model, "config.json"), change)
     with pytest.raises(error) as raised:
         AriaProcessor.from_pretrained(model)
@@ -372,7 +370,7 @@ def test_processor_reads_config_json_safely(tmp_path, change, error, words):
 
 
 def test_processor_config_of_the_wrong_shape_names_the_file(tmp_path):
-    model = without_weights(DEMO, tmp_path / "model")
+    model = without_weights(DEMO_MODEL, tmp_path / "model")
     edit_json(os.path.join(model, "processor_config.json"), lambda d: d.update(size_conversion=[112, 16]))
     with pytest.raises(ValueError, match="processor_config.json: ") as raised:
         AriaProcessor.from_pretrained(model)
@@ -407,7 +405,7 @@ def test_lone_surrogates_are_named_by_position_and_code_point(processor):
 
 def test_cli_prompt_of_invalid_utf8_bytes_is_a_one_line_error():
     result = subprocess.run(
-        [os.fsencode(sys.executable), b"-m", b"aria_jax.cli", b"generate", b"--model", os.fsencode(DEMO),
+        [os.fsencode(sys.executable), b"-m", b"aria_jax.cli", b"generate", b"--model", os.fsencode(DEMO_MODEL),
          b"--prompt", b"\xff\xfe"],
         capture_output=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2, result.stderr

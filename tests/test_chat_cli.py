@@ -16,9 +16,8 @@ import pytest
 
 from aria_jax.cli import build_parser, main
 from aria_jax.demo_task import QUESTIONS
+from repo_paths import DEMO_MODEL, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_MODEL = os.path.join(ROOT, "models", "aria-jax-demo")
 DEMO_IMAGE = "examples/demo_shapes.png"  # three yellow triangles
 # Phrasings the demo model was trained on; the image holds several shapes, hence the plural.
 SHAPE_QUESTION = QUESTIONS["shape"][0]    # "What shape is in the image?"

@@ -28,8 +28,8 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.pretrained import param_shapes
 from aria_jax.safetensors_io import SafetensorsWriter
 from aria_jax.weights import INDEX_FILE, RULE_FOR_PATH, flatten_tree, hub_key, is_stacked
+from repo_paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A realistic mix of shapes; 9 layers of ~216 MB make 2.08 GB in bf16, the largest tensor
 # being the experts' fc1, (64, 1024, 1024) bf16 = 128 MiB.

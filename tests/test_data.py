@@ -18,16 +18,15 @@ from PIL import Image, ImageDraw
 
 from aria_jax import AriaProcessor
 from aria_jax.data import ASSISTANT_PREFIX, Batches, DatasetError, SFTDataset, default_length_buckets
+from repo_paths import TINY_RANDOM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "models", "tiny-random")
 IMAGE_TOKEN_ID = 9
 IMAGE = {"type": "image", "text": None}
 
 
 @pytest.fixture(scope="module")
 def processor() -> AriaProcessor:
-    return AriaProcessor.from_pretrained(TINY)
+    return AriaProcessor.from_pretrained(TINY_RANDOM)
 
 
 def text(value: str) -> dict:

@@ -16,8 +16,8 @@ from aria_jax.cli import main as cli_main
 from aria_jax.finetune import RunSettings, finetune
 from aria_jax.lora import LoraConfig, load_adapters
 from aria_jax.train import TrainConfig
+from repo_paths import TINY_RANDOM as TINY
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-random")
 SETTINGS = RunSettings(batch_size=2, max_image_size=70, max_length=64, save_every=4, seed=3)
 # Two micro-batches per step, so the data position (batches consumed) differs from the step.
 FULL = TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=12, grad_accum_steps=2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from aria_jax.kv_cache import init_cache, per_layer
 from aria_jax.modeling import TextDecoder, init_text_params, text_forward, unrolled_cached_step
 from test_multimodal_parity import build_rows, emulated_crop, noise_image
 from tiny_models import make_multimodal_model, make_text_model
+from repo_paths import TINY_RANDOM
 
 # max |ours - reference| <= LOGIT_TOLERANCE * max(1, max |reference|), as in test_text_parity.py.
 LOGIT_TOLERANCE = 1e-4
@@ -54,8 +54,6 @@ def one_torch_thread():
     yield
     torch.set_num_threads(threads)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RANDOM = os.path.join(ROOT, "models", "tiny-random")
 CHAT_PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 

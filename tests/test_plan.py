@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from aria_jax.config import config_from_pretrained
 from aria_jax.modeling import multimodal_param_shapes
+from repo_paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:

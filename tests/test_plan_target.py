@@ -18,8 +18,8 @@ from aria_jax.accelerators import CHIPS, Chip
 from aria_jax.config import AriaTextConfig
 from aria_jax.hlo_cost import ProgramCost
 from aria_jax.roofline import decode_step_bytes, prefill_flops
+from repo_paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="the TPU compiler (libtpu) is not installed: pip install -e '.[test]'")
 

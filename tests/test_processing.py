@@ -24,9 +24,8 @@ import transformers
 
 from aria_jax.processing import AriaProcessor
 from aria_jax.tokenizer import DEFAULT_CHAT_TEMPLATE
+from repo_paths import TINY_RANDOM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "models", "tiny-random")
 IMAGE_TOKEN_ID = 9
 
 TOKENIZER_CONFIG = {
@@ -48,7 +47,7 @@ def checkpoint(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("processor")
     source, out = root / "source", root / "aria"
     source.mkdir()
-    shutil.copy(os.path.join(TINY, "tokenizer.model"), source)
+    shutil.copy(os.path.join(TINY_RANDOM, "tokenizer.model"), source)
     with open(source / "tokenizer_config.json", "w") as f:
         json.dump(TOKENIZER_CONFIG, f)
     tokenizer = transformers.TokenizersBackend.from_pretrained(source, extra_special_tokens={"image_token": "<|img|>"})
@@ -180,8 +179,8 @@ def test_text_helpers_match_transformers(processors):
 
 
 def test_shipped_tiny_model_loads_in_both_libraries():
-    ref = transformers.AriaProcessor.from_pretrained(TINY)
-    ours = AriaProcessor.from_pretrained(TINY)
+    ref = transformers.AriaProcessor.from_pretrained(TINY_RANDOM)
+    ours = AriaProcessor.from_pretrained(TINY_RANDOM)
     assert ref.size_conversion == ours.size_to_queries == {70: 8, 140: 16}
     assert ref.image_token_id == ours.image_token_id == IMAGE_TOKEN_ID
     assert ref.chat_template == ours.chat_template == DEFAULT_CHAT_TEMPLATE
@@ -192,7 +191,7 @@ def test_shipped_tiny_model_loads_in_both_libraries():
                "  two  spaces\tand a tab", ""]
     expected = ref(text=prompts, padding=True, padding_side="left", return_tensors="np")
     assert_same_text_inputs(expected, ours(text=prompts))
-    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(TINY)
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_RANDOM)
     for text in prompts + ["日本語 😀 café", "<|im_start|>x<|img|>y<|im_end|>", "a\r\nb  c"]:
         assert ours.tokenizer.encode(text) == reference_tokenizer.encode(text)
     # our expansion at the tiny crop sizes: 8 / 16 tokens per crop, per image

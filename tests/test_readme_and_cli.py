@@ -11,11 +11,8 @@ import time
 
 import numpy as np
 import pytest
+from repo_paths import DEMO_MODEL, ROOT, SHAPES_PNG, TINY_RANDOM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = os.path.join(ROOT, "models", "tiny-random")
-DEMO_MODEL = os.path.join(ROOT, "models", "aria-jax-demo")
-EXAMPLE_IMAGE = os.path.join(ROOT, "examples", "shapes.png")
 
 
 def readme_python_blocks() -> list[str]:
@@ -110,15 +107,15 @@ def test_generate_streams_the_answer_the_python_api_gives():
     import aria_jax
     from aria_jax.cli.generate import chat_prompt
 
-    result = run_cli("generate", "--model", TINY_MODEL, "--image", EXAMPLE_IMAGE,
+    result = run_cli("generate", "--model", TINY_RANDOM, "--image", SHAPES_PNG,
                      "--prompt", "What shape is in the middle?", "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr
     # The same answer through the Python API: greedy tokens up to <|im_end|> or eos, decoded.
-    processor = aria_jax.AriaProcessor.from_pretrained(TINY_MODEL)
-    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_MODEL)
+    processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM)
     text = chat_prompt(processor, "What shape is in the middle?", 1)
     assert text.startswith("<|im_start|>user\n<fim_prefix><|img|><fim_suffix>What shape")
-    inputs = processor(text=text, images=[EXAMPLE_IMAGE])
+    inputs = processor(text=text, images=[SHAPES_PNG])
     tokens = model.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:].tolist()
     stops = set(model.text_config.eos_token_id) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
     answer = tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))]
@@ -131,28 +128,28 @@ def test_generate_quantizes_as_the_python_api():
     import aria_jax
     from aria_jax.cli.generate import chat_prompt
 
-    result = run_cli("generate", "--model", TINY_MODEL, "--image", EXAMPLE_IMAGE, "--prompt", "Describe it.",
+    result = run_cli("generate", "--model", TINY_RANDOM, "--image", SHAPES_PNG, "--prompt", "Describe it.",
                      "--max-new-tokens", "6", "--quantize", "int4", "--kv-cache-dtype", "int8")
     assert result.returncode == 0, result.stderr
-    processor = aria_jax.AriaProcessor.from_pretrained(TINY_MODEL)
-    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_MODEL, quantize="int4")
+    processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, quantize="int4")
     assert model.params["language_model"]["lm_head"]["values"].dtype == "int4"
-    inputs = processor(text=chat_prompt(processor, "Describe it.", 1), images=[EXAMPLE_IMAGE])
+    inputs = processor(text=chat_prompt(processor, "Describe it.", 1), images=[SHAPES_PNG])
     answer = "".join(model.stream(**inputs, max_new_tokens=6, kv_cache_dtype="int8"))
     assert result.stdout == answer + "\n"
 
 
 def test_sampling_options_are_checked():
-    result = run_cli("generate", "--model", TINY_MODEL, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0")
+    result = run_cli("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0")
     assert result.returncode == 2
     assert "top_p=0.0" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, expected", [
     (("generate", "--model", "/no/such/dir", "--prompt", "hi"), "/no/such/dir"),
-    (("generate", "--model", TINY_MODEL, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens"),
-    (("generate", "--model", TINY_MODEL, "--prompt", "hi", "--image", "/no/such.png"), "/no/such.png"),
-    (("generate", "--model", TINY_MODEL, "--prompt", "hi", "--image", EXAMPLE_IMAGE, "--max-image-size", "100"),
+    (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens"),
+    (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--image", "/no/such.png"), "/no/such.png"),
+    (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--image", SHAPES_PNG, "--max-image-size", "100"),
      "max_image_size=100"),
 ])
 def test_user_errors_are_one_line(args, expected):

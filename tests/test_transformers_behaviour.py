@@ -45,9 +45,8 @@ from aria_jax.image_processing import AriaImageProcessor
 from aria_jax.processing import AriaProcessor
 from aria_jax.tokenizer import DEFAULT_CHAT_TEMPLATE
 from tiny_models import make_multimodal_model
+from repo_paths import TINY_RANDOM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "models", "tiny-random")
 IMAGE_TOKEN_ID = 9
 TOLERANCE = 1e-4  # as tests/test_multimodal_parity.py: relative to the reference's scale
 
@@ -180,7 +179,7 @@ def processors(tmp_path_factory):
     root = tmp_path_factory.mktemp("aria_processor")
     source, out = root / "source", root / "processor"
     source.mkdir()
-    shutil.copy(os.path.join(TINY, "tokenizer.model"), source)
+    shutil.copy(os.path.join(TINY_RANDOM, "tokenizer.model"), source)
     (source / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
     tokenizer = transformers.TokenizersBackend.from_pretrained(source, extra_special_tokens={"image_token": "<|img|>"})
     transformers.AriaProcessor(image_processor=transformers.AriaImageProcessorPil(), tokenizer=tokenizer,

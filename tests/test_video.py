@@ -20,9 +20,8 @@ from PIL import Image
 import aria_jax
 from aria_jax import demo_task, video
 from aria_jax.video import VideoDecoderError, VideoError, frame_timestamp, load_video, sample_frame_indices
+from repo_paths import DEMO_MODEL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "models", "aria-jax-demo")
 
 SIZE, NUM_FRAMES, FPS = 112, 24, 4
 HALF = NUM_FRAMES // 2
@@ -105,7 +104,7 @@ def clips(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def processor():
-    return aria_jax.AriaProcessor.from_pretrained(DEMO)
+    return aria_jax.AriaProcessor.from_pretrained(DEMO_MODEL)
 
 
 def one_line_error(excinfo) -> str:
@@ -354,7 +353,7 @@ def test_demo_model_answers_about_the_sampled_frame(processor, tmp_path):
     second_half = write_video(tmp_path / "second_half.mp4", [squares] * HALF)
     conversations = [ask({"type": "video", "path": path, "num_frames": 1}) for path in (first_half, second_half)]
     inputs = processor.from_messages(conversations)
-    model = aria_jax.AriaForConditionalGeneration.from_pretrained(DEMO)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(DEMO_MODEL)
     sequences = model.generate(**inputs, max_new_tokens=4)
     replies = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     replies = [reply.split(demo_task.END_OF_TURN)[0] for reply in replies]

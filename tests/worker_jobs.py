@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from repo_paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker_env(num_devices: int) -> dict:
