@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from aria_jax.config import read_json_object
+from aria_jax.expert_weights import EXPERT_AXIS, is_routed_expert_weight
 from aria_jax.files import holds_only, pause_point
 from aria_jax.quantization import Quantization, is_quantized
 from aria_jax.safetensors_io import CheckpointError
@@ -104,7 +105,7 @@ def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path,
     def save_args(path: Path, leaf) -> ocp.SaveArgs | dict:
         if is_quantized(leaf):
             return {name: ocp.SaveArgs(dtype=part.dtype, chunk_byte_size=CHUNK_BYTES) for name, part in leaf.items()}
-        per_expert = (0,) if path[-1].startswith("experts_") else ()
+        per_expert = (EXPERT_AXIS,) if is_routed_expert_weight(path[-1]) else ()
         return ocp.SaveArgs(dtype=dtype, chunk_byte_size=CHUNK_BYTES, shard_axes=per_expert)
 
     for piece in pieces:

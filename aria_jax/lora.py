@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from aria_jax.expert_weights import ROUTED_EXPERT_AXES
 from aria_jax.files import atomic_directory, write_json
 from aria_jax.layers import lora_delta
 from aria_jax.weights import flatten_tree, unflatten_tree
@@ -32,7 +33,7 @@ from aria_jax.weights import flatten_tree, unflatten_tree
 TARGET_LAYOUT = {
     "q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2),
     "shared_gate": (0, 1), "shared_up": (0, 1), "shared_down": (0, 1),
-    "experts_gate_up": (1, 1), "experts_down": (1, 1),
+    **dict.fromkeys(ROUTED_EXPERT_AXES, (1, 1)),
     "lm_head": (0, 1),
 }
 DEFAULT_TARGETS = tuple(name for name in TARGET_LAYOUT if name != "lm_head")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaConfig, AriaTextConfig
+from aria_jax.expert_weights import ROUTED_EXPERT_AXES
 from aria_jax.layers import (
     RMSNorm,
     adapted,
@@ -140,7 +141,7 @@ class TextDecoder(nn.Module):
 IMAGE_GROUP = 16
 
 # Layer params that decode hands to each layer whole, stacked over layers (see `MoE`).
-STACKED_IN_DECODE = ("experts_gate_up", "experts_down")
+STACKED_IN_DECODE = tuple(ROUTED_EXPERT_AXES)
 
 
 def layer_params(params, index: int):

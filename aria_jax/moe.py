@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
+from aria_jax.expert_weights import ROUTED_EXPERT_AXES
 from aria_jax.grouped_matmul import stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.quantization import QuantizedArray, dequantized, spec_for
@@ -412,14 +413,14 @@ class MoE(nn.Module):
         backend = ROUTED_EXPERT_BACKENDS[cfg.moe_backend]
         on_mesh = on_several_devices()
         if self.layer_index is None:
-            gate_up = weight("experts_gate_up", (e, d, 2 * f), ("experts", "expert_embed", "expert_mlp"), 1)
-            down = weight("experts_down", (e, f, d), ("experts", "expert_mlp", "expert_embed"), 1)
+            gate_up = weight("experts_gate_up", (e, d, 2 * f), ROUTED_EXPERT_AXES["experts_gate_up"], 1)
+            down = weight("experts_down", (e, f, d), ROUTED_EXPERT_AXES["experts_down"], 1)
         else:   # no adapters here: generation runs on params alone
             layers = (cfg.num_hidden_layers,)
             gate_up = param_with_axes(self, "experts_gate_up", default_kernel_init, layers + (e, d, 2 * f),
-                                      ("layers", "experts", "expert_embed", "expert_mlp"), self.param_dtype)
+                                      ("layers", *ROUTED_EXPERT_AXES["experts_gate_up"]), self.param_dtype)
             down = param_with_axes(self, "experts_down", default_kernel_init, layers + (e, f, d),
-                                   ("layers", "experts", "expert_mlp", "expert_embed"), self.param_dtype)
+                                   ("layers", *ROUTED_EXPERT_AXES["experts_down"]), self.param_dtype)
             pairs = math.prod(x.shape[:-1]) * cfg.moe_topk
             if compile_platform() == "tpu" and cfg.moe_backend in ("auto", "ragged_dot") and pairs <= IN_STACK_MAX_PAIRS:
                 backend = routed_experts_in_stack(self.layer_index)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from aria_jax.expert_weights import INPUT_AXIS, is_routed_expert_weight
+
 # scheme -> (storage dtype, largest magnitude used: symmetric, so int4 never uses -8)
 SCHEMES = {"int8": (np.dtype(np.int8), 127), "int4": (np.dtype(ml_dtypes.int4), 7)}
 QUANTIZED_KEYS = frozenset({"values", "scales"})
@@ -77,8 +79,8 @@ class Quantization:
         first = 1 if is_stacked(path) and not one_layer else 0
         if rule.layout.kind == "linear":
             return tuple(range(first, first + rule.layout.linear_in_dims))
-        if path[-1] in ("experts_gate_up", "experts_down"):     # (E, in, out) per layer
-            return (first + 1,)
+        if is_routed_expert_weight(path[-1]):
+            return (first + INPUT_AXIS,)
         return None
 
     def group_along(self, size: int, path: tuple[str, ...]) -> int:

@@ -288,3 +288,18 @@ def test_moe_module_backends_agree(experts, top_k, shared):
     else:
         assert float(jnp.max(jnp.abs(shared_only))) == 0.0
     assert max_diff(dense, shared_only) > 0.1
+
+
+def test_the_params_with_an_expert_axis_are_those_of_the_expert_table():
+    """Every param whose logical axes include "experts" is in `ROUTED_EXPERT_AXES`, with the
+    table's axes behind the layer axis: what checkpoint chunking, quantization, LoRA and decode
+    read from the table is what the model declares."""
+    from aria_jax.expert_weights import ROUTED_EXPERT_AXES, is_routed_expert_weight
+    from aria_jax.modeling import text_param_shapes
+
+    config = AriaTextConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, moe_num_experts=4, moe_topk=2)
+    boxed = jax.tree_util.tree_leaves_with_path(text_param_shapes(config), is_leaf=lambda x: hasattr(x, "names"))
+    with_expert_axis = {path[-1].key: tuple(leaf.names) for path, leaf in boxed if "experts" in leaf.names}
+    assert with_expert_axis == {name: ("layers", *axes) for name, axes in ROUTED_EXPERT_AXES.items()}
+    assert not any(is_routed_expert_weight(path[-1].key) for path, leaf in boxed if "experts" not in leaf.names)

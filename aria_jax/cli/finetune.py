@@ -32,8 +32,8 @@ def add(commands) -> None:
     option("--aux-loss-coeff", type=float, default=1e-3, help="router load-balancing loss coefficient")
     option("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank; 0: full fine-tuning")
     option("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (scale = alpha / rank)")
-    option("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,shared_gate,shared_up,shared_down,"
-        "experts_gate_up,experts_down", help="comma-separated weights to adapt (also: lm_head)")
+    option("--lora-targets", help="comma-separated weights to adapt (default: every projection of the decoder "
+           "layers, routed experts included; also: lm_head)")
     option("--freeze-vision", action="store_true", help="do not train the vision tower")
     option("--freeze-projector", action="store_true", help="do not train the projector")
     option("--freeze-language-model", action="store_true", help="do not train the text decoder")
@@ -53,7 +53,7 @@ def add(commands) -> None:
 def run(args: argparse.Namespace) -> None:
     mesh_sizes = parse_mesh(args.mesh) if args.mesh else None
     from aria_jax.finetune import RunSettings, finetune
-    from aria_jax.lora import LoraConfig
+    from aria_jax.lora import DEFAULT_TARGETS, LoraConfig
     from aria_jax.sharding import make_mesh
     from aria_jax.train import TrainConfig
 
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} {path}: no such directory")
     lora = None
     if args.lora_rank:
-        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.lora_targets.split(",")))
+        targets = DEFAULT_TARGETS if args.lora_targets is None else tuple(args.lora_targets.split(","))
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
     train_config = TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, z_loss_coeff=args.z_loss_coeff,
