@@ -12,7 +12,7 @@ _EXPORTS = {
     "ConfigError": "aria_jax.config",
     "Engine": "aria_jax.engine",
     "ResumeError": "aria_jax.finetune", "TrainingDivergedError": "aria_jax.finetune",
-    "RequestError": "aria_jax.generator",
+    "RequestError": "aria_jax.host_loop",
     "AriaImageProcessor": "aria_jax.image_processing", "ImageError": "aria_jax.image_processing",
     "AriaProcessor": "aria_jax.processing",
     "AriaForConditionalGeneration": "aria_jax.pretrained", "AriaTextForCausalLM": "aria_jax.pretrained",

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from aria_jax.config import ARIA_CROP_SIZE_TO_QUERIES, ARIA_PATCH_TO_QUERY
+from aria_jax.expert_weights import is_routed_expert_weight
 
 # ----------------------------------------------------------------------------- the bench model
 
@@ -294,7 +295,7 @@ def decoder_bytes(model) -> dict:
         name, nbytes = str(getattr(path[-1], "key", path[-1])), leaf.size * leaf.dtype.itemsize
         if name in ("values", "scales"):      # a quantized weight: named by its parent
             name = str(getattr(path[-2], "key", path[-2]))
-        if name in ("experts_gate_up", "experts_down"):
+        if is_routed_expert_weight(name):
             expert_total += nbytes
         elif name == "embed_tokens":
             dense += nbytes // leaf.shape[0]

@@ -26,8 +26,8 @@ import time
 import jax
 import numpy as np
 
-from aria_jax.generate import decode_params
-from aria_jax.generator import STOP_ID_SLOTS, RequestError, possible_stop_start
+from aria_jax.device_loop import decode_params
+from aria_jax.host_loop import STOP_ID_SLOTS, RequestError, possible_stop_start
 from aria_jax.pretrained import Prompt
 from aria_jax.rounds import Admission, Round, broadcast_round
 from aria_jax.sharding import MeshRunner
@@ -368,7 +368,7 @@ class Engine:
     def _params_for_decode(self) -> tuple:
         """On one CPU device, each layer's weights out of the stacks (dequantized), made once for
         the engine's life rather than at every round's decode call, as `generate` makes them per
-        call (`generate.decode_params`): a second copy of all but the routed experts, for decode
+        call (`device_loop.decode_params`): a second copy of all but the routed experts, for decode
         steps as fast as generate's. Elsewhere the params as they are."""
         config, dtype, params = self.model.text_config, self.model.dtype, self.model.text_params
         with jax.set_mesh(self.model.mesh) if self.model.mesh is not None else contextlib.nullcontext():

@@ -180,13 +180,19 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def to_numpy(value: Any) -> np.ndarray:
+    """`value` (numpy, jax, a torch tensor, which is detached and copied to the CPU first, or
+    anything `np.asarray` reads) as a numpy array."""
+    return np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+
+
 def as_array(image: Any) -> np.ndarray | None:
     """`image` as a numpy array if it is one or has `__array__` (torch / jax tensors, ...), else None."""
     if isinstance(image, np.ndarray):
         return image
     if hasattr(image, "__array__") and not isinstance(image, Image.Image):
         try:
-            return np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+            return to_numpy(image)
         except Exception as err:  # e.g. a tensor on an accelerator that cannot be copied
             raise ImageError(f"cannot read a {type(image).__name__} as an array: {_one_line(err)}") from err
     return None

@@ -30,8 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aria_jax.buckets import prompt_bucket
 from aria_jax.config import AriaConfig
-from aria_jax.generate import Sampling
-from aria_jax.generator import STOP_ID_SLOTS
+from aria_jax.device_loop import Sampling
+from aria_jax.host_loop import STOP_ID_SLOTS
 from aria_jax.kv_cache import check_kv_cache_dtype
 from aria_jax.modeling import multimodal_param_shapes
 from aria_jax.pretrained import AriaForConditionalGeneration

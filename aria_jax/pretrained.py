@@ -1,6 +1,6 @@
 """User-facing model classes: thin holders of (config, params, compiled functions).
 
-All computation is in the functional modules (`modeling.py`, `generate.py`); these classes load
+All computation is in the functional modules (`modeling.py`, `device_loop.py`); these classes load
 weights, keep them, check inputs on the host (so a bad request fails with a clear message and
 leaves the model untouched), and call jitted functions.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from aria_jax.checkpoint import Manifest, is_converted, loaded_quantization, restore_params
 from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
-from aria_jax.generator import Generator, Request, RequestError, check_request, shorten
+from aria_jax.host_loop import Generator, Request, RequestError, check_request, shorten
 from aria_jax.modeling import (
     TextDecoder, init_multimodal_params, init_text_params, multimodal_apply, multimodal_param_shapes,
     text_forward, text_param_shapes,

@@ -40,7 +40,7 @@ import numpy as np
 
 from aria_jax.config import (ARIA_CROP_SIZE_TO_QUERIES, AriaTextConfig, AriaVisionConfig, ConfigError,
                              crop_size_to_queries, patch_to_query_pairs, read_optional_json)
-from aria_jax.image_processing import TENSOR_TYPES, is_batch_array, as_array, to_tensors
+from aria_jax.image_processing import TENSOR_TYPES, as_array, is_batch_array, to_numpy, to_tensors
 from aria_jax.tokenizer import AriaTokenizer, check_text, compile_chat_template, pad_batch, render_chat_template
 from aria_jax.video import Video, VideoCache, frame_timestamp, load_video, resolve_num_frames
 
@@ -457,7 +457,7 @@ class AriaProcessor:
         when the rows start with it) is removed, each row is cut before its first stop token
         (`<|im_end|>`, the tokenizer's eos, and `stop_token_ids`) and decoded without special
         tokens. `tokens` may also be the new tokens only; `inputs=None` takes them as such."""
-        rows = np.asarray(tokens.detach().cpu() if hasattr(tokens, "detach") else tokens)
+        rows = to_numpy(tokens)
         if rows.ndim == 1:
             rows = rows[None]
         if rows.ndim != 2 or not (np.issubdtype(rows.dtype, np.integer) or rows.size == 0):
@@ -465,7 +465,7 @@ class AriaProcessor:
                                  f"of {rows.dtype}")
         if inputs is not None:
             prompt = inputs["input_ids"] if hasattr(inputs, "keys") else inputs  # a dict, or the ids
-            prompt = np.asarray(prompt.detach().cpu() if hasattr(prompt, "detach") else prompt)
+            prompt = to_numpy(prompt)
             prompt = prompt[None] if prompt.ndim == 1 else prompt
             if prompt.shape[0] != rows.shape[0]:
                 raise ProcessorError(f"tokens has {rows.shape[0]} rows but inputs has {prompt.shape[0]} prompts")

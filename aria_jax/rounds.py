@@ -14,8 +14,8 @@ import json
 import numpy as np
 from jax.experimental import multihost_utils
 
-from aria_jax.generate import Sampling
-from aria_jax.generator import Request
+from aria_jax.device_loop import Sampling
+from aria_jax.host_loop import Request
 from aria_jax.pretrained import Prompt
 
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aria_jax.buckets import prompt_bucket
 from aria_jax.engine import Completion, Engine, EngineStopped, QueueFull, RoundFailed
-from aria_jax.generator import RequestError
+from aria_jax.host_loop import RequestError
 from aria_jax.image_processing import ImageError
 from aria_jax.openai_schema import ChatCompletionRequest, CompletionRequest, InvalidRequest, aria_messages
 from aria_jax.processing import ProcessorError

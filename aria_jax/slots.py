@@ -1,6 +1,6 @@
 """Continuous batching on device: a fixed number of decode slots, each holding one request.
 
-A request is prefilled alone (`generate.prefill`, batch 1, the cache as long as the slots') and
+A request is prefilled alone (`device_loop.prefill`, batch 1, the cache as long as the slots') and
 its cache row, first token and settings are copied into a free slot (`insert`); `decode_slots`
 then advances every busy slot a few tokens at once. Each slot keeps its own place in the cache,
 position, step count, sampling settings, stop ids and token budget, so a request's tokens do
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.generate import DecodeState, Sampling, decode_params, sample_tokens
+from aria_jax.device_loop import DecodeState, Sampling, decode_params, sample_tokens
 from aria_jax.kv_cache import init_per_layer, pinned
 from aria_jax.modeling import TextDecoder, unrolled_cached_step
 from aria_jax.sharding import constrain
@@ -96,7 +96,7 @@ def release(slots: Slots, finished) -> Slots:
 def decode_slots(text_params, layers, slots: Slots, finished, *, num_steps: int, config: AriaTextConfig,
                  dtype=jnp.float32) -> tuple[Slots, jax.Array]:
     """Up to `num_steps` tokens for every busy slot, after marking `finished` (B,) done.
-    `text_params, layers`: the decoder's params, or `generate.decode_params` of them made once
+    `text_params, layers`: the decoder's params, or `device_loop.decode_params` of them made once
     (layers None: made here, per call). Returns the slots and the new tokens (B, num_steps), the
     pad id where a slot was done."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)

@@ -347,7 +347,7 @@ def run_split_cache(results: dict) -> None:
 
     import aria_jax
     from aria_jax import attention, context_parallel
-    from aria_jax.generator import check_request
+    from aria_jax.host_loop import check_request
 
     rng = np.random.default_rng(0)
     results["split_cache"] = {"attention": [], "layouts": {}}

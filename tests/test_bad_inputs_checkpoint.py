@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 import aria_jax
 from aria_jax.checkpoint import MANIFEST
 from aria_jax.safetensors_io import CheckpointError, SafetensorsFile, parse_header
-from cli_helpers import ROOT, assert_one_line_error, partial_of, run_main
+from cli_helpers import assert_one_line_error, partial_of, run_main
+from repo_paths import TINY_RANDOM
 from convert.conversion import NonFiniteWarning, convert_checkpoint, export_checkpoint
 from crash_points import kill_at
 
-TINY = os.path.join(ROOT, "models", "tiny-random")  # a multimodal hub checkpoint, float32
 
 
 def digest(directory) -> dict[str, str]:
@@ -63,13 +63,13 @@ def assert_same_params(actual, expected) -> None:
 
 @pytest.fixture(scope="module")
 def reference():
-    return aria_jax.AriaForConditionalGeneration.from_pretrained(TINY)
+    return aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM)
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> str:
     destination = str(tmp_path_factory.mktemp("converted") / "tiny")
-    convert_checkpoint(TINY, destination)
+    convert_checkpoint(TINY_RANDOM, destination)
     return destination
 
 
@@ -77,7 +77,7 @@ def converted(tmp_path_factory) -> str:
 def models(tmp_path):
     """A folder of models as users keep them: the hub checkpoint, and a file of their own."""
     root = tmp_path / "models"
-    shutil.copytree(TINY, root / "aria")
+    shutil.copytree(TINY_RANDOM, root / "aria")
     (root / "notes.txt").write_text("mine")
     return root
 
@@ -108,7 +108,7 @@ def test_destination_overlapping_the_source_is_refused(models, converted, comman
 def test_overwrite_replaces_only_what_the_command_writes(models, converted, tmp_path, capsys):
     """--overwrite never replaces a folder of the user's, someone else's model or a file."""
     other_model = tmp_path / "other-model"
-    shutil.copytree(TINY, other_model)
+    shutil.copytree(TINY_RANDOM, other_model)
     a_file = tmp_path / "file"
     a_file.write_text("mine")
     before = digest(tmp_path)
@@ -159,7 +159,7 @@ def tampered_copy(tmp_path, change) -> tuple[str, str]:
     """A copy of the tiny checkpoint whose header is `change(header)` (edited in place, or
     returned); returns (model directory, weights file)."""
     directory = tmp_path / "tampered"
-    shutil.copytree(TINY, directory)
+    shutil.copytree(TINY_RANDOM, directory)
     path = str(directory / "model.safetensors")
     header, data = header_and_data(path)
     changed = change(header)
@@ -214,7 +214,7 @@ def test_corrupt_header_is_one_clear_error(tmp_path, case, capsys):
 ])
 def test_index_lists_only_files_of_its_directory(tmp_path, weight_map, expected):
     directory = tmp_path / "indexed"
-    shutil.copytree(TINY, directory)
+    shutil.copytree(TINY_RANDOM, directory)
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match=expected):
         aria_jax.AriaForConditionalGeneration.from_pretrained(directory)
@@ -327,7 +327,7 @@ def test_fuzz_whole_files(content):
 @pytest.fixture
 def nonfinite_model(tmp_path) -> tuple[str, dict[str, tuple[int, int]]]:
     directory = tmp_path / "nonfinite"
-    shutil.copytree(TINY, directory)
+    shutil.copytree(TINY_RANDOM, directory)
     path = str(directory / "model.safetensors")
     file = SafetensorsFile(path)
     tensors = {key: np.array(file.get(key)) for key in file.keys()}

@@ -18,8 +18,8 @@ import pytest
 
 import aria_jax
 from aria_jax.cli import main
-from aria_jax.generate import seed_keys
-from aria_jax.generator import STOP_ID_SLOTS, check_request
+from aria_jax.device_loop import seed_keys
+from aria_jax.host_loop import STOP_ID_SLOTS, check_request
 from repo_paths import DEMO_MODEL, ROOT, TINY_RANDOM
 
 PROMPT = "<|im_start|>user\nDescribe the sea in detail.<|im_end|>\n<|im_start|>assistant\n"

@@ -36,11 +36,10 @@ from aria_jax.pretrained import shape_tree
 from aria_jax.safetensors_io import SafetensorsFile
 from aria_jax.weights import load_params
 from convert.conversion import convert_checkpoint, export_checkpoint
-from cli_helpers import ROOT, assert_one_line_error, partial_of, run_cli, run_main
+from cli_helpers import assert_one_line_error, partial_of, run_cli, run_main
 from tiny_models import make_multimodal_model, make_text_model
+from repo_paths import ROOT, SHAPES_PNG, TINY_RANDOM
 
-TINY_RANDOM = os.path.join(ROOT, "models", "tiny-random")
-EXAMPLE_IMAGE = os.path.join(ROOT, "examples", "shapes.png")
 
 PAD_ID = 2            # pad_token_id and eos_token_id of the tiny configs
 FIRST_TEXT_ID = 3     # prompt text uses ids >= 3, never the image token
@@ -515,8 +514,8 @@ def test_processor_and_generation_from_converted_dir(tiny_random_converted):
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == hub_processor.apply_chat_template(messages, add_generation_prompt=True)
     assert "<|img|>" in text
-    inputs = processor(text=text, images=[EXAMPLE_IMAGE])
-    hub_inputs = hub_processor(text=text, images=[EXAMPLE_IMAGE])
+    inputs = processor(text=text, images=[SHAPES_PNG])
+    hub_inputs = hub_processor(text=text, images=[SHAPES_PNG])
     assert sorted(inputs) == sorted(hub_inputs)
     for key in hub_inputs:
         np.testing.assert_array_equal(np.asarray(inputs[key]), np.asarray(hub_inputs[key]), err_msg=key)

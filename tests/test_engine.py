@@ -12,15 +12,15 @@ import aria_jax
 from aria_jax.engine import Completion, Engine, EngineStopped, QueueFull, RoundFailed
 from aria_jax.rounds import Admission, Round, decode, encode
 
-from test_readme_and_cli import EXAMPLE_IMAGE, TINY_MODEL
+from repo_paths import SHAPES_PNG, TINY_RANDOM
 
 SLOTS, MAX_LENGTH = 3, 128
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_MODEL)
-    return model, aria_jax.AriaProcessor.from_pretrained(TINY_MODEL)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM)
+    return model, aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
 
 
 def chat_inputs(processor, question: str, images: list) -> dict:
@@ -31,7 +31,7 @@ def chat_inputs(processor, question: str, images: list) -> dict:
 def mixed_requests(processor) -> list[tuple[dict, dict]]:
     """(inputs, settings): prompts of several buckets, zero to two images, greedy and sampled,
     answers of 1 to 40 tokens; more requests than slots."""
-    shapes = Image.open(EXAMPLE_IMAGE)
+    shapes = Image.open(SHAPES_PNG)
     rng = np.random.default_rng(3)
     long_question = " ".join(rng.choice(["shape", "color", "left", "right", "count"], size=10))
     return [
@@ -146,7 +146,7 @@ def test_bad_requests_queue_full_and_stop(tiny):
     with pytest.raises(aria_jax.RequestError, match="one prompt per request"):
         engine.submit(np.zeros((2, 5), np.int32))
     with pytest.raises(aria_jax.RequestError, match="image tokens"):
-        engine.submit(chat_inputs(processor, "Look", [Image.open(EXAMPLE_IMAGE)])["input_ids"][0])
+        engine.submit(chat_inputs(processor, "Look", [Image.open(SHAPES_PNG)])["input_ids"][0])
     handle = submit(engine, inputs, dict(max_new_tokens=4))
     with pytest.raises(QueueFull, match="max_queue=1"):
         submit(engine, inputs, dict(max_new_tokens=4))
@@ -255,7 +255,7 @@ def test_each_first_token_is_handed_over_before_the_round_goes_on(tiny):
 def test_rounds_cross_processes_as_npz_without_pickle(tiny):
     """What process 0 broadcasts comes back whole: the prompt's device inputs and settings."""
     model, processor = tiny
-    inputs = chat_inputs(processor, "Look", [Image.open(EXAMPLE_IMAGE)])
+    inputs = chat_inputs(processor, "Look", [Image.open(SHAPES_PNG)])
     prompt = model.prompt(inputs["input_ids"], None, inputs["pixel_values"], inputs["pixel_mask"],
                           max_new_tokens=5, do_sample=True, temperature=0.5, top_k=3, top_p=0.9, seed=2**63,
                           stop_strings=["ab"])

@@ -26,7 +26,7 @@ import aria_jax
 import aria_jax.self_attention
 from aria_jax.buckets import bucket_length
 from aria_jax.config import AriaTextConfig
-from aria_jax.generate import Sampling, sample_tokens
+from aria_jax.device_loop import Sampling, sample_tokens
 from aria_jax.hlo_text import Module, arrays_of
 from aria_jax.kv_cache import init_cache, per_layer
 from aria_jax.modeling import TextDecoder, init_text_params, text_forward, unrolled_cached_step
@@ -200,7 +200,7 @@ STEPS = 24
 
 
 def greedy_cached_steps(model, ids, mask, cache=None):
-    """Prefill, then greedy decode steps against the KV cache exactly as generate.py runs them
+    """Prefill, then greedy decode steps against the KV cache exactly as device_loop.py runs them
     (prompt at index 0, token i at index T + i - 1 with position prompt_len + i - 1), STEPS
     tokens in all. `cache`: the empty stacked cache to prefill (default: float32). Returns each
     step's logits, the tokens, and the per-layer cache."""
@@ -236,7 +236,7 @@ def greedy_cached_steps(model, ids, mask, cache=None):
 
 
 def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
-    """Runs the decoder step by step against the KV cache exactly as generate.py does (prompt
+    """Runs the decoder step by step against the KV cache exactly as device_loop.py does (prompt
     at index 0, token i at index T + i - 1 with position prompt_len + i - 1), greedily, and
     compares every step's logits with one uncached forward over prompt + generated tokens
     (causal, so position t of the full forward is the uncached logits of the prefix up to t)."""
@@ -254,7 +254,7 @@ def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
     # And the jitted prefill/decode loop (chunks of one step) picks the same tokens.
     padded_ids, padded_mask = model.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     embeds = model._embed(model.params, padded_ids)
-    request = aria_jax.generator.check_request(
+    request = aria_jax.host_loop.check_request(
         batch, prompt, config, None, max_new_tokens=STEPS, do_sample=False, temperature=1.0, top_k=0,
         top_p=1.0, seed=0, stop_strings=None)
     buffers = list(model.generator.steps(model.params, embeds, padded_mask, request, chunk=1))
@@ -318,7 +318,7 @@ def float64_attention_over_int8_cache(cache: list[dict], checked: list):
 
 @pytest.mark.parametrize("path", ["beside_cache", "generic"])
 def test_int8_cache_logits_are_attention_over_rounded_keys_and_values(text_pair, path, monkeypatch):
-    """Prefill and decode steps against an int8 cache (as generate.py runs them, greedily), every
+    """Prefill and decode steps against an int8 cache (as device_loop.py runs them, greedily), every
     step's logits against one uncached forward over the same tokens whose attention is float64
     numpy over keys and values rounded as the cache rounds them: equal within float32 tolerance,
     and farther from the unquantized forward's. The current token attends to its own rounded key,
@@ -367,7 +367,7 @@ def test_int8_cache_logits_are_attention_over_rounded_keys_and_values(text_pair,
     # The jitted prefill/decode loop with kv_cache_dtype="int8" picks the same tokens.
     padded_ids, padded_mask = model.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     embeds = model._embed(model.params, padded_ids)
-    request = aria_jax.generator.check_request(
+    request = aria_jax.host_loop.check_request(
         batch, prompt, config, None, max_new_tokens=STEPS, do_sample=False, temperature=1.0, top_k=0,
         top_p=1.0, seed=0, stop_strings=None, kv_cache_dtype="int8")
     *_, tokens_generated = model.generator.steps(model.params, embeds, padded_mask, request, chunk=8)

@@ -41,7 +41,7 @@ from aria_jax.attention import (
 )
 from aria_jax.buckets import PREFILL_CHUNK, prompt_bucket
 from aria_jax.decode_attention import decode_attention_stats, head_block
-from aria_jax.generator import check_request
+from aria_jax.host_loop import check_request
 from aria_jax.kv_cache import from_int8, to_int8
 from aria_jax.modeling import IMAGE_GROUP
 

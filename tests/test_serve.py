@@ -29,7 +29,7 @@ import aria_jax
 from aria_jax.engine import Engine
 from aria_jax.server import create_app
 
-from test_readme_and_cli import EXAMPLE_IMAGE, TINY_MODEL
+from repo_paths import SHAPES_PNG, TINY_RANDOM
 
 MODEL_NAME = "tiny-random"
 SLOTS, MAX_LENGTH = 4, 128
@@ -62,14 +62,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_MODEL)
-    return model, aria_jax.AriaProcessor.from_pretrained(TINY_MODEL)
+    model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM)
+    return model, aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
 
 
 @pytest.fixture(scope="module")
 def media_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("media")
-    shutil.copy(EXAMPLE_IMAGE, directory / "shapes.png")
+    shutil.copy(SHAPES_PNG, directory / "shapes.png")
     (directory / "notes.txt").write_text("not an image")
     return directory
 
@@ -118,7 +118,7 @@ def solo(tiny, messages: list[dict], images: list, **settings) -> tuple[str, int
     return text, completion_tokens, prompt_tokens
 
 
-SHAPES = Image.open(EXAMPLE_IMAGE).convert("RGB")
+SHAPES = Image.open(SHAPES_PNG).convert("RGB")
 
 
 def test_image_chat_is_generate_alone(tiny, client):
@@ -346,6 +346,6 @@ def test_serve_command_errors_are_one_line(tmp_path):
 
     missing = run_cli("serve", "--model", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such model directory" in missing.stderr
-    outside = run_cli("serve", "--model", TINY_MODEL, "--allowed-media-dir", str(tmp_path / "nowhere"))
+    outside = run_cli("serve", "--model", TINY_RANDOM, "--allowed-media-dir", str(tmp_path / "nowhere"))
     assert outside.returncode == 2 and "--allowed-media-dir" in outside.stderr
     assert len(outside.stderr.strip().splitlines()) == 1

@@ -25,7 +25,7 @@ from jax.sharding import AbstractMesh
 
 import aria_jax
 from aria_jax.config import AriaTextConfig, config_from_pretrained
-from aria_jax.generator import check_stop_strings, split_stop_strings
+from aria_jax.host_loop import check_stop_strings, split_stop_strings
 from aria_jax.kv_cache import cache_layout
 from aria_jax.sharding import LayoutError, check_layout
 

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import TextIO
 
-from aria_jax.generator import SEED_LIMIT, shorten
+from aria_jax.host_loop import SEED_LIMIT, shorten
 from aria_jax.tokenizer import TokenizerError, check_text
 
 ERROR_PREFIX = "aria-jax: error: "

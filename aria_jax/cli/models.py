@@ -24,7 +24,7 @@ def check_sampling_options(args: argparse.Namespace, prompt_length: int, max_new
     """The generation settings, checked before the weights load (which can take minutes) with
     the checks and messages of `model.generate`."""
     from aria_jax.config import text_config_from_pretrained
-    from aria_jax.generator import check_request
+    from aria_jax.host_loop import check_request
 
     check_request(1, prompt_length, text_config_from_pretrained(args.model), None, max_new_tokens=max_new_tokens,
                   do_sample=args.temperature > 0, temperature=args.temperature, top_k=0, top_p=args.top_p,

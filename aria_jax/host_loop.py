@@ -2,7 +2,7 @@
 
 The model classes turn a request into prompt embeddings (image features merged in) and hand
 them here; `Generator` pads the prompt to a bucket, runs the jitted `prefill` once and the
-jitted `decode` loop in chunks, and applies stop strings on decoded text between chunks.
+jitted `decode` loop in chunks (`device_loop`), and applies stop strings on decoded text between chunks.
 Single-token stop strings (like `<|im_end|>`) are stopped on device, with the eos ids.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from aria_jax.buckets import bucket_length, prompt_bucket
 from aria_jax.config import AriaTextConfig
-from aria_jax.generate import DecodeState, Sampling, decode, prefill
+from aria_jax.device_loop import DecodeState, Sampling, decode, prefill
 from aria_jax.kv_cache import KV_CACHE_DTYPES
 from aria_jax.sharding import MeshRunner
 from aria_jax.tokenizer import TokenizerError, check_text

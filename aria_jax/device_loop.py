@@ -1,4 +1,5 @@
-"""Generation: prefill once, then decode in a jitted loop against a static, donated KV cache.
+"""Generation on the device: prefill once, then decode in a jitted loop against a static, donated
+KV cache. The host's side (requests, buckets, stop strings) is `host_loop`.
 
 Prefill runs the (left-padded, bucketed) prompt through the decoder, fills the cache and
 samples the first new token; a prompt longer than `PREFILL_CHUNK` goes through in chunks, each
