@@ -8,20 +8,28 @@ import importlib
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "AriaConfig": "aria_jax.config", "AriaTextConfig": "aria_jax.config", "AriaVisionConfig": "aria_jax.config",
+    "AriaConfig": "aria_jax.config",
+    "AriaTextConfig": "aria_jax.config",
+    "AriaVisionConfig": "aria_jax.config",
     "ConfigError": "aria_jax.config",
     "Engine": "aria_jax.engine",
-    "ResumeError": "aria_jax.finetune", "TrainingDivergedError": "aria_jax.finetune",
+    "ResumeError": "aria_jax.finetune",
+    "TrainingDivergedError": "aria_jax.finetune",
     "RequestError": "aria_jax.host_loop",
-    "AriaImageProcessor": "aria_jax.image_processing", "ImageError": "aria_jax.image_processing",
+    "AriaImageProcessor": "aria_jax.image_processing",
+    "ImageError": "aria_jax.image_processing",
     "AriaProcessor": "aria_jax.processing",
-    "AriaForConditionalGeneration": "aria_jax.pretrained", "AriaTextForCausalLM": "aria_jax.pretrained",
+    "AriaForConditionalGeneration": "aria_jax.pretrained",
+    "AriaTextForCausalLM": "aria_jax.pretrained",
     "CausalLMOutput": "aria_jax.pretrained",
     "CheckpointError": "aria_jax.safetensors_io",
-    "LayoutError": "aria_jax.sharding", "make_mesh": "aria_jax.sharding",
+    "LayoutError": "aria_jax.sharding",
+    "make_mesh": "aria_jax.sharding",
     "AriaTokenizer": "aria_jax.tokenizer",
     "TrainConfigError": "aria_jax.train",
-    "Video": "aria_jax.video", "VideoError": "aria_jax.video", "load_video": "aria_jax.video",
+    "Video": "aria_jax.video",
+    "VideoError": "aria_jax.video",
+    "load_video": "aria_jax.video",
 }
 
 __all__ = sorted([*_EXPORTS, "distributed"])

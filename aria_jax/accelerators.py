@@ -36,7 +36,7 @@ class Chip:
     """
 
     name: str
-    peak_flops: float                     # bf16, dense
+    peak_flops: float  # bf16, dense
     hbm_bytes_per_second: float
     hbm_bytes: int
     interconnect_bytes_per_second: float
@@ -93,12 +93,7 @@ class Target:
 
 # Slices the TPU compiler accepts by name (others, like `v5litepod-8`, its parser rejects), and
 # the GPU target: H100 SXM on one host.
-TPU_TOPOLOGIES = {
-    "v5e": ("2x2", "2x4", "4x4"),
-    "v6e": ("2x2", "2x4"),
-    "v5p": ("2x2x1", "2x2x2"),
-    "v4": ("2x2x1",),
-}
+TPU_TOPOLOGIES = {"v5e": ("2x2", "2x4", "4x4"), "v6e": ("2x2", "2x4"), "v5p": ("2x2x1", "2x2x2"), "v4": ("2x2x1",)}
 GPU_COUNTS = (1, 2, 4, 8)
 
 
@@ -113,8 +108,9 @@ class TargetError(ValueError):
 
 def parse_target(name: str) -> Target:
     chip, _, shape = name.strip().lower().partition(":")
-    valid = (chip in TPU_TOPOLOGIES and shape in TPU_TOPOLOGIES[chip]) or \
-            (chip == "h100" and shape.isdigit() and int(shape) in GPU_COUNTS)
+    valid = (chip in TPU_TOPOLOGIES and shape in TPU_TOPOLOGIES[chip]) or (
+        chip == "h100" and shape.isdigit() and int(shape) in GPU_COUNTS
+    )
     if not valid:
         raise TargetError(f"--target {name!r} is not supported; supported targets: {', '.join(supported_targets())}")
     return Target(f"{chip}:{shape}", chip, tuple(int(size) for size in shape.split("x")))
@@ -126,10 +122,14 @@ def parse_target(name: str) -> Target:
 def _tpu_environment(target: Target) -> dict[str, str]:
     cores = target.num_chips * (2 if target.chip_key in ("v4", "v5p") else 1)
     accelerator = {"v5e": f"v5litepod-{target.num_chips}", "v6e": f"v6e-{target.num_chips}"}.get(
-        target.chip_key, f"{target.chip_key}-{cores}")
-    return {"TPU_ACCELERATOR_TYPE": accelerator, "TPU_WORKER_HOSTNAMES": "localhost",
-            # another process compiling for a TPU at the same time holds libtpu's lock file
-            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+        target.chip_key, f"{target.chip_key}-{cores}"
+    )
+    return {
+        "TPU_ACCELERATOR_TYPE": accelerator,
+        "TPU_WORKER_HOSTNAMES": "localhost",
+        # another process compiling for a TPU at the same time holds libtpu's lock file
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    }
 
 
 def prepare_environment(target: Target) -> None:
@@ -162,13 +162,15 @@ def target_devices(target: Target) -> list:
         per_host = tuple(min(size, limit) for size, limit in zip(target.shape, host))
         per_host += (1,) * (3 - len(per_host))
         topology = topologies.get_topology_desc(
-            topology_name=target.name, platform="tpu",
+            topology_name=target.name,
+            platform="tpu",
             chip_config_name="megacore" if target.chip_key in ("v4", "v5p") else "default",
-            chips_per_host_bounds=per_host, wrap=(False, False, False))
+            chips_per_host_bounds=per_host,
+            wrap=(False, False, False),
+        )
         return list(topology.devices)
     with open(GPU_TARGET_DESCRIPTION) as description:
-        topology = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=description.read(),
-                                                topology=f"1x1x{target.num_chips}")
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology_name="", target_config=description.read(), topology=f"1x1x{target.num_chips}"
+        )
     return list(topology.devices)
-
-

@@ -17,7 +17,7 @@ from aria_jax.sharding import compile_platform, mesh_axes_for
 # attention runs over key blocks (memory O(queries x block), not O(queries x keys)).
 DENSE_LIMIT = 2048 * 2048
 BLOCK = 512
-FLASH_BLOCK = 128      # the TPU kernel's smallest tile: sequences are padded to a multiple of it
+FLASH_BLOCK = 128  # the TPU kernel's smallest tile: sequences are padded to a multiple of it
 # Causal queries per row up to which TPU runs the decode kernel (`decode_attention`): a decode
 # step's, with room for speculative ones.
 DECODE_QUERIES = 8
@@ -34,9 +34,17 @@ def causal_padding_mask(key_mask: jax.Array, query_offset=0, num_queries: int | 
     return causal[None, :, :] & key_mask.astype(bool)[:, None, :]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset=None, *,
-              scales: tuple[jax.Array, jax.Array] | None = None, implementation: str = "auto",
-              block: int = BLOCK) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    query_offset=None,
+    *,
+    scales: tuple[jax.Array, jax.Array] | None = None,
+    implementation: str = "auto",
+    block: int = BLOCK,
+) -> jax.Array:
     """q: (B, T, N, H); k, v: (B, K, S, H) with K dividing N; key_mask (B, S) True = a key to attend.
     `scales`: (k_scale, v_scale) of (B, K, S) when k and v are an int8 cache's (`kv_cache.to_int8`):
     key s of head k is k[:, k, s] * k_scale[:, k, s], and so are the values.
@@ -71,15 +79,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, que
         return dot_product_attention(q, k, v, mask, scales)
     if implementation == "flash":
         if not flash_applies(num_queries, num_keys, query_offset):
-            raise ValueError(f"flash attention takes self-attention of a whole sequence: not {num_queries} queries "
-                             f"at offset {query_offset} over {num_keys} keys")
-        if scales is not None:      # a prompt's keys, at prefill: the kernel takes them in the compute dtype
+            raise ValueError(
+                f"flash attention takes self-attention of a whole sequence: not {num_queries} queries "
+                f"at offset {query_offset} over {num_keys} keys"
+            )
+        if scales is not None:  # a prompt's keys, at prefill: the kernel takes them in the compute dtype
             k, v = from_int8(k, scales[0], q.dtype), from_int8(v, scales[1], q.dtype)
         return flash_attention(q, k, v, key_mask, causal=query_offset is not None)
     if implementation == "decode":
         if not decode_applies(num_queries, query_offset):
-            raise ValueError(f"decode attention takes up to {DECODE_QUERIES} causal queries: not {num_queries} "
-                             f"at offset {query_offset}")
+            raise ValueError(
+                f"decode attention takes up to {DECODE_QUERIES} causal queries: not {num_queries} "
+                f"at offset {query_offset}"
+            )
         return decode_attention(q, k, v, key_mask, query_offset, scales)
     return blockwise_attention(q, k, v, key_mask, query_offset, block, scales)
 
@@ -88,16 +100,19 @@ def decode_applies(num_queries: int, query_offset) -> bool:
     return query_offset is not None and num_queries <= DECODE_QUERIES
 
 
-def decode_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0,
-                 scales=None):
+def decode_stats(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0, scales=None
+):
     """`dense_stats` from the decode kernel (`decode_attention_stats`): compiled on TPU, elsewhere
     in Pallas' interpreter."""
-    return decode_attention_stats(q, k, v, key_mask, query_offset, key_offset, scales,
-                                  interpret=compile_platform() != "tpu")
+    return decode_attention_stats(
+        q, k, v, key_mask, query_offset, key_offset, scales, interpret=compile_platform() != "tpu"
+    )
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset,
-                     scales=None) -> jax.Array:
+def decode_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, scales=None
+) -> jax.Array:
     """The decode kernel with `attention`'s contract. On a mesh it runs under shard_map, rows over
     the batch axes and heads over the head axes, every key whole."""
 
@@ -108,12 +123,22 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         rows = mesh_axes_for("batch", q.shape[0], mesh)
-        heads = mesh_axes_for("kv_heads", k.shape[1], mesh)     # q's heads, a multiple, split alike
+        heads = mesh_axes_for("kv_heads", k.shape[1], mesh)  # q's heads, a multiple, split alike
         scale_specs = None if scales is None else (P(rows, heads, None),) * 2
-        run = jax.shard_map(run, axis_names=set(mesh.axis_names),
-                            in_specs=(P(rows, None, heads, None), P(rows, heads, None, None),
-                                      P(rows, heads, None, None), P(rows, None), P(), scale_specs),
-                            out_specs=P(rows, None, heads, None), check_vma=False)
+        run = jax.shard_map(
+            run,
+            axis_names=set(mesh.axis_names),
+            in_specs=(
+                P(rows, None, heads, None),
+                P(rows, heads, None, None),
+                P(rows, heads, None, None),
+                P(rows, None),
+                P(),
+                scale_specs,
+            ),
+            out_specs=P(rows, None, heads, None),
+            check_vma=False,
+        )
     return run(q, k, v, key_mask, jnp.asarray(query_offset, jnp.int32), scales)
 
 
@@ -141,16 +166,22 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
 
     def run(q, k, v, key_mask):
         segments = tpu_flash.SegmentIds(q=jnp.ones((q.shape[0], q.shape[2]), jnp.int32), kv=key_mask.astype(jnp.int32))
-        return tpu_flash.flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=head_dim ** -0.5,
-                                         block_sizes=sizes)
+        return tpu_flash.flash_attention(
+            q, k, v, segment_ids=segments, causal=causal, sm_scale=head_dim**-0.5, block_sizes=sizes
+        )
 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         rows, heads = mesh_axes_for("batch", batch, mesh), mesh_axes_for("q_heads", num_heads, mesh)
         spec = P(rows, heads, None, None)
         # check_vma off: the kernel's output shapes do not say how they vary over the mesh.
-        run = jax.shard_map(run, axis_names=set(mesh.axis_names), in_specs=(spec, spec, spec, P(rows, None)),
-                            out_specs=spec, check_vma=False)
+        run = jax.shard_map(
+            run,
+            axis_names=set(mesh.axis_names),
+            in_specs=(spec, spec, spec, P(rows, None)),
+            out_specs=spec,
+            check_vma=False,
+        )
     return run(q, k, v, key_mask).swapaxes(1, 2)[:, :length]
 
 
@@ -167,7 +198,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if scales is not None:
         k, v = k.astype(q.dtype), v.astype(q.dtype)
     q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k) * (head_dim ** -0.5)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k) * (head_dim**-0.5)
     if scales is not None:
         scores = scores.astype(jnp.float32) * per_key(scales[0])
     scores = jnp.where(mask[:, None, None, :, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
@@ -183,8 +214,9 @@ def per_key(scale: jax.Array) -> jax.Array:
     return scale[:, :, None, None, :]
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, block: int,
-                        scales=None):
+def blockwise_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, block: int, scales=None
+):
     """`attention` one (query block, key block) tile at a time, with a running max and sum per
     query (the online softmax of flash attention). Tiles wholly in a query block's future are
     skipped. Each query block is rematerialized in the backward pass, so training keeps
@@ -193,8 +225,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.
     return normalized(running_sum, values, v.dtype if scales is None else q.dtype)
 
 
-def dense_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0,
-                scales=None):
+def dense_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0, scales=None):
     """The softmax statistics of `attention` over these keys, from the whole score matrix:
     (max, sum, unnormalized values) per query, (B, K, G, T), (B, K, G, T) and (B, K, G, T, H) in
     float32, where G = N / K. Key s sits at sequence index `key_offset + s`; a query with no key
@@ -205,7 +236,7 @@ def dense_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, q
     if scales is not None:
         k, v = k.astype(q.dtype), v.astype(q.dtype)
     q = q.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * (head_dim**-0.5)
     if scales is not None:
         scores = scores * per_key(scales[0])
     allowed = key_mask.astype(bool)[:, None, None, None, :]
@@ -219,7 +250,7 @@ def _stats_of(scores: jax.Array, v: jax.Array, v_scale: jax.Array | None = None)
     """(max, sum, probabilities @ values) of (B, K, G, T, S) scores, -inf where not allowed.
     `v_scale` (B, K, S): quantized values' scales, which weigh the probabilities instead."""
     running_max = scores.max(axis=-1)
-    safe_max = jnp.where(jnp.isfinite(running_max), running_max, 0.0)   # rows with no key
+    safe_max = jnp.where(jnp.isfinite(running_max), running_max, 0.0)  # rows with no key
     probs = jnp.exp(scores - safe_max[..., None])
     weights = probs if v_scale is None else probs * per_key(v_scale)
     values = jnp.einsum("bkgqs,bksh->bkgqh", weights.astype(v.dtype), v).astype(jnp.float32)
@@ -230,7 +261,7 @@ def rescaled(stats, new_max):
     """One key set's (sum, values), rescaled from its own max to `new_max`, a max over a union of
     key sets that holds it: the union's sum and values are the sums of its sets' rescaled ones."""
     running_max, running_sum, values = stats
-    scale = jnp.exp(running_max - jnp.where(jnp.isfinite(new_max), new_max, 0.0))   # 0 where no key
+    scale = jnp.exp(running_max - jnp.where(jnp.isfinite(new_max), new_max, 0.0))  # 0 where no key
     return running_sum * scale, values * scale[..., None]
 
 
@@ -249,16 +280,18 @@ def normalized(running_sum, values, dtype) -> jax.Array:
     return jnp.einsum("bkgqh->bqkgh", out).reshape(batch, num_queries, num_kv_heads * groups, head_dim).astype(dtype)
 
 
-def stats_by_size(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0,
-                  scales=None):
+def stats_by_size(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0, scales=None
+):
     """`dense_stats` up to DENSE_LIMIT (query, key) pairs, else `blockwise_stats` over BLOCK keys."""
     if q.shape[1] * k.shape[2] <= DENSE_LIMIT:
         return dense_stats(q, k, v, key_mask, query_offset, key_offset, scales)
     return blockwise_stats(q, k, v, key_mask, query_offset, key_offset, BLOCK, scales)
 
 
-def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, key_mask: jax.Array,
-                           cache_index) -> tuple[jax.Array, dict]:
+def attention_beside_cache(
+    q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, key_mask: jax.Array, cache_index
+) -> tuple[jax.Array, dict]:
     """Causal attention of q (B, T, N, H) at sequence index `cache_index` (or one per row,
     `kv_cache.is_per_row`) to the valid keys the layer cache {"k", "v"} (B, K, S, H) holds
     before it and to its own k, v (B, K, T, H), which are written to the cache after (an int8
@@ -283,14 +316,16 @@ def attention_beside_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict
     # Each write at cache_index as data from the reads of its buffer: the sum read the keys (and
     # their scales), the values the values (and no number exceeds infinity, NaN included).
     read_by = {"k": cached[1], "v": cached[2]}
-    cache = {name: written({name: buffer}, new,
-                           cache_index + jnp.any(read_by[name[0]] > jnp.inf).astype(jnp.int32))[name]
-             for name, buffer in cache.items()}
+    cache = {
+        name: written({name: buffer}, new, cache_index + jnp.any(read_by[name[0]] > jnp.inf).astype(jnp.int32))[name]
+        for name, buffer in cache.items()
+    }
     return normalized(running_sum, values, q.dtype), cache
 
 
-def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset,
-                    block: int, scales=None):
+def blockwise_stats(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset, block: int, scales=None
+):
     """`dense_stats` one (query block, key block) tile at a time (see `blockwise_attention`)."""
     batch, num_queries, num_heads, head_dim = q.shape
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
@@ -301,25 +336,37 @@ def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     query_offset = jnp.asarray(0 if query_offset is None else query_offset, jnp.int32)
 
     # (blocks, B, block, ...): the scans run over the leading axis; padded keys are masked out.
-    q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0))) * jnp.asarray(head_dim ** -0.5, q.dtype)
+    q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0))) * jnp.asarray(head_dim**-0.5, q.dtype)
     q_blocks = q.reshape(batch, -1, block_q, num_kv_heads, groups, head_dim).swapaxes(0, 1)
-    k_blocks, v_blocks = (jnp.moveaxis(jnp.pad(x, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
-                                       .reshape(batch, num_kv_heads, -1, block_k, head_dim), 2, 0) for x in (k, v))
-    scale_blocks = None if scales is None else tuple(
-        jnp.moveaxis(jnp.pad(x, ((0, 0), (0, 0), (0, pad_k))).reshape(batch, num_kv_heads, -1, block_k), 2, 0)
-        for x in scales)
+    k_blocks, v_blocks = (
+        jnp.moveaxis(
+            jnp.pad(x, ((0, 0), (0, 0), (0, pad_k), (0, 0))).reshape(batch, num_kv_heads, -1, block_k, head_dim), 2, 0
+        )
+        for x in (k, v)
+    )
+    scale_blocks = (
+        None
+        if scales is None
+        else tuple(
+            jnp.moveaxis(jnp.pad(x, ((0, 0), (0, 0), (0, pad_k))).reshape(batch, num_kv_heads, -1, block_k), 2, 0)
+            for x in scales
+        )
+    )
     mask_blocks = jnp.pad(key_mask.astype(bool), ((0, 0), (0, pad_k))).reshape(batch, -1, block_k).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_query_block(q_start, q_block):
         query_index = query_offset + q_start + jnp.arange(block_q)
         stats_shape = (batch, num_kv_heads, groups, block_q)
-        init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros((*stats_shape, head_dim), jnp.float32))
+        init = (
+            jnp.full(stats_shape, -jnp.inf, jnp.float32),
+            jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros((*stats_shape, head_dim), jnp.float32),
+        )
 
         def one_key_block(carry, tile):
             k_start, k_block, v_block, mask_block, scale_block = tile
-            if scale_block is not None:     # a quantized cache's blocks, converted one at a time
+            if scale_block is not None:  # a quantized cache's blocks, converted one at a time
                 k_block, v_block = k_block.astype(q_block.dtype), v_block.astype(q_block.dtype)
 
             def accumulate(carry):
@@ -343,7 +390,7 @@ def blockwise_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     q_starts = jnp.arange(q_blocks.shape[0], dtype=jnp.int32) * block_q
     stats = jax.lax.map(lambda args: one_query_block(*args), (q_starts, q_blocks))  # (blocks, B, K, G, bq, ...)
 
-    def queries_together(x):            # (blocks, B, K, G, bq, ...) -> (B, K, G, T, ...)
+    def queries_together(x):  # (blocks, B, K, G, bq, ...) -> (B, K, G, T, ...)
         x = jnp.moveaxis(x, 0, 3)
         return x.reshape(*x.shape[:3], -1, *x.shape[5:])[:, :, :, :num_queries]
 

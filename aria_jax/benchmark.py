@@ -35,17 +35,33 @@ from aria_jax.expert_weights import is_routed_expert_weight
 # ----------------------------------------------------------------------------- the bench model
 
 TEXT_CONFIG = dict(
-    vocab_size=32000, hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, head_dim=128,
-    num_hidden_layers=4, moe_num_experts=64, moe_topk=6, intermediate_size=640, moe_num_shared_experts=2,
-    max_position_embeddings=4096, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    vocab_size=32000,
+    hidden_size=1024,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=128,
+    num_hidden_layers=4,
+    moe_num_experts=64,
+    moe_topk=6,
+    intermediate_size=640,
+    moe_num_shared_experts=2,
+    max_position_embeddings=4096,
+    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
 )
 # image_size is the largest crop's side, as in Aria: its position table (70 x 70) also serves
 # 490 px crops, which read every other row and column of it. With image_size 490, the 4900-patch
 # entry of the projector map would be invalid.
 VISION_CONFIG = dict(
-    model_type="idefics3_vision", hidden_size=384, intermediate_size=1536, num_hidden_layers=4,
-    num_attention_heads=6, patch_size=14, image_size=980,
+    model_type="idefics3_vision",
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    patch_size=14,
+    image_size=980,
 )
 PATCH_TO_QUERY = dict(ARIA_PATCH_TO_QUERY)
 IMAGE_TOKEN = 9
@@ -54,12 +70,12 @@ SEED = 0
 
 # ----------------------------------------------------------------------------- the requests
 
-IMAGE_SIDE = 490                 # one crop of Aria's smaller size
+IMAGE_SIDE = 490  # one crop of Aria's smaller size
 IMAGE_TOKENS = ARIA_CROP_SIZE_TO_QUERIES[IMAGE_SIDE]
-IMAGE_TEXT_TOKENS = 64           # text after the image tokens
+IMAGE_TEXT_TOKENS = 64  # text after the image tokens
 DECODE_PROMPT_TOKENS = 64
 DECODE_BATCHES = (1, 8)
-TEXT_IDS = (10, 30000)           # above the image (9), eos / pad (2) and bos (1) ids
+TEXT_IDS = (10, 30000)  # above the image (9), eos / pad (2) and bos (1) ids
 
 
 def text_ids(batch: int, length: int, seed: int) -> np.ndarray:
@@ -112,8 +128,13 @@ def peak_rss_gb() -> float:
 
 
 def prefill_result(prompt_tokens: int, first: float, best: float, tokens: np.ndarray) -> dict:
-    return dict(tokens=prompt_tokens, seconds=best, tokens_per_second=prompt_tokens / best,
-                first_call_extra_seconds=first - best, first_token=int(tokens[0, -1]))
+    return dict(
+        tokens=prompt_tokens,
+        seconds=best,
+        tokens_per_second=prompt_tokens / best,
+        first_call_extra_seconds=first - best,
+        first_token=int(tokens[0, -1]),
+    )
 
 
 def measure_generation(generate, settings: dict) -> dict:
@@ -145,10 +166,12 @@ def measure_generation(generate, settings: dict) -> dict:
         best_n, tokens = best_of(lambda: generate(prompts, new_tokens, cache_length), repeats)
         decode_seconds = best_n - best_1
         results[f"decode_b{batch}"] = dict(
-            batch=batch, seconds_1=best_1, seconds_n=best_n,
+            batch=batch,
+            seconds_1=best_1,
+            seconds_n=best_n,
             tokens_per_second=batch * (new_tokens - 1) / decode_seconds if decode_seconds > 0 else None,
             first_call_extra_seconds=(first_1 - best_1) + (first_2 - best_2),
-            tokens=tokens[:, prompts.shape[1]:].tolist(),
+            tokens=tokens[:, prompts.shape[1] :].tolist(),
         )
     return results
 
@@ -162,7 +185,9 @@ def build_checkpoint(directory: str) -> dict:
     import transformers
 
     config = transformers.AriaConfig(
-        text_config=TEXT_CONFIG, vision_config=VISION_CONFIG, projector_patch_to_query_dict=PATCH_TO_QUERY,
+        text_config=TEXT_CONFIG,
+        vision_config=VISION_CONFIG,
+        projector_patch_to_query_dict=PATCH_TO_QUERY,
         image_token_index=IMAGE_TOKEN,
     )
     torch.manual_seed(SEED)
@@ -202,8 +227,12 @@ def run_machine(settings: dict) -> dict:
     backend_name = settings["moe_backend"] or ("looped" if "looped" in ROUTED_EXPERT_BACKENDS else "ragged_dot")
     log(f"MoE micro-benchmark ({backend_name})")
     moe = moe_micro_benchmark(ROUTED_EXPERT_BACKENDS[backend_name], dtype, best_seconds)
-    return dict(bandwidth_bytes_per_second=bandwidth, matmul_flops_per_second=matmul_flops,
-                moe=dict(backend=backend_name, **moe), peak_rss_gb=peak_rss_gb())
+    return dict(
+        bandwidth_bytes_per_second=bandwidth,
+        matmul_flops_per_second=matmul_flops,
+        moe=dict(backend=backend_name, **moe),
+        peak_rss_gb=peak_rss_gb(),
+    )
 
 
 def moe_micro_benchmark(backend, dtype, best_seconds) -> dict:
@@ -229,8 +258,7 @@ def moe_micro_benchmark(backend, dtype, best_seconds) -> dict:
     moe_seconds = best_seconds(jax.jit(backend), x, weights, expert_ids, gate_up, down)
     rows = jnp.tile(x, (top_k, 1))
     dense_seconds = best_seconds(jax.jit(dense_chain), rows, gate_up[0], down[0])
-    return dict(tokens=tokens, moe_seconds=moe_seconds, dense_seconds=dense_seconds,
-                ratio=moe_seconds / dense_seconds)
+    return dict(tokens=tokens, moe_seconds=moe_seconds, dense_seconds=dense_seconds, ratio=moe_seconds / dense_seconds)
 
 
 def never_stopping(model):
@@ -246,8 +274,11 @@ def run_ours(settings: dict) -> dict:
     quantize = settings.get("quantize_ours")
     log(f"ours: loading ({settings['dtype']}{', ' + quantize + ' weights' if quantize else ''})")
     start = time.perf_counter()
-    model = never_stopping(aria_jax.AriaForConditionalGeneration.from_pretrained(
-        settings["model_dir"], dtype=settings["dtype"], quantize=quantize))
+    model = never_stopping(
+        aria_jax.AriaForConditionalGeneration.from_pretrained(
+            settings["model_dir"], dtype=settings["dtype"], quantize=quantize
+        )
+    )
     load_seconds, rss_after_load = time.perf_counter() - start, peak_rss_gb()
 
     def generate(ids, new_tokens, cache_length=None, **images):
@@ -258,8 +289,13 @@ def run_ours(settings: dict) -> dict:
     sequences = np.concatenate([decode_prompts(8), np.asarray(batch8["tokens"])], axis=1)
     log("ours: routing of the batch-8 decode")
     batch8["mean_expert_union"] = mean_expert_union(model, sequences, DECODE_PROMPT_TOKENS)
-    return dict(results, load_seconds=load_seconds, peak_rss_after_load_gb=rss_after_load,
-                decoder_bytes=decoder_bytes(model), peak_rss_gb=peak_rss_gb())
+    return dict(
+        results,
+        load_seconds=load_seconds,
+        peak_rss_after_load_gb=rss_after_load,
+        decoder_bytes=decoder_bytes(model),
+        peak_rss_gb=peak_rss_gb(),
+    )
 
 
 def mean_expert_union(model, sequences: np.ndarray, prompt_len: int) -> float:
@@ -273,11 +309,11 @@ def mean_expert_union(model, sequences: np.ndarray, prompt_len: int) -> float:
     decoder = TextDecoder(model.text_config, dtype=model.dtype, param_dtype=model.dtype)
     forward = jax.jit(lambda params, ids: decoder.apply({"params": params}, ids, mutable=["intermediates"])[1])
     state = forward(model.params["language_model"], sequences.astype(np.int32))
-    (router_logits,) = state["intermediates"]["layers"]["mlp"]["router_logits"]      # (layers, B * T, E)
+    (router_logits,) = state["intermediates"]["layers"]["mlp"]["router_logits"]  # (layers, B * T, E)
     layers, _, experts = router_logits.shape
     batch, length = sequences.shape
     logits = np.asarray(router_logits, np.float32).reshape(layers, batch, length, experts)
-    steps = logits[:, :, prompt_len:length - 1]                                         # (layers, B, steps, E)
+    steps = logits[:, :, prompt_len : length - 1]  # (layers, B, steps, E)
     top_k = model.text_config.moe_topk
     chosen = np.zeros(steps.shape, bool)
     np.put_along_axis(chosen, np.argpartition(-steps, top_k - 1, axis=-1)[..., :top_k], True, axis=-1)
@@ -293,7 +329,7 @@ def decoder_bytes(model) -> dict:
     dense = expert_total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(model.params["language_model"]):
         name, nbytes = str(getattr(path[-1], "key", path[-1])), leaf.size * leaf.dtype.itemsize
-        if name in ("values", "scales"):      # a quantized weight: named by its parent
+        if name in ("values", "scales"):  # a quantized weight: named by its parent
             name = str(getattr(path[-2], "key", path[-2]))
         if is_routed_expert_weight(name):
             expert_total += nbytes
@@ -302,8 +338,13 @@ def decoder_bytes(model) -> dict:
         else:
             dense += nbytes
     config = model.text_config
-    return dict(dense=dense, expert=expert_total // (config.num_hidden_layers * config.moe_num_experts),
-                layers=config.num_hidden_layers, experts=config.moe_num_experts, top_k=config.moe_topk)
+    return dict(
+        dense=dense,
+        expert=expert_total // (config.num_hidden_layers * config.moe_num_experts),
+        layers=config.num_hidden_layers,
+        experts=config.moe_num_experts,
+        top_k=config.moe_topk,
+    )
 
 
 def run_transformers(settings: dict) -> dict:
@@ -316,8 +357,13 @@ def run_transformers(settings: dict) -> dict:
     dtype = getattr(torch, settings["dtype"])
     log(f"transformers: loading ({settings['dtype']} on {device})")
     start = time.perf_counter()
-    model = transformers.AriaForConditionalGeneration.from_pretrained(
-        settings["model_dir"], dtype=dtype, attn_implementation="eager").to(device).eval()
+    model = (
+        transformers.AriaForConditionalGeneration.from_pretrained(
+            settings["model_dir"], dtype=dtype, attn_implementation="eager"
+        )
+        .to(device)
+        .eval()
+    )
     load_seconds, rss_after_load = time.perf_counter() - start, peak_rss_gb()
 
     def generate(ids, new_tokens, cache_length=None, **images):  # the cache grows as needed
@@ -327,17 +373,28 @@ def run_transformers(settings: dict) -> dict:
             inputs["pixel_values"] = torch.from_numpy(images["pixel_values"]).to(device, dtype)
             inputs["pixel_mask"] = torch.from_numpy(images["pixel_mask"]).to(device)
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=PAD_TOKEN, eos_token_id=EOS_TOKEN)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=PAD_TOKEN,
+                eos_token_id=EOS_TOKEN,
+            )
         if device == "cuda":
             torch.cuda.synchronize()
         return out.cpu().numpy()
 
     results = measure_generation(generate, settings)
     experts = getattr(model.config.text_config, "_experts_implementation", None)
-    return dict(results, load_seconds=load_seconds, peak_rss_after_load_gb=rss_after_load,
-                experts_implementation=experts, matmul_flops_per_second=torch_matmul_flops(device, dtype),
-                peak_rss_gb=peak_rss_gb())
+    return dict(
+        results,
+        load_seconds=load_seconds,
+        peak_rss_after_load_gb=rss_after_load,
+        experts_implementation=experts,
+        matmul_flops_per_second=torch_matmul_flops(device, dtype),
+        peak_rss_gb=peak_rss_gb(),
+    )
 
 
 def torch_matmul_flops(device: str, dtype) -> float:
@@ -379,7 +436,7 @@ def run_worker(role: str, settings: dict) -> dict | None:
         log(f"{role}: failed (exit code {done.returncode}); its rows are left empty")
         return None
     log(f"{role}: done in {time.perf_counter() - start:.0f} s")
-    return dict(json.loads(lines[-1][len(RESULT_MARKER):]), other_processes_cpu_share=watch.share())
+    return dict(json.loads(lines[-1][len(RESULT_MARKER) :]), other_processes_cpu_share=watch.share())
 
 
 # ----------------------------------------------------------------------------- the cached checkpoint
@@ -429,7 +486,7 @@ def text_prefill_flops(tokens: int) -> float:
     router = d * t["moe_num_experts"]
     shared = 3 * d * t["intermediate_size"] * t["moe_num_shared_experts"]
     routed = 3 * d * t["intermediate_size"] * t["moe_topk"]
-    attention = 2 * tokens * (tokens + 1) * attention_width            # sum over t of 4 (t + 1) width
+    attention = 2 * tokens * (tokens + 1) * attention_width  # sum over t of 4 (t + 1) width
     per_layer = 2 * tokens * (projections + router + shared + routed) + attention
     return t["num_hidden_layers"] * per_layer + 2 * d * t["vocab_size"]
 
@@ -443,10 +500,12 @@ def image_flops() -> float:
     patches, queries = (IMAGE_SIDE // patch) ** 2, IMAGE_TOKENS
     patch_embedding = 2 * patches * 3 * patch * patch * d
     layer = 2 * patches * (4 * d * d + 2 * d * v["intermediate_size"]) + 4 * patches * patches * d
-    projector = (2 * queries * d * d * 4                  # q_proj, in-projection of q, out_proj, linear
-                 + 2 * patches * d * d * 4                # k_proj, v_proj, in-projections of k and v
-                 + 4 * queries * patches * d              # cross-attention
-                 + 2 * queries * (d * d_text + d_text * d_text))
+    projector = (
+        2 * queries * d * d * 4  # q_proj, in-projection of q, out_proj, linear
+        + 2 * patches * d * d * 4  # k_proj, v_proj, in-projections of k and v
+        + 4 * queries * patches * d  # cross-attention
+        + 2 * queries * (d * d_text + d_text * d_text)
+    )
     return patch_embedding + v["num_hidden_layers"] * layer + projector
 
 
@@ -459,8 +518,9 @@ def bounds(machine: dict, ours: dict) -> dict:
     per_step_b8 = sizes["dense"] + sizes["layers"] * union * sizes["expert"]
     result = {
         "decode_b1": dict(tokens_per_second=bandwidth / per_token, bytes_per_step=per_token),
-        "decode_b8": dict(tokens_per_second=8 * bandwidth / per_step_b8, bytes_per_step=per_step_b8,
-                          mean_expert_union=union),
+        "decode_b8": dict(
+            tokens_per_second=8 * bandwidth / per_step_b8, bytes_per_step=per_step_b8, mean_expert_union=union
+        ),
     }
     text = ours["prefill_text"]
     result["prefill_text"] = dict(flops=text_prefill_flops(text["tokens"]))
@@ -501,18 +561,26 @@ def get(results: dict | None, *keys):
 def quantized_table(quantized: dict | None, ours: dict | None, theirs: dict | None, settings: dict) -> str:
     """`--quantize`: ours with quantized weights against transformers (float32) and ours in float."""
     scheme, prompt, new = settings["quantize"], settings["prompt_tokens"], settings["new_tokens"]
-    lines = [f"| | ours, {scheme} weights | ours | transformers | speedup vs transformers | speedup vs ours |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| | ours, {scheme} weights | ours | transformers | speedup vs transformers | speedup vs ours |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
 
     def row(label, key, digits, higher_is_better):
         mine, float_ours, other = get(quantized, *key), get(ours, *key), get(theirs, *key)
-        lines.append(f"| {label} | {number(mine, digits)} | {number(float_ours, digits)} | {number(other, digits)} "
-                     f"| {speedup(mine, other, higher_is_better)} | {speedup(mine, float_ours, higher_is_better)} |")
+        lines.append(
+            f"| {label} | {number(mine, digits)} | {number(float_ours, digits)} | {number(other, digits)} "
+            f"| {speedup(mine, other, higher_is_better)} | {speedup(mine, float_ours, higher_is_better)} |"
+        )
 
     row(f"prefill tokens/s, text ({prompt} tokens, batch 1)", ("prefill_text", "tokens_per_second"), 1, True)
     for batch in DECODE_BATCHES:
-        row(f"decode tokens/s, batch {batch} ({new} new tokens, greedy)", (f"decode_b{batch}", "tokens_per_second"),
-            1, True)
+        row(
+            f"decode tokens/s, batch {batch} ({new} new tokens, greedy)",
+            (f"decode_b{batch}", "tokens_per_second"),
+            1,
+            True,
+        )
     row("peak memory (RSS of the process), GB", ("peak_rss_gb",), 2, False)
     if quantized and ours:
         agree = common_prefix(quantized["decode_b1"]["tokens"][0], ours["decode_b1"]["tokens"][0])
@@ -522,8 +590,10 @@ def quantized_table(quantized: dict | None, ours: dict | None, theirs: dict | No
 
 def table(ours: dict | None, theirs: dict | None, limits: dict, settings: dict) -> str:
     prompt, new = settings["prompt_tokens"], settings["new_tokens"]
-    header = ("| | ours (aria_jax) | transformers | speedup, ours vs transformers (>1: ours better) "
-              "| bound for ours | ours / bound |")
+    header = (
+        "| | ours (aria_jax) | transformers | speedup, ours vs transformers (>1: ours better) "
+        "| bound for ours | ours / bound |"
+    )
     lines = [header, "|---|---:|---:|---:|---:|---:|"]
 
     def row(label, key, digits, higher_is_better, bound_key=None, compare=True):
@@ -532,25 +602,50 @@ def table(ours: dict | None, theirs: dict | None, limits: dict, settings: dict) 
         fraction = "-"
         if bound and mine:
             fraction = f"{(mine / bound if higher_is_better else bound / mine):.0%}"
-        lines.append(f"| {label} | {number(mine, digits)} | {number(other, digits) if compare else '-'} "
-                     f"| {speedup(mine, other, higher_is_better)} | {number(bound, digits)} | {fraction} |")
+        lines.append(
+            f"| {label} | {number(mine, digits)} | {number(other, digits) if compare else '-'} "
+            f"| {speedup(mine, other, higher_is_better)} | {number(bound, digits)} | {fraction} |"
+        )
 
-    row(f"prefill tokens/s, text ({prompt} tokens, batch 1)", ("prefill_text", "tokens_per_second"), 1, True,
-        ("prefill_text", "tokens_per_second"))
+    row(
+        f"prefill tokens/s, text ({prompt} tokens, batch 1)",
+        ("prefill_text", "tokens_per_second"),
+        1,
+        True,
+        ("prefill_text", "tokens_per_second"),
+    )
     if not settings["skip_image"]:
         tokens = IMAGE_TOKENS + IMAGE_TEXT_TOKENS
-        row(f"prefill tokens/s, image (1 image {IMAGE_SIDE} px = {IMAGE_TOKENS} + {IMAGE_TEXT_TOKENS} text "
-            f"= {tokens} tokens, batch 1)", ("prefill_image", "tokens_per_second"), 1, True,
-            ("prefill_image", "tokens_per_second"))
+        row(
+            f"prefill tokens/s, image (1 image {IMAGE_SIDE} px = {IMAGE_TOKENS} + {IMAGE_TEXT_TOKENS} text "
+            f"= {tokens} tokens, batch 1)",
+            ("prefill_image", "tokens_per_second"),
+            1,
+            True,
+            ("prefill_image", "tokens_per_second"),
+        )
         row("prefill wall time, image, s", ("prefill_image", "seconds"), 3, False, ("prefill_image", "seconds"))
     for batch in DECODE_BATCHES:
-        row(f"decode tokens/s, batch {batch} ({new} new tokens, greedy)", (f"decode_b{batch}", "tokens_per_second"),
-            1, True, (f"decode_b{batch}", "tokens_per_second"))
+        row(
+            f"decode tokens/s, batch {batch} ({new} new tokens, greedy)",
+            (f"decode_b{batch}", "tokens_per_second"),
+            1,
+            True,
+            (f"decode_b{batch}", "tokens_per_second"),
+        )
     row(f"time to first token, text {prompt} tokens, s", ("prefill_text", "seconds"), 3, False)
-    compile_rows = [("prefill text", "prefill_text")] + ([] if settings["skip_image"] else [("prefill image", "prefill_image")])
+    compile_rows = [("prefill text", "prefill_text")] + (
+        [] if settings["skip_image"] else [("prefill image", "prefill_image")]
+    )
     compile_rows += [(f"decode batch {batch}", f"decode_b{batch}") for batch in DECODE_BATCHES]
     for label, name in compile_rows:
-        row(f"compile time (first call - warm call), {label}, s", (name, "first_call_extra_seconds"), 2, False, compare=False)
+        row(
+            f"compile time (first call - warm call), {label}, s",
+            (name, "first_call_extra_seconds"),
+            2,
+            False,
+            compare=False,
+        )
     row("peak memory (RSS of the process), GB", ("peak_rss_gb",), 2, False)
     return "\n".join(lines)
 
@@ -560,8 +655,9 @@ def verdict(reached: float, target: float, at_least: bool = True) -> str:
     return "met" if met else "NOT met"
 
 
-def limit_lines(machine: dict | None, ours: dict | None, theirs: dict | None, limits: dict,
-                settings: dict) -> list[str]:
+def limit_lines(
+    machine: dict | None, ours: dict | None, theirs: dict | None, limits: dict, settings: dict
+) -> list[str]:
     if machine is None:
         return ["machine limits: not measured (the worker failed)"]
     lines = [
@@ -577,7 +673,8 @@ def limit_lines(machine: dict | None, ours: dict | None, theirs: dict | None, li
         f"MoE micro-benchmark ({moe['backend']}: {moe['tokens']} tokens x hidden 1024, top-6 of 64 experts of width "
         f"640, random router): {moe['moe_seconds'] * 1e3:.1f} ms vs the dense chain of the same FLOPs "
         f"{moe['dense_seconds'] * 1e3:.1f} ms: ratio {moe['ratio']:.2f} (target <= {MOE_TARGET}): "
-        f"{verdict(moe['ratio'], MOE_TARGET, at_least=False)}")
+        f"{verdict(moe['ratio'], MOE_TARGET, at_least=False)}"
+    )
     if ours is None:
         return lines
     sizes = ours["decoder_bytes"]
@@ -595,14 +692,19 @@ def limit_lines(machine: dict | None, ours: dict | None, theirs: dict | None, li
         "lm_head for the last token only; the image case adds the vision tower and the projector "
         f"({image_flops() / 1e9:.1f} GFLOP). Norms, rotary and softmax are not counted.",
     ]
-    for name, label in (("decode_b1", "decode batch 1"), ("decode_b8", "decode batch 8"),
-                        ("prefill_text", "prefill text"), ("prefill_image", "prefill image")):
+    for name, label in (
+        ("decode_b1", "decode batch 1"),
+        ("decode_b8", "decode batch 8"),
+        ("prefill_text", "prefill text"),
+        ("prefill_image", "prefill image"),
+    ):
         if name not in limits or get(ours, name, "tokens_per_second") is None:
             continue
         reached = ours[name]["tokens_per_second"] / limits[name]["tokens_per_second"]
         what = "of the bandwidth bound" if name.startswith("decode") else "of the matmul FLOP/s"
-        lines.append(f"target {label}: {reached:.0%} {what} (target >= {TARGETS[name]:.0%}): "
-                     f"{verdict(reached, TARGETS[name])}")
+        lines.append(
+            f"target {label}: {reached:.0%} {what} (target >= {TARGETS[name]:.0%}): {verdict(reached, TARGETS[name])}"
+        )
     return lines
 
 
@@ -616,17 +718,26 @@ def note_lines(ours: dict | None, theirs: dict | None, settings: dict) -> list[s
     lines = []
     if ours and theirs:
         new = settings["new_tokens"]
-        agree = [common_prefix(mine, other) for batch in DECODE_BATCHES
-                 for mine, other in zip(ours[f"decode_b{batch}"]["tokens"], theirs[f"decode_b{batch}"]["tokens"])]
-        lines.append(f"same weights, same greedy tokens: ours and transformers agree on the first {agree[0]} of "
-                     f"{new} tokens at batch 1, on {np.mean(agree[1:]):.0f} of {new} on average at batch 8")
+        agree = [
+            common_prefix(mine, other)
+            for batch in DECODE_BATCHES
+            for mine, other in zip(ours[f"decode_b{batch}"]["tokens"], theirs[f"decode_b{batch}"]["tokens"])
+        ]
+        lines.append(
+            f"same weights, same greedy tokens: ours and transformers agree on the first {agree[0]} of "
+            f"{new} tokens at batch 1, on {np.mean(agree[1:]):.0f} of {new} on average at batch 8"
+        )
     if ours and "prefill_image" in ours:
-        lines.append(f"our image prompt ({IMAGE_TOKENS + IMAGE_TEXT_TOKENS} tokens) runs left-padded to its "
-                     f"{bucket_length(IMAGE_TOKENS + IMAGE_TEXT_TOKENS)}-token bucket; the rows count "
-                     f"{IMAGE_TOKENS + IMAGE_TEXT_TOKENS}")
+        lines.append(
+            f"our image prompt ({IMAGE_TOKENS + IMAGE_TEXT_TOKENS} tokens) runs left-padded to its "
+            f"{bucket_length(IMAGE_TOKENS + IMAGE_TEXT_TOKENS)}-token bucket; the rows count "
+            f"{IMAGE_TOKENS + IMAGE_TEXT_TOKENS}"
+        )
     if theirs:
-        lines.append(f"transformers: eager attention, experts implementation {theirs.get('experts_implementation')}, "
-                     f"{os.cpu_count()} torch threads")
+        lines.append(
+            f"transformers: eager attention, experts implementation {theirs.get('experts_implementation')}, "
+            f"{os.cpu_count()} torch threads"
+        )
     return lines
 
 
@@ -640,8 +751,10 @@ def cpu_name() -> str:
 
 def machine_line(settings: dict) -> str:
     versions = ", ".join(f"{name} {installed_version(name)}" for name in ("jax", "torch", "transformers"))
-    return (f"Machine: {cpu_name()}, {os.cpu_count()} cores; {versions}; {settings['dtype']} on {settings['platform']}; "
-            f"best of {settings['repeats']} warm runs")
+    return (
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores; {versions}; {settings['dtype']} on {settings['platform']}; "
+        f"best of {settings['repeats']} warm runs"
+    )
 
 
 def busy_cpu_seconds() -> float:
@@ -692,7 +805,8 @@ def installed_version(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m aria_jax.benchmark", description=__doc__.split("\n\n")[0],
+        prog="python -m aria_jax.benchmark",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_options(parser)
@@ -702,20 +816,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default="cpu",
-                        help="where ours runs: float32 on cpu, bfloat16 on gpu / tpu (transformers: cuda bf16 on gpu)")
+    parser.add_argument(
+        "--platform",
+        choices=["cpu", "gpu", "tpu"],
+        default="cpu",
+        help="where ours runs: float32 on cpu, bfloat16 on gpu / tpu (transformers: cuda bf16 on gpu)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="warm runs per measurement; the best counts")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode rows")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="text prompt of the prefill row")
     parser.add_argument("--only", choices=["ours", "transformers", "both"], default="both", help="sides to run")
     parser.add_argument("--skip-image", action="store_true", help="leave out the image prefill row")
-    parser.add_argument("--cache-dir", default="~/.cache/aria-jax",
-                        help="where the bench model is saved once (as bench-<hash of its config>)")
-    parser.add_argument("--moe-backend", default=None,
-                        help="aria_jax.moe.ROUTED_EXPERT_BACKENDS entry for the MoE micro-benchmark "
-                             "(default: looped if aria_jax has it, else ragged_dot)")
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                        help="also run ours with weights quantized so (from_pretrained(quantize=...)): a second table")
+    parser.add_argument(
+        "--cache-dir",
+        default="~/.cache/aria-jax",
+        help="where the bench model is saved once (as bench-<hash of its config>)",
+    )
+    parser.add_argument(
+        "--moe-backend",
+        default=None,
+        help="aria_jax.moe.ROUTED_EXPERT_BACKENDS entry for the MoE micro-benchmark "
+        "(default: looped if aria_jax has it, else ragged_dot)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="also run ours with weights quantized so (from_pretrained(quantize=...)): a second table",
+    )
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
 
 
@@ -730,9 +858,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("aria-jax bench: --repeats and --prompt-tokens must be >= 1, --new-tokens >= 2")
     started = time.perf_counter()
     settings = dict(
-        platform=args.platform, dtype="float32" if args.platform == "cpu" else "bfloat16", repeats=args.repeats,
-        new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, skip_image=args.skip_image,
-        moe_backend=args.moe_backend, decode_cache_length=bucket_length(DECODE_PROMPT_TOKENS + args.new_tokens),
+        platform=args.platform,
+        dtype="float32" if args.platform == "cpu" else "bfloat16",
+        repeats=args.repeats,
+        new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens,
+        skip_image=args.skip_image,
+        moe_backend=args.moe_backend,
+        decode_cache_length=bucket_length(DECODE_PROMPT_TOKENS + args.new_tokens),
         quantize=args.quantize,
     )
     settings["model_dir"] = ensure_checkpoint(args.cache_dir)
@@ -754,14 +887,26 @@ def main(argv: list[str] | None = None) -> int:
         report += [quantized_table(quantized, ours, theirs, settings), ""]
     report += limit_lines(machine, ours, theirs, limits, settings) + note_lines(ours, theirs, settings)
     total = time.perf_counter() - started
-    report += [contention_line({"machine": machine, "ours": ours, "transformers": theirs,
-                                "ours quantized": quantized}),
-               f"total benchmark time: {total:.0f} s"]
+    report += [
+        contention_line({"machine": machine, "ours": ours, "transformers": theirs, "ours quantized": quantized}),
+        f"total benchmark time: {total:.0f} s",
+    ]
     print("\n".join(report))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(settings=settings, machine=machine, ours=ours, transformers=theirs, bounds=limits,
-                           ours_quantized=quantized, total_seconds=total), f, indent=1)
+            json.dump(
+                dict(
+                    settings=settings,
+                    machine=machine,
+                    ours=ours,
+                    transformers=theirs,
+                    bounds=limits,
+                    ours_quantized=quantized,
+                    total_seconds=total,
+                ),
+                f,
+                indent=1,
+            )
     wanted = [machine] + [ours] * (args.only != "transformers") + [theirs] * (args.only != "ours" and transformers_runs)
     wanted += [quantized] * bool(args.quantize and args.only != "transformers")
     return 0 if all(part is not None for part in wanted) else 1
@@ -769,8 +914,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def cuda_available() -> bool:
     """Asked in a subprocess: this process imports neither torch nor JAX."""
-    check = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True
+    )
     return check.stdout.strip() == "True"
 
 

@@ -50,8 +50,12 @@ class Piece:
     leaves: dict[Path, tuple[int, ...]]
 
     def to_json(self) -> dict:
-        return {"directory": self.directory, "component": self.component, "layer": self.layer,
-                "leaves": {"/".join(path): list(shape) for path, shape in self.leaves.items()}}
+        return {
+            "directory": self.directory,
+            "component": self.component,
+            "layer": self.layer,
+            "leaves": {"/".join(path): list(shape) for path, shape in self.leaves.items()},
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "Piece":
@@ -59,8 +63,9 @@ class Piece:
         return cls(d["directory"], d["component"], d["layer"], leaves)
 
 
-def plan_pieces(flat_shapes: dict[Path, tuple[int, ...]], components: tuple[str, ...], itemsize: int,
-                max_piece_bytes: float) -> list[Piece]:
+def plan_pieces(
+    flat_shapes: dict[Path, tuple[int, ...]], components: tuple[str, ...], itemsize: int, max_piece_bytes: float
+) -> list[Piece]:
     """Packs the params of `components` into pieces of at most `max_piece_bytes`, per layer."""
     pieces = []
     for component in components:
@@ -91,13 +96,19 @@ def _relative_tree(piece: Piece, leaves: dict[Path, object]) -> dict:
     return unflatten_tree({path[1:]: value for path, value in leaves.items()})
 
 
-def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path, int | None], np.ndarray | dict],
-                 dtype, quantization: Quantization | None = None) -> None:
+def write_pieces(
+    directory: str,
+    pieces: list[Piece],
+    read_leaf: Callable[[Path, int | None], np.ndarray | dict],
+    dtype,
+    quantization: Quantization | None = None,
+) -> None:
     """Saves each piece (its leaves from `read_leaf(path, layer)`, cast to `dtype`) and then
     the manifest. One piece is in memory at a time. With `quantization`, `read_leaf` gives the
     weights it covers as {"values", "scales"}, stored as they are."""
     dtype = jnp.dtype(dtype)
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+
     # An OCDBT checkpoint buffers a second copy of every array until it commits; plain zarr
     # streams chunk by chunk, which is what keeps the converter's memory bounded. Expert weights
     # get a chunk per expert (orbax splits `shard_axes` down to 1 first), the rest chunks of
@@ -115,12 +126,20 @@ def write_pieces(directory: str, pieces: list[Piece], read_leaf: Callable[[Path,
             if shape != piece.leaves[path]:
                 raise ValueError(f"{'/'.join(path)}: shape {shape}, expected {piece.leaves[path]}")
         tree = _relative_tree(piece, leaves)
-        checkpointer.save(os.path.join(directory, PARAMS_DIR, piece.directory), args=ocp.args.PyTreeSave(
-            tree, save_args=_relative_tree(piece, {path: save_args(path, leaf) for path, leaf in leaves.items()})))
+        checkpointer.save(
+            os.path.join(directory, PARAMS_DIR, piece.directory),
+            args=ocp.args.PyTreeSave(
+                tree, save_args=_relative_tree(piece, {path: save_args(path, leaf) for path, leaf in leaves.items()})
+            ),
+        )
         del leaves, tree
         pause_point("convert:piece-saved")
-    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name,
-                "pieces": [piece.to_json() for piece in pieces]}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "pieces": [piece.to_json() for piece in pieces],
+    }
     if quantization is not None:
         manifest["quantization"] = quantization.to_json()
     with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
@@ -145,19 +164,22 @@ class Manifest:
     path: str
     dtype: jnp.dtype
     pieces: list[Piece]
-    quantization: Quantization | None = None     # how `aria-jax convert --quantize` stored the weights
+    quantization: Quantization | None = None  # how `aria-jax convert --quantize` stored the weights
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":
         path = os.fspath(path)
         file = os.path.join(path, MANIFEST)
         if not os.path.isfile(file):
-            raise CheckpointError(f"{path}: not a converted checkpoint (no {MANIFEST}); convert it with "
-                                  "`aria-jax convert`")
+            raise CheckpointError(
+                f"{path}: not a converted checkpoint (no {MANIFEST}); convert it with `aria-jax convert`"
+            )
         d = read_json_object(file, CheckpointError)
         if d.get("format") != FORMAT or d.get("version") != VERSION:
-            raise CheckpointError(f"{file}: format {d.get('format')!r} version {d.get('version')!r}, "
-                                  f"expected {FORMAT!r} version {VERSION}")
+            raise CheckpointError(
+                f"{file}: format {d.get('format')!r} version {d.get('version')!r}, "
+                f"expected {FORMAT!r} version {VERSION}"
+            )
         try:
             quantization = Quantization(**d["quantization"]) if "quantization" in d else None
             manifest = cls(path, jnp.dtype(d["dtype"]), [Piece.from_json(p) for p in d["pieces"]], quantization)
@@ -200,11 +222,13 @@ class Manifest:
 
     def restore_piece_numpy(self, piece: Piece) -> dict[Path, np.ndarray]:
         """A piece's leaves as host numpy arrays in the stored dtype (for export)."""
-        target = _relative_tree(piece, {path: jax.ShapeDtypeStruct(shape, self.dtype)
-                                        for path, shape in piece.leaves.items()})
+        target = _relative_tree(
+            piece, {path: jax.ShapeDtypeStruct(shape, self.dtype) for path, shape in piece.leaves.items()}
+        )
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        restored = _checkpointer().restore(self.piece_directory(piece),
-                                           args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+        restored = _checkpointer().restore(
+            self.piece_directory(piece), args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+        )
         flat = flatten_tree(restored)
         return {(piece.component,) + path: flat[path] for path in flat}
 
@@ -216,9 +240,11 @@ def loaded_quantization(manifest: Manifest, requested: Quantization | None) -> Q
     if manifest.quantization is None or requested is None or requested == manifest.quantization:
         return manifest.quantization or requested
     stored = manifest.quantization
-    raise CheckpointError(f"{manifest.path}: weights stored quantized as {stored.scheme} (group_size "
-                          f"{stored.group_size}, vision {stored.vision}); they load only as stored (quantize=None "
-                          f"or {stored.scheme!r} with those settings); convert the hub checkpoint again for another")
+    raise CheckpointError(
+        f"{manifest.path}: weights stored quantized as {stored.scheme} (group_size "
+        f"{stored.group_size}, vision {stored.vision}); they load only as stored (quantize=None "
+        f"or {stored.scheme!r} with those settings); convert the hub checkpoint again for another"
+    )
 
 
 @functools.cache
@@ -238,9 +264,14 @@ def _set_layer(stacked: dict, layer_values: dict, layer: jax.Array) -> dict:
     return jax.tree_util.tree_map(lambda s, v: s.at[layer].set(v.astype(s.dtype)), stacked, layer_values)
 
 
-def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, components: tuple[str, ...] = COMPONENTS,
-                   sharding_for: Callable[[Path], jax.sharding.Sharding] | None = None,
-                   quantization: Quantization | None = None) -> dict:
+def restore_params(
+    path: str | os.PathLike,
+    param_shapes_tree: dict,
+    dtype,
+    components: tuple[str, ...] = COMPONENTS,
+    sharding_for: Callable[[Path], jax.sharding.Sharding] | None = None,
+    quantization: Quantization | None = None,
+) -> dict:
     """The params of `components` (a tree {component: subtree of shape tuples}) from a converted
     checkpoint, each array in `sharding_for(path)` (default: device 0) and `dtype`. With
     `quantization`, the weights it covers are quantized piece by piece, on the host."""
@@ -254,41 +285,63 @@ def restore_params(path: str | os.PathLike, param_shapes_tree: dict, dtype, comp
     stored_as: dict[Path, dict[Path, tuple[tuple[int, ...], jnp.dtype]]] = {}
     for p, shape in flat_shapes.items():
         axes = quantization.input_axes(p) if quantization else None
-        stored_as[p] = {p: (shape, dtype)} if axes is None else {
-            p + ("values",): (shape, quantization.storage_dtype),
-            p + ("scales",): (quantization.scales_shape(p, shape, axes), jnp.dtype(jnp.float32))}
+        stored_as[p] = (
+            {p: (shape, dtype)}
+            if axes is None
+            else {
+                p + ("values",): (shape, quantization.storage_dtype),
+                p + ("scales",): (quantization.scales_shape(p, shape, axes), jnp.dtype(jnp.float32)),
+            }
+        )
     sharding = {q: sharding_for(q) if sharding_for else default for parts in stored_as.values() for q in parts}
 
     flat: dict[Path, jax.Array] = {
         q: jax.jit(functools.partial(jnp.zeros, shape, part_dtype), out_shardings=sharding[q])()
-        for p in flat_shapes if is_stacked(p) for q, (shape, part_dtype) in stored_as[p].items()
+        for p in flat_shapes
+        if is_stacked(p)
+        for q, (shape, part_dtype) in stored_as[p].items()
     }
     for piece in manifest.pieces:
         if piece.component not in components:
             continue
         quantized = {p for p in piece.leaves if len(stored_as[p]) == 2}
-        leaf_sharding = {q: _layer_sharding(sharding[q]) if piece.layer is not None else sharding[q]
-                         for p in piece.leaves for q in stored_as[p]}
+        leaf_sharding = {
+            q: _layer_sharding(sharding[q]) if piece.layer is not None else sharding[q]
+            for p in piece.leaves
+            for q in stored_as[p]
+        }
 
         def stored_leaf(p, shape):
-            if p in quantized and manifest.quantization is not None:     # stored quantized: restored as stored
-                return {q[-1]: jax.ShapeDtypeStruct(part_shape[piece.layer is not None:], part_dtype,
-                                                    sharding=leaf_sharding[q])
-                        for q, (part_shape, part_dtype) in stored_as[p].items()}
+            if p in quantized and manifest.quantization is not None:  # stored quantized: restored as stored
+                return {
+                    q[-1]: jax.ShapeDtypeStruct(
+                        part_shape[piece.layer is not None :], part_dtype, sharding=leaf_sharding[q]
+                    )
+                    for q, (part_shape, part_dtype) in stored_as[p].items()
+                }
             # float weights to quantize are restored to the host, whole, and quantized there
             return jax.ShapeDtypeStruct(shape, dtype, sharding=leaf_sharding.get(p))
 
         target = _relative_tree(piece, {p: stored_leaf(p, shape) for p, shape in piece.leaves.items()})
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         if manifest.quantization is None:
-            restore_args = _relative_tree(piece, {
-                (piece.component,) + p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
-                if (piece.component,) + p in quantized else arg for p, arg in flatten_tree(restore_args).items()})
+            restore_args = _relative_tree(
+                piece,
+                {
+                    (piece.component,) + p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
+                    if (piece.component,) + p in quantized
+                    else arg
+                    for p, arg in flatten_tree(restore_args).items()
+                },
+            )
         try:
-            restored = _checkpointer().restore(manifest.piece_directory(piece), args=ocp.args.PyTreeRestore(
-                target, restore_args=restore_args))
+            restored = _checkpointer().restore(
+                manifest.piece_directory(piece), args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+            )
         except (FileNotFoundError, ValueError) as err:
-            raise CheckpointError(f"{manifest.piece_directory(piece)}: unreadable piece ({' '.join(str(err).split())[:300]})") from None
+            raise CheckpointError(
+                f"{manifest.piece_directory(piece)}: unreadable piece ({' '.join(str(err).split())[:300]})"
+            ) from None
         values = {}
         for p, value in flatten_tree(restored).items():
             p = (piece.component,) + p

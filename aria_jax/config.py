@@ -60,8 +60,9 @@ def _is_finite(value: Any) -> bool:
 def _positive_ints(config: Any, fields: tuple[str, ...], prefix: str = "") -> None:
     for field in fields:
         value = getattr(config, field)
-        _require(_is_int(value) and 0 < value < INT32_LIMIT, prefix + field, value,
-                 "must be a positive integer below 2**31")
+        _require(
+            _is_int(value) and 0 < value < INT32_LIMIT, prefix + field, value, "must be a positive integer below 2**31"
+        )
 
 
 def _positive_float(field: str, value: Any) -> None:
@@ -69,8 +70,12 @@ def _positive_float(field: str, value: Any) -> None:
 
 
 def _token_id(field: str, value: Any) -> None:
-    _require(value is None or (_is_int(value) and 0 <= value < INT32_LIMIT), field, value,
-             "must be null or a token id (an integer in 0 .. 2**31 - 1)")
+    _require(
+        value is None or (_is_int(value) and 0 <= value < INT32_LIMIT),
+        field,
+        value,
+        "must be null or a token id (an integer in 0 .. 2**31 - 1)",
+    )
 
 
 def _json_object(field: str, value: Any) -> dict[str, Any]:
@@ -109,8 +114,12 @@ class AriaTextConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) \
-                and self.num_attention_heads > 0:
+        if (
+            self.head_dim is None
+            and _is_int(self.hidden_size)
+            and _is_int(self.num_attention_heads)
+            and self.num_attention_heads > 0
+        ):
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
@@ -121,29 +130,45 @@ class AriaTextConfig:
         self.validate()
 
     def validate(self) -> None:
-        _positive_ints(self, (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "moe_num_experts",
-            "moe_topk", "max_position_embeddings",
-        ))
-        _require(
-            self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-            self.num_attention_heads, f"must divide hidden_size={self.hidden_size}",
+        _positive_ints(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "moe_num_experts",
+                "moe_topk",
+                "max_position_embeddings",
+            ),
         )
         _require(
-            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-            self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}",
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            self.num_attention_heads,
+            f"must divide hidden_size={self.hidden_size}",
         )
         _require(
-            self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings"
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            f"must divide num_attention_heads={self.num_attention_heads}",
         )
+        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings")
         _require(
-            self.moe_topk <= self.moe_num_experts, "moe_topk", self.moe_topk,
+            self.moe_topk <= self.moe_num_experts,
+            "moe_topk",
+            self.moe_topk,
             f"cannot exceed moe_num_experts={self.moe_num_experts}",
         )
         _require(
             _is_int(self.moe_num_shared_experts) and 0 <= self.moe_num_shared_experts < INT32_LIMIT,
-            "moe_num_shared_experts", self.moe_num_shared_experts, "must be a non-negative integer below 2**31",
+            "moe_num_shared_experts",
+            self.moe_num_shared_experts,
+            "must be a non-negative integer below 2**31",
         )
         _positive_float("rms_norm_eps", self.rms_norm_eps)
         _positive_float("rope_theta", self.rope_theta)
@@ -151,15 +176,21 @@ class AriaTextConfig:
         _token_id("pad_token_id", self.pad_token_id)
         _require(
             isinstance(self.eos_token_id, tuple)
-            and all(_is_int(i) and 0 <= i < INT32_LIMIT for i in self.eos_token_id), "eos_token_id",
-            self.eos_token_id, "must be null, a token id or a list of token ids (integers in 0 .. 2**31 - 1)",
+            and all(_is_int(i) and 0 <= i < INT32_LIMIT for i in self.eos_token_id),
+            "eos_token_id",
+            self.eos_token_id,
+            "must be null, a token id or a list of token ids (integers in 0 .. 2**31 - 1)",
         )
         _require(
-            self.hidden_act in SUPPORTED_ACTIVATIONS, "hidden_act", self.hidden_act,
+            self.hidden_act in SUPPORTED_ACTIVATIONS,
+            "hidden_act",
+            self.hidden_act,
             f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
         _require(
-            self.moe_backend in SUPPORTED_MOE_BACKENDS, "moe_backend", self.moe_backend,
+            self.moe_backend in SUPPORTED_MOE_BACKENDS,
+            "moe_backend",
+            self.moe_backend,
             f"supported: {', '.join(SUPPORTED_MOE_BACKENDS)}",
         )
 
@@ -178,14 +209,20 @@ class AriaTextConfig:
         _json_object("text_config", d)
         model_type = d.get("model_type", "aria_text")
         _require(
-            model_type in TEXT_MODEL_TYPES, "text_config.model_type", model_type,
+            model_type in TEXT_MODEL_TYPES,
+            "text_config.model_type",
+            model_type,
             f"expected one of {', '.join(TEXT_MODEL_TYPES)}",
         )
         width_key = "moe_intermediate_size" if model_type == ORIGINAL_TEXT_MODEL_TYPE else "intermediate_size"
         required = {
-            "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": width_key,
-            "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
-            "moe_num_experts": "moe_num_experts", "moe_topk": "moe_topk",
+            "vocab_size": "vocab_size",
+            "hidden_size": "hidden_size",
+            "intermediate_size": width_key,
+            "num_hidden_layers": "num_hidden_layers",
+            "num_attention_heads": "num_attention_heads",
+            "moe_num_experts": "moe_num_experts",
+            "moe_topk": "moe_topk",
         }
         missing = [key for key in required.values() if key not in d]
         if missing:
@@ -195,15 +232,21 @@ class AriaTextConfig:
 
         fields = {ours: d[theirs] for ours, theirs in required.items()}
         for name in (
-            "num_key_value_heads", "head_dim", "moe_num_shared_experts", "rms_norm_eps",
-            "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
+            "num_key_value_heads",
+            "head_dim",
+            "moe_num_shared_experts",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "hidden_act",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
         ):
             if d.get(name) is not None:
                 fields[name] = d[name]
         rope_theta, rope_type = _read_rope(d)
         _require(
-            rope_type in SUPPORTED_ROPE_TYPES, "rope_type", rope_type,
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
+            rope_type in SUPPORTED_ROPE_TYPES, "rope_type", rope_type, f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
         if rope_theta is not None:
             _positive_float("rope_theta", rope_theta)
@@ -214,16 +257,24 @@ class AriaTextConfig:
         """The transformers-native text_config."""
         return {
             "model_type": "aria_text",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            "moe_num_experts": self.moe_num_experts, "moe_topk": self.moe_topk,
-            "moe_num_shared_experts": self.moe_num_shared_experts, "rms_norm_eps": self.rms_norm_eps,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "moe_num_experts": self.moe_num_experts,
+            "moe_topk": self.moe_topk,
+            "moe_num_shared_experts": self.moe_num_shared_experts,
+            "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
-            "max_position_embeddings": self.max_position_embeddings, "hidden_act": self.hidden_act,
-            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_id),
-            "pad_token_id": self.pad_token_id, "tie_word_embeddings": False,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id),
+            "pad_token_id": self.pad_token_id,
+            "tie_word_embeddings": False,
         }
 
 
@@ -251,23 +302,41 @@ class AriaVisionConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
     def __post_init__(self):
-        _positive_ints(self, (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "patch_size", "image_size",
-        ), prefix="vision_config.")
-        _require(_is_int(self.num_channels) and self.num_channels == 3, "vision_config.num_channels",
-                 self.num_channels, "must be 3: the image processor makes RGB crops")
+        _positive_ints(
+            self,
+            (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "patch_size",
+                "image_size",
+            ),
+            prefix="vision_config.",
+        )
+        _require(
+            _is_int(self.num_channels) and self.num_channels == 3,
+            "vision_config.num_channels",
+            self.num_channels,
+            "must be 3: the image processor makes RGB crops",
+        )
         _positive_float("vision_config.layer_norm_eps", self.layer_norm_eps)
         _require(
-            self.hidden_act in SUPPORTED_ACTIVATIONS, "vision_config.hidden_act", self.hidden_act,
+            self.hidden_act in SUPPORTED_ACTIVATIONS,
+            "vision_config.hidden_act",
+            self.hidden_act,
             f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
         _require(
-            self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
-            self.num_attention_heads, f"must divide vision hidden_size={self.hidden_size}",
+            self.hidden_size % self.num_attention_heads == 0,
+            "vision_config.num_attention_heads",
+            self.num_attention_heads,
+            f"must divide vision hidden_size={self.hidden_size}",
         )
         _require(
-            self.patch_size <= self.image_size, "vision_config.patch_size", self.patch_size,
+            self.patch_size <= self.image_size,
+            "vision_config.patch_size",
+            self.patch_size,
             f"must not exceed image_size={self.image_size}",
         )
 
@@ -287,7 +356,9 @@ class AriaVisionConfig:
         _json_object("vision_config", d)
         model_type = d.get("model_type", "idefics3_vision")
         _require(
-            model_type in VISION_MODEL_TYPES, "vision_config.model_type", model_type,
+            model_type in VISION_MODEL_TYPES,
+            "vision_config.model_type",
+            model_type,
             f"expected one of {', '.join(VISION_MODEL_TYPES)}",
         )
         names = [f.name for f in dataclasses.fields(cls)]
@@ -299,9 +370,12 @@ class AriaVisionConfig:
 
 def used_patch_to_query(pairs: tuple[tuple[int, int], ...], vision: AriaVisionConfig) -> tuple[tuple[int, int], ...]:
     """The (patches, queries) pairs a crop can have: square patch counts within the vision grid."""
-    max_patches = vision.num_patches_per_side ** 2
-    return tuple((patches, queries) for patches, queries in pairs
-                 if patches > 0 and math.isqrt(patches) ** 2 == patches and patches <= max_patches)
+    max_patches = vision.num_patches_per_side**2
+    return tuple(
+        (patches, queries)
+        for patches, queries in pairs
+        if patches > 0 and math.isqrt(patches) ** 2 == patches and patches <= max_patches
+    )
 
 
 def crop_size_to_queries(pairs: tuple[tuple[int, int], ...], vision: AriaVisionConfig) -> dict[int, int]:
@@ -328,26 +402,42 @@ class AriaConfig:
     pad_token_id: int = 2
 
     def __post_init__(self):
-        _require(isinstance(self.text_config, AriaTextConfig), "text_config", self.text_config,
-                 "must be an AriaTextConfig")
-        _require(isinstance(self.vision_config, AriaVisionConfig), "vision_config", self.vision_config,
-                 "must be an AriaVisionConfig")
+        _require(
+            isinstance(self.text_config, AriaTextConfig), "text_config", self.text_config, "must be an AriaTextConfig"
+        )
+        _require(
+            isinstance(self.vision_config, AriaVisionConfig),
+            "vision_config",
+            self.vision_config,
+            "must be an AriaVisionConfig",
+        )
         pairs = patch_to_query_pairs(self.projector_patch_to_query)
         object.__setattr__(self, "projector_patch_to_query", pairs)
         _require(len(pairs) > 0, "projector_patch_to_query_dict", {}, "must not be empty")
         for patches, queries in pairs:
-            _require(0 < patches < INT32_LIMIT, "projector_patch_to_query_dict", dict(pairs),
-                     f"key {patches} must be a positive number of patches below 2**31")
-            _require(0 < queries < INT32_LIMIT, "projector_patch_to_query_dict", dict(pairs),
-                     f"query count {queries} must be positive and below 2**31")
-        max_patches = self.vision_config.num_patches_per_side ** 2
+            _require(
+                0 < patches < INT32_LIMIT,
+                "projector_patch_to_query_dict",
+                dict(pairs),
+                f"key {patches} must be a positive number of patches below 2**31",
+            )
+            _require(
+                0 < queries < INT32_LIMIT,
+                "projector_patch_to_query_dict",
+                dict(pairs),
+                f"query count {queries} must be positive and below 2**31",
+            )
+        max_patches = self.vision_config.num_patches_per_side**2
         _require(
-            bool(self.used_patch_to_query), "projector_patch_to_query_dict", dict(pairs),
+            bool(self.used_patch_to_query),
+            "projector_patch_to_query_dict",
+            dict(pairs),
             f"no key is a square number of patches at most {max_patches} (the vision grid): no crop could be projected",
         )
         _require(
             _is_int(self.image_token_index) and 0 <= self.image_token_index < self.text_config.vocab_size,
-            "image_token_index", self.image_token_index,
+            "image_token_index",
+            self.image_token_index,
             f"must be a token id below vocab_size={self.text_config.vocab_size}",
         )
         _token_id("pad_token_id", self.pad_token_id)
@@ -391,11 +481,13 @@ class AriaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {
-            "architectures": ["AriaForConditionalGeneration"], "model_type": "aria",
+            "architectures": ["AriaForConditionalGeneration"],
+            "model_type": "aria",
             "text_config": self.text_config.to_hf_dict(),
             "vision_config": self.vision_config.to_hf_dict(),
             "projector_patch_to_query_dict": {str(k): v for k, v in self.projector_patch_to_query},
-            "image_token_index": self.image_token_index, "pad_token_id": self.pad_token_id,
+            "image_token_index": self.image_token_index,
+            "pad_token_id": self.pad_token_id,
             "vision_feature_layer": -1,
         }
 
@@ -411,8 +503,12 @@ def patch_to_query_pairs(mapping: Any) -> tuple[tuple[int, int], ...]:
     for patches, queries in items:
         if isinstance(patches, str) and patches.isascii() and patches.isdecimal():
             patches = int(patches)
-        _require(_is_int(patches) and _is_int(queries), field, dict(items),
-                 f"{patches!r}: {queries!r} is not a pair of integers")
+        _require(
+            _is_int(patches) and _is_int(queries),
+            field,
+            dict(items),
+            f"{patches!r}: {queries!r} is not a pair of integers",
+        )
         pairs.append((patches, queries))
     return tuple(sorted(pairs))
 

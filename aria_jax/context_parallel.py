@@ -20,8 +20,15 @@ from aria_jax.kv_cache import entries, furthest, is_per_row, layer_specs, readab
 from aria_jax.sharding import compile_platform
 
 
-def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, cache: dict, key_mask: jax.Array,
-                               cache_index, decode_kernel: bool | None = None) -> tuple[jax.Array, dict]:
+def attention_over_split_cache(
+    q: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    cache: dict,
+    key_mask: jax.Array,
+    cache_index,
+    decode_kernel: bool | None = None,
+) -> tuple[jax.Array, dict]:
     """Writes `key`, `value` (B, K, T, H) into the layer cache {"k", "v"} (B, K, S, H) (an int8
     cache: rounded, with their scales) at sequence index `cache_index` (or one per row,
     `kv_cache.is_per_row`) and attends q (B, T, N, H),
@@ -37,15 +44,19 @@ def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, c
         decode_kernel = compile_platform() == "tpu" and decode_applies(num_queries, cache_index)
 
     def local(q, new, cache, key_mask, cache_index):
-        length = cache["k"].shape[2]                    # this shard's positions
+        length = cache["k"].shape[2]  # this shard's positions
         first = jax.lax.axis_index(positions) * length  # the sequence index of the first
         # The new positions that fall here; the others are pushed past the end and dropped.
         row_index = cache_index[:, None] if is_per_row(cache_index) else cache_index
         at = row_index + jnp.arange(num_queries) - first
         at = jnp.where((at >= 0) & (at < length), at, length)
         if is_per_row(cache_index):
-            cache = {name: jax.vmap(lambda row, update, row_at: row.at[:, row_at].set(update, mode="drop"))(
-                         buffer, new[name], at) for name, buffer in cache.items()}
+            cache = {
+                name: jax.vmap(lambda row, update, row_at: row.at[:, row_at].set(update, mode="drop"))(
+                    buffer, new[name], at
+                )
+                for name, buffer in cache.items()
+            }
         else:
             cache = {name: buffer.at[:, :, at].set(new[name], mode="drop") for name, buffer in cache.items()}
         keys, values, scales = readable(cache, q.dtype)
@@ -57,10 +68,12 @@ def attention_over_split_cache(q: jax.Array, key: jax.Array, value: jax.Array, c
         running_sum, out = jax.lax.psum(rescaled(stats, jax.lax.pmax(running_max, positions)), positions)
         return normalized(running_sum, out, q.dtype), cache
 
-    per_head = P(rows, None, heads, None)               # q and the output, (B, T, N, H)
+    per_head = P(rows, None, heads, None)  # q and the output, (B, T, N, H)
     new_specs = {name: P(rows, heads, *(None,) * (len(spec) - 2)) for name, spec in cache_specs.items()}
     return jax.shard_map(
-        local, axis_names=set(mesh.axis_names),
+        local,
+        axis_names=set(mesh.axis_names),
         in_specs=(per_head, new_specs, cache_specs, P(rows, positions), P(rows) if is_per_row(cache_index) else P()),
-        out_specs=(per_head, cache_specs), check_vma=False,
+        out_specs=(per_head, cache_specs),
+        check_vma=False,
     )(q, entries(cache, key, value), cache, key_mask, jnp.asarray(cache_index, jnp.int32))

@@ -84,8 +84,9 @@ def _check_messages(messages: Any, reserved: Sequence[str], fail: Callable[[str]
             if not isinstance(item, dict):
                 raise fail(f"message {m}: a content item is not an object")
             if item.get("type") not in ITEM_TYPES:
-                raise fail(f"message {m}: unknown content item type {item.get('type')!r}; "
-                           f"use one of: {', '.join(ITEM_TYPES)}")
+                raise fail(
+                    f"message {m}: unknown content item type {item.get('type')!r}; use one of: {', '.join(ITEM_TYPES)}"
+                )
             if item["type"] == "text" and not isinstance(item.get("text"), str):
                 raise fail(f'message {m}: a text item needs a string "text"')
             image_items += item["type"] == "image"
@@ -197,15 +198,19 @@ class SFTDataset:
                 width, height = load_image_file(path).size
             except ImageError as err:
                 raise fail(str(err)) from None
-            crops.append(self.processor.image_processor.count_crops(
-                height, width, self.image_size, split_image=self.split_image) if self.split_image else 1)
+            crops.append(
+                self.processor.image_processor.count_crops(height, width, self.image_size, split_image=self.split_image)
+                if self.split_image
+                else 1
+            )
 
         rendered = self.processor.apply_chat_template(messages)
         rendered_turns = len(assistant_spans(rendered))
         assistant_turns = sum(message["role"] == "assistant" for message in messages)
         if rendered_turns != assistant_turns:
-            raise fail(f"the chat template rendered {rendered_turns} assistant turns "
-                       f"for {assistant_turns} assistant messages")
+            raise fail(
+                f"the chat template rendered {rendered_turns} assistant turns for {assistant_turns} assistant messages"
+            )
         length = len(self._tokenize(rendered, crops)[1].ids)
         if length > self.max_length:
             raise fail(f"the example is {length} tokens long, more than max_length={self.max_length}")
@@ -234,13 +239,17 @@ class SFTDataset:
         """Example `index` as model inputs: `input_ids` and `labels` (T,) int32, and
         `pixel_values` (N, 3, S, S) float32 / `pixel_mask` (N, S, S) bool (None without images)."""
         paths = self._image_paths[index]
-        pixels = self.processor(images=list(paths), max_image_size=self.image_size,
-                                split_image=self.split_image) if paths else {}
+        pixels = (
+            self.processor(images=list(paths), max_image_size=self.image_size, split_image=self.split_image)
+            if paths
+            else {}
+        )
         text, encoding = self._tokenize(self._rendered[index], pixels.get("num_crops", []))
         if len(encoding.ids) != self.lengths[index]:
             raise self._fail(self._lines[index])(
                 f"the example is now {len(encoding.ids)} tokens long, {self.lengths[index]} when the "
-                "dataset was read; did an image change?")
+                "dataset was read; did an image change?"
+            )
 
         # Labels come from character offsets, not from searching the ids for the ids of
         # "<|im_start|>assistant\n": the tokenizer may merge that "\n" with the reply's first
@@ -290,8 +299,9 @@ class Batches:
         self.length_buckets = tuple(sorted({int(bucket) for bucket in buckets}))
         longest = int(dataset.lengths.max())
         if not self.length_buckets or self.length_buckets[-1] < longest:
-            raise ValueError(f"length_buckets {self.length_buckets} must include one >= the longest "
-                             f"example ({longest} tokens)")
+            raise ValueError(
+                f"length_buckets {self.length_buckets} must include one >= the longest example ({longest} tokens)"
+            )
         self.crops_per_batch = batch_size * int(dataset.crop_counts.max())
 
     def indices(self, step: int) -> np.ndarray:
@@ -301,7 +311,7 @@ class Batches:
         epoch, offset = divmod(step, self.per_epoch)
         n = len(self.dataset)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return order[offset * self.batch_size:(offset + 1) * self.batch_size]
+        return order[offset * self.batch_size : (offset + 1) * self.batch_size]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """Batch `step`: `input_ids`, `attention_mask`, `labels` (B, L) int32, right-padded;
@@ -333,8 +343,8 @@ class Batches:
         for example in examples:
             if example["pixel_values"] is not None:
                 count = len(example["pixel_values"])
-                pixel_values[filled:filled + count] = example["pixel_values"]
-                pixel_mask[filled:filled + count] = example["pixel_mask"]
+                pixel_values[filled : filled + count] = example["pixel_values"]
+                pixel_mask[filled : filled + count] = example["pixel_mask"]
                 filled += count
         batch["pixel_values"] = pixel_values
         batch["pixel_mask"] = pixel_mask

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-ROW_ALIGN = 8                  # sublanes: a head's query rows are padded to a multiple
-LANES = 128                    # the running max and sum are kept lane-replicated
-KEY_BLOCK = 512                # keys per step (a cache of fewer: all of it at once)
-BLOCK_BYTES = 1 << 20          # keys (and as many values) per step, over the heads of a block
+ROW_ALIGN = 8  # sublanes: a head's query rows are padded to a multiple
+LANES = 128  # the running max and sum are kept lane-replicated
+KEY_BLOCK = 512  # keys per step (a cache of fewer: all of it at once)
+BLOCK_BYTES = 1 << 20  # keys (and as many values) per step, over the heads of a block
 
 
 def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int, scaled: bool = False) -> int:
@@ -35,13 +35,17 @@ def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int, scale
     `scaled`: the (heads, keys) blocks of an int8 cache's scales must be all the heads or a
     multiple of 8 of them (the sublanes); all of them when no such block fits."""
     fitting = max(1, BLOCK_BYTES // (keys * head_dim * itemsize))
-    allowed = [h for h in range(1, num_kv_heads + 1)
-               if num_kv_heads % h == 0 and h <= fitting and (not scaled or h % ROW_ALIGN == 0)]
+    allowed = [
+        h
+        for h in range(1, num_kv_heads + 1)
+        if num_kv_heads % h == 0 and h <= fitting and (not scaled or h % ROW_ALIGN == 0)
+    ]
     return max(allowed) if allowed else num_kv_heads
 
 
-def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: int, keys: int, num_keys: int,
-            scaled: bool):
+def _kernel(
+    positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: int, keys: int, num_keys: int, scaled: bool
+):
     """`scaled`: k and v are int8, their scales (heads, keys) follow the mask."""
     if scaled:
         k_scale_ref, v_scale_ref, *refs = refs
@@ -49,7 +53,7 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: in
     step = pl.program_id(2)
     query_index, key_offset = positions_ref[0], positions_ref[1]
     first_key = key_offset + step * keys
-    ragged = num_keys % keys != 0      # the last block runs past the cache: what it reads there is garbage
+    ragged = num_keys % keys != 0  # the last block runs past the cache: what it reads there is garbage
 
     @pl.when(step == 0)
     def _():
@@ -57,7 +61,7 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: in
         sum_scratch[...] = jnp.zeros_like(sum_scratch)
         values_scratch[...] = jnp.zeros_like(values_scratch)
 
-    @pl.when(first_key <= query_index + num_queries - 1)      # some query may attend this block
+    @pl.when(first_key <= query_index + num_queries - 1)  # some query may attend this block
     def _():
         rows = q_ref.shape[1]
         key_position = first_key + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
@@ -67,27 +71,28 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: in
             allowed &= key_position < key_offset + num_keys
             in_cache = step * keys + jax.lax.broadcasted_iota(jnp.int32, (keys, 1), 0) < num_keys
             scales_in_cache = step * keys + jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1) < num_keys
-        for head in range(q_ref.shape[0]):       # a 2-D matmul per head of the block
+        for head in range(q_ref.shape[0]):  # a 2-D matmul per head of the block
             cached_keys = k_ref[head].astype(q_ref.dtype) if scaled else k_ref[head]
-            scores = jax.lax.dot_general(q_ref[head], cached_keys, (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)          # (rows, keys)
+            scores = jax.lax.dot_general(
+                q_ref[head], cached_keys, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )  # (rows, keys)
             if scaled:
-                scores = scores * k_scale_ref[head:head + 1, :]
+                scores = scores * k_scale_ref[head : head + 1, :]
             scores = jnp.where(allowed, scores, -jnp.inf)
             previous_max = max_scratch[head][:, :1]
             new_max = jnp.maximum(previous_max, scores.max(axis=1, keepdims=True))
-            safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)                    # no key yet
+            safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # no key yet
             probs = jnp.exp(scores - safe_max)
             rescale = jnp.exp(previous_max - safe_max)
             new_sum = rescale * sum_scratch[head][:, :1] + probs.sum(axis=1, keepdims=True)
-            if scaled:      # int8 values are finite wherever read; their scales past the cache may not be
-                value_scales = v_scale_ref[head:head + 1, :]
+            if scaled:  # int8 values are finite wherever read; their scales past the cache may not be
+                value_scales = v_scale_ref[head : head + 1, :]
                 if ragged:
                     value_scales = jnp.where(scales_in_cache, value_scales, 0.0)
                 weights, cached_values = probs * value_scales, v_ref[head].astype(q_ref.dtype)
             else:
                 weights = probs
-                cached_values = jnp.where(in_cache, v_ref[head], 0) if ragged else v_ref[head]   # 0 x NaN is NaN
+                cached_values = jnp.where(in_cache, v_ref[head], 0) if ragged else v_ref[head]  # 0 x NaN is NaN
             values = jnp.dot(weights.astype(cached_values.dtype), cached_values, preferred_element_type=jnp.float32)
             values_scratch[head] = rescale * values_scratch[head] + values
             max_scratch[head] = jnp.broadcast_to(new_max, max_scratch.shape[1:])
@@ -101,8 +106,16 @@ def _kernel(positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: in
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_index,
-                           key_offset=0, scales=None, interpret: bool = False):
+def decode_attention_stats(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    query_index,
+    key_offset=0,
+    scales=None,
+    interpret: bool = False,
+):
     """q (B, T, N, H); k, v (B, K, S, H) with K dividing N; key_mask (B, S) True = a key to attend.
     Causal: query t sits at sequence index `query_index + t`, key s at `key_offset + s`. Returns
     `dense_stats`'s (max, sum, values): (B, K, G, T), (B, K, G, T), (B, K, G, T, H) float32,
@@ -115,7 +128,7 @@ def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: j
     padded_rows = -(-rows // ROW_ALIGN) * ROW_ALIGN
     scaled = scales is not None
     # A head's rows: its group's queries, (g, t) in order; pads after them are never read.
-    q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim ** -0.5, q.dtype)
+    q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, q.dtype)
     q = jnp.einsum("btkgh->bkgth", q).reshape(batch, num_kv_heads, rows, head_dim)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0))).astype(q.dtype if scaled else k.dtype)
     keys = min(KEY_BLOCK, num_keys)
@@ -137,7 +150,9 @@ def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: j
     cost = pl.CostEstimate(
         flops=4 * batch * num_kv_heads * padded_rows * num_keys * head_dim,
         transcendentals=batch * num_kv_heads * padded_rows * num_keys,
-        bytes_accessed=2 * k.size * itemsize + q.size * q.dtype.itemsize + batch * num_keys * 4
+        bytes_accessed=2 * k.size * itemsize
+        + q.size * q.dtype.itemsize
+        + batch * num_keys * 4
         + (2 * batch * num_kv_heads * num_keys * 4 if scaled else 0)
         + batch * num_kv_heads * padded_rows * (head_dim + 2 * LANES) * 4,
     )
@@ -149,19 +164,23 @@ def decode_attention_stats(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: j
             grid=(batch, num_kv_heads // heads, num_blocks),
             in_specs=[per_head, cached, cached, mask] + ([per_key, per_key] if scaled else []),
             out_specs=[lane_stats, lane_stats, per_head],
-            scratch_shapes=[pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
-                            pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
-                            pltpu.VMEM((heads, padded_rows, head_dim), jnp.float32)],
+            scratch_shapes=[
+                pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
+                pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
+                pltpu.VMEM((heads, padded_rows, head_dim), jnp.float32),
+            ],
         ),
-        out_shape=[jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
-                   jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
-                   jax.ShapeDtypeStruct((*stats_shape, head_dim), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
+            jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
+            jax.ShapeDtypeStruct((*stats_shape, head_dim), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost,
         interpret=interpret,
     )(positions, q, k, v, key_mask.astype(jnp.int32)[:, None, :], *(scales if scaled else ()))
 
-    def per_query(x):       # (B, K, R, ...) -> (B, K, G, T, ...)
+    def per_query(x):  # (B, K, R, ...) -> (B, K, G, T, ...)
         return x[:, :, :rows].reshape(batch, num_kv_heads, groups, num_queries, *x.shape[3:])
 
     return per_query(running_max[..., 0]), per_query(running_sum[..., 0]), per_query(values)

@@ -78,7 +78,7 @@ class Scene:
 
 
 def quadrant(box: Box, size: int) -> str:
-    """"top left", "top right", "bottom left" or "bottom right": where the box's centre is."""
+    """ "top left", "top right", "bottom left" or "bottom right": where the box's centre is."""
     left, top, right, bottom = box
     vertical = "top" if top + bottom < size else "bottom"
     horizontal = "left" if left + right < size else "right"
@@ -154,8 +154,11 @@ QUESTIONS = {
     "shape": ("What shape is in the image?", "Which shape do you see?", "What kind of shape is shown?"),
     "color": ("What color is the shape?", "What color is the {shape}?", "Which color does the shape have?"),
     "colors": ("What color are the shapes?", "What color are the {shape}s?", "Which color do the shapes have?"),
-    "count": ("How many shapes are there?", "How many {shape}s are in the image?",
-              "How many {color} {shape}s are in the picture?"),
+    "count": (
+        "How many shapes are there?",
+        "How many {shape}s are in the image?",
+        "How many {color} {shape}s are in the picture?",
+    ),
     "where": ("Where is the {shape}?", "Where is the {color} {shape}?", "In which corner is the {shape}?"),
 }
 QUESTION_TYPES = ("shape", "color", "count", "where")
@@ -186,6 +189,7 @@ def make_qa(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> 
 
 def answers_match(predicted: str, answer: str) -> bool:
     """Exact match, ignoring case, surrounding whitespace and a trailing period."""
+
     def normalize(text: str) -> str:
         return text.strip().lower().removesuffix(".").strip()
 
@@ -203,6 +207,7 @@ def sample(rng: np.random.Generator, size: int = 112) -> tuple[Image.Image, str,
 # Dataset files
 # ------------------------------------------------------------------------------------------
 
+
 def conversation(question: str, answer: str) -> list[dict]:
     """One example in Aria's chat format: the image comes before the question."""
     return [
@@ -215,14 +220,16 @@ def _is_dataset(folder: str) -> bool:
     return sorted(os.listdir(folder)) == ["images", "train.jsonl"]
 
 
-def write_dataset(folder: str | os.PathLike, num_examples: int, seed: int, size: int = 112,
-                  overwrite: bool = False) -> None:
+def write_dataset(
+    folder: str | os.PathLike, num_examples: int, seed: int, size: int = 112, overwrite: bool = False
+) -> None:
     """`folder/train.jsonl` (one {"messages", "images"} record per line, as the original Aria
     repository's fine-tuning data) and `folder/images/NNNNNN.png`. Written into a temporary sibling and renamed
     into place, so `folder` is either complete or absent."""
     rng = np.random.default_rng(seed)
-    with atomic_directory(folder, overwrite=overwrite, replaceable=_is_dataset,
-                          what="a data set written by write_dataset") as partial:
+    with atomic_directory(
+        folder, overwrite=overwrite, replaceable=_is_dataset, what="a data set written by write_dataset"
+    ) as partial:
         os.makedirs(os.path.join(partial, "images"))
         with open(os.path.join(partial, "train.jsonl"), "w", encoding="utf-8") as lines:
             for index in range(num_examples):
@@ -242,7 +249,10 @@ def task_texts(num: int, seed: int) -> list[str]:
     examples = [make_qa(sample_scene(rng), rng) for _ in range(num)]
     questions = dict.fromkeys(
         phrasing.format(shape=shape, color=color)
-        for phrasings in QUESTIONS.values() for phrasing in phrasings for shape in SHAPES for color in COLORS
+        for phrasings in QUESTIONS.values()
+        for phrasing in phrasings
+        for shape in SHAPES
+        for color in COLORS
     )
     examples += zip(questions, itertools.cycle(sorted(ANSWERS)))
     return [render_chat_template(DEFAULT_CHAT_TEMPLATE, conversation(q, a)) for q, a in examples]
@@ -266,12 +276,25 @@ IMAGE_TOKEN_ID = 9
 # transformers would build Llama's pipeline (with a prefix space) unless a config.json beside
 # the files names the model type "aria".
 TOKENIZER_CONFIG = {
-    "add_bos_token": False, "add_eos_token": False, "add_prefix_space": True, "legacy": True,
-    "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
-    "clean_up_tokenization_spaces": False, "tokenizer_class": "TokenizersBackend",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "add_prefix_space": True,
+    "legacy": True,
+    "bos_token": None,
+    "eos_token": None,
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "clean_up_tokenization_spaces": False,
+    "tokenizer_class": "TokenizersBackend",
     "added_tokens_decoder": {
-        str(index): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": index < 3 or content == IMAGE_TOKEN}
+        str(index): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": index < 3 or content == IMAGE_TOKEN,
+        }
         for index, content in enumerate(["<unk>", "<s>", "</s>", *SPECIAL_TOKENS])
     },
     "image_token": IMAGE_TOKEN,
@@ -289,10 +312,21 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
     training conversation or generated after the prompt."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model,
-        vocab_size=vocab_size, model_type="bpe", user_defined_symbols=SPECIAL_TOKENS,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, num_threads=1,
-        add_dummy_prefix=True, character_coverage=1.0, normalization_rule_name="identity", minloglevel=2,
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        user_defined_symbols=SPECIAL_TOKENS,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        num_threads=1,
+        add_dummy_prefix=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        minloglevel=2,
     )
     image_id = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).piece_to_id(IMAGE_TOKEN)
     if image_id != IMAGE_TOKEN_ID:
@@ -306,11 +340,17 @@ def processor_config(image_size: int, queries_per_crop: int) -> dict:
     crop size -> image tokens table."""
     return {
         "image_processor": {
-            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
-            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
             "image_processor_type": "AriaImageProcessor",
-            "max_image_size": image_size, "min_image_size": min(MIN_IMAGE_SIZE, image_size),
-            "resample": int(Image.Resampling.BICUBIC), "rescale_factor": 1 / 255, "split_image": False,
+            "max_image_size": image_size,
+            "min_image_size": min(MIN_IMAGE_SIZE, image_size),
+            "resample": int(Image.Resampling.BICUBIC),
+            "rescale_factor": 1 / 255,
+            "split_image": False,
             "split_resolutions": [[rows * image_size, cols * image_size] for rows, cols in DEFAULT_SPLIT_TILES],
         },
         "processor_class": "AriaProcessor",
@@ -318,8 +358,9 @@ def processor_config(image_size: int, queries_per_crop: int) -> dict:
     }
 
 
-def write_tokenizer_files(out_dir: str | os.PathLike, texts: list[str], vocab_size: int, image_size: int,
-                          queries_per_crop: int) -> list[str]:
+def write_tokenizer_files(
+    out_dir: str | os.PathLike, texts: list[str], vocab_size: int, image_size: int, queries_per_crop: int
+) -> list[str]:
     """Trains the tokenizer on `texts` and writes tokenizer.model, tokenizer_config.json,
     chat_template.jinja and processor_config.json into `out_dir`; returns their names.
     `queries_per_crop` is the number of image tokens per `image_size` crop (the model's
@@ -360,12 +401,14 @@ def evaluate(model, processor, num_questions: int, seed: int, batch_size: int = 
     correct: dict[str, list[bool]] = {kind: [] for kind in QUESTION_TYPES}
     failures, all_replies = [], []
     for start in range(0, num_questions, batch_size):
-        chunk = examples[start:start + batch_size]
-        prompts = [processor.apply_chat_template(conversation(question, "")[:1], add_generation_prompt=True)
-                   for _, question, _ in chunk]
+        chunk = examples[start : start + batch_size]
+        prompts = [
+            processor.apply_chat_template(conversation(question, "")[:1], add_generation_prompt=True)
+            for _, question, _ in chunk
+        ]
         inputs = processor(text=prompts, images=[[image] for image, _, _ in chunk])
         sequences = model.generate(**inputs, max_new_tokens=4)
-        replies = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        replies = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         replies = [reply.split(END_OF_TURN)[0] for reply in replies]  # the turn ends at <|im_end|>
         all_replies += replies
         for (_, question, answer), reply in zip(chunk, replies):

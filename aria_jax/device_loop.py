@@ -43,12 +43,12 @@ class Sampling:
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: list[dict]           # per layer {"k", "v"}: (B, K, S, H) (int8: and their scales, (B, K, S))
-    key_mask: jax.Array         # (B, S) bool: prompt tokens, then every generated slot
-    prompt_lengths: jax.Array   # (B,) real prompt tokens per row
-    tokens: jax.Array           # (B, max_new_tokens) generated so far, pad after a row is done
-    done: jax.Array             # (B,) bool
-    step: jax.Array             # () tokens generated so far (same for every row)
+    cache: list[dict]  # per layer {"k", "v"}: (B, K, S, H) (int8: and their scales, (B, K, S))
+    key_mask: jax.Array  # (B, S) bool: prompt tokens, then every generated slot
+    prompt_lengths: jax.Array  # (B,) real prompt tokens per row
+    tokens: jax.Array  # (B, max_new_tokens) generated so far, pad after a row is done
+    done: jax.Array  # (B,) bool
+    step: jax.Array  # () tokens generated so far (same for every row)
 
 
 def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
@@ -59,7 +59,7 @@ def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.lax.cond(
-        jnp.any(sampling.temperature > 0), lambda: _sampled_tokens(logits, greedy, step, sampling), lambda: greedy,
+        jnp.any(sampling.temperature > 0), lambda: _sampled_tokens(logits, greedy, step, sampling), lambda: greedy
     )
 
 
@@ -107,9 +107,20 @@ def _finish(token, done, config: AriaTextConfig, stop_ids):
     return token, done | jnp.isin(token, stop_ids)
 
 
-def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop_ids, *, config: AriaTextConfig,
-            cache_length: int, max_new_tokens_capacity: int, chunk: int = PREFILL_CHUNK,
-            dtype=jnp.float32, kv_cache_dtype: str | None = None) -> DecodeState:
+def prefill(
+    text_params,
+    prompt_embeds,
+    attention_mask,
+    sampling: Sampling,
+    stop_ids,
+    *,
+    config: AriaTextConfig,
+    cache_length: int,
+    max_new_tokens_capacity: int,
+    chunk: int = PREFILL_CHUNK,
+    dtype=jnp.float32,
+    kv_cache_dtype: str | None = None,
+) -> DecodeState:
     """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token.
     T must be at most `chunk` or a multiple of it (`buckets.prompt_bucket`). `kv_cache_dtype`:
     one of `kv_cache.KV_CACHE_DTYPES`."""
@@ -129,13 +140,19 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
         # cache buffer: less memory than scanning over the whole cache and splitting it after.
         decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype, dispatch=True)
         logits, prompt_cache = decoder.apply(
-            {"params": text_params}, prompt_embeds, mask, positions,
-            init_cache(config, batch, prompt_len, dtype, kv_cache_dtype), 0, method=TextDecoder.cached_step,
+            {"params": text_params},
+            prompt_embeds,
+            mask,
+            positions,
+            init_cache(config, batch, prompt_len, dtype, kv_cache_dtype),
+            0,
+            method=TextDecoder.cached_step,
         )
         cache = per_layer(prompt_cache, cache_length)
     else:
-        logits, cache = _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk, cache_length,
-                                           config, dtype, kv_cache_dtype)
+        logits, cache = _prefill_in_chunks(
+            text_params, prompt_embeds, key_mask, positions, chunk, cache_length, config, dtype, kv_cache_dtype
+        )
     # As decode lays them out: left to the compiler, they came out split over the positions,
     # and each decode step gathered the whole cache back.
     cache = [pinned(layer) for layer in cache]
@@ -145,8 +162,17 @@ def prefill(text_params, prompt_embeds, attention_mask, sampling: Sampling, stop
     return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
 
 
-def _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk: int, cache_length: int,
-                       config: AriaTextConfig, dtype, kv_cache_dtype):
+def _prefill_in_chunks(
+    text_params,
+    prompt_embeds,
+    key_mask,
+    positions,
+    chunk: int,
+    cache_length: int,
+    config: AriaTextConfig,
+    dtype,
+    kv_cache_dtype,
+):
     """A long prompt `chunk` tokens at a time, each chunk's queries at their place in the cache,
     straight into decode's per-layer cache buffers: the layers run unrolled, as in decode, so the
     cache exists once (a layer scan would stack it, and splitting it into layers would copy it).
@@ -155,10 +181,12 @@ def _prefill_in_chunks(text_params, prompt_embeds, key_mask, positions, chunk: i
     cache = init_per_layer(config, batch, cache_length, dtype, kv_cache_dtype)
 
     def one_chunk(cache, start):
-        embeds, chunk_positions = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
-                                   for x in (prompt_embeds, positions))
-        logits, cache = unrolled_cached_step(text_params, embeds, key_mask, chunk_positions, cache, start,
-                                             config=config, dtype=dtype, dispatch=True)
+        embeds, chunk_positions = (
+            jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in (prompt_embeds, positions)
+        )
+        logits, cache = unrolled_cached_step(
+            text_params, embeds, key_mask, chunk_positions, cache, start, config=config, dtype=dtype, dispatch=True
+        )
         return cache, logits
 
     cache, logits = jax.lax.scan(one_chunk, cache, jnp.arange(0, prompt_len, chunk, dtype=jnp.int32))
@@ -176,13 +204,25 @@ def decode_params(text_params, config: AriaTextConfig, dtype):
     step dequantizes only those its tokens chose. Elsewhere: the params as they are, no layers."""
     if not on_one_cpu():
         return text_params, None
-    layers = [dequantize_tree(layer_params(text_params, index), dtype, keep=STACKED_IN_DECODE)
-              for index in range(config.num_hidden_layers)]
+    layers = [
+        dequantize_tree(layer_params(text_params, index), dtype, keep=STACKED_IN_DECODE)
+        for index in range(config.num_hidden_layers)
+    ]
     return dequantize_tree({name: part for name, part in text_params.items() if name != "layers"}, dtype), layers
 
 
-def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling: Sampling, stop_ids, *,
-           config: AriaTextConfig, prompt_len: int, dtype=jnp.float32) -> DecodeState:
+def decode(
+    text_params,
+    state: DecodeState,
+    num_steps,
+    max_new_tokens,
+    sampling: Sampling,
+    stop_ids,
+    *,
+    config: AriaTextConfig,
+    prompt_len: int,
+    dtype=jnp.float32,
+) -> DecodeState:
     """Up to `num_steps` more tokens, stopping early at `max_new_tokens` or when every row is done."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     last_step = jnp.minimum(state.step + num_steps, max_new_tokens)
@@ -192,11 +232,20 @@ def decode(text_params, state: DecodeState, num_steps, max_new_tokens, sampling:
         return (state.step < last_step) & ~jnp.all(state.done)
 
     def one_token(state):
-        previous = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)      # (B, 1)
+        previous = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # (B, 1)
         embeds = decoder.apply({"params": text_params}, previous, method=TextDecoder.embed)
         positions = (state.prompt_lengths + state.step - 1)[:, None]
-        logits, cache = unrolled_cached_step(text_params, embeds, state.key_mask, positions, state.cache,
-                                             prompt_len + state.step - 1, config=config, dtype=dtype, layers=layers)
+        logits, cache = unrolled_cached_step(
+            text_params,
+            embeds,
+            state.key_mask,
+            positions,
+            state.cache,
+            prompt_len + state.step - 1,
+            config=config,
+            dtype=dtype,
+            layers=layers,
+        )
         token, done = _finish(sample_tokens(logits, state.step, sampling), state.done, config, stop_ids)
         tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
         return state.replace(cache=cache, tokens=tokens, step=state.step + 1, done=done)

@@ -12,14 +12,24 @@ from __future__ import annotations
 import jax
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids=None, **kwargs) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids=None,
+    **kwargs,
+) -> None:
     """`jax.distributed.initialize` with CPU collectives across processes over gloo (TPU and
     GPU use their own interconnect; the setting only concerns CPU devices). Call it first,
     before anything else touches JAX."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids, **kwargs)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        **kwargs,
+    )
 
 
 def is_main_process() -> bool:

@@ -33,8 +33,8 @@ from aria_jax.rounds import Admission, Round, broadcast_round
 from aria_jax.sharding import MeshRunner
 from aria_jax.slots import decode_slots, empty_slots, insert
 
-DEFAULT_MAX_LENGTH = 4096     # cache positions per slot, when the model's context is longer
-DEFAULT_DECODE_STEPS = 8      # tokens per slot between rounds: new requests wait at most this long
+DEFAULT_MAX_LENGTH = 4096  # cache positions per slot, when the model's context is longer
+DEFAULT_DECODE_STEPS = 8  # tokens per slot between rounds: new requests wait at most this long
 DEFAULT_MAX_QUEUE = 64
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -61,9 +61,9 @@ class RoundFailed(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    text: str                 # the answer, before any stop string
-    tokens: np.ndarray        # generated ids, through the one that stopped the answer
-    finish_reason: str        # one of FINISH_REASONS
+    text: str  # the answer, before any stop string
+    tokens: np.ndarray  # generated ids, through the one that stopped the answer
+    finish_reason: str  # one of FINISH_REASONS
     prompt_tokens: int
 
 
@@ -139,14 +139,26 @@ class Engine:
 
     Use it as a context manager (`with Engine(model) as engine:`) or `start()` / `stop()`."""
 
-    def __init__(self, model, *, max_batch: int = 8, max_length: int | None = None,
-                 decode_steps: int = DEFAULT_DECODE_STEPS, max_queue: int = DEFAULT_MAX_QUEUE,
-                 kv_cache_dtype: str | None = None, metrics=None):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int = 8,
+        max_length: int | None = None,
+        decode_steps: int = DEFAULT_DECODE_STEPS,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        kv_cache_dtype: str | None = None,
+        metrics=None,
+    ):
         config = model.text_config
         context = config.max_position_embeddings
         max_length = min(context, DEFAULT_MAX_LENGTH) if max_length is None else max_length
-        for name, value, low in (("max_batch", max_batch, 1), ("max_length", max_length, 2),
-                                 ("decode_steps", decode_steps, 1), ("max_queue", max_queue, 0)):
+        for name, value, low in (
+            ("max_batch", max_batch, 1),
+            ("max_length", max_length, 2),
+            ("decode_steps", decode_steps, 1),
+            ("max_queue", max_queue, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
         if max_length > context:
@@ -160,17 +172,19 @@ class Engine:
         self._generator, self._pad_id = generator, config.pad_id
         self._prefill = generator.prefill
         run = MeshRunner(model.mesh)
-        self._empty = functools.partial(run.wrap(_empty_slots), config, max_batch, max_length, STOP_ID_SLOTS,
-                                        model.dtype, kv_cache_dtype)
+        self._empty = functools.partial(
+            run.wrap(_empty_slots), config, max_batch, max_length, STOP_ID_SLOTS, model.dtype, kv_cache_dtype
+        )
         self._insert = run.wrap(_insert)
-        self._decode = functools.partial(run.wrap(_decode_slots), config=config, dtype=model.dtype,
-                                         num_steps=decode_steps)
+        self._decode = functools.partial(
+            run.wrap(_decode_slots), config=config, dtype=model.dtype, num_steps=decode_steps
+        )
         self._run = run
-        self._decode_inputs = None      # (params, layers) for `decode_slots`, made at the first round
+        self._decode_inputs = None  # (params, layers) for `decode_slots`, made at the first round
         self._slots = None
-        self._answers: dict[int, _Answer] = {}          # slot -> the request in it
+        self._answers: dict[int, _Answer] = {}  # slot -> the request in it
         self._queue: collections.deque[tuple[Handle, Prompt]] = collections.deque()
-        self._release = np.zeros((max_batch,), bool)    # slots to mark done at the next decode
+        self._release = np.zeros((max_batch,), bool)  # slots to mark done at the next decode
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -178,9 +192,23 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
-               max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-               stop_strings=(), loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+    def submit(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        pixel_mask=None,
+        num_crops=None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stop_strings=(),
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Handle:
         """Queues one prompt, as the processor gives it (`engine.submit(**inputs, ...)`: token
         ids (1, T) or (T,), padding in `attention_mask` dropped, images) with `generate`'s
         settings; returns its `Handle`. Raises `RequestError` for a bad request, `QueueFull`
@@ -196,15 +224,26 @@ class Engine:
             if mask.shape != ids.shape[1:] or not np.isin(mask, (0, 1)).all():
                 raise RequestError(f"attention_mask must be 0s and 1s of input_ids' shape {ids.shape}")
             ids = ids[:, mask.astype(bool)]
-        prompt = self.model.prompt(ids, None, pixel_values, pixel_mask, max_new_tokens=max_new_tokens,
-                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   seed=seed, stop_strings=stop_strings)
+        prompt = self.model.prompt(
+            ids,
+            None,
+            pixel_values,
+            pixel_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_strings=stop_strings,
+        )
         needed = prompt.padded_ids.shape[1] + prompt.request.max_new_tokens
         if needed > self.max_length:
             raise RequestError(
                 f"prompt of {ids.shape[1]} tokens (padded to {prompt.padded_ids.shape[1]}) + max_new_tokens="
                 f"{prompt.request.max_new_tokens} needs {needed} cache positions; this engine's slots hold "
-                f"{self.max_length} (max_length)")
+                f"{self.max_length} (max_length)"
+            )
         handle = Handle(ids.shape[1], loop)
         with self._lock:
             if self._stopped:
@@ -270,9 +309,9 @@ class Engine:
                         break
                 try:
                     self.step()
-                except Exception as error:      # noqa: BLE001 - the requests learn of it; serving goes on
+                except Exception as error:  # noqa: BLE001 - the requests learn of it; serving goes on
                     self._fail_all(RoundFailed(f"the engine's round failed: {error!r}"), queued=False)
-                    self._slots = None          # donated to the failed call: start from empty slots
+                    self._slots = None  # donated to the failed call: start from empty slots
                     self._release[:] = False
         finally:
             if jax.process_count() > 1:
@@ -328,9 +367,10 @@ class Engine:
             while free and self._queue:
                 handle, prompt = self._queue.popleft()
                 slot = free.pop(0)
-                self._answers[slot] = _Answer(handle, prompt, frozenset(prompt.request.stop_ids.tolist()) - {-1},
-                                              last_delivery=handle.submitted)
-                self._release[slot] = False     # a slot freed last round and filled now: insert resets it
+                self._answers[slot] = _Answer(
+                    handle, prompt, frozenset(prompt.request.stop_ids.tolist()) - {-1}, last_delivery=handle.submitted
+                )
+                self._release[slot] = False  # a slot freed last round and filled now: insert resets it
                 admissions.append(Admission(slot, prompt))
         release, self._release = self._release, np.zeros_like(self._release)
         return Round(admissions, release, decode=bool(self._answers))
@@ -349,16 +389,27 @@ class Engine:
         for admission in round_.admissions:
             prompt, request = admission.prompt, admission.prompt.request
             prefilled = self._prefill(
-                params, self.model.prompt_embeddings(prompt), prompt.padded_mask, request.sampling,
-                request.stop_ids, cache_length=self.max_length,
+                params,
+                self.model.prompt_embeddings(prompt),
+                prompt.padded_mask,
+                request.sampling,
+                request.stop_ids,
+                cache_length=self.max_length,
                 # generate(max_length=) takes this capacity: the two share the compiled prefill
                 max_new_tokens_capacity=self.max_length - prompt.padded_ids.shape[1],
-                kv_cache_dtype=self.kv_cache_dtype)
-            stop_ids = request.stop_ids[:STOP_ID_SLOTS]     # the rest stop on the host
-            self._slots = self._insert(self._slots, prefilled, np.int32(admission.slot),
-                                       np.int32(prompt.padded_ids.shape[1]), np.int32(request.max_new_tokens),
-                                       request.sampling, stop_ids[None])
-            if on_first_token is not None:      # read after the insert is queued: it runs meanwhile
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
+            stop_ids = request.stop_ids[:STOP_ID_SLOTS]  # the rest stop on the host
+            self._slots = self._insert(
+                self._slots,
+                prefilled,
+                np.int32(admission.slot),
+                np.int32(prompt.padded_ids.shape[1]),
+                np.int32(request.max_new_tokens),
+                request.sampling,
+                stop_ids[None],
+            )
+            if on_first_token is not None:  # read after the insert is queued: it runs meanwhile
                 on_first_token(admission.slot, int(jax.device_get(prefilled.tokens)[0, 0]))
         if not round_.decode:
             return None
@@ -416,9 +467,14 @@ class Engine:
         text = self._generator.answer_text(answer.tokens, answer.stop_ids, ())
         if not stopped and any(stop in text for stop in request.stop_texts):
             # the first token whose text completes a stop string ends the answer, as in generate
-            end = next(k for k in range(1, len(answer.tokens) + 1)
-                       if any(stop in self._generator.answer_text(answer.tokens[:k], answer.stop_ids, ())
-                              for stop in request.stop_texts))
+            end = next(
+                k
+                for k in range(1, len(answer.tokens) + 1)
+                if any(
+                    stop in self._generator.answer_text(answer.tokens[:k], answer.stop_ids, ())
+                    for stop in request.stop_texts
+                )
+            )
             del answer.tokens[end:]
             stopped = True
         length_reached = len(answer.tokens) >= request.max_new_tokens
@@ -433,7 +489,7 @@ class Engine:
         # Byte-fallback text can be rewritten while a UTF-8 sequence is incomplete: what was
         # shown stays shown, and only text beyond it is new.
         if len(text) > len(answer.shown):
-            answer.handle._emit(text[len(answer.shown):])
+            answer.handle._emit(text[len(answer.shown) :])
             answer.shown = text
 
     def _finish(self, slot: int, reason: str) -> None:

@@ -64,7 +64,9 @@ def hub_tensors(pieces: list[Piece], dtype, text_only: bool, constants: dict[str
     for piece in pieces:
         for path, shape in piece.leaves.items():
             rule = RULE_FOR_PATH[path]
-            tensors.append(HubTensor(hub_key(rule, piece.layer, text_only), rule.layout.hub_shape(shape), np.dtype(dtype)))
+            tensors.append(
+                HubTensor(hub_key(rule, piece.layer, text_only), rule.layout.hub_shape(shape), np.dtype(dtype))
+            )
     tensors += [HubTensor(key, value.shape, value.dtype) for key, value in constants.items()]
     return tensors
 
@@ -83,10 +85,15 @@ def shard_names(tensors: list[HubTensor], max_shard_bytes: int) -> list[str]:
     return [f"model-{s + 1:05d}-of-{count:05d}.safetensors" for s in shard_of]
 
 
-def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, pieces: list[Piece],
-                      read_piece: Callable[[Piece], dict[Path, np.ndarray]], dtype,
-                      max_shard_bytes: int = MAX_SHARD_BYTES,
-                      on_bytes: Callable[[int], None] | None = None) -> list[HubTensor]:
+def write_hub_weights(
+    directory: str,
+    config: AriaConfig | AriaTextConfig,
+    pieces: list[Piece],
+    read_piece: Callable[[Piece], dict[Path, np.ndarray]],
+    dtype,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[HubTensor]:
     """Writes every tensor of `pieces` (arrays from `read_piece(piece)`, one piece in memory at a
     time) into `directory` as hub safetensors, with an index when there are several shards."""
     constants = unused_hub_tensors(config, dtype)
@@ -115,16 +122,23 @@ def write_hub_weights(directory: str, config: AriaConfig | AriaTextConfig, piece
         write(position, value)
         position += 1
     if len(set(names)) > 1:
-        write_json(os.path.join(directory, INDEX_FILE), {
-            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-            "weight_map": {t.key: name for t, name in zip(tensors, names)},
-        })
+        write_json(
+            os.path.join(directory, INDEX_FILE),
+            {
+                "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                "weight_map": {t.key: name for t, name in zip(tensors, names)},
+            },
+        )
     return tensors
 
 
-def save_hub_weights(params: dict, config: AriaConfig | AriaTextConfig, directory: str,
-                     max_shard_bytes: int = MAX_SHARD_BYTES, on_bytes: Callable[[int], None] | None = None,
-                     ) -> list[HubTensor]:
+def save_hub_weights(
+    params: dict,
+    config: AriaConfig | AriaTextConfig,
+    directory: str,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[HubTensor]:
     """Writes in-memory params ({component: subtree}, e.g. after fine-tuning) as hub
     safetensors in their own dtype. Each layer is fetched to the host on its own."""
     flat = flatten_tree(params)
@@ -145,12 +159,17 @@ def is_exported(directory: str) -> bool:
     """Whether `directory` is a whole hub-format model directory that we wrote: config.json and
     safetensors files that all carry our stamp, nothing else but the index and side files."""
     weights = [name for name in os.listdir(directory) if name.endswith(".safetensors")]
-    if not (weights and os.path.isfile(os.path.join(directory, "config.json"))
-            and holds_only(directory, {"config.json", INDEX_FILE, *weights})):
+    if not (
+        weights
+        and os.path.isfile(os.path.join(directory, "config.json"))
+        and holds_only(directory, {"config.json", INDEX_FILE, *weights})
+    ):
         return False
     try:
-        return all(SafetensorsFile(os.path.join(directory, name)).metadata.get("writer") == WRITER_METADATA["writer"]
-                   for name in weights)
+        return all(
+            SafetensorsFile(os.path.join(directory, name)).metadata.get("writer") == WRITER_METADATA["writer"]
+            for name in weights
+        )
     except (OSError, ValueError):
         return False
 
@@ -158,15 +177,21 @@ def is_exported(directory: str) -> bool:
 EXPORTED = "a model directory written by aria-jax (export or finetune)"
 
 
-def save_model_directory(params: dict, config: AriaConfig | AriaTextConfig, directory: str | os.PathLike,
-                         side_files_from: str | None = None, overwrite: bool = False) -> None:
+def save_model_directory(
+    params: dict,
+    config: AriaConfig | AriaTextConfig,
+    directory: str | os.PathLike,
+    side_files_from: str | None = None,
+    overwrite: bool = False,
+) -> None:
     """A complete hub-format model directory from in-memory params, all or nothing: config.json,
     safetensors, and the tokenizer / processor files of `side_files_from`. With `overwrite`, an
     existing `directory` is replaced only if it is one of ours (`is_exported`) or empty."""
     dtype = np.dtype(next(iter(flatten_tree(params).values())).dtype)
     sources = () if side_files_from is None else (side_files_from,)
-    with atomic_directory(directory, overwrite=overwrite, sources=sources, replaceable=is_exported,
-                          what=EXPORTED) as partial:
+    with atomic_directory(
+        directory, overwrite=overwrite, sources=sources, replaceable=is_exported, what=EXPORTED
+    ) as partial:
         save_hub_weights(params, config, partial)
         write_json(os.path.join(partial, "config.json"), hub_config(config, dtype))
         if side_files_from is not None:

@@ -97,22 +97,32 @@ def check_apart(destination: str, sources) -> None:
     for source in sources:
         relation = overlap(destination, source)
         if relation:
-            raise FileExistsError(f"{destination} {relation} the source {os.path.realpath(source)}; "
-                                  "choose another destination")
+            raise FileExistsError(
+                f"{destination} {relation} the source {os.path.realpath(source)}; choose another destination"
+            )
 
 
 def _check_replaceable(destination: str, replaceable: Callable[[str], bool] | None, what: str) -> None:
     if not os.path.isdir(destination) or os.path.islink(destination):
-        raise FileExistsError(f"{destination} exists and is not a directory; --overwrite (overwrite=True) "
-                              "only replaces a directory")
+        raise FileExistsError(
+            f"{destination} exists and is not a directory; --overwrite (overwrite=True) only replaces a directory"
+        )
     if os.listdir(destination) and not (replaceable and replaceable(destination)):
-        raise FileExistsError(f"{destination} exists and is not {what}; --overwrite (overwrite=True) replaces "
-                              "only that (or an empty directory): remove it yourself or choose another destination")
+        raise FileExistsError(
+            f"{destination} exists and is not {what}; --overwrite (overwrite=True) replaces "
+            "only that (or an empty directory): remove it yourself or choose another destination"
+        )
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike, overwrite: bool = False, *, sources=(),
-                     replaceable: Callable[[str], bool] | None = None, what: str = "a directory of this kind"):
+def atomic_directory(
+    destination: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    sources=(),
+    replaceable: Callable[[str], bool] | None = None,
+    what: str = "a directory of this kind",
+):
     """Yields a temporary sibling directory to fill; renames it to `destination` when the block
     completes. A failure, or the process being killed, never leaves a half-written destination;
     what a killed run leaves behind is cleaned up by the next one.

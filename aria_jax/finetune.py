@@ -37,8 +37,16 @@ from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.processing import AriaProcessor
 from aria_jax.sharding import replicate_to
 from aria_jax.train import (
-    TrainConfig, TrainConfigError, batch_to_mesh, check_setting, init_state, jit_train_step, learning_rate_schedule,
-    merged_params, split_params, stack_micro_batches,
+    TrainConfig,
+    TrainConfigError,
+    batch_to_mesh,
+    check_setting,
+    init_state,
+    jit_train_step,
+    learning_rate_schedule,
+    merged_params,
+    split_params,
+    stack_micro_batches,
 )
 
 
@@ -53,30 +61,36 @@ class TrainingDivergedError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    batch_size: int = 8                  # rows per micro-batch; a step sees batch_size x grad_accum_steps
-    max_image_size: int | None = None    # crop size; None: the checkpoint's default
+    batch_size: int = 8  # rows per micro-batch; a step sees batch_size x grad_accum_steps
+    max_image_size: int | None = None  # crop size; None: the checkpoint's default
     split_image: bool = False
-    max_length: int = 2048               # longer examples are an error, not truncated
-    save_every: int = 100                # steps between checkpoints (and one at the end)
+    max_length: int = 2048  # longer examples are an error, not truncated
+    save_every: int = 100  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
-    seed: int = 0                        # data order and adapter init
+    seed: int = 0  # data order and adapter init
     dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("batch_size", "max_length", "save_every", "keep_checkpoints"):
             check_setting("RunSettings", name, getattr(self, name), "at least 1", lambda n: n >= 1, integer=True)
         if self.max_image_size is not None:
-            check_setting("RunSettings", "max_image_size", self.max_image_size, "at least 1 (or None)",
-                          lambda n: n >= 1, integer=True)
+            check_setting(
+                "RunSettings",
+                "max_image_size",
+                self.max_image_size,
+                "at least 1 (or None)",
+                lambda n: n >= 1,
+                integer=True,
+            )
         # jax.random.key takes the seed modulo 2**32: larger seeds would repeat smaller ones' runs.
         check_setting("RunSettings", "seed", self.seed, "in [0, 2**32)", lambda n: 0 <= n < 2**32, integer=True)
 
 
 @dataclasses.dataclass
 class FinetuneResult:
-    steps: int                      # optimizer steps done, in total
-    resumed_from: int | None        # the checkpoint's step, if the run resumed
-    metrics: list[dict]             # this run's steps
+    steps: int  # optimizer steps done, in total
+    resumed_from: int | None  # the checkpoint's step, if the run resumed
+    metrics: list[dict]  # this run's steps
     model_dir: str
     adapter_dir: str | None
 
@@ -100,11 +114,16 @@ def _differences(saved: dict, current: dict, prefix: str = ""):
 
 
 def _check_resumable(saved: dict, current: dict, directory: str) -> None:
-    differences = [difference for group in ("train_config", "settings")
-                   for difference in _differences(saved.get(group, {}), current[group])]
+    differences = [
+        difference
+        for group in ("train_config", "settings")
+        for difference in _differences(saved.get(group, {}), current[group])
+    ]
     if differences:
-        raise ResumeError(f"{directory} holds checkpoints of a run with other settings ({'; '.join(differences)}); "
-                          f"resume with the same settings or choose another output directory")
+        raise ResumeError(
+            f"{directory} holds checkpoints of a run with other settings ({'; '.join(differences)}); "
+            f"resume with the same settings or choose another output directory"
+        )
 
 
 def _check_out_dir(out_dir: str, model_path: str, data_dir: str) -> None:
@@ -113,13 +132,23 @@ def _check_out_dir(out_dir: str, model_path: str, data_dir: str) -> None:
     for what, path in (("model", model_path), ("data", data_dir)):
         relation = overlap(out_dir, path)
         if relation:
-            raise TrainConfigError(f"the output directory {out_dir} {relation} the {what} directory {path}; "
-                                   f"choose an output directory apart from the model and the data")
+            raise TrainConfigError(
+                f"the output directory {out_dir} {relation} the {what} directory {path}; "
+                f"choose an output directory apart from the model and the data"
+            )
 
 
-def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainConfig,
-             settings: RunSettings = RunSettings(), *, mesh=None, progress: bool = True,
-             stop_at_step: int | None = None) -> FinetuneResult:
+def finetune(
+    model_path: str,
+    data_dir: str,
+    out_dir: str,
+    train_config: TrainConfig,
+    settings: RunSettings = RunSettings(),
+    *,
+    mesh=None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> FinetuneResult:
     """Fine-tunes the model at `model_path` on the dataset folder `data_dir` (see
     `aria_jax.data`), writing into `out_dir`. `stop_at_step` ends the run early, after saving a
     checkpoint there (a later call resumes)."""
@@ -127,8 +156,13 @@ def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainCo
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save as a warning
     end_step = train_config.total_steps if stop_at_step is None else min(stop_at_step, train_config.total_steps)
     processor = AriaProcessor.from_pretrained(model_path)
-    dataset = SFTDataset(data_dir, processor, max_image_size=settings.max_image_size,
-                         split_image=settings.split_image, max_length=settings.max_length)
+    dataset = SFTDataset(
+        data_dir,
+        processor,
+        max_image_size=settings.max_image_size,
+        split_image=settings.split_image,
+        max_length=settings.max_length,
+    )
     batches = Batches(dataset, settings.batch_size, seed=settings.seed)
     model = AriaForConditionalGeneration.from_pretrained(model_path, dtype=settings.dtype, mesh=mesh)
     config, dtype = model.config, model.dtype
@@ -144,8 +178,12 @@ def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainCo
     os.makedirs(out_dir, exist_ok=True)
     checkpoints_dir = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     # A save cut short by a kill leaves a temporary directory; the next run removes it.
-    manager = ocp.CheckpointManager(checkpoints_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=settings.keep_checkpoints, enable_async_checkpointing=False, cleanup_tmp_directories=True))
+    manager = ocp.CheckpointManager(
+        checkpoints_dir,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=settings.keep_checkpoints, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        ),
+    )
     try:
         identity = _run_identity(model_path, data_dir, train_config, settings)
         resumed_from = manager.latest_step()
@@ -155,14 +193,21 @@ def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainCo
             saved = manager.restore(resumed_from, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             _check_resumable(saved["identity"], identity, checkpoints_dir)
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-            state = manager.restore(resumed_from, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"]
+            state = manager.restore(resumed_from, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+                "state"
+            ]
 
         def save(step: int) -> None:
-            meta = {"identity": identity, "step": step,
-                    "data_position": step * train_config.grad_accum_steps}  # batches consumed
-            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
+            meta = {
+                "identity": identity,
+                "step": step,
+                "data_position": step * train_config.grad_accum_steps,
+            }  # batches consumed
+            manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
 
         metrics_path = os.path.join(out_dir, "metrics.jsonl")
         start = int(state.step)
@@ -170,14 +215,24 @@ def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainCo
         step_fn = jit_train_step(config, train_config, dtype)
         schedule = learning_rate_schedule(train_config)
         run_metrics = []
+
         def host_batch(step: int) -> dict:
             first = step * train_config.grad_accum_steps
             return stack_micro_batches([batches.batch(first + i) for i in range(train_config.grad_accum_steps)])
 
         # The next step's batch is read and preprocessed in a thread while this step computes.
-        with tqdm(total=train_config.total_steps, initial=start, disable=not progress, desc="finetune",
-                  unit="step", dynamic_ncols=True) as bar, open(metrics_path, "a", encoding="utf-8") as log, \
-                ThreadPoolExecutor(max_workers=1) as loader:
+        with (
+            tqdm(
+                total=train_config.total_steps,
+                initial=start,
+                disable=not progress,
+                desc="finetune",
+                unit="step",
+                dynamic_ncols=True,
+            ) as bar,
+            open(metrics_path, "a", encoding="utf-8") as log,
+            ThreadPoolExecutor(max_workers=1) as loader,
+        ):
             upcoming = loader.submit(host_batch, start) if start < end_step else None
             for step in range(start, end_step):
                 micro = upcoming.result()
@@ -190,17 +245,25 @@ def finetune(model_path: str, data_dir: str, out_dir: str, train_config: TrainCo
                     with jax.set_mesh(mesh):
                         state, metrics = step_fn(state, frozen, batch_to_mesh(micro, mesh))
                 metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
-                diverged = [f"{key} {metrics[key]}" for key in ("loss", "grad_norm", "param_norm")
-                            if not math.isfinite(metrics[key])]
+                diverged = [
+                    f"{key} {metrics[key]}"
+                    for key in ("loss", "grad_norm", "param_norm")
+                    if not math.isfinite(metrics[key])
+                ]
                 if diverged:
                     newest = manager.latest_step()
                     raise TrainingDivergedError(
                         f"training diverged at step {step + 1} ({', '.join(diverged)}); nothing of it is saved "
                         f"(newest checkpoint in {checkpoints_dir}: {'none' if newest is None else f'step {newest}'}); "
-                        f"lower the learning rate or check the data")
+                        f"lower the learning rate or check the data"
+                    )
                 seconds = time.perf_counter() - began
-                metrics.update(step=step + 1, learning_rate=float(schedule(step)), seconds=seconds,
-                               tokens_per_second=metrics["tokens"] / seconds)
+                metrics.update(
+                    step=step + 1,
+                    learning_rate=float(schedule(step)),
+                    seconds=seconds,
+                    tokens_per_second=metrics["tokens"] / seconds,
+                )
                 run_metrics.append(metrics)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
@@ -241,8 +304,9 @@ def _truncate_metrics(path: str, step: int) -> None:
         if logged is None and line.strip():
             if number == len(lines):
                 break
-            raise ResumeError(f"{path} line {number} is not a metrics record: {line[:80]!r}; "
-                              f"repair or delete the file to resume")
+            raise ResumeError(
+                f"{path} line {number} is not a metrics record: {line[:80]!r}; repair or delete the file to resume"
+            )
         if logged is not None and logged <= step:
             kept.append(line + "\n")
     if "".join(kept) != text:

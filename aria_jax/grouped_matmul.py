@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from aria_jax.quantization import QuantizedArray, array_bytes
 
-ROW_ALIGN = 8        # sublanes: rows are padded to a multiple
+ROW_ALIGN = 8  # sublanes: rows are padded to a multiple
 LANE = 128
 
 
@@ -77,16 +77,19 @@ def _quantized_product(rows_ref, values_ref, scales_ref) -> jax.Array:
     group = depth // groups
     product = None
     for g in range(groups):
-        part = jnp.dot(rows_ref[:, g * group:(g + 1) * group],
-                       values_ref[g * group:(g + 1) * group, :].astype(rows_ref.dtype),
-                       preferred_element_type=jnp.float32) * scales_ref[g:g + 1, :].astype(jnp.float32)
+        part = jnp.dot(
+            rows_ref[:, g * group : (g + 1) * group],
+            values_ref[g * group : (g + 1) * group, :].astype(rows_ref.dtype),
+            preferred_element_type=jnp.float32,
+        ) * scales_ref[g : g + 1, :].astype(jnp.float32)
         product = part if product is None else product + part
     return product
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "interpret"))
-def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array | QuantizedArray, layer: int, group_sizes: jax.Array,
-                           interpret: bool = False) -> jax.Array:
+def stacked_grouped_matmul(
+    rows: jax.Array, weights: jax.Array | QuantizedArray, layer: int, group_sizes: jax.Array, interpret: bool = False
+) -> jax.Array:
     """`weights` may be quantized (`aria_jax.quantization`): int8 or int4 values, read as they
     are stored and converted in the chip's memory."""
     scales = []
@@ -95,15 +98,17 @@ def stacked_grouped_matmul(rows: jax.Array, weights: jax.Array | QuantizedArray,
     num_rows, depth = rows.shape
     num_layers, num_groups, weight_depth, width = weights.shape
     if weight_depth != depth or not 0 <= layer < num_layers or group_sizes.shape != (num_groups,):
-        raise ValueError(f"stacked_grouped_matmul: rows {rows.shape}, weights {weights.shape}, layer {layer}, "
-                         f"group_sizes {group_sizes.shape} do not fit together")
+        raise ValueError(
+            f"stacked_grouped_matmul: rows {rows.shape}, weights {weights.shape}, layer {layer}, "
+            f"group_sizes {group_sizes.shape} do not fit together"
+        )
     padded_rows = -(-num_rows // ROW_ALIGN) * ROW_ALIGN
     rows = jnp.pad(rows, ((0, padded_rows - num_rows), (0, 0)))
     block = column_block(width)
     offsets, active, count = group_order(group_sizes)
     # one group's weights (and scales) as the chip holds them, int4 packed two to a byte
     group_bytes = sum(array_bytes(w.shape[2:], w.dtype) for w in (weights, *scales))
-    touched = min(num_groups, num_rows)     # at most one group per row
+    touched = min(num_groups, num_rows)  # at most one group per row
     cost = pl.CostEstimate(
         flops=2 * padded_rows * depth * width * touched,
         transcendentals=0,

@@ -31,26 +31,42 @@ import re
 from functools import cached_property
 
 from aria_jax.accelerators import Chip
-from aria_jax.hlo_text import (
-    Array,
-    Computation,
-    Instruction,
-    Module,
-    arrays_of,
-    hbm_bytes,
-    trip_count,
-)
+from aria_jax.hlo_text import Array, Computation, Instruction, Module, arrays_of, hbm_bytes, trip_count
 
 # Instructions that move no data of their own: bookkeeping, aliases, and the second half of
 # asynchronous pairs (the work is charged at the start).
 FREE_OPCODES = {
-    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
-    "opt-barrier", "add-dependency", "domain", "copy-done", "send-done", "recv-done", "all-reduce-done",
-    "all-gather-done", "collective-permute-done", "async-done", "async-update", "slice-done",
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+    "domain",
+    "copy-done",
+    "send-done",
+    "recv-done",
+    "all-reduce-done",
+    "all-gather-done",
+    "collective-permute-done",
+    "async-done",
+    "async-update",
+    "slice-done",
 }
 COLLECTIVES = {
-    "all-reduce", "all-reduce-start", "all-gather", "all-gather-start", "reduce-scatter", "all-to-all",
-    "collective-permute", "collective-permute-start", "ragged-all-to-all",
+    "all-reduce",
+    "all-reduce-start",
+    "all-gather",
+    "all-gather-start",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "collective-permute-start",
+    "ragged-all-to-all",
 }
 # Custom calls that only reserve memory.
 ALLOCATING_CUSTOM_CALLS = {"AllocateBuffer"}
@@ -62,18 +78,26 @@ MATMUL_OPCODES = {"dot", "ragged-dot"}
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    seconds: float = 0.0                # conditionals at their most expensive branch
-    seconds_cheapest: float = 0.0       # conditionals at their cheapest branch
-    compiler_seconds: float = 0.0       # the part of `seconds` that is the compiler's own estimate
-    unknown_trip_loops: int = 0         # loops of data-dependent length, counted once each
+    seconds: float = 0.0  # conditionals at their most expensive branch
+    seconds_cheapest: float = 0.0  # conditionals at their cheapest branch
+    compiler_seconds: float = 0.0  # the part of `seconds` that is the compiler's own estimate
+    unknown_trip_loops: int = 0  # loops of data-dependent length, counted once each
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.seconds + other.seconds, self.seconds_cheapest + other.seconds_cheapest,
-                    self.compiler_seconds + other.compiler_seconds, self.unknown_trip_loops + other.unknown_trip_loops)
+        return Cost(
+            self.seconds + other.seconds,
+            self.seconds_cheapest + other.seconds_cheapest,
+            self.compiler_seconds + other.compiler_seconds,
+            self.unknown_trip_loops + other.unknown_trip_loops,
+        )
 
     def times(self, count: int) -> "Cost":
-        return Cost(self.seconds * count, self.seconds_cheapest * count, self.compiler_seconds * count,
-                    self.unknown_trip_loops * count)
+        return Cost(
+            self.seconds * count,
+            self.seconds_cheapest * count,
+            self.compiler_seconds * count,
+            self.unknown_trip_loops * count,
+        )
 
     @property
     def rule_seconds(self) -> float:
@@ -86,8 +110,8 @@ class Loop:
     """A `while` the program runs outside any other loop."""
 
     name: str
-    trip_count: int | None          # None: depends on data
-    iteration: Cost                 # one pass of the body and the condition
+    trip_count: int | None  # None: depends on data
+    iteration: Cost  # one pass of the body and the condition
 
 
 class ProgramCost:
@@ -111,11 +135,20 @@ class ProgramCost:
             for instruction in computation.instructions:
                 if instruction.opcode == "while":
                     body, condition = instruction.called("body")[0], instruction.called("condition")[0]
-                    loops.append(Loop(instruction.name, self.trip_count(instruction, computation),
-                                      self.computation_cost(body) + self.computation_cost(condition)))
+                    loops.append(
+                        Loop(
+                            instruction.name,
+                            self.trip_count(instruction, computation),
+                            self.computation_cost(body) + self.computation_cost(condition),
+                        )
+                    )
                 else:
-                    stack += instruction.called("calls") + instruction.called("branch_computations") + \
-                        instruction.called("true_computation") + instruction.called("false_computation")
+                    stack += (
+                        instruction.called("calls")
+                        + instruction.called("branch_computations")
+                        + instruction.called("true_computation")
+                        + instruction.called("false_computation")
+                    )
                     if instruction.opcode == "call":
                         stack += instruction.called("to_apply")
         return loops
@@ -134,8 +167,9 @@ class ProgramCost:
                     visit(instruction.called("body")[0], times * trips)
                     visit(instruction.called("condition")[0], times * (trips + 1))
                 elif instruction.opcode == "conditional":
-                    names = instruction.called("branch_computations") or \
-                        instruction.called("true_computation") + instruction.called("false_computation")
+                    names = instruction.called("branch_computations") or instruction.called(
+                        "true_computation"
+                    ) + instruction.called("false_computation")
                     visit(max(names, key=lambda n: self.computation_cost(n).seconds), times)
                 elif instruction.opcode in ("call", "async-start"):
                     for callee in instruction.called("calls") + instruction.called("to_apply"):
@@ -170,16 +204,24 @@ class ProgramCost:
                 return iteration + self.computation_cost(condition) + Cost(unknown_trip_loops=1)
             return iteration.times(trips) + self.computation_cost(condition)
         if opcode == "conditional":
-            branches = [self.computation_cost(name) for name in
-                        instruction.called("branch_computations") or
-                        instruction.called("true_computation") + instruction.called("false_computation")]
+            branches = [
+                self.computation_cost(name)
+                for name in instruction.called("branch_computations")
+                or instruction.called("true_computation") + instruction.called("false_computation")
+            ]
             dearest = max(branches, key=lambda cost: cost.seconds)
             cheapest = min(branch.seconds_cheapest for branch in branches)
-            return Cost(dearest.seconds, cheapest, dearest.compiler_seconds,
-                        max(branch.unknown_trip_loops for branch in branches))
+            return Cost(
+                dearest.seconds,
+                cheapest,
+                dearest.compiler_seconds,
+                max(branch.unknown_trip_loops for branch in branches),
+            )
         if opcode in ("call", "async-start"):
-            return sum((self.computation_cost(name) for name in instruction.called("calls") +
-                        instruction.called("to_apply")), Cost())
+            return sum(
+                (self.computation_cost(name) for name in instruction.called("calls") + instruction.called("to_apply")),
+                Cost(),
+            )
         if instruction.estimated_cycles is not None and self.chip.clock_hz:
             seconds = instruction.estimated_cycles / self.chip.clock_hz
             return Cost(seconds, seconds, seconds)
@@ -196,8 +238,10 @@ class ProgramCost:
         if declared is not None:
             flops, bytes_accessed = declared
             return max(bytes_accessed / chip.hbm_bytes_per_second, flops / chip.peak_flops)
-        seconds = max(self.bytes_moved(instruction, computation) / chip.hbm_bytes_per_second,
-                      self.flops(instruction, computation) / chip.peak_flops)
+        seconds = max(
+            self.bytes_moved(instruction, computation) / chip.hbm_bytes_per_second,
+            self.flops(instruction, computation) / chip.peak_flops,
+        )
         if instruction.opcode in COLLECTIVES:
             seconds = max(seconds, self.wire_bytes(instruction, computation) / chip.interconnect_bytes_per_second)
         return seconds
@@ -218,9 +262,9 @@ class ProgramCost:
         else:
             result_bytes = hbm_bytes(result)
         if instruction.opcode == "slice-start":
-            return arrays_of(instruction.shape)[1].bytes     # reads the slice, wherever it goes
+            return arrays_of(instruction.shape)[1].bytes  # reads the slice, wherever it goes
         if instruction.opcode in SLICING_OPCODES:
-            return 2 * result_bytes     # reads only what it keeps
+            return 2 * result_bytes  # reads only what it keeps
         if instruction.opcode == "dynamic-update-slice":
             return 2 * hbm_bytes(self.operand_shape(computation, instruction.operands[1]))  # in place
         return result_bytes + sum(hbm_bytes(self.operand_shape(computation, name)) for name in instruction.operands)
@@ -284,8 +328,9 @@ class ProgramCost:
         n = 2 if instruction.opcode.startswith("collective-permute") else self.group_size(instruction)
         if n <= 1:
             return 0.0
-        operand_bytes = sum(array.bytes for name in instruction.operands
-                            for array in arrays_of(self.operand_shape(computation, name)))
+        operand_bytes = sum(
+            array.bytes for name in instruction.operands for array in arrays_of(self.operand_shape(computation, name))
+        )
         base = instruction.opcode.removesuffix("-start")
         if base == "all-reduce":
             return 2 * (n - 1) / n * operand_bytes

@@ -30,7 +30,7 @@ def _element_bits(element_type: str) -> int:
 class Array:
     dims: tuple[int, ...]
     bits: int
-    memory_space: int       # 0: HBM (device memory); TPU's S(1) is on-chip VMEM
+    memory_space: int  # 0: HBM (device memory); TPU's S(1) is on-chip VMEM
 
     @property
     def bytes(self) -> int:
@@ -109,8 +109,9 @@ class Computation:
         return users
 
     def parameter(self, index: int) -> Instruction | None:
-        return next((i for i in self.instructions if i.opcode == "parameter" and i.operand_text.strip() == str(index)),
-                    None)
+        return next(
+            (i for i in self.instructions if i.opcode == "parameter" and i.operand_text.strip() == str(index)), None
+        )
 
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
@@ -127,7 +128,7 @@ def _closing(text: str, start: int) -> int:
             depth -= 1
             if depth == 0:
                 return index
-    raise ValueError(f"unbalanced brackets in HLO: {text[start:start + 80]!r}")
+    raise ValueError(f"unbalanced brackets in HLO: {text[start : start + 80]!r}")
 
 
 def parse_instruction(line: str) -> Instruction | None:
@@ -147,9 +148,16 @@ def parse_instruction(line: str) -> Instruction | None:
         return None
     open_paren = opcode_match.end() - 1
     close_paren = _closing(rest, open_paren)
-    operand_text = rest[open_paren + 1:close_paren]
-    return Instruction(name, shape, opcode_match.group(1), re.findall(r"%([\w.\-]+)", operand_text), operand_text,
-                       rest[close_paren + 1:], is_root)
+    operand_text = rest[open_paren + 1 : close_paren]
+    return Instruction(
+        name,
+        shape,
+        opcode_match.group(1),
+        re.findall(r"%([\w.\-]+)", operand_text),
+        operand_text,
+        rest[close_paren + 1 :],
+        is_root,
+    )
 
 
 @dataclasses.dataclass
@@ -190,8 +198,11 @@ def trip_count(module: Module, loop: Instruction, computation: Computation) -> i
 
 
 def _through_copies(computation: Computation, instruction: Instruction | None) -> Instruction | None:
-    while instruction is not None and instruction.opcode in ("copy", "bitcast", "reshape", "convert") \
-            and instruction.operands:
+    while (
+        instruction is not None
+        and instruction.opcode in ("copy", "bitcast", "reshape", "convert")
+        and instruction.operands
+    ):
         instruction = computation.by_name.get(instruction.operands[0])
     return instruction
 

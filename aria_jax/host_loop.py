@@ -24,10 +24,10 @@ from aria_jax.sharding import MeshRunner
 from aria_jax.tokenizer import TokenizerError, check_text
 
 DEFAULT_STOP_STRINGS = ("<|im_end|>",)
-STOP_ID_SLOTS = 8         # stop ids checked on device; a request with more gets the next power of two
-SEED_LIMIT = 2**64        # seeds are integers in [0, 2**64), numpy's convention
-GENERATE_CHUNK = 32       # decode steps between host checks of multi-token stop strings
-STREAM_CHUNK = 4          # decode steps between streamed pieces (see `Generator.stream`)
+STOP_ID_SLOTS = 8  # stop ids checked on device; a request with more gets the next power of two
+SEED_LIMIT = 2**64  # seeds are integers in [0, 2**64), numpy's convention
+GENERATE_CHUNK = 32  # decode steps between host checks of multi-token stop strings
+STREAM_CHUNK = 4  # decode steps between streamed pieces (see `Generator.stream`)
 
 
 class RequestError(ValueError):
@@ -41,13 +41,26 @@ class Request:
 
     max_new_tokens: int
     sampling: Sampling
-    stop_ids: np.ndarray            # (STOP_ID_SLOTS or more,) eos ids + single-token stop strings, -1 padded
-    stop_texts: tuple[str, ...]     # stop strings checked on decoded text
-    kv_cache_dtype: str | None = None   # one of kv_cache.KV_CACHE_DTYPES
+    stop_ids: np.ndarray  # (STOP_ID_SLOTS or more,) eos ids + single-token stop strings, -1 padded
+    stop_texts: tuple[str, ...]  # stop strings checked on decoded text
+    kv_cache_dtype: str | None = None  # one of kv_cache.KV_CACHE_DTYPES
 
 
-def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer, *, max_new_tokens, do_sample,
-                  temperature, top_k, top_p, seed, stop_strings, kv_cache_dtype=None) -> Request:
+def check_request(
+    batch: int,
+    prompt_len: int,
+    config: AriaTextConfig,
+    tokenizer,
+    *,
+    max_new_tokens,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop_strings,
+    kv_cache_dtype=None,
+) -> Request:
     """Validates the settings (errors name the value) and broadcasts them to one per row.
 
     `stop_strings`: a str or strings, stopping in addition to `DEFAULT_STOP_STRINGS` (when there
@@ -64,8 +77,9 @@ def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer
         raise RequestError(f"do_sample={do_sample!r}: must be True or False")
     # isinstance first: an unhashable or array value must not reach the membership test.
     if not (kv_cache_dtype is None or isinstance(kv_cache_dtype, str)) or kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise RequestError(f"kv_cache_dtype={shorten(kv_cache_dtype)}: must be one of "
-                           f"{', '.join(map(repr, KV_CACHE_DTYPES))}")
+        raise RequestError(
+            f"kv_cache_dtype={shorten(kv_cache_dtype)}: must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}"
+        )
 
     def per_row(name, value, dtype, valid, why):
         values, scalar = rows_of(name, value, batch)
@@ -74,14 +88,17 @@ def check_request(batch: int, prompt_len: int, config: AriaTextConfig, tokenizer
             raise RequestError(f"{name}={bad[0]!r}: {why}")
         return np.asarray(values, dtype), scalar
 
-    temperature, _ = per_row("temperature", temperature, np.float32, lambda t: is_real(t) and 0 <= t < np.inf,
-                             "must be a finite number >= 0")
-    top_k, _ = per_row("top_k", top_k, object, lambda k: is_integer(k) and k >= 0,
-                       "must be an integer >= 0 (0 turns it off)")
+    temperature, _ = per_row(
+        "temperature", temperature, np.float32, lambda t: is_real(t) and 0 <= t < np.inf, "must be a finite number >= 0"
+    )
+    top_k, _ = per_row(
+        "top_k", top_k, object, lambda k: is_integer(k) and k >= 0, "must be an integer >= 0 (0 turns it off)"
+    )
     top_k = np.minimum(top_k, config.vocab_size).astype(np.int32)  # any k past the vocabulary keeps every token
     top_p, _ = per_row("top_p", top_p, np.float32, lambda p: is_real(p) and 0 < p <= 1, "must be a number in (0, 1]")
-    seeds, scalar = per_row("seed", seed, object, lambda s: is_integer(s) and 0 <= s < SEED_LIMIT,
-                            "must be an integer in [0, 2**64)")
+    seeds, scalar = per_row(
+        "seed", seed, object, lambda s: is_integer(s) and 0 <= s < SEED_LIMIT, "must be an integer in [0, 2**64)"
+    )
     if scalar:
         if seeds[0] + batch - 1 >= SEED_LIMIT:
             raise RequestError(f"seed={seed!r}: row {batch - 1} would use seed + {batch - 1}, past 2**64 - 1")
@@ -139,8 +156,10 @@ def check_stop_strings(stop_strings, tokenizer) -> tuple[str, ...]:
         except TokenizerError as err:
             raise RequestError(str(err)) from None
     if stop_strings and tokenizer is None:
-        raise RequestError(f"stop_strings={shorten(list(stop_strings))} need the checkpoint's tokenizer; "
-                           f"this model was loaded without one")
+        raise RequestError(
+            f"stop_strings={shorten(list(stop_strings))} need the checkpoint's tokenizer; "
+            f"this model was loaded without one"
+        )
     if tokenizer is None:
         return ()
     return tuple(dict.fromkeys(DEFAULT_STOP_STRINGS + stop_strings))
@@ -167,14 +186,19 @@ class Generator:
 
     def __init__(self, config: AriaTextConfig, dtype, tokenizer=None, runner: MeshRunner = MeshRunner()):
         self.config, self.dtype, self.tokenizer = config, dtype, tokenizer
-        self.prefill = runner.wrap(jax.jit(
-            functools.partial(prefill, config=config, dtype=dtype),
-            static_argnames=("cache_length", "max_new_tokens_capacity", "chunk", "kv_cache_dtype"),
-        ))
-        self.decode = runner.wrap(jax.jit(
-            functools.partial(decode, config=config, dtype=dtype),
-            static_argnames=("prompt_len",), donate_argnames=("state",),
-        ))
+        self.prefill = runner.wrap(
+            jax.jit(
+                functools.partial(prefill, config=config, dtype=dtype),
+                static_argnames=("cache_length", "max_new_tokens_capacity", "chunk", "kv_cache_dtype"),
+            )
+        )
+        self.decode = runner.wrap(
+            jax.jit(
+                functools.partial(decode, config=config, dtype=dtype),
+                static_argnames=("prompt_len",),
+                donate_argnames=("state",),
+            )
+        )
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Left-pads to the prompt bucket (`buckets.prompt_bucket`); returns the padded ids and mask."""
@@ -184,8 +208,9 @@ class Generator:
         mask = np.concatenate([np.zeros((batch, extra), np.int32), attention_mask], axis=1)
         return ids, mask
 
-    def steps(self, params, prompt_embeds, attention_mask, request: Request, chunk: int,
-              max_length: int | None = None) -> Iterator[np.ndarray]:
+    def steps(
+        self, params, prompt_embeds, attention_mask, request: Request, chunk: int, max_length: int | None = None
+    ) -> Iterator[np.ndarray]:
         """Runs generation, yielding the (B, max_new_tokens) token buffer after prefill and after
         every decode chunk; rows stopped by a stop string are cut after the token completing it."""
         batch, prompt_len, _ = prompt_embeds.shape
@@ -197,8 +222,13 @@ class Generator:
             raise RequestError(f"max_length={max_length} is shorter than the prompt bucket + max_new_tokens ({needed})")
         stop_ids, stop_texts = request.stop_ids, request.stop_texts
         state: DecodeState = self.prefill(
-            params, prompt_embeds, attention_mask, request.sampling, stop_ids,
-            cache_length=cache_length, max_new_tokens_capacity=cache_length - prompt_len,
+            params,
+            prompt_embeds,
+            attention_mask,
+            request.sampling,
+            stop_ids,
+            cache_length=cache_length,
+            max_new_tokens_capacity=cache_length - prompt_len,
             kv_cache_dtype=request.kv_cache_dtype,
         )
         while True:
@@ -211,8 +241,9 @@ class Generator:
             yield tokens
             if step >= request.max_new_tokens or bool(np.all(done)):
                 return
-            state = self.decode(params, state, chunk, request.max_new_tokens, request.sampling, stop_ids,
-                                prompt_len=prompt_len)
+            state = self.decode(
+                params, state, chunk, request.max_new_tokens, request.sampling, stop_ids, prompt_len=prompt_len
+            )
 
     def _cut_at_stop_strings(self, tokens, step, done, stop_texts):
         tokens, done = tokens.copy(), done.copy()
@@ -220,8 +251,9 @@ class Generator:
             generated = tokens[row, :step]
             if not any(s in self.tokenizer.decode(generated) for s in stop_texts):
                 continue
-            end = next(k for k in range(1, step + 1)
-                       if any(s in self.tokenizer.decode(generated[:k]) for s in stop_texts))
+            end = next(
+                k for k in range(1, step + 1) if any(s in self.tokenizer.decode(generated[:k]) for s in stop_texts)
+            )
             tokens[row, end:] = self.config.pad_id
             done[row] = True
         return tokens, done
@@ -232,8 +264,9 @@ class Generator:
             pass
         return tokens
 
-    def stream(self, params, prompt_embeds, attention_mask, request: Request,
-               max_length=None) -> Iterator[str | tuple[str, ...]]:
+    def stream(
+        self, params, prompt_embeds, attention_mask, request: Request, max_length=None
+    ) -> Iterator[str | tuple[str, ...]]:
         """Decoded text as it grows, one piece per STREAM_CHUNK decode steps (a jitted call costs
         more than a loop iteration, so single-step calls would make streaming ~20% slower than
         `generate`; see benchmarks/stream_vs_generate.py): a str for one row, a tuple of str (one
@@ -253,7 +286,7 @@ class Generator:
                     text = text[: len(text) - possible_stop_start(text, stop_texts)]
                 # Byte-fallback text can be rewritten while a UTF-8 sequence is incomplete; what
                 # was shown stays shown and only text beyond it is new.
-                pieces.append(text[len(shown[row]):])
+                pieces.append(text[len(shown[row]) :])
                 shown[row] = max(shown[row], text, key=len)
             return pieces[0] if batch == 1 else tuple(pieces)
 

@@ -63,8 +63,25 @@ class ImageError(ValueError):
 # `split_resolutions` (`image_processing_pil_aria.py`) and rhymes-ai's. transformers reads each
 # pair as (rows, cols), i.e. (height, width); rhymes-ai's original code reads it as (cols, rows).
 DEFAULT_SPLIT_TILES = (
-    (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3), (2, 2),
-    (2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1), (7, 1), (8, 1),
+    (1, 2),
+    (1, 3),
+    (1, 4),
+    (1, 5),
+    (1, 6),
+    (1, 7),
+    (1, 8),
+    (2, 4),
+    (2, 3),
+    (2, 2),
+    (2, 1),
+    (3, 1),
+    (3, 2),
+    (4, 1),
+    (4, 2),
+    (5, 1),
+    (6, 1),
+    (7, 1),
+    (8, 1),
 )
 SPLIT_TILE_SIZE = 490
 DEFAULT_SPLIT_RESOLUTIONS = tuple(
@@ -84,6 +101,7 @@ PROCESSOR_FILE = "processor_config.json"
 # --------------------------------------------------------------------------------------------
 # Inputs -> RGB uint8 (H, W, 3)
 # --------------------------------------------------------------------------------------------
+
 
 def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
@@ -173,7 +191,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         raise ImageError(f"numpy image has no pixels: shape {array.shape}")
     channels = array.shape[2]
     if channels in (2, 4):
-        color, alpha = array[:, :, :channels - 1], array[:, :, channels - 1:] / 255
+        color, alpha = array[:, :, : channels - 1], array[:, :, channels - 1 :] / 255
         array = np.round(alpha * color + (1 - alpha) * 255).astype(np.uint8)
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
@@ -204,11 +222,19 @@ def to_rgb_array(image: Any, convert_rgb: bool = True) -> np.ndarray:
     file is read as RGB either way, as transformers' `load_image` does)."""
     if not convert_rgb and not isinstance(image, (str, os.PathLike)):
         array = as_array(image)
-        is_rgb = (image.mode == "RGB" if isinstance(image, Image.Image)
-                  else array is not None and array.ndim == 3 and _channels_last(array).shape[2] == 3)
+        is_rgb = (
+            image.mode == "RGB"
+            if isinstance(image, Image.Image)
+            else array is not None and array.ndim == 3 and _channels_last(array).shape[2] == 3
+        )
         if not is_rgb:
-            what = f"a {image.mode} image" if isinstance(image, Image.Image) else \
-                f"an array of shape {array.shape}" if array is not None else f"a {type(image).__name__}"
+            what = (
+                f"a {image.mode} image"
+                if isinstance(image, Image.Image)
+                else f"an array of shape {array.shape}"
+                if array is not None
+                else f"a {type(image).__name__}"
+            )
             raise ImageError(f"do_convert_rgb=False takes RGB images only (3 channels); got {what}")
     if isinstance(image, (str, os.PathLike)):
         return _pil_to_rgb(load_image_file(image))
@@ -251,9 +277,11 @@ def to_tensors(arrays: dict[str, Any], return_tensors: str | None) -> dict[str, 
         return arrays
     if return_tensors == "jax":
         import jax.numpy as jnp
+
         return {key: jnp.asarray(value) for key, value in arrays.items()}
     if return_tensors == "pt":
         import torch
+
         return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
     raise ValueError(f"return_tensors={return_tensors!r}; use one of: {', '.join(TENSOR_TYPES)}")
 
@@ -261,6 +289,7 @@ def to_tensors(arrays: dict[str, Any], return_tensors: str | None) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 # Geometry
 # --------------------------------------------------------------------------------------------
+
 
 def fit_size(height: int, width: int, max_size: int, min_size: int) -> tuple[int, int]:
     """Crop size: long side -> max_size, short side scaled (truncated) but >= min_size, so the
@@ -271,9 +300,7 @@ def fit_size(height: int, width: int, max_size: int, min_size: int) -> tuple[int
     return max_size, max(int(width * scale), min_size)
 
 
-def select_best_resolution(
-    height: int, width: int, resolutions: Iterable[Sequence[int]]
-) -> tuple[int, int]:
+def select_best_resolution(height: int, width: int, resolutions: Iterable[Sequence[int]]) -> tuple[int, int]:
     """LLaVA-NeXT's choice (transformers): among (height, width) targets, maximise the number of
     image pixels kept after an aspect-preserving fit, then minimise the unused target area."""
     best, best_effective, best_wasted = None, 0, float("inf")
@@ -295,9 +322,7 @@ def fit_inside(height: int, width: int, target_h: int, target_w: int) -> tuple[i
     return target_h, min(math.ceil(width * scale_h), target_w)
 
 
-def select_split_ratio_original(
-    width: int, height: int, ratios: Iterable[Sequence[int]], tile: int
-) -> tuple[int, int]:
+def select_split_ratio_original(width: int, height: int, ratios: Iterable[Sequence[int]], tile: int) -> tuple[int, int]:
     """rhymes-ai's `_select_best_resolution`: pairs are (ratio_w, ratio_h); keep the closest
     aspect ratio (first wins), and on an exact tie switch to the later pair iff the image area
     (an np.int32 product, which wraps above 2**31 as in the original) exceeds half its area."""
@@ -323,6 +348,7 @@ def _resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarr
 # Splitting
 # --------------------------------------------------------------------------------------------
 
+
 def split_transformers(
     rgb: np.ndarray, max_size: int, resolutions: Sequence[Sequence[int]], resample: int
 ) -> list[np.ndarray]:
@@ -336,15 +362,13 @@ def split_transformers(
     left, extra_w = divmod(target_w - new_w, 2)
     canvas = np.pad(resized, ((top, top + extra_h), (left, left + extra_w), (0, 0)))
     return [
-        canvas[row:row + max_size, col:col + max_size]
+        canvas[row : row + max_size, col : col + max_size]
         for row in range(0, target_h, max_size)
         for col in range(0, target_w, max_size)
     ]
 
 
-def split_original(
-    rgb: np.ndarray, max_size: int, ratios: Sequence[Sequence[int]], resample: int
-) -> list[np.ndarray]:
+def split_original(rgb: np.ndarray, max_size: int, ratios: Sequence[Sequence[int]], resample: int) -> list[np.ndarray]:
     """rhymes-ai's original: stretch to (max_size * ratio_w, max_size * ratio_h), cut row-major
     into max_size tiles, and put the whole image first as a global view when there are >1 tiles."""
     height, width = rgb.shape[:2]
@@ -353,13 +377,14 @@ def split_original(
     tiles = []
     for index in range(ratio_w * ratio_h):
         row, col = (index // ratio_w) * max_size, (index % ratio_w) * max_size
-        tiles.append(stretched[row:row + max_size, col:col + max_size])
+        tiles.append(stretched[row : row + max_size, col : col + max_size])
     return [rgb] + tiles if len(tiles) > 1 else tiles
 
 
 # --------------------------------------------------------------------------------------------
 # The processor
 # --------------------------------------------------------------------------------------------
+
 
 class AriaImageProcessor:
     """Aria's image processor; same output as transformers' `AriaImageProcessorPil`.
@@ -399,8 +424,11 @@ class AriaImageProcessor:
         self.split_image = bool(split_image)
         self.do_convert_rgb = bool(do_convert_rgb)
         self.do_rescale = bool(do_rescale)
-        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) \
-                or not math.isfinite(rescale_factor):
+        if (
+            isinstance(rescale_factor, bool)
+            or not isinstance(rescale_factor, (int, float))
+            or not math.isfinite(rescale_factor)
+        ):
             raise ValueError(f"rescale_factor must be a finite number; got {rescale_factor!r}")
         self.rescale_factor = float(rescale_factor)
         self.do_normalize = bool(do_normalize)
@@ -408,10 +436,12 @@ class AriaImageProcessor:
         # (rescale in float64 then cast to float32; normalize in float32).
         values = np.arange(256, dtype=np.float64)
         values = (values * self.rescale_factor).astype(np.float32) if self.do_rescale else values.astype(np.float32)
-        self._table = np.stack([
-            (values - np.float32(mean)) / np.float32(std) if self.do_normalize else values
-            for mean, std in zip(self.image_mean, self.image_std)
-        ])
+        self._table = np.stack(
+            [
+                (values - np.float32(mean)) / np.float32(std) if self.do_normalize else values
+                for mean, std in zip(self.image_mean, self.image_std)
+            ]
+        )
 
     @staticmethod
     def _per_channel(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
@@ -426,8 +456,7 @@ class AriaImageProcessor:
         return tuple(sorted({*self.size_to_queries, *TRANSFORMERS_CROP_SIZES}))
 
     def _check_max_image_size(self, size: Any) -> int:
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) \
-                or int(size) not in self.allowed_sizes:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) not in self.allowed_sizes:
             allowed = ", ".join(str(s) for s in self.allowed_sizes)
             raise ValueError(f"max_image_size={size!r} is not allowed; use one of: {allowed}")
         return int(size)
@@ -449,8 +478,19 @@ class AriaImageProcessor:
         where = os.path.join(directory, source)
 
         kwargs = {}
-        for key in ("max_image_size", "min_image_size", "image_mean", "image_std", "split_resolutions",
-                    "resample", "split_image", "do_convert_rgb", "do_rescale", "rescale_factor", "do_normalize"):
+        for key in (
+            "max_image_size",
+            "min_image_size",
+            "image_mean",
+            "image_std",
+            "split_resolutions",
+            "resample",
+            "split_image",
+            "do_convert_rgb",
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+        ):
             if settings.get(key) is not None:
                 kwargs[key] = settings[key]
         conversion = processor.get("size_conversion", settings.get("size_conversion"))
@@ -467,14 +507,10 @@ class AriaImageProcessor:
         """The split list as rhymes-ai reads it: each stored (h, w) pair in 490-pixel tiles,
         taken as (ratio_w, ratio_h)."""
         if any(h % SPLIT_TILE_SIZE or w % SPLIT_TILE_SIZE for h, w in self.split_resolutions):
-            raise ValueError(
-                f"split_mode='original' needs split_resolutions in multiples of {SPLIT_TILE_SIZE}"
-            )
+            raise ValueError(f"split_mode='original' needs split_resolutions in multiples of {SPLIT_TILE_SIZE}")
         return [(h // SPLIT_TILE_SIZE, w // SPLIT_TILE_SIZE) for h, w in self.split_resolutions]
 
-    def crops(
-        self, rgb: np.ndarray, max_image_size: int, split_image: bool, split_mode: str
-    ) -> list[np.ndarray]:
+    def crops(self, rgb: np.ndarray, max_image_size: int, split_image: bool, split_mode: str) -> list[np.ndarray]:
         """The uint8 RGB crops of one image, before the per-crop resize."""
         if not split_image:
             return [rgb]
@@ -482,9 +518,7 @@ class AriaImageProcessor:
             return split_transformers(rgb, max_image_size, self.split_resolutions, self.resample)
         return split_original(rgb, max_image_size, self._original_ratios(), self.resample)
 
-    def crop_to_arrays(
-        self, crop: np.ndarray, max_image_size: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def crop_to_arrays(self, crop: np.ndarray, max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
         """One uint8 RGB crop -> (3, S, S) float32 and (S, S) bool: fit_size, PIL resize, pad right
         and bottom with 0 to S x S, mask the resized area, rescale and normalize."""
         new_h, new_w = fit_size(crop.shape[0], crop.shape[1], max_image_size, self.min_image_size)
@@ -497,12 +531,15 @@ class AriaImageProcessor:
         return pixels, mask
 
     def count_crops(
-        self, height: int, width: int, max_image_size: int | None = None,
-        split_image: bool | None = None, split_mode: str = "transformers",
+        self,
+        height: int,
+        width: int,
+        max_image_size: int | None = None,
+        split_image: bool | None = None,
+        split_mode: str = "transformers",
     ) -> int:
         """How many crops an image of this size yields, without touching pixels."""
-        size = self._check_max_image_size(
-            self.max_image_size if max_image_size is None else max_image_size)
+        size = self._check_max_image_size(self.max_image_size if max_image_size is None else max_image_size)
         self._check_split_mode(split_mode)
         if not (self.split_image if split_image is None else split_image):
             return 1
@@ -534,13 +571,11 @@ class AriaImageProcessor:
         says ("jax", "pt"); the crops of each image are consecutive, in input order.
         `split_image=None` uses the configured default (False).
         """
-        size = self._check_max_image_size(
-            self.max_image_size if max_image_size is None else max_image_size)
+        size = self._check_max_image_size(self.max_image_size if max_image_size is None else max_image_size)
         split = self.split_image if split_image is None else bool(split_image)
         self._check_split_mode(split_mode)
         if not 0 < self.min_image_size <= size:
-            raise ValueError(
-                f"min_image_size={self.min_image_size} must be in 1..max_image_size ({size})")
+            raise ValueError(f"min_image_size={self.min_image_size} must be in 1..max_image_size ({size})")
         inputs = _flatten_images(images)
         if not inputs:
             raise ValueError("no images given")
@@ -553,11 +588,14 @@ class AriaImageProcessor:
                 pixels, mask = self.crop_to_arrays(crop, size)
                 pixel_values.append(pixels)
                 pixel_masks.append(mask)
-        return to_tensors({
-            "pixel_values": np.stack(pixel_values),
-            "pixel_mask": np.stack(pixel_masks),
-            "num_crops": np.asarray(num_crops, dtype=np.int64),
-        }, return_tensors)
+        return to_tensors(
+            {
+                "pixel_values": np.stack(pixel_values),
+                "pixel_mask": np.stack(pixel_masks),
+                "num_crops": np.asarray(num_crops, dtype=np.int64),
+            },
+            return_tensors,
+        )
 
     def num_image_tokens(self, max_image_size: int | None = None) -> int:
         """Image tokens (projector queries) per crop at this crop size."""

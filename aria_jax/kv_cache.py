@@ -42,8 +42,12 @@ def _zeros(leading: tuple[int, ...], config: AriaTextConfig, length: int, dtype,
     shape = (*leading, config.num_key_value_heads, length, config.head_dim)
     if kv_cache_dtype is None:
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    return {"k": jnp.zeros(shape, jnp.int8), "v": jnp.zeros(shape, jnp.int8),
-            "k_scale": jnp.zeros(shape[:-1], jnp.float32), "v_scale": jnp.zeros(shape[:-1], jnp.float32)}
+    return {
+        "k": jnp.zeros(shape, jnp.int8),
+        "v": jnp.zeros(shape, jnp.int8),
+        "k_scale": jnp.zeros(shape[:-1], jnp.float32),
+        "v_scale": jnp.zeros(shape[:-1], jnp.float32),
+    }
 
 
 def init_cache(config: AriaTextConfig, batch: int, length: int, dtype, kv_cache_dtype=None) -> dict:
@@ -95,10 +99,12 @@ def written(layer_cache: dict, new: dict, index) -> dict:
     """`layer_cache` with the `entries` `new` written at sequence index `index`: one for every
     row, or one per row (B,) (`is_per_row`)."""
     if not is_per_row(index):
-        return {name: jax.lax.dynamic_update_slice(buffer, new[name], at_position(index, buffer.ndim))
-                for name, buffer in layer_cache.items()}
+        return {
+            name: jax.lax.dynamic_update_slice(buffer, new[name], at_position(index, buffer.ndim))
+            for name, buffer in layer_cache.items()
+        }
 
-    def in_row(buffer, update, row_index):      # a row's (K, S, H) buffer or (K, S) scales
+    def in_row(buffer, update, row_index):  # a row's (K, S, H) buffer or (K, S) scales
         return jax.lax.dynamic_update_slice(buffer, update, at_position(row_index, buffer.ndim + 1)[1:])
 
     return {name: jax.vmap(in_row)(buffer, new[name], index) for name, buffer in layer_cache.items()}
@@ -142,7 +148,7 @@ def positions_split(shape: tuple[int, ...]) -> tuple[str, ...] | None:
 def layer_specs(layer_cache: dict, mesh) -> dict:
     """Each buffer's `cache_layout` on `mesh`: scales (B, K, S) are laid out as their keys."""
     layout = cache_layout(layer_cache["k"].shape, mesh)
-    return {name: P(*layout[:buffer.ndim]) for name, buffer in layer_cache.items()}
+    return {name: P(*layout[: buffer.ndim]) for name, buffer in layer_cache.items()}
 
 
 def pinned(layer_cache: dict | None) -> dict | None:
@@ -167,7 +173,7 @@ def per_layer(cache: dict, length: int) -> list[dict]:
     layer's new keys in place and reads no other layer's."""
     extra = length - cache["k"].shape[3]
 
-    def padded(buffer):     # positions are axis 2 of a layer's (B, K, S, H) and of its scales (B, K, S)
+    def padded(buffer):  # positions are axis 2 of a layer's (B, K, S, H) and of its scales (B, K, S)
         return jnp.pad(buffer, [(0, extra) if axis == 2 else (0, 0) for axis in range(buffer.ndim)])
 
     return [{name: padded(buffer[layer]) for name, buffer in cache.items()} for layer in range(cache["k"].shape[0])]

@@ -15,15 +15,17 @@ from aria_jax.quantization import QuantizedArray, dequantized, is_quantized
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
-def param_with_axes(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
-                    axes: tuple[str, ...], dtype) -> jax.Array | QuantizedArray:
+def param_with_axes(
+    module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple[str, ...], dtype
+) -> jax.Array | QuantizedArray:
     """The param, or a `QuantizedArray` where the params hold it quantized (`aria_jax.quantization`)."""
     if module.has_variable("params", name):
         stored = module.get_variable("params", name)
         if is_quantized(stored):
             if stored["values"].shape != tuple(shape):
-                raise ValueError(f"{module.path}/{name}: quantized values of shape {stored['values'].shape}, "
-                                 f"expected {tuple(shape)}")
+                raise ValueError(
+                    f"{module.path}/{name}: quantized values of shape {stored['values'].shape}, expected {tuple(shape)}"
+                )
             return QuantizedArray(stored["values"], stored["scales"])
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
@@ -32,7 +34,7 @@ def lora_delta(a: jax.Array, b: jax.Array, num_expert_dims: int = 0) -> jax.Arra
     """A @ B for a LoRA adapter of a weight (experts..., in dims..., out dims...):
     a is (experts..., in dims..., rank), b is (experts..., rank, out dims...)."""
     experts, rank = a.shape[:num_expert_dims], a.shape[-1]
-    in_shape, out_shape = a.shape[num_expert_dims:-1], b.shape[num_expert_dims + 1:]
+    in_shape, out_shape = a.shape[num_expert_dims:-1], b.shape[num_expert_dims + 1 :]
     delta = jnp.matmul(a.reshape(*experts, -1, rank), b.reshape(*experts, rank, -1))
     return delta.reshape(*experts, *in_shape, *out_shape)
 
@@ -66,8 +68,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
-                                self.param_dtype)
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * normed.astype(self.dtype)
@@ -76,7 +77,7 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
     """cos and sin tables (B, T, head_dim) for non-interleaved (rotate_half) RoPE, computed in float32."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq            # (B, T, head_dim/2)
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
@@ -112,7 +113,7 @@ class Linear(nn.Module):
     """x @ kernel (+ bias): kernel is (in dims..., out dims...), the last `in_dims` axes of x contract."""
 
     out_shape: tuple[int, ...]
-    axes: tuple[str, ...]          # logical names of (in dims..., out dims...)
+    axes: tuple[str, ...]  # logical names of (in dims..., out dims...)
     in_dims: int = 1
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -120,13 +121,18 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_shape = x.shape[x.ndim - self.in_dims:]
-        kernel = dequantized(param_with_axes(self, "kernel", default_kernel_init, in_shape + self.out_shape,
-                                             self.axes, self.param_dtype), self.dtype)
+        in_shape = x.shape[x.ndim - self.in_dims :]
+        kernel = dequantized(
+            param_with_axes(
+                self, "kernel", default_kernel_init, in_shape + self.out_shape, self.axes, self.param_dtype
+            ),
+            self.dtype,
+        )
         contract = tuple(range(x.ndim - self.in_dims, x.ndim))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((contract, tuple(range(self.in_dims))), ((), ())))
         if self.use_bias:
-            bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape,
-                                   self.axes[self.in_dims:], self.param_dtype)
+            bias = param_with_axes(
+                self, "bias", nn.initializers.zeros, self.out_shape, self.axes[self.in_dims :], self.param_dtype
+            )
             y = y + bias.astype(self.dtype)
         return y

@@ -31,8 +31,13 @@ from aria_jax.weights import flatten_tree, unflatten_tree
 
 # Target weight -> (expert dims, input dims) of its shape after the layer axis.
 TARGET_LAYOUT = {
-    "q_proj": (0, 1), "k_proj": (0, 1), "v_proj": (0, 1), "o_proj": (0, 2),
-    "shared_gate": (0, 1), "shared_up": (0, 1), "shared_down": (0, 1),
+    "q_proj": (0, 1),
+    "k_proj": (0, 1),
+    "v_proj": (0, 1),
+    "o_proj": (0, 2),
+    "shared_gate": (0, 1),
+    "shared_up": (0, 1),
+    "shared_down": (0, 1),
     **dict.fromkeys(ROUTED_EXPERT_AXES, (1, 1)),
     "lm_head": (0, 1),
 }
@@ -69,7 +74,7 @@ def _target_shapes(path: tuple[str, ...], shape: tuple[int, ...], rank: int):
     are the layer axis (stacked weights) and the expert axis."""
     num_experts, num_in = TARGET_LAYOUT[path[-1]]
     batch = (1 if "layers" in path else 0) + num_experts
-    in_shape, out_shape = shape[batch:batch + num_in], shape[batch + num_in:]
+    in_shape, out_shape = shape[batch : batch + num_in], shape[batch + num_in :]
     return batch, math.prod(in_shape), shape[:batch] + in_shape + (rank,), shape[:batch] + (rank,) + out_shape
 
 
@@ -97,8 +102,9 @@ def init_adapters(params: dict, config: LoraConfig, rng: jax.Array) -> dict:
 def scaled_adapters(adapters: dict, config: LoraConfig) -> dict:
     """The "lora" collection the model reads: A pre-multiplied by alpha / rank."""
     flat = flatten_tree(adapters)
-    return unflatten_tree({path: leaf * config.scale if path[-1].endswith(SUFFIX_A) else leaf
-                           for path, leaf in flat.items()})
+    return unflatten_tree(
+        {path: leaf * config.scale if path[-1].endswith(SUFFIX_A) else leaf for path, leaf in flat.items()}
+    )
 
 
 def merge_adapters(params: dict, adapters: dict, config: LoraConfig) -> dict:
@@ -125,12 +131,14 @@ def is_adapter_directory(directory: str) -> bool:
 def save_adapters(adapters: dict, config: LoraConfig, directory: str | os.PathLike, overwrite: bool = False) -> None:
     """adapter_model.safetensors (keys: param paths joined by ".") + adapter_config.json."""
     tensors = {".".join(path): np.asarray(jax.device_get(leaf)) for path, leaf in flatten_tree(adapters).items()}
-    with atomic_directory(directory, overwrite=overwrite, replaceable=is_adapter_directory,
-                          what="a LoRA adapter directory") as partial:
+    with atomic_directory(
+        directory, overwrite=overwrite, replaceable=is_adapter_directory, what="a LoRA adapter directory"
+    ) as partial:
         safetensors.numpy.save_file(tensors, os.path.join(partial, ADAPTER_FILE))
-        write_json(os.path.join(partial, CONFIG_FILE), {
-            "format": "aria_jax_lora", "rank": config.rank, "alpha": config.alpha, "targets": list(config.targets),
-        })
+        write_json(
+            os.path.join(partial, CONFIG_FILE),
+            {"format": "aria_jax_lora", "rank": config.rank, "alpha": config.alpha, "targets": list(config.targets)},
+        )
 
 
 def load_adapters(directory: str | os.PathLike, params: dict | None = None) -> tuple[dict, LoraConfig]:
@@ -159,9 +167,12 @@ def load_adapters(directory: str | os.PathLike, params: dict | None = None) -> t
             if path not in expected:
                 raise AdapterError(f"{weights_path}: {key} adapts no weight of this model")
             if tuple(value.shape) != expected[path]:
-                raise AdapterError(f"{weights_path}: {key} has shape {tuple(value.shape)}, the model needs {expected[path]}")
+                raise AdapterError(
+                    f"{weights_path}: {key} has shape {tuple(value.shape)}, the model needs {expected[path]}"
+                )
         missing = sorted(".".join(p) for p in set(expected) - set(flatten_tree(adapters)))
         if missing:
-            raise AdapterError(f"{weights_path}: missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            raise AdapterError(
+                f"{weights_path}: missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
     return adapters, config
-

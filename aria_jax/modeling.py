@@ -19,13 +19,7 @@ import jax.numpy as jnp
 
 from aria_jax.config import AriaConfig, AriaTextConfig
 from aria_jax.expert_weights import ROUTED_EXPERT_AXES
-from aria_jax.layers import (
-    RMSNorm,
-    adapted,
-    default_kernel_init,
-    param_with_axes,
-    rope_cos_sin,
-)
+from aria_jax.layers import RMSNorm, adapted, default_kernel_init, param_with_axes, rope_cos_sin
 from aria_jax.kv_cache import pinned
 from aria_jax.quantization import dequantized, project
 from aria_jax.moe import MoE
@@ -56,7 +50,7 @@ class DecoderLayer(nn.Module):
             attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, key_mask, pinned(cache), cache_index)
             if cache is not None:
                 attended, cache = attended
-                cache = pinned(cache)   # in and out alike: a loop carrying it keeps one layout
+                cache = pinned(cache)  # in and out alike: a loop carrying it keeps one layout
             x = x + attended
         with jax.named_scope("moe"):
             normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
@@ -83,8 +77,12 @@ class TextDecoder(nn.Module):
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = param_with_axes(
-            self, "embed_tokens", default_kernel_init, (cfg.vocab_size, cfg.hidden_size),
-            ("vocab", "vocab_embed"), self.param_dtype,
+            self,
+            "embed_tokens",
+            default_kernel_init,
+            (cfg.vocab_size, cfg.hidden_size),
+            ("vocab", "vocab_embed"),
+            self.param_dtype,
         )
         self.layers = nn.scan(
             nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
@@ -96,8 +94,12 @@ class TextDecoder(nn.Module):
         )(cfg, dispatch=self.dispatch, **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
         self.lm_head = param_with_axes(
-            self, "lm_head", default_kernel_init, (cfg.hidden_size, cfg.vocab_size),
-            ("vocab_embed", "vocab"), self.param_dtype,
+            self,
+            "lm_head",
+            default_kernel_init,
+            (cfg.hidden_size, cfg.vocab_size),
+            ("vocab_embed", "vocab"),
+            self.param_dtype,
         )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -149,13 +151,25 @@ def layer_params(params, index: int):
     stacked over layers (`STACKED_IN_DECODE`): the MoE reads them there."""
     stacked = params["layers"]
     in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE}
-    sliced = jax.tree.map(operator.itemgetter(index),
-                          {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}})
+    sliced = jax.tree.map(
+        operator.itemgetter(index), {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}}
+    )
     return {**sliced, "mlp": {**sliced["mlp"], **in_stack}}
 
 
-def unrolled_cached_step(params, inputs_embeds, key_mask, position_ids, cache, cache_index, *,
-                         config: AriaTextConfig, dtype=jnp.float32, dispatch: bool = False, layers=None):
+def unrolled_cached_step(
+    params,
+    inputs_embeds,
+    key_mask,
+    position_ids,
+    cache,
+    cache_index,
+    *,
+    config: AriaTextConfig,
+    dtype=jnp.float32,
+    dispatch: bool = False,
+    layers=None,
+):
     """`TextDecoder.cached_step` with the layers unrolled, for decode (and, with `dispatch`, a long
     prompt's chunks). cache: one {"k", "v"} of (B, K, S, H) per layer (`kv_cache.per_layer`),
     each written in place and read where it lies; a scan would copy every layer's cache slice in
@@ -187,8 +201,7 @@ def default_position_ids(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def text_forward(params, config: AriaTextConfig, input_ids, attention_mask=None, position_ids=None,
-                 dtype=jnp.float32):
+def text_forward(params, config: AriaTextConfig, input_ids, attention_mask=None, position_ids=None, dtype=jnp.float32):
     """Functional forward of the text model: (params pytree, config, inputs) -> logits (B, T, V)."""
     return TextDecoder(config, dtype=dtype, param_dtype=dtype).apply(
         {"params": params}, input_ids, attention_mask, position_ids
@@ -251,11 +264,16 @@ class AriaModel(nn.Module):
             return self._crop_features(pixel_values, pixel_mask)
         if pixel_mask is None:
             pixel_mask = jnp.ones((n, *pixel_values.shape[2:]), bool)
-        extra = -n % IMAGE_GROUP     # whole blank crops, dropped after
-        groups = [jnp.concatenate([x, jnp.ones((extra, *x.shape[1:]), x.dtype)]).reshape(-1, IMAGE_GROUP, *x.shape[1:])
-                  for x in (pixel_values, pixel_mask)]
-        over_groups = nn.scan(lambda model, carry, group: (carry, model._crop_features(*group)),
-                              variable_broadcast="params", split_rngs={"params": False})
+        extra = -n % IMAGE_GROUP  # whole blank crops, dropped after
+        groups = [
+            jnp.concatenate([x, jnp.ones((extra, *x.shape[1:]), x.dtype)]).reshape(-1, IMAGE_GROUP, *x.shape[1:])
+            for x in (pixel_values, pixel_mask)
+        ]
+        over_groups = nn.scan(
+            lambda model, carry, group: (carry, model._crop_features(*group)),
+            variable_broadcast="params",
+            split_rngs={"params": False},
+        )
         _, features = over_groups(self, None, tuple(groups))
         return features.reshape(-1, *features.shape[2:])[:n]
 

@@ -76,9 +76,15 @@ def routed_experts_dense(x, weights, expert_ids, gate_up, down, sum_hidden=_same
 def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
     """Same contract as `routed_experts_dense`; dropless sort + grouped matmul."""
     gate_up, down = dequantized(gate_up, x.dtype), dequantized(down, x.dtype)
-    return _sorted_pairs(x, weights, expert_ids, gate_up.shape[0], sum_hidden,
-                         lambda rows, sizes: jax.lax.ragged_dot(rows, gate_up, sizes),
-                         lambda rows, sizes: jax.lax.ragged_dot(rows, down, sizes))
+    return _sorted_pairs(
+        x,
+        weights,
+        expert_ids,
+        gate_up.shape[0],
+        sum_hidden,
+        lambda rows, sizes: jax.lax.ragged_dot(rows, gate_up, sizes),
+        lambda rows, sizes: jax.lax.ragged_dot(rows, down, sizes),
+    )
 
 
 def routed_experts_in_stack(layer: int, interpret: bool = False):
@@ -87,9 +93,15 @@ def routed_experts_in_stack(layer: int, interpret: bool = False):
     rows (`interpret`: run it in Pallas' interpreter, on any platform)."""
 
     def run(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
-        return _sorted_pairs(x, weights, expert_ids, gate_up.shape[1], sum_hidden,
-                             lambda rows, sizes: stacked_grouped_matmul(rows, gate_up, layer, sizes, interpret),
-                             lambda rows, sizes: stacked_grouped_matmul(rows, down, layer, sizes, interpret))
+        return _sorted_pairs(
+            x,
+            weights,
+            expert_ids,
+            gate_up.shape[1],
+            sum_hidden,
+            lambda rows, sizes: stacked_grouped_matmul(rows, gate_up, layer, sizes, interpret),
+            lambda rows, sizes: stacked_grouped_matmul(rows, down, layer, sizes, interpret),
+        )
 
     return run
 
@@ -98,12 +110,12 @@ def _sorted_pairs(x, weights, expert_ids, num_experts, sum_hidden, up_projection
     """The (token, slot) pairs sorted by expert, each expert's rows through its projections
     (`*_projection(rows, group_sizes)`: grouped matmuls), then back in order and weighted."""
     num_tokens, top_k = expert_ids.shape
-    flat_expert_ids = expert_ids.reshape(-1)                                  # (T*K,)
-    order = jnp.argsort(flat_expert_ids, stable=True)                         # rows grouped by expert
+    flat_expert_ids = expert_ids.reshape(-1)  # (T*K,)
+    order = jnp.argsort(flat_expert_ids, stable=True)  # rows grouped by expert
     group_sizes = jnp.bincount(flat_expert_ids, length=num_experts).astype(jnp.int32)
-    x_sorted = x[order // top_k]                                              # (T*K, D)
+    x_sorted = x[order // top_k]  # (T*K, D)
     activations = _glu(sum_hidden(up_projection(x_sorted, group_sizes)))
-    out_sorted = down_projection(activations, group_sizes)                    # (T*K, D)
+    out_sorted = down_projection(activations, group_sizes)  # (T*K, D)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
 
@@ -114,6 +126,7 @@ def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_s
     stays a batch dimension of both matmuls: folding it into the output dimension makes XLA
     transpose the gathered weights, a second copy of them. `layer`: the weights are stacked over
     layers, (L, E, D, 2F) and (L, E, F, D), and the gather takes this layer's experts from them."""
+
     def chosen(experts):
         return dequantized(experts[expert_ids] if layer is None else experts[layer, expert_ids], x.dtype)
 
@@ -155,11 +168,12 @@ def routed_experts_looped(x, weights, expert_ids, gate_up, down, layer=None):
                 rows = jax.lax.dynamic_slice_in_dim(x_sorted, row, size)
                 y = _glu(rows @ dequantized(gate_up[expert], x.dtype)) @ dequantized(down[expert], x.dtype)
                 return jnp.pad(y, ((0, largest - size), (0, 0)))
+
             return run
 
         def next_block(carry):
             row, out_sorted = carry
-            which = jnp.minimum(jnp.sum(block_sizes < end - row), len(LOOP_BLOCKS) - 1)   # smallest that holds them
+            which = jnp.minimum(jnp.sum(block_sizes < end - row), len(LOOP_BLOCKS) - 1)  # smallest that holds them
             y = jax.lax.switch(which, [run_block(size) for size in LOOP_BLOCKS], row)
             return row + block_sizes[which], jax.lax.dynamic_update_slice_in_dim(out_sorted, y, row, 0)
 
@@ -256,13 +270,13 @@ def experts_over_mesh(backend, act, x, weights, expert_ids, gate_up, down, share
     mesh = jax.sharding.get_abstract_mesh()
     tensor = mesh_axis_size(mesh, "tensor")
     model_dim = "tensor" if tensor > 1 and x.shape[-1] % tensor == 0 else None
-    layers = (None,) * (gate_up.ndim - 3)      # a leading layer axis: weights stacked over layers
+    layers = (None,) * (gate_up.ndim - 3)  # a leading layer axis: weights stacked over layers
     # Manual over every mesh axis (a Pallas kernel cannot be partitioned by the compiler): token
     # rows split over `data` when they divide.
     data = mesh_axis_size(mesh, "data")
     rows = "data" if data > 1 and x.shape[0] % data == 0 else None
     if model_dim and backend is routed_experts_looped:
-        backend = routed_experts_sorted       # its loops cannot hold the collective over `tensor`
+        backend = routed_experts_sorted  # its loops cannot hold the collective over `tensor`
     # Added in float32 and rounded once, as one matmul over the whole of D would be.
     sum_hidden = (lambda h: jax.lax.psum(h.astype(jnp.float32), "tensor").astype(h.dtype)) if model_dim else _same
 
@@ -282,9 +296,18 @@ def experts_over_mesh(backend, act, x, weights, expert_ids, gate_up, down, share
 
     width = P(model_dim, "expert")
     return jax.shard_map(
-        local_experts, axis_names=set(mesh.axis_names),
-        in_specs=(P(rows, model_dim), P(rows), P(rows), spec_for(gate_up, P(*layers, "expert", model_dim, None)),
-                  spec_for(down, P(*layers, "expert", None, model_dim)), width, width, P("expert", model_dim)),
+        local_experts,
+        axis_names=set(mesh.axis_names),
+        in_specs=(
+            P(rows, model_dim),
+            P(rows),
+            P(rows),
+            spec_for(gate_up, P(*layers, "expert", model_dim, None)),
+            spec_for(down, P(*layers, "expert", None, model_dim)),
+            width,
+            width,
+            P("expert", model_dim),
+        ),
         out_specs=P(rows, model_dim),
     )(x, weights, expert_ids, gate_up, down, *shared)
 
@@ -323,7 +346,7 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
         num_local, model_dim = gate_up.shape[0], x.shape[-1]
         num_pairs = num_tokens * top_k
         capacity = math.ceil(num_pairs * DISPATCH_SLACK / shards)
-        destination = (expert_ids // num_local).reshape(-1)               # (P,) shard of each pair
+        destination = (expert_ids // num_local).reshape(-1)  # (P,) shard of each pair
         is_destination = destination[:, None] == jnp.arange(shards)
         rank = jnp.take_along_axis(jnp.cumsum(is_destination, axis=0) - 1, destination[:, None], axis=1)[:, 0]
         busiest = jax.lax.pmax(jnp.max(jnp.sum(is_destination, axis=0)), tuple(mesh.axis_names))
@@ -331,7 +354,7 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
         pair_ids = (expert_ids % num_local).reshape(-1)
         slots = shards * capacity
 
-        def exchange(buffer):     # (slots, ...): block s of `capacity` slots goes to (comes from) shard s
+        def exchange(buffer):  # (slots, ...): block s of `capacity` slots goes to (comes from) shard s
             parts = buffer.reshape(shards, capacity, *buffer.shape[1:])
             return jax.lax.all_to_all(parts, "expert", 0, 0).reshape(buffer.shape)
 
@@ -339,9 +362,12 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
             round_index, out = state
             slot = rank - round_index * capacity
             in_round = (slot >= 0) & (slot < capacity)
-            target = jnp.where(in_round, destination * capacity + slot, slots)    # past the end: dropped
-            pair_of_slot = jnp.full((slots,), num_pairs, jnp.int32).at[target].set(
-                jnp.arange(num_pairs, dtype=jnp.int32), mode="drop")
+            target = jnp.where(in_round, destination * capacity + slot, slots)  # past the end: dropped
+            pair_of_slot = (
+                jnp.full((slots,), num_pairs, jnp.int32)
+                .at[target]
+                .set(jnp.arange(num_pairs, dtype=jnp.int32), mode="drop")
+            )
             filled = pair_of_slot < num_pairs
             pair_of_slot = jnp.minimum(pair_of_slot, num_pairs - 1)
             # Empty slots carry the id one past the local experts: a group the backends skip (or
@@ -350,18 +376,28 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
             received_ids = exchange(jnp.where(filled, pair_ids[pair_of_slot], num_local))
             done = backend(received, jnp.ones((slots, 1), x.dtype), received_ids[:, None], gate_up, down)
             returned = exchange(done)[jnp.minimum(target, slots - 1)].reshape(num_tokens, top_k, model_dim)
-            return round_index + 1, out + jnp.einsum("tkd,tk->td", returned, jnp.where(in_round, flat_weights, 0)
-                                                     .reshape(num_tokens, top_k))
+            return round_index + 1, out + jnp.einsum(
+                "tkd,tk->td", returned, jnp.where(in_round, flat_weights, 0).reshape(num_tokens, top_k)
+            )
 
         flat_weights = weights.reshape(-1)
-        no_output = jnp.zeros_like(x)     # varies over the shards, as x
+        no_output = jnp.zeros_like(x)  # varies over the shards, as x
         _, routed = jax.lax.while_loop(lambda state: state[0] < rounds, one_round, (jnp.int32(0), no_output))
         return routed + shared_experts(x, shared_gate, shared_up, shared_down, act)
 
     return jax.shard_map(
-        local_tokens, axis_names=set(mesh.axis_names),
-        in_specs=(P(rows), P(rows), P(rows), spec_for(gate_up, P("expert")), spec_for(down, P("expert")),
-                  P(), P(), P()),
+        local_tokens,
+        axis_names=set(mesh.axis_names),
+        in_specs=(
+            P(rows),
+            P(rows),
+            P(rows),
+            spec_for(gate_up, P("expert")),
+            spec_for(down, P("expert")),
+            P(),
+            P(),
+            P(),
+        ),
         out_specs=P(rows),
     )(x, weights, expert_ids, gate_up, down, *shared)
 
@@ -404,8 +440,12 @@ class MoE(nn.Module):
             them. On TPU the grouped matmul takes them all: dequantized here, where XLA fuses it
             with taking the layer's slice out of the stacks."""
             value = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
-            if (num_expert_dims and isinstance(value, QuantizedArray) and compile_platform() != "tpu"
-                    and not self.has_variable("lora", name + "_lora_a")):
+            if (
+                num_expert_dims
+                and isinstance(value, QuantizedArray)
+                and compile_platform() != "tpu"
+                and not self.has_variable("lora", name + "_lora_a")
+            ):
                 return value
             return adapted(self, name, dequantized(value, self.dtype), num_expert_dims)
 
@@ -415,14 +455,30 @@ class MoE(nn.Module):
         if self.layer_index is None:
             gate_up = weight("experts_gate_up", (e, d, 2 * f), ROUTED_EXPERT_AXES["experts_gate_up"], 1)
             down = weight("experts_down", (e, f, d), ROUTED_EXPERT_AXES["experts_down"], 1)
-        else:   # no adapters here: generation runs on params alone
+        else:  # no adapters here: generation runs on params alone
             layers = (cfg.num_hidden_layers,)
-            gate_up = param_with_axes(self, "experts_gate_up", default_kernel_init, layers + (e, d, 2 * f),
-                                      ("layers", *ROUTED_EXPERT_AXES["experts_gate_up"]), self.param_dtype)
-            down = param_with_axes(self, "experts_down", default_kernel_init, layers + (e, f, d),
-                                   ("layers", *ROUTED_EXPERT_AXES["experts_down"]), self.param_dtype)
+            gate_up = param_with_axes(
+                self,
+                "experts_gate_up",
+                default_kernel_init,
+                layers + (e, d, 2 * f),
+                ("layers", *ROUTED_EXPERT_AXES["experts_gate_up"]),
+                self.param_dtype,
+            )
+            down = param_with_axes(
+                self,
+                "experts_down",
+                default_kernel_init,
+                layers + (e, f, d),
+                ("layers", *ROUTED_EXPERT_AXES["experts_down"]),
+                self.param_dtype,
+            )
             pairs = math.prod(x.shape[:-1]) * cfg.moe_topk
-            if compile_platform() == "tpu" and cfg.moe_backend in ("auto", "ragged_dot") and pairs <= IN_STACK_MAX_PAIRS:
+            if (
+                compile_platform() == "tpu"
+                and cfg.moe_backend in ("auto", "ragged_dot")
+                and pairs <= IN_STACK_MAX_PAIRS
+            ):
                 backend = routed_experts_in_stack(self.layer_index)
             elif backend in READ_IN_STACK and not on_mesh:
                 backend = functools.partial(backend, layer=self.layer_index)
@@ -438,9 +494,11 @@ class MoE(nn.Module):
             # Kept only when the caller asks for "intermediates": training's auxiliary losses.
             self.sow("intermediates", "router_logits", router_logits)
         act = ACTIVATIONS[cfg.hidden_act]
-        shared = (weight("shared_gate", (d, s), ("expert_embed", "shared_mlp")),
-                  weight("shared_up", (d, s), ("expert_embed", "shared_mlp")),
-                  weight("shared_down", (s, d), ("shared_mlp", "expert_embed")))
+        shared = (
+            weight("shared_gate", (d, s), ("expert_embed", "shared_mlp")),
+            weight("shared_up", (d, s), ("expert_embed", "shared_mlp")),
+            weight("shared_down", (s, d), ("shared_mlp", "expert_embed")),
+        )
         if self.dispatch and gate_up.ndim == 3 and can_dispatch(tokens.shape[0]):
             with jax.named_scope("experts"):
                 out = experts_by_dispatch(backend, act, tokens, top_weights, top_ids, gate_up, down, shared)

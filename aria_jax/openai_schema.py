@@ -17,7 +17,7 @@ from typing import Literal, Union
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_STOP_STRINGS = 4       # as OpenAI's API
+MAX_STOP_STRINGS = 4  # as OpenAI's API
 
 
 class InvalidRequest(ValueError):
@@ -27,7 +27,7 @@ class InvalidRequest(ValueError):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")     # clients send fields we do not use (user, logprobs=False ...)
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=False ...)
 
 
 class TextPart(_Body):
@@ -74,10 +74,16 @@ class Sampling(_Body):
             raise InvalidRequest("stop strings must not be empty", "stop")
         max_tokens = self.max_completion_tokens or self.max_tokens
         if max_tokens is None:
-            max_tokens = max(room, 1)      # past the room, the engine's error names the sizes
-        return dict(max_new_tokens=max_tokens, do_sample=self.temperature > 0, temperature=self.temperature,
-                    top_k=self.top_k, top_p=self.top_p, stop_strings=stops,
-                    seed=secrets.randbits(63) if self.seed is None else self.seed)
+            max_tokens = max(room, 1)  # past the room, the engine's error names the sizes
+        return dict(
+            max_new_tokens=max_tokens,
+            do_sample=self.temperature > 0,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            stop_strings=stops,
+            seed=secrets.randbits(63) if self.seed is None else self.seed,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -122,8 +128,11 @@ def aria_messages(messages: list[Message], allowed_media_dir: str | None) -> tup
 def load_image(url: str, allowed_media_dir: str | None, param: str) -> Image.Image:
     """A `data:` URL's image, or a local file's under `allowed_media_dir`. Nothing is fetched."""
     if url.startswith(("http://", "https://")):
-        raise InvalidRequest(f"{param}: this server does not fetch URLs ({url[:60]}); send the image inline "
-                             f"as a data: URL (data:image/png;base64,...)", param)
+        raise InvalidRequest(
+            f"{param}: this server does not fetch URLs ({url[:60]}); send the image inline "
+            f"as a data: URL (data:image/png;base64,...)",
+            param,
+        )
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if not header.endswith(";base64"):
@@ -133,10 +142,13 @@ def load_image(url: str, allowed_media_dir: str | None, param: str) -> Image.Ima
         except (binascii.Error, ValueError):
             raise InvalidRequest(f"{param}: the data: URL's payload is not valid base64", param) from None
         return open_image(io.BytesIO(data), param)
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url[len("file://") :] if url.startswith("file://") else url
     if allowed_media_dir is None:
-        raise InvalidRequest(f"{param}: local files are refused; start the server with --allowed-media-dir to "
-                             f"allow files under a directory, or send a data: URL", param)
+        raise InvalidRequest(
+            f"{param}: local files are refused; start the server with --allowed-media-dir to "
+            f"allow files under a directory, or send a data: URL",
+            param,
+        )
     root = os.path.realpath(allowed_media_dir)
     resolved = os.path.realpath(os.path.join(root, path))
     if os.path.commonpath([root, resolved]) != root:

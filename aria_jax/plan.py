@@ -47,18 +47,20 @@ class GenerationShape:
     """The shapes one `generate()` request compiles for."""
 
     batch: int
-    prompt_length: int      # the prompt's bucket: generate() left-pads prompts to it
-    cache_length: int       # `generate(..., max_length=)`: the KV cache length
-    kv_cache_dtype: str | None = None   # `generate(..., kv_cache_dtype=)`
+    prompt_length: int  # the prompt's bucket: generate() left-pads prompts to it
+    cache_length: int  # `generate(..., max_length=)`: the KV cache length
+    kv_cache_dtype: str | None = None  # `generate(..., kv_cache_dtype=)`
 
     @classmethod
-    def for_request(cls, batch: int, prompt_length: int, max_length: int,
-                    kv_cache_dtype: str | None = None) -> "GenerationShape":
+    def for_request(
+        cls, batch: int, prompt_length: int, max_length: int, kv_cache_dtype: str | None = None
+    ) -> "GenerationShape":
         bucket = prompt_bucket(prompt_length)
         if bucket >= max_length:
             padded = f" (padded to its bucket, {bucket})" if bucket != prompt_length else ""
-            raise ValueError(f"--prompt-length {prompt_length}{padded} leaves no room to generate in "
-                             f"--max-length {max_length}")
+            raise ValueError(
+                f"--prompt-length {prompt_length}{padded} leaves no room to generate in --max-length {max_length}"
+            )
         check_kv_cache_dtype(kv_cache_dtype)
         return cls(batch, bucket, max_length, kv_cache_dtype)
 
@@ -75,10 +77,10 @@ class GenerationShape:
 @dataclasses.dataclass(frozen=True)
 class CompiledProgram:
     name: str
-    compiled: object                # jax.stages.Compiled
+    compiled: object  # jax.stages.Compiled
     compile_seconds: float
-    resident_bytes: int             # per device: weights the model holds that are not arguments of this program
-    refusal: str | None = None      # the compiler's first answer, when it refused the program
+    resident_bytes: int  # per device: weights the model holds that are not arguments of this program
+    refusal: str | None = None  # the compiler's first answer, when it refused the program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +97,9 @@ def abstract_params(config: AriaConfig, mesh, dtype, quantization: Quantization 
     boxed = quantized_shapes(multimodal_param_shapes(config, dtype), quantization)
     sharding_for = param_sharding_for(boxed, mesh)
     flat = flatten_tree(jax.tree_util.tree_map(lambda p: p.value, boxed, is_leaf=lambda x: hasattr(x, "names")))
-    return unflatten_tree({path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(path))
-                           for path, leaf in flat.items()})
+    return unflatten_tree(
+        {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(path)) for path, leaf in flat.items()}
+    )
 
 
 def total_bytes(abstract) -> int:
@@ -114,6 +117,7 @@ def per_device_bytes(abstract) -> int:
 
 def _outputs_as_inputs(compiled) -> object:
     """A compiled program's outputs as abstract arguments of the next program."""
+
     def as_input(info, sharding):
         return jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
 
@@ -129,9 +133,15 @@ def _unused_argument_bytes(traced, abstract_params) -> int:
     return sum(per_device_bytes(leaf) for leaf, var in zip(leaves, jaxpr.invars) if id(var) not in read)
 
 
-def compile_generation(config: AriaConfig, mesh, dtype, shape: GenerationShape, compiler_options: dict | None = None,
-                       when_refused=None, quantization: Quantization | None = None,
-                       ) -> list[CompiledProgram | RefusedProgram]:
+def compile_generation(
+    config: AriaConfig,
+    mesh,
+    dtype,
+    shape: GenerationShape,
+    compiler_options: dict | None = None,
+    when_refused=None,
+    quantization: Quantization | None = None,
+) -> list[CompiledProgram | RefusedProgram]:
     """Compiles prefill and decode for `shape` on `mesh` (its devices may be an accelerator's
     topology). When the compiler refuses a program, `when_refused(error)` may return compiler
     options to compile it again with (on TPU: with the memory check off, to report what a
@@ -154,10 +164,14 @@ def compile_generation(config: AriaConfig, mesh, dtype, shape: GenerationShape, 
     batch, prompt = shape.batch, shape.prompt_length
     ids = host_array((batch, prompt), jnp.int32)
     mask = host_array((batch, prompt), jnp.int32)
-    sampling = Sampling(host_array((batch,), jnp.float32), host_array((batch,), jnp.int32),
-                        host_array((batch,), jnp.float32), host_array((batch, 2), jnp.uint32))
+    sampling = Sampling(
+        host_array((batch,), jnp.float32),
+        host_array((batch,), jnp.int32),
+        host_array((batch,), jnp.float32),
+        host_array((batch, 2), jnp.uint32),
+    )
     stop_ids = host_array((STOP_ID_SLOTS,), jnp.int32)
-    python_int = jax.ShapeDtypeStruct((), jnp.int32, weak_type=True)   # the chunk and max_new_tokens
+    python_int = jax.ShapeDtypeStruct((), jnp.int32, weak_type=True)  # the chunk and max_new_tokens
 
     def compile_program(name, traced, params_argument, weights_held_besides):
         with jax.set_mesh(mesh):
@@ -182,15 +196,30 @@ def compile_generation(config: AriaConfig, mesh, dtype, shape: GenerationShape, 
     embedding = compile_program("prompt embedding", embed_prompt.trace(params, ids, None, None), params, 0)
     if isinstance(embedding, RefusedProgram):
         return [embedding]
-    prefill_program = compile_program("prefill", prefill.trace(
-        text_params, _outputs_as_inputs(embedding.compiled), mask, sampling, stop_ids,
-        cache_length=shape.cache_length, max_new_tokens_capacity=shape.max_new_tokens,
-        kv_cache_dtype=shape.kv_cache_dtype), text_params, other_weights)
+    prefill_program = compile_program(
+        "prefill",
+        prefill.trace(
+            text_params,
+            _outputs_as_inputs(embedding.compiled),
+            mask,
+            sampling,
+            stop_ids,
+            cache_length=shape.cache_length,
+            max_new_tokens_capacity=shape.max_new_tokens,
+            kv_cache_dtype=shape.kv_cache_dtype,
+        ),
+        text_params,
+        other_weights,
+    )
     if isinstance(prefill_program, RefusedProgram):
         return [prefill_program]
     state = _outputs_as_inputs(prefill_program.compiled)
-    decode_program = compile_program("decode", decode.trace(
-        text_params, state, python_int, python_int, sampling, stop_ids, prompt_len=prompt), text_params, other_weights)
+    decode_program = compile_program(
+        "decode",
+        decode.trace(text_params, state, python_int, python_int, sampling, stop_ids, prompt_len=prompt),
+        text_params,
+        other_weights,
+    )
     return [prefill_program, decode_program]
 
 
@@ -204,7 +233,7 @@ class StepMemory:
     aliased: int
     temporaries: int
     temporaries_estimate: int
-    resident: int           # weights held on the device that are not arguments (vision tower, projector)
+    resident: int  # weights held on the device that are not arguments (vision tower, projector)
     compile_seconds: float
 
     @property
@@ -229,22 +258,39 @@ class Plan:
     def table(self) -> str:
         gb = 1e9
         mesh = ", ".join(f"{name}={size}" for name, size in self.mesh_shape.items())
-        lines = [f"mesh {mesh}: per device, params {self.params_per_device / gb:.2f} GB, "
-                 f"KV cache {self.cache_per_device / gb:.2f} GB"]
+        lines = [
+            f"mesh {mesh}: per device, params {self.params_per_device / gb:.2f} GB, "
+            f"KV cache {self.cache_per_device / gb:.2f} GB"
+        ]
         for step in self.steps:
-            lines.append(f"  {step.name:8s} arguments {step.arguments / gb:6.2f} GB  outputs {step.outputs / gb:6.2f} GB"
-                         f"  (donated {step.aliased / gb:.2f} GB)"
-                         f"  temporaries {step.temporaries_estimate / gb:6.2f} GB"
-                         f" (as compiled here {step.temporaries / gb:.2f} GB)"
-                         f"  other weights {step.resident / gb:.2f} GB"
-                         f"  peak {step.peak / gb:6.2f} GB  (compiled in {step.compile_seconds:.0f} s)")
-        lines.append("  fits: " + ", ".join(f"{device} ({memory / gb:.0f} GB) {'yes' if ok else 'no'}"
-                                          for (device, ok), memory in zip(self.fits().items(), DEVICE_MEMORY.values())))
+            lines.append(
+                f"  {step.name:8s} arguments {step.arguments / gb:6.2f} GB  outputs {step.outputs / gb:6.2f} GB"
+                f"  (donated {step.aliased / gb:.2f} GB)"
+                f"  temporaries {step.temporaries_estimate / gb:6.2f} GB"
+                f" (as compiled here {step.temporaries / gb:.2f} GB)"
+                f"  other weights {step.resident / gb:.2f} GB"
+                f"  peak {step.peak / gb:6.2f} GB  (compiled in {step.compile_seconds:.0f} s)"
+            )
+        lines.append(
+            "  fits: "
+            + ", ".join(
+                f"{device} ({memory / gb:.0f} GB) {'yes' if ok else 'no'}"
+                for (device, ok), memory in zip(self.fits().items(), DEVICE_MEMORY.values())
+            )
+        )
         return "\n".join(lines)
 
 
-def plan_memory(config: AriaConfig, mesh, dtype, batch: int, max_length: int, prompt_length: int,
-                quantization: Quantization | None = None, kv_cache_dtype: str | None = None) -> Plan:
+def plan_memory(
+    config: AriaConfig,
+    mesh,
+    dtype,
+    batch: int,
+    max_length: int,
+    prompt_length: int,
+    quantization: Quantization | None = None,
+    kv_cache_dtype: str | None = None,
+) -> Plan:
     """Compiles generation's prefill and decode for `batch` rows on `mesh` (host CPU devices)
     and returns each device's memory."""
     dtype = jnp.dtype(dtype)
@@ -257,9 +303,18 @@ def plan_memory(config: AriaConfig, mesh, dtype, batch: int, max_length: int, pr
     steps = []
     for program, estimate in zip(programs, estimates):
         memory = program.compiled.memory_analysis()
-        steps.append(StepMemory(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
-                                memory.alias_size_in_bytes, memory.temp_size_in_bytes, estimate,
-                                program.resident_bytes, program.compile_seconds))
+        steps.append(
+            StepMemory(
+                program.name,
+                memory.argument_size_in_bytes,
+                memory.output_size_in_bytes,
+                memory.alias_size_in_bytes,
+                memory.temp_size_in_bytes,
+                estimate,
+                program.resident_bytes,
+                program.compile_seconds,
+            )
+        )
     params = abstract_params(config, mesh, dtype, quantization)
     cache = _outputs_as_inputs(programs[0].compiled).cache
     return Plan(dict(zip(mesh.axis_names, mesh.axis_sizes)), per_device_bytes(params), per_device_bytes(cache), steps)

@@ -20,8 +20,13 @@ from aria_jax.checkpoint import Manifest, is_converted, loaded_quantization, res
 from aria_jax.config import AriaConfig, AriaTextConfig, config_from_pretrained, text_config_from_pretrained
 from aria_jax.host_loop import Generator, Request, RequestError, check_request, shorten
 from aria_jax.modeling import (
-    TextDecoder, init_multimodal_params, init_text_params, multimodal_apply, multimodal_param_shapes,
-    text_forward, text_param_shapes,
+    TextDecoder,
+    init_multimodal_params,
+    init_text_params,
+    multimodal_apply,
+    multimodal_param_shapes,
+    text_forward,
+    text_param_shapes,
 )
 from aria_jax.projector import queries_for_patches
 from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization, quantize_params, quantized_shapes
@@ -59,8 +64,15 @@ def open_weights(path) -> HubCheckpoint | str:
     return os.fspath(path) if is_converted(path) else HubCheckpoint(path)
 
 
-def load_or_restore(weights: HubCheckpoint | str, config, boxed_shapes: dict, dtype, components: tuple[str, ...],
-                    mesh=None, quantization: Quantization | None = None) -> dict:
+def load_or_restore(
+    weights: HubCheckpoint | str,
+    config,
+    boxed_shapes: dict,
+    dtype,
+    components: tuple[str, ...],
+    mesh=None,
+    quantization: Quantization | None = None,
+) -> dict:
     """Params of `components` ({component: boxed shapes}), each built directly in its sharding
     on `mesh` (or on device 0): no device or host ever holds more than its share. With
     `quantization`, the weights it covers are quantized as they are read (a checkpoint converted
@@ -81,9 +93,9 @@ def load_or_restore(weights: HubCheckpoint | str, config, boxed_shapes: dict, dt
 class Prompt:
     """A generation request checked on the host (`_Pretrained.prompt`), ready to embed."""
 
-    ids: np.ndarray                 # (B, T) the prompt as given
-    padded_ids: np.ndarray          # (B, bucket) left-padded (`Generator.pad_prompt`)
-    padded_mask: np.ndarray         # (B, bucket)
+    ids: np.ndarray  # (B, T) the prompt as given
+    padded_ids: np.ndarray  # (B, bucket) left-padded (`Generator.pad_prompt`)
+    padded_mask: np.ndarray  # (B, bucket)
     pixel_values: np.ndarray | None  # checked, crops padded to a power of two
     pixel_mask: np.ndarray | None
     request: Request
@@ -155,10 +167,24 @@ class _Pretrained:
         prompt = self.prompt(input_ids, attention_mask, pixel_values, pixel_mask, **settings)
         return prompt.ids, self.prompt_embeddings(prompt), prompt.padded_mask, prompt.request
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
-                 max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                 stop_strings=(), max_length: int | None = None,
-                 kv_cache_dtype: str | None = None) -> np.ndarray:
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        pixel_mask=None,
+        num_crops=None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stop_strings=(),
+        max_length: int | None = None,
+        kv_cache_dtype: str | None = None,
+    ) -> np.ndarray:
         """Returns (B, T + max_new_tokens) int32: the prompt, then the new tokens, then the pad
         id once a row has stopped. The config's eos ids always stop a row. `stop_strings` (a str
         is one stop string, or a list of them) stop it too, in addition to `<|im_end|>`, the
@@ -169,22 +195,62 @@ class _Pretrained:
         or one per row. `kv_cache_dtype="int8"` keeps the KV cache in int8 with a scale per token
         and head (about half a bfloat16 cache's memory; `aria_jax.kv_cache`). A bad argument
         raises `RequestError` naming it, before anything runs."""
-        ids, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop_strings=stop_strings, kv_cache_dtype=kv_cache_dtype))
+        ids, embeds, mask, request = self._prepare(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            pixel_mask,
+            dict(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                stop_strings=stop_strings,
+                kv_cache_dtype=kv_cache_dtype,
+            ),
+        )
         new_tokens = self._generator.generate(self._text_params, embeds, mask, request, max_length)
         return np.concatenate([ids, new_tokens], axis=1)
 
-    def stream(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, num_crops=None, *,
-               max_new_tokens: int = 32, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-               stop_strings=(), max_length: int | None = None,
-               kv_cache_dtype: str | None = None):
+    def stream(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        pixel_mask=None,
+        num_crops=None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stop_strings=(),
+        max_length: int | None = None,
+        kv_cache_dtype: str | None = None,
+    ):
         """Like `generate` (the same arguments, stop strings and errors), but yields the
         answer's text as it is produced: a str per piece for one prompt, a tuple of str (one per
         row) for a batch. The text ends before the first stop string."""
-        _, embeds, mask, request = self._prepare(input_ids, attention_mask, pixel_values, pixel_mask, dict(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop_strings=stop_strings, kv_cache_dtype=kv_cache_dtype))
+        _, embeds, mask, request = self._prepare(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            pixel_mask,
+            dict(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                stop_strings=stop_strings,
+                kv_cache_dtype=kv_cache_dtype,
+            ),
+        )
         return self._generator.stream(self._text_params, embeds, mask, request, max_length)
 
     def _check_text(self, input_ids, attention_mask, position_ids):
@@ -192,7 +258,9 @@ class _Pretrained:
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise RequestError(f"input_ids must be a (batch, length) integer array, got shape {ids.shape} {ids.dtype}")
         if not ids.size:
-            raise RequestError(f"input_ids has shape {ids.shape}: a prompt needs at least one row of at least one token")
+            raise RequestError(
+                f"input_ids has shape {ids.shape}: a prompt needs at least one row of at least one token"
+            )
         vocab = self.text_config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             bad = ids[(ids < 0) | (ids >= vocab)][0]
@@ -207,8 +275,10 @@ class _Pretrained:
         if position_ids is not None:
             position_ids = as_array("position_ids", position_ids)
             if position_ids.shape != ids.shape or not np.issubdtype(position_ids.dtype, np.integer):
-                raise RequestError(f"position_ids must be an integer array of input_ids' shape {ids.shape}, "
-                                   f"got {position_ids.shape} {position_ids.dtype}")
+                raise RequestError(
+                    f"position_ids must be an integer array of input_ids' shape {ids.shape}, "
+                    f"got {position_ids.shape} {position_ids.dtype}"
+                )
             position_ids = position_ids.astype(np.int32)
         return ids.astype(np.int32), mask.astype(np.int32), position_ids
 
@@ -228,14 +298,19 @@ class AriaTextForCausalLM(_Pretrained):
         self.params = params
         super().__init__(dtype, tokenizer, mesh)
         self._forward = self._run.wrap(jax.jit(functools.partial(text_forward, config=config, dtype=self.dtype)))
-        self._embed = self._run.wrap(jax.jit(
-            lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
-                {"params": params}, ids, method=TextDecoder.embed)))
+        self._embed = self._run.wrap(
+            jax.jit(
+                lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
+                    {"params": params}, ids, method=TextDecoder.embed
+                )
+            )
+        )
         self._embed_prompt = self._embed
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None, quantize=None,
-                        group_size: int = DEFAULT_GROUP_SIZE) -> "AriaTextForCausalLM":
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype="float32", mesh=None, quantize=None, group_size: int = DEFAULT_GROUP_SIZE
+    ) -> "AriaTextForCausalLM":
         """Loads the text model of a hub-format directory (text-only or multimodal checkpoint,
         transformers or original rhymes-ai naming) or of a converted checkpoint; with `mesh`
         (`aria_jax.make_mesh`), every param is built directly in its sharding. `quantize`:
@@ -245,13 +320,15 @@ class AriaTextForCausalLM(_Pretrained):
         weights = open_weights(path)
         config = text_config_from_pretrained(path)
         shapes = {"language_model": text_param_shapes(config, jdtype)}
-        params = load_or_restore(weights, config, shapes, jdtype, ("language_model",), mesh,
-                                 quantization)["language_model"]
+        params = load_or_restore(weights, config, shapes, jdtype, ("language_model",), mesh, quantization)[
+            "language_model"
+        ]
         return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
 
     @classmethod
-    def from_random(cls, config: AriaTextConfig, seed: int = 0, dtype="float32", quantize=None,
-                    group_size: int = DEFAULT_GROUP_SIZE) -> "AriaTextForCausalLM":
+    def from_random(
+        cls, config: AriaTextConfig, seed: int = 0, dtype="float32", quantize=None, group_size: int = DEFAULT_GROUP_SIZE
+    ) -> "AriaTextForCausalLM":
         jdtype = resolve_dtype(dtype)
         params = init_text_params(config, jax.random.key(seed), jdtype)
         return cls(config, quantize_params(params, Quantization.of(quantize, group_size), "language_model"), jdtype)
@@ -283,8 +360,9 @@ class AriaForConditionalGeneration(_Pretrained):
         super().__init__(dtype, tokenizer, mesh)
 
         def apply(method=None):
-            return self._run.wrap(jax.jit(
-                functools.partial(multimodal_apply, config=config, method=method, dtype=self.dtype)))
+            return self._run.wrap(
+                jax.jit(functools.partial(multimodal_apply, config=config, method=method, dtype=self.dtype))
+            )
 
         self._forward = apply()
         self._embeddings = apply("input_embeddings")
@@ -293,9 +371,15 @@ class AriaForConditionalGeneration(_Pretrained):
         self._embed_prompt = self._embeddings
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None, quantize=None,
-                        group_size: int = DEFAULT_GROUP_SIZE, quantize_vision: bool = False,
-                        ) -> "AriaForConditionalGeneration":
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype="float32",
+        mesh=None,
+        quantize=None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        quantize_vision: bool = False,
+    ) -> "AriaForConditionalGeneration":
         """Loads every weight of a multimodal hub-format directory (transformers or original
         rhymes-ai naming) or of a converted checkpoint; with `mesh` (`aria_jax.make_mesh`), every
         param is built directly in its sharding. The vision tower's zero `post_layernorm` is not
@@ -306,14 +390,21 @@ class AriaForConditionalGeneration(_Pretrained):
         quantization = Quantization.of(quantize, group_size, quantize_vision)
         weights = open_weights(path)
         config = config_from_pretrained(path)
-        params = load_or_restore(weights, config, multimodal_param_shapes(config, jdtype), jdtype, COMPONENTS, mesh,
-                                 quantization)
+        params = load_or_restore(
+            weights, config, multimodal_param_shapes(config, jdtype), jdtype, COMPONENTS, mesh, quantization
+        )
         return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
 
     @classmethod
-    def from_random(cls, config: AriaConfig, seed: int = 0, dtype="float32", quantize=None,
-                    group_size: int = DEFAULT_GROUP_SIZE, quantize_vision: bool = False,
-                    ) -> "AriaForConditionalGeneration":
+    def from_random(
+        cls,
+        config: AriaConfig,
+        seed: int = 0,
+        dtype="float32",
+        quantize=None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        quantize_vision: bool = False,
+    ) -> "AriaForConditionalGeneration":
         jdtype = resolve_dtype(dtype)
         params = init_multimodal_params(config, jax.random.key(seed), jdtype)
         return cls(config, quantize_params(params, Quantization.of(quantize, group_size, quantize_vision)), jdtype)
@@ -326,7 +417,11 @@ class AriaForConditionalGeneration(_Pretrained):
             return None, None
         pixel_values = np.asarray(pixel_values, np.float32)
         vision = self.config.vision_config
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != vision.num_channels or pixel_values.shape[2] != pixel_values.shape[3]:
+        if (
+            pixel_values.ndim != 4
+            or pixel_values.shape[1] != vision.num_channels
+            or pixel_values.shape[2] != pixel_values.shape[3]
+        ):
             raise RequestError(f"pixel_values must be (crops, {vision.num_channels}, S, S), got {pixel_values.shape}")
         crops, _, side, _ = pixel_values.shape
         if side < vision.patch_size:
@@ -343,8 +438,9 @@ class AriaForConditionalGeneration(_Pretrained):
                 raise RequestError(f"pixel_mask has shape {pixel_mask.shape}, expected {(crops, side, side)}")
         return pixel_values, pixel_mask
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, pixel_mask=None,
-                 num_crops=None) -> CausalLMOutput:
+    def __call__(
+        self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, pixel_mask=None, num_crops=None
+    ) -> CausalLMOutput:
         """Logits (B, T, vocab). `num_crops` (from the processor) is accepted and not needed."""
         ids, mask, positions = self._check_text(input_ids, attention_mask, position_ids)
         pixel_values, pixel_mask = self._check_images(ids, pixel_values, pixel_mask)

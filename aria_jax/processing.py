@@ -38,8 +38,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from aria_jax.config import (ARIA_CROP_SIZE_TO_QUERIES, AriaTextConfig, AriaVisionConfig, ConfigError,
-                             crop_size_to_queries, patch_to_query_pairs, read_optional_json)
+from aria_jax.config import (
+    ARIA_CROP_SIZE_TO_QUERIES,
+    AriaTextConfig,
+    AriaVisionConfig,
+    ConfigError,
+    crop_size_to_queries,
+    patch_to_query_pairs,
+    read_optional_json,
+)
 from aria_jax.image_processing import TENSOR_TYPES, as_array, is_batch_array, to_numpy, to_tensors
 from aria_jax.tokenizer import AriaTokenizer, check_text, compile_chat_template, pad_batch, render_chat_template
 from aria_jax.video import Video, VideoCache, frame_timestamp, load_video, resolve_num_frames
@@ -50,8 +57,19 @@ CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 DEFAULT_IMAGE_TOKEN = "<|img|>"
 IM_END = "<|im_end|>"
 # apply_chat_template(tokenize=True) arguments that go to the processor, not to the template.
-PROCESSOR_OPTIONS = ("images", "max_image_size", "split_image", "split_mode", "padding_side", "return_tensors",
-                     "padding", "truncation", "max_length", "images_kwargs", "text_kwargs")
+PROCESSOR_OPTIONS = (
+    "images",
+    "max_image_size",
+    "split_image",
+    "split_mode",
+    "padding_side",
+    "return_tensors",
+    "padding",
+    "truncation",
+    "max_length",
+    "images_kwargs",
+    "text_kwargs",
+)
 
 
 class ProcessorError(ValueError):
@@ -69,19 +87,24 @@ def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
     pairs = patch_to_query_pairs(mapping)
     for patches, queries in pairs:
         if queries <= 0:
-            raise ConfigError(f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; "
-                              "a query count must be positive")
+            raise ConfigError(
+                f"invalid config: projector_patch_to_query_dict has {patches}: {queries}; "
+                "a query count must be positive"
+            )
     out = crop_size_to_queries(pairs, vision)
     if not out:
-        raise ConfigError(f"invalid config: projector_patch_to_query_dict={dict(mapping)!r} has no square number "
-                          f"of patches up to {vision.num_patches_per_side ** 2} (the vision grid): no crop fits")
+        raise ConfigError(
+            f"invalid config: projector_patch_to_query_dict={dict(mapping)!r} has no square number "
+            f"of patches up to {vision.num_patches_per_side**2} (the vision grid): no crop fits"
+        )
     return out
 
 
 def _padding_strategy(padding: Any, max_length: Any) -> str | None:
     """transformers' `padding` values -> "longest", "max_length" or None (no padding)."""
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
-                                   or max_length <= 0):
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length <= 0
+    ):
         raise ProcessorError(f"max_length must be a positive int or None, got {max_length!r}")
     if padding is True or padding == "longest":
         return "longest"
@@ -116,8 +139,12 @@ def _item_type(item: Any) -> str | None:
 
 
 def _has_video_items(conversation: Sequence[dict]) -> bool:
-    return any(_item_type(item) == "video" for message in conversation if isinstance(message, dict)
-               and isinstance(message.get("content"), (list, tuple)) for item in message["content"])
+    return any(
+        _item_type(item) == "video"
+        for message in conversation
+        if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple))
+        for item in message["content"]
+    )
 
 
 def _own_image(item: dict) -> Any:
@@ -177,8 +204,9 @@ class AriaProcessor:
             if pad_token_id is None:
                 pad_token_id = tokenizer.unk_token_id
         self.pad_token_id = pad_token_id
-        if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
-                                           or context_length <= 0):
+        if context_length is not None and (
+            isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0
+        ):
             raise ProcessorError(f"context_length must be a positive int or None, got {context_length!r}")
         self.context_length = context_length
         # Rendering a prompt and building its inputs both need the frames: decode once.
@@ -205,15 +233,18 @@ class AriaProcessor:
         model_config = read_optional_json(directory, "config.json", ConfigError)
         text_config = model_config.get("text_config") or model_config
         if not isinstance(text_config, dict):
-            raise ConfigError(f"{os.path.join(directory, 'config.json')}: text_config must be a JSON object, "
-                              f"got {type(text_config).__name__}")
+            raise ConfigError(
+                f"{os.path.join(directory, 'config.json')}: text_config must be a JSON object, "
+                f"got {type(text_config).__name__}"
+            )
 
         declared = processor_config.get("size_conversion") or preprocessor_config.get("size_conversion")
         try:
             declared = {int(k): int(v) for k, v in declared.items()} if declared else None
         except (AttributeError, TypeError, ValueError):
-            raise ProcessorError(f"{directory}: size_conversion={declared!r} must map crop sizes to query counts") \
-                from None
+            raise ProcessorError(
+                f"{directory}: size_conversion={declared!r} must map crop sizes to query counts"
+            ) from None
         from_model = size_to_queries_from_config(model_config)
         if declared and from_model and declared != from_model:
             raise ProcessorError(
@@ -243,10 +274,18 @@ class AriaProcessor:
         if model_config:
             context_length = text_config.get("max_position_embeddings", AriaTextConfig.max_position_embeddings)
             if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
-                raise ConfigError(f"{os.path.join(directory, 'config.json')}: max_position_embeddings="
-                                  f"{context_length!r} is not a positive integer")
-        processor = cls(image_processor, tokenizer, size_to_queries=size_to_queries,
-                        chat_template=chat_template, pad_token_id=pad, context_length=context_length)
+                raise ConfigError(
+                    f"{os.path.join(directory, 'config.json')}: max_position_embeddings="
+                    f"{context_length!r} is not a positive integer"
+                )
+        processor = cls(
+            image_processor,
+            tokenizer,
+            size_to_queries=size_to_queries,
+            chat_template=chat_template,
+            pad_token_id=pad,
+            context_length=context_length,
+        )
 
         image_index = model_config.get("image_token_index", model_config.get("image_token_id"))
         if image_index is not None and processor.image_token_id != image_index:
@@ -267,8 +306,11 @@ class AriaProcessor:
         if max_image_size is None:
             default = getattr(self.image_processor, "max_image_size", None)
             return default if default in self.size_to_queries else max(self.size_to_queries)
-        if isinstance(max_image_size, bool) or not isinstance(max_image_size, (int, np.integer)) \
-                or int(max_image_size) not in self.size_to_queries:
+        if (
+            isinstance(max_image_size, bool)
+            or not isinstance(max_image_size, (int, np.integer))
+            or int(max_image_size) not in self.size_to_queries
+        ):
             allowed = ", ".join(str(s) for s in self.allowed_sizes)
             raise ProcessorError(f"max_image_size={max_image_size!r} is not allowed; use one of: {allowed}")
         return int(max_image_size)
@@ -303,16 +345,25 @@ class AriaProcessor:
         ids and mask), "jax", "pt", or None for lists of ids (pixel arrays stay numpy).
         """
         if images_kwargs or text_kwargs:
-            options = {"max_image_size": max_image_size, "split_image": split_image, "split_mode": split_mode,
-                       "padding_side": padding_side, "return_tensors": return_tensors, "padding": padding,
-                       "truncation": truncation, "max_length": max_length}
-            for group, allowed in ((images_kwargs, ("max_image_size", "split_image", "split_mode")),
-                                   (text_kwargs, ("padding_side", "return_tensors", "padding", "truncation",
-                                                  "max_length"))):
+            options = {
+                "max_image_size": max_image_size,
+                "split_image": split_image,
+                "split_mode": split_mode,
+                "padding_side": padding_side,
+                "return_tensors": return_tensors,
+                "padding": padding,
+                "truncation": truncation,
+                "max_length": max_length,
+            }
+            for group, allowed in (
+                (images_kwargs, ("max_image_size", "split_image", "split_mode")),
+                (text_kwargs, ("padding_side", "return_tensors", "padding", "truncation", "max_length")),
+            ):
                 unknown = sorted(set(group or {}) - set(allowed))
                 if unknown:
                     raise ProcessorError(
-                        f"unsupported option(s) {', '.join(unknown)}; these take: {', '.join(allowed)}")
+                        f"unsupported option(s) {', '.join(unknown)}; these take: {', '.join(allowed)}"
+                    )
                 options.update(group or {})
             return self(text, images, **options)
         if return_tensors not in (None, *TENSOR_TYPES):
@@ -333,8 +384,10 @@ class AriaProcessor:
                 prompts = list(text)
             else:
                 wrong = text if not isinstance(text, (list, tuple)) else next(t for t in text if not isinstance(t, str))
-                raise ProcessorError(f"text must be a string or a list of strings, got {type(wrong).__name__}"
-                                     f"{'' if wrong is text else ' in the list'}")
+                raise ProcessorError(
+                    f"text must be a string or a list of strings, got {type(wrong).__name__}"
+                    f"{'' if wrong is text else ' in the list'}"
+                )
             if not prompts:
                 raise ProcessorError("text is an empty list")
             for row, prompt in enumerate(prompts):  # before expansion, so positions are the caller's
@@ -352,12 +405,14 @@ class AriaProcessor:
         out: dict[str, Any] = {}
         num_crops: list[int] = []
         if flat_images:
-            pixels = self.image_processor(flat_images, max_image_size=size, split_image=split_image,
-                                          split_mode=split_mode)
+            pixels = self.image_processor(
+                flat_images, max_image_size=size, split_image=split_image, split_mode=split_mode
+            )
             num_crops = [int(n) for n in np.asarray(pixels["num_crops"]).reshape(-1)]
             if len(num_crops) != len(flat_images):
-                raise ProcessorError(f"the image processor returned {len(num_crops)} crop counts for "
-                                     f"{len(flat_images)} images")
+                raise ProcessorError(
+                    f"the image processor returned {len(num_crops)} crop counts for {len(flat_images)} images"
+                )
             out["pixel_values"] = np.asarray(pixels["pixel_values"], dtype=np.float32)
             out["pixel_mask"] = np.asarray(pixels["pixel_mask"], dtype=bool)
             out["num_crops"] = np.asarray(num_crops, dtype=np.int64)
@@ -380,14 +435,20 @@ class AriaProcessor:
                 if len(lengths) > 1:
                     raise ProcessorError(
                         f"the rows have {lengths[0]} to {lengths[-1]} tokens: padding={padding_asked!r} cannot make "
-                        f"return_tensors={return_tensors!r} arrays; use padding=True or return_tensors=None")
-                text_inputs = to_tensors({"input_ids": np.asarray(ids, dtype=np.int32).reshape(len(ids), -1),
-                                          "attention_mask": np.asarray(mask, dtype=np.int32).reshape(len(ids), -1)},
-                                         return_tensors)
+                        f"return_tensors={return_tensors!r} arrays; use padding=True or return_tensors=None"
+                    )
+                text_inputs = to_tensors(
+                    {
+                        "input_ids": np.asarray(ids, dtype=np.int32).reshape(len(ids), -1),
+                        "attention_mask": np.asarray(mask, dtype=np.int32).reshape(len(ids), -1),
+                    },
+                    return_tensors,
+                )
             out = {**text_inputs, **out}
         if return_tensors is not None and flat_images:
-            out.update(to_tensors({key: out[key] for key in ("pixel_values", "pixel_mask", "num_crops")},
-                                  return_tensors))
+            out.update(
+                to_tensors({key: out[key] for key in ("pixel_values", "pixel_mask", "num_crops")}, return_tensors)
+            )
         return out
 
     def _truncate(self, ids: list[list[int]], expanded: list[str], max_length: int) -> list[list[int]]:
@@ -399,7 +460,8 @@ class AriaProcessor:
             if kept != wanted:
                 raise ProcessorError(
                     f"truncation to max_length={max_length} cuts row {row}'s image tokens ({kept} of {wanted} "
-                    f"kept): raise max_length or turn truncation off")
+                    f"kept): raise max_length or turn truncation off"
+                )
         return ids
 
     def expand_image_tokens(self, prompts: Sequence[str], num_crops: Sequence[int], max_image_size: int) -> list[str]:
@@ -432,8 +494,9 @@ class AriaProcessor:
                 raise ProcessorError("images must be a flat list, or a list with one list of images per prompt")
             if prompts is not None:
                 if len(images) != len(prompts):
-                    raise ProcessorError(f"images has {len(images)} per-prompt lists but there are "
-                                         f"{len(prompts)} prompts")
+                    raise ProcessorError(
+                        f"images has {len(images)} per-prompt lists but there are {len(prompts)} prompts"
+                    )
                 for row, (prompt, row_images) in enumerate(zip(prompts, images)):
                     found = prompt.count(self.image_token)
                     if found != len(row_images):
@@ -461,8 +524,9 @@ class AriaProcessor:
         if rows.ndim == 1:
             rows = rows[None]
         if rows.ndim != 2 or not (np.issubdtype(rows.dtype, np.integer) or rows.size == 0):
-            raise ProcessorError(f"tokens must be a (batch, length) array of token ids, got shape {rows.shape} "
-                                 f"of {rows.dtype}")
+            raise ProcessorError(
+                f"tokens must be a (batch, length) array of token ids, got shape {rows.shape} of {rows.dtype}"
+            )
         if inputs is not None:
             prompt = inputs["input_ids"] if hasattr(inputs, "keys") else inputs  # a dict, or the ids
             prompt = to_numpy(prompt)
@@ -472,8 +536,10 @@ class AriaProcessor:
             width = prompt.shape[1]
             if rows.shape[1] >= width and np.array_equal(rows[:, :width], prompt):
                 rows = rows[:, width:]
-        stops = {*stop_token_ids, *(i for i in (self.tokenizer.convert_tokens_to_ids(IM_END),
-                                                self.tokenizer.eos_token_id) if i is not None)}
+        stops = {
+            *stop_token_ids,
+            *(i for i in (self.tokenizer.convert_tokens_to_ids(IM_END), self.tokenizer.eos_token_id) if i is not None),
+        }
         replies = []
         for row in rows.tolist():
             end = next((index for index, token in enumerate(row) if token in stops), len(row))
@@ -481,8 +547,15 @@ class AriaProcessor:
             replies.append(self.tokenizer.decode(row[:end], skip_special_tokens=True).split(IM_END)[0])
         return replies
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
-                            chat_template: str | None = None, return_dict: bool = False, **kwargs):
+    def apply_chat_template(
+        self,
+        messages,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        return_dict: bool = False,
+        **kwargs,
+    ):
         """Render messages with the processor's chat template (as transformers' processor does);
         image items become `<fim_prefix><|img|><fim_suffix>` in Aria's template, video items
         "[mm:ss]" + one image + "\\n" per sampled frame (the file is decoded for the timestamps,
@@ -499,16 +572,23 @@ class AriaProcessor:
             options = {key: kwargs.pop(key) for key in list(kwargs) if key in PROCESSOR_OPTIONS}
             options.setdefault("return_tensors", None)  # transformers' defaults on this path: lists, unpadded
             options.setdefault("padding", False)
-            inputs = self.from_messages(messages, add_generation_prompt=add_generation_prompt,
-                                        images=options.pop("images", None), chat_template=template,
-                                        template_kwargs=kwargs, **options)
+            inputs = self.from_messages(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                images=options.pop("images", None),
+                chat_template=template,
+                template_kwargs=kwargs,
+                **options,
+            )
             return inputs if return_dict else inputs["input_ids"]
         if _is_batch_of_conversations(messages):
             messages = [self._expand_videos(conversation)[0] for conversation in messages]
         elif isinstance(messages, (list, tuple)) and messages:
             messages = self._expand_videos(messages)[0]
         return render_chat_template(
-            template, messages, add_generation_prompt=add_generation_prompt,
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
             template_kwargs={**self.tokenizer.special_tokens_map, **kwargs},
         )
 
@@ -524,9 +604,15 @@ class AriaProcessor:
         expanded, slots = self._expand_videos(messages)
         return expanded, self._fill_image_slots(slots, self._flatten_images(images, None))
 
-    def from_messages(self, messages, add_generation_prompt: bool = True, images: Any = None,
-                      chat_template: str | None = None, template_kwargs: dict | None = None,
-                      **kwargs) -> dict[str, Any]:
+    def from_messages(
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        images: Any = None,
+        chat_template: str | None = None,
+        template_kwargs: dict | None = None,
+        **kwargs,
+    ) -> dict[str, Any]:
         """Model inputs for a conversation, or a list of conversations (one batch row each), as
         `__call__` returns them: video items expanded, the prompt rendered with the chat
         template, images in placeholder order. `images` fills the image items that carry no
@@ -535,9 +621,15 @@ class AriaProcessor:
         conversations = list(messages) if _is_batch_of_conversations(messages) else [messages]
         expanded = [self._expand_videos(conversation, kwargs.get("max_image_size")) for conversation in conversations]
         supplied = self._split_images(images, [sum(slot is None for slot in slots) for _, slots in expanded])
-        prompts = [self.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                            chat_template=chat_template, **(template_kwargs or {}))
-                   for conversation, _ in expanded]
+        prompts = [
+            self.apply_chat_template(
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+                **(template_kwargs or {}),
+            )
+            for conversation, _ in expanded
+        ]
         row_images = [self._fill_image_slots(slots, row) for (_, slots), row in zip(expanded, supplied)]
         return self(text=prompts, images=row_images, **kwargs)
 
@@ -546,13 +638,16 @@ class AriaProcessor:
         flat list cut into `needed[i]` images for conversation i."""
         if _is_image_list(images) and images and all(_is_image_list(row) for row in images):
             if len(images) != len(needed):
-                raise ProcessorError(f"images has {len(images)} per-conversation lists but there are "
-                                     f"{len(needed)} conversations")
+                raise ProcessorError(
+                    f"images has {len(images)} per-conversation lists but there are {len(needed)} conversations"
+                )
             return [list(row) for row in images]
         flat = self._flatten_images(images, None)
         if len(flat) != sum(needed):
-            raise ProcessorError(f"the conversations have {sum(needed)} image item(s) without an image of their own "
-                                 f"(\"image\" or \"path\") but {len(flat)} image(s) were passed")
+            raise ProcessorError(
+                f"the conversations have {sum(needed)} image item(s) without an image of their own "
+                f'("image" or "path") but {len(flat)} image(s) were passed'
+            )
         starts = np.cumsum([0, *needed]).tolist()
         return [flat[start:stop] for start, stop in zip(starts, starts[1:])]
 
@@ -561,13 +656,16 @@ class AriaProcessor:
         """The slots (see `_expand_videos`) with each None replaced by the next supplied image."""
         needed = sum(slot is None for slot in slots)
         if needed != len(supplied):
-            raise ProcessorError(f"the conversation has {needed} image item(s) without an image of their own "
-                                 f"(\"image\" or \"path\") but {len(supplied)} image(s) were passed")
+            raise ProcessorError(
+                f"the conversation has {needed} image item(s) without an image of their own "
+                f'("image" or "path") but {len(supplied)} image(s) were passed'
+            )
         remaining = iter(supplied)
         return [next(remaining) if slot is None else slot for slot in slots]
 
-    def _expand_videos(self, conversation: Sequence[dict],
-                       max_image_size: int | None = None) -> tuple[list[dict], list]:
+    def _expand_videos(
+        self, conversation: Sequence[dict], max_image_size: int | None = None
+    ) -> tuple[list[dict], list]:
         """(messages with each video item replaced by its frame items, one slot per `<|img|>` in
         order: the image it shows, or None for an image item that takes the next passed image).
         A conversation without video items is returned as it is. The videos' frames must fit
@@ -576,8 +674,9 @@ class AriaProcessor:
             raise ProcessorError(f"a conversation is a list of message dicts, got {type(conversation).__name__}")
         has_videos = _has_video_items(conversation)
         size = self.crop_size(max_image_size) if has_videos else None
-        frames_left = None if self.context_length is None or size is None \
-            else self.context_length // self.size_to_queries[size]
+        frames_left = (
+            None if self.context_length is None or size is None else self.context_length // self.size_to_queries[size]
+        )
         expanded, slots = [], []
         for index, message in enumerate(conversation):
             content = message.get("content") if isinstance(message, dict) else None
@@ -585,16 +684,19 @@ class AriaProcessor:
                 if isinstance(content, str):
                     check_text(content, f"message {index} content")  # named here, not in the rendered prompt
                 elif content is not None:
-                    raise ProcessorError(f"message {index}: content must be a string or a list of items, "
-                                         f"got {type(content).__name__}")
+                    raise ProcessorError(
+                        f"message {index}: content must be a string or a list of items, got {type(content).__name__}"
+                    )
                 expanded.append(message)  # the chat template checks the rest
                 continue
             items = []
             for number, item in enumerate(content):
                 kind = _item_type(item)
                 if not isinstance(kind, str):
-                    raise ProcessorError(f'message {index}: a content item is a dict with a "type" string, '
-                                         f"got {' '.join(repr(item).split())[:80]}")
+                    raise ProcessorError(
+                        f'message {index}: a content item is a dict with a "type" string, '
+                        f"got {' '.join(repr(item).split())[:80]}"
+                    )
                 if isinstance(item.get("text"), str):
                     check_text(item["text"], f"message {index} item {number} text")
                 if kind == "video":
@@ -628,14 +730,15 @@ class AriaProcessor:
             self._check_frames_fit(num_frames, source, frames_left, size)
         if path is not None:
             if source is not None or item.get("fps") is not None:
-                raise ProcessorError('a {"type": "video"} item with a "path" takes no "video" frames or "fps"; '
-                                     "the file has its own")
+                raise ProcessorError(
+                    'a {"type": "video"} item with a "path" takes no "video" frames or "fps"; the file has its own'
+                )
             return self.video_cache.load(path, num_frames)
         if isinstance(source, (list, tuple, np.ndarray)):
-            return load_video(source, num_frames=len(source) if num_frames is None else num_frames,
-                              fps=item.get("fps"))
-        raise ProcessorError('a {"type": "video"} item needs "path" (a video file) or "video" '
-                             "(a file or a list of frames)")
+            return load_video(source, num_frames=len(source) if num_frames is None else num_frames, fps=item.get("fps"))
+        raise ProcessorError(
+            'a {"type": "video"} item needs "path" (a video file) or "video" (a file or a list of frames)'
+        )
 
     def _check_frames_fit(self, num_frames: Any, frames: Any, frames_left: int, size: int) -> None:
         """A video item's frame count (num_frames, else all of a list of frames) against the
@@ -652,9 +755,12 @@ class AriaProcessor:
             raise ProcessorError(
                 f"a video item asks for {what}, but the model's context of {self.context_length} tokens holds at "
                 f"most {frames_left} {'more ' if frames_left < self.context_length // queries else ''}frames "
-                f"({queries} image tokens per frame at max_image_size={size})")
+                f"({queries} image tokens per frame at max_image_size={size})"
+            )
 
     def __repr__(self) -> str:
-        return (f"AriaProcessor(size_to_queries={self.size_to_queries}, image_token={self.image_token!r} "
-                f"(id {self.image_token_id}), pad_token_id={self.pad_token_id},\n  tokenizer={self.tokenizer!r},\n"
-                f"  image_processor={self.image_processor!r})")
+        return (
+            f"AriaProcessor(size_to_queries={self.size_to_queries}, image_token={self.image_token!r} "
+            f"(id {self.image_token_id}), pad_token_id={self.pad_token_id},\n  tokenizer={self.tokenizer!r},\n"
+            f"  image_processor={self.image_processor!r})"
+        )

@@ -36,16 +36,27 @@ class CrossAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d, n, h = vision.hidden_size, vision.num_attention_heads, vision.head_dim
         q = Linear((d,), ("embed", "embed_out"), use_bias=False, name="q_proj", **kw)(
-            LayerNorm(PROJECTOR_LAYER_NORM_EPS, name="layer_norm", **kw)(queries))
+            LayerNorm(PROJECTOR_LAYER_NORM_EPS, name="layer_norm", **kw)(queries)
+        )
         features = LayerNorm(PROJECTOR_LAYER_NORM_EPS, name="layer_norm_kv", **kw)(features)
         k = Linear((d,), ("embed", "embed_out"), use_bias=False, name="k_proj", **kw)(features)
         v = Linear((d,), ("embed", "embed_out"), use_bias=False, name="v_proj", **kw)(features)
 
         # torch.nn.MultiheadAttention: one packed in-projection for q, k and v (index 0, 1, 2).
-        in_proj = dequantized(param_with_axes(self, "in_proj_kernel", default_kernel_init, (d, 3, n, h),
-                                              ("embed", "qkv", "heads", "head_dim"), self.param_dtype), self.dtype)
-        in_bias = param_with_axes(self, "in_proj_bias", nn.initializers.zeros, (3, n, h),
-                                  ("qkv", "heads", "head_dim"), self.param_dtype).astype(self.dtype)
+        in_proj = dequantized(
+            param_with_axes(
+                self,
+                "in_proj_kernel",
+                default_kernel_init,
+                (d, 3, n, h),
+                ("embed", "qkv", "heads", "head_dim"),
+                self.param_dtype,
+            ),
+            self.dtype,
+        )
+        in_bias = param_with_axes(
+            self, "in_proj_bias", nn.initializers.zeros, (3, n, h), ("qkv", "heads", "head_dim"), self.param_dtype
+        ).astype(self.dtype)
         q = jnp.einsum("bqd,dnh->bqnh", q, in_proj[:, 0]) + in_bias[0]
         k = jnp.einsum("bkd,dnh->bnkh", k, in_proj[:, 1]) + in_bias[1][:, None, :]
         v = jnp.einsum("bkd,dnh->bnkh", v, in_proj[:, 2]) + in_bias[2][:, None, :]
@@ -66,15 +77,18 @@ class Projector(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d_vision, d_text = cfg.vision_config.hidden_size, cfg.text_config.hidden_size
         num_queries = queries_for_patches(cfg, features.shape[1])
-        query_table = param_with_axes(self, "query", default_kernel_init, (cfg.max_queries, d_vision),
-                                      ("queries", "embed"), self.param_dtype)
-        queries = jnp.broadcast_to(query_table[:num_queries].astype(self.dtype),
-                                   (features.shape[0], num_queries, d_vision))
+        query_table = param_with_axes(
+            self, "query", default_kernel_init, (cfg.max_queries, d_vision), ("queries", "embed"), self.param_dtype
+        )
+        queries = jnp.broadcast_to(
+            query_table[:num_queries].astype(self.dtype), (features.shape[0], num_queries, d_vision)
+        )
         out = CrossAttention(cfg, name="cross_attn", **kw)(queries, features, key_mask)
         out = LayerNorm(PROJECTOR_LAYER_NORM_EPS, name="layer_norm", **kw)(out)
         out = Linear((d_text,), ("embed", "mlp"), use_bias=False, name="linear_in", **kw)(out)
         return Linear((d_text,), ("mlp", "embed_text"), use_bias=False, name="linear_out", **kw)(
-            ACTIVATIONS["gelu_new"](out))
+            ACTIVATIONS["gelu_new"](out)
+        )
 
 
 def queries_for_patches(config: AriaConfig, num_patches: int) -> int:
@@ -82,5 +96,6 @@ def queries_for_patches(config: AriaConfig, num_patches: int) -> int:
         if patches == num_patches:
             return queries
     sizes = ", ".join(map(str, config.crop_size_to_queries))
-    raise ValueError(f"crops of {num_patches} patches have no projector query count; crop sizes this model "
-                     f"takes: {sizes} pixels")
+    raise ValueError(
+        f"crops of {num_patches} patches have no projector query count; crop sizes this model takes: {sizes} pixels"
+    )

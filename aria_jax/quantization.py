@@ -89,11 +89,15 @@ class Quantization:
         if self.scheme == "int8" or size <= self.group_size:
             return size
         if size % self.group_size:
-            raise ValueError(f"{'/'.join(path)}: input axis of {size} does not divide into groups of "
-                             f"{self.group_size}; pass a group_size that divides it")
+            raise ValueError(
+                f"{'/'.join(path)}: input axis of {size} does not divide into groups of "
+                f"{self.group_size}; pass a group_size that divides it"
+            )
         return self.group_size
 
-    def scales_shape(self, path: tuple[str, ...], shape: tuple[int, ...], input_axes: tuple[int, ...]) -> tuple[int, ...]:
+    def scales_shape(
+        self, path: tuple[str, ...], shape: tuple[int, ...], input_axes: tuple[int, ...]
+    ) -> tuple[int, ...]:
         last = input_axes[-1]
         scales = [1 if axis in input_axes and self.scheme == "int8" else size for axis, size in enumerate(shape)]
         scales[last] = shape[last] // self.group_along(shape[last], path)
@@ -160,8 +164,9 @@ def spec_for(weight, spec):
     a grouped axis splits like the values (its groups must divide over the mesh axis)."""
     if not isinstance(weight, QuantizedArray):
         return spec
-    scales = tuple(None if groups == 1 else name for name, groups in zip(tuple(spec) + (None,) * weight.ndim,
-                                                                           weight.scales.shape))
+    scales = tuple(
+        None if groups == 1 else name for name, groups in zip(tuple(spec) + (None,) * weight.ndim, weight.scales.shape)
+    )
     return QuantizedArray(spec, jax.sharding.PartitionSpec(*scales))
 
 
@@ -199,8 +204,10 @@ def quantized_shapes(boxed_shapes: dict, quantization: Quantization | None) -> d
         if axes is None:
             return node
         scales = quantization.scales_shape(path, shape, axes)
-        return {"values": node.replace_boxed(jax.ShapeDtypeStruct(shape, quantization.storage_dtype)),
-                "scales": node.replace_boxed(jax.ShapeDtypeStruct(scales, jnp.float32))}
+        return {
+            "values": node.replace_boxed(jax.ShapeDtypeStruct(shape, quantization.storage_dtype)),
+            "scales": node.replace_boxed(jax.ShapeDtypeStruct(scales, jnp.float32)),
+        }
 
     return walk(boxed_shapes, ())
 
@@ -214,6 +221,7 @@ def array_bytes(shape: tuple[int, ...], dtype) -> int:
 
 def dequantize_tree(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
     """A params tree with its quantized weights in `dtype`, but those named in `keep`."""
+
     def entry(name, child):
         if is_quantized(child):
             return child if name in keep else QuantizedArray(**child).dequantize(dtype)

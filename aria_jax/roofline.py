@@ -24,19 +24,32 @@ from aria_jax.modeling import text_param_shapes
 from aria_jax.quantization import Quantization, array_bytes, quantized_shapes
 
 
-def _declared_weights(config: AriaTextConfig, dtype, quantization: Quantization | None = None,
-                      ) -> list[tuple[str, tuple[int, ...], tuple[str, ...], int]]:
+def _declared_weights(
+    config: AriaTextConfig, dtype, quantization: Quantization | None = None
+) -> list[tuple[str, tuple[int, ...], tuple[str, ...], int]]:
     """(path, shape, logical axis names, bytes) of every text weight (quantized: its values and
     its scales, each with the weight's names)."""
     boxed = quantized_shapes({"language_model": text_param_shapes(config, dtype)}, quantization)["language_model"]
     leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))
-    return [("/".join(str(getattr(k, "key", k)) for k in path), tuple(leaf.value.shape), tuple(leaf.names),
-             array_bytes(leaf.value.shape, leaf.value.dtype)) for path, leaf in leaves]
+    return [
+        (
+            "/".join(str(getattr(k, "key", k)) for k in path),
+            tuple(leaf.value.shape),
+            tuple(leaf.names),
+            array_bytes(leaf.value.shape, leaf.value.dtype),
+        )
+        for path, leaf in leaves
+    ]
 
 
-def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: int,
-                      quantization: Quantization | None = None, kv_cache_dtype: str | None = None,
-                      ) -> dict[str, int]:
+def decode_step_bytes(
+    config: AriaTextConfig,
+    dtype,
+    batch: int,
+    cache_length: int,
+    quantization: Quantization | None = None,
+    kv_cache_dtype: str | None = None,
+) -> dict[str, int]:
     """The bytes one decode step of `batch` rows must read, by kind. `kv_cache_dtype` "int8": a
     byte per number and a float32 scale per (row, kv head, position) for keys and values alike."""
     itemsize = jnp.dtype(dtype).itemsize
@@ -51,8 +64,7 @@ def decode_step_bytes(config: AriaTextConfig, dtype, batch: int, cache_length: i
             parts["weights"] += size
     # k and v: (layers, batch, kv heads, length, head dim) each, as `kv_cache.init_cache` makes them
     per_position = config.head_dim * itemsize if kv_cache_dtype is None else config.head_dim + 4
-    parts["KV cache"] = 2 * config.num_hidden_layers * batch * cache_length * config.num_key_value_heads \
-        * per_position
+    parts["KV cache"] = 2 * config.num_hidden_layers * batch * cache_length * config.num_key_value_heads * per_position
     return parts
 
 
@@ -63,17 +75,17 @@ def prefill_flops(config: AriaTextConfig, dtype, batch: int, prompt_length: int)
     last_token = 0.0
     for path, shape, names, _ in _declared_weights(config, dtype):
         if path == "embed_tokens":
-            continue    # a gather, no flops
+            continue  # a gather, no flops
         if "layers" in names:
             per_layer = math.prod(shape) // shape[names.index("layers")]
             if len(shape) - 1 < 2:
-                continue    # norm scales: negligible
+                continue  # norm scales: negligible
             weight = per_layer * config.num_hidden_layers
             if "experts" in names:
                 weight = weight * config.moe_topk // config.moe_num_experts
             per_token += 2 * weight
         elif len(shape) >= 2:
-            last_token += 2 * math.prod(shape)      # lm_head
+            last_token += 2 * math.prod(shape)  # lm_head
     # Causal attention: query t sees t + 1 keys; scores and the weighted sum of values.
     attended_pairs = prompt_length * (prompt_length + 1) / 2
     attention = 2 * 2 * config.num_attention_heads * config.head_dim * attended_pairs * config.num_hidden_layers

@@ -28,9 +28,9 @@ class Admission:
 @dataclasses.dataclass(frozen=True)
 class Round:
     admissions: list[Admission]
-    release: np.ndarray          # (slots,) bool: slots to mark done before decoding
+    release: np.ndarray  # (slots,) bool: slots to mark done before decoding
     decode: bool
-    stop: bool = False           # the leader has stopped: followers return
+    stop: bool = False  # the leader has stopped: followers return
 
     @classmethod
     def stopping(cls, num_slots: int) -> "Round":
@@ -47,8 +47,9 @@ def encode(round_: Round) -> bytes:
     header = {"decode": round_.decode, "stop": round_.stop, "admissions": []}
     for index, admission in enumerate(round_.admissions):
         prompt, request = admission.prompt, admission.prompt.request
-        header["admissions"].append({"slot": admission.slot, "max_new_tokens": request.max_new_tokens,
-                                     "kv_cache_dtype": request.kv_cache_dtype})
+        header["admissions"].append(
+            {"slot": admission.slot, "max_new_tokens": request.max_new_tokens, "kv_cache_dtype": request.kv_cache_dtype}
+        )
         for name in _PROMPT_ARRAYS:
             if getattr(prompt, name) is not None:
                 arrays[f"{index}/{name}"] = getattr(prompt, name)
@@ -67,14 +68,16 @@ def decode(data: bytes) -> Round:
     header = json.loads(arrays.pop("header").tobytes())
     admissions = []
     for index, entry in enumerate(header["admissions"]):
+
         def array(name):
             return arrays.get(f"{index}/{name}")
 
         sampling = Sampling(*(array(f"sampling/{name}") for name in _SAMPLING_ARRAYS))
         request = Request(entry["max_new_tokens"], sampling, array("stop_ids"), (), entry["kv_cache_dtype"])
         padded_ids = array("padded_ids")
-        prompt = Prompt(padded_ids, padded_ids, array("padded_mask"), array("pixel_values"), array("pixel_mask"),
-                        request)
+        prompt = Prompt(
+            padded_ids, padded_ids, array("padded_mask"), array("pixel_values"), array("pixel_mask"), request
+        )
         admissions.append(Admission(entry["slot"], prompt))
     return Round(admissions, arrays["release"], header["decode"], header["stop"])
 

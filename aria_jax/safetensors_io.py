@@ -23,9 +23,18 @@ class CheckpointError(ValueError):
 
 
 DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -63,6 +72,7 @@ def parse_header(path: str, header: bytes, data_size: int) -> tuple[dict[str, st
 
     entries: dict[str, Entry] = {}
     for key, info in parsed.items():
+
         def bad(problem: str) -> CheckpointError:
             return CheckpointError(f"{path}: key {key}: {problem}")
 
@@ -77,8 +87,12 @@ def parse_header(path: str, header: bytes, data_size: int) -> tuple[dict[str, st
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
             raise bad(f"shape {shape!r} is not a list of non-negative integers")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets) \
-                or offsets[0] > offsets[1]:
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_count(n) for n in offsets)
+            or offsets[0] > offsets[1]
+        ):
             raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
         begin, end = offsets
         if end > data_size:
@@ -91,8 +105,9 @@ def parse_header(path: str, header: bytes, data_size: int) -> tuple[dict[str, st
     for key, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if begin != covered:
             problem = "overlaps the tensor before it" if begin < covered else "leaves a gap before it"
-            raise CheckpointError(f"{path}: key {key}: data_offsets [{begin}, {end}] {problem} (bytes up to "
-                                  f"{covered} are taken)")
+            raise CheckpointError(
+                f"{path}: key {key}: data_offsets [{begin}, {end}] {problem} (bytes up to {covered} are taken)"
+            )
         covered = end
     if covered != data_size:
         raise CheckpointError(f"{path}: the tensors hold {covered} bytes of data, the file has {data_size}")
@@ -140,7 +155,7 @@ class SafetensorsFile:
         """A read-only view into the mapped file; nothing is read until it is used."""
         dtype, shape, begin, end = self._entries[key]
         start = self._data_start + begin
-        return self._map[start:start + (end - begin)].view(dtype).reshape(shape)
+        return self._map[start : start + (end - begin)].view(dtype).reshape(shape)
 
     def read(self, key: str) -> np.ndarray:
         """A fresh copy read with plain file reads. Unlike `get`, nothing stays resident after
@@ -168,8 +183,11 @@ class SafetensorsWriter:
         offset = 0
         for key, dtype, shape in entries:
             size = math.prod(shape) * np.dtype(dtype).itemsize
-            header[key] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
-                           "data_offsets": [offset, offset + size]}
+            header[key] = {
+                "dtype": DTYPE_NAMES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self._order.append((key, np.dtype(dtype), tuple(shape)))
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -182,8 +200,9 @@ class SafetensorsWriter:
     def write(self, key: str, tensor: np.ndarray) -> None:
         expected_key, dtype, shape = self._order[self._next]
         if (key, tensor.dtype, tensor.shape) != (expected_key, dtype, shape):
-            raise ValueError(f"{self.path}: expected {expected_key} {shape} {dtype} next, got {key} "
-                             f"{tensor.shape} {tensor.dtype}")
+            raise ValueError(
+                f"{self.path}: expected {expected_key} {shape} {dtype} next, got {key} {tensor.shape} {tensor.dtype}"
+            )
         self._file.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8).data)
         self._next += 1
         if self._next == len(self._order):

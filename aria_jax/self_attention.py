@@ -22,8 +22,15 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array,
-                 cache: dict | None = None, cache_index=None):
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        key_mask: jax.Array,
+        cache: dict | None = None,
+        cache_index=None,
+    ):
         """x (B, T, D); key_mask (B, S) True = a real token (S = T without a cache). Causal.
         Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, K, S, H) (int8 with their
         scales, see `kv_cache`) and the sequence index of x's first token, or of each row's one
@@ -81,5 +88,6 @@ def project_out(out: jax.Array, w_o: jax.Array) -> jax.Array:
     if not on_one_cpu():
         return jnp.einsum("btnh,nhd->btd", out, w_o)
     batch, length, heads, head_dim = out.shape
-    return jnp.einsum("btf,fd->btd", out.reshape(batch, length, heads * head_dim),
-                      w_o.reshape(heads * head_dim, w_o.shape[-1]))
+    return jnp.einsum(
+        "btf,fd->btd", out.reshape(batch, length, heads * head_dim), w_o.reshape(heads * head_dim, w_o.shape[-1])
+    )

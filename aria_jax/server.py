@@ -57,16 +57,23 @@ class Metrics:
     at each scrape."""
 
     def __init__(self, engine: Engine):
-        disable_created_metrics()       # a `_created` timestamp beside every series is noise here
+        disable_created_metrics()  # a `_created` timestamp beside every series is noise here
         self.registry = CollectorRegistry()
         self.time_to_first_token = Histogram(
-            "aria_jax_time_to_first_token_seconds", "From a request's arrival to its first token",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+            "aria_jax_time_to_first_token_seconds",
+            "From a request's arrival to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.inter_token_latency = Histogram(
-            "aria_jax_inter_token_latency_seconds", "Between a request's consecutive tokens",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.requests = Counter("aria_jax_requests", "Requests finished, by outcome", ["outcome"],
-                                registry=self.registry)
+            "aria_jax_inter_token_latency_seconds",
+            "Between a request's consecutive tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "aria_jax_requests", "Requests finished, by outcome", ["outcome"], registry=self.registry
+        )
         self.registry.register(_EngineCollector(engine))
 
     def first_token(self, seconds: float) -> None:
@@ -103,8 +110,9 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
         first = error.errors()[0]
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(where) or None
-        return error_response(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}",
-                              "invalid_request_error", param)
+        return error_response(
+            400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", "invalid_request_error", param
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, error: StarletteHTTPException):
@@ -126,8 +134,13 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
 
     def check_model(name: str) -> None:
         if name != model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
-                           "invalid_request_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{model_name}`",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     def submit(inputs: dict, body, loop):
         """Runs on a worker thread: image decoding and tokenizing must not hold the event loop."""
@@ -178,17 +191,24 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
             raise APIError(503, str(error), "service_unavailable") from None
         except RoundFailed as error:
             raise APIError(500, str(error), "server_error") from None
-        if completion is None:      # the client went away
+        if completion is None:  # the client went away
             return error_response(499, "the client closed the request", "invalid_request_error")
         metrics.requests.labels(completion.finish_reason).inc()
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
-                      "finish_reason": completion.finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason,
+                "logprobs": None,
+            }
         else:
-            choice = {"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
-                      "logprobs": None}
-        return {**shape, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": usage(completion)}
+            choice = {"index": 0, "text": completion.text, "finish_reason": completion.finish_reason, "logprobs": None}
+        return {
+            **shape,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [choice],
+            "usage": usage(completion),
+        }
 
     async def finished(handle, request: Request) -> Completion | None:
         """The completion; None (the request cancelled) if the client disconnects first."""
@@ -210,8 +230,11 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
 
         def chunk(delta_text: str | None, finish_reason=None, role: bool = False) -> str:
             if chat:
-                delta = {"role": "assistant", "content": ""} if role else (
-                    {} if delta_text is None else {"content": delta_text})
+                delta = (
+                    {"role": "assistant", "content": ""}
+                    if role
+                    else ({} if delta_text is None else {"content": delta_text})
+                )
                 choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": None}
@@ -234,7 +257,7 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
             kind = "service_unavailable" if isinstance(error, EngineStopped) else "server_error"
             yield {"data": json.dumps({"error": {"message": str(error), "type": kind, "param": None, "code": None}})}
         finally:
-            if completion is None:          # the client disconnected (or the engine failed)
+            if completion is None:  # the client disconnected (or the engine failed)
                 handle.cancel()
         yield {"data": "[DONE]"}
 
@@ -243,8 +266,11 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
 
 def usage(completion: Completion) -> dict:
     completion_tokens = len(completion.tokens)
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion_tokens,
+    }
 
 
 def default_model_name(model_dir: str) -> str:

@@ -36,7 +36,9 @@ LOGICAL_TO_MESH = {
     "batch": ("data", "expert"),
     "experts": "expert",
     "expert_embed": "tensor",
-    "q_heads": "tensor", "kv_heads": "tensor", "heads": "tensor",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "heads": "tensor",
     # The decoder attention's model dimension: its weights divide over the expert axis whatever
     # the head count (Aria's 20 heads do not divide over 8); decode reads only its own slice.
     "attention_embed": "expert",
@@ -67,8 +69,9 @@ def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> 
         )
     # Auto axes: the compiler propagates shardings through the model; only the experts are
     # placed by hand, under shard_map.
-    return jax.make_mesh((data, expert, tensor), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    return jax.make_mesh(
+        (data, expert, tensor), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+    )
 
 
 def compile_platform() -> str:
@@ -108,7 +111,7 @@ def check_layout(config: AriaConfig | AriaTextConfig, mesh, quantization=None) -
         "num_attention_heads": text.num_attention_heads,
         "num_key_value_heads": text.num_key_value_heads,
         "vocab_size": text.vocab_size,
-        "hidden_size": text.hidden_size,      # the experts' model dimension
+        "hidden_size": text.hidden_size,  # the experts' model dimension
     }
     if isinstance(config, AriaConfig):
         tensor_dims["vision num_attention_heads"] = config.vision_config.num_attention_heads
@@ -151,8 +154,9 @@ def param_sharding_for(boxed_shapes, mesh) -> Callable[[tuple[str, ...]], NamedS
     specs = {}
     for key_path, boxed in leaves:
         names = boxed.names if isinstance(boxed, nn.Partitioned) else (None,) * len(boxed.shape)
-        specs[tuple(k.key for k in key_path)] = P(*(
-            mesh_axes_for(name, size, mesh) for name, size in zip(names, nn.meta.unbox(boxed).shape)))
+        specs[tuple(k.key for k in key_path)] = P(
+            *(mesh_axes_for(name, size, mesh) for name, size in zip(names, nn.meta.unbox(boxed).shape))
+        )
     return lambda path: NamedSharding(mesh, specs[path])
 
 
@@ -162,8 +166,9 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, P(*(mesh_axes_for(name, size, mesh)
-                                                   for size, name in zip(x.shape, logical_axes))))
+    return jax.lax.with_sharding_constraint(
+        x, P(*(mesh_axes_for(name, size, mesh) for size, name in zip(x.shape, logical_axes)))
+    )
 
 
 def replicate_to(mesh, array) -> jax.Array:

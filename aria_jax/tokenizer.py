@@ -76,7 +76,8 @@ def check_text(text: Any, name: str = "text") -> str:
     except UnicodeEncodeError as err:
         raise TokenizerError(
             f"{name} is not valid Unicode: lone surrogate U+{ord(text[err.start]):04X} at position {err.start} "
-            f"(bytes that are not UTF-8, decoded with surrogateescape?)") from None
+            f"(bytes that are not UTF-8, decoded with surrogateescape?)"
+        ) from None
     return text
 
 
@@ -93,8 +94,9 @@ def generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     by the merged piece's id, then by the left and right lengths."""
     merges = []
     for piece, piece_id in vocab.items():
-        splits = [(piece[:i], piece[i:], piece_id) for i in range(1, len(piece))
-                  if piece[:i] in vocab and piece[i:] in vocab]
+        splits = [
+            (piece[:i], piece[i:], piece_id) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+        ]
         merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
     return [(left, right) for left, right, _ in merges]
@@ -143,19 +145,26 @@ def _tokenizer_from_sentencepiece(path: str, kwargs: dict, added: dict[int, Any]
         raise TokenizerError(f"{path}: cannot build the BPE model ({err})") from err
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.Sequence(
-        ([normalizers.Precompiled(charsmap)] if charsmap else []) + [normalizers.Replace(" ", "\u2581")])
+        ([normalizers.Precompiled(charsmap)] if charsmap else []) + [normalizers.Replace(" ", "\u2581")]
+    )
     tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " ")] + ([decoders.ByteFallback(), decoders.Fuse()] if spec.byte_fallback else []))
+        [decoders.Replace("\u2581", " ")] + ([decoders.ByteFallback(), decoders.Fuse()] if spec.byte_fallback else [])
+    )
     # The proto's bos / eos / unk, unless the config names them (even as null).
-    for key, index, piece, default in (("bos_token", spec.bos_id, spec.bos_piece, "<s>"),
-                                       ("eos_token", spec.eos_id, spec.eos_piece, "</s>"),
-                                       ("unk_token", spec.unk_id, spec.unk_piece, "<unk>")):
+    for key, index, piece, default in (
+        ("bos_token", spec.bos_id, spec.bos_piece, "<s>"),
+        ("eos_token", spec.eos_id, spec.eos_piece, "</s>"),
+        ("unk_token", spec.unk_id, spec.unk_piece, "<unk>"),
+    ):
         if index >= 0:
             kwargs.setdefault(key, piece or default)
     # Control (special) and user-defined (not special) pieces are the extra special tokens,
     # unless the config has an extra_special_tokens entry.
-    kwargs["additional_special_tokens"] = [AddedToken(p.piece, normalized=False, special=p.type == SPM_CONTROL)
-                                           for p in proto.pieces if p.type in (SPM_CONTROL, SPM_USER_DEFINED)]
+    kwargs["additional_special_tokens"] = [
+        AddedToken(p.piece, normalized=False, special=p.type == SPM_CONTROL)
+        for p in proto.pieces
+        if p.type in (SPM_CONTROL, SPM_USER_DEFINED)
+    ]
     return tokenizer
 
 
@@ -166,8 +175,11 @@ def _config_added_tokens(kwargs: dict, file, json_path: str | None) -> dict[int,
     added_tokens.json and tokenizer.json's added tokens."""
     if "additional_special_tokens" in kwargs and not kwargs.get("extra_special_tokens"):
         kwargs["extra_special_tokens"] = kwargs.pop("additional_special_tokens")
-    model_specific = {key: kwargs.pop(key) for key in list(kwargs) if key.endswith("_token")
-                      and key not in NAMED_SPECIAL_TOKENS and isinstance(kwargs[key], str)}
+    model_specific = {
+        key: kwargs.pop(key)
+        for key in list(kwargs)
+        if key.endswith("_token") and key not in NAMED_SPECIAL_TOKENS and isinstance(kwargs[key], str)
+    }
     if isinstance(kwargs.get("extra_special_tokens"), dict):
         model_specific.update(kwargs.pop("extra_special_tokens"))
     if model_specific:
@@ -215,8 +227,13 @@ def _add_special_tokens(tokenizer: Tokenizer, kwargs: dict, added: dict[int, Any
     if isinstance(extra, dict):
         named.update(extra)
         extra = []
-    named.update({key: value for key, value in kwargs.items() if key.endswith("_token")
-                  and key not in NAMED_SPECIAL_TOKENS and isinstance(value, (str, AddedToken))})
+    named.update(
+        {
+            key: value
+            for key, value in kwargs.items()
+            if key.endswith("_token") and key not in NAMED_SPECIAL_TOKENS and isinstance(value, (str, AddedToken))
+        }
+    )
     named.update(kwargs.get("model_specific_special_tokens") or {})
     # transformers means to skip the added tokens the backend has, but compares them by id, so it
     # re-adds them all; the contents it checks special tokens against are not updated as it goes.
@@ -241,7 +258,8 @@ def _add_special_tokens(tokenizer: Tokenizer, kwargs: dict, added: dict[int, Any
         single = " ".join(t for t in (bos and f"{bos}:0", "$A:0", eos and f"{eos}:0") if t)
         pair = " ".join(t for t in (single, bos and f"{bos}:1", "$B:1", eos and f"{eos}:1") if t)
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=[(t, tokenizer.token_to_id(t)) for t in (bos, eos) if t])
+            single=single, pair=pair, special_tokens=[(t, tokenizer.token_to_id(t)) for t in (bos, eos) if t]
+        )
     return named, special
 
 
@@ -277,8 +295,15 @@ class AriaTokenizer:
 
     padding_side = "right"
 
-    def __init__(self, backend_tokenizer: Tokenizer, named_special_tokens: dict[str, str], special_contents: set[str],
-                 chat_template: str | None = None, padding_side: str | None = None, name_or_path: str = ""):
+    def __init__(
+        self,
+        backend_tokenizer: Tokenizer,
+        named_special_tokens: dict[str, str],
+        special_contents: set[str],
+        chat_template: str | None = None,
+        padding_side: str | None = None,
+        name_or_path: str = "",
+    ):
         if padding_side not in (None, "left", "right"):
             raise TokenizerError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.backend_tokenizer = backend_tokenizer
@@ -301,7 +326,9 @@ class AriaTokenizer:
         json_path, spm_path = file("tokenizer.json"), file("tokenizer.model")
         if json_path is None and spm_path is None:
             raise TokenizerError(f"{directory}: no tokenizer.json or tokenizer.model")
-        kwargs = read_json_object(file("tokenizer_config.json"), TokenizerError) if file("tokenizer_config.json") else {}
+        kwargs = (
+            read_json_object(file("tokenizer_config.json"), TokenizerError) if file("tokenizer_config.json") else {}
+        )
         if not isinstance(kwargs, dict):
             raise TokenizerError(f"{file('tokenizer_config.json')}: expected a JSON object")
         kwargs.pop("tokenizer_class", None)
@@ -325,9 +352,15 @@ class AriaTokenizer:
         Text that is not valid Unicode is a TokenizerError (see `check_text`)."""
         return self.backend_tokenizer.encode(check_text(text), add_special_tokens=add_special_tokens).ids
 
-    def __call__(self, texts: str | Sequence[str], padding: bool | str = False, max_length: int | None = None,
-                 padding_side: str | None = None, add_special_tokens: bool = True,
-                 return_tensors: str | None = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: bool | str = False,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        add_special_tokens: bool = True,
+        return_tensors: str | None = None,
+    ) -> dict[str, Any]:
         """Tokenize one text or a batch. `padding`: False / "do_not_pad", True / "longest", or
         "max_length" (with `max_length`). `return_tensors="np"` gives int32 numpy arrays (and
         requires equal lengths, i.e. padding for ragged batches)."""
@@ -338,8 +371,9 @@ class AriaTokenizer:
         ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in batch]
         masks = [[1] * len(row) for row in ids]
         if padding is True or padding in ("longest", "max_length"):
-            if padding == "max_length" and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                            or max_length < 0):
+            if padding == "max_length" and (
+                isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0
+            ):
                 raise TokenizerError(f"padding='max_length' needs max_length, a non-negative int; got {max_length!r}")
             target = max_length if padding == "max_length" else max((len(row) for row in ids), default=0)
             ids, masks = pad_batch(ids, self.pad_token_id_or_raise(), target, padding_side or self.padding_side)
@@ -364,8 +398,9 @@ class AriaTokenizer:
         except (TypeError, ValueError, OverflowError):
             raise TokenizerError(f"ids must be integer token ids, got {_one_line(repr(ids))[:80]}") from None
         # tokenizers takes u32 ids; any id past the vocabulary is unknown and dropped all the same.
-        return self.backend_tokenizer.decode([i for i in flat if 0 <= i < 2**32],
-                                             skip_special_tokens=skip_special_tokens)
+        return self.backend_tokenizer.decode(
+            [i for i in flat if 0 <= i < 2**32], skip_special_tokens=skip_special_tokens
+        )
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
         if hasattr(sequences, "__array__"):
@@ -434,18 +469,29 @@ class AriaTokenizer:
             raise TokenizerError("this tokenizer has no pad token (nor unk token) to pad with")
         return pad
 
-    def apply_chat_template(self, messages: list[dict] | list[list[dict]], add_generation_prompt: bool = False,
-                            tokenize: bool = False, chat_template: str | None = None, **kwargs):
+    def apply_chat_template(
+        self,
+        messages: list[dict] | list[list[dict]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
         """Render messages with the checkpoint's chat template as transformers does; `tokenize=True`
         returns token ids (no BOS)."""
         return render_chat_template(
-            chat_template or self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            chat_template or self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
             tokenize=(lambda text: self.encode(text, add_special_tokens=False)) if tokenize else None,
-            template_kwargs={**self.special_tokens_map, **kwargs})
+            template_kwargs={**self.special_tokens_map, **kwargs},
+        )
 
     def __repr__(self) -> str:
-        return (f"AriaTokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
-                f"added_tokens={len(self.added_tokens_decoder)}, special_tokens={self.special_tokens_map})")
+        return (
+            f"AriaTokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+            f"added_tokens={len(self.added_tokens_decoder)}, special_tokens={self.special_tokens_map})"
+        )
 
 
 def pad_batch(ids: list[list[int]], pad_id: int, length: int, side: str) -> tuple[list[list[int]], list[list[int]]]:
@@ -462,6 +508,7 @@ def pad_batch(ids: list[list[int]], pad_id: int, length: int, side: str) -> tupl
 
 
 # Chat templates: transformers' renderer (utils/chat_template_utils.py) and its jinja2 sandbox.
+
 
 @functools.lru_cache(maxsize=32)
 def _compile_template(template: str):
@@ -499,7 +546,8 @@ def _compile_template(template: str):
         def _check_name(name):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(
-                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}."
+                )
 
     class GenerationTag(jinja2.ext.Extension):  # `{% generation %}` renders its body (no assistant masks)
         tags = {"generation"}
@@ -512,11 +560,16 @@ def _compile_template(template: str):
         def _render(self, caller):
             return caller()
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       dict=TemplateDict(), namespace=TemplateNamespace)
+    env.globals.update(
+        raise_exception=raise_exception,
+        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+        dict=TemplateDict(),
+        namespace=TemplateNamespace,
+    )
     return env.from_string(template)
 
 
@@ -558,13 +611,15 @@ def _plain(value: Any) -> Any:
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
-def render_chat_template(template: str, messages, add_generation_prompt: bool = False, tokenize=None,
-                         template_kwargs: dict | None = None):
+def render_chat_template(
+    template: str, messages, add_generation_prompt: bool = False, tokenize=None, template_kwargs: dict | None = None
+):
     """transformers' `apply_chat_template(..., tokenize=False)` rendering; one conversation (a list
     of message dicts) gives a str, a list of conversations a list of str."""
     if not isinstance(messages, (list, tuple)):
-        raise ChatTemplateError(f"messages must be a list of message dicts, or a list of such lists; "
-                                f"got {type(messages).__name__}")
+        raise ChatTemplateError(
+            f"messages must be a list of message dicts, or a list of such lists; got {type(messages).__name__}"
+        )
     if not messages:
         raise ChatTemplateError("Cannot apply chat template to an empty conversation. Provide at least one message.")
     batched = isinstance(messages[0], (list, tuple))
@@ -574,16 +629,18 @@ def render_chat_template(template: str, messages, add_generation_prompt: bool = 
     for chat in messages if batched else [messages]:
         for i, message in enumerate(chat):
             if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-                raise ChatTemplateError(f"message {i} must be a dict with a 'role' string, got "
-                                        f"{_one_line(repr(message))[:80]}")
+                raise ChatTemplateError(
+                    f"message {i} must be a dict with a 'role' string, got {_one_line(repr(message))[:80]}"
+                )
         chat = _plain([{k: v for k, v in message.items() if v is not None} for message in chat])
         for i, message in enumerate(chat):  # reasoning under its older names too, as transformers does
             reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
             if reasoning is not None:
                 chat[i] = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         try:
-            text = compiled.render(messages=chat, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **kwargs)
+            text = compiled.render(
+                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kwargs
+            )
         except Exception as err:  # the template's raise_exception, undefined names, its own bugs
             raise ChatTemplateError(f"chat template: {_one_line(err) or type(err).__name__}") from err
         rendered.append(tokenize(text) if tokenize is not None else text)

@@ -57,8 +57,9 @@ def check_setting(owner: str, name: str, value, requirement: str, ok, integer: b
             valid = False
     if not (valid and ok(value)):
         shown = value if isinstance(value, numbers.Number) else repr(value)
-        raise TrainConfigError(f"{owner}.{name}={shown} must be {'an integer' if integer else 'a finite number'} "
-                               f"{requirement}")
+        raise TrainConfigError(
+            f"{owner}.{name}={shown} must be {'an integer' if integer else 'a finite number'} {requirement}"
+        )
 
 
 # Beyond these, a step's arithmetic breaks: adam_b1 or adam_b2 of 1 divides by zero in the bias
@@ -79,26 +80,32 @@ _FLOAT_RANGES = {
 class TrainConfig:
     learning_rate: float = 5e-5
     warmup_steps: int = 0
-    total_steps: int = 1000               # the cosine schedule reaches 0 here
-    weight_decay: float = 0.1             # not on norms and biases
+    total_steps: int = 1000  # the cosine schedule reaches 0 here
+    weight_decay: float = 0.1  # not on norms and biases
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0            # 0 turns clipping off
+    max_grad_norm: float = 1.0  # 0 turns clipping off
     z_loss_coeff: float = 1e-5
     aux_loss_coeff: float = 1e-3
-    grad_accum_steps: int = 1             # micro-batches per optimizer step
-    remat: bool = False                   # recompute layer activations in the backward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    remat: bool = False  # recompute layer activations in the backward pass
     freeze_vision: bool = False
     freeze_projector: bool = False
     freeze_language_model: bool = False
-    lora: LoraConfig | None = None        # train adapters only; the base model is frozen
+    lora: LoraConfig | None = None  # train adapters only; the base model is frozen
 
     def __post_init__(self):
         for name in ("total_steps", "grad_accum_steps"):
             check_setting("TrainConfig", name, getattr(self, name), "at least 1", lambda n: n >= 1, integer=True)
-        check_setting("TrainConfig", "warmup_steps", self.warmup_steps, f"in [0, total_steps={self.total_steps}]",
-                      lambda n: 0 <= n <= self.total_steps, integer=True)
+        check_setting(
+            "TrainConfig",
+            "warmup_steps",
+            self.warmup_steps,
+            f"in [0, total_steps={self.total_steps}]",
+            lambda n: 0 <= n <= self.total_steps,
+            integer=True,
+        )
         for name, (requirement, ok) in _FLOAT_RANGES.items():
             check_setting("TrainConfig", name, getattr(self, name), requirement, ok)
         if self.lora is not None:
@@ -113,15 +120,18 @@ class TrainConfig:
     def frozen_components(self) -> tuple[str, ...]:
         if self.lora is not None:
             return COMPONENTS
-        frozen = {"vision_tower": self.freeze_vision, "multi_modal_projector": self.freeze_projector,
-                  "language_model": self.freeze_language_model}
+        frozen = {
+            "vision_tower": self.freeze_vision,
+            "multi_modal_projector": self.freeze_projector,
+            "language_model": self.freeze_language_model,
+        }
         return tuple(name for name in COMPONENTS if frozen[name])
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    trainable: dict   # {"params": the unfrozen components, "lora": adapters or {}}
+    trainable: dict  # {"params": the unfrozen components, "lora": adapters or {}}
     opt_state: Any
 
 
@@ -162,23 +172,29 @@ def router_losses(router_logits: jax.Array, token_mask: jax.Array, top_k: int) -
 
     z_loss = masked_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
     num_experts = logits.shape[-1]
-    mean_probs = masked_mean(jax.nn.softmax(logits, axis=-1))                          # (L, E)
+    mean_probs = masked_mean(jax.nn.softmax(logits, axis=-1))  # (L, E)
     _, top_ids = jax.lax.top_k(logits, top_k)
-    picks = jnp.einsum("ltke,t->le", jax.nn.one_hot(top_ids, num_experts), weight)     # (L, E)
+    picks = jnp.einsum("ltke,t->le", jax.nn.one_hot(top_ids, num_experts), weight)  # (L, E)
     balance = num_experts / (num_tokens * top_k) * jnp.sum(mean_probs * picks, axis=-1)
     return z_loss.sum(), balance.sum()
 
 
-def loss_terms(trainable: dict, frozen: dict, batch: dict, *, config: AriaConfig, train_config: TrainConfig,
-               dtype=jnp.float32) -> dict[str, jax.Array]:
+def loss_terms(
+    trainable: dict, frozen: dict, batch: dict, *, config: AriaConfig, train_config: TrainConfig, dtype=jnp.float32
+) -> dict[str, jax.Array]:
     """One (micro-)batch: summed cross-entropy, labelled-token count, and the router losses."""
     variables = {"params": merged_params(trainable, frozen)}
     if trainable["lora"]:
         variables["lora"] = scaled_adapters(trainable["lora"], train_config.lora)
     model = AriaModel(config, dtype=dtype, param_dtype=dtype, remat=train_config.remat)
     logits, state = model.apply(
-        variables, batch["input_ids"], batch["attention_mask"], None,
-        batch.get("pixel_values"), batch.get("pixel_mask"), mutable=["intermediates"],
+        variables,
+        batch["input_ids"],
+        batch["attention_mask"],
+        None,
+        batch.get("pixel_values"),
+        batch.get("pixel_mask"),
+        mutable=["intermediates"],
     )
     ce_sum, num_labelled = cross_entropy_sum(logits, batch["labels"])
     (router_logits,) = state["intermediates"]["language_model"]["layers"]["mlp"]["router_logits"]
@@ -204,7 +220,7 @@ def _decays(path, _) -> bool:
 def learning_rate_schedule(train_config: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0, then cosine decay to 0 at total_steps."""
     return optax.warmup_cosine_decay_schedule(
-        0.0, train_config.learning_rate, train_config.warmup_steps, train_config.total_steps, end_value=0.0,
+        0.0, train_config.learning_rate, train_config.warmup_steps, train_config.total_steps, end_value=0.0
     )
 
 
@@ -212,7 +228,10 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
     """AdamW (no decay on norms and biases) on `learning_rate_schedule`, after gradient
     clipping by global norm."""
     adamw = optax.adamw(
-        learning_rate_schedule(train_config), b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps,
+        learning_rate_schedule(train_config),
+        b1=train_config.adam_b1,
+        b2=train_config.adam_b2,
+        eps=train_config.adam_eps,
         weight_decay=train_config.weight_decay,
         mask=lambda tree: jax.tree_util.tree_map_with_path(_decays, tree),
     )
@@ -222,8 +241,9 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(trainable: dict, train_config: TrainConfig) -> TrainState:
-    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                       opt_state=make_optimizer(train_config).init(trainable))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=make_optimizer(train_config).init(trainable)
+    )
     # Committed to where they are, as the step's outputs will be: the second step then reuses
     # the first one's executable instead of compiling another.
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
@@ -232,8 +252,9 @@ def init_state(trainable: dict, train_config: TrainConfig) -> TrainState:
 # ----------------------------------------------------------------------------- step
 
 
-def loss_and_grads(trainable: dict, frozen: dict, batches: dict, *, config: AriaConfig,
-                   train_config: TrainConfig, dtype=jnp.float32):
+def loss_and_grads(
+    trainable: dict, frozen: dict, batches: dict, *, config: AriaConfig, train_config: TrainConfig, dtype=jnp.float32
+):
     """batches: arrays with a leading micro-batch axis (A, B, ...). Returns (metrics, grads) of
     the step's loss, accumulated over the micro-batches in a scan."""
     num_micro = batches["input_ids"].shape[0]
@@ -251,8 +272,12 @@ def loss_and_grads(trainable: dict, frozen: dict, batches: dict, *, config: Aria
         add = functools.partial(jax.tree.map, jnp.add)
         return (loss_sum + loss, add(grads_sum, grads), add(terms_sum, terms)), None
 
-    zeros_terms = {"ce_sum": jnp.float32(0), "num_labelled": jnp.int32(0), "z_loss": jnp.float32(0),
-                   "balance_loss": jnp.float32(0)}
+    zeros_terms = {
+        "ce_sum": jnp.float32(0),
+        "num_labelled": jnp.int32(0),
+        "z_loss": jnp.float32(0),
+        "balance_loss": jnp.float32(0),
+    }
     carry = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable), zeros_terms)
     (loss, grads, terms), _ = jax.lax.scan(accumulate, carry, batches)
     metrics = {
@@ -266,10 +291,12 @@ def loss_and_grads(trainable: dict, frozen: dict, batches: dict, *, config: Aria
     return metrics, grads
 
 
-def train_step(state: TrainState, frozen: dict, batches: dict, *, config: AriaConfig,
-               train_config: TrainConfig, dtype=jnp.float32) -> tuple[TrainState, dict]:
-    metrics, grads = loss_and_grads(state.trainable, frozen, batches, config=config,
-                                    train_config=train_config, dtype=dtype)
+def train_step(
+    state: TrainState, frozen: dict, batches: dict, *, config: AriaConfig, train_config: TrainConfig, dtype=jnp.float32
+) -> tuple[TrainState, dict]:
+    metrics, grads = loss_and_grads(
+        state.trainable, frozen, batches, config=config, train_config=train_config, dtype=dtype
+    )
     updates, opt_state = make_optimizer(train_config).update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -281,8 +308,9 @@ def train_step(state: TrainState, frozen: dict, batches: dict, *, config: AriaCo
 
 def jit_train_step(config: AriaConfig, train_config: TrainConfig, dtype=jnp.float32):
     """`train_step` compiled, with the state donated (updated in place)."""
-    return jax.jit(functools.partial(train_step, config=config, train_config=train_config, dtype=dtype),
-                   donate_argnums=0)
+    return jax.jit(
+        functools.partial(train_step, config=config, train_config=train_config, dtype=dtype), donate_argnums=0
+    )
 
 
 def batch_to_mesh(batches: dict, mesh) -> dict:
@@ -307,7 +335,11 @@ def stack_micro_batches(batches: list[dict]) -> dict:
     fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
 
     def padded(batch):
-        return {key: np.pad(value, ((0, 0), (0, length - value.shape[1])), constant_values=fill[key])
-                if key in fill else value for key, value in batch.items()}
+        return {
+            key: np.pad(value, ((0, 0), (0, length - value.shape[1])), constant_values=fill[key])
+            if key in fill
+            else value
+            for key, value in batch.items()
+        }
 
     return {key: np.stack([padded(b)[key] for b in batches]) for key in batches[0]}

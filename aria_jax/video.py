@@ -82,6 +82,7 @@ def _one_line(text: Any) -> str:
 # Sampling and timestamps
 # ------------------------------------------------------------------------------------------
 
+
 def resolve_num_frames(num_frames: int | None) -> int:
     """None or <= 0 means the default of 8 (Aria's dataset rule); anything but an int, or more
     than MAX_NUM_FRAMES, is a VideoArgumentError."""
@@ -90,8 +91,10 @@ def resolve_num_frames(num_frames: int | None) -> int:
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
         raise VideoArgumentError(f"num_frames must be an integer or None, got {num_frames!r}")
     if num_frames > MAX_NUM_FRAMES:
-        raise VideoArgumentError(f"num_frames={num_frames} is more than the limit of {MAX_NUM_FRAMES} frames "
-                                 f"(Aria's 64K-token context at 128 tokens per frame)")
+        raise VideoArgumentError(
+            f"num_frames={num_frames} is more than the limit of {MAX_NUM_FRAMES} frames "
+            f"(Aria's 64K-token context at 128 tokens per frame)"
+        )
     return int(num_frames) if num_frames > 0 else DEFAULT_NUM_FRAMES
 
 
@@ -106,14 +109,17 @@ def sample_frame_indices(num_total_frames: int, num_frames: int | None = DEFAULT
     without frames.
     """
     count = resolve_num_frames(num_frames)
-    if isinstance(num_total_frames, bool) or not isinstance(num_total_frames, (int, np.integer)) \
-            or num_total_frames <= 0:
+    if (
+        isinstance(num_total_frames, bool)
+        or not isinstance(num_total_frames, (int, np.integer))
+        or num_total_frames <= 0
+    ):
         raise VideoArgumentError(f"the video has no frames (num_total_frames={num_total_frames!r})")
     return [int(num_total_frames / count * (i + 0.5)) for i in range(count)]
 
 
 def frame_timestamp(seconds: float) -> str:
-    """"[mm:ss]" for a time in seconds, truncated to whole seconds as in Aria's notebook; the
+    """ "[mm:ss]" for a time in seconds, truncated to whole seconds as in Aria's notebook; the
     minutes are not wrapped into hours (4503.2 -> "[75:03]")."""
     if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
         raise VideoArgumentError(f"a frame timestamp must be a finite number >= 0 seconds, got {seconds!r}")
@@ -125,8 +131,10 @@ def frame_timestamp(seconds: float) -> str:
 # Sources
 # ------------------------------------------------------------------------------------------
 
-def load_video(source: str | os.PathLike | Sequence[Any], num_frames: int | None = DEFAULT_NUM_FRAMES,
-               fps: float | None = None) -> Video:
+
+def load_video(
+    source: str | os.PathLike | Sequence[Any], num_frames: int | None = DEFAULT_NUM_FRAMES, fps: float | None = None
+) -> Video:
     """Samples `num_frames` frames (see `sample_frame_indices`) from a video file or a list of
     frames. `fps` is the frame rate of a list of frames (default 1.0); files carry their own."""
     resolve_num_frames(num_frames)  # a bad value is a usage error, not a problem with the video
@@ -170,6 +178,7 @@ def _load_video_file(path: str, num_frames: int | None) -> Video:
 
 def _load_with_pillow(path: str, num_frames: int | None) -> Video:
     """Animated GIF / WebP / PNG: frames decoded in order (each one builds on the previous)."""
+
     def fail(problem: str) -> VideoError:
         return VideoError(f"cannot read video file {path}: {problem}")
 
@@ -179,8 +188,10 @@ def _load_with_pillow(path: str, num_frames: int | None) -> Video:
             with Image.open(path) as image:
                 total = getattr(image, "n_frames", 1)
                 if total <= 1:
-                    raise fail(f"a still {image.format} image, not a video; "
-                               'pass it as an image item ({"type": "image"}) instead')
+                    raise fail(
+                        f"a still {image.format} image, not a video; "
+                        'pass it as an image item ({"type": "image"}) instead'
+                    )
                 indices = sample_frame_indices(total, num_frames)
                 wanted, last = set(indices), max(indices)
                 frames, start_ms, elapsed_ms = {}, {}, 0.0
@@ -260,6 +271,7 @@ def _decode_frames(av, path: str, wanted: set[int]) -> tuple[int, dict[int, Imag
 # ------------------------------------------------------------------------------------------
 # Cache
 # ------------------------------------------------------------------------------------------
+
 
 class VideoCache:
     """The last few decoded video files, so rendering a prompt and then building the model

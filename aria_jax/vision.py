@@ -27,7 +27,7 @@ def patch_mask_from_pixel_mask(pixel_mask: jax.Array, patch_size: int) -> jax.Ar
     """(N, S, S) bool -> (N, S//p, S//p) bool: a patch is valid if any of its pixels is. Rows and
     columns past the last whole patch are dropped, as the reference's unfold drops them."""
     n, height, width = pixel_mask.shape
-    pixel_mask = pixel_mask[:, :height // patch_size * patch_size, :width // patch_size * patch_size]
+    pixel_mask = pixel_mask[:, : height // patch_size * patch_size, : width // patch_size * patch_size]
     grid = pixel_mask.reshape(n, height // patch_size, patch_size, width // patch_size, patch_size)
     return grid.any(axis=(2, 4))
 
@@ -66,7 +66,7 @@ class VisionAttention(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         heads = (cfg.num_attention_heads, cfg.head_dim)
         head_axes = ("embed", "heads", "head_dim")
-        q = Linear(heads, head_axes, name="q_proj", **kw)(x)                      # (N, P, n, h)
+        q = Linear(heads, head_axes, name="q_proj", **kw)(x)  # (N, P, n, h)
         k = Linear(heads, head_axes, name="k_proj", **kw)(x)
         v = Linear(heads, head_axes, name="v_proj", **kw)(x)
         out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), key_mask)
@@ -81,7 +81,9 @@ class VisionEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, key_mask):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + VisionAttention(cfg, name="self_attn", **kw)(LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x), key_mask)
+        x = x + VisionAttention(cfg, name="self_attn", **kw)(
+            LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x), key_mask
+        )
         hidden = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
         hidden = Linear((cfg.intermediate_size,), ("embed", "mlp"), name="fc1", **kw)(hidden)
         hidden = Linear((cfg.hidden_size,), ("mlp", "embed"), name="fc2", **kw)(ACTIVATIONS[cfg.hidden_act](hidden))
@@ -102,18 +104,32 @@ class VisionTower(nn.Module):
         p, d = cfg.patch_size, cfg.hidden_size
         n, c, height, width = pixel_values.shape
         with jax.named_scope("patch_embedding"):
-            kernel = param_with_axes(self, "patch_kernel", default_kernel_init, (c, p, p, d),
-                                     ("channels", "patch", "patch", "embed"), self.param_dtype)
+            kernel = param_with_axes(
+                self,
+                "patch_kernel",
+                default_kernel_init,
+                (c, p, p, d),
+                ("channels", "patch", "patch", "embed"),
+                self.param_dtype,
+            )
             bias = param_with_axes(self, "patch_bias", nn.initializers.zeros, (d,), ("embed",), self.param_dtype)
             # A stride-p convolution: pixels past the last whole patch are not read.
-            pixels = pixel_values[:, :, :height // p * p, :width // p * p]
+            pixels = pixel_values[:, :, : height // p * p, : width // p * p]
             patches = pixels.astype(self.dtype).reshape(n, c, height // p, p, width // p, p)
             x = jnp.einsum("ncyixj,cijd->nyxd", patches, kernel.astype(self.dtype)) + bias.astype(self.dtype)
             x = x.reshape(n, (height // p) * (width // p), d)
         with jax.named_scope("position_embedding"):
-            table = param_with_axes(self, "position_embedding", default_kernel_init,
-                                    (cfg.num_patches_per_side ** 2, d), ("positions", "embed"), self.param_dtype)
-            x = x + jnp.take(table, vision_position_ids(patch_mask, cfg.num_patches_per_side), axis=0).astype(self.dtype)
+            table = param_with_axes(
+                self,
+                "position_embedding",
+                default_kernel_init,
+                (cfg.num_patches_per_side**2, d),
+                ("positions", "embed"),
+                self.param_dtype,
+            )
+            x = x + jnp.take(table, vision_position_ids(patch_mask, cfg.num_patches_per_side), axis=0).astype(
+                self.dtype
+            )
         key_mask = patch_mask.reshape(n, -1)
         x, _ = nn.scan(
             nn.remat(VisionEncoderLayer, prevent_cse=False) if self.remat else VisionEncoderLayer,

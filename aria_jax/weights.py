@@ -40,6 +40,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # ----------------------------------------------------------------------------- the key table
 
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a hub tensor becomes a param: `hub_shape(param_shape)` and `to_param(tensor, param_shape)`.
@@ -121,54 +122,66 @@ def _norm(template: str, path: tuple[str, ...], bias=True):
 
 
 # Canonical names are the hub's multimodal naming; `canonical_key` maps the others onto it.
-TEXT_RULES = _rules("language_model.", ("language_model",), [
-    ("model.embed_tokens.weight", ("embed_tokens",), COPY),
-    ("model.norm.weight", ("norm", "scale"), COPY),
-    ("lm_head.weight", ("lm_head",), LINEAR),
-    ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), COPY),
-    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), COPY),
-    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"), LINEAR),
-    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), LINEAR),
-    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), LINEAR),
-    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), LINEAR_2_IN),
-    ("model.layers.{i}.mlp.router.weight", ("layers", "mlp", "router"), LINEAR),
-    ("model.layers.{i}.mlp.experts.fc1.weight", ("layers", "mlp", "experts_gate_up"), COPY),
-    ("model.layers.{i}.mlp.experts.fc2.weight", ("layers", "mlp", "experts_down"), COPY),
-    ("model.layers.{i}.mlp.shared_experts.gate_proj.weight", ("layers", "mlp", "shared_gate"), LINEAR),
-    ("model.layers.{i}.mlp.shared_experts.up_proj.weight", ("layers", "mlp", "shared_up"), LINEAR),
-    ("model.layers.{i}.mlp.shared_experts.down_proj.weight", ("layers", "mlp", "shared_down"), LINEAR),
-])
+TEXT_RULES = _rules(
+    "language_model.",
+    ("language_model",),
+    [
+        ("model.embed_tokens.weight", ("embed_tokens",), COPY),
+        ("model.norm.weight", ("norm", "scale"), COPY),
+        ("lm_head.weight", ("lm_head",), LINEAR),
+        ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), COPY),
+        ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), COPY),
+        ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"), LINEAR),
+        ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), LINEAR),
+        ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), LINEAR),
+        ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), LINEAR_2_IN),
+        ("model.layers.{i}.mlp.router.weight", ("layers", "mlp", "router"), LINEAR),
+        ("model.layers.{i}.mlp.experts.fc1.weight", ("layers", "mlp", "experts_gate_up"), COPY),
+        ("model.layers.{i}.mlp.experts.fc2.weight", ("layers", "mlp", "experts_down"), COPY),
+        ("model.layers.{i}.mlp.shared_experts.gate_proj.weight", ("layers", "mlp", "shared_gate"), LINEAR),
+        ("model.layers.{i}.mlp.shared_experts.up_proj.weight", ("layers", "mlp", "shared_up"), LINEAR),
+        ("model.layers.{i}.mlp.shared_experts.down_proj.weight", ("layers", "mlp", "shared_down"), LINEAR),
+    ],
+)
 
 _VISION_LAYER = "encoder.layers.{i}."
-VISION_RULES = _rules("vision_tower.", ("vision_tower",), [
-    ("embeddings.patch_embedding.weight", ("patch_kernel",), CONV),
-    ("embeddings.patch_embedding.bias", ("patch_bias",), COPY),
-    ("embeddings.position_embedding.weight", ("position_embedding",), COPY),
-    *_norm(_VISION_LAYER + "layer_norm1", ("layers", "layer_norm1")),
-    *_norm(_VISION_LAYER + "layer_norm2", ("layers", "layer_norm2")),
-    *_linear(_VISION_LAYER + "self_attn.q_proj", ("layers", "self_attn", "q_proj"), bias=RESHAPE),
-    *_linear(_VISION_LAYER + "self_attn.k_proj", ("layers", "self_attn", "k_proj"), bias=RESHAPE),
-    *_linear(_VISION_LAYER + "self_attn.v_proj", ("layers", "self_attn", "v_proj"), bias=RESHAPE),
-    *_linear(_VISION_LAYER + "self_attn.out_proj", ("layers", "self_attn", "out_proj"), LINEAR_2_IN),
-    *_linear(_VISION_LAYER + "mlp.fc1", ("layers", "fc1")),
-    *_linear(_VISION_LAYER + "mlp.fc2", ("layers", "fc2")),
-])
+VISION_RULES = _rules(
+    "vision_tower.",
+    ("vision_tower",),
+    [
+        ("embeddings.patch_embedding.weight", ("patch_kernel",), CONV),
+        ("embeddings.patch_embedding.bias", ("patch_bias",), COPY),
+        ("embeddings.position_embedding.weight", ("position_embedding",), COPY),
+        *_norm(_VISION_LAYER + "layer_norm1", ("layers", "layer_norm1")),
+        *_norm(_VISION_LAYER + "layer_norm2", ("layers", "layer_norm2")),
+        *_linear(_VISION_LAYER + "self_attn.q_proj", ("layers", "self_attn", "q_proj"), bias=RESHAPE),
+        *_linear(_VISION_LAYER + "self_attn.k_proj", ("layers", "self_attn", "k_proj"), bias=RESHAPE),
+        *_linear(_VISION_LAYER + "self_attn.v_proj", ("layers", "self_attn", "v_proj"), bias=RESHAPE),
+        *_linear(_VISION_LAYER + "self_attn.out_proj", ("layers", "self_attn", "out_proj"), LINEAR_2_IN),
+        *_linear(_VISION_LAYER + "mlp.fc1", ("layers", "fc1")),
+        *_linear(_VISION_LAYER + "mlp.fc2", ("layers", "fc2")),
+    ],
+)
 
-PROJECTOR_RULES = _rules("multi_modal_projector.", ("multi_modal_projector",), [
-    ("query", ("query",), COPY),
-    *_norm("cross_attn.layer_norm", ("cross_attn", "layer_norm")),
-    *_norm("cross_attn.layer_norm_kv", ("cross_attn", "layer_norm_kv")),
-    *_linear("cross_attn.q_proj", ("cross_attn", "q_proj"), bias=None),
-    *_linear("cross_attn.k_proj", ("cross_attn", "k_proj"), bias=None),
-    *_linear("cross_attn.v_proj", ("cross_attn", "v_proj"), bias=None),
-    ("cross_attn.multihead_attn.in_proj_weight", ("cross_attn", "in_proj_kernel"), LINEAR),
-    ("cross_attn.multihead_attn.in_proj_bias", ("cross_attn", "in_proj_bias"), RESHAPE),
-    *_linear("cross_attn.multihead_attn.out_proj", ("cross_attn", "out_proj"), LINEAR_2_IN),
-    *_linear("cross_attn.linear", ("cross_attn", "linear")),
-    *_norm("layer_norm", ("layer_norm",)),
-    *_linear("feed_forward.linear_in", ("linear_in",), bias=None),
-    *_linear("feed_forward.linear_out", ("linear_out",), bias=None),
-])
+PROJECTOR_RULES = _rules(
+    "multi_modal_projector.",
+    ("multi_modal_projector",),
+    [
+        ("query", ("query",), COPY),
+        *_norm("cross_attn.layer_norm", ("cross_attn", "layer_norm")),
+        *_norm("cross_attn.layer_norm_kv", ("cross_attn", "layer_norm_kv")),
+        *_linear("cross_attn.q_proj", ("cross_attn", "q_proj"), bias=None),
+        *_linear("cross_attn.k_proj", ("cross_attn", "k_proj"), bias=None),
+        *_linear("cross_attn.v_proj", ("cross_attn", "v_proj"), bias=None),
+        ("cross_attn.multihead_attn.in_proj_weight", ("cross_attn", "in_proj_kernel"), LINEAR),
+        ("cross_attn.multihead_attn.in_proj_bias", ("cross_attn", "in_proj_bias"), RESHAPE),
+        *_linear("cross_attn.multihead_attn.out_proj", ("cross_attn", "out_proj"), LINEAR_2_IN),
+        *_linear("cross_attn.linear", ("cross_attn", "linear")),
+        *_norm("layer_norm", ("layer_norm",)),
+        *_linear("feed_forward.linear_in", ("linear_in",), bias=None),
+        *_linear("feed_forward.linear_out", ("linear_out",), bias=None),
+    ],
+)
 
 ALL_RULES = TEXT_RULES + VISION_RULES + PROJECTOR_RULES
 COMPONENTS = ("language_model", "vision_tower", "multi_modal_projector")
@@ -185,19 +198,22 @@ IGNORED = (
 # it also drops `.inv_freq` buffers). The transformers 5 in-memory names are undone by inverting
 # the load-time renames of `transformers/conversion_mapping.py` (its "llava", "LlavaModel" and
 # "aria_text" rules).
-RENAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
-    (r"^model\.language_model\.", "language_model.model."),        # transformers 5 in-memory
-    (r"^model\.vision_tower\.", "vision_tower."),
-    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-    (r"^model\.", "language_model.model."),                         # text-only checkpoints
-    (r"^lm_head\.weight$", "language_model.lm_head.weight"),
-    (r"^vision_tower\.vision_model\.", "vision_tower."),            # original rhymes-ai
-    (r"^multi_modal_projector\.ln_ffn\.", "multi_modal_projector.layer_norm."),
-    (r"^multi_modal_projector\.ffn\.", "multi_modal_projector.feed_forward."),
-    (r"\.cross_attn\.ln_kv\.", ".cross_attn.layer_norm_kv."),
-    (r"\.mlp\.experts\.gate_up_proj$", ".mlp.experts.fc1.weight"),  # transformers 5 in-memory
-    (r"\.mlp\.experts\.down_proj$", ".mlp.experts.fc2.weight"),
-))
+RENAMES = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^model\.language_model\.", "language_model.model."),  # transformers 5 in-memory
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^model\.", "language_model.model."),  # text-only checkpoints
+        (r"^lm_head\.weight$", "language_model.lm_head.weight"),
+        (r"^vision_tower\.vision_model\.", "vision_tower."),  # original rhymes-ai
+        (r"^multi_modal_projector\.ln_ffn\.", "multi_modal_projector.layer_norm."),
+        (r"^multi_modal_projector\.ffn\.", "multi_modal_projector.feed_forward."),
+        (r"\.cross_attn\.ln_kv\.", ".cross_attn.layer_norm_kv."),
+        (r"\.mlp\.experts\.gate_up_proj$", ".mlp.experts.fc1.weight"),  # transformers 5 in-memory
+        (r"\.mlp\.experts\.down_proj$", ".mlp.experts.fc2.weight"),
+    )
+)
 
 
 RULE_FOR_PATH = {rule.path: rule for rule in ALL_RULES}
@@ -211,7 +227,7 @@ def hub_key(rule: KeyRule, layer: int | None, text_only: bool = False) -> str:
     if text_only:
         for prefix, replacement in TEXT_ONLY_NAMES:
             if key.startswith(prefix):
-                return replacement + key[len(prefix):]
+                return replacement + key[len(prefix) :]
     return key
 
 
@@ -229,7 +245,7 @@ def spelled_like(missing: str, present: dict[str, str]) -> str:
     (longest shared start) whose renaming was a change of prefix lends that prefix."""
     layer = re.search(r"layers\.\d+\.", missing)
     if layer:
-        twin = re.compile(re.escape(missing[: layer.start()]) + r"layers\.(\d+)\." + re.escape(missing[layer.end():]))
+        twin = re.compile(re.escape(missing[: layer.start()]) + r"layers\.(\d+)\." + re.escape(missing[layer.end() :]))
         for canonical, raw in present.items():
             match = twin.fullmatch(canonical)
             if match:
@@ -239,11 +255,12 @@ def spelled_like(missing: str, present: dict[str, str]) -> str:
         shared_tail = len(os.path.commonprefix([canonical[::-1], raw[::-1]]))
         canonical_head, raw_head = canonical[: len(canonical) - shared_tail], raw[: len(raw) - shared_tail]
         if missing.startswith(canonical_head):
-            return raw_head + missing[len(canonical_head):]
+            return raw_head + missing[len(canonical_head) :]
     return missing
 
 
 # ----------------------------------------------------------------------------- the checkpoint
+
 
 class HubCheckpoint:
     """The safetensors files of a hub-format directory, keyed by tensor name."""
@@ -256,9 +273,7 @@ class HubCheckpoint:
         for file in self.files:
             for key in file.keys():
                 if key in self.file_of:
-                    raise CheckpointError(
-                        f"{file.path}: duplicated key {key} (also in {self.file_of[key].path})"
-                    )
+                    raise CheckpointError(f"{file.path}: duplicated key {key} (also in {self.file_of[key].path})")
                 self.file_of[key] = file
         self._check_index()
 
@@ -282,9 +297,7 @@ class HubCheckpoint:
             _refuse_pickle(sorted(glob.glob(os.path.join(path, "*"))))
             raise CheckpointError(f"{path}: no *.safetensors files")
         if len(files) > 1:
-            raise CheckpointError(
-                f"{path}: {len(files)} safetensors files but no {INDEX_FILE} to say which to read"
-            )
+            raise CheckpointError(f"{path}: {len(files)} safetensors files but no {INDEX_FILE} to say which to read")
         return files
 
     def _read_index(self, index: str) -> dict[str, str]:
@@ -337,6 +350,7 @@ def _refuse_pickle(paths: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- planning
 
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One hub tensor feeding one param (or one layer slice of a stacked param)."""
@@ -345,8 +359,9 @@ class Source:
     rule: KeyRule
 
 
-def plan_load(checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tuple[int, ...]],
-              components: tuple[str, ...]) -> dict[tuple[str, ...], list[Source]]:
+def plan_load(
+    checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tuple[int, ...]], components: tuple[str, ...]
+) -> dict[tuple[str, ...], list[Source]]:
     """Maps every param path (of `components`) to its hub tensors, one per layer for stacked
     params, checking the checkpoint from its headers alone: unknown, duplicated, mis-shaped and
     missing keys are errors naming the file and the key."""
@@ -378,21 +393,20 @@ def plan_load(checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tup
             raise CheckpointError(f"{file}: unknown key {key}")
         rule, layer = by_key[canonical]
         if plan[rule.path][layer] is not None:
-            raise CheckpointError(
-                f"{file}: duplicated key {key}: the same tensor as {plan[rule.path][layer].key}"
-            )
+            raise CheckpointError(f"{file}: duplicated key {key}: the same tensor as {plan[rule.path][layer].key}")
         param_shape = param_shapes[rule.path][1:] if rule.stacked else param_shapes[rule.path]
         expected = rule.layout.hub_shape(param_shape)
         if checkpoint.shape(key) != expected:
             raise CheckpointError(f"{file}: key {key} has shape {checkpoint.shape(key)}, expected {expected}")
         if checkpoint.dtype(key) not in FLOAT_DTYPES:
-            raise CheckpointError(f"{file}: key {key} has dtype {DTYPE_NAMES[checkpoint.dtype(key)]}; Aria's weights "
-                                  f"are floating point ({', '.join(DTYPE_NAMES[t] for t in FLOAT_DTYPES)})")
+            raise CheckpointError(
+                f"{file}: key {key} has dtype {DTYPE_NAMES[checkpoint.dtype(key)]}; Aria's weights "
+                f"are floating point ({', '.join(DTYPE_NAMES[t] for t in FLOAT_DTYPES)})"
+            )
         plan[rule.path][layer] = Source(key, rule)
 
     missing = [
-        rule.template.format(i=i)
-        for rule in rules for i, source in enumerate(plan[rule.path]) if source is None
+        rule.template.format(i=i) for rule in rules for i, source in enumerate(plan[rule.path]) if source is None
     ]
     if missing:
         present = {canonical_key(key): key for key in raw_keys}
@@ -403,8 +417,14 @@ def plan_load(checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tup
 
 # ----------------------------------------------------------------------------- reading
 
-def read_param(checkpoint: HubCheckpoint, sources: list[Source], shape: tuple[int, ...], dtype,
-               index: tuple[slice, ...] | None = None) -> np.ndarray:
+
+def read_param(
+    checkpoint: HubCheckpoint,
+    sources: list[Source],
+    shape: tuple[int, ...],
+    dtype,
+    index: tuple[slice, ...] | None = None,
+) -> np.ndarray:
     """The (slice `index` of the) param built from its hub tensors, one tensor in memory at a time."""
     index = index or tuple(slice(None) for _ in shape)
 
@@ -421,10 +441,14 @@ def read_param(checkpoint: HubCheckpoint, sources: list[Source], shape: tuple[in
     return out
 
 
-def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree: dict, dtype,
-                components: tuple[str, ...] = COMPONENTS,
-                sharding_for: Callable[[tuple[str, ...]], jax.sharding.Sharding] | None = None,
-                quantization: Quantization | None = None) -> dict:
+def load_params(
+    checkpoint: HubCheckpoint | str | os.PathLike,
+    param_shapes_tree: dict,
+    dtype,
+    components: tuple[str, ...] = COMPONENTS,
+    sharding_for: Callable[[tuple[str, ...]], jax.sharding.Sharding] | None = None,
+    quantization: Quantization | None = None,
+) -> dict:
     """Builds the params of `components` (a tree {component: subtree of shape tuples}) directly
     from the checkpoint, each array placed in `sharding_for(path)` (default: device 0). Arrays
     are filled by callback, so a host reads only the layers its devices hold. With
@@ -443,10 +467,13 @@ def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree
         shape = flat_shapes[path]
         input_axes = quantization.input_axes(path) if quantization else None
         if input_axes is None:
-            flat[path] = placed(path, shape, lambda index, s=sources, sh=shape: read_param(checkpoint, s, sh, dtype, index))
+            flat[path] = placed(
+                path, shape, lambda index, s=sources, sh=shape: read_param(checkpoint, s, sh, dtype, index)
+            )
             continue
         scales_shape = quantization.scales_shape(path, shape, input_axes)
         for part, part_shape in (("values", shape), ("scales", scales_shape)):
+
             def read(index, s=sources, sh=shape, p=path, axes=input_axes, part=part):
                 return quantized_part(checkpoint, s, sh, index, quantization, p, axes, part)
 
@@ -454,8 +481,16 @@ def load_params(checkpoint: HubCheckpoint | str | os.PathLike, param_shapes_tree
     return unflatten_tree(flat)
 
 
-def quantized_part(checkpoint: HubCheckpoint, sources: list[Source], shape: tuple[int, ...], index: tuple[slice, ...],
-                   quantization: Quantization, path: tuple[str, ...], input_axes: tuple[int, ...], part: str):
+def quantized_part(
+    checkpoint: HubCheckpoint,
+    sources: list[Source],
+    shape: tuple[int, ...],
+    index: tuple[slice, ...],
+    quantization: Quantization,
+    path: tuple[str, ...],
+    input_axes: tuple[int, ...],
+    part: str,
+):
     """Slice `index` of a weight's quantized `part` ("values" or "scales"). The weight is read
     whole along its input axes (its scales depend on all of them), quantized, then sliced; the
     values' and scales' reads repeat that work, so memory stays at one slice at a time."""

@@ -49,9 +49,9 @@ from aria_jax.buckets import bucket_length, prompt_bucket
 from aria_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_MAX_QUEUE, Engine
 from stream_vs_generate import bench_model  # the script beside this one (its directory is on sys.path)
 
-PROMPT_LENGTHS = (16, 256)                    # prompt tokens, log-uniform in this range
-ANSWER_LENGTHS = (8, 16, 32, 64, 128)         # max_new_tokens, drawn uniformly
-TOKEN_IDS = (10, 500)                         # the tiny vocabulary's ordinary tokens
+PROMPT_LENGTHS = (16, 256)  # prompt tokens, log-uniform in this range
+ANSWER_LENGTHS = (8, 16, 32, 64, 128)  # max_new_tokens, drawn uniformly
+TOKEN_IDS = (10, 500)  # the tiny vocabulary's ordinary tokens
 STATIC_BATCH = 16
 PROBE_PROMPT_TOKENS, PROBE_NEW_TOKENS = 16, 32
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
@@ -66,7 +66,7 @@ TARGET_VS_STATIC = 1.5
 
 @dataclasses.dataclass(frozen=True)
 class ServeRequest:
-    prompt: np.ndarray        # (T,) int32 token ids
+    prompt: np.ndarray  # (T,) int32 token ids
     max_new_tokens: int
 
 
@@ -74,8 +74,10 @@ def make_requests(count: int, seed: int) -> list[ServeRequest]:
     rng = np.random.default_rng(seed)
     lengths = np.rint(np.exp(rng.uniform(*np.log(PROMPT_LENGTHS), size=count))).astype(int)
     answers = rng.choice(ANSWER_LENGTHS, size=count)
-    return [ServeRequest(rng.integers(*TOKEN_IDS, size=length).astype(np.int32), int(answer))
-            for length, answer in zip(lengths, answers)]
+    return [
+        ServeRequest(rng.integers(*TOKEN_IDS, size=length).astype(np.int32), int(answer))
+        for length, answer in zip(lengths, answers)
+    ]
 
 
 def cache_length(prompt_tokens: int, max_new_tokens: int) -> int:
@@ -84,7 +86,7 @@ def cache_length(prompt_tokens: int, max_new_tokens: int) -> int:
 
 
 def static_batches(requests: list[ServeRequest]) -> list[list[ServeRequest]]:
-    return [requests[start:start + STATIC_BATCH] for start in range(0, len(requests), STATIC_BATCH)]
+    return [requests[start : start + STATIC_BATCH] for start in range(0, len(requests), STATIC_BATCH)]
 
 
 def left_padded(batch: list[ServeRequest], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +95,8 @@ def left_padded(batch: list[ServeRequest], pad_id: int) -> tuple[np.ndarray, np.
     ids = np.full((len(batch), length), pad_id, np.int32)
     mask = np.zeros((len(batch), length), np.int32)
     for row, request in enumerate(batch):
-        ids[row, length - len(request.prompt):] = request.prompt
-        mask[row, length - len(request.prompt):] = 1
+        ids[row, length - len(request.prompt) :] = request.prompt
+        mask[row, length - len(request.prompt) :] = 1
     return ids, mask
 
 
@@ -152,14 +154,14 @@ class Row:
     requests: int
     useful_tokens: int
     seconds: float
-    compilations: int                 # while timing: should be 0
-    probe_tokens_per_second: float    # the machine's speed right before the row (`speed_probe`)
+    compilations: int  # while timing: should be 0
+    probe_tokens_per_second: float  # the machine's speed right before the row (`speed_probe`)
     other_processes_cpu_share: float
-    time_to_first_token: dict | None = None    # seconds, p50 / p99
-    inter_token_latency: dict | None = None    # seconds, p50 / p99
+    time_to_first_token: dict | None = None  # seconds, p50 / p99
+    inter_token_latency: dict | None = None  # seconds, p50 / p99
     concurrency: int | None = None
-    mean_in_flight: float | None = None        # engine: requests submitted and not yet answered
-    generated_tokens: int | None = None        # static batches: useful and wasted
+    mean_in_flight: float | None = None  # engine: requests submitted and not yet answered
+    generated_tokens: int | None = None  # static batches: useful and wasted
 
     @property
     def tokens_per_second(self) -> float:
@@ -207,13 +209,17 @@ def warm_generate(model, calls: list[tuple[np.ndarray, np.ndarray, int]]) -> Non
 
 
 def one_at_a_time_calls(requests):
-    return [(request.prompt[None], np.ones((1, len(request.prompt)), np.int32), request.max_new_tokens)
-            for request in requests]
+    return [
+        (request.prompt[None], np.ones((1, len(request.prompt)), np.int32), request.max_new_tokens)
+        for request in requests
+    ]
 
 
 def static_calls(requests, pad_id):
-    return [(*left_padded(batch, pad_id), max(request.max_new_tokens for request in batch))
-            for batch in static_batches(requests)]
+    return [
+        (*left_padded(batch, pad_id), max(request.max_new_tokens for request in batch))
+        for batch in static_batches(requests)
+    ]
 
 
 def run_one_at_a_time(model, requests: list[ServeRequest]):
@@ -221,7 +227,7 @@ def run_one_at_a_time(model, requests: list[ServeRequest]):
         answers = []
         for ids, mask, max_new_tokens in one_at_a_time_calls(requests):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop_strings=None)
-            answers.append(out[0, ids.shape[1]:])
+            answers.append(out[0, ids.shape[1] :])
         return answers, sum(len(answer) for answer in answers), len(requests)
 
     return timed("generate, one at a time", model, run, concurrency=1)
@@ -235,11 +241,13 @@ def run_static(model, requests: list[ServeRequest]):
         for batch, (ids, mask, max_new_tokens) in zip(static_batches(requests), static_calls(requests, pad_id)):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop_strings=None)
             generated += out.shape[0] * max_new_tokens
-            answers += [row[ids.shape[1]:ids.shape[1] + request.max_new_tokens] for row, request in zip(out, batch)]
+            answers += [row[ids.shape[1] : ids.shape[1] + request.max_new_tokens] for row, request in zip(out, batch)]
         return answers, sum(request.max_new_tokens for request in requests), len(requests)
 
     row, answers = timed(f"generate, static batches of {STATIC_BATCH}", model, run, concurrency=STATIC_BATCH)
-    row.generated_tokens = sum(max_new_tokens * ids.shape[0] for ids, _, max_new_tokens in static_calls(requests, pad_id))
+    row.generated_tokens = sum(
+        max_new_tokens * ids.shape[0] for ids, _, max_new_tokens in static_calls(requests, pad_id)
+    )
     return row, answers
 
 
@@ -251,8 +259,10 @@ def warm_engine(engine: Engine, requests: list[ServeRequest]) -> None:
     requests use; the engine's thread has not started, so this runs the rounds itself."""
     engine.warm_up()
     buckets = sorted({prompt_bucket(len(request.prompt)) for request in requests})
-    handles = [engine.submit(np.full((bucket,), TOKEN_IDS[0], np.int32), max_new_tokens=2, stop_strings=None)
-               for bucket in buckets]
+    handles = [
+        engine.submit(np.full((bucket,), TOKEN_IDS[0], np.int32), max_new_tokens=2, stop_strings=None)
+        for bucket in buckets
+    ]
     while engine.step():
         pass
     for handle in handles:
@@ -261,8 +271,13 @@ def warm_engine(engine: Engine, requests: list[ServeRequest]) -> None:
 
 def run_engine(model, requests: list[ServeRequest], concurrency: int, max_length: int, decode_steps: int):
     log(f"engine, concurrency {concurrency}: compiling")
-    engine = Engine(model, max_batch=concurrency, max_length=max_length, decode_steps=decode_steps,
-                    max_queue=max(concurrency, DEFAULT_MAX_QUEUE))
+    engine = Engine(
+        model,
+        max_batch=concurrency,
+        max_length=max_length,
+        decode_steps=decode_steps,
+        max_queue=max(concurrency, DEFAULT_MAX_QUEUE),
+    )
     warm_engine(engine, requests)
     latencies = engine.metrics = LatencyLog()
     completions = [None] * len(requests)
@@ -278,8 +293,9 @@ def run_engine(model, requests: list[ServeRequest], concurrency: int, max_length
             if index is None:
                 return
             request, start = requests[index], time.perf_counter()
-            completions[index] = engine.submit(request.prompt, max_new_tokens=request.max_new_tokens,
-                                               stop_strings=None).result()
+            completions[index] = engine.submit(
+                request.prompt, max_new_tokens=request.max_new_tokens, stop_strings=None
+            ).result()
             seconds_in_engine[index] = time.perf_counter() - start
 
     def run():
@@ -309,9 +325,13 @@ def mismatches(requests, references, answers) -> list[str]:
     for index, (request, reference, answer) in enumerate(zip(requests, references, answers)):
         reference, answer = np.asarray(reference), np.asarray(answer)
         if reference.shape != answer.shape or np.any(reference != answer):
-            agree = next((k for k, (a, b) in enumerate(zip(reference, answer)) if a != b), min(len(reference), len(answer)))
-            lines.append(f"request {index} (prompt {len(request.prompt)}, max_new_tokens {request.max_new_tokens}): "
-                         f"{len(answer)} tokens, the first {agree} equal to generate's {len(reference)}")
+            agree = next(
+                (k for k, (a, b) in enumerate(zip(reference, answer)) if a != b), min(len(reference), len(answer))
+            )
+            lines.append(
+                f"request {index} (prompt {len(request.prompt)}, max_new_tokens {request.max_new_tokens}): "
+                f"{len(answer)} tokens, the first {agree} equal to generate's {len(reference)}"
+            )
     return lines
 
 
@@ -320,10 +340,12 @@ def number(value, digits: int, scale: float = 1.0) -> str:
 
 
 def table(rows: list[Row], one_at_a_time: Row, static: Row) -> str:
-    lines = ["| configuration | requests | useful tokens | seconds | tokens/s | requests/s | TTFT p50 s | TTFT p99 s "
-             "| ITL p50 ms | ITL p99 ms | mean in flight | tokens/s vs one at a time | tokens/s vs static 16 "
-             "| probe tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| configuration | requests | useful tokens | seconds | tokens/s | requests/s | TTFT p50 s | TTFT p99 s "
+        "| ITL p50 ms | ITL p99 ms | mean in flight | tokens/s vs one at a time | tokens/s vs static 16 "
+        "| probe tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         ttft, itl = row.time_to_first_token or {}, row.inter_token_latency or {}
         name = row.name + (f" (compiled {row.compilations}x while timed)" if row.compilations else "")
@@ -332,7 +354,8 @@ def table(rows: list[Row], one_at_a_time: Row, static: Row) -> str:
             f"| {row.requests_per_second:.2f} | {number(ttft.get('p50'), 2)} | {number(ttft.get('p99'), 2)} "
             f"| {number(itl.get('p50'), 0, 1e3)} | {number(itl.get('p99'), 0, 1e3)} | {number(row.mean_in_flight, 1)} "
             f"| {row.tokens_per_second / one_at_a_time.tokens_per_second:.2f}x "
-            f"| {row.tokens_per_second / static.tokens_per_second:.2f}x | {row.probe_tokens_per_second:.1f} |")
+            f"| {row.tokens_per_second / static.tokens_per_second:.2f}x | {row.probe_tokens_per_second:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -342,25 +365,36 @@ def target_lines(engine_rows: dict[int, Row], one_at_a_time: Row, static: Row) -
         return [f"targets: concurrency {TARGET_CONCURRENCY} was not run"], {}
     vs_one = row.tokens_per_second / one_at_a_time.tokens_per_second
     vs_static = row.tokens_per_second / static.tokens_per_second
-    results = {"vs_one_at_a_time": {"reached": vs_one, "target": TARGET_VS_ONE_AT_A_TIME,
-                                    "met": vs_one >= TARGET_VS_ONE_AT_A_TIME},
-               "vs_static": {"reached": vs_static, "target": TARGET_VS_STATIC, "met": vs_static >= TARGET_VS_STATIC}}
-    return [f"target, concurrency {TARGET_CONCURRENCY}, tokens/s vs one at a time: {vs_one:.2f}x "
-            f"(target >= {TARGET_VS_ONE_AT_A_TIME}x): {'met' if results['vs_one_at_a_time']['met'] else 'NOT met'}",
-            f"target, concurrency {TARGET_CONCURRENCY}, tokens/s vs static batches of {STATIC_BATCH}: {vs_static:.2f}x "
-            f"(target >= {TARGET_VS_STATIC}x): {'met' if results['vs_static']['met'] else 'NOT met'}"], results
+    results = {
+        "vs_one_at_a_time": {
+            "reached": vs_one,
+            "target": TARGET_VS_ONE_AT_A_TIME,
+            "met": vs_one >= TARGET_VS_ONE_AT_A_TIME,
+        },
+        "vs_static": {"reached": vs_static, "target": TARGET_VS_STATIC, "met": vs_static >= TARGET_VS_STATIC},
+    }
+    return [
+        f"target, concurrency {TARGET_CONCURRENCY}, tokens/s vs one at a time: {vs_one:.2f}x "
+        f"(target >= {TARGET_VS_ONE_AT_A_TIME}x): {'met' if results['vs_one_at_a_time']['met'] else 'NOT met'}",
+        f"target, concurrency {TARGET_CONCURRENCY}, tokens/s vs static batches of {STATIC_BATCH}: {vs_static:.2f}x "
+        f"(target >= {TARGET_VS_STATIC}x): {'met' if results['vs_static']['met'] else 'NOT met'}",
+    ], results
 
 
 def machine_line() -> str:
-    return (f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {installed_version('jax')} on {jax.default_backend()}, "
-            "float32; one timed run per row, everything compiled beforehand")
+    return (
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {installed_version('jax')} on {jax.default_backend()}, "
+        "float32; one timed run per row, everything compiled beforehand"
+    )
 
 
 def probe_line(rows: list[Row]) -> str:
     probes = [row.probe_tokens_per_second for row in rows]
-    return (f"probe: generate at batch 1, {PROBE_PROMPT_TOKENS}-token prompt, {PROBE_NEW_TOKENS} new tokens, right "
-            f"before each row: {min(probes):.1f}..{max(probes):.1f} tokens/s, a spread of "
-            f"{max(probes) / min(probes) - 1:.0%}; rows run at different machine speeds compare only to about that")
+    return (
+        f"probe: generate at batch 1, {PROBE_PROMPT_TOKENS}-token prompt, {PROBE_NEW_TOKENS} new tokens, right "
+        f"before each row: {min(probes):.1f}..{max(probes):.1f} tokens/s, a spread of "
+        f"{max(probes) / min(probes) - 1:.0%}; rows run at different machine speeds compare only to about that"
+    )
 
 
 def concurrency_list(text: str) -> list[int]:
@@ -371,14 +405,20 @@ def concurrency_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/serve.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests in the list")
-    parser.add_argument("--concurrency", type=concurrency_list, default=list(DEFAULT_CONCURRENCY),
-                        help="engine concurrencies (client threads = engine slots), comma-separated")
+    parser.add_argument(
+        "--concurrency",
+        type=concurrency_list,
+        default=list(DEFAULT_CONCURRENCY),
+        help="engine concurrencies (client threads = engine slots), comma-separated",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the request list")
-    parser.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS,
-                        help="the engine's tokens per slot between rounds")
+    parser.add_argument(
+        "--decode-steps", type=int, default=DEFAULT_DECODE_STEPS, help="the engine's tokens per slot between rounds"
+    )
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     if args.requests < 1:
@@ -386,12 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     model = bench_model()
     requests = make_requests(args.requests, args.seed)
     max_length = max(prompt_bucket(len(request.prompt)) + request.max_new_tokens for request in requests)
-    log(f"{len(requests)} requests: prompts of {min(len(r.prompt) for r in requests)}.."
-        f"{max(len(r.prompt) for r in requests)} tokens, {sum(r.max_new_tokens for r in requests)} tokens to generate")
+    log(
+        f"{len(requests)} requests: prompts of {min(len(r.prompt) for r in requests)}.."
+        f"{max(len(r.prompt) for r in requests)} tokens, {sum(r.max_new_tokens for r in requests)} tokens to generate"
+    )
 
     log("generate: compiling")
     warm_generate(model, one_at_a_time_calls(requests) + static_calls(requests, model.text_config.pad_id))
-    speed_probe(model)      # compiles the probe
+    speed_probe(model)  # compiles the probe
     log("generate: one at a time")
     one_at_a_time, references = run_one_at_a_time(model, requests)
     log(f"generate: static batches of {STATIC_BATCH}")
@@ -401,8 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     for concurrency in args.concurrency:
         row, completions = run_engine(model, requests, concurrency, max_length, args.decode_steps)
         engine_rows[concurrency] = row
-        failures += [f"concurrency {concurrency}: {line}"
-                     for line in mismatches(requests, references, [c.tokens for c in completions])]
+        failures += [
+            f"concurrency {concurrency}: {line}"
+            for line in mismatches(requests, references, [c.tokens for c in completions])
+        ]
         log(f"engine, concurrency {concurrency}: {row.tokens_per_second:.1f} tokens/s")
 
     rows = [one_at_a_time, static, *engine_rows.values()]
@@ -432,25 +476,47 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         report += ["", f"FAILED: {len(failures)} engine answers differ from one-at-a-time generate():", *failures]
     else:
-        report.append(f"correctness: every engine answer equals one-at-a-time generate()'s ({len(engine_rows)} "
-                      f"concurrencies x {len(requests)} requests)")
+        report.append(
+            f"correctness: every engine answer equals one-at-a-time generate()'s ({len(engine_rows)} "
+            f"concurrencies x {len(requests)} requests)"
+        )
     report.append(f"total benchmark time: {total:.0f} s")
     print("\n".join(report))
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(
-                settings=dict(requests=len(requests), seed=args.seed, concurrency=args.concurrency,
-                              decode_steps=args.decode_steps, max_length=max_length, static_batch=STATIC_BATCH,
-                              prompt_lengths=[len(r.prompt) for r in requests],
-                              max_new_tokens=[r.max_new_tokens for r in requests],
-                              jax=installed_version("jax"), cpu_count=os.cpu_count()),
-                rows=[dict(dataclasses.asdict(row), tokens_per_second=row.tokens_per_second,
-                           requests_per_second=row.requests_per_second,
-                           vs_one_at_a_time=row.tokens_per_second / one_at_a_time.tokens_per_second,
-                           vs_static=row.tokens_per_second / static.tokens_per_second) for row in rows],
-                targets=targets, static_answers_equal=static_agree, failures=failures, total_seconds=total,
-            ), f, indent=1)
+            json.dump(
+                dict(
+                    settings=dict(
+                        requests=len(requests),
+                        seed=args.seed,
+                        concurrency=args.concurrency,
+                        decode_steps=args.decode_steps,
+                        max_length=max_length,
+                        static_batch=STATIC_BATCH,
+                        prompt_lengths=[len(r.prompt) for r in requests],
+                        max_new_tokens=[r.max_new_tokens for r in requests],
+                        jax=installed_version("jax"),
+                        cpu_count=os.cpu_count(),
+                    ),
+                    rows=[
+                        dict(
+                            dataclasses.asdict(row),
+                            tokens_per_second=row.tokens_per_second,
+                            requests_per_second=row.requests_per_second,
+                            vs_one_at_a_time=row.tokens_per_second / one_at_a_time.tokens_per_second,
+                            vs_static=row.tokens_per_second / static.tokens_per_second,
+                        )
+                        for row in rows
+                    ],
+                    targets=targets,
+                    static_answers_equal=static_agree,
+                    failures=failures,
+                    total_seconds=total,
+                ),
+                f,
+                indent=1,
+            )
     return 1 if failures else 0
 
 

@@ -22,9 +22,17 @@ TOKENIZER_DIR = os.path.join(ROOT, "models", "tiny-random")
 
 def bench_model() -> aria_jax.AriaTextForCausalLM:
     config = aria_jax.AriaTextConfig(
-        vocab_size=512, hidden_size=1024, intermediate_size=640, num_hidden_layers=4, num_attention_heads=8,
-        moe_num_experts=64, moe_topk=6, moe_num_shared_experts=2, max_position_embeddings=4096,
-        eos_token_id=(), pad_token_id=2,
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=640,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        moe_num_experts=64,
+        moe_topk=6,
+        moe_num_shared_experts=2,
+        max_position_embeddings=4096,
+        eos_token_id=(),
+        pad_token_id=2,
     )
     model = aria_jax.AriaTextForCausalLM.from_random(config, seed=0)
     model.tokenizer = aria_jax.AriaTokenizer.from_pretrained(TOKENIZER_DIR)

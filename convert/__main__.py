@@ -5,6 +5,9 @@ import sys
 
 from aria_jax.cli import build_parser, convert, run
 
-parser = build_parser([convert], prog="python -m convert",
-                      description="Checkpoint conversion: hub safetensors to a converted checkpoint and back.")
+parser = build_parser(
+    [convert],
+    prog="python -m convert",
+    description="Checkpoint conversion: hub safetensors to a converted checkpoint and back.",
+)
 sys.exit(run(parser))

@@ -45,8 +45,10 @@ class Summary:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     def line(self) -> str:
-        return (f"{self.verb} {self.tensors} tensors, {human_bytes(self.bytes)} in {self.seconds:.1f} s, "
-                f"peak memory {human_bytes(self.peak_memory_bytes)}: {self.destination}")
+        return (
+            f"{self.verb} {self.tensors} tensors, {human_bytes(self.bytes)} in {self.seconds:.1f} s, "
+            f"peak memory {human_bytes(self.peak_memory_bytes)}: {self.destination}"
+        )
 
 
 def human_bytes(count: float) -> str:
@@ -73,8 +75,9 @@ class ModelLayout:
 
 
 def _progress(total: int, description: str, quiet: bool) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=quiet,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=quiet, dynamic_ncols=True
+    )
 
 
 def count_nonfinite(tensor: np.ndarray) -> tuple[int, int]:
@@ -88,9 +91,17 @@ def nonfinite_message(counts: dict[str, tuple[int, int]]) -> str:
     return f"{len(counts)} tensor(s) hold non-finite values: {listed}{more}"
 
 
-def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, dtype: str | None = None,
-                       overwrite: bool = False, quiet: bool = True, strict: bool = False, quantize=None,
-                       group_size: int = DEFAULT_GROUP_SIZE, quantize_vision: bool = False) -> Summary:
+def convert_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+    strict: bool = False,
+    quantize=None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    quantize_vision: bool = False,
+) -> Summary:
     """Converts a hub-format directory (hub or original rhymes-ai naming, one or several
     safetensors files) into a self-contained converted checkpoint at `destination`, with params
     in `dtype` (default: the source's widest float type).
@@ -108,7 +119,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     directory = source if os.path.isdir(source) else os.path.dirname(source)
     model = ModelLayout.of(directory)
     plan = plan_load(checkpoint, model.flat_shapes, model.components)
-    for path, shape in model.flat_shapes.items() if quantization else ():   # a bad group size fails before writing
+    for path, shape in model.flat_shapes.items() if quantization else ():  # a bad group size fails before writing
         if (input_axes := quantization.input_axes(path)) is not None:
             quantization.scales_shape(path, shape, input_axes)
     keys = [s.key for sources in plan.values() for s in sources]
@@ -122,8 +133,13 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     total = sum(checkpoint.file_of[key].nbytes(key) for key in keys)
 
     nonfinite: dict[str, tuple[int, int]] = {}
-    with _progress(total, "convert", quiet) as bar, atomic_directory(
-            destination, overwrite, sources=(directory,), replaceable=is_whole_conversion, what=CONVERTED) as partial:
+    with (
+        _progress(total, "convert", quiet) as bar,
+        atomic_directory(
+            destination, overwrite, sources=(directory,), replaceable=is_whole_conversion, what=CONVERTED
+        ) as partial,
+    ):
+
         def read_leaf(path, layer):
             sources = plan[path]
             found = sources[0 if layer is None else layer]
@@ -131,8 +147,10 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
             counts = count_nonfinite(tensor)
             if any(counts):
                 if strict:
-                    raise CheckpointError(f"{checkpoint.file_of[found.key].path}: key {found.key} holds {counts[0]} "
-                                          f"NaN and {counts[1]} infinite values (refused with strict)")
+                    raise CheckpointError(
+                        f"{checkpoint.file_of[found.key].path}: key {found.key} holds {counts[0]} "
+                        f"NaN and {counts[1]} infinite values (refused with strict)"
+                    )
                 nonfinite[found.key] = counts
             shape = model.flat_shapes[path][1:] if layer is not None else model.flat_shapes[path]
             param = found.rule.layout.to_param(tensor, shape)
@@ -148,12 +166,16 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
         write_pieces(partial, pieces, read_leaf, target, quantization)
     if nonfinite:
         warnings.warn(nonfinite_message(nonfinite), NonFiniteWarning, stacklevel=2)
-    return Summary("converted", len(keys), total, time.perf_counter() - start, os.path.abspath(destination),
-                   nonfinite)
+    return Summary("converted", len(keys), total, time.perf_counter() - start, os.path.abspath(destination), nonfinite)
 
 
-def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, overwrite: bool = False,
-                      quiet: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> Summary:
+def export_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    overwrite: bool = False,
+    quiet: bool = True,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Summary:
     """Writes a converted checkpoint back in hub format (safetensors shards of at most
     `max_shard_bytes` with an index, hub naming, config.json, tokenizer/processor files), so
     that transformers' `from_pretrained(destination)` loads it. A destination that is, contains
@@ -164,17 +186,22 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
     source = os.fspath(source)
     manifest = Manifest.read(source)
     if manifest.quantization is not None:
-        raise CheckpointError(f"{source}: weights stored quantized ({manifest.quantization.scheme}); the hub format "
-                              "holds float weights, so export the float conversion (convert without --quantize)")
+        raise CheckpointError(
+            f"{source}: weights stored quantized ({manifest.quantization.scheme}); the hub format "
+            "holds float weights, so export the float conversion (convert without --quantize)"
+        )
     model = ModelLayout.of(source)
     manifest.check_covers(model.flat_shapes, model.components)
     pieces = [piece for piece in manifest.pieces if piece.component in model.components]
     total = sum(int(np.prod(shape)) * manifest.dtype.itemsize for piece in pieces for shape in piece.leaves.values())
 
-    with _progress(total, "export", quiet) as bar, atomic_directory(
-            destination, overwrite, sources=(source,), replaceable=is_exported, what=EXPORTED) as partial:
+    with (
+        _progress(total, "export", quiet) as bar,
+        atomic_directory(destination, overwrite, sources=(source,), replaceable=is_exported, what=EXPORTED) as partial,
+    ):
         write_json(os.path.join(partial, "config.json"), hub_config(model.config, manifest.dtype))
         copy_side_files(source, partial)
-        tensors = write_hub_weights(partial, model.config, pieces, manifest.restore_piece_numpy, manifest.dtype,
-                                    max_shard_bytes, bar.update)
+        tensors = write_hub_weights(
+            partial, model.config, pieces, manifest.restore_piece_numpy, manifest.dtype, max_shard_bytes, bar.update
+        )
     return Summary("exported", len(tensors), total, time.perf_counter() - start, os.path.abspath(destination))

@@ -39,12 +39,25 @@ SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<fim_prefix>", "<fim_suffix>", 
 # Aria's tokenizer_config.json settings (hub repo rhymes-ai/Aria): no BOS / EOS added,
 # pad = unk. Ids 0..2 are sentencepiece's control pieces.
 TOKENIZER_CONFIG = {
-    "add_bos_token": False, "add_eos_token": False, "add_prefix_space": True, "legacy": True,
-    "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
-    "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "add_prefix_space": True,
+    "legacy": True,
+    "bos_token": None,
+    "eos_token": None,
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "clean_up_tokenization_spaces": False,
+    "tokenizer_class": "LlamaTokenizer",
     "added_tokens_decoder": {
-        str(index): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True}
+        str(index): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for index, content in enumerate(["<unk>", "<s>", "</s>"])
     },
 }
@@ -52,8 +65,27 @@ TOKENIZER_CONFIG = {
 # the analogues of Aria's 490 / 980; images are split on a grid of 70 px tiles (Aria: 490).
 MIN_IMAGE_SIZE = 28
 SPLIT_TILE = 70
-SPLIT_TILES = [(1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3), (2, 2),
-               (2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1), (7, 1), (8, 1)]
+SPLIT_TILES = [
+    (1, 2),
+    (1, 3),
+    (1, 4),
+    (1, 5),
+    (1, 6),
+    (1, 7),
+    (1, 8),
+    (2, 4),
+    (2, 3),
+    (2, 2),
+    (2, 1),
+    (3, 1),
+    (3, 2),
+    (4, 1),
+    (4, 2),
+    (5, 1),
+    (6, 1),
+    (7, 1),
+    (8, 1),
+]
 
 
 def training_text() -> str:
@@ -72,10 +104,20 @@ def training_text() -> str:
 def train_tokenizer(vocab_size: int) -> None:
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text().splitlines()), model_writer=model,
-        vocab_size=vocab_size, model_type="bpe", user_defined_symbols=SPECIAL_TOKENS,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, num_threads=1,
-        add_dummy_prefix=True, character_coverage=1.0, minloglevel=2,
+        sentence_iterator=iter(training_text().splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        user_defined_symbols=SPECIAL_TOKENS,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        num_threads=1,
+        add_dummy_prefix=True,
+        character_coverage=1.0,
+        minloglevel=2,
     )
     with open(os.path.join(OUT, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
@@ -101,14 +143,15 @@ def write_processor_files(config: transformers.AriaConfig) -> None:
         with open(os.path.join(source, "tokenizer_config.json"), "w") as f:
             json.dump(TOKENIZER_CONFIG, f)
         tokenizer = transformers.TokenizersBackend.from_pretrained(
-            source, extra_special_tokens={"image_token": "<|img|>"})
+            source, extra_special_tokens={"image_token": "<|img|>"}
+        )
     image_processor = transformers.AriaImageProcessorPil(
-        max_image_size=max(sizes), min_image_size=MIN_IMAGE_SIZE,
+        max_image_size=max(sizes),
+        min_image_size=MIN_IMAGE_SIZE,
         split_resolutions=[[rows * SPLIT_TILE, cols * SPLIT_TILE] for rows, cols in SPLIT_TILES],
     )
     processor = transformers.AriaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE,
-        size_conversion=sizes,
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, size_conversion=sizes
     )
     processor.save_pretrained(OUT)
     assert tokenizer.convert_tokens_to_ids("<|img|>") == config.image_token_index
@@ -116,8 +159,11 @@ def write_processor_files(config: transformers.AriaConfig) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processor-only", action="store_true",
-                        help="only (re)write the tokenizer / processor files, not the weights or tokenizer.model")
+    parser.add_argument(
+        "--processor-only",
+        action="store_true",
+        help="only (re)write the tokenizer / processor files, not the weights or tokenizer.model",
+    )
     args = parser.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from tiny_models import randomize_

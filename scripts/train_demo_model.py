@@ -35,27 +35,48 @@ from aria_jax.train import TrainConfig
 from aria_jax.weights import RULE_FOR_PATH, flatten_tree, unflatten_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE_SIZE = 112                  # one crop size: 8 x 8 patches of 14 pixels
-QUERIES = 16                      # image tokens per crop
-IM_END_ID = 4                     # <|im_end|>: Aria's special tokens sit at ids 3..9
+IMAGE_SIZE = 112  # one crop size: 8 x 8 patches of 14 pixels
+QUERIES = 16  # image tokens per crop
+IM_END_ID = 4  # <|im_end|>: Aria's special tokens sit at ids 3..9
 SEED = 0
-INIT_STD = 0.02                   # `init_multimodal_params`' normal initializer
-POSITION_STD = 0.5                # the vision position table: on the patch embeddings' scale
+INIT_STD = 0.02  # `init_multimodal_params`' normal initializer
+POSITION_STD = 0.5  # the vision position table: on the patch embeddings' scale
 EXAMPLE_SEED = 7
 
 
 def demo_config(vocab_size: int) -> AriaConfig:
     text = AriaTextConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, moe_num_experts=8, moe_topk=2,
-        moe_num_shared_experts=2, rope_theta=10000.0, max_position_embeddings=256,
-        bos_token_id=None, eos_token_id=(2, IM_END_ID), pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_num_experts=8,
+        moe_topk=2,
+        moe_num_shared_experts=2,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=(2, IM_END_ID),
+        pad_token_id=0,
     )
-    vision = AriaVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=14)
+    vision = AriaVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=14,
+    )
     patches = (IMAGE_SIZE // 14) ** 2
-    return AriaConfig(text_config=text, vision_config=vision, projector_patch_to_query=((patches, QUERIES),),
-                      image_token_index=demo_task.IMAGE_TOKEN_ID, pad_token_id=0)
+    return AriaConfig(
+        text_config=text,
+        vision_config=vision,
+        projector_patch_to_query=((patches, QUERIES),),
+        image_token_index=demo_task.IMAGE_TOKEN_ID,
+        pad_token_id=0,
+    )
 
 
 def fan_in_scaled(params: dict) -> dict:
@@ -67,7 +88,7 @@ def fan_in_scaled(params: dict) -> dict:
         rule = RULE_FOR_PATH[path]
         first = 1 if rule.stacked else 0
         if rule.layout.kind == "linear":
-            fan_in = math.prod(value.shape[first:first + rule.layout.linear_in_dims])
+            fan_in = math.prod(value.shape[first : first + rule.layout.linear_in_dims])
         elif rule.layout.kind == "conv":
             fan_in = math.prod(value.shape[:-1])
         elif path[-1].startswith("experts_"):
@@ -86,8 +107,9 @@ def write_initial_model(directory: str, config: AriaConfig) -> None:
     """Random weights, tokenizer and processor files: a hub-format checkpoint to fine-tune."""
     side_files = directory + ".tokenizer"
     shutil.rmtree(side_files, ignore_errors=True)
-    demo_task.write_tokenizer_files(side_files, demo_task.task_texts(2000, SEED), demo_task.VOCAB_SIZE,
-                                    IMAGE_SIZE, QUERIES)
+    demo_task.write_tokenizer_files(
+        side_files, demo_task.task_texts(2000, SEED), demo_task.VOCAB_SIZE, IMAGE_SIZE, QUERIES
+    )
     params = fan_in_scaled(init_multimodal_params(config, jax.random.key(SEED)))
     save_model_directory(params, config, directory, side_files_from=side_files, overwrite=True)
     shutil.rmtree(side_files)
@@ -120,8 +142,9 @@ def main() -> None:
     write_initial_model(initial, demo_config(demo_task.VOCAB_SIZE))
     print(f"data and initial model ready after {time.perf_counter() - began:.0f} s", flush=True)
 
-    train_config = TrainConfig(learning_rate=args.lr, warmup_steps=min(100, args.steps // 10),
-                               total_steps=args.steps, weight_decay=0.05)
+    train_config = TrainConfig(
+        learning_rate=args.lr, warmup_steps=min(100, args.steps // 10), total_steps=args.steps, weight_decay=0.05
+    )
     settings = RunSettings(batch_size=args.batch_size, max_length=48, save_every=500, seed=SEED)
     result = finetune(initial, data_dir, os.path.join(args.work, "run"), train_config, settings)
     print(f"trained {result.steps} steps after {time.perf_counter() - began:.0f} s", flush=True)
@@ -133,14 +156,20 @@ def main() -> None:
     for question, expected, answered in scores["failures"][:10]:
         print(f"  missed: {question!r} expected {expected!r}, answered {answered!r}")
 
-    with atomic_directory(args.out, overwrite=True, what="the demo model's directory",
-                          replaceable=lambda directory: holds_only(directory, {"config.json", "model.safetensors"})) as partial:
+    with atomic_directory(
+        args.out,
+        overwrite=True,
+        what="the demo model's directory",
+        replaceable=lambda directory: holds_only(directory, {"config.json", "model.safetensors"}),
+    ) as partial:
         for name in os.listdir(result.model_dir):
             shutil.copy(os.path.join(result.model_dir, name), partial)
     write_example_image(os.path.join(ROOT, "examples", "demo_shapes.png"))
     size = sum(os.path.getsize(os.path.join(args.out, name)) for name in os.listdir(args.out))
-    print(f"{args.out}: {size / 1e6:.1f} MB; accuracy {scores['accuracy']:.1%}; "
-          f"{time.perf_counter() - began:.0f} s in all")
+    print(
+        f"{args.out}: {size / 1e6:.1f} MB; accuracy {scores['accuracy']:.1%}; "
+        f"{time.perf_counter() - began:.0f} s in all"
+    )
     if scores["accuracy"] < 0.9:
         sys.exit(f"accuracy {scores['accuracy']:.1%} is below 90%")
 

@@ -8,11 +8,11 @@ import sys
 from repo_paths import ROOT
 
 
-
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`aria-jax ARGS` in a fresh process (exit code, stdout and stderr as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "aria_jax.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aria_jax.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:

@@ -56,7 +56,7 @@ ENGINE_REQUESTS = [
     ("Describe it.", 2, 4, None),
     ("Tell me about the blue square and the red circle.", None, 5, None),
 ]
-ENGINE_MAX_LENGTH = 72          # the prompts' bucket + the most new tokens
+ENGINE_MAX_LENGTH = 72  # the prompts' bucket + the most new tokens
 ENGINE_DECODE_STEPS = 4
 # The two-process engine: process 0 leads and process 1 follows, with the first requests, on a
 # HOST_CASES layout where the 2 slots split their cache positions over expert=4, across both hosts.
@@ -68,8 +68,12 @@ def shape_images():
     from PIL import Image
 
     image = Image.open(SHAPES_PNG).convert("RGB")
-    return [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), image.rotate(90),
-            image.convert("L").convert("RGB")]
+    return [
+        image,
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        image.rotate(90),
+        image.convert("L").convert("RGB"),
+    ]
 
 
 def build_inputs(processor, num_rows: int = 4):
@@ -80,8 +84,8 @@ def build_inputs(processor, num_rows: int = 4):
     images = shape_images()
     prompts = [
         processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-            add_generation_prompt=True)
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
         for q in QUESTIONS
     ]
     return processor(text=prompts[:num_rows], images=images[:num_rows])
@@ -134,8 +138,13 @@ def describe(array) -> dict:
     """An array's sharding, as JSON: spec, global shape, and every addressable shard."""
     spec = [list(s) if isinstance(s, tuple) else s for s in array.sharding.spec]
     shards = [
-        {"device": shard.device.id, "shape": list(shard.data.shape),
-         "index": [[sl.start or 0, size if sl.stop is None else sl.stop] for sl, size in zip(shard.index, array.shape)]}
+        {
+            "device": shard.device.id,
+            "shape": list(shard.data.shape),
+            "index": [
+                [sl.start or 0, size if sl.stop is None else sl.stop] for sl, size in zip(shard.index, array.shape)
+            ],
+        }
         for shard in array.addressable_shards
     ]
     return {"spec": spec, "shape": list(array.shape), "shards": shards}
@@ -200,8 +209,12 @@ def run_int8_cache(results: dict) -> None:
         model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=mesh)
         tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None, kv_cache_dtype="int8")
         text = model.text_config
-        cache_shape = (len(tokens), text.num_key_value_heads,
-                       bucket_length(bucket_length(inputs["input_ids"].shape[1]) + NEW_TOKENS), text.head_dim)
+        cache_shape = (
+            len(tokens),
+            text.num_key_value_heads,
+            bucket_length(bucket_length(inputs["input_ids"].shape[1]) + NEW_TOKENS),
+            text.head_dim,
+        )
         results["int8_cache"][layout_name(layout)] = {
             "tokens": np.asarray(tokens).tolist(),
             "cache_spec": [list(s) if isinstance(s, tuple) else s for s in cache_layout(cache_shape, mesh)],
@@ -246,14 +259,16 @@ def run_quantized(results: dict, out_dir: str) -> None:
     inputs = build_inputs(aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM))
     for scheme, layout in QUANTIZED_CASES:
         model = aria_jax.AriaForConditionalGeneration.from_pretrained(
-            TINY_RANDOM, mesh=aria_jax.make_mesh(*layout), quantize=scheme, group_size=QUANTIZED_GROUP)
+            TINY_RANDOM, mesh=aria_jax.make_mesh(*layout), quantize=scheme, group_size=QUANTIZED_GROUP
+        )
         logits_file = os.path.join(out_dir, f"quantized_logits_{scheme}.npy")
         np.save(logits_file, np.asarray(model(**inputs).logits))
         experts = model.params["language_model"]["layers"]["mlp"]["experts_gate_up"]
         results.setdefault("quantized", {})[scheme] = {
             "tokens": np.asarray(model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)).tolist(),
             "logits_file": logits_file,
-            "values": describe(experts["values"]), "scales": describe(experts["scales"]),
+            "values": describe(experts["values"]),
+            "scales": describe(experts["scales"]),
         }
 
 
@@ -277,16 +292,27 @@ def run_moe_layouts(results: dict) -> None:
     from aria_jax.moe import MoE, can_dispatch
     from aria_jax.sharding import param_sharding_for
 
-    config = AriaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=4, moe_num_experts=8, moe_topk=2,
-                            moe_num_shared_experts=1)
+    config = AriaTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        moe_num_experts=8,
+        moe_topk=2,
+        moe_num_shared_experts=1,
+    )
     configs = [dataclasses.replace(config, moe_backend=backend) for backend in MOE_BACKENDS]
     modules = [MoE(c) for c in configs] + [MoE(c, dispatch=True) for c in configs]
     names = MOE_BACKENDS + [f"dispatch {backend}" for backend in MOE_BACKENDS]
     x = jax.random.normal(jax.random.key(1), (8, 3, 32), jnp.float32)
     boxed = jax.eval_shape(lambda: modules[0].init(jax.random.key(0), x))["params"]
-    params = jax.tree.map(lambda p: p.value if hasattr(p, "value") else p,
-                          modules[0].init(jax.random.key(0), x)["params"], is_leaf=lambda p: hasattr(p, "value"))
+    params = jax.tree.map(
+        lambda p: p.value if hasattr(p, "value") else p,
+        modules[0].init(jax.random.key(0), x)["params"],
+        is_leaf=lambda p: hasattr(p, "value"),
+    )
     # The init's 0.02 std gives outputs of ~1e-3; x10 brings them to ~1, so that the tolerance
     # means something. Router x8 more: routing far from ties, not flipped by a rounding.
     params = {k: v * (80.0 if k == "router" else 10.0) for k, v in params.items()}
@@ -325,12 +351,12 @@ def run_moe_layouts(results: dict) -> None:
 # the split attention's own cases: (layout, batch, kv heads, groups, cache length, queries, index).
 SPLIT_CACHE_LAYOUTS = [(1, 8, 1), (2, 4, 1)]
 SPLIT_ATTENTION_CASES = [
-    ((1, 8, 1), 1, 2, 2, 64, 1, 37),      # a decode step
-    ((1, 8, 1), 1, 2, 2, 64, 16, 16),     # a chunk inside one shard's positions
-    ((1, 8, 1), 1, 2, 2, 64, 16, 20),     # a chunk across two shards
-    ((2, 4, 1), 2, 2, 2, 64, 16, 32),     # positions over two axes
-    ((1, 4, 2), 1, 2, 2, 64, 16, 0),      # heads over tensor, positions over expert
-    ((1, 8, 1), 1, 2, 2, 512, 64, 128),   # blockwise within each shard
+    ((1, 8, 1), 1, 2, 2, 64, 1, 37),  # a decode step
+    ((1, 8, 1), 1, 2, 2, 64, 16, 16),  # a chunk inside one shard's positions
+    ((1, 8, 1), 1, 2, 2, 64, 16, 20),  # a chunk across two shards
+    ((2, 4, 1), 2, 2, 2, 64, 16, 32),  # positions over two axes
+    ((1, 4, 2), 1, 2, 2, 64, 16, 0),  # heads over tensor, positions over expert
+    ((1, 8, 1), 1, 2, 2, 512, 64, 128),  # blockwise within each shard
 ]
 
 
@@ -359,31 +385,40 @@ def run_split_cache(results: dict) -> None:
             new = {n: jnp.asarray(rng.standard_normal((batch, heads, queries, 16)), jnp.float32) for n in "kv"}
             cache = {n: jnp.asarray(rng.standard_normal((batch, heads, length, 16)), jnp.float32) for n in "kv"}
             mask = np.ones((batch, length), bool)
-            mask[0, :5] = False                                   # a left-padded row
+            mask[0, :5] = False  # a left-padded row
             expected_cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, 0, index, 0)) for n in "kv"}
-            expected = attention.attention(q, expected_cache["k"], expected_cache["v"], jnp.asarray(mask), index,
-                                           implementation="dense")
-            attends = mask[:, :index + queries].cumsum(axis=1)[:, index:] > 0     # queries with a key to attend
+            expected = attention.attention(
+                q, expected_cache["k"], expected_cache["v"], jnp.asarray(mask), index, implementation="dense"
+            )
+            attends = mask[:, : index + queries].cumsum(axis=1)[:, index:] > 0  # queries with a key to attend
 
             def max_diff(out):
                 return float(np.abs(np.asarray(out) - np.asarray(expected))[attends].max())
 
             with jax.set_mesh(aria_jax.make_mesh(*layout)):
                 out, written = jax.jit(context_parallel.attention_over_split_cache)(
-                    q, new["k"], new["v"], cache, jnp.asarray(mask), index)
+                    q, new["k"], new["v"], cache, jnp.asarray(mask), index
+                )
                 # Each shard's statistics from the TPU decode kernel (Pallas' interpreter here).
-                kernel_out = jax.jit(functools.partial(context_parallel.attention_over_split_cache,
-                                                       decode_kernel=True))(
-                    q, new["k"], new["v"], cache, jnp.asarray(mask), index) if queries <= 8 else None
-            results["split_cache"]["attention"].append({
-                "case": [list(layout), batch, heads, groups, length, queries, index],
-                "max_diff": max_diff(out),
-                "kernel_max_diff": None if kernel_out is None else max_diff(kernel_out[0]),
-                "cache_diff": max(float(np.abs(np.asarray(written[n]) - np.asarray(expected_cache[n])).max())
-                                  for n in "kv"),
-                "cache_spec": describe(written["k"])["spec"],
-                **split_int8_cache(layout, q, new, cache, mask, index, attends),
-            })
+                kernel_out = (
+                    jax.jit(functools.partial(context_parallel.attention_over_split_cache, decode_kernel=True))(
+                        q, new["k"], new["v"], cache, jnp.asarray(mask), index
+                    )
+                    if queries <= 8
+                    else None
+                )
+            results["split_cache"]["attention"].append(
+                {
+                    "case": [list(layout), batch, heads, groups, length, queries, index],
+                    "max_diff": max_diff(out),
+                    "kernel_max_diff": None if kernel_out is None else max_diff(kernel_out[0]),
+                    "cache_diff": max(
+                        float(np.abs(np.asarray(written[n]) - np.asarray(expected_cache[n])).max()) for n in "kv"
+                    ),
+                    "cache_spec": describe(written["k"])["spec"],
+                    **split_int8_cache(layout, q, new, cache, mask, index, attends),
+                }
+            )
     finally:
         attention.DENSE_LIMIT = dense_limit
 
@@ -396,18 +431,38 @@ def run_split_cache(results: dict) -> None:
     with jax.set_mesh(aria_jax.make_mesh(1, 4, 2)):
         out = jax.jit(lambda *args: attention.attention(*args, 40, implementation="decode"))(q, k, v, jnp.asarray(mask))
     results["split_cache"]["decode_kernel_by_rows_and_heads"] = {
-        "max_diff": float(np.abs(np.asarray(out) - np.asarray(expected)).max()), "spec": describe(out)["spec"]}
+        "max_diff": float(np.abs(np.asarray(out) - np.asarray(expected)).max()),
+        "spec": describe(out)["spec"],
+    }
 
     ids, mask = text_ids()
 
     def prefilled(text, chunk):
         padded_ids, padded_mask = text.generator.pad_prompt(ids, mask)
         embeds = text._embedded(padded_ids, None, None)
-        request = check_request(len(ids), ids.shape[1], text.config, None, max_new_tokens=4, do_sample=False,
-                                temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
-        return padded_mask, text.generator.prefill(text.text_params, embeds, jnp.asarray(padded_mask),
-                                                    request.sampling, request.stop_ids, cache_length=32,
-                                                    max_new_tokens_capacity=8, chunk=chunk)
+        request = check_request(
+            len(ids),
+            ids.shape[1],
+            text.config,
+            None,
+            max_new_tokens=4,
+            do_sample=False,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            seed=0,
+            stop_strings=None,
+        )
+        return padded_mask, text.generator.prefill(
+            text.text_params,
+            embeds,
+            jnp.asarray(padded_mask),
+            request.sampling,
+            request.stop_ids,
+            cache_length=32,
+            max_new_tokens_capacity=8,
+            chunk=chunk,
+        )
 
     padded_mask, whole = prefilled(aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM), 16)
     real = padded_mask.astype(bool)
@@ -418,9 +473,15 @@ def run_split_cache(results: dict) -> None:
             "prefill_cache_spec": describe(chunked.cache[0]["k"])["spec"],
             "prefill_tokens_equal": bool(np.array_equal(np.asarray(chunked.tokens), np.asarray(whole.tokens))),
             "prefill_cache_diff": max(
-                float(np.abs(np.asarray(a[n])[:, :, :16].swapaxes(1, 2)[real]
-                             - np.asarray(b[n])[:, :, :16].swapaxes(1, 2)[real]).max())
-                for a, b in zip(chunked.cache, whole.cache) for n in "kv"),
+                float(
+                    np.abs(
+                        np.asarray(a[n])[:, :, :16].swapaxes(1, 2)[real]
+                        - np.asarray(b[n])[:, :, :16].swapaxes(1, 2)[real]
+                    ).max()
+                )
+                for a, b in zip(chunked.cache, whole.cache)
+                for n in "kv"
+            ),
         }
 
 
@@ -450,12 +511,20 @@ def split_int8_cache(layout, q, new, cache, mask, index, attends) -> dict:
     expected = np.asarray(attention.attention(q, *held, jnp.asarray(mask), index, implementation="dense"))
     with jax.set_mesh(aria_jax.make_mesh(*layout)):
         out, written = jax.jit(context_parallel.attention_over_split_cache)(
-            q, new["k"], new["v"], int8, jnp.asarray(mask), index)
-        kernel_out = jax.jit(functools.partial(context_parallel.attention_over_split_cache, decode_kernel=True))(
-            q, new["k"], new["v"], int8, jnp.asarray(mask), index)[0] if q.shape[1] <= 8 else None
+            q, new["k"], new["v"], int8, jnp.asarray(mask), index
+        )
+        kernel_out = (
+            jax.jit(functools.partial(context_parallel.attention_over_split_cache, decode_kernel=True))(
+                q, new["k"], new["v"], int8, jnp.asarray(mask), index
+            )[0]
+            if q.shape[1] <= 8
+            else None
+        )
     return {
         "int8_max_diff": float(np.abs(np.asarray(out) - expected)[attends].max()),
-        "int8_kernel_max_diff": None if kernel_out is None else float(np.abs(np.asarray(kernel_out) - expected)[attends].max()),
+        "int8_kernel_max_diff": None
+        if kernel_out is None
+        else float(np.abs(np.asarray(kernel_out) - expected)[attends].max()),
         "int8_cache_equal": all(np.array_equal(np.asarray(written[n]), np.asarray(expected_cache[n])) for n in written),
         "int8_cache_names": sorted(written),
         "int8_scale_spec": describe(written["k_scale"])["spec"],
@@ -470,9 +539,11 @@ def run_layout_errors(results: dict) -> None:
         "make_mesh 2x2x1": error_of(lambda: aria_jax.make_mesh(2, 2, 1)),
         # tiny-random: 4 heads but 2 kv heads (and 2 vision heads); tensor=4 does not fit.
         "from_pretrained tensor=4": error_of(
-            lambda: aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(1, 2, 4))),
+            lambda: aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(1, 2, 4))
+        ),
         "text from_pretrained tensor=4": error_of(
-            lambda: aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(1, 2, 4))),
+            lambda: aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(1, 2, 4))
+        ),
     }
 
 
@@ -517,9 +588,13 @@ def main_host(process_id: int, port: int, out_dir: str) -> None:
     from jax.experimental import multihost_utils
 
     processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
-    results = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-               "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-               "layouts": {}}
+    results = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "layouts": {},
+    }
     for layout, num_rows in HOST_CASES:
         inputs = build_inputs(processor, num_rows)
         model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, mesh=aria_jax.make_mesh(*layout))

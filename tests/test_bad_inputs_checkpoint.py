@@ -31,7 +31,6 @@ from convert.conversion import NonFiniteWarning, convert_checkpoint, export_chec
 from crash_points import kill_at
 
 
-
 def digest(directory) -> dict[str, str]:
     """Every entry below `directory` (links not followed) -> the sha256 of its bytes, or its kind."""
     entries = {}
@@ -50,8 +49,10 @@ def digest(directory) -> dict[str, str]:
 
 
 def flat_params(model) -> dict:
-    return {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]
+    }
 
 
 def assert_same_params(actual, expected) -> None:
@@ -84,13 +85,17 @@ def models(tmp_path):
 
 # ----------------------------------------------------------------------------- data loss
 
+
 @pytest.mark.parametrize("command", ["convert", "export"])
-@pytest.mark.parametrize("where,problem", [
-    ("same", "is the source"),              # convert SRC SRC --overwrite
-    ("parent", "contains the source"),      # convert DIR/src DIR --overwrite
-    ("inside", "lies inside the source"),
-    ("link", "is the source"),              # a symbolic link to the source
-])
+@pytest.mark.parametrize(
+    "where,problem",
+    [
+        ("same", "is the source"),  # convert SRC SRC --overwrite
+        ("parent", "contains the source"),  # convert DIR/src DIR --overwrite
+        ("inside", "lies inside the source"),
+        ("link", "is the source"),  # a symbolic link to the source
+    ],
+)
 def test_destination_overlapping_the_source_is_refused(models, converted, command, where, problem, capsys):
     source = models / "aria"
     if command == "export":
@@ -126,8 +131,10 @@ def test_overwrite_replaces_only_what_the_command_writes(models, converted, tmp_
     empty.mkdir()
     assert run_main(capsys, "export", "--quiet", "--overwrite", converted, str(empty)).returncode == 0
     assert run_main(capsys, "export", "--quiet", "--overwrite", converted, str(empty)).returncode == 0  # ours now
-    assert_same_params(aria_jax.AriaForConditionalGeneration.from_pretrained(empty),
-                       aria_jax.AriaForConditionalGeneration.from_pretrained(converted))
+    assert_same_params(
+        aria_jax.AriaForConditionalGeneration.from_pretrained(empty),
+        aria_jax.AriaForConditionalGeneration.from_pretrained(converted),
+    )
 
 
 @pytest.mark.parametrize("size", ["0", "0.0001B", "-5MB", "lots"])
@@ -142,6 +149,7 @@ def test_shard_size_must_be_positive(converted, tmp_path, size, capsys):
 
 
 # ----------------------------------------------------------------------------- safetensors headers
+
 
 def header_and_data(path) -> tuple[dict, bytes]:
     with open(path, "rb") as f:
@@ -207,11 +215,14 @@ def test_corrupt_header_is_one_clear_error(tmp_path, case, capsys):
     assert sorted(os.listdir(tmp_path)) == ["tampered"]
 
 
-@pytest.mark.parametrize("weight_map,expected", [
-    (["model.safetensors"], "weight_map is a JSON list"),
-    ({"lm": "../elsewhere/model.safetensors"}, "not a .safetensors file name"),   # a path out of the directory
-    ({"lm": 7}, "not a .safetensors file name"),
-])
+@pytest.mark.parametrize(
+    "weight_map,expected",
+    [
+        (["model.safetensors"], "weight_map is a JSON list"),
+        ({"lm": "../elsewhere/model.safetensors"}, "not a .safetensors file name"),  # a path out of the directory
+        ({"lm": 7}, "not a .safetensors file name"),
+    ],
+)
 def test_index_lists_only_files_of_its_directory(tmp_path, weight_map, expected):
     directory = tmp_path / "indexed"
     shutil.copytree(TINY_RANDOM, directory)
@@ -237,21 +248,26 @@ def tiny_file(tmp_path, header, data: bytes) -> str:
     return path
 
 
-F32_PAIR = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]}}
+F32_PAIR = {
+    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]},
+}
 
 
-@pytest.mark.parametrize("header,data,expected", [
-    (F32_PAIR, bytes(20), None),
-    (F32_PAIR, bytes(24), "the tensors hold 20 bytes of data, the file has 24"),      # bytes past the last tensor
-    ({**F32_PAIR, "b": {**F32_PAIR["b"], "data_offsets": [12, 24]}}, bytes(24), "leaves a gap"),
-    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', bytes(4), "appears twice"),
-    (b'\xff{}', b"", "not a JSON object"),                                                 # not UTF-8
-    (b"[" * 100_000 + b"]" * 100_000, b"", "not a JSON object"),                           # nested past recursion
-    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), "non-negative integers"),
-    ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4), "unsupported dtype"),
-    ({"a": {"dtype": "F32", "shape": [10**30], "data_offsets": [0, 4]}}, bytes(4), "do not hold"),
-])
+@pytest.mark.parametrize(
+    "header,data,expected",
+    [
+        (F32_PAIR, bytes(20), None),
+        (F32_PAIR, bytes(24), "the tensors hold 20 bytes of data, the file has 24"),  # bytes past the last tensor
+        ({**F32_PAIR, "b": {**F32_PAIR["b"], "data_offsets": [12, 24]}}, bytes(24), "leaves a gap"),
+        (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', bytes(4), "appears twice"),
+        (b"\xff{}", b"", "not a JSON object"),  # not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, b"", "not a JSON object"),  # nested past recursion
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), "non-negative integers"),
+        ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4), "unsupported dtype"),
+        ({"a": {"dtype": "F32", "shape": [10**30], "data_offsets": [0, 4]}}, bytes(4), "do not hold"),
+    ],
+)
 def test_header_rules(tmp_path, header, data, expected):
     path = tiny_file(tmp_path, header, data)
     if expected is None:
@@ -278,8 +294,12 @@ def check_parsed(header: bytes, data_size: int) -> None:
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2, 2**64) | st.floats() | st.sampled_from(["F32", "BF16", "I8", "x"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(
-        ["dtype", "shape", "data_offsets", "__metadata__", "a", "b"]), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "a", "b"]), inner, max_size=4
+        )
+    ),
     max_leaves=20,
 )
 
@@ -291,9 +311,22 @@ def test_fuzz_json_headers(header, data_size):
 
 
 @settings(max_examples=300, deadline=None)
-@given(path=st.sampled_from([("a",), ("b",), ("a", "dtype"), ("b", "shape"), ("a", "data_offsets"),
-                             ("b", "data_offsets"), ("a", "shape"), ("__metadata__",)]),
-       value=JSON_VALUES, data_size=st.sampled_from([0, 8, 20, 24]))
+@given(
+    path=st.sampled_from(
+        [
+            ("a",),
+            ("b",),
+            ("a", "dtype"),
+            ("b", "shape"),
+            ("a", "data_offsets"),
+            ("b", "data_offsets"),
+            ("a", "shape"),
+            ("__metadata__",),
+        ]
+    ),
+    value=JSON_VALUES,
+    data_size=st.sampled_from([0, 8, 20, 24]),
+)
 def test_fuzz_mutated_headers(path, value, data_size):
     """One field of a valid header replaced by any JSON value."""
     header = json.loads(json.dumps(F32_PAIR))
@@ -305,8 +338,14 @@ def test_fuzz_mutated_headers(path, value, data_size):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(content=st.binary(max_size=200) | st.builds(
-    lambda header, tail: struct.pack("<Q", len(header)) + header + tail, st.binary(max_size=120), st.binary(max_size=40)))
+@given(
+    content=st.binary(max_size=200)
+    | st.builds(
+        lambda header, tail: struct.pack("<Q", len(header)) + header + tail,
+        st.binary(max_size=120),
+        st.binary(max_size=40),
+    )
+)
 def test_fuzz_whole_files(content):
     """Arbitrary bytes (and arbitrary bytes behind a consistent length prefix) as a file: a
     CheckpointError, or a file whose every tensor reads."""
@@ -323,6 +362,7 @@ def test_fuzz_whole_files(content):
 
 
 # ----------------------------------------------------------------------------- non-finite weights
+
 
 @pytest.fixture
 def nonfinite_model(tmp_path) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -364,20 +404,27 @@ def test_nonfinite_weights_refused_with_strict(nonfinite_model, tmp_path, capsys
 
 # ----------------------------------------------------------------------------- killed runs
 
+
 def outside(parent, destination) -> dict[str, str]:
     """What lies in `parent` apart from `destination` and its hidden work files."""
     hidden = os.path.basename(partial_of(destination))
-    return {path: kind for path, kind in digest(parent).items()
-            if not path.startswith((os.path.basename(destination), hidden))}
+    return {
+        path: kind
+        for path, kind in digest(parent).items()
+        if not path.startswith((os.path.basename(destination), hidden))
+    }
 
 
-@pytest.mark.parametrize("command,point,existing", [
-    ("convert", "convert:piece-saved", False),
-    ("convert", "atomic-directory:complete", True),
-    ("convert", "atomic-directory:between-renames", True),
-    ("export", "hub-weights:piece-written", False),
-    ("export", "atomic-directory:between-renames", True),
-])
+@pytest.mark.parametrize(
+    "command,point,existing",
+    [
+        ("convert", "convert:piece-saved", False),
+        ("convert", "atomic-directory:complete", True),
+        ("convert", "atomic-directory:between-renames", True),
+        ("export", "hub-weights:piece-written", False),
+        ("export", "atomic-directory:between-renames", True),
+    ],
+)
 def test_killed_run_loses_nothing_and_runs_again(models, converted, reference, command, point, existing, capsys):
     """SIGKILL at `point`: the destination is whole (the old one, or none); the next run with
     the same arguments succeeds and leaves no work files; nothing outside the destination changed."""

@@ -36,16 +36,19 @@ def tiny():
     inputs = processor(text=PROMPT)
     greedy = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None)
     sampled = model.generate(**inputs, seed=3, **SAMPLED)
-    assert (greedy[0, inputs["input_ids"].shape[1]:] != model.text_config.pad_token_id).all(), "pick another prompt"
+    assert (greedy[0, inputs["input_ids"].shape[1] :] != model.text_config.pad_token_id).all(), "pick another prompt"
     return processor, model, inputs, greedy, sampled
 
 
 def with_defaults(**settings):
-    return {**dict(max_new_tokens=4, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                   stop_strings=()), **settings}
+    return {
+        **dict(max_new_tokens=4, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=()),
+        **settings,
+    }
 
 
 # ----------------------------------------------------------------------------- seeds (items 10, 19)
+
 
 def test_seeds_below_2_31_keep_their_keys(tiny):
     """A seed's key is the one `jax.random.key(seed)` gave before seeds had 64 bits, so the
@@ -74,10 +77,17 @@ def test_seed_range_is_0_to_2_64(tiny):
             model.generate(**inputs, seed=seed, **SAMPLED)
 
 
-@pytest.mark.parametrize("seed, named", [
-    (True, "seed=True"), (3.0, "seed=3.0"), ("3", "seed='3'"), (None, "seed=None"),
-    (np.float64(3), "seed=3.0"), ([1, 2], r"seed=\[1, 2\]: must be a single value or one per row \(1\)"),
-])
+@pytest.mark.parametrize(
+    "seed, named",
+    [
+        (True, "seed=True"),
+        (3.0, "seed=3.0"),
+        ("3", "seed='3'"),
+        (None, "seed=None"),
+        (np.float64(3), "seed=3.0"),
+        ([1, 2], r"seed=\[1, 2\]: must be a single value or one per row \(1\)"),
+    ],
+)
 def test_seed_of_another_type_is_refused(tiny, seed, named):
     _, model, *_ = tiny
     with pytest.raises(aria_jax.RequestError, match=named):
@@ -105,6 +115,7 @@ def test_cli_seed_past_int64_is_one_line(capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- stop strings (item 20)
 
+
 def test_a_str_is_one_stop_string_added_to_the_default(tiny):
     processor, model, *_ = tiny
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -125,14 +136,19 @@ def test_a_str_stop_string_stops_where_it_is_complete(tiny):
     processor, model, inputs, greedy, _ = tiny
     tokenizer, prompt = processor.tokenizer, inputs["input_ids"].shape[1]
     generated = greedy[0, prompt:].tolist()
-    k = next(k for k, token in enumerate(generated[:-2])
-             if len(tokenizer.decode([token])) == 1 and tokenizer.encode(tokenizer.decode([token])) == [token]
-             and token not in generated[:k] and tokenizer.decode(generated[k + 1:k + 2]).isprintable())
-    stop = tokenizer.decode(generated[k:k + 2])
-    assert len(stop) >= 2 and stop not in tokenizer.decode(generated[:k + 1])
+    k = next(
+        k
+        for k, token in enumerate(generated[:-2])
+        if len(tokenizer.decode([token])) == 1
+        and tokenizer.encode(tokenizer.decode([token])) == [token]
+        and token not in generated[:k]
+        and tokenizer.decode(generated[k + 1 : k + 2]).isprintable()
+    )
+    stop = tokenizer.decode(generated[k : k + 2])
+    assert len(stop) >= 2 and stop not in tokenizer.decode(generated[: k + 1])
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=stop)[0, prompt:]
-    np.testing.assert_array_equal(out[:k + 2], generated[:k + 2])
-    assert (out[k + 2:] == model.text_config.pad_token_id).all(), (stop, out)
+    np.testing.assert_array_equal(out[: k + 2], generated[: k + 2])
+    assert (out[k + 2 :] == model.text_config.pad_token_id).all(), (stop, out)
 
 
 def test_single_token_stop_strings_beyond_the_device_slots_still_stop(tiny):
@@ -145,21 +161,31 @@ def test_single_token_stop_strings_beyond_the_device_slots_still_stop(tiny):
         return text.isprintable() and text.strip() == text and text and tokenizer.encode(text) == [token]
 
     # The stop's id is larger than STOP_ID_SLOTS others, so a buffer of the smallest ids drops it.
-    k = next(k for k in range(2, len(generated) - 2) if single_token(generated[k]) and generated[k] not in generated[:k])
-    fillers = [t for t in range(5, generated[k]) if single_token(t) and t not in generated[:k + 1]][:STOP_ID_SLOTS]
+    k = next(
+        k for k in range(2, len(generated) - 2) if single_token(generated[k]) and generated[k] not in generated[:k]
+    )
+    fillers = [t for t in range(5, generated[k]) if single_token(t) and t not in generated[: k + 1]][:STOP_ID_SLOTS]
     assert len(fillers) == STOP_ID_SLOTS
     stop_strings = [tokenizer.decode([t]) for t in fillers + [generated[k]]]
-    assert check_request(1, 8, model.text_config, model.tokenizer,
-                         **with_defaults(stop_strings=stop_strings)).stop_texts == ()  # all on device
+    assert (
+        check_request(1, 8, model.text_config, model.tokenizer, **with_defaults(stop_strings=stop_strings)).stop_texts
+        == ()
+    )  # all on device
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=stop_strings)[0, prompt:]
-    np.testing.assert_array_equal(out[:k + 1], generated[:k + 1])
-    assert (out[k + 1:] == model.text_config.pad_token_id).all(), out
+    np.testing.assert_array_equal(out[: k + 1], generated[: k + 1])
+    assert (out[k + 1 :] == model.text_config.pad_token_id).all(), out
 
 
-@pytest.mark.parametrize("stop_strings, named", [
-    ([""], "stop_strings contains ''"), (["ok", 3], "stop_strings contains 3"), (b"xyz", "stop_strings contains 120"),
-    (["\ud800"], "a stop string is not valid Unicode: lone surrogate U\\+D800"), (5, "stop_strings=5"),
-])
+@pytest.mark.parametrize(
+    "stop_strings, named",
+    [
+        ([""], "stop_strings contains ''"),
+        (["ok", 3], "stop_strings contains 3"),
+        (b"xyz", "stop_strings contains 120"),
+        (["\ud800"], "a stop string is not valid Unicode: lone surrogate U\\+D800"),
+        (5, "stop_strings=5"),
+    ],
+)
 def test_bad_stop_strings_are_refused(tiny, stop_strings, named):
     _, model, *_ = tiny
     with pytest.raises(aria_jax.RequestError, match=named):
@@ -168,24 +194,28 @@ def test_bad_stop_strings_are_refused(tiny, stop_strings, named):
 
 # ----------------------------------------------------------------------------- sampling settings (item 21)
 
-@pytest.mark.parametrize("settings, named", [
-    (dict(top_k=2.7), "top_k=2.7: must be an integer"),
-    (dict(top_k=3.0), "top_k=3.0: must be an integer"),
-    (dict(top_k=True), "top_k=True: must be an integer"),
-    (dict(top_k=-1), "top_k=-1: must be an integer >= 0"),
-    (dict(top_k="5"), "top_k='5'"),
-    (dict(temperature="hot"), "temperature='hot': must be a finite number"),
-    (dict(temperature=None), "temperature=None: must be a finite number"),
-    (dict(temperature=1j), r"temperature=1j: must be a finite number"),
-    (dict(temperature=True), "temperature=True: must be a finite number"),
-    (dict(temperature=float("inf")), "temperature=inf"),
-    (dict(top_p="all"), "top_p='all': must be a number"),
-    (dict(top_p=[0.5, 0.5, 0.5]), r"top_p=\[0\.5, 0\.5, 0\.5\]: must be a single value or one per row \(2\)"),
-    (dict(temperature=[[1.0, 1.0]]), r"temperature=\[\[1\.0, 1\.0\]\]: must be a single value or one per row"),
-    (dict(top_k=[1, [2]]), r"top_k=\[1, \[2\]\]: must be a single value or one per row"),
-    (dict(do_sample="no"), "do_sample='no': must be True or False"),
-    (dict(max_new_tokens=2.0), "max_new_tokens=2.0"),
-])
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (dict(top_k=2.7), "top_k=2.7: must be an integer"),
+        (dict(top_k=3.0), "top_k=3.0: must be an integer"),
+        (dict(top_k=True), "top_k=True: must be an integer"),
+        (dict(top_k=-1), "top_k=-1: must be an integer >= 0"),
+        (dict(top_k="5"), "top_k='5'"),
+        (dict(temperature="hot"), "temperature='hot': must be a finite number"),
+        (dict(temperature=None), "temperature=None: must be a finite number"),
+        (dict(temperature=1j), r"temperature=1j: must be a finite number"),
+        (dict(temperature=True), "temperature=True: must be a finite number"),
+        (dict(temperature=float("inf")), "temperature=inf"),
+        (dict(top_p="all"), "top_p='all': must be a number"),
+        (dict(top_p=[0.5, 0.5, 0.5]), r"top_p=\[0\.5, 0\.5, 0\.5\]: must be a single value or one per row \(2\)"),
+        (dict(temperature=[[1.0, 1.0]]), r"temperature=\[\[1\.0, 1\.0\]\]: must be a single value or one per row"),
+        (dict(top_k=[1, [2]]), r"top_k=\[1, \[2\]\]: must be a single value or one per row"),
+        (dict(do_sample="no"), "do_sample='no': must be True or False"),
+        (dict(max_new_tokens=2.0), "max_new_tokens=2.0"),
+    ],
+)
 def test_bad_sampling_settings_are_refused(tiny, settings, named):
     _, model, *_ = tiny
     with pytest.raises(aria_jax.RequestError, match=named):
@@ -194,9 +224,15 @@ def test_bad_sampling_settings_are_refused(tiny, settings, named):
 
 def test_good_sampling_settings_of_every_integer_and_number_type(tiny):
     _, model, *_ = tiny
-    sampling = check_request(2, 8, model.text_config, None, **with_defaults(
-        stop_strings=None, top_k=np.int64(3), temperature=np.float32(0.5), top_p=[1, 0.5], seed=[7, np.uint64(9)],
-    )).sampling
+    sampling = check_request(
+        2,
+        8,
+        model.text_config,
+        None,
+        **with_defaults(
+            stop_strings=None, top_k=np.int64(3), temperature=np.float32(0.5), top_p=[1, 0.5], seed=[7, np.uint64(9)]
+        ),
+    ).sampling
     np.testing.assert_array_equal(sampling.top_k, [3, 3])
     np.testing.assert_array_equal(sampling.top_p, [1.0, 0.5])
     np.testing.assert_array_equal(sampling.seed, [[0, 7], [0, 9]])
@@ -205,6 +241,7 @@ def test_good_sampling_settings_of_every_integer_and_number_type(tiny):
 
 
 # ----------------------------------------------------------------------------- prompts (item 22)
+
 
 def test_empty_prompt_is_refused_by_generate_and_forward(tiny):
     _, model, *_ = tiny
@@ -238,10 +275,18 @@ def test_attention_mask_of_other_values_is_refused(tiny, value):
 
 # ----------------------------------------------------------------------------- the model stays usable
 
+
 def test_rejected_requests_leave_the_model_as_fresh(tiny):
     _, model, inputs, greedy, sampled = tiny
-    bad = [dict(seed=2**70), dict(top_k=2.7), dict(temperature="hot"), dict(stop_strings=[""]), dict(max_length="x"),
-           dict(input_ids=np.zeros((1, 0), np.int32)), dict(attention_mask=np.zeros_like(inputs["input_ids"]))]
+    bad = [
+        dict(seed=2**70),
+        dict(top_k=2.7),
+        dict(temperature="hot"),
+        dict(stop_strings=[""]),
+        dict(max_length="x"),
+        dict(input_ids=np.zeros((1, 0), np.int32)),
+        dict(attention_mask=np.zeros_like(inputs["input_ids"])),
+    ]
     for settings in bad:
         with pytest.raises(aria_jax.RequestError):
             model.generate(**{**inputs, **SAMPLED, **settings})
@@ -257,19 +302,23 @@ def test_request_errors_are_value_errors_exported_by_the_package():
 
 # ----------------------------------------------------------------------------- aria-jax chat (item 12)
 
+
 def test_chat_survives_undecodable_and_binary_lines():
     """A strict UTF-8 decoder (what a UTF-8 locale gives stdin) fails the whole read buffer on one
     bad byte: the bad line must be refused alone and the questions after it answered."""
     lines = [
         b"\xff\xfe not UTF-8 \xc3\x28",
-        b"\x00\x01\x02binary\x00\x7f\x1b[31m",   # valid UTF-8 junk: answered or refused, never the end
+        b"\x00\x01\x02binary\x00\x7f\x1b[31m",  # valid UTF-8 junk: answered or refused, never the end
         b"/reset",
         b"/image examples/demo_shapes.png",
         b"What shape is in the image?",
     ]
     result = subprocess.run(
         [sys.executable, "-m", "aria_jax.cli", "chat", "--model", DEMO_MODEL, "--max-new-tokens", "8"],
-        input=b"\n".join(lines) + b"\n", cwd=ROOT, capture_output=True, timeout=300,
+        input=b"\n".join(lines) + b"\n",
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
         env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
     )
     stderr = result.stderr.decode("utf-8", "replace")

@@ -72,6 +72,7 @@ def clip(tmp_path_factory) -> str:
 @pytest.fixture
 def no_decoding(monkeypatch):
     """Any attempt to open a video file fails the test."""
+
     def decode(*args):
         raise AssertionError(f"a video was decoded: {args}")
 
@@ -95,6 +96,7 @@ def timed(call):
 # Item 4: too many frames fail fast, before decoding
 # ------------------------------------------------------------------------------------------
 
+
 def test_load_video_bounds_num_frames_before_decoding(clip, no_decoding):
     frames = [np.zeros((8, 8, 3), np.uint8)] * 3
     for source in (frames, clip):
@@ -109,8 +111,11 @@ def test_load_video_bounds_num_frames_before_decoding(clip, no_decoding):
 
 @pytest.mark.parametrize("source", ["file", "list"])
 def test_processor_refuses_frames_beyond_the_context_before_decoding(processor, clip, no_decoding, source):
-    item = {"type": "video", "path": clip} if source == "file" else \
-        {"type": "video", "video": [np.zeros((8, 8, 3), np.uint8)] * 3}
+    item = (
+        {"type": "video", "path": clip}
+        if source == "file"
+        else {"type": "video", "video": [np.zeros((8, 8, 3), np.uint8)] * 3}
+    )
     assert processor.context_length == 256 and processor.size_to_queries == {112: 16}
     for call in (processor.from_messages, processor.apply_chat_template, processor.prepare_messages):
         with pytest.raises(processing.ProcessorError) as raised:
@@ -123,12 +128,14 @@ def test_processor_refuses_frames_beyond_the_context_before_decoding(processor, 
 
 def test_frames_of_several_videos_share_the_context(processor, clip):
     frames = [np.zeros((8, 8, 3), np.uint8)] * 3
-    messages, images = processor.prepare_messages(ask({"type": "video", "path": clip, "num_frames": 10},
-                                                      {"type": "video", "video": frames, "num_frames": 6}))
+    messages, images = processor.prepare_messages(
+        ask({"type": "video", "path": clip, "num_frames": 10}, {"type": "video", "video": frames, "num_frames": 6})
+    )
     assert len(images) == 16  # exactly the 256 / 16 frames that fit
     with pytest.raises(processing.ProcessorError, match=r"num_frames=7, .* at most 6 more frames"):
-        processor.prepare_messages(ask({"type": "video", "path": clip, "num_frames": 10},
-                                       {"type": "video", "video": frames, "num_frames": 7}))
+        processor.prepare_messages(
+            ask({"type": "video", "path": clip, "num_frames": 10}, {"type": "video", "video": frames, "num_frames": 7})
+        )
     # a list of frames without num_frames asks for all of them
     with pytest.raises(processing.ProcessorError, match="all 21 frames of the list"):
         processor.prepare_messages(ask({"type": "video", "video": frames * 7}))
@@ -136,8 +143,7 @@ def test_frames_of_several_videos_share_the_context(processor, clip):
 
 def test_context_length_comes_from_config_json(tmp_path):
     model = without_weights(DEMO_MODEL, tmp_path / "model")
-    edit_json(os.path.join(model, "config.json"),
-              lambda d: d["text_config"].update(max_position_embeddings=64))
+    edit_json(os.path.join(model, "config.json"), lambda d: d["text_config"].update(max_position_embeddings=64))
     assert AriaProcessor.from_pretrained(model).context_length == 64
     edit_json(os.path.join(model, "config.json"), lambda d: d["text_config"].pop("max_position_embeddings"))
     assert AriaProcessor.from_pretrained(model).context_length == AriaTextConfig.max_position_embeddings
@@ -147,14 +153,17 @@ def test_context_length_comes_from_config_json(tmp_path):
         AriaProcessor(None, AriaTokenizer.from_pretrained(model), context_length=True)
 
 
-@pytest.mark.parametrize("item, error, words", [
-    ({"num_frames": "3"}, "VideoArgumentError", ["num_frames", "'3'"]),
-    ({"num_frames": 2.0}, "VideoArgumentError", ["num_frames", "2.0"]),
-    ({"num_frames": True}, "VideoArgumentError", ["num_frames", "True"]),
-    ({"fps": float("inf")}, "VideoArgumentError", ["fps", "inf"]),
-    ({"fps": "4"}, "VideoArgumentError", ["fps", "'4'"]),
-    ({"path": 5, "video": None}, "ProcessorError", ["path", "int"]),
-])
+@pytest.mark.parametrize(
+    "item, error, words",
+    [
+        ({"num_frames": "3"}, "VideoArgumentError", ["num_frames", "'3'"]),
+        ({"num_frames": 2.0}, "VideoArgumentError", ["num_frames", "2.0"]),
+        ({"num_frames": True}, "VideoArgumentError", ["num_frames", "True"]),
+        ({"fps": float("inf")}, "VideoArgumentError", ["fps", "inf"]),
+        ({"fps": "4"}, "VideoArgumentError", ["fps", "'4'"]),
+        ({"path": 5, "video": None}, "ProcessorError", ["path", "int"]),
+    ],
+)
 def test_bad_video_items(processor, item, error, words):
     base = {"type": "video", "video": [np.zeros((8, 8, 3), np.uint8)] * 3}
     with pytest.raises(ValueError) as raised:
@@ -212,12 +221,15 @@ def test_broken_chat_template_in_tokenizer_config_names_that_file(tmp_path):
         AriaProcessor.from_pretrained(model)
 
 
-@pytest.mark.parametrize("template, words", [
-    ("{{ messages[0].nothing.deeper }}", ["chat template", "'dict object' has no attribute 'nothing'"]),
-    ("{{ raise_exception('roles must\nalternate') }}", ["chat template: roles must alternate"]),
-    ("{{ 1 / 0 }}", ["chat template: division by zero"]),
-    ("{{ messages.__class__.__mro__ }}", ["chat template", "unsafe"]),
-])
+@pytest.mark.parametrize(
+    "template, words",
+    [
+        ("{{ messages[0].nothing.deeper }}", ["chat template", "'dict object' has no attribute 'nothing'"]),
+        ("{{ raise_exception('roles must\nalternate') }}", ["chat template: roles must alternate"]),
+        ("{{ 1 / 0 }}", ["chat template: division by zero"]),
+        ("{{ messages.__class__.__mro__ }}", ["chat template", "unsafe"]),
+    ],
+)
 def test_errors_while_rendering_are_one_line_value_errors(processor, template, words):
     messages = [{"role": "user", "content": "hi"}]
     for apply in (processor.apply_chat_template, processor.tokenizer.apply_chat_template):
@@ -226,12 +238,15 @@ def test_errors_while_rendering_are_one_line_value_errors(processor, template, w
         assert all(word in one_line(raised) for word in words), one_line(raised)
 
 
-@pytest.mark.parametrize("messages, words", [
-    ([{"content": "hi"}], ["message 0", "'role'"]),
-    (["hi"], ["message 0", "'hi'"]),
-    ([{"role": "user", "content": "hi"}, 5], ["message 1", "5"]),
-    ("hi", ["messages", "str"]),
-])
+@pytest.mark.parametrize(
+    "messages, words",
+    [
+        ([{"content": "hi"}], ["message 0", "'role'"]),
+        (["hi"], ["message 0", "'hi'"]),
+        ([{"role": "user", "content": "hi"}, 5], ["message 1", "5"]),
+        ("hi", ["messages", "str"]),
+    ],
+)
 def test_malformed_messages(processor, messages, words):
     for apply in (processor.apply_chat_template, processor.tokenizer.apply_chat_template):
         with pytest.raises(tokenizer_module.ChatTemplateError) as raised:
@@ -241,11 +256,14 @@ def test_malformed_messages(processor, messages, words):
         processor.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=5)
 
 
-@pytest.mark.parametrize("content, words", [
-    (5, ["message 0", "content", "int"]),
-    (["hi"], ["message 0", "content item", "'hi'"]),
-    ([{"text": "hi"}], ["message 0", '"type"']),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (5, ["message 0", "content", "int"]),
+        (["hi"], ["message 0", "content item", "'hi'"]),
+        ([{"text": "hi"}], ["message 0", '"type"']),
+    ],
+)
 def test_processor_refuses_content_it_would_drop(processor, content, words):
     with pytest.raises(processing.ProcessorError) as raised:
         processor.from_messages([{"role": "user", "content": content}])
@@ -257,38 +275,51 @@ def test_processor_refuses_content_it_would_drop(processor, content, words):
 # ------------------------------------------------------------------------------------------
 
 TEXT = {
-    "model_type": "aria_text", "vocab_size": 448, "hidden_size": 128, "intermediate_size": 128,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "moe_num_experts": 8,
-    "moe_topk": 2, "max_position_embeddings": 256,
+    "model_type": "aria_text",
+    "vocab_size": 448,
+    "hidden_size": 128,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "moe_num_experts": 8,
+    "moe_topk": 2,
+    "max_position_embeddings": 256,
 }
-NESTED = {"text_config": TEXT, "vision_config": {"image_size": 112, "hidden_size": 128, "num_attention_heads": 4},
-          "projector_patch_to_query_dict": {"64": 16}}
+NESTED = {
+    "text_config": TEXT,
+    "vision_config": {"image_size": 112, "hidden_size": 128, "num_attention_heads": 4},
+    "projector_patch_to_query_dict": {"64": 16},
+}
 
 
-@pytest.mark.parametrize("changes, field, value", [
-    ({"vocab_size": 10**12}, "vocab_size", "1000000000000"),
-    ({"vocab_size": 2**31}, "vocab_size", "2147483648"),
-    ({"max_position_embeddings": 2**31}, "max_position_embeddings", "2147483648"),
-    ({"num_hidden_layers": True}, "num_hidden_layers", "True"),
-    ({"moe_num_shared_experts": True}, "moe_num_shared_experts", "True"),
-    ({"moe_num_shared_experts": 2**31}, "moe_num_shared_experts", "2147483648"),
-    ({"hidden_size": "128", "num_key_value_heads": 4}, "hidden_size", "'128'"),
-    ({"rope_theta": float("inf")}, "rope_theta", "inf"),
-    ({"rope_theta": float("nan")}, "rope_theta", "nan"),
-    ({"rope_theta": 10**400}, "rope_theta", "1000000"),
-    ({"rope_theta": "1e4"}, "rope_theta", "'1e4'"),
-    ({"rope_parameters": {"rope_theta": float("inf")}}, "rope_theta", "inf"),
-    ({"rope_parameters": "default"}, "rope_parameters", "'default'"),
-    ({"rms_norm_eps": float("inf")}, "rms_norm_eps", "inf"),
-    ({"rms_norm_eps": float("nan")}, "rms_norm_eps", "nan"),
-    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps", "'1e-6'"),
-    ({"eos_token_id": 10**12}, "eos_token_id", "1000000000000"),
-    ({"eos_token_id": "2"}, "eos_token_id", "'2'"),
-    ({"eos_token_id": 2.0}, "eos_token_id", "2.0"),
-    ({"eos_token_id": [2, True]}, "eos_token_id", "True"),
-    ({"bos_token_id": -5}, "bos_token_id", "-5"),
-    ({"pad_token_id": 2**40}, "pad_token_id", "1099511627776"),
-])
+@pytest.mark.parametrize(
+    "changes, field, value",
+    [
+        ({"vocab_size": 10**12}, "vocab_size", "1000000000000"),
+        ({"vocab_size": 2**31}, "vocab_size", "2147483648"),
+        ({"max_position_embeddings": 2**31}, "max_position_embeddings", "2147483648"),
+        ({"num_hidden_layers": True}, "num_hidden_layers", "True"),
+        ({"moe_num_shared_experts": True}, "moe_num_shared_experts", "True"),
+        ({"moe_num_shared_experts": 2**31}, "moe_num_shared_experts", "2147483648"),
+        ({"hidden_size": "128", "num_key_value_heads": 4}, "hidden_size", "'128'"),
+        ({"rope_theta": float("inf")}, "rope_theta", "inf"),
+        ({"rope_theta": float("nan")}, "rope_theta", "nan"),
+        ({"rope_theta": 10**400}, "rope_theta", "1000000"),
+        ({"rope_theta": "1e4"}, "rope_theta", "'1e4'"),
+        ({"rope_parameters": {"rope_theta": float("inf")}}, "rope_theta", "inf"),
+        ({"rope_parameters": "default"}, "rope_parameters", "'default'"),
+        ({"rms_norm_eps": float("inf")}, "rms_norm_eps", "inf"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps", "nan"),
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps", "'1e-6'"),
+        ({"eos_token_id": 10**12}, "eos_token_id", "1000000000000"),
+        ({"eos_token_id": "2"}, "eos_token_id", "'2'"),
+        ({"eos_token_id": 2.0}, "eos_token_id", "2.0"),
+        ({"eos_token_id": [2, True]}, "eos_token_id", "True"),
+        ({"bos_token_id": -5}, "bos_token_id", "-5"),
+        ({"pad_token_id": 2**40}, "pad_token_id", "1099511627776"),
+    ],
+)
 def test_text_config_values_beyond_the_implementation(changes, field, value):
     with pytest.raises(ConfigError) as raised:
         AriaTextConfig.from_hf_dict({**TEXT, **changes})
@@ -296,14 +327,17 @@ def test_text_config_values_beyond_the_implementation(changes, field, value):
     assert field in message and value in message, message
 
 
-@pytest.mark.parametrize("changes, field, value", [
-    ({"layer_norm_eps": float("nan")}, "vision_config.layer_norm_eps", "nan"),
-    ({"layer_norm_eps": float("inf")}, "vision_config.layer_norm_eps", "inf"),
-    ({"hidden_act": "relu6"}, "vision_config.hidden_act", "relu6"),
-    ({"num_channels": 4}, "vision_config.num_channels", "4"),
-    ({"num_hidden_layers": True}, "vision_config.num_hidden_layers", "True"),
-    ({"image_size": 14 * 153391690}, "vision_config.image_size", "2147483660"),  # a multiple of 14 past 2**31
-])
+@pytest.mark.parametrize(
+    "changes, field, value",
+    [
+        ({"layer_norm_eps": float("nan")}, "vision_config.layer_norm_eps", "nan"),
+        ({"layer_norm_eps": float("inf")}, "vision_config.layer_norm_eps", "inf"),
+        ({"hidden_act": "relu6"}, "vision_config.hidden_act", "relu6"),
+        ({"num_channels": 4}, "vision_config.num_channels", "4"),
+        ({"num_hidden_layers": True}, "vision_config.num_hidden_layers", "True"),
+        ({"image_size": 14 * 153391690}, "vision_config.image_size", "2147483660"),  # a multiple of 14 past 2**31
+    ],
+)
 def test_vision_config_values_beyond_the_implementation(changes, field, value):
     d = copy.deepcopy(NESTED)
     d["vision_config"].update(changes)
@@ -313,18 +347,21 @@ def test_vision_config_values_beyond_the_implementation(changes, field, value):
     assert field in message and value in message, message
 
 
-@pytest.mark.parametrize("changes, field, value", [
-    ({"text_config": "aria"}, "text_config", "'aria'"),
-    ({"text_config": None}, "text_config", "None"),
-    ({"vision_config": [1]}, "vision_config", "[1]"),
-    ({"projector_patch_to_query_dict": [64, 16]}, "projector_patch_to_query_dict", "[64, 16]"),
-    ({"projector_patch_to_query_dict": {"sixty-four": 16}}, "projector_patch_to_query_dict", "sixty-four"),
-    ({"projector_patch_to_query_dict": {"64": 16.5}}, "projector_patch_to_query_dict", "16.5"),
-    ({"projector_patch_to_query_dict": {"64": 2**31}}, "projector_patch_to_query_dict", "2147483648"),
-    ({"image_token_index": True}, "image_token_index", "True"),
-    ({"image_token_index": "9"}, "image_token_index", "'9'"),
-    ({"pad_token_id": 2**31}, "pad_token_id", "2147483648"),
-])
+@pytest.mark.parametrize(
+    "changes, field, value",
+    [
+        ({"text_config": "aria"}, "text_config", "'aria'"),
+        ({"text_config": None}, "text_config", "None"),
+        ({"vision_config": [1]}, "vision_config", "[1]"),
+        ({"projector_patch_to_query_dict": [64, 16]}, "projector_patch_to_query_dict", "[64, 16]"),
+        ({"projector_patch_to_query_dict": {"sixty-four": 16}}, "projector_patch_to_query_dict", "sixty-four"),
+        ({"projector_patch_to_query_dict": {"64": 16.5}}, "projector_patch_to_query_dict", "16.5"),
+        ({"projector_patch_to_query_dict": {"64": 2**31}}, "projector_patch_to_query_dict", "2147483648"),
+        ({"image_token_index": True}, "image_token_index", "True"),
+        ({"image_token_index": "9"}, "image_token_index", "'9'"),
+        ({"pad_token_id": 2**31}, "pad_token_id", "2147483648"),
+    ],
+)
 def test_multimodal_config_values_beyond_the_implementation(changes, field, value):
     with pytest.raises(ConfigError) as raised:
         AriaConfig.from_hf_dict({**copy.deepcopy(NESTED), **changes})
@@ -340,8 +377,15 @@ def test_config_that_is_not_an_object():
 
 
 def test_the_bounds_themselves_are_allowed():
-    text = AriaTextConfig.from_hf_dict({**TEXT, "vocab_size": 2**31 - 1, "eos_token_id": [0, 2**31 - 1],
-                                        "max_position_embeddings": 2**31 - 1, "rope_theta": 1e300})
+    text = AriaTextConfig.from_hf_dict(
+        {
+            **TEXT,
+            "vocab_size": 2**31 - 1,
+            "eos_token_id": [0, 2**31 - 1],
+            "max_position_embeddings": 2**31 - 1,
+            "rope_theta": 1e300,
+        }
+    )
     assert text.vocab_size == 2**31 - 1 and text.eos_token_id == (0, 2**31 - 1) and text.rope_theta == 1e300
     assert AriaVisionConfig(layer_norm_eps=1e-300).layer_norm_eps == 1e-300
     assert AriaConfig.from_hf_dict(copy.deepcopy(NESTED)).projector_patch_to_query == ((64, 16),)
@@ -353,14 +397,23 @@ def test_config_json_nested_too_deep_is_a_config_error(tmp_path):
         config_from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("change, error, words", [
-    (lambda d: d.update(text_config="aria"), ConfigError, ["config.json", "text_config", "str"]),
-    (lambda d: d.update(vision_config="siglip"), ConfigError, ["vision_config", "'siglip'"]),
-    (lambda d: d.update(projector_patch_to_query_dict={"10000000000": 16}), ConfigError,
-     ["projector_patch_to_query_dict", "10000000000"]),
-    (lambda d: d["text_config"].update(max_position_embeddings="256"), ConfigError,
-     ["max_position_embeddings", "'256'"]),
-])
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda d: d.update(text_config="aria"), ConfigError, ["config.json", "text_config", "str"]),
+        (lambda d: d.update(vision_config="siglip"), ConfigError, ["vision_config", "'siglip'"]),
+        (
+            lambda d: d.update(projector_patch_to_query_dict={"10000000000": 16}),
+            ConfigError,
+            ["projector_patch_to_query_dict", "10000000000"],
+        ),
+        (
+            lambda d: d["text_config"].update(max_position_embeddings="256"),
+            ConfigError,
+            ["max_position_embeddings", "'256'"],
+        ),
+    ],
+)
 def test_processor_reads_config_json_safely(tmp_path, change, error, words):
     model = without_weights(DEMO_MODEL, tmp_path / "model")
     edit_json(os.path.join(model, "config.json"), change)
@@ -381,20 +434,29 @@ def test_processor_config_of_the_wrong_shape_names_the_file(tmp_path):
 # Item 11: text that is not valid Unicode
 # ------------------------------------------------------------------------------------------
 
+
 def test_lone_surrogates_are_named_by_position_and_code_point(processor):
     tok = processor.tokenizer
     cases = [
         (lambda: tok.encode("ab\udcffc"), "text is not valid Unicode: lone surrogate U+DCFF at position 2"),
         (lambda: tok(["fine", "x\ud800"]), "texts[1] is not valid Unicode: lone surrogate U+D800 at position 1"),
         (lambda: processor(text="\udcfe"), "text is not valid Unicode: lone surrogate U+DCFE at position 0"),
-        (lambda: processor(text=["ok", "a\udcff"]),
-         "text[1] is not valid Unicode: lone surrogate U+DCFF at position 1"),
-        (lambda: tok.apply_chat_template([{"role": "user", "content": "\udcff"}], tokenize=True),
-         "lone surrogate U+DCFF"),
-        (lambda: processor.from_messages([{"role": "user", "content": [{"type": "text", "text": "hi \udcff"}]}]),
-         "message 0 item 0 text is not valid Unicode: lone surrogate U+DCFF at position 3"),
-        (lambda: processor.apply_chat_template([{"role": "user", "content": "\udcff"}]),
-         "message 0 content is not valid Unicode"),
+        (
+            lambda: processor(text=["ok", "a\udcff"]),
+            "text[1] is not valid Unicode: lone surrogate U+DCFF at position 1",
+        ),
+        (
+            lambda: tok.apply_chat_template([{"role": "user", "content": "\udcff"}], tokenize=True),
+            "lone surrogate U+DCFF",
+        ),
+        (
+            lambda: processor.from_messages([{"role": "user", "content": [{"type": "text", "text": "hi \udcff"}]}]),
+            "message 0 item 0 text is not valid Unicode: lone surrogate U+DCFF at position 3",
+        ),
+        (
+            lambda: processor.apply_chat_template([{"role": "user", "content": "\udcff"}]),
+            "message 0 content is not valid Unicode",
+        ),
     ]
     for call, expected in cases:
         with pytest.raises(TokenizerError) as raised:
@@ -405,9 +467,20 @@ def test_lone_surrogates_are_named_by_position_and_code_point(processor):
 
 def test_cli_prompt_of_invalid_utf8_bytes_is_a_one_line_error():
     result = subprocess.run(
-        [os.fsencode(sys.executable), b"-m", b"aria_jax.cli", b"generate", b"--model", os.fsencode(DEMO_MODEL),
-         b"--prompt", b"\xff\xfe"],
-        capture_output=True, cwd=ROOT, timeout=120)
+        [
+            os.fsencode(sys.executable),
+            b"-m",
+            b"aria_jax.cli",
+            b"generate",
+            b"--model",
+            os.fsencode(DEMO_MODEL),
+            b"--prompt",
+            b"\xff\xfe",
+        ],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(b"aria-jax: error: ") and result.stderr.count(b"\n") == 1, result.stderr
     assert b"--prompt is not valid Unicode: lone surrogate U+DCFF at position 0" in result.stderr
@@ -418,6 +491,7 @@ def test_cli_prompt_of_invalid_utf8_bytes_is_a_one_line_error():
 # ------------------------------------------------------------------------------------------
 # Beside the items: other arguments that crashed with a raw exception
 # ------------------------------------------------------------------------------------------
+
 
 def test_tokenizer_arguments(processor):
     tok = processor.tokenizer

@@ -20,8 +20,8 @@ from repo_paths import DEMO_MODEL, ROOT
 
 DEMO_IMAGE = "examples/demo_shapes.png"  # three yellow triangles
 # Phrasings the demo model was trained on; the image holds several shapes, hence the plural.
-SHAPE_QUESTION = QUESTIONS["shape"][0]    # "What shape is in the image?"
-COLOR_QUESTION = QUESTIONS["colors"][0]   # "What color are the shapes?"
+SHAPE_QUESTION = QUESTIONS["shape"][0]  # "What shape is in the image?"
+COLOR_QUESTION = QUESTIONS["colors"][0]  # "What color are the shapes?"
 MAX_NEW_TOKENS = 16
 CHAT = [sys.executable, "-m", "aria_jax.cli", "chat", "--model", DEMO_MODEL]
 
@@ -39,16 +39,20 @@ def api_answers() -> tuple[str, str]:
     def answer(messages: list[dict]) -> str:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(text=prompt, images=[os.path.join(ROOT, DEMO_IMAGE)])
-        tokens = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)[0, inputs["input_ids"].shape[1]:].tolist()
-        return processor.decode(tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))],
-                                skip_special_tokens=True)
+        tokens = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)[0, inputs["input_ids"].shape[1] :].tolist()
+        return processor.decode(
+            tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))], skip_special_tokens=True
+        )
 
     first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SHAPE_QUESTION}]}]
     first = answer(first_turn)
-    second = answer(first_turn + [
-        {"role": "assistant", "content": [{"type": "text", "text": first}]},
-        {"role": "user", "content": [{"type": "text", "text": COLOR_QUESTION}]},
-    ])
+    second = answer(
+        first_turn
+        + [
+            {"role": "assistant", "content": [{"type": "text", "text": first}]},
+            {"role": "user", "content": [{"type": "text", "text": COLOR_QUESTION}]},
+        ]
+    )
     return first, second
 
 
@@ -58,23 +62,30 @@ def test_demo_model_answers_the_demo_image(api_answers):
 
 # ------------------------------------------------------------------------------ piped session
 
+
 @pytest.fixture(scope="module")
 def piped_session() -> subprocess.CompletedProcess:
     lines = [
         "/image examples/no_such_image.png",  # an error; nothing else changes
-        "/frobnicate",                        # an unknown command; likewise
+        "/frobnicate",  # an unknown command; likewise
         "/help",
         f"/image {DEMO_IMAGE}",
         SHAPE_QUESTION,
-        COLOR_QUESTION,                       # answered with the first turn in the history
+        COLOR_QUESTION,  # answered with the first turn in the history
         "/reset",
         f"/image {DEMO_IMAGE}",
-        SHAPE_QUESTION,                       # a new conversation: the first answer again
+        SHAPE_QUESTION,  # a new conversation: the first answer again
         "/quit",
-        "What shape is in the image?",        # after /quit: never read
+        "What shape is in the image?",  # after /quit: never read
     ]
-    return subprocess.run(CHAT + ["--max-new-tokens", str(MAX_NEW_TOKENS)], input="\n".join(lines) + "\n",
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        CHAT + ["--max-new-tokens", str(MAX_NEW_TOKENS)],
+        input="\n".join(lines) + "\n",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_piped_chat_prints_only_the_answers(piped_session, api_answers):
@@ -95,6 +106,7 @@ def test_piped_chat_reports_errors_in_one_line_and_goes_on(piped_session):
 
 
 # ------------------------------------------------------------------------------ on a terminal
+
 
 def read_until(fd: int, transcript: bytearray, done, timeout: float = 240) -> None:
     """Reads the terminal's output into `transcript` until `done(transcript)` or the child exits."""
@@ -142,6 +154,7 @@ def test_chat_on_a_terminal_prompts_and_streams(api_answers):
 
 # ------------------------------------------------------------------------------ --help
 
+
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     choices = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
@@ -176,6 +189,7 @@ def test_every_command_is_described_and_every_option_shows_its_default():
 
 # ------------------------------------------------------------------------------ one-line errors
 
+
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     try:
         code = main(list(argv))
@@ -185,22 +199,25 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (("chat", "--model", "/no/such/model"), "/no/such/model: no such model directory"),
-    (("chat", "--model", "examples"), "no config.json"),
-    (("chat", "--model", DEMO_MODEL, "--temperature", "-1"), "temperature=-1.0"),
-    (("chat", "--model", DEMO_MODEL, "--temperature", "0.7", "--top-p", "1.5"), "top_p=1.5"),
-    (("chat", "--model", DEMO_MODEL, "--max-new-tokens", "many"), "--max-new-tokens"),
-    (("chat", "--model", DEMO_MODEL, "--seed", "1.5"), "--seed"),
-    (("chat", "--model", DEMO_MODEL, "--max-image-size", "100"), "max_image_size=100"),
-    (("chat", "--model", DEMO_MODEL, "--dtype", "float8"), "--dtype"),
-    (("chat",), "--model"),
-    (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--image", "README.md"), "README.md"),
-    (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--temperature", "nan"), "temperature=nan"),
-    (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--max-new-tokens", "1000"), "max_new_tokens=1000"),
-    (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--top-p", "x"), "--top-p"),
-    (("no-such-command",), "no-such-command"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (("chat", "--model", "/no/such/model"), "/no/such/model: no such model directory"),
+        (("chat", "--model", "examples"), "no config.json"),
+        (("chat", "--model", DEMO_MODEL, "--temperature", "-1"), "temperature=-1.0"),
+        (("chat", "--model", DEMO_MODEL, "--temperature", "0.7", "--top-p", "1.5"), "top_p=1.5"),
+        (("chat", "--model", DEMO_MODEL, "--max-new-tokens", "many"), "--max-new-tokens"),
+        (("chat", "--model", DEMO_MODEL, "--seed", "1.5"), "--seed"),
+        (("chat", "--model", DEMO_MODEL, "--max-image-size", "100"), "max_image_size=100"),
+        (("chat", "--model", DEMO_MODEL, "--dtype", "float8"), "--dtype"),
+        (("chat",), "--model"),
+        (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--image", "README.md"), "README.md"),
+        (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--temperature", "nan"), "temperature=nan"),
+        (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--max-new-tokens", "1000"), "max_new_tokens=1000"),
+        (("generate", "--model", DEMO_MODEL, "--prompt", "hi", "--top-p", "x"), "--top-p"),
+        (("no-such-command",), "no-such-command"),
+    ],
+)
 def test_user_errors_are_one_line(capsys, monkeypatch, argv, expected):
     monkeypatch.chdir(ROOT)
     code, out, err = run_main(capsys, *argv)
@@ -218,7 +235,8 @@ def test_help_and_the_converter_alone_load_no_jax():
     check = "import sys, aria_jax, aria_jax.cli; print(sorted({'jax', 'flax'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
-    converter = subprocess.run([sys.executable, "-m", "convert", "--help"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=60)
+    converter = subprocess.run(
+        [sys.executable, "-m", "convert", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert converter.returncode == 0, converter.stderr
     assert "{convert,export}" in converter.stdout and "generate" not in converter.stdout

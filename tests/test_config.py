@@ -26,20 +26,39 @@ CONFIGS_DIR = os.path.join(ROOT, "configs")
 
 # rhymes-ai/Aria config.json, transformers-native format.
 HUB_CONFIG = {
-    "architectures": ["AriaForConditionalGeneration"], "model_type": "aria",
-    "image_token_index": 9, "pad_token_id": 2, "ignore_index": -100, "initializer_range": 0.02,
-    "projector_patch_to_query_dict": {"1225": 128, "4900": 256}, "vision_feature_layer": -1,
+    "architectures": ["AriaForConditionalGeneration"],
+    "model_type": "aria",
+    "image_token_index": 9,
+    "pad_token_id": 2,
+    "ignore_index": -100,
+    "initializer_range": 0.02,
+    "projector_patch_to_query_dict": {"1225": 128, "4900": 256},
+    "vision_feature_layer": -1,
     "torch_dtype": "bfloat16",
     "text_config": {
-        "model_type": "aria_text", "hidden_size": 2560, "intermediate_size": 1664,
-        "moe_intermediate_size": 1664, "max_position_embeddings": 65536, "moe_num_experts": 64,
-        "moe_topk": 6, "num_experts_per_tok": 6, "num_attention_heads": 20, "num_hidden_layers": 28,
-        "num_key_value_heads": 20, "rope_theta": 5000000, "vocab_size": 100352,
+        "model_type": "aria_text",
+        "hidden_size": 2560,
+        "intermediate_size": 1664,
+        "moe_intermediate_size": 1664,
+        "max_position_embeddings": 65536,
+        "moe_num_experts": 64,
+        "moe_topk": 6,
+        "num_experts_per_tok": 6,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 20,
+        "rope_theta": 5000000,
+        "vocab_size": 100352,
     },
     "vision_config": {
-        "model_type": "idefics3_vision", "attention_heads": 16, "image_size": 980,
-        "intermediate_size": 4304, "num_hidden_layers": 27, "patch_size": 14,
-        "_flash_attn_2_enabled": True, "architectures": ["AriaVisionModel"],
+        "model_type": "idefics3_vision",
+        "attention_heads": 16,
+        "image_size": 980,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "_flash_attn_2_enabled": True,
+        "architectures": ["AriaVisionModel"],
     },
 }
 
@@ -47,32 +66,61 @@ HUB_CONFIG = {
 # expert width is moe_intermediate_size; rope_theta sits at the top level of text_config.
 ORIGINAL_CONFIG = {
     "architectures": ["AriaForConditionalGeneration"],
-    "auto_map": {"AutoConfig": "configuration_aria.AriaConfig",
-                 "AutoModelForCausalLM": "modeling_aria.AriaForConditionalGeneration"},
-    "model_type": "aria", "ignore_index": -100, "image_token_index": 9,
+    "auto_map": {
+        "AutoConfig": "configuration_aria.AriaConfig",
+        "AutoModelForCausalLM": "modeling_aria.AriaForConditionalGeneration",
+    },
+    "model_type": "aria",
+    "ignore_index": -100,
+    "image_token_index": 9,
     "projector_patch_to_query_dict": {"1225": 128, "4900": 256},
     "torch_dtype": "bfloat16",
     "text_config": {
-        "architectures": ["AriaForCausalLM"], "model_type": "aria_moe_lm",
-        "bos_token_id": 1, "eos_token_id": 2, "hidden_size": 2560, "intermediate_size": 13568,
-        "max_position_embeddings": 65536, "moe_intermediate_size": 1664, "moe_num_experts": 64,
-        "moe_topk": 6, "moe_num_shared_experts": 2, "moe_z_loss_coeff": 1e-5,
-        "moe_aux_loss_coeff": 1e-3, "num_attention_heads": 20, "num_hidden_layers": 28,
-        "num_key_value_heads": 20, "rope_theta": 5000000, "vocab_size": 100352,
+        "architectures": ["AriaForCausalLM"],
+        "model_type": "aria_moe_lm",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_size": 2560,
+        "intermediate_size": 13568,
+        "max_position_embeddings": 65536,
+        "moe_intermediate_size": 1664,
+        "moe_num_experts": 64,
+        "moe_topk": 6,
+        "moe_num_shared_experts": 2,
+        "moe_z_loss_coeff": 1e-5,
+        "moe_aux_loss_coeff": 1e-3,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 20,
+        "rope_theta": 5000000,
+        "vocab_size": 100352,
         "torch_dtype": "bfloat16",
     },
     "vision_config": {
-        "_flash_attn_2_enabled": True, "_attn_implementation": "flash_attention_2",
-        "architectures": ["AriaVisionModel"], "model_type": "aria_vision_model",
-        "hidden_size": 1152, "image_size": 980, "intermediate_size": 4304,
-        "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14,
+        "_flash_attn_2_enabled": True,
+        "_attn_implementation": "flash_attention_2",
+        "architectures": ["AriaVisionModel"],
+        "model_type": "aria_vision_model",
+        "hidden_size": 1152,
+        "image_size": 980,
+        "intermediate_size": 4304,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
     },
 }
 
 TINY_TEXT = {
-    "model_type": "aria_text", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 8,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "moe_num_experts": 4, "moe_topk": 2, "moe_num_shared_experts": 2,
+    "model_type": "aria_text",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 8,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "moe_num_experts": 4,
+    "moe_topk": 2,
+    "moe_num_shared_experts": 2,
     "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
 }
 
@@ -109,6 +157,7 @@ def assert_full_size_text(text: AriaTextConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- full-size configs
+
 
 def test_hub_config_full_size_values():
     config = AriaConfig.from_hf_dict(copy.deepcopy(HUB_CONFIG))
@@ -160,6 +209,7 @@ def test_unknown_text_model_type_rejected():
 
 # ----------------------------------------------------------------------------- rope
 
+
 def test_rope_theta_from_rope_parameters():
     d = text_dict(rope_theta=_DELETE, rope_parameters={"rope_theta": 123456.0, "rope_type": "default"})
     assert AriaTextConfig.from_hf_dict(d).rope_theta == 123456.0
@@ -174,11 +224,16 @@ def test_rope_theta_default_when_absent():
     assert AriaTextConfig.from_hf_dict(text_dict(rope_theta=_DELETE)).rope_theta == 10000.0
 
 
-@pytest.mark.parametrize("field,value", [
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e6,
-                         "original_max_position_embeddings": 8192}),
-    ("rope_scaling", {"type": "linear", "factor": 2.0}),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        (
+            "rope_parameters",
+            {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e6, "original_max_position_embeddings": 8192},
+        ),
+        ("rope_scaling", {"type": "linear", "factor": 2.0}),
+    ],
+)
 def test_unknown_rope_type_rejected(field, value):
     rope_type = value.get("rope_type", value.get("type"))
     with pytest.raises(ConfigError) as err:
@@ -190,27 +245,31 @@ def test_unknown_rope_type_rejected(field, value):
 
 # ----------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("changes,field,value", [
-    ({"num_attention_heads": 24, "num_key_value_heads": 24}, "num_attention_heads", "24"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads", "3"),
-    ({"moe_topk": 65}, "moe_topk", "65"),
-    ({"hidden_size": 0}, "hidden_size", "0"),
-    ({"hidden_size": -2560}, "hidden_size", "-2560"),
-    ({"vocab_size": -1}, "vocab_size", "-1"),
-    ({"intermediate_size": 0}, "intermediate_size", "0"),
-    ({"num_hidden_layers": 0}, "num_hidden_layers", "0"),
-    ({"num_attention_heads": 0}, "num_attention_heads", "0"),
-    ({"moe_num_experts": 0}, "moe_num_experts", "0"),
-    ({"moe_topk": 0}, "moe_topk", "0"),
-    ({"moe_num_shared_experts": -1}, "moe_num_shared_experts", "-1"),
-    ({"rms_norm_eps": 0.0}, "rms_norm_eps", "0.0"),
-    ({"rope_theta": -5.0}, "rope_theta", "-5"),
-    ({"hidden_size": 2560.5}, "hidden_size", "2560.5"),
-    ({"attention_bias": True}, "attention_bias", "True"),
-    ({"mlp_bias": True}, "mlp_bias", "True"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings", "True"),
-    ({"hidden_act": "relu6"}, "hidden_act", "relu6"),
-])
+
+@pytest.mark.parametrize(
+    "changes,field,value",
+    [
+        ({"num_attention_heads": 24, "num_key_value_heads": 24}, "num_attention_heads", "24"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads", "3"),
+        ({"moe_topk": 65}, "moe_topk", "65"),
+        ({"hidden_size": 0}, "hidden_size", "0"),
+        ({"hidden_size": -2560}, "hidden_size", "-2560"),
+        ({"vocab_size": -1}, "vocab_size", "-1"),
+        ({"intermediate_size": 0}, "intermediate_size", "0"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers", "0"),
+        ({"num_attention_heads": 0}, "num_attention_heads", "0"),
+        ({"moe_num_experts": 0}, "moe_num_experts", "0"),
+        ({"moe_topk": 0}, "moe_topk", "0"),
+        ({"moe_num_shared_experts": -1}, "moe_num_shared_experts", "-1"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps", "0.0"),
+        ({"rope_theta": -5.0}, "rope_theta", "-5"),
+        ({"hidden_size": 2560.5}, "hidden_size", "2560.5"),
+        ({"attention_bias": True}, "attention_bias", "True"),
+        ({"mlp_bias": True}, "mlp_bias", "True"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings", "True"),
+        ({"hidden_act": "relu6"}, "hidden_act", "relu6"),
+    ],
+)
 def test_invalid_text_values_name_field_and_value(changes, field, value):
     with pytest.raises(ConfigError) as err:
         AriaTextConfig.from_hf_dict(text_dict(**changes))
@@ -219,10 +278,18 @@ def test_invalid_text_values_name_field_and_value(changes, field, value):
     assert value in message
 
 
-@pytest.mark.parametrize("field", [
-    "moe_topk", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
-    "moe_num_experts", "intermediate_size",
-])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "moe_topk",
+        "hidden_size",
+        "vocab_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "moe_num_experts",
+        "intermediate_size",
+    ],
+)
 def test_missing_required_field_is_named(field):
     with pytest.raises(ConfigError, match=field):
         AriaTextConfig.from_hf_dict(text_dict(**{field: _DELETE}))
@@ -242,12 +309,15 @@ def test_invalid_values_through_the_multimodal_config():
         AriaConfig.from_hf_dict(d)
 
 
-@pytest.mark.parametrize("changes,field,value", [
-    ({"hidden_size": 1000}, "num_attention_heads", "16"),   # 16 does not divide 1000
-    ({"patch_size": 0}, "patch_size", "0"),
-    ({"patch_size": 981}, "patch_size", "981"),             # larger than image_size: no patch at all
-    ({"model_type": "clip_vision_model"}, "model_type", "clip_vision_model"),
-])
+@pytest.mark.parametrize(
+    "changes,field,value",
+    [
+        ({"hidden_size": 1000}, "num_attention_heads", "16"),  # 16 does not divide 1000
+        ({"patch_size": 0}, "patch_size", "0"),
+        ({"patch_size": 981}, "patch_size", "981"),  # larger than image_size: no patch at all
+        ({"model_type": "clip_vision_model"}, "model_type", "clip_vision_model"),
+    ],
+)
 def test_invalid_vision_values(changes, field, value):
     d = copy.deepcopy(HUB_CONFIG)
     d["vision_config"].update(changes)
@@ -256,14 +326,17 @@ def test_invalid_vision_values(changes, field, value):
     assert field in str(err.value) and value in str(err.value)
 
 
-@pytest.mark.parametrize("changes,field,value", [
-    ({"projector_patch_to_query_dict": {"1000": 128}}, "projector_patch_to_query_dict", "1000"),  # no square
-    ({"projector_patch_to_query_dict": {"6400": 128}}, "projector_patch_to_query_dict", "6400"),  # > 70 x 70
-    ({"projector_patch_to_query_dict": {"0": 128, "1225": 8}}, "projector_patch_to_query_dict", "0"),
-    ({"projector_patch_to_query_dict": {"1225": 0}}, "projector_patch_to_query_dict", "0"),
-    ({"projector_patch_to_query_dict": {}}, "projector_patch_to_query_dict", "{}"),
-    ({"image_token_index": 100352}, "image_token_index", "100352"),
-])
+@pytest.mark.parametrize(
+    "changes,field,value",
+    [
+        ({"projector_patch_to_query_dict": {"1000": 128}}, "projector_patch_to_query_dict", "1000"),  # no square
+        ({"projector_patch_to_query_dict": {"6400": 128}}, "projector_patch_to_query_dict", "6400"),  # > 70 x 70
+        ({"projector_patch_to_query_dict": {"0": 128, "1225": 8}}, "projector_patch_to_query_dict", "0"),
+        ({"projector_patch_to_query_dict": {"1225": 0}}, "projector_patch_to_query_dict", "0"),
+        ({"projector_patch_to_query_dict": {}}, "projector_patch_to_query_dict", "{}"),
+        ({"image_token_index": 100352}, "image_token_index", "100352"),
+    ],
+)
 def test_invalid_top_level_values(changes, field, value):
     d = copy.deepcopy(HUB_CONFIG)
     d.update(changes)
@@ -291,8 +364,10 @@ def test_crop_sizes_and_query_counts_come_from_the_config():
     """The processor's crop size -> image tokens table is the model config's, for the hub config
     and for a model directory whose processor files state it too."""
     assert AriaConfig.from_hf_dict(copy.deepcopy(HUB_CONFIG)).crop_size_to_queries == {490: 128, 980: 256}
-    assert aria_jax.AriaProcessor.from_pretrained(DEMO_MODEL).size_to_queries == \
-        config_from_pretrained(DEMO_MODEL).crop_size_to_queries
+    assert (
+        aria_jax.AriaProcessor.from_pretrained(DEMO_MODEL).size_to_queries
+        == config_from_pretrained(DEMO_MODEL).crop_size_to_queries
+    )
 
 
 def test_config_error_is_a_value_error_exported_at_top_level():
@@ -302,6 +377,7 @@ def test_config_error_is_a_value_error_exported_at_top_level():
 
 # ----------------------------------------------------------------------------- hashing
 
+
 def test_configs_are_hashable_and_equal_configs_hash_equally():
     a = AriaConfig.from_hf_dict(copy.deepcopy(HUB_CONFIG))
     b = AriaConfig.from_hf_dict(copy.deepcopy(HUB_CONFIG))
@@ -309,8 +385,7 @@ def test_configs_are_hashable_and_equal_configs_hash_equally():
     assert a == b and hash(a) == hash(b)
     assert a.text_config == b.text_config and hash(a.text_config) == hash(b.text_config)
     assert hash(a.vision_config) == hash(b.vision_config)
-    c = AriaConfig.from_hf_dict({**copy.deepcopy(HUB_CONFIG),
-                                 "text_config": text_dict(moe_topk=4)})
+    c = AriaConfig.from_hf_dict({**copy.deepcopy(HUB_CONFIG), "text_config": text_dict(moe_topk=4)})
     assert c != a
     assert len({a, b, c}) == 2
     # eos given as an int or a list: the same config
@@ -334,11 +409,14 @@ def test_configs_are_usable_as_jit_static_args():
     assert len(traces) == 1  # the equal config hit the cache
 
 
-@pytest.mark.parametrize("make", [
-    lambda: AriaConfig.from_hf_dict(copy.deepcopy(HUB_CONFIG)),
-    lambda: AriaTextConfig.from_hf_dict(text_dict()),
-    lambda: AriaVisionConfig(),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AriaConfig.from_hf_dict(copy.deepcopy(HUB_CONFIG)),
+        lambda: AriaTextConfig.from_hf_dict(text_dict()),
+        lambda: AriaVisionConfig(),
+    ],
+)
 def test_configs_are_frozen(make):
     config = make()
     name = dataclasses.fields(config)[0].name
@@ -347,6 +425,7 @@ def test_configs_are_frozen(make):
 
 
 # ----------------------------------------------------------------------------- configs/ directory
+
 
 def test_every_json_in_configs_dir_parses():
     files = sorted(glob.glob(os.path.join(CONFIGS_DIR, "*.json")))
@@ -373,10 +452,20 @@ ROUND_TRIP_CASES = [
     pytest.param(text_dict(), id="full-size"),
     pytest.param(copy.deepcopy(ORIGINAL_CONFIG["text_config"]), id="original-format"),
     pytest.param(copy.deepcopy(TINY_TEXT), id="tiny-gqa"),
-    pytest.param({**copy.deepcopy(TINY_TEXT), "head_dim": 16, "eos_token_id": [2, 7], "bos_token_id": None,
-                  "rms_norm_eps": 1e-5, "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 64,
-                  "moe_num_shared_experts": 1, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}},
-                 id="tiny-nondefault"),
+    pytest.param(
+        {
+            **copy.deepcopy(TINY_TEXT),
+            "head_dim": 16,
+            "eos_token_id": [2, 7],
+            "bos_token_id": None,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "gelu_pytorch_tanh",
+            "max_position_embeddings": 64,
+            "moe_num_shared_experts": 1,
+            "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"},
+        },
+        id="tiny-nondefault",
+    ),
 ]
 
 
@@ -422,14 +511,17 @@ def test_multimodal_round_trip():
 
 # ----------------------------------------------------------------------------- from a directory
 
+
 def test_text_config_from_pretrained_text_only_model(tmp_path):
     import torch
     from tiny_models import make_text_model
 
-    expected = {**TINY_TEXT, "max_position_embeddings": 512,
-                "rope_parameters": {"rope_theta": 20000.0, "rope_type": "default"}}
-    make_text_model(tmp_path, dtype=torch.float32,
-                    **{k: v for k, v in expected.items() if k != "model_type"})
+    expected = {
+        **TINY_TEXT,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_theta": 20000.0, "rope_type": "default"},
+    }
+    make_text_model(tmp_path, dtype=torch.float32, **{k: v for k, v in expected.items() if k != "model_type"})
     config = text_config_from_pretrained(tmp_path)
     assert config == AriaTextConfig.from_hf_dict(expected)
     assert config.max_position_embeddings == 512

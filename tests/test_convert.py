@@ -41,10 +41,10 @@ from tiny_models import make_multimodal_model, make_text_model
 from repo_paths import ROOT, SHAPES_PNG, TINY_RANDOM
 
 
-PAD_ID = 2            # pad_token_id and eos_token_id of the tiny configs
-FIRST_TEXT_ID = 3     # prompt text uses ids >= 3, never the image token
+PAD_ID = 2  # pad_token_id and eos_token_id of the tiny configs
+FIRST_TEXT_ID = 3  # prompt text uses ids >= 3, never the image token
 IMAGE_TOKEN_ID = 9
-IMAGE_SIDE = 28       # tiny_models.VISION_DEFAULTS: 28-pixel crops of 2x2 patches -> 4 queries
+IMAGE_SIDE = 28  # tiny_models.VISION_DEFAULTS: 28-pixel crops of 2x2 patches -> 4 queries
 QUERIES_PER_CROP = 4
 # Non-square everywhere (hidden 32, expert width 8 -> gate_up (E, 32, 16), GQA 4/2 heads of 8,
 # vocab 128), so that a missing or extra transpose on the way back cannot go unnoticed.
@@ -63,6 +63,7 @@ def one_torch_thread():
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def load_json(path):
     with open(path) as f:
@@ -107,8 +108,9 @@ def assert_post_layernorm_zeros(exported: torch.nn.Module, original: torch.nn.Mo
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 def assert_params_identical(actual, expected):
@@ -137,17 +139,21 @@ def multimodal_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     ids = np.full((2, width), PAD_ID, np.int64)
     mask = np.zeros((2, width), np.int64)
     for r, row in enumerate(rows):
-        ids[r, width - len(row):] = row
-        mask[r, width - len(row):] = 1
+        ids[r, width - len(row) :] = row
+        mask[r, width - len(row) :] = 1
     pixel_values = rng.standard_normal((3, 3, IMAGE_SIDE, IMAGE_SIDE)).astype(np.float32)
     pixel_mask = np.ones((3, IMAGE_SIDE, IMAGE_SIDE), bool)
-    pixel_mask[1, IMAGE_SIDE // 2:] = False
-    pixel_values[1][:, IMAGE_SIDE // 2:] = 0.0
+    pixel_mask[1, IMAGE_SIDE // 2 :] = False
+    pixel_values[1][:, IMAGE_SIDE // 2 :] = 0.0
     position_ids = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
     assert (ids == IMAGE_TOKEN_ID).sum() == len(pixel_values) * QUERIES_PER_CROP
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-            "position_ids": torch.from_numpy(position_ids), "pixel_values": torch.from_numpy(pixel_values),
-            "pixel_mask": torch.from_numpy(pixel_mask)}
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "position_ids": torch.from_numpy(position_ids),
+        "pixel_values": torch.from_numpy(pixel_values),
+        "pixel_mask": torch.from_numpy(pixel_mask),
+    }
 
 
 def torch_logits(model, batch, dtype=None) -> torch.Tensor:
@@ -169,6 +175,7 @@ def hub_shapes(directory) -> dict:
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def mm_f32(tmp_path_factory) -> str:
@@ -205,6 +212,7 @@ def batch():
 
 # ----------------------------------------------------------------------------- round trips
 
+
 def test_converted_directory_layout(mm_f32, mm_f32_converted):
     """Self-contained: config, manifest, orbax pieces and side files; no safetensors."""
     names = set(os.listdir(mm_f32_converted))
@@ -217,11 +225,17 @@ def test_converted_directory_layout(mm_f32, mm_f32_converted):
     pieces = {piece["directory"] for piece in manifest["pieces"]}
     for piece in pieces:
         assert os.path.isdir(os.path.join(mm_f32_converted, "params", piece)), piece
-    on_disk = {f"{component}/{name}" for component in os.listdir(os.path.join(mm_f32_converted, "params"))
-               for name in os.listdir(os.path.join(mm_f32_converted, "params", component))}
+    on_disk = {
+        f"{component}/{name}"
+        for component in os.listdir(os.path.join(mm_f32_converted, "params"))
+        for name in os.listdir(os.path.join(mm_f32_converted, "params", component))
+    }
     assert on_disk == pieces  # no orbax temporaries left behind
     assert {piece["component"] for piece in manifest["pieces"]} == {
-        "vision_tower", "multi_modal_projector", "language_model"}
+        "vision_tower",
+        "multi_modal_projector",
+        "language_model",
+    }
     num_layers = load_json(os.path.join(mm_f32, "config.json"))["text_config"]["num_hidden_layers"]
     text_layers = {p["layer"] for p in manifest["pieces"] if p["component"] == "language_model"}
     assert text_layers == {None, *range(num_layers)}
@@ -233,8 +247,9 @@ def test_multimodal_round_trip_float32(mm_f32, mm_f32_exported, mm_f32_reference
     assert_state_dicts_identical(exported, mm_f32_reference, except_keys=POST_LAYERNORM)
     assert_post_layernorm_zeros(exported, mm_f32_reference)
     # the exported file has the hub's own key names: exactly those of the source file
-    assert sorted(SafetensorsFile(os.path.join(mm_f32_exported, "model.safetensors")).keys()) == \
-        sorted(SafetensorsFile(os.path.join(mm_f32, "model.safetensors")).keys())
+    assert sorted(SafetensorsFile(os.path.join(mm_f32_exported, "model.safetensors")).keys()) == sorted(
+        SafetensorsFile(os.path.join(mm_f32, "model.safetensors")).keys()
+    )
 
     expected = torch_logits(mm_f32_reference, batch)
     assert_logits_identical(torch_logits(exported, batch), expected)
@@ -249,8 +264,9 @@ def test_text_only_round_trip_float32(tmp_path):
     convert_checkpoint(source, tmp_path / "converted")
     export_checkpoint(tmp_path / "converted", tmp_path / "exported")
     assert load_json(tmp_path / "exported" / "config.json")["architectures"] == ["AriaTextForCausalLM"]
-    assert sorted(SafetensorsFile(tmp_path / "exported" / "model.safetensors").keys()) == \
-        sorted(SafetensorsFile(source / "model.safetensors").keys())
+    assert sorted(SafetensorsFile(tmp_path / "exported" / "model.safetensors").keys()) == sorted(
+        SafetensorsFile(source / "model.safetensors").keys()
+    )
 
     original = load_torch(source, transformers.AriaTextForCausalLM)
     exported = load_torch(tmp_path / "exported", transformers.AriaTextForCausalLM)
@@ -258,15 +274,18 @@ def test_text_only_round_trip_float32(tmp_path):
     ids = torch.from_numpy(np.random.default_rng(1).integers(FIRST_TEXT_ID, 128, size=(2, 9)))
     assert_logits_identical(torch_logits(exported, {"input_ids": ids}), torch_logits(original, {"input_ids": ids}))
     # and ours loads the converted text-only checkpoint as it loads the hub one
-    assert_params_identical(aria_jax.AriaTextForCausalLM.from_pretrained(tmp_path / "converted").params,
-                            aria_jax.AriaTextForCausalLM.from_pretrained(source).params)
+    assert_params_identical(
+        aria_jax.AriaTextForCausalLM.from_pretrained(tmp_path / "converted").params,
+        aria_jax.AriaTextForCausalLM.from_pretrained(source).params,
+    )
 
 
 def test_multimodal_round_trip_bfloat16(tmp_path, batch):
     source = tmp_path / "hub"
     make_multimodal_model(source, seed=13, dtype=torch.bfloat16, **TEXT)
-    assert SafetensorsFile(source / "model.safetensors").dtype("language_model.lm_head.weight") == \
-        np.dtype(ml_dtypes.bfloat16)
+    assert SafetensorsFile(source / "model.safetensors").dtype("language_model.lm_head.weight") == np.dtype(
+        ml_dtypes.bfloat16
+    )
     convert_checkpoint(source, tmp_path / "converted")  # default: the source's dtype
     assert load_json(tmp_path / "converted" / MANIFEST)["dtype"] == "bfloat16"
     assert load_json(tmp_path / "converted" / "config.json")["dtype"] == "bfloat16"
@@ -279,8 +298,9 @@ def test_multimodal_round_trip_bfloat16(tmp_path, batch):
     assert {v.dtype for v in original.state_dict().values()} == {torch.bfloat16}
     assert_state_dicts_identical(exported, original, except_keys=POST_LAYERNORM)
     assert_post_layernorm_zeros(exported, original)
-    assert_logits_identical(torch_logits(exported, batch, torch.bfloat16),
-                            torch_logits(original, batch, torch.bfloat16))
+    assert_logits_identical(
+        torch_logits(exported, batch, torch.bfloat16), torch_logits(original, batch, torch.bfloat16)
+    )
 
 
 def test_float32_converted_to_bfloat16(mm_f32, tmp_path, capsys):
@@ -355,6 +375,7 @@ def test_sharded_export(mm_f32, mm_f32_converted, mm_f32_exported, mm_f32_refere
 
 # ----------------------------------------------------------------------------- restoring
 
+
 def test_cli_converts_quantized_and_export_refuses_it(mm_f32, tmp_path, capsys):
     """`aria-jax convert --quantize int8`: the manifest says so, the model loads as stored (the
     arrays of quantizing while reading the hub files), and `aria-jax export` refuses it in one line."""
@@ -368,8 +389,9 @@ def test_cli_converts_quantized_and_export_refuses_it(mm_f32, tmp_path, capsys):
     from_hub = aria_jax.AriaForConditionalGeneration.from_pretrained(mm_f32, quantize="int8").params
     assert stored["language_model"]["layers"]["mlp"]["experts_gate_up"]["values"].dtype == np.int8
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stored, from_hub)
-    assert_one_line_error(run_main(capsys, "export", "--quiet", str(destination), str(tmp_path / "hub")),
-                          "export the float conversion")
+    assert_one_line_error(
+        run_main(capsys, "export", "--quiet", str(destination), str(tmp_path / "hub")), "export the float conversion"
+    )
     assert not (tmp_path / "hub").exists()
 
 
@@ -486,13 +508,20 @@ def test_restore_into_expert_sharded_mesh(mm_8_experts):
     each device holds one expert of the stacked expert weights."""
     hub, converted = mm_8_experts
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", MESH_CHECK, hub, converted], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_CHECK, hub, converted],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     assert "MESH OK" in result.stdout
 
 
 # ----------------------------------------------------------------------------- processor and tokenizer
+
 
 @pytest.fixture(scope="module")
 def tiny_random_converted(tmp_path_factory) -> str:
@@ -502,10 +531,19 @@ def tiny_random_converted(tmp_path_factory) -> str:
 
 
 def test_processor_and_generation_from_converted_dir(tiny_random_converted):
-    side_files = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "processor_config.json",
-                  "chat_template.jinja", "generation_config.json"]
+    side_files = [
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ]
     for name in side_files:
-        with open(os.path.join(TINY_RANDOM, name), "rb") as a, open(os.path.join(tiny_random_converted, name), "rb") as b:
+        with (
+            open(os.path.join(TINY_RANDOM, name), "rb") as a,
+            open(os.path.join(tiny_random_converted, name), "rb") as b,
+        ):
             assert a.read() == b.read(), name
 
     hub_processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
@@ -527,12 +565,13 @@ def test_processor_and_generation_from_converted_dir(tiny_random_converted):
     assert_params_identical(model.params, hub_model.params)
     tokens = model.generate(**inputs, max_new_tokens=8)
     np.testing.assert_array_equal(tokens, hub_model.generate(**hub_inputs, max_new_tokens=8))
-    new = tokens[0, inputs["input_ids"].shape[1]:].tolist()
+    new = tokens[0, inputs["input_ids"].shape[1] :].tolist()
     assert processor.decode(new) == hub_processor.decode(new)
     assert processor.tokenizer.encode("a shape") == hub_processor.tokenizer.encode("a shape")
 
 
 # ----------------------------------------------------------------------------- safety
+
 
 def test_existing_destination_refused_then_overwritten(mm_f32, mm_f32_converted, tmp_path, capsys):
     """Refused by a real `aria-jax` process (exit status 2, one line, nothing touched); with
@@ -589,16 +628,23 @@ def test_killed_conversion_leaves_no_destination(tmp_path, capsys):
     partial = partial_of(destination)
     pieces_dir = os.path.join(partial, "params", "language_model")
 
-    process = subprocess.Popen([sys.executable, "-m", "aria_jax.cli", "convert", "--quiet", str(source),
-                                str(destination)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aria_jax.cli", "convert", "--quiet", str(source), str(destination)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             if os.path.isdir(pieces_dir) and len(os.listdir(pieces_dir)) >= 2:
                 break
             time.sleep(0.005)
-        assert process.poll() is None, ("the conversion ended before it could be killed (make the model bigger)",
-                                        process.returncode, process.stderr.read())
+        assert process.poll() is None, (
+            "the conversion ended before it could be killed (make the model bigger)",
+            process.returncode,
+            process.stderr.read(),
+        )
         process.send_signal(signal.SIGKILL)
     finally:
         if process.poll() is None:
@@ -621,11 +667,14 @@ def test_killed_conversion_leaves_no_destination(tmp_path, capsys):
     assert not os.path.exists(os.path.join(destination, "stale.json"))
     manifest = load_json(os.path.join(destination, MANIFEST))
     assert len({p["layer"] for p in manifest["pieces"]}) == layers + 1
-    assert_params_identical(aria_jax.AriaTextForCausalLM.from_pretrained(destination).params,
-                            aria_jax.AriaTextForCausalLM.from_pretrained(source).params)
+    assert_params_identical(
+        aria_jax.AriaTextForCausalLM.from_pretrained(destination).params,
+        aria_jax.AriaTextForCausalLM.from_pretrained(source).params,
+    )
 
 
 # ----------------------------------------------------------------------------- command-line errors
+
 
 class _Bait:
     """Unpickling this calls open(marker, "w"): the marker file appears iff it was unpickled."""
@@ -666,8 +715,10 @@ def bad_sources(mm_f32, tmp_path_factory) -> dict:
     src = str(root / "pickle")
     os.makedirs(src)
     shutil.copy(os.path.join(mm_f32, "config.json"), src)
-    torch.save({"language_model.lm_head.weight": torch.zeros(2, 2), "bait": _Bait(root / "unpickled")},
-               os.path.join(src, "pytorch_model.bin"))
+    torch.save(
+        {"language_model.lm_head.weight": torch.zeros(2, 2), "bait": _Bait(root / "unpickled")},
+        os.path.join(src, "pytorch_model.bin"),
+    )
     cases["pickle"] = (["convert", src], [os.path.join(src, "pytorch_model.bin"), "pickle"])
     cases["export_not_converted"] = (["export", mm_f32], [mm_f32, "not a converted checkpoint"])
     cases["no_such_source"] = (["convert", str(root / "no_such_dir")], [str(root / "no_such_dir")])
@@ -678,8 +729,17 @@ def bad_sources(mm_f32, tmp_path_factory) -> dict:
     return cases
 
 
-CLI_ERROR_CASES = ["missing_key", "unknown_key", "misshaped_key", "truncated", "pickle", "export_not_converted",
-                   "no_such_source", "export_no_such_source", "no_such_destination_parent"]
+CLI_ERROR_CASES = [
+    "missing_key",
+    "unknown_key",
+    "misshaped_key",
+    "truncated",
+    "pickle",
+    "export_not_converted",
+    "no_such_source",
+    "export_no_such_source",
+    "no_such_destination_parent",
+]
 
 
 @pytest.mark.parametrize("case", CLI_ERROR_CASES)

@@ -34,9 +34,20 @@ from repo_paths import ROOT
 # A realistic mix of shapes; 9 layers of ~216 MB make 2.08 GB in bf16, the largest tensor
 # being the experts' fc1, (64, 1024, 1024) bf16 = 128 MiB.
 CONFIG = dict(
-    model_type="aria_text", vocab_size=32000, hidden_size=1024, intermediate_size=512, num_hidden_layers=9,
-    num_attention_heads=8, num_key_value_heads=8, head_dim=128, moe_num_experts=64, moe_topk=6,
-    moe_num_shared_experts=2, max_position_embeddings=4096, rope_theta=10000.0, torch_dtype="bfloat16",
+    model_type="aria_text",
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=512,
+    num_hidden_layers=9,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=128,
+    moe_num_experts=64,
+    moe_topk=6,
+    moe_num_shared_experts=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    torch_dtype="bfloat16",
 )
 MAX_SHARD_BYTES = 500 * 10**6
 BOUND_BASE = 1.5e9
@@ -44,7 +55,7 @@ BOUND_BASE = 1.5e9
 # Random bf16 bit patterns with the top exponent bit cleared: every value is finite (|x| < 2).
 # Each tensor tiles the pool from its own offset, so no two tensors hold the same data.
 POOL_SIZE = (1 << 22) + 17
-POOL = (np.random.default_rng(0).integers(0, 1 << 16, size=POOL_SIZE, dtype=np.uint16) & 0xBFFF)
+POOL = np.random.default_rng(0).integers(0, 1 << 16, size=POOL_SIZE, dtype=np.uint16) & 0xBFFF
 
 
 def tensor_data(number: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -67,7 +78,10 @@ def hub_tensors(config: dict) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
             key = hub_key(rule, layer, text_only=True)
             tensors.append((key, rule.layout.hub_shape(shape[1:] if rule.stacked else shape)))
             where[key] = (path, layer)
-    layer_of = lambda key: int(key.split(".")[2]) if key.startswith("model.layers.") else -1
+
+    def layer_of(key: str) -> int:
+        return int(key.split(".")[2]) if key.startswith("model.layers.") else -1
+
     tensors.sort(key=lambda t: (layer_of(t[0]), t[0]))
     return tensors, where
 
@@ -79,7 +93,10 @@ def write_hub_checkpoint(directory: str, config: dict) -> tuple[dict, dict, int,
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     tensors, where = hub_tensors(config)
-    nbytes = lambda shape: math.prod(shape) * 2
+
+    def nbytes(shape: tuple[int, ...]) -> int:  # bf16
+        return math.prod(shape) * 2
+
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     for key, shape in tensors:
         if shards[-1] and sum(nbytes(s) for _, s in shards[-1]) + nbytes(shape) > MAX_SHARD_BYTES:
@@ -88,8 +105,9 @@ def write_hub_checkpoint(directory: str, config: dict) -> tuple[dict, dict, int,
     weight_map, numbers = {}, {}
     for k, shard in enumerate(shards):
         name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        writer = SafetensorsWriter(os.path.join(directory, name),
-                                   [(key, ml_dtypes.bfloat16, shape) for key, shape in shard])
+        writer = SafetensorsWriter(
+            os.path.join(directory, name), [(key, ml_dtypes.bfloat16, shape) for key, shape in shard]
+        )
         for key, shape in shard:
             numbers[key] = len(numbers)
             writer.write(key, tensor_data(numbers[key], shape))
@@ -106,8 +124,12 @@ def convert_measuring_peak(source: str, destination: str, *extra: str, timeout: 
     (os.wait4 gives that child's rusage, not the max over all children so far) and its output."""
     log = destination + ".log"
     with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", "aria_jax.cli", "convert", source, destination, "--quiet",
-                                  *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "aria_jax.cli", "convert", source, destination, "--quiet", *extra],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         watchdog = threading.Timer(timeout, child.kill)
         watchdog.start()
         try:
@@ -157,13 +179,14 @@ def test_convert_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
         bound = BOUND_BASE + 3 * largest
         # Holding the whole model would break the bound: the test can tell.
         assert total > 2e9 and total > bound
-        print(f"\nsource: {total / 1e9:.2f} GB, largest tensor {largest / 2**20:.0f} MiB, "
-              f"written in {time.perf_counter() - start:.1f} s")
+        print(
+            f"\nsource: {total / 1e9:.2f} GB, largest tensor {largest / 2**20:.0f} MiB, "
+            f"written in {time.perf_counter() - start:.1f} s"
+        )
 
         start = time.perf_counter()
         code, peak, output = convert_measuring_peak(source, destination)
-        print(f"convert: peak RSS {peak / 1e9:.3f} GB, bound {bound / 1e9:.3f} GB, "
-              f"{time.perf_counter() - start:.1f} s")
+        print(f"convert: peak RSS {peak / 1e9:.3f} GB, bound {bound / 1e9:.3f} GB, {time.perf_counter() - start:.1f} s")
         assert code == 0, output
         assert peak <= bound, f"peak RSS {peak / 1e9:.3f} GB > bound {bound / 1e9:.3f} GB"
         check_sample(destination, numbers, where, "bfloat16")

@@ -42,8 +42,9 @@ def chat(*turns: Any, system: str | None = None) -> list[dict]:
 
 def draw(path: str, width: int, height: int, seed: int = 0) -> str:
     image = Image.new("RGB", (width, height), (30 * seed % 256, 90, 160))
-    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4),
-                                  fill=(250, 200 - 20 * seed % 200, 10))
+    ImageDraw.Draw(image).ellipse(
+        (width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(250, 200 - 20 * seed % 200, 10)
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image.save(path)
     return path
@@ -68,8 +69,11 @@ def labelled_runs(processor: AriaProcessor, example: dict) -> list[str]:
 # ----------------------------------------------------------------------------------- labels
 
 LABEL_CASES = {
-    "two turns": (chat("Hi there.", "Hello to you.", "And now?", "Goodbye now."), [],
-                  ["Hello to you.<|im_end|>", "Goodbye now.<|im_end|>"]),
+    "two turns": (
+        chat("Hi there.", "Hello to you.", "And now?", "Goodbye now."),
+        [],
+        ["Hello to you.<|im_end|>", "Goodbye now.<|im_end|>"],
+    ),
     "system message": (chat("Who are you?", "Just me.", system="Be brief."), [], ["Just me.<|im_end|>"]),
     "image": (chat([IMAGE, text("What is it?")], "Yellow disc."), ["img.png"], ["Yellow disc.<|im_end|>"]),
 }
@@ -90,8 +94,9 @@ def test_image_tokens_are_never_labelled(processor, tmp_path):
     draw(str(tmp_path / "a.png"), 90, 60)
     draw(str(tmp_path / "b.png"), 60, 90, seed=1)
     messages = chat([IMAGE, text("Draw it again.")], [text("Here:"), IMAGE, text("done.")])
-    example = SFTDataset(write(str(tmp_path), [{"messages": messages, "images": ["a.png", "b.png"]}]),
-                         processor).encode(0)
+    example = SFTDataset(
+        write(str(tmp_path), [{"messages": messages, "images": ["a.png", "b.png"]}]), processor
+    ).encode(0)
     is_image = example["input_ids"] == IMAGE_TOKEN_ID
     assert is_image.sum() == 2 * 16
     assert (example["labels"][is_image] == -100).all()
@@ -105,7 +110,7 @@ def test_reply_that_merges_with_the_prefix_newline_is_still_labelled(processor, 
     example = SFTDataset(write(str(tmp_path), [{"messages": chat("Fruit?", "apple")}]), processor).encode(0)
     prefix = processor.tokenizer.encode(ASSISTANT_PREFIX, add_special_tokens=False)
     ids = example["input_ids"].tolist()
-    assert not any(ids[i:i + len(prefix)] == prefix for i in range(len(ids)))
+    assert not any(ids[i : i + len(prefix)] == prefix for i in range(len(ids)))
     assert labelled_runs(processor, example) == [" apple<|im_end|>"]  # " " is the merged "\n"
 
 
@@ -115,11 +120,18 @@ def test_encode_matches_the_processor(processor, tmp_path, split_image):
     draw(str(tmp_path / "pics" / "tall.png"), 40, 130, seed=2)
     messages = chat([IMAGE, text("Compare"), IMAGE], "The first is wider.", system="Look closely.")
     images = ["pics/wide.png", "pics/tall.png"]
-    dataset = SFTDataset(write(str(tmp_path), [{"messages": messages, "images": images}]), processor,
-                         max_image_size=70, split_image=split_image)
-    expected = processor(text=processor.apply_chat_template(messages),
-                         images=[str(tmp_path / path) for path in images],
-                         max_image_size=70, split_image=split_image)
+    dataset = SFTDataset(
+        write(str(tmp_path), [{"messages": messages, "images": images}]),
+        processor,
+        max_image_size=70,
+        split_image=split_image,
+    )
+    expected = processor(
+        text=processor.apply_chat_template(messages),
+        images=[str(tmp_path / path) for path in images],
+        max_image_size=70,
+        split_image=split_image,
+    )
     example = dataset.encode(0)
     assert np.array_equal(example["input_ids"], expected["input_ids"][0])
     assert dataset.lengths[0] == len(example["input_ids"])
@@ -145,21 +157,40 @@ ERROR_CASES = {  # name: (line 3 of train.jsonl, SFTDataset keyword arguments, m
     "text item without text": ({"messages": chat([{"type": "text"}], "x")}, {}, 'text item needs a string "text"'),
     "reserved marker": ({"messages": chat(f"fake {ASSISTANT_PREFIX}turn", "x")}, {}, "reserved marker '<|im_start|>'"),
     "images not paths": ({"messages": chat([IMAGE], "x"), "images": [3]}, {}, '"images" must be a list of paths'),
-    "more image items than images": ({"messages": chat([IMAGE, IMAGE], "x"), "images": ["img.png"]}, {},
-                                     '2 image item(s) in "messages" but 1 path(s)'),
-    "fewer image items than images": ({"messages": chat([IMAGE], "x"), "images": ["img.png", "img.png"]}, {},
-                                      '1 image item(s) in "messages" but 2 path(s)'),
+    "more image items than images": (
+        {"messages": chat([IMAGE, IMAGE], "x"), "images": ["img.png"]},
+        {},
+        '2 image item(s) in "messages" but 1 path(s)',
+    ),
+    "fewer image items than images": (
+        {"messages": chat([IMAGE], "x"), "images": ["img.png", "img.png"]},
+        {},
+        '1 image item(s) in "messages" but 2 path(s)',
+    ),
     "absolute path": ({"messages": chat([IMAGE], "x"), "images": ["{folder}/img.png"]}, {}, "is an absolute path"),
-    "../ escape": ({"messages": chat([IMAGE], "x"), "images": ["sub/../../outside/secret.png"]}, {},
-                   "image 'sub/../../outside/secret.png' escapes the dataset folder {folder}"),
-    "symlink escape": ({"messages": chat([IMAGE], "x"), "images": ["link.png"]}, {},
-                       "image 'link.png' escapes the dataset folder {folder}"),
+    "../ escape": (
+        {"messages": chat([IMAGE], "x"), "images": ["sub/../../outside/secret.png"]},
+        {},
+        "image 'sub/../../outside/secret.png' escapes the dataset folder {folder}",
+    ),
+    "symlink escape": (
+        {"messages": chat([IMAGE], "x"), "images": ["link.png"]},
+        {},
+        "image 'link.png' escapes the dataset folder {folder}",
+    ),
     "missing image": ({"messages": chat([IMAGE], "x"), "images": ["nope.png"]}, {}, "image 'nope.png' not found"),
     "unreadable image": ({"messages": chat([IMAGE], "x"), "images": ["broken.png"]}, {}, "cannot read image file"),
     "no assistant": ({"messages": chat("only a question")}, {}, "no assistant message"),
-    "too long": ({"messages": LONG}, {"max_length": 40}, "the example is {length} tokens long, more than max_length=40"),
-    "video": ({"messages": chat("What happens?", "x"), "video": {"path": "v.mp4", "num_frames": 8}}, {},
-              "video examples are not supported yet"),
+    "too long": (
+        {"messages": LONG},
+        {"max_length": 40},
+        "the example is {length} tokens long, more than max_length=40",
+    ),
+    "video": (
+        {"messages": chat("What happens?", "x"), "video": {"path": "v.mp4", "num_frames": 8}},
+        {},
+        "video examples are not supported yet",
+    ),
 }
 
 
@@ -200,8 +231,12 @@ def test_a_file_without_examples_is_an_error(processor, tmp_path):
 
 def test_an_image_changed_after_reading_is_an_error(processor, tmp_path):
     draw(str(tmp_path / "img.png"), 70, 70)
-    dataset = SFTDataset(write(str(tmp_path), [GOOD, {"messages": chat([IMAGE], "x"), "images": ["img.png"]}]),
-                         processor, max_image_size=70, split_image=True)
+    dataset = SFTDataset(
+        write(str(tmp_path), [GOOD, {"messages": chat([IMAGE], "x"), "images": ["img.png"]}]),
+        processor,
+        max_image_size=70,
+        split_image=True,
+    )
     draw(str(tmp_path / "img.png"), 300, 50)  # more crops, so more image tokens
     with pytest.raises(DatasetError, match=f"^{tmp_path / 'train.jsonl'}:2: .*did an image change"):
         dataset.encode(1)
@@ -238,6 +273,7 @@ def test_dataset_keeps_no_pixels(processor, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- batches
+
 
 def text_dataset(processor: AriaProcessor, folder: str, count: int, **kwargs: Any) -> SFTDataset:
     lines = [{"messages": chat(f"Question {i}:" + " more" * i, f"Answer {i}.")} for i in range(count)]
@@ -307,8 +343,9 @@ def test_crops_are_concatenated_in_row_order_then_padded(processor, tmp_path):
     sizes = {"wide.png": (200, 60), "small1.png": (40, 40), "small2.png": (40, 40), "square.png": (100, 100)}
     for seed, (name, (width, height)) in enumerate(sizes.items()):
         draw(os.path.join(folder, name), width, height, seed=seed)
-    lines = [{"messages": chat([IMAGE] * len(images) + [text("Describe.")], "Discs."), "images": images}
-             for images in rows]
+    lines = [
+        {"messages": chat([IMAGE] * len(images) + [text("Describe.")], "Discs."), "images": images} for images in rows
+    ]
     dataset = SFTDataset(write(folder, lines), processor, max_image_size=70, split_image=True)
     assert dataset.crop_counts.tolist() == [3, 0, 4, 4]
     batches = Batches(dataset, 2, shuffle=False)
@@ -318,7 +355,7 @@ def test_crops_are_concatenated_in_row_order_then_padded(processor, tmp_path):
         batch = batches.batch(step)
         assert batch["pixel_values"].shape == (8, 3, 70, 70) and batch["pixel_values"].dtype == np.float32
         assert batch["pixel_mask"].shape == (8, 70, 70) and batch["pixel_mask"].dtype == bool
-        paths = [os.path.join(folder, name) for images in rows[2 * step:2 * step + 2] for name in images]
+        paths = [os.path.join(folder, name) for images in rows[2 * step : 2 * step + 2] for name in images]
         expected = processor(images=paths, max_image_size=70, split_image=True)
         assert np.array_equal(batch["pixel_values"][:real], expected["pixel_values"])
         assert np.array_equal(batch["pixel_mask"][:real], expected["pixel_mask"])

@@ -26,8 +26,14 @@ def demo():
 
 def test_demo_is_a_small_hub_checkpoint_of_the_full_architecture():
     files = set(os.listdir(DEMO))
-    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
-            "chat_template.jinja", "processor_config.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+    } <= files
     assert sum(os.path.getsize(os.path.join(DEMO, name)) for name in files) <= 20 * 10**6
     with open(os.path.join(DEMO, "config.json")) as f:
         config = json.load(f)
@@ -56,12 +62,14 @@ def test_transformers_reads_the_demo_as_we_do(demo):
     prompt = processor.apply_chat_template(demo_task.conversation(question, "")[:1], add_generation_prompt=True)
     inputs = processor(text=prompt, images=[image])
     reference = transformers.AriaForConditionalGeneration.from_pretrained(
-        DEMO, dtype=torch.float32, experts_implementation="eager").eval()
+        DEMO, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     with torch.no_grad():
         expected = reference(
             input_ids=torch.tensor(inputs["input_ids"], dtype=torch.long),
             attention_mask=torch.tensor(inputs["attention_mask"]),
-            pixel_values=torch.tensor(inputs["pixel_values"]), pixel_mask=torch.tensor(inputs["pixel_mask"]),
+            pixel_values=torch.tensor(inputs["pixel_values"]),
+            pixel_mask=torch.tensor(inputs["pixel_mask"]),
         ).logits.numpy()
     ours = np.asarray(model(**inputs).logits)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
@@ -73,7 +81,7 @@ def readme_main_command() -> str:
         first_block = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)[0].strip()
     install = "pip install -e . && "
     assert first_block.startswith(install), first_block
-    return first_block[len(install):]
+    return first_block[len(install) :]
 
 
 def test_readme_main_command_answers_about_the_example_image():
@@ -82,8 +90,7 @@ def test_readme_main_command_answers_about_the_example_image():
     command = readme_main_command()
     assert "models/aria-jax-demo" in command and "examples/demo_shapes.png" in command
     environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=environment)
+    result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr
     assert demo_task.answers_match(result.stdout, "triangle"), result.stdout
 
@@ -94,8 +101,11 @@ def test_quantized_demo_answers_as_the_float_one(demo):
     model, processor = demo
 
     def evaluate(quantize):
-        quantized = model if quantize is None else aria_jax.AriaForConditionalGeneration.from_pretrained(
-            DEMO, quantize=quantize)
+        quantized = (
+            model
+            if quantize is None
+            else aria_jax.AriaForConditionalGeneration.from_pretrained(DEMO, quantize=quantize)
+        )
         return demo_task.evaluate(quantized, processor, demo_task.EVALUATION_QUESTIONS, seed=demo_task.EVALUATION_SEED)
 
     reference, int8, int4 = evaluate(None), evaluate("int8"), evaluate("int4")

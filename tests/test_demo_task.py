@@ -16,9 +16,29 @@ from skimage.measure import label, regionprops
 
 from aria_jax import AriaProcessor
 from aria_jax.demo_task import (
-    ANSWERS, BACKGROUNDS, COLORS, COUNT_WORDS, GAP, IMAGE_TOKEN_ID, MAX_SIDE, MIN_SIDE, QUADRANT_MARGIN,
-    QUADRANTS, QUESTIONS, SHAPES, VOCAB_SIZE, answers_match, conversation, draw_scene, make_qa, quadrant, sample,
-    sample_scene, task_texts, write_dataset, write_tokenizer_files,
+    ANSWERS,
+    BACKGROUNDS,
+    COLORS,
+    COUNT_WORDS,
+    GAP,
+    IMAGE_TOKEN_ID,
+    MAX_SIDE,
+    MIN_SIDE,
+    QUADRANT_MARGIN,
+    QUADRANTS,
+    QUESTIONS,
+    SHAPES,
+    VOCAB_SIZE,
+    answers_match,
+    conversation,
+    draw_scene,
+    make_qa,
+    quadrant,
+    sample,
+    sample_scene,
+    task_texts,
+    write_dataset,
+    write_tokenizer_files,
 )
 from aria_jax.files import partial_path
 from aria_jax.tokenizer import DEFAULT_CHAT_TEMPLATE
@@ -41,6 +61,7 @@ def box_of(region) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------------- scenes
+
 
 def test_scenes_show_what_they_claim():
     counts, shapes = set(), set()
@@ -96,26 +117,44 @@ def test_quadrant_is_the_box_centre():
 
 # ------------------------------------------------------------------------------------ Q / A
 
+
 def test_questions_and_answers_fit_the_scene():
     fields = {"shape": f"(?P<shape>{'|'.join(SHAPES)})", "color": f"(?P<color>{'|'.join(COLORS)})"}
-    phrasings = {kind: [re.compile(re.escape(p.format(shape="SHAPE", color="COLOR"))
-                                   .replace("SHAPE", fields["shape"]).replace("COLOR", fields["color"]) + "$")
-                        for p in patterns]
-                 for kind, patterns in QUESTIONS.items()}
+    phrasings = {
+        kind: [
+            re.compile(
+                re.escape(p.format(shape="SHAPE", color="COLOR"))
+                .replace("SHAPE", fields["shape"])
+                .replace("COLOR", fields["color"])
+                + "$"
+            )
+            for p in patterns
+        ]
+        for kind, patterns in QUESTIONS.items()
+    }
     seen_kinds, seen_phrasings = set(), set()
     for seed in range(600):
         rng = np.random.default_rng(seed)
         scene = sample_scene(rng, SIZE)
         question, answer = make_qa(scene, rng)
         assert answer in ANSWERS, (question, answer)
-        matches = [(kind, i, m) for kind, patterns in phrasings.items()
-                   for i, pattern in enumerate(patterns) if (m := pattern.match(question))]
+        matches = [
+            (kind, i, m)
+            for kind, patterns in phrasings.items()
+            for i, pattern in enumerate(patterns)
+            if (m := pattern.match(question))
+        ]
         assert len(matches) == 1, question
         kind, index, match = matches[0]
         assert match.groupdict().get("shape", scene.shape) == scene.shape, question
         assert match.groupdict().get("color", scene.color) == scene.color, question
-        expected = {"shape": scene.shape, "color": scene.color, "colors": scene.color,
-                    "count": COUNT_WORDS[scene.count - 1], "where": quadrant(scene.boxes[0], SIZE)}[kind]
+        expected = {
+            "shape": scene.shape,
+            "color": scene.color,
+            "colors": scene.color,
+            "count": COUNT_WORDS[scene.count - 1],
+            "where": quadrant(scene.boxes[0], SIZE),
+        }[kind]
         assert answer == expected, (question, answer, scene)
         if kind in ("color", "where"):
             assert scene.count == 1, question
@@ -130,24 +169,37 @@ def test_questions_and_answers_fit_the_scene():
 def test_sampling_is_deterministic_in_the_seed():
     def examples(seed):
         rng = np.random.default_rng(seed)
-        return [(np.asarray(image).tobytes(), question, answer) for image, question, answer in
-                (sample(rng, SIZE) for _ in range(5))]
+        return [
+            (np.asarray(image).tobytes(), question, answer)
+            for image, question, answer in (sample(rng, SIZE) for _ in range(5))
+        ]
 
     assert examples(7) == examples(7)
     assert examples(7) != examples(8)
     assert task_texts(50, 1) == task_texts(50, 1) != task_texts(50, 2)
 
 
-@pytest.mark.parametrize("predicted, answer, expected", [
-    ("circle", "circle", True), ("Circle.", "circle", True), ("  TOP LEFT \n", "top left", True),
-    ("two.", "Two", True), ("two", "three", False), ("circles", "circle", False),
-    ("left top", "top left", False), ("", "one", False), ("one..", "one", False), ("a circle", "circle", False),
-])
+@pytest.mark.parametrize(
+    "predicted, answer, expected",
+    [
+        ("circle", "circle", True),
+        ("Circle.", "circle", True),
+        ("  TOP LEFT \n", "top left", True),
+        ("two.", "Two", True),
+        ("two", "three", False),
+        ("circles", "circle", False),
+        ("left top", "top left", False),
+        ("", "one", False),
+        ("one..", "one", False),
+        ("a circle", "circle", False),
+    ],
+)
 def test_answers_match(predicted, answer, expected):
     assert answers_match(predicted, answer) is expected
 
 
 # ---------------------------------------------------------------------------------- dataset
+
 
 def test_write_dataset(tmp_path):
     write_dataset(tmp_path / "a", 12, seed=3, size=SIZE)
@@ -176,6 +228,7 @@ def test_write_dataset(tmp_path):
 
 # -------------------------------------------------------------------------------- tokenizer
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """The tokenizer / processor files plus the config.json entries the processors read."""
@@ -183,10 +236,17 @@ def checkpoint(tmp_path_factory) -> str:
     write_tokenizer_files(out, task_texts(1000, 0), VOCAB_SIZE, SIZE, QUERIES)
     patches = (SIZE // 14) ** 2
     with open(out / "config.json", "w") as f:
-        json.dump({"model_type": "aria", "image_token_index": IMAGE_TOKEN_ID, "pad_token_id": 2,
-                   "projector_patch_to_query_dict": {str(patches): QUERIES},
-                   "text_config": {"model_type": "aria_text", "vocab_size": VOCAB_SIZE},
-                   "vision_config": {"patch_size": 14}}, f)
+        json.dump(
+            {
+                "model_type": "aria",
+                "image_token_index": IMAGE_TOKEN_ID,
+                "pad_token_id": 2,
+                "projector_patch_to_query_dict": {str(patches): QUERIES},
+                "text_config": {"model_type": "aria_text", "vocab_size": VOCAB_SIZE},
+                "vision_config": {"patch_size": 14},
+            },
+            f,
+        )
     return str(out)
 
 

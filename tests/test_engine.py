@@ -40,8 +40,10 @@ def mixed_requests(processor) -> list[tuple[dict, dict]]:
         (chat_inputs(processor, long_question, []), dict(max_new_tokens=7)),
         (chat_inputs(processor, "Compare them.", [shapes, shapes.rotate(90)]), dict(max_new_tokens=25)),
         (chat_inputs(processor, "Say one thing", []), dict(max_new_tokens=1)),
-        (chat_inputs(processor, "Sample", [shapes]),
-         dict(max_new_tokens=30, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=2**40 + 5)),
+        (
+            chat_inputs(processor, "Sample", [shapes]),
+            dict(max_new_tokens=30, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=2**40 + 5),
+        ),
         (chat_inputs(processor, "Sample again", []), dict(max_new_tokens=18, do_sample=True, temperature=1.3, seed=9)),
     ]
 
@@ -49,7 +51,7 @@ def mixed_requests(processor) -> list[tuple[dict, dict]]:
 def solo_tokens(model, inputs: dict, settings: dict) -> np.ndarray:
     """generate() on the request alone: its new tokens, pads after a stop. (As long a cache as
     the engine's slots changes nothing but lets the two share compiled prefills.)"""
-    return model.generate(**inputs, **settings, max_length=MAX_LENGTH)[0, inputs["input_ids"].shape[1]:]
+    return model.generate(**inputs, **settings, max_length=MAX_LENGTH)[0, inputs["input_ids"].shape[1] :]
 
 
 def assert_same_answer(completion: Completion, solo: np.ndarray, pad_id: int, what: str) -> None:
@@ -78,7 +80,9 @@ def test_answers_equal_generate_alone_with_slots_reused(tiny):
         assert completion.prompt_tokens == inputs["input_ids"].shape[1]
         stopped = len(completion.tokens) < settings["max_new_tokens"]
         assert completion.finish_reason == ("stop" if stopped else "length"), (index, completion)
-        expected_text = processor.decode(solo[: len(completion.tokens)], skip_special_tokens=True).split("<|im_end|>")[0]
+        expected_text = processor.decode(solo[: len(completion.tokens)], skip_special_tokens=True).split("<|im_end|>")[
+            0
+        ]
         assert completion.text == expected_text.rstrip("\ufffd")
     assert engine.busy_slots == 0 and engine.queue_length == 0
     assert engine.tokens_generated >= sum(len(c.tokens) for c in completions)
@@ -92,9 +96,12 @@ def test_stream_pieces_and_stop_strings(tiny):
     settings = dict(max_new_tokens=40)
     full = processor.decode(solo_tokens(model, inputs, settings), skip_special_tokens=True)
     # three printable ASCII characters past the middle (not a partial UTF-8 character's U+FFFD)
-    start = next(k for k in range(len(full) // 2, len(full) - 3) if full[k:k + 3].isascii()
-                 and full[k:k + 3].isprintable() and full[k:k + 3].strip() == full[k:k + 3])
-    stop = full[start:start + 3]
+    start = next(
+        k
+        for k in range(len(full) // 2, len(full) - 3)
+        if full[k : k + 3].isascii() and full[k : k + 3].isprintable() and full[k : k + 3].strip() == full[k : k + 3]
+    )
+    stop = full[start : start + 3]
     with Engine(model, max_batch=SLOTS, max_length=MAX_LENGTH) as engine:
         events = list(submit(engine, inputs, settings))
         stopped = submit(engine, inputs, {**settings, "stop_strings": [stop]}).result()
@@ -103,8 +110,12 @@ def test_stream_pieces_and_stop_strings(tiny):
     assert "".join(pieces) == completion.text == "".join(model.stream(**inputs, **settings))
     assert stopped.finish_reason == "stop" and stop not in stopped.text
     assert stopped.text == full.split(stop, 1)[0].rstrip("\ufffd")
-    assert_same_answer(stopped, solo_tokens(model, inputs, {**settings, "stop_strings": [stop]}),
-                       model.text_config.pad_id, "stop string")
+    assert_same_answer(
+        stopped,
+        solo_tokens(model, inputs, {**settings, "stop_strings": [stop]}),
+        model.text_config.pad_id,
+        "stop string",
+    )
 
 
 def test_cancel_frees_the_slot_and_others_are_unaffected(tiny):
@@ -117,7 +128,7 @@ def test_cancel_frees_the_slot_and_others_are_unaffected(tiny):
     first = submit(engine, long_request, dict(max_new_tokens=90))
     second = submit(engine, after, dict(max_new_tokens=9))
     queued_then_cancelled = submit(engine, after, dict(max_new_tokens=9))
-    engine.step()                        # the first request takes the slot and decodes a few tokens
+    engine.step()  # the first request takes the slot and decodes a few tokens
     assert engine.busy_slots == 1 and engine.queue_length == 2
     first.cancel()
     queued_then_cancelled.cancel()
@@ -126,8 +137,12 @@ def test_cancel_frees_the_slot_and_others_are_unaffected(tiny):
     events = list(first)
     assert isinstance(events[-1], Completion) and events[-1].finish_reason == "cancelled"
     assert queued_then_cancelled.result().finish_reason == "cancelled"
-    assert_same_answer(second.result(), solo_tokens(model, after, dict(max_new_tokens=9)),
-                       model.text_config.pad_id, "the request after a cancelled one")
+    assert_same_answer(
+        second.result(),
+        solo_tokens(model, after, dict(max_new_tokens=9)),
+        model.text_config.pad_id,
+        "the request after a cancelled one",
+    )
     assert engine.busy_slots == 0 and engine.queue_length == 0
 
 
@@ -140,8 +155,11 @@ def test_bad_requests_queue_full_and_stop(tiny):
     engine = Engine(model, max_batch=1, max_length=MAX_LENGTH, max_queue=1)
     with pytest.raises(aria_jax.RequestError, match="temperature=-1"):
         submit(engine, inputs, dict(max_new_tokens=4, do_sample=True, temperature=-1))
-    with pytest.raises(aria_jax.RequestError, match=r"padded to 32\) \+ max_new_tokens=100 needs 132 cache positions; "
-                                                    r"this engine's slots hold 128"):
+    with pytest.raises(
+        aria_jax.RequestError,
+        match=r"padded to 32\) \+ max_new_tokens=100 needs 132 cache positions; "
+        r"this engine's slots hold 128",
+    ):
         submit(engine, inputs, dict(max_new_tokens=100))
     with pytest.raises(aria_jax.RequestError, match="one prompt per request"):
         engine.submit(np.zeros((2, 5), np.int32))
@@ -151,8 +169,12 @@ def test_bad_requests_queue_full_and_stop(tiny):
     with pytest.raises(QueueFull, match="max_queue=1"):
         submit(engine, inputs, dict(max_new_tokens=4))
     with engine:
-        assert_same_answer(handle.result(), solo_tokens(model, inputs, dict(max_new_tokens=4)),
-                           model.text_config.pad_id, "after rejected requests")
+        assert_same_answer(
+            handle.result(),
+            solo_tokens(model, inputs, dict(max_new_tokens=4)),
+            model.text_config.pad_id,
+            "after rejected requests",
+        )
     with pytest.raises(EngineStopped):
         submit(engine, inputs, dict(max_new_tokens=4))
     with pytest.raises(ValueError, match="max_length=5000 exceeds the model's context of 4096"):
@@ -165,7 +187,7 @@ def test_stop_fails_waiting_requests(tiny):
     handle = submit(engine, chat_inputs(processor, "Hello", []), dict(max_new_tokens=4))
     engine.start()
     engine.stop()
-    try:     # answered before the stop, or failed by it: never left waiting
+    try:  # answered before the stop, or failed by it: never left waiting
         assert isinstance(handle.result(), Completion)
     except EngineStopped:
         pass
@@ -189,9 +211,12 @@ def test_a_failed_round_fails_its_requests_and_serving_goes_on(tiny):
     with engine:
         with pytest.raises(RoundFailed, match="out of memory"):
             submit(engine, inputs, dict(max_new_tokens=6)).result()
-        assert_same_answer(submit(engine, inputs, dict(max_new_tokens=6)).result(),
-                           solo_tokens(model, inputs, dict(max_new_tokens=6)), model.text_config.pad_id,
-                           "after a failed round")
+        assert_same_answer(
+            submit(engine, inputs, dict(max_new_tokens=6)).result(),
+            solo_tokens(model, inputs, dict(max_new_tokens=6)),
+            model.text_config.pad_id,
+            "after a failed round",
+        )
     assert len(calls) > 1
 
 
@@ -201,8 +226,12 @@ def test_int8_kv_cache_slots_equal_generate(tiny):
     with Engine(model, max_batch=SLOTS, max_length=MAX_LENGTH, kv_cache_dtype="int8") as engine:
         handles = [submit(engine, inputs, settings) for inputs, settings in requests]
         for (inputs, settings), handle in zip(requests, handles):
-            assert_same_answer(handle.result(), solo_tokens(model, inputs, {**settings, "kv_cache_dtype": "int8"}),
-                               model.text_config.pad_id, "int8 KV cache")
+            assert_same_answer(
+                handle.result(),
+                solo_tokens(model, inputs, {**settings, "kv_cache_dtype": "int8"}),
+                model.text_config.pad_id,
+                "int8 KV cache",
+            )
 
 
 def test_metrics_hook_sees_every_token(tiny):
@@ -221,9 +250,13 @@ def test_metrics_hook_sees_every_token(tiny):
     recorded = Recorded()
     requests = mixed_requests(processor)[1:3]
     with Engine(model, max_batch=SLOTS, max_length=MAX_LENGTH, metrics=recorded) as engine:
-        completions = [submit(engine, inputs, settings).result()
-                       for inputs, settings in [(requests[0][0], dict(max_new_tokens=10, stop_strings=None)),
-                                                (requests[1][0], dict(max_new_tokens=6, stop_strings=None))]]
+        completions = [
+            submit(engine, inputs, settings).result()
+            for inputs, settings in [
+                (requests[0][0], dict(max_new_tokens=10, stop_strings=None)),
+                (requests[1][0], dict(max_new_tokens=6, stop_strings=None)),
+            ]
+        ]
     assert [len(c.tokens) for c in completions] == [10, 6]
     assert len(recorded.first) == 2 and len(recorded.gaps) == 10 + 6 - 2
     assert all(seconds >= 0 for seconds in recorded.first + recorded.gaps)
@@ -256,9 +289,19 @@ def test_rounds_cross_processes_as_npz_without_pickle(tiny):
     """What process 0 broadcasts comes back whole: the prompt's device inputs and settings."""
     model, processor = tiny
     inputs = chat_inputs(processor, "Look", [Image.open(SHAPES_PNG)])
-    prompt = model.prompt(inputs["input_ids"], None, inputs["pixel_values"], inputs["pixel_mask"],
-                          max_new_tokens=5, do_sample=True, temperature=0.5, top_k=3, top_p=0.9, seed=2**63,
-                          stop_strings=["ab"])
+    prompt = model.prompt(
+        inputs["input_ids"],
+        None,
+        inputs["pixel_values"],
+        inputs["pixel_mask"],
+        max_new_tokens=5,
+        do_sample=True,
+        temperature=0.5,
+        top_k=3,
+        top_p=0.9,
+        seed=2**63,
+        stop_strings=["ab"],
+    )
     round_ = Round([Admission(2, prompt)], np.array([True, False, False]), decode=True)
     data = encode(round_)
     assert b"pickle" not in data

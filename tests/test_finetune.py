@@ -76,8 +76,9 @@ def test_training_changes_the_model_and_lowers_the_loss(uninterrupted):
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(result.model_dir)
     processor = aria_jax.AriaProcessor.from_pretrained(result.model_dir)
     assert set(os.listdir(TINY)) <= set(os.listdir(result.model_dir))
-    inputs = processor(text="<|img|>What?", images=[demo_task.sample(np.random.default_rng(1), 70)[0]],
-                       max_image_size=70)
+    inputs = processor(
+        text="<|img|>What?", images=[demo_task.sample(np.random.default_rng(1), 70)[0]], max_image_size=70
+    )
     assert model.generate(**inputs, max_new_tokens=3).shape == (1, inputs["input_ids"].shape[1] + 3)
 
 
@@ -95,9 +96,32 @@ def test_lora_run_through_the_cli(dataset, tmp_path, capsys):
     """`aria-jax finetune --lora-rank`: only the adapted weights change in the merged model, and
     the adapters saved alone, merged into the base, give that same model."""
     out = str(tmp_path / "lora")
-    code = cli_main(["finetune", "--model", TINY, "--data", dataset, "--out", out, "--steps", "4",
-                     "--batch-size", "2", "--lr", "1e-2", "--lora-rank", "2", "--lora-alpha", "4",
-                     "--max-image-size", "70", "--max-length", "64", "--quiet"])
+    code = cli_main(
+        [
+            "finetune",
+            "--model",
+            TINY,
+            "--data",
+            dataset,
+            "--out",
+            out,
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--lora-rank",
+            "2",
+            "--lora-alpha",
+            "4",
+            "--max-image-size",
+            "70",
+            "--max-length",
+            "64",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert "4 steps, final loss" in capsys.readouterr().out
     merged, base = read_weights(os.path.join(out, "model")), read_weights(TINY)
@@ -113,15 +137,22 @@ def test_lora_run_through_the_cli(dataset, tmp_path, capsys):
     from aria_jax.lora import merge_adapters
 
     expected = merge_adapters(model.params, adapters, config)
-    np.testing.assert_allclose(np.asarray(remerged.params["language_model"]["layers"]["mlp"]["experts_down"]),
-                               np.asarray(expected["language_model"]["layers"]["mlp"]["experts_down"]), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        np.asarray(remerged.params["language_model"]["layers"]["mlp"]["experts_down"]),
+        np.asarray(expected["language_model"]["layers"]["mlp"]["experts_down"]),
+        rtol=0,
+        atol=0,
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "/nonexistent/data"], "--data /nonexistent/data: no such directory"),
-    (["--lora-rank", "2", "--lora-targets", "q_proj,wq"], "LoRA targets"),
-    (["--freeze-vision", "--freeze-projector", "--freeze-language-model"], "nothing to train"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/data"], "--data /nonexistent/data: no such directory"),
+        (["--lora-rank", "2", "--lora-targets", "q_proj,wq"], "LoRA targets"),
+        (["--freeze-vision", "--freeze-projector", "--freeze-language-model"], "nothing to train"),
+    ],
+)
 def test_cli_errors_are_one_line(dataset, tmp_path, capsys, args, message):
     base = {"--model": TINY, "--data": dataset, "--out": str(tmp_path / "out")}
     for flag, value in zip(args[::2], args[1::2]):
@@ -136,7 +167,17 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         cli_main(["finetune", "--help"])
     text = capsys.readouterr().out
-    for option in ("--steps", "--batch-size", "--grad-accum", "--lr", "--lora-rank", "--lora-targets", "--remat",
-                   "--save-every", "--mesh", "--freeze-vision"):
+    for option in (
+        "--steps",
+        "--batch-size",
+        "--grad-accum",
+        "--lr",
+        "--lora-rank",
+        "--lora-targets",
+        "--remat",
+        "--save-every",
+        "--mesh",
+        "--freeze-vision",
+    ):
         assert option in text
     assert "(default: 1000)" in text and "(default: 5e-05)" in text

@@ -37,13 +37,14 @@ from repo_paths import TINY_RANDOM
 # max |ours - reference| <= LOGIT_TOLERANCE * max(1, max |reference|), as in test_text_parity.py.
 LOGIT_TOLERANCE = 1e-4
 
-PAD_ID = 2          # pad_token_id and eos_token_id of the tiny configs
+PAD_ID = 2  # pad_token_id and eos_token_id of the tiny configs
 FIRST_TEXT_ID = 3
 IMAGE_TOKEN_ID = 9
 NEW_TOKENS = 100
-CONTEXT = 256       # max_position_embeddings of the tiny text model (for the "prompt too long" check)
-IMAGE_SIDE = 28     # tiny_models.VISION_DEFAULTS: 28-pixel crops of 2x2 patches -> 4 queries
+CONTEXT = 256  # max_position_embeddings of the tiny text model (for the "prompt too long" check)
+IMAGE_SIDE = 28  # tiny_models.VISION_DEFAULTS: 28-pixel crops of 2x2 patches -> 4 queries
 QUERIES = {28: 4, 14: 2}
+
 
 # One torch thread: with two, torch's OpenMP workers and XLA's thread pool oversubscribe a small
 # machine and transformers' 100-token generate gets ~10x slower after JAX has run.
@@ -54,16 +55,18 @@ def one_torch_thread():
     yield
     torch.set_num_threads(threads)
 
+
 CHAT_PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @dataclasses.dataclass
 class Pair:
     reference: torch.nn.Module
     ours: object
-    no_eos: object = None     # ours over the same weights with no eos id, for 100-token parity
+    no_eos: object = None  # ours over the same weights with no eos id, for 100-token parity
 
 
 def without_eos(reference, ours):
@@ -81,7 +84,8 @@ def text_pair(tmp_path_factory) -> Pair:
     directory = tmp_path_factory.mktemp("text")
     make_text_model(directory, seed=3, max_position_embeddings=CONTEXT)
     reference = transformers.AriaTextForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, experts_implementation="eager").eval()
+        directory, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     ours = aria_jax.AriaTextForCausalLM.from_pretrained(directory, dtype="float32")
     assert ours.config.max_position_embeddings == CONTEXT
     return Pair(reference, ours, without_eos(reference, ours))
@@ -92,7 +96,8 @@ def mm_pair(tmp_path_factory) -> Pair:
     directory = tmp_path_factory.mktemp("multimodal")
     make_multimodal_model(directory, seed=4)
     reference = transformers.AriaForConditionalGeneration.from_pretrained(
-        directory, dtype=torch.float32, experts_implementation="eager").eval()
+        directory, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     ours = aria_jax.AriaForConditionalGeneration.from_pretrained(directory, dtype="float32")
     return Pair(reference, ours, without_eos(reference, ours))
 
@@ -107,6 +112,7 @@ def tiny_random():
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def left_padded(seed: int, lengths, vocab_size: int):
     width = max(lengths)
     rng = np.random.default_rng(seed)
@@ -115,7 +121,7 @@ def left_padded(seed: int, lengths, vocab_size: int):
     mask = np.zeros((len(lengths), width), np.int64)
     for row, length in enumerate(lengths):
         ids[row, : width - length] = PAD_ID
-        mask[row, width - length:] = 1
+        mask[row, width - length :] = 1
     return ids, mask
 
 
@@ -129,8 +135,9 @@ def reference_generate(model, ids, mask, pixel_values=None, pixel_mask=None, new
     if pixel_values is not None:
         kwargs.update(pixel_values=torch.from_numpy(pixel_values), pixel_mask=torch.from_numpy(pixel_mask))
     with torch.no_grad():
-        out = model.generate(**kwargs, do_sample=False, max_new_tokens=new_tokens, pad_token_id=PAD_ID,
-                             eos_token_id=None).numpy()
+        out = model.generate(
+            **kwargs, do_sample=False, max_new_tokens=new_tokens, pad_token_id=PAD_ID, eos_token_id=None
+        ).numpy()
     assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), "the reference stopped early"
     return out
 
@@ -146,13 +153,14 @@ def assert_logits_close(ours, reference, what):
 
 # ----------------------------------------------------------------------------- 1. greedy parity
 
+
 def check_greedy(pair, ids, mask, pixel_values=None, pixel_mask=None):
     expected = reference_generate(pair.reference, ids, mask, pixel_values, pixel_mask)
     kwargs = {} if pixel_values is None else dict(pixel_values=pixel_values, pixel_mask=pixel_mask)
     ours = pair.no_eos.generate(ids, mask, **kwargs, max_new_tokens=NEW_TOKENS, stop_strings=None)
     assert ours.shape == (ids.shape[0], ids.shape[1] + NEW_TOKENS)
     # Not degenerate: many distinct tokens in every row.
-    assert all(len(set(row.tolist())) > 5 for row in expected[:, ids.shape[1]:]), expected
+    assert all(len(set(row.tolist())) > 5 for row in expected[:, ids.shape[1] :]), expected
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -213,11 +221,10 @@ def greedy_cached_steps(model, ids, mask, cache=None):
     @jax.jit
     def prefill_step(params, token_ids, positions, cache):
         embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
-        return decoder.apply({"params": params}, embeds, key_mask, positions, cache, 0,
-                             method=TextDecoder.cached_step)
+        return decoder.apply({"params": params}, embeds, key_mask, positions, cache, 0, method=TextDecoder.cached_step)
 
     @jax.jit
-    def step(params, token_ids, positions, cache, index):   # decode: the layers unrolled, one cache per layer
+    def step(params, token_ids, positions, cache, index):  # decode: the layers unrolled, one cache per layer
         embeds = decoder.apply({"params": params}, token_ids, method=TextDecoder.embed)
         return unrolled_cached_step(params, embeds, key_mask, positions, cache, index, config=config)
 
@@ -240,7 +247,7 @@ def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
     at index 0, token i at index T + i - 1 with position prompt_len + i - 1), greedily, and
     compares every step's logits with one uncached forward over prompt + generated tokens
     (causal, so position t of the full forward is the uncached logits of the prefix up to t)."""
-    model = text_pair.no_eos    # no eos: every row runs all STEPS
+    model = text_pair.no_eos  # no eos: every row runs all STEPS
     config = model.config
     ids, mask = left_padded(8, (10, 3), config.vocab_size)
     batch, prompt = ids.shape
@@ -255,14 +262,24 @@ def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):
     padded_ids, padded_mask = model.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     embeds = model._embed(model.params, padded_ids)
     request = aria_jax.host_loop.check_request(
-        batch, prompt, config, None, max_new_tokens=STEPS, do_sample=False, temperature=1.0, top_k=0,
-        top_p=1.0, seed=0, stop_strings=None)
+        batch,
+        prompt,
+        config,
+        None,
+        max_new_tokens=STEPS,
+        do_sample=False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stop_strings=None,
+    )
     buffers = list(model.generator.steps(model.params, embeds, padded_mask, request, chunk=1))
     assert len(buffers) == STEPS, "expected one buffer after prefill and one per single decode step"
     np.testing.assert_array_equal(buffers[-1], full_ids[:, prompt:])
 
 
-ROUNDING_NOISE = 1e-3    # steps of a scale: how far float32 noise may move a number between two forwards
+ROUNDING_NOISE = 1e-3  # steps of a scale: how far float32 noise may move a number between two forwards
 
 
 def float64_attention_over_int8_cache(cache: list[dict], checked: list):
@@ -280,7 +297,7 @@ def float64_attention_over_int8_cache(cache: list[dict], checked: list):
         q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
         key_mask = np.asarray(key_mask, bool)
         batch, length, heads, head_dim = q.shape
-        held_positions = (key_mask & (np.arange(length) < length - 1))[:, None, :]     # (B, 1, S)
+        held_positions = (key_mask & (np.arange(length) < length - 1))[:, None, :]  # (B, 1, S)
         found = {}
 
         def rounded(x, name):
@@ -288,9 +305,12 @@ def float64_attention_over_int8_cache(cache: list[dict], checked: list):
             scale = np.where(absmax > 0, absmax / 127, 1.0)
             steps = x / scale[..., None]
             held = np.asarray(layer[name], np.float64)[:, :, :length]
-            found[name] = (np.abs(held - steps).max(axis=-1)[held_positions.repeat(x.shape[1], 1)].max(),
-                           np.abs(np.asarray(layer[f"{name}_scale"])[:, :, :length] / scale - 1)[
-                               held_positions.repeat(x.shape[1], 1)].max())
+            found[name] = (
+                np.abs(held - steps).max(axis=-1)[held_positions.repeat(x.shape[1], 1)].max(),
+                np.abs(np.asarray(layer[f"{name}_scale"])[:, :, :length] / scale - 1)[
+                    held_positions.repeat(x.shape[1], 1)
+                ].max(),
+            )
             integers = np.where(held_positions[..., None], held, np.clip(np.round(steps), -127, 127))
             return integers * scale[..., None]
 
@@ -304,14 +324,15 @@ def float64_attention_over_int8_cache(cache: list[dict], checked: list):
         scores = np.where(allowed[:, None, None], scores, -np.inf)
         top = scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores - np.where(np.isfinite(top), top, 0.0))
-        probs = probs / np.maximum(probs.sum(axis=-1, keepdims=True), 1e-300)   # a left pad attends nothing: 0
+        probs = probs / np.maximum(probs.sum(axis=-1, keepdims=True), 1e-300)  # a left pad attends nothing: 0
         out = np.einsum("bkgts,bksh->btkgh", probs, v).reshape(batch, length, heads, head_dim)
         return out.astype(np.float32)
 
     def attention(q, k, v, key_mask, query_offset=None, *, scales=None):
         assert scales is None and query_offset is not None, "the uncached forward: causal, unquantized keys"
-        return jax.pure_callback(on_host, jax.ShapeDtypeStruct(q.shape, jnp.float32), q, k, v, key_mask,
-                                 jnp.asarray(query_offset, jnp.int32))
+        return jax.pure_callback(
+            on_host, jax.ShapeDtypeStruct(q.shape, jnp.float32), q, k, v, key_mask, jnp.asarray(query_offset, jnp.int32)
+        )
 
     return attention
 
@@ -332,23 +353,33 @@ def test_int8_cache_logits_are_attention_over_rounded_keys_and_values(text_pair,
     batch, prompt = ids.shape
     cache_length = prompt + STEPS
     int8_cache = init_cache(config, batch, cache_length, jnp.float32, "int8")
-    assert {name: buffer.dtype for name, buffer in int8_cache.items()} == \
-        {"k": jnp.int8, "v": jnp.int8, "k_scale": jnp.float32, "v_scale": jnp.float32}
+    assert {name: buffer.dtype for name, buffer in int8_cache.items()} == {
+        "k": jnp.int8,
+        "v": jnp.int8,
+        "k_scale": jnp.float32,
+        "v_scale": jnp.float32,
+    }
     step_logits, tokens, cache = greedy_cached_steps(model, ids, mask, int8_cache)
-    assert cache[0]["k"].dtype == jnp.int8 and cache[0]["k_scale"].shape == (batch, config.num_key_value_heads,
-                                                                             cache_length)
+    assert cache[0]["k"].dtype == jnp.int8 and cache[0]["k_scale"].shape == (
+        batch,
+        config.num_key_value_heads,
+        cache_length,
+    )
 
     full_ids = np.concatenate([ids, np.stack(tokens, axis=1)], axis=1)
     full_mask = np.concatenate([mask, np.ones((batch, STEPS), np.int64)], axis=1)
 
-    def uncached_forward():     # traced afresh at each call, so that it sees the attention of the moment
+    def uncached_forward():  # traced afresh at each call, so that it sees the attention of the moment
         return np.asarray(jax.jit(lambda params: text_forward(params, config, full_ids, full_mask))(model.params))
 
     unquantized = uncached_forward()
     checked = []
     with monkeypatch.context() as patch:
-        patch.setattr(aria_jax.self_attention, "attention",
-                      float64_attention_over_int8_cache([jax.device_get(layer) for layer in cache], checked))
+        patch.setattr(
+            aria_jax.self_attention,
+            "attention",
+            float64_attention_over_int8_cache([jax.device_get(layer) for layer in cache], checked),
+        )
         reference = uncached_forward()
     assert len(checked) == config.num_hidden_layers
     for layer, found in enumerate(checked):
@@ -368,17 +399,28 @@ def test_int8_cache_logits_are_attention_over_rounded_keys_and_values(text_pair,
     padded_ids, padded_mask = model.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     embeds = model._embed(model.params, padded_ids)
     request = aria_jax.host_loop.check_request(
-        batch, prompt, config, None, max_new_tokens=STEPS, do_sample=False, temperature=1.0, top_k=0,
-        top_p=1.0, seed=0, stop_strings=None, kv_cache_dtype="int8")
+        batch,
+        prompt,
+        config,
+        None,
+        max_new_tokens=STEPS,
+        do_sample=False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stop_strings=None,
+        kv_cache_dtype="int8",
+    )
     *_, tokens_generated = model.generator.steps(model.params, embeds, padded_mask, request, chunk=8)
     np.testing.assert_array_equal(tokens_generated, full_ids[:, prompt:])
 
 
 # ----------------------------------------------------------------------------- 3. compile counting
 
+
 def compile_counts(model):
-    return (model.generator.prefill._cache_size(), model.generator.decode._cache_size(),
-            model._embed._cache_size())
+    return (model.generator.prefill._cache_size(), model.generator.decode._cache_size(), model._embed._cache_size())
 
 
 def test_no_recompilation_within_a_bucket(text_pair):
@@ -411,8 +453,9 @@ def test_no_recompilation_within_a_bucket(text_pair):
             for temperature in (0.5, 1.0, 1.7):
                 for top_p in (0.8, 1.0):
                     n = new_tokens[(i + int(top_p)) % 2]
-                    out = model.generate(ids, max_new_tokens=n, do_sample=True, temperature=temperature,
-                                         top_p=top_p, seed=i)
+                    out = model.generate(
+                        ids, max_new_tokens=n, do_sample=True, temperature=temperature, top_p=top_p, seed=i
+                    )
                     assert out.shape == (1, length + n)
                     outputs.append(out[0, length:])
             model.generate(ids, max_new_tokens=new_tokens[i % 2])
@@ -427,9 +470,19 @@ def test_no_recompilation_within_a_bucket(text_pair):
 # steps whole (a layer's attention and shared experts) or are gathered from (routed experts).
 # Sizes chosen so that no other array of the loop has a weight's size (one expert's weights, which
 # the looped backend copies, included).
-CPU_DECODE = AriaTextConfig(vocab_size=96, hidden_size=40, intermediate_size=24, num_hidden_layers=2,
-                            num_attention_heads=5, num_key_value_heads=5, head_dim=16, moe_num_experts=12,
-                            moe_topk=2, moe_num_shared_experts=3, max_position_embeddings=128)
+CPU_DECODE = AriaTextConfig(
+    vocab_size=96,
+    hidden_size=40,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=5,
+    num_key_value_heads=5,
+    head_dim=16,
+    moe_num_experts=12,
+    moe_topk=2,
+    moe_num_shared_experts=3,
+    max_position_embeddings=128,
+)
 CPU_DECODE_CACHE = 80
 
 
@@ -437,8 +490,12 @@ def step_loop_instructions(module: Module) -> list:
     """The instructions of the entry's loops, and of the loops and branches inside them (not the
     insides of fusions)."""
     entry = module.computations[module.entry]
-    pending = [name for instruction in entry.instructions if instruction.opcode == "while"
-               for name in instruction.called("body")]
+    pending = [
+        name
+        for instruction in entry.instructions
+        if instruction.opcode == "while"
+        for name in instruction.called("body")
+    ]
     found = []
     while pending:
         for instruction in module.computations[pending.pop()].instructions:
@@ -448,7 +505,7 @@ def step_loop_instructions(module: Module) -> list:
     return found
 
 
-@pytest.mark.parametrize("batch", [1, 3])   # 2 (token, slot) pairs: gathered experts; 6: looped
+@pytest.mark.parametrize("batch", [1, 3])  # 2 (token, slot) pairs: gathered experts; 6: looped
 def test_cpu_decode_step_copies_no_layer_weights(batch):
     """XLA:CPU copies a slice of the layer-stacked weights for every matmul that reads it: decode
     on one CPU device takes each layer's weights out of the stacks once per call, ahead of its
@@ -460,23 +517,46 @@ def test_cpu_decode_step_copies_no_layer_weights(batch):
     model = aria_jax.AriaTextForCausalLM(config, init_text_params(config, jax.random.key(0)), "float32")
     layers = model.params["layers"]
     weight_sizes = {leaf.size // config.num_hidden_layers for leaf in jax.tree.leaves(layers) if leaf.ndim >= 3}
-    assert len(weight_sizes) >= 3, weight_sizes      # attention, shared experts, routed experts
+    assert len(weight_sizes) >= 3, weight_sizes  # attention, shared experts, routed experts
     ids, mask = left_padded(5, (9,) * batch, config.vocab_size)
-    _, embeds, padded_mask, request = model._prepare(ids, mask, None, None, dict(
-        max_new_tokens=8, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None))
+    _, embeds, padded_mask, request = model._prepare(
+        ids,
+        mask,
+        None,
+        None,
+        dict(max_new_tokens=8, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None),
+    )
     prompt_len = embeds.shape[1]
     generator = model.generator
-    state = generator.prefill(model.text_params, embeds, jnp.asarray(padded_mask), request.sampling,
-                              request.stop_ids, cache_length=CPU_DECODE_CACHE,
-                              max_new_tokens_capacity=CPU_DECODE_CACHE - prompt_len)
-    hlo = generator.decode.lower(model.text_params, state, 8, 8, request.sampling, request.stop_ids,
-                                 prompt_len=prompt_len).compile().as_text()
-    made = [instruction for instruction in step_loop_instructions(Module.parse(hlo))
-            if instruction.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional")]
+    state = generator.prefill(
+        model.text_params,
+        embeds,
+        jnp.asarray(padded_mask),
+        request.sampling,
+        request.stop_ids,
+        cache_length=CPU_DECODE_CACHE,
+        max_new_tokens_capacity=CPU_DECODE_CACHE - prompt_len,
+    )
+    hlo = (
+        generator.decode.lower(
+            model.text_params, state, 8, 8, request.sampling, request.stop_ids, prompt_len=prompt_len
+        )
+        .compile()
+        .as_text()
+    )
+    made = [
+        instruction
+        for instruction in step_loop_instructions(Module.parse(hlo))
+        if instruction.opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional")
+    ]
     assert any(instruction.opcode == "dot" for instruction in made), "no matmul found in the loop over steps"
+
     def making(sizes):
-        return [f"{instruction.name} = {instruction.shape}" for instruction in made
-                if any(math.prod(array.dims) in sizes for array in arrays_of(instruction.shape))]
+        return [
+            f"{instruction.name} = {instruction.shape}"
+            for instruction in made
+            if any(math.prod(array.dims) in sizes for array in arrays_of(instruction.shape))
+        ]
 
     copies = making(weight_sizes)
     assert not copies, f"the loop over decode steps makes arrays the size of a layer's weights: {copies}"
@@ -503,8 +583,12 @@ def seed_words(first: int, rows: int) -> jax.Array:
 
 
 def sample_many(logits, temperature, top_k=0, top_p=1.0, seed_offset=0, step=0, rows=ROWS):
-    sampling = Sampling(jnp.full((rows,), temperature, jnp.float32), jnp.full((rows,), top_k, jnp.int32),
-                        jnp.full((rows,), top_p, jnp.float32), seed_words(seed_offset, rows))
+    sampling = Sampling(
+        jnp.full((rows,), temperature, jnp.float32),
+        jnp.full((rows,), top_k, jnp.int32),
+        jnp.full((rows,), top_p, jnp.float32),
+        seed_words(seed_offset, rows),
+    )
     return np.asarray(_sample(jnp.broadcast_to(jnp.asarray(logits), (rows, len(logits))), jnp.int32(step), sampling))
 
 
@@ -536,7 +620,7 @@ def test_sampling_frequencies_match_softmax(temperature):
 
 @pytest.mark.parametrize("top_k", [1, 3])
 def test_top_k_only_emits_the_k_largest(top_k):
-    samples = sample_many(LOGITS[::-1].copy(), 1.5, top_k=top_k)   # largest logits at the end
+    samples = sample_many(LOGITS[::-1].copy(), 1.5, top_k=top_k)  # largest logits at the end
     allowed = np.argsort(-LOGITS[::-1])[:top_k]
     probs = np.zeros(len(LOGITS))
     probs[allowed] = softmax(LOGITS[::-1][allowed] / 1.5)
@@ -549,7 +633,7 @@ def test_top_p_only_emits_the_nucleus(top_p, temperature):
     probs = softmax(LOGITS / temperature)
     order = np.argsort(-probs)
     cumulative = np.cumsum(probs[order])
-    size = int(np.argmax(cumulative >= top_p)) + 1            # smallest set with mass >= top_p
+    size = int(np.argmax(cumulative >= top_p)) + 1  # smallest set with mass >= top_p
     assert abs(cumulative[size - 1] - top_p) > 1e-3 and (size == 1 or abs(cumulative[size - 2] - top_p) > 1e-3)
     nucleus = order[:size]
     samples = sample_many(LOGITS, temperature, top_p=top_p)
@@ -562,8 +646,9 @@ def test_top_p_only_emits_the_nucleus(top_p, temperature):
 def test_temperature_zero_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (256, 50)) * 3
     sampling = Sampling(jnp.zeros(256), jnp.full(256, 5, jnp.int32), jnp.full(256, 0.3), seed_words(0, 256))
-    np.testing.assert_array_equal(np.asarray(_sample(logits, jnp.int32(3), sampling)),
-                                  np.argmax(np.asarray(logits), axis=-1))
+    np.testing.assert_array_equal(
+        np.asarray(_sample(logits, jnp.int32(3), sampling)), np.argmax(np.asarray(logits), axis=-1)
+    )
 
 
 def test_seeds_reproduce_and_differ():
@@ -583,14 +668,18 @@ def test_model_sampling_seed_reproduces(text_pair):
 
 # ----------------------------------------------------------------------------- 5. invalid requests
 
-@pytest.mark.parametrize("settings, named", [
-    (dict(do_sample=True, temperature=-0.5), "temperature=-0.5"),
-    (dict(do_sample=True, top_p=0.0), "top_p=0.0"),
-    (dict(do_sample=True, top_p=1.5), "top_p=1.5"),
-    (dict(max_new_tokens=0), "max_new_tokens=0"),
-    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
-    (dict(kv_cache_dtype=np.int8), "kv_cache_dtype=<class 'numpy.int8'>"),
-])
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (dict(do_sample=True, temperature=-0.5), "temperature=-0.5"),
+        (dict(do_sample=True, top_p=0.0), "top_p=0.0"),
+        (dict(do_sample=True, top_p=1.5), "top_p=1.5"),
+        (dict(max_new_tokens=0), "max_new_tokens=0"),
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
+        (dict(kv_cache_dtype=np.int8), "kv_cache_dtype=<class 'numpy.int8'>"),
+    ],
+)
 def test_invalid_request_is_rejected_and_model_still_serves(text_pair, settings, named):
     model = text_pair.ours
     ids, mask = left_padded(4, (7, 12), model.config.vocab_size)
@@ -623,8 +712,9 @@ def test_more_images_than_markers_is_rejected(tiny_random):
     # The model itself refuses pixel values that do not match its image tokens (two images' crops).
     two = processor(text=CHAT_PROMPT.format("<|img|><|img|>"), images=images)
     with pytest.raises(aria_jax.RequestError, match=r"image tokens and image features do not match"):
-        model.generate(inputs["input_ids"], inputs["attention_mask"], two["pixel_values"], two["pixel_mask"],
-                       max_new_tokens=8)
+        model.generate(
+            inputs["input_ids"], inputs["attention_mask"], two["pixel_values"], two["pixel_mask"], max_new_tokens=8
+        )
     np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=8, stop_strings=None), before)
 
 
@@ -647,9 +737,8 @@ def pick_stop_string(tokenizer, generated):
         a, b, c = texts[k], texts[k + 1], texts[k + 2]
         if len(b) - len(a) < 2 or len(c) - len(b) < 2:
             continue
-        stop = b[-2:] + c[len(b):len(b) + 2]
-        if ("\ufffd" in stop or "<" in stop or stop in b or len(tokenizer.encode(stop)) < 2
-                or not stop.isprintable()):
+        stop = b[-2:] + c[len(b) : len(b) + 2]
+        if "\ufffd" in stop or "<" in stop or stop in b or len(tokenizer.encode(stop)) < 2 or not stop.isprintable():
             continue
         return stop, k + 1
     raise AssertionError(f"no usable stop string in {texts[-1]!r}")
@@ -672,7 +761,7 @@ def test_multi_token_stop_string_stops_after_completing_token(tiny_random, greed
     prompt = inputs["input_ids"].shape[1]
     out = model.generate(**inputs, max_new_tokens=STOP_TOKENS, stop_strings=[stop])[0, prompt:]
     np.testing.assert_array_equal(out[: last + 1], generated[: last + 1])
-    assert (out[last + 1:] == model.text_config.pad_token_id).all(), (stop, last, out)
+    assert (out[last + 1 :] == model.text_config.pad_token_id).all(), (stop, last, out)
     assert stop in processor.decode(out[: last + 1])
     assert stop not in processor.decode(out[:last])
 
@@ -715,8 +804,7 @@ def test_stream_batch_yields_tuples(tiny_random):
     prompt = inputs["input_ids"].shape[1]
     generated = model.generate(**inputs, max_new_tokens=16, stop_strings=None)[:, prompt:]
     pieces = list(model.stream(**inputs, max_new_tokens=16, stop_strings=None))
-    assert pieces and all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(s, str) for s in p)
-                          for p in pieces)
+    assert pieces and all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in pieces)
     eos = set(model.text_config.eos_token_id)
     for row in range(2):
         ids = generated[row].tolist()
@@ -731,7 +819,7 @@ def test_stream_keeps_going_after_byte_fallback_rewrites_text(tiny_random):
     must not fall silent after that: it still ends with the answer's last characters."""
     processor, model = tiny_random
     inputs = processor(text="<|im_start|>user\nTell me a story about a cat.<|im_end|>\n<|im_start|>assistant\n")
-    generated = model.generate(**inputs, max_new_tokens=40, stop_strings=None)[0, inputs["input_ids"].shape[1]:]
+    generated = model.generate(**inputs, max_new_tokens=40, stop_strings=None)[0, inputs["input_ids"].shape[1] :]
     final = processor.decode(generated, skip_special_tokens=True)
     streamed = "".join(model.stream(**inputs, max_new_tokens=40, stop_strings=None))
     assert len(streamed) == len(final) and streamed[-5:] == final[-5:], (streamed, final)

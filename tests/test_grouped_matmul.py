@@ -20,13 +20,16 @@ def random(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
-@pytest.mark.parametrize("group_sizes", [
-    [3, 0, 6, 0, 2],        # empty groups between, and 2 rows past the last group
-    [13, 0, 0, 0, 0],       # every row in the first group
-    [0, 0, 0, 0, 13],       # every row in the last
-    [0, 0, 0, 0, 0],        # no rows at all: all zeros
-    [1, 1, 1, 1, 1],
-])
+@pytest.mark.parametrize(
+    "group_sizes",
+    [
+        [3, 0, 6, 0, 2],  # empty groups between, and 2 rows past the last group
+        [13, 0, 0, 0, 0],  # every row in the first group
+        [0, 0, 0, 0, 13],  # every row in the last
+        [0, 0, 0, 0, 0],  # no rows at all: all zeros
+        [1, 1, 1, 1, 1],
+    ],
+)
 @pytest.mark.parametrize("layer", [0, 2])
 def test_kernel_matches_ragged_dot_on_its_layer(group_sizes, layer):
     rows, weights = random((13, 32), 0), random((3, 5, 32, 48), 1)
@@ -35,7 +38,7 @@ def test_kernel_matches_ragged_dot_on_its_layer(group_sizes, layer):
     expected = jax.lax.ragged_dot(rows, weights[layer], sizes)
     assert out.shape == (13, 48)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
-    assert not np.asarray(out)[sum(group_sizes):].any()
+    assert not np.asarray(out)[sum(group_sizes) :].any()
 
 
 def test_kernel_with_column_blocks():
@@ -51,8 +54,9 @@ def test_kernel_with_column_blocks():
 def test_kernel_reads_quantized_weights(scheme):
     """int8 / int4 weights (int4 in groups of 32 inputs): the products of their dequantized values."""
     quantization = Quantization(scheme, 32)
-    values, scales = quantization.quantize(np.asarray(random((3, 5, 64, 256), 4)), ("language_model", "layers", "mlp",
-                                                                                    "experts_down"), (2,))
+    values, scales = quantization.quantize(
+        np.asarray(random((3, 5, 64, 256), 4)), ("language_model", "layers", "mlp", "experts_down"), (2,)
+    )
     weights = QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
     rows, sizes = random((13, 64), 5), jnp.asarray([3, 0, 6, 0, 2], jnp.int32)
     out = stacked_grouped_matmul(rows, weights, 2, sizes, interpret=True)
@@ -64,7 +68,7 @@ def test_group_order_lists_groups_with_rows_first_and_repeats_the_last():
     offsets, active, count = group_order(jnp.asarray([0, 4, 0, 2, 0, 1], jnp.int32))
     assert offsets.tolist() == [0, 0, 4, 4, 6, 6, 7]
     assert count.tolist() == [3]
-    assert active.tolist() == [1, 3, 5, 5, 5, 5]     # the tail fetches nothing new
+    assert active.tolist() == [1, 3, 5, 5, 5, 5]  # the tail fetches nothing new
 
 
 def test_kernel_refuses_mismatched_shapes():
@@ -92,9 +96,11 @@ def test_decode_backend_on_the_stack_matches_sorted_backend(num_tokens):
 def test_estimate_takes_the_kernels_declared_cost():
     """A kernel that reads one layer's experts out of a stack declares its bytes; the estimate
     takes them instead of the whole stack's size."""
-    line = ('  %k = bf16[8,3328]{1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call", backend_config='
-            '{"custom_call_config": {"body": "TUxJUg==", "cost_estimate":{"flops":"2000","transcendentals":"0",'
-            '"bytes_accessed":"138575872","remote_bytes_transferred":"0"}}}')
+    line = (
+        '  %k = bf16[8,3328]{1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call", backend_config='
+        '{"custom_call_config": {"body": "TUxJUg==", "cost_estimate":{"flops":"2000","transcendentals":"0",'
+        '"bytes_accessed":"138575872","remote_bytes_transferred":"0"}}}'
+    )
     assert declared_kernel_cost(parse_instruction(line)) == (2000.0, 138575872.0)
     plain = '  %c = bf16[8,3328]{1,0} custom-call(%a), custom_call_target="ragged-dot-none"'
     assert declared_kernel_cost(parse_instruction(plain)) is None

@@ -21,27 +21,23 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from aria_jax.image_processing import (
-    AriaImageProcessor,
-    ImageError,
-    select_split_ratio_original,
-)
+from aria_jax.image_processing import AriaImageProcessor, ImageError, select_split_ratio_original
 
 from transformers import AriaImageProcessorPil
 
 PHOTO_DIR = os.path.join(os.path.dirname(importlib.util.find_spec("skimage").origin), "data")
 PHOTOS = [  # name: mode, (width, height)
-    "astronaut.png",          # RGB 512x512
-    "camera.png",             # L   512x512
-    "chelsea.png",            # RGB 451x300
-    "coffee.png",             # RGB 600x400
+    "astronaut.png",  # RGB 512x512
+    "camera.png",  # L   512x512
+    "chelsea.png",  # RGB 451x300
+    "coffee.png",  # RGB 600x400
     "hubble_deep_field.jpg",  # RGB 1000x872
-    "retina.jpg",             # RGB 1411x1411
-    "rocket.jpg",             # RGB 427x640
-    "motorcycle_left.png",    # RGB 741x500
-    "text.png",               # L   448x172
-    "logo.png",               # RGBA 500x500
-    "horse.png",              # RGBA 400x328
+    "retina.jpg",  # RGB 1411x1411
+    "rocket.jpg",  # RGB 427x640
+    "motorcycle_left.png",  # RGB 741x500
+    "text.png",  # L   448x172
+    "logo.png",  # RGBA 500x500
+    "horse.png",  # RGBA 400x328
 ]
 CONFIGS = [(490, False), (490, True), (980, False), (980, True)]
 
@@ -70,8 +66,10 @@ def run_oracle(oracle, image, size, split, **kwargs):
 def assert_matches_oracle(ours, oracle, images, size, split, oracle_images=None, **oracle_kwargs):
     """Our batch output equals the oracle run image by image (which gives per-image counts)."""
     got = ours(images, max_image_size=size, split_image=split)
-    refs = [run_oracle(oracle, image, size, split, **oracle_kwargs)
-            for image in (images if oracle_images is None else oracle_images)]
+    refs = [
+        run_oracle(oracle, image, size, split, **oracle_kwargs)
+        for image in (images if oracle_images is None else oracle_images)
+    ]
     want_values = np.concatenate([ref[0] for ref in refs])
     want_mask = np.concatenate([ref[1] for ref in refs])
     assert got["pixel_values"].dtype == np.float32 and got["pixel_mask"].dtype == bool
@@ -86,6 +84,7 @@ def assert_matches_oracle(ours, oracle, images, size, split, oracle_images=None,
 # --------------------------------------------------------------------------------------------
 # Parity with transformers on real photographs and synthetic extremes
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size,split", CONFIGS)
 def test_photos_as_pil_images_match_transformers(ours, oracle, size, split):
@@ -106,6 +105,7 @@ def test_photos_as_file_paths_match_transformers(ours, oracle, size, split):
 
 def test_os_pathlike_is_accepted(ours, oracle):
     import pathlib
+
     got = ours(pathlib.Path(photo("chelsea.png")), max_image_size=490)
     want = run_oracle(oracle, photo("chelsea.png"), 490, False)
     assert np.array_equal(got["pixel_values"], want[0])
@@ -121,8 +121,7 @@ def test_batched_call_matches_transformers_and_counts_are_per_image(ours, oracle
     assert got["num_crops"].sum() == pixel_values.shape[0]
     assert got["num_crops"].max() == batch_crops
     assert len(set(got["num_crops"].tolist())) > 1  # the case where the oracle's count is wrong
-    assert got["num_crops"].tolist() == [
-        run_oracle(oracle, image, 490, True)[2] for image in images]
+    assert got["num_crops"].tolist() == [run_oracle(oracle, image, 490, True)[2] for image in images]
 
     same = [Image.open(photo("astronaut.png")), Image.open(photo("camera.png"))]
     got = ours(same, max_image_size=980, split_image=True)
@@ -163,9 +162,11 @@ def test_batch_forms_are_equivalent(ours):
     arrays = [rng.integers(0, 256, (60, 90, 3), dtype=np.uint8) for _ in range(3)]
     flat = ours(arrays, max_image_size=490, split_image=True)
     assert flat["num_crops"].tolist() == [2, 2, 2]
-    for other in (ours(np.stack(arrays), max_image_size=490, split_image=True),
-                  ours([arrays[:1], arrays[1:]], max_image_size=490, split_image=True),
-                  ours(tuple(arrays), max_image_size=490, split_image=True)):
+    for other in (
+        ours(np.stack(arrays), max_image_size=490, split_image=True),
+        ours([arrays[:1], arrays[1:]], max_image_size=490, split_image=True),
+        ours(tuple(arrays), max_image_size=490, split_image=True),
+    ):
         assert np.array_equal(other["pixel_values"], flat["pixel_values"])
         assert other["num_crops"].tolist() == flat["num_crops"].tolist()
     single = ours(arrays[1], max_image_size=490, split_image=True)
@@ -175,6 +176,7 @@ def test_batch_forms_are_equivalent(ours):
 # --------------------------------------------------------------------------------------------
 # Image modes
 # --------------------------------------------------------------------------------------------
+
 
 def mode_images() -> dict[str, Image.Image]:
     rng = np.random.default_rng(7)
@@ -197,8 +199,7 @@ def mode_images() -> dict[str, Image.Image]:
         "PA": rgba.convert("PA"),
         "CMYK": rgb.convert("CMYK"),
         "I;16": Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16)),
-        "I;16 small values": Image.fromarray(
-            rng.integers(0, 256, (height, width), dtype=np.uint16)),
+        "I;16 small values": Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint16)),
         "I": Image.fromarray(rng.integers(-500, 70000, (height, width)).astype(np.int32)),
         "1": rgb.convert("1"),
         "F": Image.fromarray((rng.random((height, width)) * 300 - 20).astype(np.float32)),
@@ -221,8 +222,18 @@ def test_every_pil_mode_matches_transformers(ours, oracle, size, split):
     assert ours(rgba, max_image_size=490)["pixel_values"][0, :, 0, 0].tolist() == [1.0] * 3
 
 
-FILE_FORMATS = {"L": "png", "LA": "png", "RGBA": "png", "P": "png", "P+transparency": "png",
-                "CMYK": "jpeg", "I;16": "png", "I": "tiff", "1": "png", "F": "tiff"}
+FILE_FORMATS = {
+    "L": "png",
+    "LA": "png",
+    "RGBA": "png",
+    "P": "png",
+    "P+transparency": "png",
+    "CMYK": "jpeg",
+    "I;16": "png",
+    "I": "tiff",
+    "1": "png",
+    "F": "tiff",
+}
 
 
 def test_every_mode_from_files_matches_transformers(ours, oracle, tmp_path):
@@ -256,8 +267,7 @@ def test_numpy_channel_counts(ours, oracle):
         assert_matches_oracle(ours, oracle, [array], 490, False, input_data_format="channels_last")
     # (H, W) and (H, W, 2), which the oracle rejects: read as gray and gray + alpha
     assert np.array_equal(ours(gray)["pixel_values"], ours(gray[:, :, None])["pixel_values"])
-    assert np.array_equal(ours(np.dstack([gray, alpha]))["pixel_values"],
-                          ours(rgba)["pixel_values"])
+    assert np.array_equal(ours(np.dstack([gray, alpha]))["pixel_values"], ours(rgba)["pixel_values"])
     with pytest.raises(ImageError, match="uint8"):
         ours(gray.astype(np.float32))
     with pytest.raises(ImageError, match="shape"):
@@ -271,8 +281,27 @@ def test_numpy_channel_counts(ours, oracle):
 # --------------------------------------------------------------------------------------------
 
 # the 19 pairs, read by the original code as [ratio_w, ratio_h]
-REFERENCE_RATIOS = [[1, 2], [1, 3], [1, 4], [1, 5], [1, 6], [1, 7], [1, 8], [2, 4], [2, 3], [2, 2],
-                    [2, 1], [3, 1], [3, 2], [4, 1], [4, 2], [5, 1], [6, 1], [7, 1], [8, 1]]
+REFERENCE_RATIOS = [
+    [1, 2],
+    [1, 3],
+    [1, 4],
+    [1, 5],
+    [1, 6],
+    [1, 7],
+    [1, 8],
+    [2, 4],
+    [2, 3],
+    [2, 2],
+    [2, 1],
+    [3, 1],
+    [3, 2],
+    [4, 1],
+    [4, 2],
+    [5, 1],
+    [6, 1],
+    [7, 1],
+    [8, 1],
+]
 
 
 def reference_ratio(width, height, max_size):
@@ -313,13 +342,12 @@ def reference_original(image: Image.Image, max_size: int):
         else:
             new_size = (max(int(width * scale), 336), max_size)
         resized = crop.resize(new_size, resample=Image.Resampling.BICUBIC)
-        padded = ImageOps.expand(
-            resized, (0, 0, max_size - new_size[0], max_size - new_size[1]), fill=0)
+        padded = ImageOps.expand(resized, (0, 0, max_size - new_size[0], max_size - new_size[1]), fill=0)
         x = (np.asarray(padded).astype(np.float64) * (1 / 255)).astype(np.float32)
         x = (x - np.float32(0.5)) / np.float32(0.5)
         values.append(x.transpose(2, 0, 1))
         mask = np.zeros((max_size, max_size), dtype=bool)
-        mask[:new_size[1], :new_size[0]] = True
+        mask[: new_size[1], : new_size[0]] = True
         masks.append(mask)
     return np.stack(values), np.stack(masks), len(crops)
 
@@ -335,11 +363,9 @@ SPLIT_CROP_COUNTS = [
 
 
 @pytest.mark.parametrize("wh,size,original_crops,transformers_crops", SPLIT_CROP_COUNTS)
-def test_crop_counts_of_the_reference_examples(
-        ours, oracle, wh, size, original_crops, transformers_crops):
+def test_crop_counts_of_the_reference_examples(ours, oracle, wh, size, original_crops, transformers_crops):
     width, height = wh
-    image = Image.fromarray(
-        np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    image = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
     got = ours(image, max_image_size=size, split_image=True, split_mode="original")
     assert got["num_crops"].tolist() == [original_crops]
     values, masks, count = reference_original(image, size)
@@ -356,8 +382,9 @@ def test_crop_counts_of_the_reference_examples(
     assert ours.count_crops(height, width, size, True, "original") == original_crops
 
 
-@pytest.mark.parametrize("name,size", [("chelsea.png", 490), ("camera.png", 980),
-                                       ("rocket.jpg", 490), ("hubble_deep_field.jpg", 980)])
+@pytest.mark.parametrize(
+    "name,size", [("chelsea.png", 490), ("camera.png", 980), ("rocket.jpg", 490), ("hubble_deep_field.jpg", 980)]
+)
 def test_original_mode_on_photos(ours, name, size):
     image = Image.open(photo(name))
     values, masks, count = reference_original(image, size)
@@ -372,18 +399,30 @@ def test_original_tie_rule_uses_int32_area(ours):
     assert reference_ratio(1000, 500, 490) == (2, 1)
     assert reference_ratio(2000, 1000, 490) == (4, 2)
     assert reference_ratio(70000, 35000, 490) == (2, 1)  # the int32 product wraps negative
-    sizes = [(1000, 500), (2000, 1000), (70000, 35000), (500, 1000), (1000, 2000), (980, 1960),
-             (1, 1), (1, 5000), (5000, 1), (1234, 987)]
+    sizes = [
+        (1000, 500),
+        (2000, 1000),
+        (70000, 35000),
+        (500, 1000),
+        (1000, 2000),
+        (980, 1960),
+        (1, 1),
+        (1, 5000),
+        (5000, 1),
+        (1234, 987),
+    ]
     rng = np.random.default_rng(11)
     sizes += [tuple(int(v) for v in rng.integers(1, 60000, 2)) for _ in range(300)]
     ratios = [tuple(pair) for pair in REFERENCE_RATIOS]
     for width, height in sizes:
         for size in (490, 980):
-            assert select_split_ratio_original(width, height, ratios, size) == \
-                reference_ratio(width, height, size), (width, height, size)
+            assert select_split_ratio_original(width, height, ratios, size) == reference_ratio(width, height, size), (
+                width,
+                height,
+                size,
+            )
     image = Image.fromarray(np.zeros((1000, 2000, 3), dtype=np.uint8))
-    assert ours(image, max_image_size=490, split_image=True,
-                split_mode="original")["num_crops"].tolist() == [9]
+    assert ours(image, max_image_size=490, split_image=True, split_mode="original")["num_crops"].tolist() == [9]
 
 
 def test_count_crops_agrees_with_the_call(ours):
@@ -402,9 +441,11 @@ def test_count_crops_agrees_with_the_call(ours):
 # Checkpoint configs
 # --------------------------------------------------------------------------------------------
 
+
 def test_from_pretrained_reads_transformers_preprocessor_config(oracle, tmp_path):
-    saved = AriaImageProcessorPil(max_image_size=490, min_image_size=300,
-                                  image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.45])
+    saved = AriaImageProcessorPil(
+        max_image_size=490, min_image_size=300, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.45]
+    )
     saved.save_pretrained(str(tmp_path))
     assert os.path.isfile(tmp_path / "preprocessor_config.json")
     ours = AriaImageProcessor.from_pretrained(tmp_path)
@@ -423,17 +464,21 @@ def test_from_pretrained_reads_transformers_preprocessor_config(oracle, tmp_path
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     backend = Tokenizer(models.WordLevel({"<unk>": 0, "<|img|>": 1, "a": 2}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                   extra_special_tokens={"image_token": "<|img|>"})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", extra_special_tokens={"image_token": "<|img|>"}
+    )
 
 
 def test_from_pretrained_reads_aria_processor_config(tmp_path):
     from transformers import AriaProcessor
+
     image_processor = AriaImageProcessorPil(max_image_size=490)
-    AriaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(),
-                  size_conversion={490: 100, 980: 200}).save_pretrained(str(tmp_path))
+    AriaProcessor(
+        image_processor=image_processor, tokenizer=tiny_tokenizer(), size_conversion={490: 100, 980: 200}
+    ).save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "processor_config.json").read_text())
     assert "image_processor" in config and config["size_conversion"] == {"490": 100, "980": 200}
     ours = AriaImageProcessor.from_pretrained(tmp_path)
@@ -447,9 +492,29 @@ def test_from_pretrained_defaults_and_bad_configs(tmp_path):
     defaults = AriaImageProcessor.from_pretrained(tmp_path)  # no files at all
     assert repr(defaults) == repr(AriaImageProcessor())
     assert defaults.split_resolutions == tuple(
-        (a * 490, b * 490) for a, b in
-        [(1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3), (2, 2),
-         (2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1), (7, 1), (8, 1)])
+        (a * 490, b * 490)
+        for a, b in [
+            (1, 2),
+            (1, 3),
+            (1, 4),
+            (1, 5),
+            (1, 6),
+            (1, 7),
+            (1, 8),
+            (2, 4),
+            (2, 3),
+            (2, 2),
+            (2, 1),
+            (3, 1),
+            (3, 2),
+            (4, 1),
+            (4, 2),
+            (5, 1),
+            (6, 1),
+            (7, 1),
+            (8, 1),
+        ]
+    )
 
     (tmp_path / "processor_config.json").write_text(json.dumps({"size_conversion": {"490": 128}}))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_image_size": 490}))
@@ -478,6 +543,7 @@ def test_from_pretrained_defaults_and_bad_configs(tmp_path):
 # Errors
 # --------------------------------------------------------------------------------------------
 
+
 def assert_one_line_error(call, *needles):
     with pytest.raises(ValueError) as info:
         call()
@@ -490,9 +556,10 @@ def assert_one_line_error(call, *needles):
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG with a valid IHDR declaring width x height RGB pixels, and no real image data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
@@ -529,19 +596,16 @@ def test_decompression_bombs_are_errors_not_warnings(ours, tmp_path):
     over.write_bytes(png_header(side, side))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert_one_line_error(lambda: ours(str(over)), str(over), f"{side}x{side}",
-                              "MAX_IMAGE_PIXELS")
+        assert_one_line_error(lambda: ours(str(over)), str(over), f"{side}x{side}", "MAX_IMAGE_PIXELS")
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     assert Image.MAX_IMAGE_PIXELS == limit_before  # PIL's global setting left alone
 
 
 def test_a_lowered_pil_limit_is_respected(ours, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # 512x512 is between 1x and 2x
-    assert_one_line_error(lambda: ours(photo("camera.png")), "camera.png", "512x512",
-                          "decompression bomb")
+    assert_one_line_error(lambda: ours(photo("camera.png")), "camera.png", "512x512", "decompression bomb")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # over 2x: PIL raises by itself
-    assert_one_line_error(lambda: ours(photo("camera.png")), "camera.png", "262144 pixels",
-                          "decompression bomb")
+    assert_one_line_error(lambda: ours(photo("camera.png")), "camera.png", "262144 pixels", "decompression bomb")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # None disables the check, as in PIL
     assert ours(photo("camera.png"))["num_crops"].tolist() == [1]
 
@@ -549,27 +613,42 @@ def test_a_lowered_pil_limit_is_respected(ours, monkeypatch):
 def test_disallowed_max_image_size_and_split_mode(ours):
     image = np.zeros((10, 10, 3), dtype=np.uint8)
     for bad in (224, 0, 1960, "980", 490.0):
-        error = assert_one_line_error(
-            lambda: ours(image, max_image_size=bad), repr(bad), "490, 980")
+        error = assert_one_line_error(lambda: ours(image, max_image_size=bad), repr(bad), "490, 980")
         assert not isinstance(error, ImageError)
     assert_one_line_error(lambda: AriaImageProcessor(max_image_size=336), "336", "490, 980")
     assert_one_line_error(lambda: ours(image, split_image=True, split_mode="llava"), "llava")
     assert_one_line_error(lambda: ours([]), "no images")
-    assert_one_line_error(lambda: AriaImageProcessor(min_image_size=600)(image, max_image_size=490),
-                          "min_image_size=600")
+    assert_one_line_error(
+        lambda: AriaImageProcessor(min_image_size=600)(image, max_image_size=490), "min_image_size=600"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # transformers' constructor options and input types
 # --------------------------------------------------------------------------------------------
 
-OPTIONS = dict(image_mean=[0.48, 0.45, 0.4], image_std=[0.26, 0.26, 0.27], max_image_size=490, min_image_size=200,
-               split_resolutions=[[980, 980]], split_image=True, do_convert_rgb=True,
-               resample=Image.Resampling.BILINEAR)
+OPTIONS = dict(
+    image_mean=[0.48, 0.45, 0.4],
+    image_std=[0.26, 0.26, 0.27],
+    max_image_size=490,
+    min_image_size=200,
+    split_resolutions=[[980, 980]],
+    split_image=True,
+    do_convert_rgb=True,
+    resample=Image.Resampling.BILINEAR,
+)
 
 
-@pytest.mark.parametrize("changes", [{}, {"do_normalize": False}, {"do_rescale": False}, {"rescale_factor": 1 / 127.5},
-                                     {"do_rescale": False, "do_normalize": False}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"do_normalize": False},
+        {"do_rescale": False},
+        {"rescale_factor": 1 / 127.5},
+        {"do_rescale": False, "do_normalize": False},
+    ],
+)
 def test_constructor_options_match_transformers(changes):
     """Each option of transformers' AriaImageProcessor, and one image given as a torch tensor
     and a numpy array channels first, a numpy array channels last and a PIL image: the same
@@ -600,11 +679,15 @@ def test_constructor_options_match_transformers(changes):
 
 def test_do_convert_rgb_false_takes_rgb_images_only():
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    plain, unconverted = AriaImageProcessor(max_image_size=490), AriaImageProcessor(max_image_size=490,
-                                                                                    do_convert_rgb=False)
+    plain, unconverted = (
+        AriaImageProcessor(max_image_size=490),
+        AriaImageProcessor(max_image_size=490, do_convert_rgb=False),
+    )
     np.testing.assert_array_equal(unconverted(rgb)["pixel_values"], plain(rgb)["pixel_values"])
     np.testing.assert_array_equal(unconverted(Image.fromarray(rgb))["pixel_values"], plain(rgb)["pixel_values"])
-    np.testing.assert_array_equal(unconverted(photo(PHOTOS[0]))["pixel_values"], plain(photo(PHOTOS[0]))["pixel_values"])
+    np.testing.assert_array_equal(
+        unconverted(photo(PHOTOS[0]))["pixel_values"], plain(photo(PHOTOS[0]))["pixel_values"]
+    )
     with pytest.raises(ImageError, match="do_convert_rgb=False takes RGB images only.*LA image"):
         unconverted(Image.fromarray(rgb).convert("LA"))
     with pytest.raises(ImageError, match=r"do_convert_rgb=False .*shape \(20, 30\)"):

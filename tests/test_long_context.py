@@ -45,7 +45,7 @@ from aria_jax.host_loop import check_request
 from aria_jax.kv_cache import from_int8, to_int8
 from aria_jax.modeling import IMAGE_GROUP
 
-LONG_CONTEXT = 65536   # max_position_embeddings of the models here (Aria's own context)
+LONG_CONTEXT = 65536  # max_position_embeddings of the models here (Aria's own context)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -83,8 +83,8 @@ def test_blockwise_attention_is_the_dense_reference(case):
     queries, keys, heads, kv_heads, offset, block = ATTENTION_CASES[case]
     q, k, v = random_qkv(0, 2, queries, keys, heads, kv_heads, 8)
     key_mask = np.ones((2, keys), bool)
-    key_mask[0, :11] = False                     # a left-padded row
-    key_mask[1, keys // 2: keys // 2 + 5] = False  # a hole inside a key block
+    key_mask[0, :11] = False  # a left-padded row
+    key_mask[1, keys // 2 : keys // 2 + 5] = False  # a hole inside a key block
     dense = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="dense")
     blockwise = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="blockwise", block=block)
     assert np.isfinite(np.asarray(blockwise)).all()
@@ -100,7 +100,7 @@ def test_attention_beside_cache_is_attention_over_the_written_cache(queries, key
     slots at and past the new keys hold values that must not count. Last case: past DENSE_LIMIT
     (lowered here), the cached keys go blockwise."""
     q, k, v = random_qkv(3, 2, queries, keys, 4, 2, 8)
-    new_k, new_v = (x[:, :, offset:offset + queries] for x in random_qkv(4, 2, keys, keys, 4, 2, 8)[1:])
+    new_k, new_v = (x[:, :, offset : offset + queries] for x in random_qkv(4, 2, keys, keys, 4, 2, 8)[1:])
     key_mask = np.ones((2, keys), bool)
     key_mask[0, :11] = False
     key_mask[1, 5:9] = False
@@ -108,7 +108,7 @@ def test_attention_beside_cache_is_attention_over_the_written_cache(queries, key
     if keys > 1000:
         monkeypatch.setattr(attention_module, "DENSE_LIMIT", queries * keys - 1)
     out, written = jax.jit(attention_beside_cache)(q, new_k, new_v, cache, jnp.asarray(key_mask), offset)
-    expected_k, expected_v = (x.at[:, :, offset:offset + queries].set(new) for x, new in ((k, new_k), (v, new_v)))
+    expected_k, expected_v = (x.at[:, :, offset : offset + queries].set(new) for x, new in ((k, new_k), (v, new_v)))
     np.testing.assert_array_equal(np.asarray(written["k"]), np.asarray(expected_k))
     np.testing.assert_array_equal(np.asarray(written["v"]), np.asarray(expected_v))
     dense = attention(q, expected_k, expected_v, jnp.asarray(key_mask), offset, implementation="dense")
@@ -116,7 +116,11 @@ def test_attention_beside_cache_is_attention_over_the_written_cache(queries, key
 
 
 # (queries = keys, heads, kv_heads, causal): whole tiles and a length the kernel pads to them.
-FLASH_CASES = {"causal_gqa": (256, 4, 2, True), "not_causal": (256, 2, 2, False), "causal_padded_to_tiles": (200, 2, 1, True)}
+FLASH_CASES = {
+    "causal_gqa": (256, 4, 2, True),
+    "not_causal": (256, 2, 2, False),
+    "causal_padded_to_tiles": (200, 2, 1, True),
+}
 
 
 @pytest.mark.parametrize("case", list(FLASH_CASES))
@@ -163,7 +167,7 @@ def test_decode_kernel_statistics_are_the_dense_ones(case):
     q, k, v = random_qkv(5, batch, queries, keys, heads, kv_heads, head_dim)
     key_mask = np.ones((batch, keys), bool)
     key_mask[0, :37] = False
-    key_mask[-1, keys // 2: keys // 2 + 9] = False
+    key_mask[-1, keys // 2 : keys // 2 + 9] = False
     with pltpu.force_tpu_interpret_mode():
         got = decode_attention_stats(q, k, v, jnp.asarray(key_mask), query_index, key_offset)
     want = dense_stats(q, k, v, jnp.asarray(key_mask), query_index, key_offset)
@@ -172,7 +176,7 @@ def test_decode_kernel_statistics_are_the_dense_ones(case):
     assert got_max.shape == want_max.shape and got_values.shape == want_values.shape
     attended = np.isfinite(want_max)
     assert (case == "shard_in_the_future") == (not attended.any())
-    np.testing.assert_array_equal(np.isfinite(got_max), attended)       # no key: max -inf, sum 0
+    np.testing.assert_array_equal(np.isfinite(got_max), attended)  # no key: max -inf, sum 0
     np.testing.assert_array_equal(got_sum[~attended], 0)
     np.testing.assert_allclose(got_max[attended], want_max[attended], rtol=0, atol=1e-6)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
@@ -192,7 +196,9 @@ def test_decode_attention_is_the_dense_reference():
 
 
 @pytest.mark.parametrize("case", ["causal_self", "not_causal_gqa", "chunk_in_cache", "one_query"])
-@pytest.mark.parametrize("stats", [dense_stats, functools.partial(blockwise_stats, block=8)], ids=["dense", "blockwise"])
+@pytest.mark.parametrize(
+    "stats", [dense_stats, functools.partial(blockwise_stats, block=8)], ids=["dense", "blockwise"]
+)
 def test_statistics_of_key_slices_combine_into_attention(case, stats):
     """What a cache split over positions does (`context_parallel`): the softmax statistics of
     three slices of the keys, each at its offset, merged, are attention over all of them."""
@@ -202,8 +208,9 @@ def test_statistics_of_key_slices_combine_into_attention(case, stats):
     key_mask[0, :11] = False
     dense = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="dense")
     cuts = [0, keys // 3, keys // 2, keys]
-    parts = [stats(q, k[:, :, a:b], v[:, :, a:b], jnp.asarray(key_mask[:, a:b]), offset, a)
-             for a, b in zip(cuts, cuts[1:])]
+    parts = [
+        stats(q, k[:, :, a:b], v[:, :, a:b], jnp.asarray(key_mask[:, a:b]), offset, a) for a, b in zip(cuts, cuts[1:])
+    ]
     _, merged_sum, merged_values = combined(parts)
     merged = normalized(merged_sum, merged_values, q.dtype)
     keep = rows_with_a_key(key_mask, queries, offset)
@@ -218,6 +225,7 @@ def test_blockwise_attention_gradients_are_the_dense_ones():
         def of(q, k, v):
             out = attention(q, k, v, key_mask, 0, implementation=implementation, block=16)
             return jnp.sum(jnp.where(key_mask[:, :, None, None], out, 0.0) ** 2)
+
         return jax.grad(of, argnums=(0, 1, 2))(q, k, v)
 
     for name, dense, blockwise in zip("qkv", loss("dense"), loss("blockwise")):
@@ -227,9 +235,11 @@ def test_blockwise_attention_gradients_are_the_dense_ones():
 def test_auto_attention_is_blockwise_past_the_dense_limit():
     """The auto choice never builds a score matrix past DENSE_LIMIT pairs: the compiled program's
     largest buffer stays far below one (B, N, T, S) float32 score matrix."""
-    length = 2 * int(DENSE_LIMIT ** 0.5)
-    q, k, v = (jax.ShapeDtypeStruct((1, length, 2, 8), jnp.float32),
-               *(jax.ShapeDtypeStruct((1, 2, length, 8), jnp.float32) for _ in range(2)))
+    length = 2 * int(DENSE_LIMIT**0.5)
+    q, k, v = (
+        jax.ShapeDtypeStruct((1, length, 2, 8), jnp.float32),
+        *(jax.ShapeDtypeStruct((1, 2, length, 8), jnp.float32) for _ in range(2)),
+    )
     key_mask = jax.ShapeDtypeStruct((1, length), bool)
     compiled = jax.jit(lambda q, k, v, m: attention(q, k, v, m, 0)).lower(q, k, v, key_mask).compile()
     scores_bytes = 2 * length * length * 4
@@ -261,9 +271,17 @@ def int8_cache(k, v):
     return (k8, v8, (k_scale, v_scale)), (from_int8(k8, k_scale, jnp.float32), from_int8(v8, v_scale, jnp.float32))
 
 
-@pytest.mark.parametrize("implementation, case", [
-    ("dense", "chunk_in_cache"), ("dense", "one_query"), ("blockwise", "chunk_in_cache"), ("blockwise", "not_causal_gqa"),
-    ("decode", "one_query"), ("flash", "causal_self")])
+@pytest.mark.parametrize(
+    "implementation, case",
+    [
+        ("dense", "chunk_in_cache"),
+        ("dense", "one_query"),
+        ("blockwise", "chunk_in_cache"),
+        ("blockwise", "not_causal_gqa"),
+        ("decode", "one_query"),
+        ("flash", "causal_self"),
+    ],
+)
 def test_attention_over_an_int8_cache_is_dense_attention_over_its_dequantized_keys(implementation, case):
     """`attention(..., scales=)` folds the key scales into the scores and the value scales into the
     probabilities (or, for the flash kernel, which takes float keys, dequantizes them): the
@@ -275,11 +293,12 @@ def test_attention_over_an_int8_cache_is_dense_attention_over_its_dequantized_ke
     (k8, v8, scales), (k_held, v_held) = int8_cache(k, v)
     key_mask = np.ones((2, keys), bool)
     key_mask[0, :11] = False
-    key_mask[1, keys // 2: keys // 2 + 5] = False
+    key_mask[1, keys // 2 : keys // 2 + 5] = False
     expected = attention(q, k_held, v_held, jnp.asarray(key_mask), offset, implementation="dense")
     with pltpu.force_tpu_interpret_mode():
-        got = attention(q, k8, v8, jnp.asarray(key_mask), offset, scales=scales, implementation=implementation,
-                        block=block)
+        got = attention(
+            q, k8, v8, jnp.asarray(key_mask), offset, scales=scales, implementation=implementation, block=block
+        )
     keep = rows_with_a_key(key_mask, queries, offset)
     np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(expected)[keep], rtol=0, atol=2e-6)
     # And it is not the attention of the unrounded keys: the test sees the rounding.
@@ -299,13 +318,13 @@ def test_decode_kernel_statistics_over_an_int8_cache(case):
     batch, queries, heads, kv_heads, keys, head_dim, query_index, key_offset = INT8_DECODE_CASES[case]
     q, k, v = random_qkv(5, batch, queries, keys, heads, kv_heads, head_dim)
     (k8, v8, scales), (k_held, v_held) = int8_cache(k, v)
-    if case == "last_block_past_the_cache":     # what a block reads past the cache must not count
+    if case == "last_block_past_the_cache":  # what a block reads past the cache must not count
         scales = tuple(jnp.concatenate([s, jnp.full_like(s, jnp.nan)], axis=2)[:, :, :keys] for s in scales)
     if case == "blocks_of_8_heads":
         assert head_block(kv_heads, 512, head_dim, 1, scaled=True) == 8
     key_mask = np.ones((batch, keys), bool)
     key_mask[0, :37] = False
-    key_mask[-1, keys // 2: keys // 2 + 9] = False
+    key_mask[-1, keys // 2 : keys // 2 + 9] = False
     with pltpu.force_tpu_interpret_mode():
         got = decode_attention_stats(q, k8, v8, jnp.asarray(key_mask), query_index, key_offset, scales)
     want = dense_stats(q, k_held, v_held, jnp.asarray(key_mask), query_index, key_offset)
@@ -326,7 +345,7 @@ def test_attention_beside_an_int8_cache_is_attention_over_the_written_cache(quer
     """One CPU device's decode over an int8 cache: the new keys and values are rounded and written
     with their scales, and attended as written, the query's own included."""
     q, k, v = random_qkv(3, 2, queries, keys, 4, 2, 8)
-    new_k, new_v = (x[:, :, offset:offset + queries] for x in random_qkv(4, 2, keys, keys, 4, 2, 8)[1:])
+    new_k, new_v = (x[:, :, offset : offset + queries] for x in random_qkv(4, 2, keys, keys, 4, 2, 8)[1:])
     (k8, v8, (k_scale, v_scale)), _ = int8_cache(k, v)
     cache = {"k": k8, "v": v8, "k_scale": k_scale, "v_scale": v_scale}
     key_mask = np.ones((2, keys), bool)
@@ -338,8 +357,8 @@ def test_attention_beside_an_int8_cache_is_attention_over_the_written_cache(quer
     expected = dict(cache)
     for name, new in (("k", new_k), ("v", new_v)):
         values, scale = to_int8(new)
-        expected[name] = expected[name].at[:, :, offset:offset + queries].set(values)
-        expected[f"{name}_scale"] = expected[f"{name}_scale"].at[:, :, offset:offset + queries].set(scale)
+        expected[name] = expected[name].at[:, :, offset : offset + queries].set(values)
+        expected[f"{name}_scale"] = expected[f"{name}_scale"].at[:, :, offset : offset + queries].set(scale)
     for name in expected:
         np.testing.assert_array_equal(np.asarray(written[name]), np.asarray(expected[name]), err_msg=name)
     k_held, v_held = (from_int8(expected[n], expected[f"{n}_scale"], jnp.float32) for n in "kv")
@@ -349,10 +368,19 @@ def test_attention_beside_an_int8_cache_is_attention_over_the_written_cache(quer
 
 # ----------------------------------------------------------------------------- text, 8K+ tokens
 
-TEXT_CONFIG = dict(vocab_size=128, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-                   intermediate_size=16, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=2,
-                   num_hidden_layers=2, max_position_embeddings=LONG_CONTEXT)
-LONG_LENGTHS = (8300, 6100)   # past 8K; the bucket (9216) is prefilled in 3 chunks of PREFILL_CHUNK
+TEXT_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=48,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    intermediate_size=16,
+    moe_num_experts=6,
+    moe_topk=2,
+    moe_num_shared_experts=2,
+    num_hidden_layers=2,
+    max_position_embeddings=LONG_CONTEXT,
+)
+LONG_LENGTHS = (8300, 6100)  # past 8K; the bucket (9216) is prefilled in 3 chunks of PREFILL_CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -360,14 +388,15 @@ def text_pair(tmp_path_factory):
     directory = tmp_path_factory.mktemp("long_text")
     make_text_model(directory, seed=7, **TEXT_CONFIG)
     reference = transformers.AriaTextForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, experts_implementation="eager").eval()
+        directory, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     return reference, aria_jax.AriaTextForCausalLM.from_pretrained(directory, dtype="float32")
 
 
 def test_8k_prompt_logits_match_transformers(text_pair):
     reference, ours = text_pair
     ids, mask = left_padded(11, LONG_LENGTHS, TEXT_CONFIG["vocab_size"])
-    assert max(LONG_LENGTHS) ** 2 > DENSE_LIMIT      # ours attends blockwise here
+    assert max(LONG_LENGTHS) ** 2 > DENSE_LIMIT  # ours attends blockwise here
     expected = reference_logits(reference, ids, mask, cumsum_positions(mask))
     assert_logits_close(ours(ids, mask).logits, expected, mask, "8K left-padded")
 
@@ -377,7 +406,9 @@ def test_8k_prompt_greedy_generate_matches_transformers(text_pair):
     reference, ours = text_pair
     ids, mask = left_padded(12, LONG_LENGTHS, TEXT_CONFIG["vocab_size"])
     assert prompt_bucket(ids.shape[1]) > PREFILL_CHUNK
-    np.testing.assert_array_equal(ours.generate(ids, mask, max_new_tokens=20), reference_generate(reference, ids, mask, PAD_ID))
+    np.testing.assert_array_equal(
+        ours.generate(ids, mask, max_new_tokens=20), reference_generate(reference, ids, mask, PAD_ID)
+    )
 
 
 def test_chunked_prefill_is_one_shot_prefill(text_pair):
@@ -389,12 +420,31 @@ def test_chunked_prefill_is_one_shot_prefill(text_pair):
     padded_ids, padded_mask = ours.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     assert padded_ids.shape[1] == 3072
     embeds = ours._embedded(padded_ids, None, None)
-    request = check_request(2, ids.shape[1], ours.config, None, max_new_tokens=4,
-                            do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None)
+    request = check_request(
+        2,
+        ids.shape[1],
+        ours.config,
+        None,
+        max_new_tokens=4,
+        do_sample=False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stop_strings=None,
+    )
 
     def prefilled(chunk):
-        return ours.generator.prefill(ours.text_params, embeds, jnp.asarray(padded_mask), request.sampling,
-                                       request.stop_ids, cache_length=4096, max_new_tokens_capacity=1024, chunk=chunk)
+        return ours.generator.prefill(
+            ours.text_params,
+            embeds,
+            jnp.asarray(padded_mask),
+            request.sampling,
+            request.stop_ids,
+            cache_length=4096,
+            max_new_tokens_capacity=1024,
+            chunk=chunk,
+        )
 
     chunked, one_shot = prefilled(1024), prefilled(4096)
     np.testing.assert_array_equal(np.asarray(chunked.tokens), np.asarray(one_shot.tokens))
@@ -409,21 +459,24 @@ def test_chunked_prefill_is_one_shot_prefill(text_pair):
 # ----------------------------------------------------------------------------- many video frames
 
 VIDEO = TinyConfig(
-    vision=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=48,
-                image_size=140, patch_size=14),
+    vision=dict(
+        hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=48, image_size=140, patch_size=14
+    ),
     projector={25: 4, 100: 6},
     text=dict(TEXT_CONFIG, hidden_size=32, num_attention_heads=4, num_key_value_heads=4),
 )
-FRAMES = 2 * IMAGE_GROUP + 5   # the vision tower takes them in groups, the last one partial
+FRAMES = 2 * IMAGE_GROUP + 5  # the vision tower takes them in groups, the last one partial
 
 
 def test_long_video_prompt_matches_transformers(tmp_path):
     """Many half-size frames between text, in a prompt longer than a prefill chunk: logits and
     greedy tokens as transformers'."""
-    make_multimodal_model(tmp_path, seed=31, vision_overrides=VIDEO.vision,
-                          projector_patch_to_query=VIDEO.projector, **VIDEO.text)
+    make_multimodal_model(
+        tmp_path, seed=31, vision_overrides=VIDEO.vision, projector_patch_to_query=VIDEO.projector, **VIDEO.text
+    )
     reference = transformers.AriaForConditionalGeneration.from_pretrained(
-        tmp_path, dtype=torch.float32, experts_implementation="eager").eval()
+        tmp_path, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     ours = aria_jax.AriaForConditionalGeneration.from_pretrained(tmp_path, dtype="float32")
     rng = np.random.default_rng(3)
     frames = []
@@ -435,13 +488,23 @@ def test_long_video_prompt_matches_transformers(tmp_path):
     assert prompt_bucket(ids.shape[1]) > PREFILL_CHUNK and len(pixel_values) == FRAMES
 
     with torch.no_grad():
-        expected = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             position_ids=torch.from_numpy(cumsum_positions(mask)), pixel_values=torch.from_numpy(pixel_values),
-                             pixel_mask=torch.from_numpy(pixel_mask)).logits.numpy()
+        expected = reference(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(cumsum_positions(mask)),
+            pixel_values=torch.from_numpy(pixel_values),
+            pixel_mask=torch.from_numpy(pixel_mask),
+        ).logits.numpy()
         expected_tokens = reference.generate(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-            pixel_values=torch.from_numpy(pixel_values), pixel_mask=torch.from_numpy(pixel_mask),
-            do_sample=False, max_new_tokens=12, pad_token_id=PAD_ID, eos_token_id=PAD_ID).numpy()
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            pixel_values=torch.from_numpy(pixel_values),
+            pixel_mask=torch.from_numpy(pixel_mask),
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=PAD_ID,
+            eos_token_id=PAD_ID,
+        ).numpy()
     logits = ours(ids, mask, pixel_values=pixel_values, pixel_mask=pixel_mask).logits
     assert_logits_close(logits, expected, mask, f"{FRAMES} frames")
     tokens = ours.generate(ids, mask, pixel_values=pixel_values, pixel_mask=pixel_mask, max_new_tokens=12)
@@ -458,9 +521,19 @@ def test_48k_prompt_generates_in_bounded_memory(tmp_path):
     """A 48K-token prompt, generated in a fresh process: its peak resident memory stays under
     MEMORY_LIMIT_GB: one dense score matrix of this prompt would be 2 heads x 48K x 48K x 4 bytes,
     18.8 GB."""
-    make_text_model(tmp_path, seed=5, vocab_size=128, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
-                    intermediate_size=16, moe_num_experts=4, moe_topk=2, num_hidden_layers=1,
-                    max_position_embeddings=LONG_CONTEXT)
+    make_text_model(
+        tmp_path,
+        seed=5,
+        vocab_size=128,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        moe_num_experts=4,
+        moe_topk=2,
+        num_hidden_layers=1,
+        max_position_embeddings=LONG_CONTEXT,
+    )
     script = textwrap.dedent(f"""
         import json, resource
         import numpy as np

@@ -21,15 +21,23 @@ import safetensors.numpy
 import aria_jax
 from aria_jax import train
 from aria_jax.lora import (
-    ADAPTER_FILE, CONFIG_FILE, TARGET_LAYOUT, AdapterError, LoraConfig, init_adapters, load_adapters, merge_adapters,
-    save_adapters, scaled_adapters,
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    TARGET_LAYOUT,
+    AdapterError,
+    LoraConfig,
+    init_adapters,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+    scaled_adapters,
 )
 from aria_jax.modeling import AriaModel
 from tiny_models import make_multimodal_model
 
 from train_mesh_worker import IMAGE, make_batch, on_host
 
-EVERY_TARGET = LoraConfig(rank=4, alpha=8, targets=tuple(TARGET_LAYOUT))   # lm_head too
+EVERY_TARGET = LoraConfig(rank=4, alpha=8, targets=tuple(TARGET_LAYOUT))  # lm_head too
 
 
 @dataclasses.dataclass
@@ -37,8 +45,8 @@ class Tiny:
     config: aria_jax.AriaConfig
     params: dict
     batch: dict
-    forward: object           # (params, batch) -> logits
-    adapted_forward: object   # (params, scaled adapters, batch) -> logits
+    forward: object  # (params, batch) -> logits
+    adapted_forward: object  # (params, scaled adapters, batch) -> logits
 
     def logits(self, params, adapters=None) -> np.ndarray:
         """The logits of `self.batch`, with `adapters` (of EVERY_TARGET) in the model if given."""
@@ -56,18 +64,24 @@ def tiny(tmp_path_factory) -> Tiny:
     aria = AriaModel(model.config)
 
     def apply(variables, batch):
-        return aria.apply(variables, batch["input_ids"], batch["attention_mask"], None, batch["pixel_values"],
-                          batch["pixel_mask"])
+        return aria.apply(
+            variables, batch["input_ids"], batch["attention_mask"], None, batch["pixel_values"], batch["pixel_mask"]
+        )
 
-    return Tiny(model.config, model.params, batch,
-                jax.jit(lambda params, batch: apply({"params": params}, batch)),
-                jax.jit(lambda params, lora, batch: apply({"params": params, "lora": lora}, batch)))
+    return Tiny(
+        model.config,
+        model.params,
+        batch,
+        jax.jit(lambda params, batch: apply({"params": params}, batch)),
+        jax.jit(lambda params, lora, batch: apply({"params": params, "lora": lora}, batch)),
+    )
 
 
 def random_b(adapters: dict, seed: int = 0) -> dict:
     """`adapters` with every B random (fresh ones are zero): A @ B moves each weight by ~25%
     (in norm)."""
     rng = np.random.default_rng(seed)
+
     def draw(path, leaf):
         return rng.normal(0, 0.1, leaf.shape).astype(np.float32) if path[-1].key.endswith("_lora_b") else leaf
 
@@ -80,6 +94,7 @@ def target_kinds(adapters: dict) -> set[str]:
 
 def only_kind(adapters: dict, kind: str) -> dict:
     """`adapters` with every B zeroed but those of one target kind: only that kind adds anything."""
+
     def keep(path, leaf):
         name = path[-1].key
         return np.zeros_like(leaf) if name.endswith("_lora_b") and name != f"{kind}_lora_b" else leaf
@@ -94,11 +109,12 @@ def assert_close(logits, expected, tolerance, what):
 
 # ----------------------------------------------------------------------------- adapters in the model
 
+
 def test_fresh_adapters_change_nothing(tiny):
     """init_adapters: A random, B zero on every target of the decoder (and lm_head when asked),
     so the logits with them are the logits without."""
     adapters = init_adapters(tiny.params, EVERY_TARGET, jax.random.key(0))
-    assert set(adapters) == {"language_model"}    # never the vision tower or the projector
+    assert set(adapters) == {"language_model"}  # never the vision tower or the projector
     assert target_kinds(adapters) == set(TARGET_LAYOUT)
     default_targets = init_adapters(tiny.params, LoraConfig(rank=4), jax.random.key(0))
     assert target_kinds(default_targets) == set(TARGET_LAYOUT) - {"lm_head"}
@@ -136,6 +152,7 @@ def test_merged_adapters_are_the_unmerged_ones(tiny):
 
 # ----------------------------------------------------------------------------- training
 
+
 def test_lora_training_moves_only_the_adapters(tiny):
     """TrainConfig(lora=...): the trained state holds the adapters and no params; a few jitted
     steps lower the loss, move every adapter tensor and leave the base params bit-identical."""
@@ -162,6 +179,7 @@ def test_lora_training_moves_only_the_adapters(tiny):
 
 # ----------------------------------------------------------------------------- save and load
 
+
 @pytest.fixture
 def saved(tiny, tmp_path) -> tuple[str, dict]:
     """A directory written by save_adapters (adapters with random B), and the adapters."""
@@ -176,7 +194,7 @@ def test_saved_adapters_load_back_bit_for_bit(tiny, saved):
     the config, whether or not it checks them against the model."""
     directory, adapters = saved
     assert sorted(os.listdir(directory)) == sorted([ADAPTER_FILE, CONFIG_FILE])
-    for params in (tiny.params, None):   # checked against the model, or not
+    for params in (tiny.params, None):  # checked against the model, or not
         loaded, config = load_adapters(directory, params)
         assert config == EVERY_TARGET
         expected, got = on_host(adapters), on_host(loaded)
@@ -187,11 +205,13 @@ def test_saved_adapters_load_back_bit_for_bit(tiny, saved):
 
 def edit_tensors(change):
     """A corruption: `change` applied to the saved tensors, {key: array}."""
+
     def corrupt(directory):
         path = os.path.join(directory, ADAPTER_FILE)
         tensors = safetensors.numpy.load_file(path)
         change(tensors)
         safetensors.numpy.save_file(tensors, path)
+
     return corrupt
 
 
@@ -199,6 +219,7 @@ def write_config(text: str):
     def corrupt(directory):
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
             f.write(text)
+
     return corrupt
 
 
@@ -207,15 +228,18 @@ def remove(name: str):
 
 
 Q_A = "language_model.layers.self_attn.q_proj_lora_a"
-ROUTER_A = "language_model.layers.mlp.router_lora_a"   # the router is never a target
-CORRUPTIONS = {   # name: (corruption, the file the error names, what else it says)
+ROUTER_A = "language_model.layers.mlp.router_lora_a"  # the router is never a target
+CORRUPTIONS = {  # name: (corruption, the file the error names, what else it says)
     "wrong shape": (edit_tensors(lambda t: t.update({Q_A: t[Q_A][..., :2]})), ADAPTER_FILE, Q_A),
     "missing key": (edit_tensors(lambda t: t.pop(Q_A)), ADAPTER_FILE, Q_A),
     "unknown key": (edit_tensors(lambda t: t.update({ROUTER_A: t[Q_A]})), ADAPTER_FILE, ROUTER_A),
     "bad config JSON": (write_config("{not json"), CONFIG_FILE, "not a valid adapter config"),
     "config without rank": (write_config(json.dumps({"alpha": 8, "targets": ["q_proj"]})), CONFIG_FILE, "rank"),
-    "config with rank 0": (write_config(json.dumps({"rank": 0, "alpha": 8, "targets": ["q_proj"]})),
-                           CONFIG_FILE, "rank"),
+    "config with rank 0": (
+        write_config(json.dumps({"rank": 0, "alpha": 8, "targets": ["q_proj"]})),
+        CONFIG_FILE,
+        "rank",
+    ),
     "no weights file": (remove(ADAPTER_FILE), ADAPTER_FILE, "not found"),
     "no config file": (remove(CONFIG_FILE), CONFIG_FILE, "not found"),
 }
@@ -238,6 +262,7 @@ def test_saving_over_a_directory_needs_overwrite_and_leaves_it_intact(tiny, save
     """save_adapters writes a whole directory or nothing: over an existing one it refuses,
     leaving it as it was, unless told to overwrite."""
     directory, adapters = saved
+
     def contents():
         return {name: Path(directory, name).read_bytes() for name in os.listdir(directory)}
 
@@ -246,7 +271,7 @@ def test_saving_over_a_directory_needs_overwrite_and_leaves_it_intact(tiny, save
     with pytest.raises(FileExistsError, match="already exists"):
         save_adapters(other, EVERY_TARGET, directory)
     assert contents() == before
-    assert sorted(os.listdir(os.path.dirname(directory))) == ["adapters"]   # nothing half-written beside it
+    assert sorted(os.listdir(os.path.dirname(directory))) == ["adapters"]  # nothing half-written beside it
     save_adapters(other, EVERY_TARGET, directory, overwrite=True)
     loaded, _ = load_adapters(directory, tiny.params)
     lm_head_b = "language_model/lm_head_lora_b"
@@ -255,13 +280,17 @@ def test_saving_over_a_directory_needs_overwrite_and_leaves_it_intact(tiny, save
 
 # ----------------------------------------------------------------------------- the config
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(rank=0), "rank=0"),
-    (dict(rank=-2), "rank=-2"),
-    (dict(rank=2.0), "rank=2.0"),
-    (dict(targets=("q_proj", "gate_proj")), "gate_proj"),
-    (dict(targets=()), "choose from"),
-])
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(rank=0), "rank=0"),
+        (dict(rank=-2), "rank=-2"),
+        (dict(rank=2.0), "rank=2.0"),
+        (dict(targets=("q_proj", "gate_proj")), "gate_proj"),
+        (dict(targets=()), "choose from"),
+    ],
+)
 def test_lora_config_rejects_bad_settings(settings, message):
     """A rank that is not a positive integer, or targets that are unknown or none, are refused."""
     with pytest.raises(ValueError, match=message):

@@ -15,7 +15,13 @@ import pytest
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.moe import (
-    LOOP_BLOCKS, MoE, route, routed_experts_auto, routed_experts_dense, routed_experts_gathered, routed_experts_looped,
+    LOOP_BLOCKS,
+    MoE,
+    route,
+    routed_experts_auto,
+    routed_experts_dense,
+    routed_experts_gathered,
+    routed_experts_looped,
     routed_experts_sorted,
 )
 
@@ -47,11 +53,11 @@ def inputs(seed, num_tokens, num_experts, top_k, expert_ids=None):
     """(x, weights, expert_ids, gate_up, down): random x and expert weights (scaled by 1/sqrt(fan_in)),
     softmax routing weights, and distinct random expert ids per token unless `expert_ids` is given."""
     x = normal(4 * seed, (num_tokens, HIDDEN))
-    gate_up = normal(4 * seed + 1, (num_experts, HIDDEN, 2 * WIDTH), HIDDEN ** -0.5)
-    down = normal(4 * seed + 2, (num_experts, WIDTH, HIDDEN), WIDTH ** -0.5)
+    gate_up = normal(4 * seed + 1, (num_experts, HIDDEN, 2 * WIDTH), HIDDEN**-0.5)
+    down = normal(4 * seed + 2, (num_experts, WIDTH, HIDDEN), WIDTH**-0.5)
     routing = normal(4 * seed + 3, (num_tokens, num_experts + top_k))
     if expert_ids is None:
-        expert_ids = np.argsort(routing[:, :num_experts], axis=-1)[:, :top_k]   # a random k-subset
+        expert_ids = np.argsort(routing[:, :num_experts], axis=-1)[:, :top_k]  # a random k-subset
     weights = softmax(routing[:, num_experts:])
     return tuple(jnp.asarray(a) for a in (x, weights, np.asarray(expert_ids, np.int32), gate_up, down))
 
@@ -65,7 +71,7 @@ def group_sizes(expert_ids, num_experts):
 
 
 # Routings where experts get no tokens / every token, built directly.
-def _empty_experts(num_tokens):        # E=6, only experts 1 and 4 are used (0, 2, 3, 5 are empty)
+def _empty_experts(num_tokens):  # E=6, only experts 1 and 4 are used (0, 2, 3, 5 are empty)
     return [[1, 4] if t % 3 else [4, 1] for t in range(num_tokens)]
 
 
@@ -77,7 +83,7 @@ def _one_expert_in_every_token(num_tokens):  # E=4, top-3, expert 0 in every tok
     return [[0, 2, 1 + 2 * (t % 2)] for t in range(num_tokens)]
 
 
-def _last_expert_only(num_tokens):      # E=4, top-1, all to the last expert (groups before it empty)
+def _last_expert_only(num_tokens):  # E=4, top-1, all to the last expert (groups before it empty)
     return [[3] for _ in range(num_tokens)]
 
 
@@ -112,8 +118,7 @@ CASES = {
 def case(request):
     name = request.param
     tokens, experts, top_k, builder = CASES[name]
-    args = inputs(list(CASES).index(name), tokens, experts, top_k,
-                  None if builder is None else builder(tokens))
+    args = inputs(list(CASES).index(name), tokens, experts, top_k, None if builder is None else builder(tokens))
     sizes = group_sizes(args[2], experts)
     assert args[2].shape == (tokens, top_k)
     assert all(len(set(row)) == top_k for row in np.asarray(args[2]).tolist())  # distinct per token
@@ -132,7 +137,7 @@ def test_fast_paths_equal_dense(case, path):
     dense = jax.jit(routed_experts_dense)(*args)
     sorted_ = jax.jit(FAST_PATHS[path])(*args)
     assert sorted_.shape == dense.shape == args[0].shape
-    assert float(jnp.max(jnp.abs(dense))) > 0.1      # not a trivially-zero comparison
+    assert float(jnp.max(jnp.abs(dense))) > 0.1  # not a trivially-zero comparison
     diff = max_diff(sorted_, dense)
     print(f"[{name}] jitted sorted vs dense max|diff| = {diff:.2e}")
     assert diff <= TOLERANCE, f"{name}: {diff}"
@@ -151,8 +156,11 @@ def test_backends_read_a_layer_in_stacked_weights(case, path):
     on_layer = jax.jit(backend)(x, weights, expert_ids, gate_up, down)
     for layer in range(3):
         in_stack = jax.jit(functools.partial(backend, layer=layer))(x, weights, expert_ids, stack_gate_up, stack_down)
-        expected = on_layer if layer == 1 else jax.jit(backend)(x, weights, expert_ids, stack_gate_up[layer],
-                                                                 stack_down[layer])
+        expected = (
+            on_layer
+            if layer == 1
+            else jax.jit(backend)(x, weights, expert_ids, stack_gate_up[layer], stack_down[layer])
+        )
         assert max_diff(in_stack, expected) <= TOLERANCE, f"{name}, layer {layer}"
     assert max_diff(jax.jit(routed_experts_dense)(x, weights, expert_ids, gate_up, down), on_layer) <= TOLERANCE
 
@@ -192,6 +200,7 @@ def test_fast_path_gradients_equal_dense(case, path):
     def loss(fn):
         def f(x, weights, gate_up, down):
             return jnp.sum(fn(x, weights, ids, gate_up, down) * cotangent)
+
         return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
 
     ours = loss(FAST_PATHS[path])(x, weights, gate_up, down)
@@ -209,6 +218,7 @@ def test_fast_path_gradients_equal_dense(case, path):
 
 
 # ----------------------------------------------------------------------------- router
+
 
 def numpy_route(x, kernel, top_k):
     logits = x.astype(np.float64) @ kernel.astype(np.float64)
@@ -241,6 +251,7 @@ def test_route_matches_numpy(tokens, experts, top_k):
 
 # ----------------------------------------------------------------------------- the whole block
 
+
 def randomized(params, seed, router_scale=4.0):
     """Every weight ~ N(0, 1/fan_in) (the default init's stddev 0.02 makes outputs ~1e-4, too
     small for an absolute tolerance to mean anything); the router a few times larger."""
@@ -256,9 +267,15 @@ def randomized(params, seed, router_scale=4.0):
 def test_moe_module_backends_agree(experts, top_k, shared):
     """The whole block, same params, moe_backend "dense" vs every other backend."""
     config = AriaTextConfig(
-        vocab_size=64, hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=1,
-        num_attention_heads=2, moe_num_experts=experts, moe_topk=top_k,
-        moe_num_shared_experts=shared, moe_backend="dense",
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=WIDTH,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        moe_num_experts=experts,
+        moe_topk=top_k,
+        moe_num_shared_experts=shared,
+        moe_backend="dense",
     )
     x = jnp.asarray(normal(3000 + experts, (2, 11, HIDDEN)))
     shapes = jax.eval_shape(MoE(config).init, jax.random.key(0), x)
@@ -297,8 +314,16 @@ def test_the_params_with_an_expert_axis_are_those_of_the_expert_table():
     from aria_jax.expert_weights import ROUTED_EXPERT_AXES, is_routed_expert_weight
     from aria_jax.modeling import text_param_shapes
 
-    config = AriaTextConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1, moe_num_experts=4, moe_topk=2)
+    config = AriaTextConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        moe_num_experts=4,
+        moe_topk=2,
+    )
     boxed = jax.tree_util.tree_leaves_with_path(text_param_shapes(config), is_leaf=lambda x: hasattr(x, "names"))
     with_expert_axis = {path[-1].key: tuple(leaf.names) for path, leaf in boxed if "experts" in leaf.names}
     assert with_expert_axis == {name: ("layers", *axes) for name, axes in ROUTED_EXPERT_AXES.items()}

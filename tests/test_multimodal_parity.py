@@ -42,20 +42,21 @@ from tiny_models import make_multimodal_model, make_text_model
 # max |ours - reference| <= TOLERANCE * max(1, max |reference|), as in test_text_parity.py.
 TOLERANCE = 1e-4
 
-PAD_ID = 2          # pad_token_id and eos_token_id of the tiny configs
-FIRST_TEXT_ID = 3   # prompt text uses ids >= 3, never the image token
+PAD_ID = 2  # pad_token_id and eos_token_id of the tiny configs
+FIRST_TEXT_ID = 3  # prompt text uses ids >= 3, never the image token
 IMAGE_TOKEN_ID = 9
 GENERATE_TOKENS = 12
 
 
 # ----------------------------------------------------------------------------- configs
 
+
 @dataclasses.dataclass(frozen=True)
 class TinyConfig:
     vision: dict
-    projector: dict[int, int]          # patches per crop -> projector queries
+    projector: dict[int, int]  # patches per crop -> projector queries
     text: dict
-    use_processor: bool = False        # pixels from AriaImageProcessorPil (else emulated_crop)
+    use_processor: bool = False  # pixels from AriaImageProcessorPil (else emulated_crop)
     min_sizes: tuple[int, int] = (0, 0)  # min_image_size for full- and half-size crops
 
     @property
@@ -66,33 +67,76 @@ class TinyConfig:
 CONFIGS = {
     # 10x10 patches (half-size crops 5x5), 2 vision layers, MHA text, top-1 routing.
     "s140_p14_mha_top1": TinyConfig(
-        vision=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=48,
-                    image_size=140, patch_size=14),
+        vision=dict(
+            hidden_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=48,
+            image_size=140,
+            patch_size=14,
+        ),
         projector={25: 4, 100: 6},
-        text=dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-                  intermediate_size=16, moe_num_experts=4, moe_topk=1, moe_num_shared_experts=2,
-                  num_hidden_layers=2),
+        text=dict(
+            vocab_size=128,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=16,
+            moe_num_experts=4,
+            moe_topk=1,
+            moe_num_shared_experts=2,
+            num_hidden_layers=2,
+        ),
         min_sizes=(48, 24),
     ),
     # 8x8 patches (half-size 4x4), 4 vision heads of 12, GQA 6/2 text, top-2 of 6 experts.
     "s112_p14_gqa_top2": TinyConfig(
-        vision=dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=1, intermediate_size=40,
-                    image_size=112, patch_size=14),
+        vision=dict(
+            hidden_size=48,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            intermediate_size=40,
+            image_size=112,
+            patch_size=14,
+        ),
         projector={16: 3, 64: 5},
-        text=dict(vocab_size=128, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-                  intermediate_size=16, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=2,
-                  num_hidden_layers=3, rms_norm_eps=1e-5),
+        text=dict(
+            vocab_size=128,
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            intermediate_size=16,
+            moe_num_experts=6,
+            moe_topk=2,
+            moe_num_shared_experts=2,
+            num_hidden_layers=3,
+            rms_norm_eps=1e-5,
+        ),
         min_sizes=(38, 20),
     ),
     # Real 980/490 crops from AriaImageProcessorPil: 70-pixel patches, 14x14 (7x7) patches;
     # 3 vision heads of 8, 3 vision layers, GQA 4/2 text, top-3 of 5 experts, 1 shared expert.
     "s980_p70_gqa_top3_processor": TinyConfig(
-        vision=dict(hidden_size=24, num_attention_heads=3, num_hidden_layers=3, intermediate_size=36,
-                    image_size=980, patch_size=70),
+        vision=dict(
+            hidden_size=24,
+            num_attention_heads=3,
+            num_hidden_layers=3,
+            intermediate_size=36,
+            image_size=980,
+            patch_size=70,
+        ),
         projector={49: 4, 196: 7},
-        text=dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=12, moe_num_experts=5, moe_topk=3, moe_num_shared_experts=1,
-                  num_hidden_layers=2),
+        text=dict(
+            vocab_size=128,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=12,
+            moe_num_experts=5,
+            moe_topk=3,
+            moe_num_shared_experts=1,
+            num_hidden_layers=2,
+        ),
         use_processor=True,
         min_sizes=(336, 336),
     ),
@@ -100,6 +144,7 @@ CONFIGS = {
 
 
 # ----------------------------------------------------------------------------- pixels
+
 
 def noise_image(seed: int, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -131,7 +176,8 @@ def preprocess(cfg: TinyConfig, image: Image.Image, size: int, split: bool = Fal
     min_size = cfg.min_sizes[0] if size == cfg.image_size else cfg.min_sizes[1]
     if cfg.use_processor:
         out = transformers.AriaImageProcessorPil()(
-            images=[image], max_image_size=size, min_image_size=min_size, split_image=split, return_tensors="np")
+            images=[image], max_image_size=size, min_image_size=min_size, split_image=split, return_tensors="np"
+        )
         return np.asarray(out["pixel_values"], np.float32), np.asarray(out["pixel_mask"], bool)
     crops = [emulated_crop(image, size, min_size)]
     if split:
@@ -143,9 +189,9 @@ def preprocess(cfg: TinyConfig, image: Image.Image, size: int, split: bool = Fal
 
 @dataclasses.dataclass
 class Case:
-    input_ids: np.ndarray        # (B, T) int64, left-padded with PAD_ID
-    attention_mask: np.ndarray   # (B, T) int64
-    pixel_values: np.ndarray     # (N, 3, S, S) float32, crops in token order
+    input_ids: np.ndarray  # (B, T) int64, left-padded with PAD_ID
+    attention_mask: np.ndarray  # (B, T) int64
+    pixel_values: np.ndarray  # (N, 3, S, S) float32, crops in token order
     pixel_mask: np.ndarray | None
     crop_labels: list[str]
 
@@ -176,8 +222,8 @@ def build_rows(rng, rows, queries: dict[int, int], vocab_size: int):
     ids = np.full((len(rows), width), PAD_ID, np.int64)
     mask = np.zeros((len(rows), width), np.int64)
     for row, tokens in enumerate(token_rows):
-        ids[row, width - len(tokens):] = tokens
-        mask[row, width - len(tokens):] = 1
+        ids[row, width - len(tokens) :] = tokens
+        mask[row, width - len(tokens) :] = 1
     return ids, mask, np.concatenate(pixel_values), np.concatenate(pixel_masks), labels
 
 
@@ -185,7 +231,7 @@ def build_cases(cfg: TinyConfig) -> dict[str, Case]:
     full, half = cfg.image_size, cfg.image_size // 2
     patch = cfg.vision["patch_size"]
     # Image tokens per crop, keyed by the crop's side in pixels.
-    queries = {int(round(p ** 0.5)) * patch: q for p, q in cfg.projector.items()}
+    queries = {int(round(p**0.5)) * patch: q for p, q in cfg.projector.items()}
     vocab = cfg.text["vocab_size"]
     rng = np.random.default_rng(0)
 
@@ -217,19 +263,21 @@ def build_cases(cfg: TinyConfig) -> dict[str, Case]:
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @dataclasses.dataclass
 class Pair:
     name: str
     cfg: TinyConfig
     directory: str
-    reference: torch.nn.Module                     # transformers, float32
-    ours: aria_jax.AriaForConditionalGeneration    # aria-jax, float32
+    reference: torch.nn.Module  # transformers, float32
+    ours: aria_jax.AriaForConditionalGeneration  # aria-jax, float32
     cases: dict[str, Case]
 
 
 def load_reference(directory):
     return transformers.AriaForConditionalGeneration.from_pretrained(
-        directory, dtype=torch.float32, experts_implementation="eager").eval()
+        directory, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
 
 
 # Built once per config. A test that picks one config (indirect parametrization) makes pytest set
@@ -243,8 +291,13 @@ def pair(request, tmp_path_factory) -> Pair:
     if name not in _PAIRS:
         cfg = CONFIGS[name]
         directory = tmp_path_factory.mktemp(name)
-        make_multimodal_model(directory, seed=20 + list(CONFIGS).index(name), vision_overrides=cfg.vision,
-                              projector_patch_to_query=cfg.projector, **cfg.text)
+        make_multimodal_model(
+            directory,
+            seed=20 + list(CONFIGS).index(name),
+            vision_overrides=cfg.vision,
+            projector_patch_to_query=cfg.projector,
+            **cfg.text,
+        )
         reference = load_reference(directory)
         ours = aria_jax.AriaForConditionalGeneration.from_pretrained(directory, dtype="float32")
         _PAIRS[name] = Pair(name, cfg, str(directory), reference, ours, build_cases(cfg))
@@ -257,6 +310,7 @@ NO_MASK_CONFIG = "s980_p70_gqa_top3_processor"
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def torch_or_none(array):
     return None if array is None else torch.from_numpy(array)
@@ -276,24 +330,30 @@ def reference_vision_features(model, case: Case) -> np.ndarray:
     with torch.no_grad():
         pixel_mask = torch_or_none(case.pixel_mask)
         patch_attention_mask = None if pixel_mask is None else model.model._create_patch_attention_mask(pixel_mask)
-        out = model.model.vision_tower(torch.from_numpy(case.pixel_values), patch_attention_mask=patch_attention_mask,
-                                       output_hidden_states=True)
+        out = model.model.vision_tower(
+            torch.from_numpy(case.pixel_values), patch_attention_mask=patch_attention_mask, output_hidden_states=True
+        )
     return out.hidden_states[-1].numpy()
 
 
 def reference_image_features(model, case: Case) -> np.ndarray:
     with torch.no_grad():
-        return model.model.get_image_features(pixel_values=torch.from_numpy(case.pixel_values),
-                                              pixel_mask=torch_or_none(case.pixel_mask)).pooler_output.numpy()
+        return model.model.get_image_features(
+            pixel_values=torch.from_numpy(case.pixel_values), pixel_mask=torch_or_none(case.pixel_mask)
+        ).pooler_output.numpy()
 
 
 def reference_logits(model, case: Case, pixel_values=None) -> np.ndarray:
     """transformers does not derive positions from the mask in a forward call: pass them."""
     pixel_values = case.pixel_values if pixel_values is None else pixel_values
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(case.input_ids), attention_mask=torch.from_numpy(case.attention_mask),
-                     position_ids=torch.from_numpy(case.position_ids), pixel_values=torch.from_numpy(pixel_values),
-                     pixel_mask=torch_or_none(case.pixel_mask)).logits.numpy()
+        return model(
+            input_ids=torch.from_numpy(case.input_ids),
+            attention_mask=torch.from_numpy(case.attention_mask),
+            position_ids=torch.from_numpy(case.position_ids),
+            pixel_values=torch.from_numpy(pixel_values),
+            pixel_mask=torch_or_none(case.pixel_mask),
+        ).logits.numpy()
 
 
 def assert_close(ours, reference, keep, what: str) -> float:
@@ -304,16 +364,19 @@ def assert_close(ours, reference, keep, what: str) -> float:
     assert np.isfinite(ours[keep]).all(), f"{what}: non-finite values"
     diff = float(np.abs(ours[keep] - reference[keep]).max())
     scale = max(1.0, float(np.abs(reference[keep]).max()))
-    print(f"[{what}] max|diff| = {diff:.3e}  max|ref| = {scale:.3f}  ratio = {diff / scale:.2e} "
-          f"(tolerance {TOLERANCE:.0e})")
+    print(
+        f"[{what}] max|diff| = {diff:.3e}  max|ref| = {scale:.3f}  ratio = {diff / scale:.2e} "
+        f"(tolerance {TOLERANCE:.0e})"
+    )
     assert diff <= TOLERANCE * scale, f"{what}: max |diff| {diff:.3e} > {TOLERANCE} * {scale:.3f}"
     return diff
 
 
 def per_crop_report(ours, reference, keep, labels) -> str:
     ours = np.asarray(ours, np.float32)
-    return ", ".join(f"{label}: {np.abs(ours[i][keep[i]] - reference[i][keep[i]]).max():.2e}"
-                     for i, label in enumerate(labels))
+    return ", ".join(
+        f"{label}: {np.abs(ours[i][keep[i]] - reference[i][keep[i]]).max():.2e}" for i, label in enumerate(labels)
+    )
 
 
 def error_message(excinfo) -> str:
@@ -323,6 +386,7 @@ def error_message(excinfo) -> str:
 
 
 # ----------------------------------------------------------------------------- forward parity
+
 
 def test_emulated_processor_is_the_processor():
     """`emulated_crop` (used for the 140- and 112-pixel configs, which AriaImageProcessorPil
@@ -385,8 +449,9 @@ def check_logits(pair, case_name):
     """Logits at attended positions; ours derives positions from the mask (no position_ids)."""
     case = pair.cases[case_name]
     reference = reference_logits(pair.reference, case)
-    ours = pair.ours(case.input_ids, attention_mask=case.attention_mask, pixel_values=case.pixel_values,
-                     pixel_mask=case.pixel_mask).logits
+    ours = pair.ours(
+        case.input_ids, attention_mask=case.attention_mask, pixel_values=case.pixel_values, pixel_mask=case.pixel_mask
+    ).logits
     keep = case.attention_mask.astype(bool)
     assert_close(ours, reference, keep, what=f"{pair.name} {case_name} logits")
     # Not blind: the images move the reference's logits far more than the tolerance.
@@ -419,25 +484,32 @@ def test_no_pixel_mask(pair):
     ours = check_projector_output(pair, "no_pixel_mask")
     check_logits(pair, "no_pixel_mask")
     # Not blind: None is not "mask the padding", which gives other features.
-    masked = dataclasses.replace(pair.cases["no_pixel_mask"],
-                                 pixel_mask=pair.cases["full_size_two_images_and_split"].pixel_mask[:2])
+    masked = dataclasses.replace(
+        pair.cases["no_pixel_mask"], pixel_mask=pair.cases["full_size_two_images_and_split"].pixel_mask[:2]
+    )
     assert not masked.pixel_mask.all()
     assert np.abs(ours - reference_image_features(pair.reference, masked)).max() > 100 * TOLERANCE
 
 
 # ----------------------------------------------------------------------------- generation
 
+
 def reference_generate(model, case: Case) -> np.ndarray:
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.from_numpy(case.input_ids), attention_mask=torch.from_numpy(case.attention_mask),
-            pixel_values=torch.from_numpy(case.pixel_values), pixel_mask=torch_or_none(case.pixel_mask),
-            do_sample=False, max_new_tokens=GENERATE_TOKENS, pad_token_id=PAD_ID, eos_token_id=PAD_ID,
+            input_ids=torch.from_numpy(case.input_ids),
+            attention_mask=torch.from_numpy(case.attention_mask),
+            pixel_values=torch.from_numpy(case.pixel_values),
+            pixel_mask=torch_or_none(case.pixel_mask),
+            do_sample=False,
+            max_new_tokens=GENERATE_TOKENS,
+            pad_token_id=PAD_ID,
+            eos_token_id=PAD_ID,
         ).numpy()
     full = case.input_ids.shape[1] + GENERATE_TOKENS
     if out.shape[1] < full:
         # transformers stops once every row has produced eos; ours returns the full buffer.
-        assert (out[:, case.input_ids.shape[1]:] == PAD_ID).any(axis=1).all(), out
+        assert (out[:, case.input_ids.shape[1] :] == PAD_ID).any(axis=1).all(), out
         out = np.pad(out, ((0, 0), (0, full - out.shape[1])), constant_values=PAD_ID)
     return out
 
@@ -448,14 +520,16 @@ def test_greedy_generate_with_images(pair):
     case = pair.cases["full_size_two_images_and_split"]
     assert (case.input_ids == IMAGE_TOKEN_ID).any(axis=1).all()
     expected = reference_generate(pair.reference, case)
-    ours = pair.ours.generate(case.input_ids, case.attention_mask, case.pixel_values, case.pixel_mask,
-                              max_new_tokens=GENERATE_TOKENS)
+    ours = pair.ours.generate(
+        case.input_ids, case.attention_mask, case.pixel_values, case.pixel_mask, max_new_tokens=GENERATE_TOKENS
+    )
     assert ours.shape == expected.shape
-    print(f"[{pair.name} generate] {expected[:, case.input_ids.shape[1]:].tolist()}")
+    print(f"[{pair.name} generate] {expected[:, case.input_ids.shape[1] :].tolist()}")
     np.testing.assert_array_equal(ours, expected)
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def read_tensors(path) -> dict[str, np.ndarray]:
     f = SafetensorsFile(str(path))
@@ -513,16 +587,24 @@ def original_config(config: dict) -> dict:
     """The remote-code config.json: aria_moe_lm (expert width in moe_intermediate_size, an unused
     intermediate_size, rope_theta at the top) and aria_vision_model."""
     text = {k: v for k, v in config["text_config"].items() if k != "rope_parameters"}
-    text.update(model_type="aria_moe_lm", moe_intermediate_size=text["intermediate_size"], intermediate_size=13568,
-                rope_theta=config["text_config"]["rope_parameters"]["rope_theta"])
+    text.update(
+        model_type="aria_moe_lm",
+        moe_intermediate_size=text["intermediate_size"],
+        intermediate_size=13568,
+        rope_theta=config["text_config"]["rope_parameters"]["rope_theta"],
+    )
     vision = {**config["vision_config"], "model_type": "aria_vision_model"}
-    return {**{k: v for k, v in config.items() if k not in ("transformers_version", "dtype")},
-            "text_config": text, "vision_config": vision}
+    return {
+        **{k: v for k, v in config.items() if k not in ("transformers_version", "dtype")},
+        "text_config": text,
+        "vision_config": vision,
+    }
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 def assert_params_identical(actual, expected):
@@ -562,6 +644,7 @@ def test_transformers_5_naming_loads_identically(pair, tmp_path):
 
 # ----------------------------------------------------------------------------- errors
 
+
 @pytest.fixture(scope="module")
 def text_only_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("text_only")
@@ -581,12 +664,22 @@ def test_text_only_weights_under_a_multimodal_config_refused(text_only_dir, tmp_
     tower weights and points at the text model class."""
     tensors = read_tensors(os.path.join(text_only_dir, "model.safetensors"))
     text_config = load_json(os.path.join(text_only_dir, "config.json"))
-    multimodal = {"architectures": ["AriaForConditionalGeneration"], "model_type": "aria",
-                  "image_token_index": 9, "projector_patch_to_query_dict": {"1": 2, "4": 4},
-                  "text_config": text_config,
-                  "vision_config": {"model_type": "idefics3_vision", "hidden_size": 32, "num_attention_heads": 2,
-                                    "num_hidden_layers": 1, "intermediate_size": 64, "image_size": 28,
-                                    "patch_size": 14}}
+    multimodal = {
+        "architectures": ["AriaForConditionalGeneration"],
+        "model_type": "aria",
+        "image_token_index": 9,
+        "projector_patch_to_query_dict": {"1": 2, "4": 4},
+        "text_config": text_config,
+        "vision_config": {
+            "model_type": "idefics3_vision",
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "intermediate_size": 64,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+    }
     directory = write_checkpoint(tmp_path / "text_weights", tensors, multimodal)
     with pytest.raises(aria_jax.CheckpointError) as err:
         aria_jax.AriaForConditionalGeneration.from_pretrained(directory, dtype="float32")
@@ -607,8 +700,9 @@ def test_missing_vision_key_named(pair, naming, tmp_path):
         tensors = {rename(k, TO_TRANSFORMERS_5): v for k, v in tensors.items()}
         spelled = [rename(MISSING, TO_TRANSFORMERS_5)]
     elif naming == "original":
-        tensors = original_tensors(tensors, pair.ours.config.text_config.num_hidden_layers,
-                                   pair.ours.config.text_config.head_dim)
+        tensors = original_tensors(
+            tensors, pair.ours.config.text_config.num_hidden_layers, pair.ours.config.text_config.head_dim
+        )
         config = original_config(config)
         # The checkpoint's own spelling, or the canonical (hub) one.
         spelled = [rename(MISSING, TO_ORIGINAL), MISSING]
@@ -625,8 +719,14 @@ def test_image_token_count_mismatch(pair):
     """Too many or too few image tokens: a ValueError naming both counts; the rejected request
     leaves the model usable, with the same logits as before."""
     case = pair.cases["full_size_two_images_and_split"]
-    before = np.asarray(pair.ours(case.input_ids, attention_mask=case.attention_mask,
-                                  pixel_values=case.pixel_values, pixel_mask=case.pixel_mask).logits)
+    before = np.asarray(
+        pair.ours(
+            case.input_ids,
+            attention_mask=case.attention_mask,
+            pixel_values=case.pixel_values,
+            pixel_mask=case.pixel_mask,
+        ).logits
+    )
     tokens = int((case.input_ids == IMAGE_TOKEN_ID).sum())
     side = case.pixel_values.shape[-1]
     features = len(case.pixel_values) * pair.cfg.projector[(side // pair.cfg.vision["patch_size"]) ** 2]
@@ -637,12 +737,23 @@ def test_image_token_count_mismatch(pair):
         ids = case.input_ids.copy()
         ids[tuple(position)] = token
         with pytest.raises(ValueError) as err:
-            pair.ours(ids, attention_mask=case.attention_mask, pixel_values=case.pixel_values,
-                      pixel_mask=case.pixel_mask)
+            pair.ours(
+                ids, attention_mask=case.attention_mask, pixel_values=case.pixel_values, pixel_mask=case.pixel_mask
+            )
         message = error_message(err)
         assert re.search(rf"\b{count}\b", message) and re.search(rf"\b{features}\b", message), message
-    after = np.asarray(pair.ours(case.input_ids, attention_mask=case.attention_mask,
-                                 pixel_values=case.pixel_values, pixel_mask=case.pixel_mask).logits)
+    after = np.asarray(
+        pair.ours(
+            case.input_ids,
+            attention_mask=case.attention_mask,
+            pixel_values=case.pixel_values,
+            pixel_mask=case.pixel_mask,
+        ).logits
+    )
     np.testing.assert_array_equal(after, before)
-    assert_close(after, reference_logits(pair.reference, case), case.attention_mask.astype(bool),
-                 what=f"{pair.name} logits after rejected requests")
+    assert_close(
+        after,
+        reference_logits(pair.reference, case),
+        case.attention_mask.astype(bool),
+        what=f"{pair.name} logits after rejected requests",
+    )

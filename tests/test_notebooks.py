@@ -52,14 +52,20 @@ def test_kernel_runs_this_interpreter(kernel_spec_manager):
 def test_notebook_executes(path, kernel_spec_manager, notebook_timings):
     notebook = nbformat.read(path, as_version=4)
     kernel = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_spec_manager)
-    client = NotebookClient(notebook, km=kernel, timeout=CELL_TIMEOUT, startup_timeout=120,
-                            resources={"metadata": {"path": NOTEBOOK_DIR}})
+    client = NotebookClient(
+        notebook, km=kernel, timeout=CELL_TIMEOUT, startup_timeout=120, resources={"metadata": {"path": NOTEBOOK_DIR}}
+    )
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     start = time.perf_counter()
     client.execute(env=env)  # raises CellExecutionError naming the cell and the traceback
     seconds = time.perf_counter() - start
-    errors = [output for cell in notebook.cells if cell.cell_type == "code"
-              for output in cell.outputs if output.output_type == "error"]
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "error"
+    ]
     assert not errors, errors
     notebook_timings.append((notebook_id(path), seconds))
 
@@ -77,13 +83,22 @@ def test_notebook_is_committed_clean(path):
     assert first.cell_type == "markdown" and first.source.startswith("# ")
     assert BADGE + f"({COLAB_URL.format(notebook_id(path))})" in first.source
     assert second.cell_type == "code"
-    for text in ('if "google.colab" in sys.modules:', "git", "clone", "pip", "install",
-                 'os.chdir("/content/aria-jax/notebooks")'):
+    for text in (
+        'if "google.colab" in sys.modules:',
+        "git",
+        "clone",
+        "pip",
+        "install",
+        'os.chdir("/content/aria-jax/notebooks")',
+    ):
         assert text in second.source, f"the install cell lacks {text!r}"
 
 
 def test_there_are_notebooks():
     assert [notebook_id(path) for path in NOTEBOOKS] == [
-        "01_quickstart.ipynb", "02_convert_full_aria.ipynb", "03_tpu_pod_inference.ipynb", "04_finetune_lora.ipynb",
+        "01_quickstart.ipynb",
+        "02_convert_full_aria.ipynb",
+        "03_tpu_pod_inference.ipynb",
+        "04_finetune_lora.ipynb",
         "05_video.ipynb",
     ]

@@ -16,11 +16,16 @@ from aria_jax.modeling import multimodal_param_shapes
 from repo_paths import ROOT
 
 
-
 def run_plan(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "aria_jax.cli", "plan", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "aria_jax.cli", "plan", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def figure(output: str, label: str) -> float:
@@ -28,8 +33,18 @@ def figure(output: str, label: str) -> float:
 
 
 def test_full_size_plan_on_8_simulated_devices():
-    result = run_plan("--config", "configs/aria.json", "--mesh", "expert=8", "--dtype", "bfloat16",
-                      "--batch", "8", "--max-length", "1024")
+    result = run_plan(
+        "--config",
+        "configs/aria.json",
+        "--mesh",
+        "expert=8",
+        "--dtype",
+        "bfloat16",
+        "--batch",
+        "8",
+        "--max-length",
+        "1024",
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "mesh data=1, expert=8, tensor=1" in out
@@ -37,8 +52,9 @@ def test_full_size_plan_on_8_simulated_devices():
     # Params per device: the routed experts, the shared experts' width, the vocabulary and the
     # decoder attention's model dimension split 8 ways, everything else whole.
     config = config_from_pretrained(os.path.join(ROOT, "configs", "aria.json"))
-    shapes = jax.tree_util.tree_leaves_with_path(multimodal_param_shapes(config, jnp.bfloat16),
-                                                 is_leaf=lambda x: hasattr(x, "names"))
+    shapes = jax.tree_util.tree_leaves_with_path(
+        multimodal_param_shapes(config, jnp.bfloat16), is_leaf=lambda x: hasattr(x, "names")
+    )
     split_over_expert = {"experts", "shared_mlp", "vocab", "attention_embed"}
     expected = sum(math.prod(p.value.shape) * 2 // (8 if split_over_expert & set(p.names) else 1) for _, p in shapes)
     assert abs(figure(out, "params") - expected / 1e9) < 0.01

@@ -20,14 +20,22 @@ from aria_jax.hlo_cost import ProgramCost
 from aria_jax.roofline import decode_step_bytes, prefill_flops
 from repo_paths import ROOT
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="the TPU compiler (libtpu) is not installed: pip install -e '.[test]'")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="the TPU compiler (libtpu) is not installed: pip install -e '.[test]'",
+)
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "aria_jax.cli", "plan", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "aria_jax.cli", "plan", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def two_layer_config(directory) -> str:
@@ -45,9 +53,27 @@ def two_layer_config(directory) -> str:
 def plan_two_layers(directory, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:
     """The 2-layer full-width model planned on v5e:2x2 (expert=4, 2 rows, 16-token prompts, 64
     positions, bfloat16): the run, its --json plan and its decode program's optimized HLO."""
-    result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(directory), "--mesh", "expert=4",
-                      "--batch", "2", "--prompt-length", "16", "--max-length", "64", "--dtype", "bfloat16",
-                      "--json", str(directory / "plan.json"), "--dump-hlo", str(directory / "hlo"), *extra)
+    result = run_plan(
+        "--target",
+        "v5e:2x2",
+        "--config",
+        two_layer_config(directory),
+        "--mesh",
+        "expert=4",
+        "--batch",
+        "2",
+        "--prompt-length",
+        "16",
+        "--max-length",
+        "64",
+        "--dtype",
+        "bfloat16",
+        "--json",
+        str(directory / "plan.json"),
+        "--dump-hlo",
+        str(directory / "hlo"),
+        *extra,
+    )
     assert result.returncode == 0, result.stderr
     plan = json.loads((directory / "plan.json").read_text())
     return result, plan, (directory / "hlo" / "decode.txt").read_text()
@@ -64,7 +90,7 @@ def bfloat16_plan(tmp_path_factory):
 @needs_libtpu
 def test_two_layer_full_width_model_on_v5e_2x2(bfloat16_plan):
     directory, result, plan, decode_hlo = bfloat16_plan
-    assert result.stderr == ""      # no libtpu start-up trace, no warnings
+    assert result.stderr == ""  # no libtpu start-up trace, no warnings
     out = result.stdout
     assert "target v5e:2x2: 4 x TPU v5e" in out and "mesh data=1, expert=4, tensor=1" in out
     assert "not timings" in out
@@ -82,22 +108,33 @@ def test_two_layer_full_width_model_on_v5e_2x2(bfloat16_plan):
     assert dispatch.search((directory / "hlo" / "prefill.txt").read_text()) and not dispatch.search(decode_hlo)
 
     chip = plan["chip"]
-    assert (plan["target"], plan["chips"], plan["batch"], plan["prompt_length"], plan["cache_length"]) == \
-        ("v5e:2x2", 4, 2, 16, 64)
+    assert (plan["target"], plan["chips"], plan["batch"], plan["prompt_length"], plan["cache_length"]) == (
+        "v5e:2x2",
+        4,
+        2,
+        16,
+        64,
+    )
     assert chip["hbm_bytes"] == 16 * 2**30 and chip["hbm_bytes_per_second"] == 819e9
     assert [p["name"] for p in plan["programs"]] == ["prefill", "decode"]
     for program in plan["programs"]:
         assert program["refusal"] is None
         for figure in ("arguments", "outputs", "temporaries", "other_weights", "compile_seconds"):
             assert program[figure] > 0, figure
-        assert program["peak"] == program["arguments"] + program["outputs"] - program["aliased"] \
-            + program["temporaries"] + program["other_weights"]
+        assert (
+            program["peak"]
+            == program["arguments"]
+            + program["outputs"]
+            - program["aliased"]
+            + program["temporaries"]
+            + program["other_weights"]
+        )
         assert program["fits"] == (program["peak"] <= chip["hbm_bytes"])
         estimate, roofline = program["estimate"], program["roofline"]
         assert estimate["seconds"] >= estimate["seconds_cheapest"] > 0
         if program["name"] == "prefill":
-            assert 0.5 < estimate["compiler_share"] <= 1       # mostly the compiler's own cycles
-        else:   # the experts' kernels carry no compiler cycles: their declared costs
+            assert 0.5 < estimate["compiler_share"] <= 1  # mostly the compiler's own cycles
+        else:  # the experts' kernels carry no compiler cycles: their declared costs
             assert 0 < estimate["compiler_share"] < 1
         assert program["ratio"] == pytest.approx(estimate["seconds"] / roofline["seconds"])
         assert program["heaviest"] and all(item["seconds"] > 0 for item in program["heaviest"])
@@ -125,13 +162,28 @@ def test_two_layer_full_width_model_on_v5e_2x2(bfloat16_plan):
 def test_decode_rows_split_over_the_chips_keep_the_attention_weights_split(tmp_path):
     """4 rows on expert=4: each chip holds one row's cache and attends it in the decode kernel, and
     multiplies all 4 rows by its slice of the attention weights, which no chip gathers whole."""
-    result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
-                      "--batch", "4", "--prompt-length", "16", "--max-length", "64", "--dtype", "bfloat16",
-                      "--dump-hlo", str(tmp_path / "hlo"))
+    result = run_plan(
+        "--target",
+        "v5e:2x2",
+        "--config",
+        two_layer_config(tmp_path),
+        "--mesh",
+        "expert=4",
+        "--batch",
+        "4",
+        "--prompt-length",
+        "16",
+        "--max-length",
+        "64",
+        "--dtype",
+        "bfloat16",
+        "--dump-hlo",
+        str(tmp_path / "hlo"),
+    )
     assert result.returncode == 0, result.stderr
     decode_hlo = (tmp_path / "hlo" / "decode.txt").read_text()
     assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2 + 2
-    assert re.search(r"all-reduce[^\n]*self_attn/qkv", decode_hlo)         # the partial sums over the chips
+    assert re.search(r"all-reduce[^\n]*self_attn/qkv", decode_hlo)  # the partial sums over the chips
     assert not re.search(r"all-gather[^ ]* = [^\n]*bf16\[(1,)?(2560,20,128|20,128,2560)\]", decode_hlo)
 
 
@@ -143,10 +195,27 @@ def test_int8_kv_cache_halves_the_decode_cache_on_v5e(tmp_path):
     layers, batch, kv_heads, length, head_dim, chips = 2, 2, 20, 1024, 128, 4
     plans = {}
     for name, extra in (("bfloat16", ()), ("int8", ("--kv-cache-dtype", "int8"))):
-        result = run_plan("--target", "v5e:2x2", "--config", two_layer_config(tmp_path), "--mesh", "expert=4",
-                          "--batch", str(batch), "--prompt-length", "16", "--max-length", str(length),
-                          "--dtype", "bfloat16", "--json", str(tmp_path / f"{name}.json"),
-                          "--dump-hlo", str(tmp_path / name), *extra)
+        result = run_plan(
+            "--target",
+            "v5e:2x2",
+            "--config",
+            two_layer_config(tmp_path),
+            "--mesh",
+            "expert=4",
+            "--batch",
+            str(batch),
+            "--prompt-length",
+            "16",
+            "--max-length",
+            str(length),
+            "--dtype",
+            "bfloat16",
+            "--json",
+            str(tmp_path / f"{name}.json"),
+            "--dump-hlo",
+            str(tmp_path / name),
+            *extra,
+        )
         assert result.returncode == 0, result.stderr
         plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
         plans[name]["decode_hlo"] = (tmp_path / name / "decode.txt").read_text()
@@ -166,8 +235,9 @@ def test_int8_kv_cache_halves_the_decode_cache_on_v5e(tmp_path):
     assert not re.search(r"= (bf16|f32)" + layer_cache, int8_hlo), "a layer's cache dequantized whole"
     assert re.search(r"= bf16" + layer_cache, plans["bfloat16"]["decode_hlo"])
     # The decode kernel, once per layer, as for the bfloat16 cache.
-    assert int8_hlo.count('custom_call_target="tpu_custom_call"') == \
-        plans["bfloat16"]["decode_hlo"].count('custom_call_target="tpu_custom_call"')
+    assert int8_hlo.count('custom_call_target="tpu_custom_call"') == plans["bfloat16"]["decode_hlo"].count(
+        'custom_call_target="tpu_custom_call"'
+    )
 
 
 @needs_libtpu
@@ -186,11 +256,14 @@ def test_int8_weights_halve_the_params_and_are_dequantized_inside_their_matmuls(
     assert 0.5 < plans["int8"]["params_per_chip"] / plans["bfloat16"]["params_per_chip"] < 0.65
     decode = {name: next(p for p in plan["programs"] if p["name"] == "decode") for name, plan in plans.items()}
     assert decode["int8"]["temporaries"] <= decode["bfloat16"]["temporaries"] + 2**20
-    assert decode["int8"]["roofline"]["bytes"]["routed experts"] < 0.51 * decode["bfloat16"]["roofline"]["bytes"][
-        "routed experts"]
-    assert re.search(r"s8\[2,16,2560,3328\]", plans["int8"]["decode_hlo"])       # (layers, experts / 4, D, 2F)
-    assert plans["int8"]["decode_hlo"].count("stacked_grouped_matmul") == \
-        plans["bfloat16"]["decode_hlo"].count("stacked_grouped_matmul")
+    assert (
+        decode["int8"]["roofline"]["bytes"]["routed experts"]
+        < 0.51 * decode["bfloat16"]["roofline"]["bytes"]["routed experts"]
+    )
+    assert re.search(r"s8\[2,16,2560,3328\]", plans["int8"]["decode_hlo"])  # (layers, experts / 4, D, 2F)
+    assert plans["int8"]["decode_hlo"].count("stacked_grouped_matmul") == plans["bfloat16"]["decode_hlo"].count(
+        "stacked_grouped_matmul"
+    )
 
 
 def test_unsupported_target_is_a_one_line_error():
@@ -318,9 +391,9 @@ CYCLE_CLOCK = Chip("one cycle a nanosecond, everything else free", math.inf, mat
 
 def test_cycles_are_summed_with_the_trip_counts_of_nested_loops():
     cost = ProgramCost(NESTED_LOOPS_HLO, CYCLE_CLOCK)
-    inner = 5 * (7 + 1 + 2) + 2                 # 5 iterations of body + condition, then the last test
+    inner = 5 * (7 + 1 + 2) + 2  # 5 iterations of body + condition, then the last test
     outer = 4 * (inner + 11 + 0 + 3) + 3
-    data_loop = 100 + 4                          # data-dependent: counted once (its condition is free)
+    data_loop = 100 + 4  # data-dependent: counted once (its condition is free)
     start = 1000
     total = cost.total
     assert total.seconds * 1e9 == pytest.approx(start + outer + 30 + data_loop)
@@ -361,20 +434,22 @@ ENTRY %main (a: bf16[256,1024], b: bf16[1024,512], w: bf16[8,1024,512], ids: s32
 
 
 def test_what_the_compiler_does_not_estimate_costs_its_bytes_or_its_flops():
-    chip = Chip("test", peak_flops=1e12, hbm_bytes_per_second=1e9, hbm_bytes=0, interconnect_bytes_per_second=1e9,
-                clock_hz=1e9)
+    chip = Chip(
+        "test", peak_flops=1e12, hbm_bytes_per_second=1e9, hbm_bytes=0, interconnect_bytes_per_second=1e9, clock_hz=1e9
+    )
     cost = ProgramCost(CUSTOM_CALL_HLO, chip)
-    kernel_bytes = (256 * 1024 + 1024 * 512 + 256 * 512) * 2        # operands and result, bf16
+    kernel_bytes = (256 * 1024 + 1024 * 512 + 256 * 512) * 2  # operands and result, bf16
     dot_flops = 2 * 256 * 512 * 1024
-    slice_bytes = 2 * 1024 * 512 * 2                                  # reads the slice and writes it, not the stack
-    fused_slice_bytes = slice_bytes + 4                               # the same through a bitcast, and the index
+    slice_bytes = 2 * 1024 * 512 * 2  # reads the slice and writes it, not the stack
+    fused_slice_bytes = slice_bytes + 4  # the same through a bitcast, and the index
     expected = kernel_bytes / 1e9 + max(kernel_bytes / 1e9, dot_flops / 1e12) + (slice_bytes + fused_slice_bytes) / 1e9
     assert cost.total.seconds == pytest.approx(expected)
     assert cost.total.compiler_seconds == 0
     # Flops decide when they take longer than the bytes.
     compute_bound = dataclasses.replace(chip, peak_flops=1e8)
-    assert ProgramCost(CUSTOM_CALL_HLO, compute_bound).total.seconds == \
-        pytest.approx(kernel_bytes / 1e9 + dot_flops / 1e8 + (slice_bytes + fused_slice_bytes) / 1e9)
+    assert ProgramCost(CUSTOM_CALL_HLO, compute_bound).total.seconds == pytest.approx(
+        kernel_bytes / 1e9 + dot_flops / 1e8 + (slice_bytes + fused_slice_bytes) / 1e9
+    )
 
 
 @needs_libtpu
@@ -394,8 +469,14 @@ for name in ("v5e:2x2", "v6e:2x2", "v5p:2x2x1"):
     chip = CHIPS[target.chip_key]
     print(name, 2 * 4096**3 / (cycles / chip.clock_hz) / chip.peak_flops)
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode == 0, result.stderr
     fractions = dict(line.split() for line in result.stdout.splitlines())
     assert sorted(fractions) == ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
@@ -405,19 +486,27 @@ for name in ("v5e:2x2", "v6e:2x2", "v5p:2x2x1"):
 
 # -- the roofline, by hand -------------------------------------------------------------------------
 
-SMALL = AriaTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, moe_num_experts=8, moe_topk=2,
-                       moe_num_shared_experts=2)
+SMALL = AriaTextConfig(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    moe_num_experts=8,
+    moe_topk=2,
+    moe_num_shared_experts=2,
+)
 
 
 def test_decode_roofline_counts_what_a_step_must_read():
     d, head, heads, kv_heads, f, shared, experts, vocab, layers = 64, 16, 4, 2, 48, 96, 8, 1000, 3
-    attention = d * heads * head * 2 + d * kv_heads * head * 2        # q and o, k and v
+    attention = d * heads * head * 2 + d * kv_heads * head * 2  # q and o, k and v
     norms = 2 * d
     shared_experts = 3 * d * shared
     router = d * experts
     one_expert = d * 2 * f + f * d
-    for batch, touched in ((1, 2), (3, 6), (16, 8)):                  # min(experts, batch x top_k)
+    for batch, touched in ((1, 2), (3, 6), (16, 8)):  # min(experts, batch x top_k)
         parts = decode_step_bytes(SMALL, "bfloat16", batch, cache_length=40)
         assert parts["weights"] == 2 * (layers * (attention + norms + shared_experts + router) + d * vocab + d)
         assert parts["routed experts"] == 2 * layers * touched * one_expert
@@ -426,14 +515,18 @@ def test_decode_roofline_counts_what_a_step_must_read():
         # int8: a byte per number and a float32 scale per (row, kv head, position)
         int8 = decode_step_bytes(SMALL, "bfloat16", batch, cache_length=40, kv_cache_dtype="int8")
         assert int8["KV cache"] == 2 * layers * batch * 40 * kv_heads * (head + 4)
-    assert decode_step_bytes(SMALL, "float32", 1, 40)["weights"] == 2 * decode_step_bytes(SMALL, "bfloat16", 1, 40)["weights"]
+    assert (
+        decode_step_bytes(SMALL, "float32", 1, 40)["weights"]
+        == 2 * decode_step_bytes(SMALL, "bfloat16", 1, 40)["weights"]
+    )
 
 
 def test_prefill_roofline_counts_the_flops_of_the_prompt():
     d, head, heads, kv_heads, f, shared, experts, vocab, layers = 64, 16, 4, 2, 48, 96, 8, 1000, 3
     batch, length = 2, 10
-    per_token_per_layer = 2 * (d * heads * head * 2 + d * kv_heads * head * 2 + 3 * d * shared + d * experts
-                               + 2 * (d * 2 * f + f * d))               # top_k = 2 experts
+    per_token_per_layer = 2 * (
+        d * heads * head * 2 + d * kv_heads * head * 2 + 3 * d * shared + d * experts + 2 * (d * 2 * f + f * d)
+    )  # top_k = 2 experts
     attention = 2 * 2 * heads * head * (length * (length + 1) // 2) * layers
     expected = batch * length * layers * per_token_per_layer + batch * (2 * d * vocab + attention)
     assert prefill_flops(SMALL, "bfloat16", batch, length) == expected
@@ -443,7 +536,7 @@ def test_every_chip_has_the_figures_the_plan_divides_by():
     for key, chip in CHIPS.items():
         assert chip.peak_flops > 0 and chip.hbm_bytes_per_second > 0 and chip.hbm_bytes > 0, key
         assert (chip.clock_hz is None) == (key == "h100"), key
-    assert round(CHIPS["v4"].clock_hz / 1e6) == 1049      # the rule reproduces v4's published 1050 MHz
+    assert round(CHIPS["v4"].clock_hz / 1e6) == 1049  # the rule reproduces v4's published 1050 MHz
 
 
 TPU_ATTENTION_SCRIPT = """
@@ -474,7 +567,8 @@ def test_long_self_attention_compiles_to_the_flash_kernel_on_tpu():
     later chunk) attend blockwise, a loop over key blocks, and no kernel; a decode step's query
     runs the decode kernel."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-c", TPU_ATTENTION_SCRIPT], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", TPU_ATTENTION_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["1", "0", "True", "1"]

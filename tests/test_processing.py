@@ -29,14 +29,24 @@ from repo_paths import TINY_RANDOM
 IMAGE_TOKEN_ID = 9
 
 TOKENIZER_CONFIG = {
-    "add_bos_token": False, "add_eos_token": False, "add_prefix_space": True, "legacy": True,
-    "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
-    "tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False,
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "add_prefix_space": True,
+    "legacy": True,
+    "bos_token": None,
+    "eos_token": None,
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "tokenizer_class": "LlamaTokenizer",
+    "clean_up_tokenization_spaces": False,
 }
 MODEL_CONFIG = {
-    "model_type": "aria", "image_token_index": 9, "pad_token_id": 2,
+    "model_type": "aria",
+    "image_token_index": 9,
+    "pad_token_id": 2,
     "projector_patch_to_query_dict": {"1225": 128, "4900": 256},
-    "text_config": {"model_type": "aria_text", "vocab_size": 512}, "vision_config": {"patch_size": 14},
+    "text_config": {"model_type": "aria_text", "vocab_size": 512},
+    "vision_config": {"patch_size": 14},
 }
 PROMPT = "<|im_start|>user\n<fim_prefix><|img|><fim_suffix>What is in the picture?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -52,7 +62,7 @@ def checkpoint(tmp_path_factory) -> str:
         json.dump(TOKENIZER_CONFIG, f)
     tokenizer = transformers.TokenizersBackend.from_pretrained(source, extra_special_tokens={"image_token": "<|img|>"})
     transformers.AriaProcessor(
-        image_processor=transformers.AriaImageProcessorPil(), tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE,
+        image_processor=transformers.AriaImageProcessorPil(), tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE
     ).save_pretrained(out)
     with open(out / "config.json", "w") as f:
         json.dump(MODEL_CONFIG, f)
@@ -107,12 +117,12 @@ def test_batch_with_equal_crop_counts_matches_transformers(processors, side):
     ref, ours = processors
     prompts = [PROMPT, "<|img|> and <|img|>: compare the two images, please.", "no image here"]
     batch = images((40, 70), (90, 30), (50, 50))
-    expected = ref(text=prompts, images=batch, max_image_size=490, padding=True, padding_side=side,
-                   return_tensors="np")
+    expected = ref(text=prompts, images=batch, max_image_size=490, padding=True, padding_side=side, return_tensors="np")
     got = ours(text=prompts, images=batch, max_image_size=490, padding_side=side)
     assert_same_text_inputs(expected, got)
     assert got["attention_mask"].sum(axis=1).tolist() == [
-        len(ours.tokenizer.encode(p)) for p in ours.expand_image_tokens(prompts, [1, 1, 1], 490)]
+        len(ours.tokenizer.encode(p)) for p in ours.expand_image_tokens(prompts, [1, 1, 1], 490)
+    ]
     pad_columns = got["attention_mask"] == 0
     assert pad_columns.any() and (got["input_ids"][pad_columns] == ours.pad_token_id).all()
     # per-prompt nested images give the same result as the flat list
@@ -124,8 +134,15 @@ def test_split_images_with_equal_crop_counts_match_transformers(processors):
     ref, ours = processors
     prompts = ["<|img|> first", "second <|img|>"]
     batch = images((100, 400), (110, 430))  # same aspect: both split 1 x 2 at 490
-    expected = ref(text=prompts, images=batch, max_image_size=490, split_image=True, padding=True,
-                   padding_side="left", return_tensors="np")
+    expected = ref(
+        text=prompts,
+        images=batch,
+        max_image_size=490,
+        split_image=True,
+        padding=True,
+        padding_side="left",
+        return_tensors="np",
+    )
     got = ours(text=prompts, images=batch, max_image_size=490, split_image=True)
     assert got["num_crops"].tolist() == [2, 2]
     assert_same_text_inputs(expected, got)
@@ -142,8 +159,15 @@ def test_each_image_is_expanded_by_its_own_crop_count(processors):
     assert got["pixel_values"].shape[0] == sum(crops)
     assert [image_runs(row) for row in got["input_ids"]] == [[128 * crops[0], 128 * crops[1]], [128 * crops[2]]]
     # transformers gives every image the batch maximum instead (a feature count mismatch later)
-    expected = ref(text=prompts, images=batch, max_image_size=490, split_image=True, padding=True,
-                   padding_side="left", return_tensors="np")
+    expected = ref(
+        text=prompts,
+        images=batch,
+        max_image_size=490,
+        split_image=True,
+        padding=True,
+        padding_side="left",
+        return_tensors="np",
+    )
     assert int((expected["input_ids"] == IMAGE_TOKEN_ID).sum()) == 3 * 128 * max(crops) != sum(crops) * 128
 
 
@@ -164,11 +188,14 @@ def test_placeholder_image_count_mismatch_names_both_counts(processors):
 
 def test_text_helpers_match_transformers(processors):
     ref, ours = processors
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]},
-                {"role": "assistant", "content": "a cat"}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]},
+        {"role": "assistant", "content": "a cat"},
+    ]
     for generation_prompt in (False, True):
-        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == \
-            ref.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == ref.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt
+        )
     ids = ours(text=[PROMPT.replace("<|img|>", ""), "hi <|im_end|>"])["input_ids"]
     for skip in (False, True):
         assert ours.batch_decode(ids, skip_special_tokens=skip) == ref.batch_decode(ids, skip_special_tokens=skip)
@@ -187,8 +214,11 @@ def test_shipped_tiny_model_loads_in_both_libraries():
     assert ref.image_processor.max_image_size == ours.image_processor.max_image_size == 140
     assert ref.image_processor.min_image_size == ours.image_processor.min_image_size == 28
     # text side identical (transformers' image processor rejects 70 / 140, so no images there)
-    prompts = [ours.apply_chat_template([{"role": "user", "content": "Hello, tiny model!"}], add_generation_prompt=True),
-               "  two  spaces\tand a tab", ""]
+    prompts = [
+        ours.apply_chat_template([{"role": "user", "content": "Hello, tiny model!"}], add_generation_prompt=True),
+        "  two  spaces\tand a tab",
+        "",
+    ]
     expected = ref(text=prompts, padding=True, padding_side="left", return_tensors="np")
     assert_same_text_inputs(expected, ours(text=prompts))
     reference_tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_RANDOM)
@@ -196,8 +226,9 @@ def test_shipped_tiny_model_loads_in_both_libraries():
         assert ours.tokenizer.encode(text) == reference_tokenizer.encode(text)
     # our expansion at the tiny crop sizes: 8 / 16 tokens per crop, per image
     for size, queries in ((70, 8), (140, 16)):
-        got = ours(text=["<|img|>a", "b <|img|> c <|img|>"], images=images((50, 90), (40, 40), (90, 20)),
-                   max_image_size=size)
+        got = ours(
+            text=["<|img|>a", "b <|img|> c <|img|>"], images=images((50, 90), (40, 40), (90, 20)), max_image_size=size
+        )
         assert [image_runs(row) for row in got["input_ids"]] == [[queries], [queries, queries]]
         assert got["pixel_values"].shape == (3, 3, size, size)
     split = ours(text=["<|img|>", "<|img|>"], images=images((50, 300), (60, 60)), max_image_size=70, split_image=True)
@@ -210,8 +241,11 @@ def test_shipped_tiny_model_loads_in_both_libraries():
 # ----------------------------------------------------------------------------- padding, truncation, tensors
 
 PADDING_CASES = [
-    dict(padding=True), dict(padding="longest"), dict(padding="max_length", max_length=300),
-    dict(padding="longest", truncation=True, max_length=140), dict(padding="max_length", truncation=True, max_length=135),
+    dict(padding=True),
+    dict(padding="longest"),
+    dict(padding="max_length", max_length=300),
+    dict(padding="longest", truncation=True, max_length=140),
+    dict(padding="max_length", truncation=True, max_length=135),
 ]
 
 
@@ -249,20 +283,22 @@ def test_truncating_image_tokens_is_an_error(processors):
     with pytest.raises(ValueError, match=r"max_length=10 cuts row 0's image tokens \(10 of 128 kept\)"):
         ours(text=prompts, images=batch, max_image_size=490, truncation=True, max_length=10)
     # without truncation max_length only pads: rows longer than it stay whole
-    got = ours(text=prompts, images=batch, max_image_size=490, padding="max_length", max_length=10,
-               return_tensors=None)
+    got = ours(text=prompts, images=batch, max_image_size=490, padding="max_length", max_length=10, return_tensors=None)
     expected = ref(text=prompts, images=batch, max_image_size=490, padding="max_length", max_length=10)
     assert got["input_ids"] == expected["input_ids"] and min(len(row) for row in got["input_ids"]) > 10
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(padding="max_length"), "padding='max_length' needs max_length"),
-    (dict(padding="both"), "padding='both'"),
-    (dict(truncation="sideways", max_length=4), "truncation='sideways'"),
-    (dict(max_length=0), "max_length must be a positive int"),
-    (dict(return_tensors="tf"), "return_tensors='tf'"),
-    (dict(images_kwargs={"do_resize": True}), "unsupported option.*do_resize"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(padding="max_length"), "padding='max_length' needs max_length"),
+        (dict(padding="both"), "padding='both'"),
+        (dict(truncation="sideways", max_length=4), "truncation='sideways'"),
+        (dict(max_length=0), "max_length must be a positive int"),
+        (dict(return_tensors="tf"), "return_tensors='tf'"),
+        (dict(images_kwargs={"do_resize": True}), "unsupported option.*do_resize"),
+    ],
+)
 def test_bad_text_options_are_named(processors, bad, message):
     _, ours = processors
     with pytest.raises(ValueError, match=message):
@@ -272,6 +308,7 @@ def test_bad_text_options_are_named(processors, bad, message):
 def test_return_tensors_jax_and_pt(processors):
     import jax
     import torch
+
     _, ours = processors
     prompts, batch = ["<|img|> a", "b <|img|> c d"], images((40, 70), (50, 50))
     arrays = ours(text=prompts, images=batch, max_image_size=490)
@@ -290,10 +327,17 @@ def test_return_tensors_jax_and_pt(processors):
 CHAT = [{"role": "user", "content": [{"type": "text", "text": "What is shown in this image?"}]}]
 
 
-@pytest.mark.parametrize("options", [
-    dict(), dict(padding=True), dict(padding="max_length", max_length=50), dict(truncation=True, max_length=5),
-    dict(padding="longest", truncation=True, max_length=20, return_tensors="np"),
-], ids=lambda options: "-".join(map(str, options.values())) or "defaults")
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(padding=True),
+        dict(padding="max_length", max_length=50),
+        dict(truncation=True, max_length=5),
+        dict(padding="longest", truncation=True, max_length=20, return_tensors="np"),
+    ],
+    ids=lambda options: "-".join(map(str, options.values())) or "defaults",
+)
 def test_tokenized_chat_template_matches_transformers(processors, options):
     ref, ours = processors
     batch = [CHAT, CHAT + [{"role": "assistant", "content": "a cat"}] + CHAT]
@@ -325,28 +369,38 @@ def test_tokenized_chat_template_with_an_image(processors, tmp_path):
 
 # ----------------------------------------------------------------------------- decode_replies
 
+
 def test_decode_replies(processors):
     _, ours = processors
     tokenizer = ours.tokenizer
     inputs = ours(text=[PROMPT.replace("<|img|>", ""), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"])
     answers = ["A red square.", "Hello there"]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    new = [tokenizer.encode(answers[0], add_special_tokens=False) + [end] + tokenizer.encode("junk", add_special_tokens=False),
-           tokenizer.encode(answers[1], add_special_tokens=False)]
+    new = [
+        tokenizer.encode(answers[0], add_special_tokens=False)
+        + [end]
+        + tokenizer.encode("junk", add_special_tokens=False),
+        tokenizer.encode(answers[1], add_special_tokens=False),
+    ]
     width = max(len(row) for row in new)
     new = np.asarray([row + [ours.pad_token_id] * (width - len(row)) for row in new], np.int32)
     assert ours.pad_token_id in tokenizer.all_special_ids  # padding decodes to nothing
     tokens = np.concatenate([inputs["input_ids"], new], axis=1)
-    expected = [tokenizer.decode(row, skip_special_tokens=True) for row in
-                [new[0, :new[0].tolist().index(end)], new[1]]]
+    expected = [
+        tokenizer.decode(row, skip_special_tokens=True) for row in [new[0, : new[0].tolist().index(end)], new[1]]
+    ]
     assert expected == answers
-    assert ours.decode_replies(tokens, inputs) == answers       # generate's output: prompt + new tokens
-    assert ours.decode_replies(new, inputs) == answers          # the new tokens only
+    assert ours.decode_replies(tokens, inputs) == answers  # generate's output: prompt + new tokens
+    assert ours.decode_replies(new, inputs) == answers  # the new tokens only
     assert ours.decode_replies(new) == answers
     import jax.numpy as jnp
     import torch
-    assert ours.decode_replies(jnp.asarray(tokens), inputs) == ours.decode_replies(torch.from_numpy(tokens), inputs) \
+
+    assert (
+        ours.decode_replies(jnp.asarray(tokens), inputs)
+        == ours.decode_replies(torch.from_numpy(tokens), inputs)
         == answers
+    )
     assert ours.decode_replies(tokens, inputs, stop_token_ids=[new[1, 1]]) == [answers[0], tokenizer.decode(new[1, :1])]
     with pytest.raises(ValueError, match="tokens has 1 rows but inputs has 2 prompts"):
         ours.decode_replies(tokens[:1], inputs)

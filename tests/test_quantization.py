@@ -18,25 +18,39 @@ import pytest
 
 import aria_jax
 from aria_jax.moe import (
-    routed_experts_auto, routed_experts_dense, routed_experts_gathered, routed_experts_looped,
+    routed_experts_auto,
+    routed_experts_dense,
+    routed_experts_gathered,
+    routed_experts_looped,
     routed_experts_sorted,
 )
 from aria_jax.quantization import Quantization, QuantizedArray, dequantized, quantize_params
 from tiny_models import make_text_model
 
 # The tiny text model: model dimension 64 in two int4 groups of 32, four experts.
-TEXT = dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
-            moe_num_experts=4, vocab_size=160)
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    moe_num_experts=4,
+    vocab_size=160,
+)
 GROUP = 32
 LARGEST = {"int8": 127, "int4": 7}
 
 # Each quantized text weight: its input axes (full shape, layer axis first where stacked).
 INPUT_AXES = {
-    ("layers", "self_attn", "q_proj"): (1,), ("layers", "self_attn", "k_proj"): (1,),
-    ("layers", "self_attn", "v_proj"): (1,), ("layers", "self_attn", "o_proj"): (1, 2),
-    ("layers", "mlp", "experts_gate_up"): (2,), ("layers", "mlp", "experts_down"): (2,),
-    ("layers", "mlp", "shared_gate"): (1,), ("layers", "mlp", "shared_up"): (1,),
-    ("layers", "mlp", "shared_down"): (1,), ("lm_head",): (0,),
+    ("layers", "self_attn", "q_proj"): (1,),
+    ("layers", "self_attn", "k_proj"): (1,),
+    ("layers", "self_attn", "v_proj"): (1,),
+    ("layers", "self_attn", "o_proj"): (1, 2),
+    ("layers", "mlp", "experts_gate_up"): (2,),
+    ("layers", "mlp", "experts_down"): (2,),
+    ("layers", "mlp", "shared_gate"): (1,),
+    ("layers", "mlp", "shared_up"): (1,),
+    ("layers", "mlp", "shared_down"): (1,),
+    ("lm_head",): (0,),
 }
 
 
@@ -61,8 +75,12 @@ def simulated_rounding(weight: np.ndarray, input_axes: tuple[int, ...], scheme: 
 def simulated_params(params: dict, scheme: str, group: int) -> dict:
     flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert set(INPUT_AXES) <= set(flat)
-    rounded = {path: jnp.asarray(simulated_rounding(np.asarray(leaf), INPUT_AXES[path], scheme, group), jnp.float32)
-               if path in INPUT_AXES else leaf for path, leaf in flat.items()}
+    rounded = {
+        path: jnp.asarray(simulated_rounding(np.asarray(leaf), INPUT_AXES[path], scheme, group), jnp.float32)
+        if path in INPUT_AXES
+        else leaf
+        for path, leaf in flat.items()
+    }
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), list(rounded.values()))
 
 
@@ -99,7 +117,7 @@ def test_kl_is_the_schemes_own_rounding(text_dir, float_model, scheme):
     simulated = aria_jax.AriaTextForCausalLM(float_model.config, simulated_params(float_model.params, scheme, GROUP))
     kl_ours, kl_simulated = mean_kl(reference, quantized(ids).logits), mean_kl(reference, simulated(ids).logits)
     print(f"{scheme}: mean KL ours {kl_ours:.3e}, simulated {kl_simulated:.3e}")
-    assert kl_simulated > 1e-5          # the rounding is visible: the comparison can fail
+    assert kl_simulated > 1e-5  # the rounding is visible: the comparison can fail
     assert kl_ours <= 1.1 * kl_simulated and kl_simulated <= 1.1 * kl_ours
 
 
@@ -113,7 +131,8 @@ def test_quantized_weights_take_a_quarter_or_less(float_model, scheme):
     groups = 1 if scheme == "int8" else TEXT["hidden_size"] // GROUP
     assert experts["scales"].shape == (2, TEXT["moe_num_experts"], groups, 2 * TEXT["intermediate_size"])
     assert params["layers"]["self_attn"]["o_proj"]["scales"].shape == (
-        (2, 1, 1, 64) if scheme == "int8" else (2, 4, 1, 64))         # o_proj: (layers, heads, head_dim, D)
+        (2, 1, 1, 64) if scheme == "int8" else (2, 4, 1, 64)
+    )  # o_proj: (layers, heads, head_dim, D)
     for name in ("router",):
         assert params["layers"]["mlp"][name].dtype == jnp.float32
     assert params["embed_tokens"].dtype == jnp.float32
@@ -127,8 +146,9 @@ def test_every_loader_quantizes_alike(text_dir, float_model, tmp_path, scheme):
 
     from_hub = aria_jax.AriaTextForCausalLM.from_pretrained(text_dir, quantize=scheme, group_size=GROUP).params
     convert_checkpoint(text_dir, tmp_path / "converted")
-    from_converted = aria_jax.AriaTextForCausalLM.from_pretrained(tmp_path / "converted", quantize=scheme,
-                                                                  group_size=GROUP).params
+    from_converted = aria_jax.AriaTextForCausalLM.from_pretrained(
+        tmp_path / "converted", quantize=scheme, group_size=GROUP
+    ).params
     in_memory = quantize_params(float_model.params, Quantization(scheme, GROUP), "language_model")
     for other in (from_converted, in_memory):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), from_hub, other)
@@ -140,8 +160,9 @@ def test_generate_reads_quantized_weights_as_their_values(float_model, scheme):
     weights gives the tokens of the float model whose weights are their dequantized values."""
     quantization = Quantization(scheme, GROUP)
     params = quantize_params(float_model.params, quantization, "language_model")
-    as_floats = jax.tree.map(lambda w: dequantized(w, jnp.float32), _as_arrays(params),
-                             is_leaf=lambda x: isinstance(x, QuantizedArray))
+    as_floats = jax.tree.map(
+        lambda w: dequantized(w, jnp.float32), _as_arrays(params), is_leaf=lambda x: isinstance(x, QuantizedArray)
+    )
     quantized = aria_jax.AriaTextForCausalLM(float_model.config, params)
     dequantized_model = aria_jax.AriaTextForCausalLM(float_model.config, as_floats)
     ids = prompt_ids(1, (2, 12))
@@ -160,8 +181,13 @@ def _as_arrays(params):
     return params
 
 
-BACKENDS = {"dense": routed_experts_dense, "ragged_dot": routed_experts_sorted, "gathered": routed_experts_gathered,
-            "looped": routed_experts_looped, "auto": routed_experts_auto}
+BACKENDS = {
+    "dense": routed_experts_dense,
+    "ragged_dot": routed_experts_sorted,
+    "gathered": routed_experts_gathered,
+    "looped": routed_experts_looped,
+    "auto": routed_experts_auto,
+}
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -177,18 +203,21 @@ def test_moe_backends_read_quantized_experts(backend, scheme):
     quantization = Quantization(scheme, GROUP)
     stacks = {}
     for name, shape, input_axis in (("gate_up", (3, experts, d, 2 * f), 2), ("down", (3, experts, f, d), 2)):
-        values, scales = quantization.quantize(rng.normal(size=shape) / 8, ("language_model", "layers", "mlp", name),
-                                               (input_axis,))
+        values, scales = quantization.quantize(
+            rng.normal(size=shape) / 8, ("language_model", "layers", "mlp", name), (input_axis,)
+        )
         stacks[name] = QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
     for layer in range(3):
         gate_up, down = stacks["gate_up"][layer], stacks["down"][layer]
-        expected = routed_experts_dense(x, weights, ids, dequantized(gate_up, jnp.float32),
-                                        dequantized(down, jnp.float32))
+        expected = routed_experts_dense(
+            x, weights, ids, dequantized(gate_up, jnp.float32), dequantized(down, jnp.float32)
+        )
         got = jax.jit(BACKENDS[backend])(x, weights, ids, gate_up, down)
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=2e-5)
         if backend in ("gathered", "looped", "auto"):
             in_stack = jax.jit(functools.partial(BACKENDS[backend], layer=layer))(
-                x, weights, ids, stacks["gate_up"], stacks["down"])
+                x, weights, ids, stacks["gate_up"], stacks["down"]
+            )
             np.testing.assert_allclose(in_stack, expected, atol=2e-5, rtol=2e-5)
 
 
@@ -214,10 +243,16 @@ def test_quantized_conversion_round_trip(text_dir, tmp_path, scheme):
     convert_checkpoint(text_dir, converted, quantize=scheme, group_size=GROUP)
     stored = aria_jax.AriaTextForCausalLM.from_pretrained(converted)
     from_hub = aria_jax.AriaTextForCausalLM.from_pretrained(text_dir, quantize=scheme, group_size=GROUP)
-    assert stored.params["layers"]["mlp"]["experts_down"]["values"].dtype == (jnp.int8 if scheme == "int8" else jnp.int4)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stored.params, from_hub.params)
-    np.testing.assert_array_equal(stored.generate(prompt_ids(2, (1, 8)), max_new_tokens=4),
-                                  from_hub.generate(prompt_ids(2, (1, 8)), max_new_tokens=4))
+    assert stored.params["layers"]["mlp"]["experts_down"]["values"].dtype == (
+        jnp.int8 if scheme == "int8" else jnp.int4
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stored.params, from_hub.params
+    )
+    np.testing.assert_array_equal(
+        stored.generate(prompt_ids(2, (1, 8)), max_new_tokens=4),
+        from_hub.generate(prompt_ids(2, (1, 8)), max_new_tokens=4),
+    )
     other = "int4" if scheme == "int8" else "int8"
     with pytest.raises(CheckpointError, match=f"stored quantized as {scheme}"):
         aria_jax.AriaTextForCausalLM.from_pretrained(converted, quantize=other, group_size=GROUP)

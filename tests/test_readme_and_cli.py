@@ -14,7 +14,6 @@ import pytest
 from repo_paths import DEMO_MODEL, ROOT, SHAPES_PNG, TINY_RANDOM
 
 
-
 def readme_python_blocks() -> list[str]:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
@@ -24,7 +23,7 @@ def test_readme_has_python_examples():
     assert readme_python_blocks()
 
 
-README_SERVER = "http://127.0.0.1:8000"      # where the README's client example finds the server
+README_SERVER = "http://127.0.0.1:8000"  # where the README's client example finds the server
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +31,13 @@ def readme_server():
     """The README's `aria-jax serve --model models/aria-jax-demo --port 8000`, until the module ends."""
     import httpx2
 
-    for _ in range(5):      # the README's bash example may still be releasing the port
-        server = subprocess.Popen([sys.executable, "-m", "aria_jax.cli", "serve", "--model", DEMO_MODEL,
-                                   "--port", "8000"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for _ in range(5):  # the README's bash example may still be releasing the port
+        server = subprocess.Popen(
+            [sys.executable, "-m", "aria_jax.cli", "serve", "--model", DEMO_MODEL, "--port", "8000"],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 180
         while server.poll() is None and time.time() < deadline:
             try:
@@ -60,7 +63,7 @@ def test_readme_python_block_runs(block, monkeypatch, request):
         request.getfixturevalue("readme_server")
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
-    if README_SERVER in block:      # the serving examples ask the demo model about its picture
+    if README_SERVER in block:  # the serving examples ask the demo model about its picture
         assert namespace["answer"] == "triangle"
     if "Engine(" in block:
         assert namespace["answers"][0] == "triangle", namespace["answers"]
@@ -88,10 +91,16 @@ def test_readme_test_command_is_what_ci_runs():
 def test_readme_bash_block_runs(block):
     environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     environment.pop("XLA_FLAGS", None)
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env=environment)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    if "aria-jax chat" in block:   # two questions about the three yellow triangles, two answers
+    if "aria-jax chat" in block:  # two questions about the three yellow triangles, two answers
         assert result.stdout.split() == ["triangle", "yellow"], result.stdout
     if "aria-jax serve" in block:
         assert json.loads(result.stdout)["choices"][0]["message"]["content"] == "triangle", result.stdout
@@ -99,7 +108,7 @@ def test_readme_bash_block_runs(block):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "aria_jax.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "aria_jax.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
 
 
@@ -107,8 +116,17 @@ def test_generate_streams_the_answer_the_python_api_gives():
     import aria_jax
     from aria_jax.cli.generate import chat_prompt
 
-    result = run_cli("generate", "--model", TINY_RANDOM, "--image", SHAPES_PNG,
-                     "--prompt", "What shape is in the middle?", "--max-new-tokens", "6")
+    result = run_cli(
+        "generate",
+        "--model",
+        TINY_RANDOM,
+        "--image",
+        SHAPES_PNG,
+        "--prompt",
+        "What shape is in the middle?",
+        "--max-new-tokens",
+        "6",
+    )
     assert result.returncode == 0, result.stderr
     # The same answer through the Python API: greedy tokens up to <|im_end|> or eos, decoded.
     processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
@@ -116,7 +134,7 @@ def test_generate_streams_the_answer_the_python_api_gives():
     text = chat_prompt(processor, "What shape is in the middle?", 1)
     assert text.startswith("<|im_start|>user\n<fim_prefix><|img|><fim_suffix>What shape")
     inputs = processor(text=text, images=[SHAPES_PNG])
-    tokens = model.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:].tolist()
+    tokens = model.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1] :].tolist()
     stops = set(model.text_config.eos_token_id) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
     answer = tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))]
     assert result.stdout == processor.decode(answer, skip_special_tokens=True) + "\n"
@@ -128,8 +146,21 @@ def test_generate_quantizes_as_the_python_api():
     import aria_jax
     from aria_jax.cli.generate import chat_prompt
 
-    result = run_cli("generate", "--model", TINY_RANDOM, "--image", SHAPES_PNG, "--prompt", "Describe it.",
-                     "--max-new-tokens", "6", "--quantize", "int4", "--kv-cache-dtype", "int8")
+    result = run_cli(
+        "generate",
+        "--model",
+        TINY_RANDOM,
+        "--image",
+        SHAPES_PNG,
+        "--prompt",
+        "Describe it.",
+        "--max-new-tokens",
+        "6",
+        "--quantize",
+        "int4",
+        "--kv-cache-dtype",
+        "int8",
+    )
     assert result.returncode == 0, result.stderr
     processor = aria_jax.AriaProcessor.from_pretrained(TINY_RANDOM)
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, quantize="int4")
@@ -145,13 +176,18 @@ def test_sampling_options_are_checked():
     assert "top_p=0.0" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("generate", "--model", "/no/such/dir", "--prompt", "hi"), "/no/such/dir"),
-    (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens"),
-    (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--image", "/no/such.png"), "/no/such.png"),
-    (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--image", SHAPES_PNG, "--max-image-size", "100"),
-     "max_image_size=100"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("generate", "--model", "/no/such/dir", "--prompt", "hi"), "/no/such/dir"),
+        (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens"),
+        (("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--image", "/no/such.png"), "/no/such.png"),
+        (
+            ("generate", "--model", TINY_RANDOM, "--prompt", "hi", "--image", SHAPES_PNG, "--max-image-size", "100"),
+            "max_image_size=100",
+        ),
+    ],
+)
 def test_user_errors_are_one_line(args, expected):
     result = run_cli(*args)
     assert result.returncode == 2

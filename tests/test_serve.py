@@ -105,10 +105,18 @@ def image_message(question: str, images: list) -> dict:
 def solo(tiny, messages: list[dict], images: list, **settings) -> tuple[str, int, int]:
     """What generate() answers the conversation alone: (text, completion tokens, prompt tokens)."""
     model, processor = tiny
-    aria = [{"role": m["role"], "content": [{"type": "image"} if part["type"] == "image_url" else part
-                                             for part in (m["content"] if isinstance(m["content"], list)
-                                                          else [{"type": "text", "text": m["content"]}])]}
-            for m in messages]
+    aria = [
+        {
+            "role": m["role"],
+            "content": [
+                {"type": "image"} if part["type"] == "image_url" else part
+                for part in (
+                    m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+                )
+            ],
+        }
+        for m in messages
+    ]
     inputs = processor.from_messages(aria, images=images or None)
     prompt_tokens = inputs["input_ids"].shape[1]
     new = model.generate(**inputs, **settings, max_length=MAX_LENGTH)[0, prompt_tokens:]
@@ -135,15 +143,22 @@ def test_image_chat_is_generate_alone(tiny, client):
 
 def test_streaming_joins_to_the_answer_and_ends_with_done(tiny, served, client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about shapes"}]
-    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=30,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,
+        temperature=0,
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text, completion_tokens, _ = solo(tiny, messages, [], max_new_tokens=30)
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 2 and "".join(pieces) == text
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-        ["length" if completion_tokens == 30 else "stop"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "length" if completion_tokens == 30 else "stop"
+    ]
     assert chunks[-1].usage.completion_tokens == completion_tokens and not chunks[-1].choices
     # on the wire: server-sent events, the last one `data: [DONE]`
     server, _ = served
@@ -160,28 +175,49 @@ def test_stop_strings_seeds_and_plain_completions(tiny, client):
     full, _, _ = solo(tiny, messages, [], max_new_tokens=40)
     # printable text past the middle that is not one token (single-token stop strings stop on
     # that token only, in generate() as here)
-    stop = next(full[k:k + 3] for k in range(len(full) // 2, len(full) - 3)
-                if full[k:k + 3].isascii() and full[k:k + 3].isprintable() and full[k:k + 3].strip() == full[k:k + 3]
-                and len(processor.tokenizer.encode(full[k:k + 3], add_special_tokens=False)) > 1)
-    cut = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=40,
-                                         stop=[stop, "zzzz"])
+    stop = next(
+        full[k : k + 3]
+        for k in range(len(full) // 2, len(full) - 3)
+        if full[k : k + 3].isascii()
+        and full[k : k + 3].isprintable()
+        and full[k : k + 3].strip() == full[k : k + 3]
+        and len(processor.tokenizer.encode(full[k : k + 3], add_special_tokens=False)) > 1
+    )
+    cut = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, temperature=0, max_tokens=40, stop=[stop, "zzzz"]
+    )
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].message.content == solo(tiny, messages, [], max_new_tokens=40,
-                                                  stop_strings=[stop, "zzzz"])[0]
+    assert cut.choices[0].message.content == solo(tiny, messages, [], max_new_tokens=40, stop_strings=[stop, "zzzz"])[0]
     assert stop not in cut.choices[0].message.content
 
-    sampled = [client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0.9, top_p=0.95,
-                                              max_tokens=20, seed=seed, extra_body={"top_k": 50})
-               .choices[0].message.content for seed in (11, 11, 12)]
+    sampled = [
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,
+            temperature=0.9,
+            top_p=0.95,
+            max_tokens=20,
+            seed=seed,
+            extra_body={"top_k": 50},
+        )
+        .choices[0]
+        .message.content
+        for seed in (11, 11, 12)
+    ]
     assert sampled[0] == sampled[1] != sampled[2]
-    assert sampled[0] == solo(tiny, messages, [], max_new_tokens=20, do_sample=True, temperature=0.9,
-                              top_p=0.95, top_k=50, seed=11)[0]
+    assert (
+        sampled[0]
+        == solo(tiny, messages, [], max_new_tokens=20, do_sample=True, temperature=0.9, top_p=0.95, top_k=50, seed=11)[
+            0
+        ]
+    )
 
     completion = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=10, temperature=0)
     inputs = processor(text="Once upon a time")
-    new = model.generate(**inputs, max_new_tokens=10, max_length=MAX_LENGTH)[0, inputs["input_ids"].shape[1]:]
-    assert completion.choices[0].text == model.generator.answer_text(new, set(model.text_config.eos_token_id) | {
-        processor.tokenizer.encode("<|im_end|>")[0]}, ())
+    new = model.generate(**inputs, max_new_tokens=10, max_length=MAX_LENGTH)[0, inputs["input_ids"].shape[1] :]
+    assert completion.choices[0].text == model.generator.answer_text(
+        new, set(model.text_config.eos_token_id) | {processor.tokenizer.encode("<|im_end|>")[0]}, ()
+    )
     assert completion.object == "text_completion" and completion.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
 
@@ -201,9 +237,17 @@ def test_concurrent_clients_each_get_their_solo_answer(tiny, client):
 
     def ask(case):
         messages, _, settings = case
-        return client.chat.completions.create(
-            model=MODEL_NAME, messages=messages, max_tokens=settings["max_new_tokens"],
-            temperature=settings.get("temperature", 0), seed=settings.get("seed")).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=MODEL_NAME,
+                messages=messages,
+                max_tokens=settings["max_new_tokens"],
+                temperature=settings.get("temperature", 0),
+                seed=settings.get("seed"),
+            )
+            .choices[0]
+            .message.content
+        )
 
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(ask, cases))
@@ -227,13 +271,14 @@ def test_every_error_has_openai_shape_and_the_server_keeps_serving(served, clien
         return httpx2.post(url, json=body, timeout=60, **kwargs)
 
     assert error_of(post(content=b"{not json", headers={"content-type": "application/json"}), 400)
-    for field, value in (("temperature", 3), ("top_p", 0), ("max_tokens", 0), ("n", 2), ("seed", -1),
-                         ("top_k", -2)):
+    for field, value in (("temperature", 3), ("top_p", 0), ("max_tokens", 0), ("n", 2), ("seed", -1), ("top_k", -2)):
         error = error_of(post({"model": MODEL_NAME, "messages": hello, field: value}), 400)
         assert error["param"] == field, error
     assert error_of(post({"model": MODEL_NAME, "messages": []}), 400)["param"] == "messages"
-    assert "stop" in error_of(post({"model": MODEL_NAME, "messages": hello, "stop": ["a", "b", "c", "d", "e"]}),
-                              400)["param"]
+    assert (
+        "stop"
+        in error_of(post({"model": MODEL_NAME, "messages": hello, "stop": ["a", "b", "c", "d", "e"]}), 400)["param"]
+    )
 
     def with_image(url_text: str):
         part = {"type": "image_url", "image_url": {"url": url_text}}
@@ -254,7 +299,7 @@ def test_every_error_has_openai_shape_and_the_server_keeps_serving(served, clien
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=hello)
 
-    engine.max_queue = 0        # every request finds the queue full
+    engine.max_queue = 0  # every request finds the queue full
     try:
         assert error_of(post({"model": MODEL_NAME, "messages": hello}), 429)["type"] == "rate_limit_exceeded"
     finally:
@@ -284,8 +329,13 @@ def wait_until(condition, seconds: float = 30) -> None:
 
 def test_disconnect_mid_stream_frees_the_slot_and_metrics_count(served, client):
     server, engine = served
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on and on"}], "max_tokens": 90,
-            "stream": True, "temperature": 0}
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Go on and on"}],
+        "max_tokens": 90,
+        "stream": True,
+        "temperature": 0,
+    }
     with httpx2.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         first = [next(lines) for _ in range(3)]
@@ -294,11 +344,16 @@ def test_disconnect_mid_stream_frees_the_slot_and_metrics_count(served, client):
     wait_until(lambda: engine.busy_slots == 0)
     assert client.chat.completions.create(model=MODEL_NAME, messages=body["messages"], max_tokens=2).choices
     metrics = httpx2.get(f"{server.url}/metrics").text
-    for name in ("aria_jax_queue_length", "aria_jax_busy_slots", "aria_jax_time_to_first_token_seconds_bucket",
-                 "aria_jax_inter_token_latency_seconds_bucket"):
+    for name in (
+        "aria_jax_queue_length",
+        "aria_jax_busy_slots",
+        "aria_jax_time_to_first_token_seconds_bucket",
+        "aria_jax_inter_token_latency_seconds_bucket",
+    ):
         assert name in metrics, name
-    generated = float(next(line.split()[-1] for line in metrics.splitlines()
-                           if line.startswith("aria_jax_generated_tokens_total")))
+    generated = float(
+        next(line.split()[-1] for line in metrics.splitlines() if line.startswith("aria_jax_generated_tokens_total"))
+    )
     assert generated >= 3
 
 
@@ -307,8 +362,7 @@ def test_soak_of_200_requests_loses_nothing(tiny, served):
     ones, and streams dropped after a few events. Every valid one is answered exactly as
     generate() answers it alone, every invalid one gets a 400, every slot ends free."""
     server, engine = served
-    kinds = [([image_message(f"Question {k}", [SHAPES] * (k % 2))], [SHAPES] * (k % 2), 4 + 5 * k)
-             for k in range(8)]
+    kinds = [([image_message(f"Question {k}", [SHAPES] * (k % 2))], [SHAPES] * (k % 2), 4 + 5 * k) for k in range(8)]
     expected = [solo(tiny, messages, images, max_new_tokens=tokens)[0] for messages, images, tokens in kinds]
     rng = random.Random(0)
     plan = [rng.choice(["valid"] * 6 + ["invalid", "dropped"]) for _ in range(200)]

@@ -31,19 +31,32 @@ from aria_jax.sharding import LayoutError, check_layout
 
 import sharding_worker as worker
 from worker_jobs import Job
-from sharding_worker import (ENGINE_CASES, ENGINE_MAX_LENGTH, ENGINE_REQUESTS, HOST_CASES, HOST_ENGINE_LAYOUT,
-                             HOST_ENGINE_REQUESTS, HOST_ENGINE_SLOTS, INT8_CACHE_LAYOUTS, LAYOUTS, MOE_BACKENDS,
-                             NEW_TOKENS, SPLIT_ATTENTION_CASES, SPLIT_CACHE_LAYOUTS, TEXT_LAYOUT, TINY_RANDOM,
-                             layout_name)
+from sharding_worker import (
+    ENGINE_CASES,
+    ENGINE_MAX_LENGTH,
+    ENGINE_REQUESTS,
+    HOST_CASES,
+    HOST_ENGINE_LAYOUT,
+    HOST_ENGINE_REQUESTS,
+    HOST_ENGINE_SLOTS,
+    INT8_CACHE_LAYOUTS,
+    LAYOUTS,
+    MOE_BACKENDS,
+    NEW_TOKENS,
+    SPLIT_ATTENTION_CASES,
+    SPLIT_CACHE_LAYOUTS,
+    TEXT_LAYOUT,
+    TINY_RANDOM,
+    layout_name,
+)
 
 WORKER = os.path.abspath(worker.__file__)
-TIMEOUT = 240             # seconds, for every subprocess
-LOGIT_TOLERANCE = 1e-5    # max |mesh - single device| <= LOGIT_TOLERANCE * max(1, max |single device|)
-NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512   # models/tiny-random
+TIMEOUT = 240  # seconds, for every subprocess
+LOGIT_TOLERANCE = 1e-5  # max |mesh - single device| <= LOGIT_TOLERANCE * max(1, max |single device|)
+NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512  # models/tiny-random
 
 # What the 8-device process runs (see sharding_worker.main_mesh).
-MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized", "int8_cache",
-              "engine"]
+MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized", "int8_cache", "engine"]
 
 
 def within_tolerance(diff: float, scale: float) -> bool:
@@ -55,6 +68,7 @@ def abstract_mesh(data, expert, tensor) -> AbstractMesh:
 
 
 # ----------------------------------------------------------------------------- subprocesses
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -72,7 +86,8 @@ def jobs():
             port = str(free_port())
             for process_id in range(2):
                 started[f"host{process_id}"] = Job(
-                    f"host{process_id}", WORKER, ["host", str(process_id), port, directory], 2, directory)
+                    f"host{process_id}", WORKER, ["host", str(process_id), port, directory], 2, directory
+                )
             yield started
         finally:
             for job in started.values():
@@ -103,18 +118,29 @@ def reference(jobs):
     text_logits = np.asarray(aria_jax.AriaTextForCausalLM.from_pretrained(TINY_RANDOM)(ids, mask).logits)
     quantized = {}
     for scheme, _ in worker.QUANTIZED_CASES:
-        model = aria_jax.AriaForConditionalGeneration.from_pretrained(TINY_RANDOM, quantize=scheme,
-                                                                      group_size=worker.QUANTIZED_GROUP)
-        quantized[scheme] = {"tokens": model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None),
-                             "logits": np.asarray(model(**inputs).logits)}
-    return {"inputs": inputs, "tokens": tokens, "int8_tokens": int8_tokens, "logits": logits, "rows": rows,
-            "text_logits": text_logits, "quantized": quantized, "answers": answers}
+        model = aria_jax.AriaForConditionalGeneration.from_pretrained(
+            TINY_RANDOM, quantize=scheme, group_size=worker.QUANTIZED_GROUP
+        )
+        quantized[scheme] = {
+            "tokens": model.generate(**inputs, max_new_tokens=NEW_TOKENS, stop_strings=None),
+            "logits": np.asarray(model(**inputs).logits),
+        }
+    return {
+        "inputs": inputs,
+        "tokens": tokens,
+        "int8_tokens": int8_tokens,
+        "logits": logits,
+        "rows": rows,
+        "text_logits": text_logits,
+        "quantized": quantized,
+        "answers": answers,
+    }
 
 
 def solo_answer(model, request: dict) -> list[int]:
     """A request's answer from `generate` alone: its new tokens through the first stop id, as an
     engine's completion holds them (generate pads after it)."""
-    new_tokens = model.generate(**request)[0, request["input_ids"].shape[1]:].tolist()
+    new_tokens = model.generate(**request)[0, request["input_ids"].shape[1] :].tolist()
     stop_strings = check_stop_strings(request["stop_strings"], model.tokenizer)
     stop_ids = set(split_stop_strings(stop_strings, model.text_config, model.tokenizer)[0].tolist())
     end = next((k + 1 for k, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
@@ -136,6 +162,7 @@ def host_results(jobs, reference):
 
 # ----------------------------------------------------------------------------- the batch
 
+
 def test_reference_batch_is_padded_and_rows_differ(reference):
     mask = np.asarray(reference["inputs"]["attention_mask"])
     assert mask.shape[0] == 4 and (mask == 0).any(), "the batch should need padding"
@@ -145,6 +172,7 @@ def test_reference_batch_is_padded_and_rows_differ(reference):
 
 
 # ----------------------------------------------------------------------------- 8 devices: the model
+
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
 def test_greedy_tokens_match_single_device(mesh_results, reference, layout):
@@ -246,14 +274,15 @@ def test_quantized_model_on_mesh_is_the_single_device_one(mesh_results, referenc
     diff, scale = float(np.abs(logits - single["logits"]).max()), float(np.abs(single["logits"]).max())
     assert within_tolerance(diff, scale), f"max |diff| {diff:.3g} at scale {scale:.3g}"
     assert run["tokens"] == single["tokens"].tolist()
-    assert float(np.abs(single["logits"] - reference["logits"]).max()) > 1e-3     # quantization is visible
+    assert float(np.abs(single["logits"] - reference["logits"]).max()) > 1e-3  # quantization is visible
     _, expert, tensor = layout
     assert_split(run["values"], 1, "expert", expert, 8, {2: tensor})
-    groups_split = {2: tensor} if scheme == "int4" else {}         # int8: one scale per output column
+    groups_split = {2: tensor} if scheme == "int4" else {}  # int8: one scale per output column
     assert_split(run["scales"], 1, "expert", expert, 8, groups_split)
 
 
 # ----------------------------------------------------------------------------- 8 devices: the MoE layer
+
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_name)
 @pytest.mark.parametrize("backend", MOE_BACKENDS)
@@ -283,6 +312,7 @@ def test_moe_token_dispatch_matches_single_device(mesh_results, backend, layout,
 
 # ----------------------------------------------------------------------------- 8 devices: a cache split over positions
 
+
 def position_axes(layout):
     """The axes a tiny cache splits its positions over, as its spec names them: those that neither
     its rows (4 or 2 of them, splitting over data x expert only when that divides) nor its 2 heads
@@ -297,7 +327,7 @@ def test_attention_over_a_split_cache_is_the_dense_one(mesh_results, case):
     layout = tuple(SPLIT_ATTENTION_CASES[case][0])
     assert run["case"][0] == list(layout)
     assert run["max_diff"] <= 1e-5, run
-    if SPLIT_ATTENTION_CASES[case][5] <= 8:        # a decode step's few queries: the decode kernel too
+    if SPLIT_ATTENTION_CASES[case][5] <= 8:  # a decode step's few queries: the decode kernel too
         assert run["kernel_max_diff"] <= 1e-5, run
     assert run["cache_diff"] == 0.0, "the new keys and values are written exactly where they belong"
     assert run["cache_spec"][2] == position_axes(layout), run["cache_spec"]
@@ -342,8 +372,10 @@ def test_engine_requests_reuse_slots_and_one_stops_early(reference):
     assert all(len(ENGINE_REQUESTS) > num_slots for _, num_slots in ENGINE_CASES)
     assert HOST_ENGINE_REQUESTS > HOST_ENGINE_SLOTS
     assert any(image is not None for _, image, _, _ in ENGINE_REQUESTS[:HOST_ENGINE_REQUESTS])
-    lengths = [(len(answer), max_new_tokens) for answer, (_, _, max_new_tokens, _)
-               in zip(reference["answers"], ENGINE_REQUESTS)]
+    lengths = [
+        (len(answer), max_new_tokens)
+        for answer, (_, _, max_new_tokens, _) in zip(reference["answers"], ENGINE_REQUESTS)
+    ]
     assert any(length < max_new_tokens for length, max_new_tokens in lengths[:HOST_ENGINE_REQUESTS]), lengths
 
 
@@ -375,9 +407,17 @@ def test_chunked_prefill_into_a_split_cache_is_one_shot_prefill(mesh_results, la
 
 # ----------------------------------------------------------------------------- layout errors
 
-TWENTY_HEADS = AriaTextConfig(vocab_size=640, hidden_size=320, intermediate_size=40, num_hidden_layers=1,
-                              num_attention_heads=20, num_key_value_heads=20, moe_num_experts=8, moe_topk=2,
-                              moe_num_shared_experts=1)
+TWENTY_HEADS = AriaTextConfig(
+    vocab_size=640,
+    hidden_size=320,
+    intermediate_size=40,
+    num_hidden_layers=1,
+    num_attention_heads=20,
+    num_key_value_heads=20,
+    moe_num_experts=8,
+    moe_topk=2,
+    moe_num_shared_experts=1,
+)
 
 
 def test_heads_that_do_not_divide_over_tensor():

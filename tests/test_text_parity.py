@@ -29,10 +29,10 @@ from tiny_models import make_multimodal_model, make_text_model
 # max |ours - reference| <= LOGIT_TOLERANCE * max(1, max |reference|), over attended positions.
 LOGIT_TOLERANCE = 1e-4
 
-PAD_ID = 2          # pad_token_id and eos_token_id of the tiny configs (transformers' defaults)
-FIRST_TEXT_ID = 3   # prompts use ids >= 3: no bos/eos/pad inside a prompt
+PAD_ID = 2  # pad_token_id and eos_token_id of the tiny configs (transformers' defaults)
+FIRST_TEXT_ID = 3  # prompts use ids >= 3: no bos/eos/pad inside a prompt
 IMAGE_TOKEN_ID = 9  # AriaForConditionalGeneration's image token; never in a text-only prompt
-LONG_PROMPT = 520   # > 512 positions, so RoPE is exercised far from 0 (rope_theta 10000)
+LONG_PROMPT = 520  # > 512 positions, so RoPE is exercised far from 0 (rope_theta 10000)
 
 # Every config is valid for both transformers and aria-jax: hidden_size % heads == 0 and an even
 # head_dim. "odd_hidden" gets an odd hidden size (33) by giving head_dim explicitly (3 heads x 10
@@ -40,23 +40,50 @@ LONG_PROMPT = 520   # > 512 positions, so RoPE is exercised far from 0 (rope_the
 # too. rope_theta is 10000 everywhere (tiny_models.TEXT_DEFAULTS).
 CONFIGS = {
     "mha_top1_1layer": dict(
-        vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=16, moe_num_experts=4, moe_topk=1, moe_num_shared_experts=2,
+        vocab_size=128,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=16,
+        moe_num_experts=4,
+        moe_topk=1,
+        moe_num_shared_experts=2,
         num_hidden_layers=1,
     ),
     "gqa6x2_top2_3layers": dict(
-        vocab_size=128, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-        intermediate_size=16, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=2,
-        num_hidden_layers=3, rms_norm_eps=1e-5,
+        vocab_size=128,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        moe_num_experts=6,
+        moe_topk=2,
+        moe_num_shared_experts=2,
+        num_hidden_layers=3,
+        rms_norm_eps=1e-5,
     ),
     "gqa4x2_topk_eq_experts_shared1": dict(
-        vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=12, moe_num_experts=3, moe_topk=3, moe_num_shared_experts=1,
-        num_hidden_layers=2, hidden_act="gelu_pytorch_tanh",
+        vocab_size=128,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=12,
+        moe_num_experts=3,
+        moe_topk=3,
+        moe_num_shared_experts=1,
+        num_hidden_layers=2,
+        hidden_act="gelu_pytorch_tanh",
     ),
     "odd_hidden33_gqa3x1_3layers": dict(
-        vocab_size=97, hidden_size=33, num_attention_heads=3, num_key_value_heads=1, head_dim=10,
-        intermediate_size=11, moe_num_experts=5, moe_topk=2, moe_num_shared_experts=3,
+        vocab_size=97,
+        hidden_size=33,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=10,
+        intermediate_size=11,
+        moe_num_experts=5,
+        moe_topk=2,
+        moe_num_shared_experts=3,
         num_hidden_layers=3,
     ),
 }
@@ -65,8 +92,8 @@ CONFIGS = {
 @dataclasses.dataclass
 class Pair:
     name: str
-    reference: torch.nn.Module               # transformers, float32
-    ours: aria_jax.AriaTextForCausalLM       # aria-jax, float32
+    reference: torch.nn.Module  # transformers, float32
+    ours: aria_jax.AriaTextForCausalLM  # aria-jax, float32
 
     @property
     def vocab_size(self) -> int:
@@ -89,6 +116,7 @@ def pair(request, tmp_path_factory) -> Pair:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def random_ids(seed: int, shape, vocab_size: int) -> np.ndarray:
     ids = np.random.default_rng(seed).integers(FIRST_TEXT_ID, vocab_size, size=shape)
     return np.where(ids == IMAGE_TOKEN_ID, IMAGE_TOKEN_ID + 1, ids).astype(np.int64)
@@ -101,7 +129,7 @@ def left_padded(seed: int, lengths, vocab_size: int) -> tuple[np.ndarray, np.nda
     mask = np.zeros((len(lengths), width), np.int64)
     for row, length in enumerate(lengths):
         ids[row, : width - length] = PAD_ID
-        mask[row, width - length:] = 1
+        mask[row, width - length :] = 1
     return ids, mask
 
 
@@ -127,11 +155,11 @@ def assert_logits_close(ours, reference, mask=None, what="") -> float:
     assert np.isfinite(ours[keep]).all(), f"{what}: non-finite logits at attended positions"
     diff = float(np.abs(ours[keep] - reference[keep]).max())
     scale = max(1.0, float(np.abs(reference[keep]).max()))
-    print(f"[{what}] max|diff| = {diff:.3e}  max|logit| = {scale:.3f}  "
-          f"ratio = {diff / scale:.2e} (tolerance {LOGIT_TOLERANCE:.0e})")
-    assert diff <= LOGIT_TOLERANCE * scale, (
-        f"{what}: max |logit diff| {diff:.3e} > {LOGIT_TOLERANCE} * {scale:.3f}"
+    print(
+        f"[{what}] max|diff| = {diff:.3e}  max|logit| = {scale:.3f}  "
+        f"ratio = {diff / scale:.2e} (tolerance {LOGIT_TOLERANCE:.0e})"
     )
+    assert diff <= LOGIT_TOLERANCE * scale, f"{what}: max |logit diff| {diff:.3e} > {LOGIT_TOLERANCE} * {scale:.3f}"
     return diff
 
 
@@ -201,7 +229,7 @@ def test_router_choices_match(pair):
             hook.remove()
     config = pair.ours.config
     assert len(captured) == config.num_hidden_layers
-    kernels = np.asarray(pair.ours.params["layers"]["mlp"]["router"])   # (layers, D, E)
+    kernels = np.asarray(pair.ours.params["layers"]["mlp"]["router"])  # (layers, D, E)
     for layer, (hidden, (ref_logits, ref_weights, ref_ids)) in enumerate(captured):
         logits, weights, ids = route(jnp.asarray(hidden.numpy()), jnp.asarray(kernels[layer]), config.moe_topk)
         np.testing.assert_allclose(np.asarray(logits), ref_logits.numpy(), rtol=0, atol=1e-5)
@@ -210,14 +238,18 @@ def test_router_choices_match(pair):
             margin = (sorted_logits[:, config.moe_topk - 1] - sorted_logits[:, config.moe_topk]).min()
             print(f"[{pair.name} layer {layer}] smallest top-k margin {margin:.3e}")
         order, ref_order = np.argsort(np.asarray(ids), -1), np.argsort(ref_ids.numpy(), -1)
-        np.testing.assert_array_equal(np.take_along_axis(np.asarray(ids), order, -1),
-                                      np.take_along_axis(ref_ids.numpy(), ref_order, -1))
+        np.testing.assert_array_equal(
+            np.take_along_axis(np.asarray(ids), order, -1), np.take_along_axis(ref_ids.numpy(), ref_order, -1)
+        )
         # Softmax moves by at most the largest change of its inputs, so the weights may differ by
         # as much as the logits do (plus rounding), and no more.
         logit_error = float(np.abs(np.asarray(logits) - ref_logits.numpy()).max())
-        np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, -1),
-                                   np.take_along_axis(ref_weights.numpy(), ref_order, -1),
-                                   rtol=0, atol=logit_error + 1e-7)
+        np.testing.assert_allclose(
+            np.take_along_axis(np.asarray(weights), order, -1),
+            np.take_along_axis(ref_weights.numpy(), ref_order, -1),
+            rtol=0,
+            atol=logit_error + 1e-7,
+        )
 
 
 # ----------------------------------------------------------------------------- generation
@@ -228,14 +260,18 @@ GENERATE_TOKENS = 20
 def reference_generate(model, ids, mask, eos_token_id) -> np.ndarray:
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-            max_new_tokens=GENERATE_TOKENS, pad_token_id=PAD_ID, eos_token_id=eos_token_id,
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            do_sample=False,
+            max_new_tokens=GENERATE_TOKENS,
+            pad_token_id=PAD_ID,
+            eos_token_id=eos_token_id,
         ).numpy()
     full = ids.shape[1] + GENERATE_TOKENS
     if out.shape[1] < full:
         # transformers stops once every row has produced eos; ours always returns the full
         # buffer. Only legitimate if every row did stop.
-        new = out[:, ids.shape[1]:]
+        new = out[:, ids.shape[1] :]
         assert np.isin(new, [eos_token_id]).any(axis=1).all(), out
         out = np.pad(out, ((0, 0), (0, full - out.shape[1])), constant_values=PAD_ID)
     return out
@@ -261,12 +297,15 @@ def test_greedy_generate_pads_after_eos(pair):
     ids, mask = left_padded(5, GENERATE_LENGTHS, pair.vocab_size)
     prompt = ids.shape[1]
     new = reference_generate(pair.reference, ids, mask, PAD_ID)[:, prompt:]
-    candidates = [(step, int(token)) for step, token in enumerate(new[0, : GENERATE_TOKENS - 3])
-                  if step >= 1 and token != PAD_ID and token not in new[0, :step] and token not in new[1]]
+    candidates = [
+        (step, int(token))
+        for step, token in enumerate(new[0, : GENERATE_TOKENS - 3])
+        if step >= 1 and token != PAD_ID and token not in new[0, :step] and token not in new[1]
+    ]
     assert candidates, f"no token usable as a mid-generation eos in {new}"
     step, eos = candidates[0]
     expected = reference_generate(pair.reference, ids, mask, eos)
-    assert (expected[0, prompt + step + 1:] == PAD_ID).all(), "reference did not stop row 0 at the eos"
+    assert (expected[0, prompt + step + 1 :] == PAD_ID).all(), "reference did not stop row 0 at the eos"
     assert (expected[1, prompt:] != PAD_ID).all(), "reference stopped row 1"
     with_eos = aria_jax.AriaTextForCausalLM(
         dataclasses.replace(pair.ours.config, eos_token_id=(eos,)), pair.ours.params, "float32"
@@ -275,6 +314,7 @@ def test_greedy_generate_pads_after_eos(pair):
 
 
 # ----------------------------------------------------------------------------- multimodal checkpoint
+
 
 def test_multimodal_checkpoint_text_logits(tmp_path_factory):
     """The text model of an `AriaForConditionalGeneration` checkpoint (language_model.* keys,

@@ -40,19 +40,27 @@ from aria_jax.tokenizer import DEFAULT_CHAT_TEMPLATE, AriaTokenizer, ChatTemplat
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<|img|>"]
 VOCAB_SIZE = 2000
 
-WORDS = ("the quick brown fox jumps over lazy dog image describe picture model token value function "
-         "return import class self data train test tensor matrix vector hello world Aria mixture "
-         "experts vision language multimodal").split()
-CJK = ("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心多天"
-       "而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外但身些")
+WORDS = (
+    "the quick brown fox jumps over lazy dog image describe picture model token value function "
+    "return import class self data train test tensor matrix vector hello world Aria mixture "
+    "experts vision language multimodal"
+).split()
+CJK = (
+    "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心多天"
+    "而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外但身些"
+)
 KANA_HANGUL = "こんにちは世界テキストです한국어텍스트입니다"
 ARABIC = "مرحبا بالعالم هذا نموذج لغوي كبير يفهم الصور والنصوص العربية".split()
 CYRILLIC = "Привет мир это большая языковая модель которая понимает изображения и текст".split()
 EMOJI = ["😀", "🎉", "👍🏽", "🇯🇵", "❤️", "👨\u200d👩\u200d👧", "🤖", "✨", "🔥"]
 CODE = [
-    "def f(x):\n    return x * 2\n", "for (int i = 0; i < n; ++i) {\n\ta[i] += 1;\n}",
-    "import numpy as np\nx = np.zeros((3, 4), dtype=np.float32)", "if a == b and c != d:\n        pass",
-    "SELECT * FROM users WHERE id = 42;", "<div class=\"x\">&nbsp;</div>", "{\"key\": [1, 2, 3]}",
+    "def f(x):\n    return x * 2\n",
+    "for (int i = 0; i < n; ++i) {\n\ta[i] += 1;\n}",
+    "import numpy as np\nx = np.zeros((3, 4), dtype=np.float32)",
+    "if a == b and c != d:\n        pass",
+    "SELECT * FROM users WHERE id = 42;",
+    '<div class="x">&nbsp;</div>',
+    '{"key": [1, 2, 3]}',
 ]
 
 
@@ -77,27 +85,95 @@ def corpus_lines(seed: int, count: int) -> list[str]:
         elif kind == 6:
             lines.append("    " * rng.randint(1, 3) + " ".join(rng.choice(WORDS) for _ in range(4)))
         else:
-            lines.append(rng.choice(WORDS).upper() + ", " + rng.choice(WORDS) + "! " + rng.choice(EMOJI)
-                         + " café naïve Ωmega")
+            lines.append(
+                rng.choice(WORDS).upper() + ", " + rng.choice(WORDS) + "! " + rng.choice(EMOJI) + " café naïve Ωmega"
+            )
     return lines
 
 
 FIXED_PROBES = [
-    "", " ", "  ", "\n", "\t", "Hello world", " Hello world", "  leading two", "trailing  ", "a  b   c    d",
-    "line1\nline2\n\nline4", "tab\tseparated\tvalues", "mixed \t \n whitespace", "a\r\nb", "\r\n\r\n",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\t",
+    "Hello world",
+    " Hello world",
+    "  leading two",
+    "trailing  ",
+    "a  b   c    d",
+    "line1\nline2\n\nline4",
+    "tab\tseparated\tvalues",
+    "mixed \t \n whitespace",
+    "a\r\nb",
+    "\r\n\r\n",
     "<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n",
-    "<|im_start|><|im_end|>", "x<|img|>y", "<|img|><|img|><|img|>", " <|img|> ",
-    "<fim_prefix><|img|><fim_suffix>what is this?", "<|im_start|> user", "text<|im_end|>", "<|im_end|>text",
-    "<|im_start|", "|im_start|>", "<|im_start|><|im_start|>x", "<s>bos</s>eos<unk>unk", "<s> spaced </s>",
-    "<pad>", "<pad> x", "a<pad>b", " <pad> <new>x", "<new><pad>", "x <new>",
-    "café", "e\u0301", "\ufb01\u0301x", "ｈｅｌｌｏ\u3000ｗｏｒｌｄ", "①②③", "x\u00a0y", "\u200bzero width", "a\u200db",
-    "日本語のテキスト", "中文文本测试", "한국어 텍스트", "مرحبا بالعالم", "Привет, мир!", "Ελληνικά", "עברית",
-    "😀", "👍🏽 ok", "🇯🇵🇫🇷", "👨\u200d👩\u200d👧 family", "❤️", "emoji😀inside", "\U0001F9EA new emoji",
-    "12345", "3.14159", "1,000,000", "0x1F", "2024-01-01T00:00:00Z",
-    "def f(x):\n    return x\n", "\tif (a) {\n\t\tb();\n\t}", "```python\nprint('hi')\n```",
-    "\u2581already\u2581has\u2581metaspace", "<0x41>", "<0xZZ>", "\x00nul", "\x7f", "\ufffd", "\U0010FFFF",
-    "ALL CAPS TEXT", "MiXeD cAsE", "snake_case_name", "kebab-case-name", "CamelCaseName",
-    "a" * 50, " " * 17, "ab" * 30, "\n" * 5, "." * 9,
+    "<|im_start|><|im_end|>",
+    "x<|img|>y",
+    "<|img|><|img|><|img|>",
+    " <|img|> ",
+    "<fim_prefix><|img|><fim_suffix>what is this?",
+    "<|im_start|> user",
+    "text<|im_end|>",
+    "<|im_end|>text",
+    "<|im_start|",
+    "|im_start|>",
+    "<|im_start|><|im_start|>x",
+    "<s>bos</s>eos<unk>unk",
+    "<s> spaced </s>",
+    "<pad>",
+    "<pad> x",
+    "a<pad>b",
+    " <pad> <new>x",
+    "<new><pad>",
+    "x <new>",
+    "café",
+    "e\u0301",
+    "\ufb01\u0301x",
+    "ｈｅｌｌｏ\u3000ｗｏｒｌｄ",
+    "①②③",
+    "x\u00a0y",
+    "\u200bzero width",
+    "a\u200db",
+    "日本語のテキスト",
+    "中文文本测试",
+    "한국어 텍스트",
+    "مرحبا بالعالم",
+    "Привет, мир!",
+    "Ελληνικά",
+    "עברית",
+    "😀",
+    "👍🏽 ok",
+    "🇯🇵🇫🇷",
+    "👨\u200d👩\u200d👧 family",
+    "❤️",
+    "emoji😀inside",
+    "\U0001f9ea new emoji",
+    "12345",
+    "3.14159",
+    "1,000,000",
+    "0x1F",
+    "2024-01-01T00:00:00Z",
+    "def f(x):\n    return x\n",
+    "\tif (a) {\n\t\tb();\n\t}",
+    "```python\nprint('hi')\n```",
+    "\u2581already\u2581has\u2581metaspace",
+    "<0x41>",
+    "<0xZZ>",
+    "\x00nul",
+    "\x7f",
+    "\ufffd",
+    "\U0010ffff",
+    "ALL CAPS TEXT",
+    "MiXeD cAsE",
+    "snake_case_name",
+    "kebab-case-name",
+    "CamelCaseName",
+    "a" * 50,
+    " " * 17,
+    "ab" * 30,
+    "\n" * 5,
+    "." * 9,
 ]
 
 
@@ -126,31 +202,61 @@ def probe_strings() -> list[str]:
 
 
 ARIA_TOKENIZER_CONFIG = {
-    "add_bos_token": False, "add_eos_token": False, "add_prefix_space": True, "legacy": True,
-    "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
-    "tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False,
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "add_prefix_space": True,
+    "legacy": True,
+    "bos_token": None,
+    "eos_token": None,
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "tokenizer_class": "LlamaTokenizer",
+    "clean_up_tokenization_spaces": False,
     "added_tokens_decoder": {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, t in enumerate(["<unk>", "<s>", "</s>"])
     },
 }
-LEGACY_NORMALIZER = {"type": "Sequence", "normalizers": [
-    {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
-LEGACY_DECODER = {"type": "Sequence", "decoders": [
-    {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+LEGACY_NORMALIZER = {
+    "type": "Sequence",
+    "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ],
+}
+LEGACY_DECODER = {
+    "type": "Sequence",
+    "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ],
+}
 SPECIAL_TOKENS_MAP = {
-    "pad_token": "<pad>", "image_token": "<|img|>",
+    "pad_token": "<pad>",
+    "image_token": "<|img|>",
     "unk_token": {"content": "<unk>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
     "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
 }
 ADDED_TOKENS = {"<pad>": VOCAB_SIZE, "<new>": VOCAB_SIZE + 1}
 
 METASPACE_PRE_TOKENIZER = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}
-METASPACE_DECODER = {"type": "Sequence", "decoders": [
-    {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True},
-    {"type": "ByteFallback"}, {"type": "Fuse"}]}
+METASPACE_DECODER = {
+    "type": "Sequence",
+    "decoders": [
+        {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ],
+}
 
 LAYOUTS = ["spm", "hub5", "llama_legacy", "llama_legacy_maps", "spm_maps", "metaspace"]
 
@@ -165,10 +271,22 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tokenizers")
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus_lines(0, 3000)), model_writer=model, vocab_size=VOCAB_SIZE,
-        model_type="bpe", user_defined_symbols=SPECIALS, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        byte_fallback=True, num_threads=1, character_coverage=0.9995, minloglevel=2,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, split_digits=True,
+        sentence_iterator=iter(corpus_lines(0, 3000)),
+        model_writer=model,
+        vocab_size=VOCAB_SIZE,
+        model_type="bpe",
+        user_defined_symbols=SPECIALS,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        num_threads=1,
+        character_coverage=0.9995,
+        minloglevel=2,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
     )
     dirs = {name: str(root / name) for name in LAYOUTS}
 
@@ -177,13 +295,14 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     with open(os.path.join(spm, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
     _write_json(os.path.join(spm, "config.json"), {"model_type": "aria"})
-    _write_json(os.path.join(spm, "tokenizer_config.json"),
-                {**ARIA_TOKENIZER_CONFIG, "chat_template": DEFAULT_CHAT_TEMPLATE})
+    _write_json(
+        os.path.join(spm, "tokenizer_config.json"), {**ARIA_TOKENIZER_CONFIG, "chat_template": DEFAULT_CHAT_TEMPLATE}
+    )
 
     # What transformers 5 writes for an Aria processor built from that sentencepiece model.
     tokenizer = transformers.TokenizersBackend.from_pretrained(spm, extra_special_tokens={"image_token": "<|img|>"})
     transformers.AriaProcessor(
-        image_processor=transformers.AriaImageProcessorPil(), tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE,
+        image_processor=transformers.AriaImageProcessorPil(), tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE
     ).save_pretrained(dirs["hub5"])
     shutil.copy(os.path.join(spm, "config.json"), dirs["hub5"])
 
@@ -293,8 +412,11 @@ def test_layouts_really_differ(pairs):
     # <|im_start|> / <|im_end|> (ordinary added tokens in every layout here).
     ref, ours = pairs["hub5"]
     ids = ref.encode("<|im_start|>a<|img|>b<|im_end|>")
-    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True) \
+    assert (
+        ours.decode(ids, skip_special_tokens=True)
+        == ref.decode(ids, skip_special_tokens=True)
         == "<|im_start|>ab<|im_end|>"
+    )
     assert ours.image_token == "<|img|>" and ours.image_token_id == 9
 
 
@@ -317,13 +439,28 @@ def test_batch_call_pads_like_transformers(pairs, side):
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}],
-    [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image", "text": None},
-                                  {"type": "text", "text": "b"}]},
-     {"role": "assistant", "content": "It is a cat."}, {"role": "user", "content": "And the dog?"}],
+    [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "image", "text": None}, {"type": "text", "text": "b"}],
+        },
+        {"role": "assistant", "content": "It is a cat."},
+        {"role": "user", "content": "And the dog?"},
+    ],
     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "  spaced\n\ttext  "}],
-    [{"role": "user", "content": [
-        {"type": "text", "text": "[00:01]"}, {"type": "image"}, {"type": "text", "text": "\n"},
-        {"type": "text", "text": "[00:02]"}, {"type": "image"}, {"type": "text", "text": "\n"}]}],
+    [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "[00:01]"},
+                {"type": "image"},
+                {"type": "text", "text": "\n"},
+                {"type": "text", "text": "[00:02]"},
+                {"type": "image"},
+                {"type": "text", "text": "\n"},
+            ],
+        }
+    ],
 ]
 
 
@@ -334,10 +471,13 @@ def test_chat_template_matches_transformers(pairs, layout):
         for generation_prompt in (False, True):
             expected = ref.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
             assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == expected
-            expected_ids = ref.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
-                                                   return_dict=False)
-            assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True) \
+            expected_ids = ref.apply_chat_template(
+                messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+            )
+            assert (
+                ours.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
                 == expected_ids
+            )
     # a batch of conversations renders to a list
     assert ours.apply_chat_template(CONVERSATIONS[:2]) == ref.apply_chat_template(CONVERSATIONS[:2], tokenize=False)
 
@@ -367,8 +507,9 @@ def test_chat_template_environment_matches_transformers(pairs):
         "{% if messages | length > 3 %}{{ raise_exception('too many: ' ~ messages | length) }}{% endif %}"
     )
     messages = [{"role": "user", "content": "héllo 😀 <b>"}, {"role": "assistant", "content": ["x", 1, None]}]
-    assert ours.apply_chat_template(messages, chat_template=template) == \
-        ref.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert ours.apply_chat_template(messages, chat_template=template) == ref.apply_chat_template(
+        messages, chat_template=template, tokenize=False
+    )
     with pytest.raises(ChatTemplateError, match="too many: 4") as raised:
         ours.apply_chat_template(messages * 2, chat_template=template)
     assert isinstance(raised.value.__cause__, jinja2.exceptions.TemplateError)

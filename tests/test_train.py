@@ -43,10 +43,10 @@ MESH_TIMEOUT = 300  # seconds; the worker takes ~30 s alone
 
 @dataclasses.dataclass(frozen=True)
 class TinyConfig:
-    model: dict            # make_multimodal_model keyword arguments
+    model: dict  # make_multimodal_model keyword arguments
     crop_side: int
-    tokens_per_crop: int   # the projector's queries for a crop_side crop
-    padding: str           # the side the parity batch's shorter row is padded on
+    tokens_per_crop: int  # the projector's queries for a crop_side crop
+    padding: str  # the side the parity batch's shorter row is padded on
 
 
 CONFIGS = {
@@ -55,11 +55,24 @@ CONFIGS = {
     # GQA 6/2 heads, 3 layers, top-3 of 6 experts, 1 shared expert; 56-px crops of 16 patches
     # through 2 vision layers of 3 heads.
     "gqa_top3": TinyConfig(
-        dict(vision_overrides=dict(hidden_size=24, num_attention_heads=3, num_hidden_layers=2, intermediate_size=40,
-                                   image_size=56),
-             projector_patch_to_query={4: 3, 16: 5}, hidden_size=48, intermediate_size=24, num_hidden_layers=3,
-             num_attention_heads=6, num_key_value_heads=2, moe_num_experts=6, moe_topk=3, moe_num_shared_experts=1),
-        crop_side=56, tokens_per_crop=5, padding="left"),
+        dict(
+            vision_overrides=dict(
+                hidden_size=24, num_attention_heads=3, num_hidden_layers=2, intermediate_size=40, image_size=56
+            ),
+            projector_patch_to_query={4: 3, 16: 5},
+            hidden_size=48,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            moe_num_experts=6,
+            moe_topk=3,
+            moe_num_shared_experts=1,
+        ),
+        crop_side=56,
+        tokens_per_crop=5,
+        padding="left",
+    ),
 }
 # Two rows with images, two in the first; the second is shorter, so padded. Labelled: the answers.
 PARITY_ROWS = [([3, IMAGE, 2, IMAGE, 4], 6), ([2, IMAGE, 3], 4)]
@@ -74,17 +87,18 @@ class Tiny:
     tiny_config: TinyConfig
     config: aria_jax.AriaConfig
     params: dict
-    batch: dict        # the parity batch
-    reference: dict    # transformers' loss, grads and router logits on it
-    compiled: dict = dataclasses.field(default_factory=dict)   # train config -> jitted loss_and_grads
+    batch: dict  # the parity batch
+    reference: dict  # transformers' loss, grads and router logits on it
+    compiled: dict = dataclasses.field(default_factory=dict)  # train config -> jitted loss_and_grads
 
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # torch's and XLA's threads would oversubscribe a small machine
+    torch.set_num_threads(1)  # torch's and XLA's threads would oversubscribe a small machine
     yield
     torch.set_num_threads(threads)
 
@@ -93,14 +107,18 @@ def transformers_reference(directory: str, batch: dict) -> dict:
     """transformers' loss (`labels=`), autograd's gradient of it per parameter name (None where
     unused) and the routers' logits (layers, B*T, E)."""
     model = transformers.AriaForConditionalGeneration.from_pretrained(
-        directory, dtype=torch.float32, experts_implementation="eager")
+        directory, dtype=torch.float32, experts_implementation="eager"
+    )
     mask = batch["attention_mask"].astype(np.int64)
     out = model(
-        input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)), attention_mask=torch.from_numpy(mask),
+        input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)),
+        attention_mask=torch.from_numpy(mask),
         # transformers does not derive positions from the mask; ours does.
         position_ids=torch.from_numpy(np.maximum(np.cumsum(mask, axis=-1) - 1, 0)),
-        pixel_values=torch.from_numpy(batch["pixel_values"]), pixel_mask=torch.from_numpy(batch["pixel_mask"]),
-        labels=torch.from_numpy(batch["labels"].astype(np.int64)), output_router_logits=True,
+        pixel_values=torch.from_numpy(batch["pixel_values"]),
+        pixel_mask=torch.from_numpy(batch["pixel_mask"]),
+        labels=torch.from_numpy(batch["labels"].astype(np.int64)),
+        output_router_logits=True,
     )
     out.loss.backward()
     return {
@@ -121,10 +139,12 @@ def build(tmp_path_factory):
             directory = str(tmp_path_factory.mktemp(name))
             make_multimodal_model(directory, seed=list(CONFIGS).index(name), **cfg.model)
             model = aria_jax.AriaForConditionalGeneration.from_pretrained(directory)
-            batch = make_batch(0, PARITY_ROWS, crop_side=cfg.crop_side, tokens_per_crop=cfg.tokens_per_crop,
-                               padding=cfg.padding)
-            built[name] = Tiny(name, directory, cfg, model.config, model.params, batch,
-                               transformers_reference(directory, batch))
+            batch = make_batch(
+                0, PARITY_ROWS, crop_side=cfg.crop_side, tokens_per_crop=cfg.tokens_per_crop, padding=cfg.padding
+            )
+            built[name] = Tiny(
+                name, directory, cfg, model.config, model.params, batch, transformers_reference(directory, batch)
+            )
         return built[name]
 
     return get
@@ -144,20 +164,23 @@ def default(build, mesh_worker) -> Tiny:
 def mesh_worker(build, tmp_path_factory):
     """Started as soon as a test needs a model (`tiny`, `default`), so that it runs while the
     tests do."""
-    job = Job("mesh", os.path.abspath(worker.__file__), [build("default").directory], 8,
-              str(tmp_path_factory.mktemp("mesh")))
+    job = Job(
+        "mesh", os.path.abspath(worker.__file__), [build("default").directory], 8, str(tmp_path_factory.mktemp("mesh"))
+    )
     yield job
     job.kill()
 
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def loss_and_grads(tiny: Tiny, train_config: train.TrainConfig, batches: dict) -> tuple[dict, dict]:
     """`train.loss_and_grads` (jitted once per model and train config) on micro-batches
     (A, B, ...): metrics as floats, grads as numpy arrays."""
     if train_config not in tiny.compiled:
         tiny.compiled[train_config] = jax.jit(
-            functools.partial(train.loss_and_grads, config=tiny.config, train_config=train_config))
+            functools.partial(train.loss_and_grads, config=tiny.config, train_config=train_config)
+        )
     trainable, frozen = train.split_params(tiny.params, train_config)
     metrics, grads = tiny.compiled[train_config](trainable, frozen, batches)
     return jax.tree.map(float, metrics), jax.tree.map(np.asarray, grads)
@@ -197,7 +220,7 @@ def numpy_router_losses(router_logits: np.ndarray, token_mask: np.ndarray, top_k
         num_tokens, num_experts = logits.shape
         peak = logits.max(axis=-1, keepdims=True)
         logsumexp = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
-        z_loss += np.mean(logsumexp ** 2)
+        z_loss += np.mean(logsumexp**2)
         probs = np.exp(logits - logsumexp[:, None])
         counts = np.bincount(np.argsort(-logits, axis=-1)[:, :top_k].ravel(), minlength=num_experts)
         balance += num_experts / (num_tokens * top_k) * np.sum(probs.mean(axis=0) * counts)
@@ -205,6 +228,7 @@ def numpy_router_losses(router_logits: np.ndarray, token_mask: np.ndarray, top_k
 
 
 # ----------------------------------------------------------------------------- parity with transformers
+
 
 def test_parity_batch_has_what_the_tests_claim(tiny):
     """Two rows, images in both (two in the first), one row padded, the prompts and the padding
@@ -240,7 +264,8 @@ def test_grads_match_transformers(tiny, tmp_path):
     save_hub_weights(grads["params"], tiny.config, str(tmp_path))
     shutil.copy(os.path.join(tiny.directory, "config.json"), tmp_path)
     loaded, info = transformers.AriaForConditionalGeneration.from_pretrained(
-        tmp_path, dtype=torch.float32, output_loading_info=True)
+        tmp_path, dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info.values()), info
     ours = {name: p.detach().numpy() for name, p in loaded.named_parameters()}
 
@@ -268,8 +293,9 @@ def test_router_losses_match_their_definitions(tiny):
     over the attended tokens only: our routers see the same logits (the sown intermediates),
     and `router_losses` is the formula."""
     metrics, _ = loss_and_grads(tiny, NO_ROUTER_LOSSES, one_micro_batch(tiny.batch))
-    z_loss, balance = numpy_router_losses(tiny.reference["router_logits"], tiny.batch["attention_mask"],
-                                          tiny.config.text_config.moe_topk)
+    z_loss, balance = numpy_router_losses(
+        tiny.reference["router_logits"], tiny.batch["attention_mask"], tiny.config.text_config.moe_topk
+    )
     assert metrics["z_loss"] == pytest.approx(z_loss, rel=1e-5)
     assert metrics["balance_loss"] == pytest.approx(balance, rel=1e-5)
 
@@ -280,11 +306,11 @@ def test_balance_loss_is_one_per_layer_when_experts_are_picked_equally():
     the picks."""
     num_experts, top_k = 4, 2
     logits = np.full((6, num_experts), -1.0, np.float32)
-    for token in range(4):   # token t picks experts t and t + 1 (mod 4): each expert twice
+    for token in range(4):  # token t picks experts t and t + 1 (mod 4): each expert twice
         logits[token, token] = 2.0 + 0.3 * token
         logits[token, (token + 1) % num_experts] = 1.0
-    logits[4:, :2] = [3.0, 2.5]   # masked out: would pick experts 0 and 1 again
-    router_logits = np.stack([logits, 0.5 * logits])   # two layers, different probabilities
+    logits[4:, :2] = [3.0, 2.5]  # masked out: would pick experts 0 and 1 again
+    router_logits = np.stack([logits, 0.5 * logits])  # two layers, different probabilities
     token_mask = np.array([1, 1, 1, 1, 0, 0])
     z_loss, balance = jax.jit(train.router_losses, static_argnums=2)(router_logits, token_mask, top_k)
     assert float(balance) == pytest.approx(2.0, rel=1e-6)
@@ -299,8 +325,9 @@ def test_router_losses_are_added_with_their_coefficients(default):
     batches = one_micro_batch(default.batch)
     plain, plain_grads = loss_and_grads(default, NO_ROUTER_LOSSES, batches)
     metrics, grads = loss_and_grads(default, ROUTER_LOSSES, batches)
-    z_loss, balance = numpy_router_losses(default.reference["router_logits"], default.batch["attention_mask"],
-                                          default.config.text_config.moe_topk)
+    z_loss, balance = numpy_router_losses(
+        default.reference["router_logits"], default.batch["attention_mask"], default.config.text_config.moe_topk
+    )
     assert metrics["ce_loss"] == pytest.approx(plain["ce_loss"], rel=1e-6)
     expected = plain["ce_loss"] + ROUTER_LOSSES.z_loss_coeff * z_loss + ROUTER_LOSSES.aux_loss_coeff * balance
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
@@ -309,6 +336,7 @@ def test_router_losses_are_added_with_their_coefficients(default):
 
 
 # ----------------------------------------------------------------------------- the step against itself
+
 
 def one_row_micro_batches(batch: dict, tokens_per_crop: int) -> list[dict]:
     """Each row of a right-padded batch as its own micro-batch: trimmed to its length (so the
@@ -319,13 +347,15 @@ def one_row_micro_batches(batch: dict, tokens_per_crop: int) -> list[dict]:
     micro_batches = []
     for row, (first, count, length) in enumerate(zip(first_crops, crops, batch["attention_mask"].sum(axis=1))):
         blank = crops.max() - count
-        pixel_values = batch["pixel_values"][first:first + count]
-        pixel_mask = batch["pixel_mask"][first:first + count]
-        micro_batches.append({
-            **{key: batch[key][row:row + 1, :length] for key in ("input_ids", "attention_mask", "labels")},
-            "pixel_values": np.concatenate([pixel_values, np.zeros((blank,) + pixel_values.shape[1:], np.float32)]),
-            "pixel_mask": np.concatenate([pixel_mask, np.ones((blank,) + pixel_mask.shape[1:], bool)]),
-        })
+        pixel_values = batch["pixel_values"][first : first + count]
+        pixel_mask = batch["pixel_mask"][first : first + count]
+        micro_batches.append(
+            {
+                **{key: batch[key][row : row + 1, :length] for key in ("input_ids", "attention_mask", "labels")},
+                "pixel_values": np.concatenate([pixel_values, np.zeros((blank,) + pixel_values.shape[1:], np.float32)]),
+                "pixel_mask": np.concatenate([pixel_mask, np.ones((blank,) + pixel_mask.shape[1:], bool)]),
+            }
+        )
     return micro_batches
 
 
@@ -363,8 +393,11 @@ def test_remat_changes_nothing(default):
     assert_grads_close(remat_grads, plain_grads, 1e-5)
 
 
-FREEZE_FLAGS = {"freeze_vision": "vision_tower", "freeze_projector": "multi_modal_projector",
-                "freeze_language_model": "language_model"}
+FREEZE_FLAGS = {
+    "freeze_vision": "vision_tower",
+    "freeze_projector": "multi_modal_projector",
+    "freeze_language_model": "language_model",
+}
 
 
 @pytest.mark.parametrize("flag", list(FREEZE_FLAGS))
@@ -386,7 +419,8 @@ def test_a_step_changes_only_the_trained_params(default):
     assert set(trainable["params"]) == {"language_model"}
     before, frozen_before = on_host(trainable), on_host(frozen)
     state, metrics = train.jit_train_step(default.config, train_config)(
-        train.init_state(trainable, train_config), frozen, one_micro_batch(default.batch))
+        train.init_state(trainable, train_config), frozen, one_micro_batch(default.batch)
+    )
     after = on_host(state.trainable)
     assert after.keys() == before.keys()
     assert [path for path in after if np.array_equal(after[path], before[path])] == []
@@ -417,6 +451,7 @@ def test_thirty_steps_halve_the_loss_of_one_batch(default):
 
 
 # ----------------------------------------------------------------------------- a mesh
+
 
 @pytest.fixture(scope="module")
 def mesh_result(mesh_worker) -> dict:
@@ -451,5 +486,5 @@ def test_mesh_train_step_matches_one_device(mesh_result):
         assert on_mesh == pytest.approx(one_device, rel=1e-5), name
     for path, (diff, norm, update) in mesh_result["params"].items():
         assert diff <= 1e-5 * norm, (path, diff, norm)
-        if not path.endswith("self_attn/k_proj/bias"):   # its gradient is rounding noise
+        if not path.endswith("self_attn/k_proj/bias"):  # its gradient is rounding noise
             assert update >= 10 * 1e-5 * norm, (path, update, norm)

@@ -53,16 +53,22 @@ TOLERANCE = 1e-4  # as tests/test_multimodal_parity.py: relative to the referenc
 
 # ----------------------------------------------------------------------------- configs and model
 
+
 def test_tester_style_config_matches_transformers(tmp_path):
     """A tiny model with the three traits of transformers' tester config: image_size 30 with
     patch 14 (2 x 2 patches, 2 pixels dropped), an unused key (16 patches > 4) and a query
     table of 9 rows (an unused key's count) where crops use 2 and 4. Crops of side 30 and 15
     (a 1 x 1 grid plus a 1-pixel remainder): logits as transformers'. (Greedy generation is
     held to transformers in test_multimodal_parity.py; here only the image path is new.)"""
-    make_multimodal_model(tmp_path, seed=3, vision_overrides=dict(image_size=30, patch_size=14),
-                          projector_patch_to_query={1: 2, 4: 4, 16: 9})
+    make_multimodal_model(
+        tmp_path,
+        seed=3,
+        vision_overrides=dict(image_size=30, patch_size=14),
+        projector_patch_to_query={1: 2, 4: 4, 16: 9},
+    )
     reference = transformers.AriaForConditionalGeneration.from_pretrained(
-        tmp_path, dtype=torch.float32, experts_implementation="eager").eval()
+        tmp_path, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     assert reference.model.multi_modal_projector.query.shape[0] == 9
     ours = aria_jax.AriaForConditionalGeneration.from_pretrained(tmp_path, dtype="float32")
     assert ours.config.max_queries == 9 and ours.config.used_patch_to_query == ((1, 2), (4, 4))
@@ -72,22 +78,27 @@ def test_tester_style_config_matches_transformers(tmp_path):
     for side, queries in ((30, 4), (15, 2)):
         pixel_values = rng.standard_normal((2, 3, side, side)).astype(np.float32)
         pixel_mask = np.ones((2, side, side), bool)
-        pixel_mask[1, :, side * 2 // 3:] = False   # the second crop is padded on the right
+        pixel_mask[1, :, side * 2 // 3 :] = False  # the second crop is padded on the right
         # row 0: its crop's image tokens then text; row 1: left padding, its crop, text
         text = rng.integers(10, 128, (2, 5)).tolist()
-        input_ids = np.asarray([[IMAGE_TOKEN_ID] * queries + text[0],
-                                [2, 2] + [IMAGE_TOKEN_ID] * queries + text[1][:3]])
+        input_ids = np.asarray(
+            [[IMAGE_TOKEN_ID] * queries + text[0], [2, 2] + [IMAGE_TOKEN_ID] * queries + text[1][:3]]
+        )
         attention_mask = (np.arange(input_ids.shape[1]) >= np.asarray([[0], [2]])).astype(np.int64)
         position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
         with torch.no_grad():
-            expected = reference(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                                 position_ids=torch.from_numpy(position_ids),
-                                 pixel_values=torch.from_numpy(pixel_values),
-                                 pixel_mask=torch.from_numpy(pixel_mask)).logits.numpy()
+            expected = reference(
+                input_ids=torch.from_numpy(input_ids),
+                attention_mask=torch.from_numpy(attention_mask),
+                position_ids=torch.from_numpy(position_ids),
+                pixel_values=torch.from_numpy(pixel_values),
+                pixel_mask=torch.from_numpy(pixel_mask),
+            ).logits.numpy()
         keep = attention_mask.astype(bool)
         scale = max(1.0, float(np.abs(expected[keep]).max()))
-        got = np.asarray(ours(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                              pixel_mask=pixel_mask).logits)
+        got = np.asarray(
+            ours(input_ids, attention_mask=attention_mask, pixel_values=pixel_values, pixel_mask=pixel_mask).logits
+        )
         assert np.abs(got[keep] - expected[keep]).max() <= TOLERANCE * scale, side
         # the pixels past the last whole patch are not read; the others are
         whole = side // 14 * 14
@@ -96,8 +107,9 @@ def test_tester_style_config_matches_transformers(tmp_path):
         remainder_changed[:, :, :, whole:] = 7.0
         inside_changed[:, :, :whole, :whole] += 1.0
         for changed, same in ((remainder_changed, True), (inside_changed, False)):
-            logits = np.asarray(ours(input_ids, attention_mask=attention_mask, pixel_values=changed,
-                                     pixel_mask=pixel_mask).logits)
+            logits = np.asarray(
+                ours(input_ids, attention_mask=attention_mask, pixel_values=changed, pixel_mask=pixel_mask).logits
+            )
             assert np.array_equal(logits, got) == same, (side, same)
 
 
@@ -105,9 +117,17 @@ def test_tester_style_config_matches_transformers(tmp_path):
 # test_image_processing_aria.py: AriaImageProcessingTester's options and random images of 30..40
 # pixels, channels first, given as PIL images, numpy arrays channels last, torch tensors.
 
-TESTER_OPTIONS = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], max_image_size=980, min_image_size=336,
-                      split_resolutions=[[980, 980]], split_image=True, do_convert_rgb=True, do_normalize=True,
-                      resample=Image.Resampling.BICUBIC)
+TESTER_OPTIONS = dict(
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+    max_image_size=980,
+    min_image_size=336,
+    split_resolutions=[[980, 980]],
+    split_image=True,
+    do_convert_rgb=True,
+    do_normalize=True,
+    resample=Image.Resampling.BICUBIC,
+)
 BATCH_SIZE = 7
 
 
@@ -117,16 +137,27 @@ def make_tester_images(form: str, channels: int = 3, seed: int = 0) -> list:
     for _ in range(BATCH_SIZE):
         width, height = rng.integers(30, 40, 2)
         image = rng.integers(0, 255, (channels, width, height), dtype=np.uint8)
-        images.append({"pil": lambda: Image.fromarray(np.moveaxis(image, 0, -1)),
-                       "numpy": lambda: image.transpose(1, 2, 0),
-                       "torch": lambda: torch.from_numpy(image)}[form]())
+        images.append(
+            {
+                "pil": lambda: Image.fromarray(np.moveaxis(image, 0, -1)),
+                "numpy": lambda: image.transpose(1, 2, 0),
+                "torch": lambda: torch.from_numpy(image),
+            }[form]()
+        )
     return images
 
 
 def test_image_processor_properties():
     processor = AriaImageProcessor(**TESTER_OPTIONS)
-    for name in ("do_convert_rgb", "max_image_size", "min_image_size", "do_normalize", "image_mean", "image_std",
-                 "split_image"):
+    for name in (
+        "do_convert_rgb",
+        "max_image_size",
+        "min_image_size",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "split_image",
+    ):
         assert hasattr(processor, name), name
 
 
@@ -167,9 +198,16 @@ def test_image_processor_num_patches_without_images():
 # replaced by noise images of similar sizes.
 
 TOKENIZER_CONFIG = {
-    "add_bos_token": False, "add_eos_token": False, "add_prefix_space": True, "legacy": True,
-    "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
-    "tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False,
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "add_prefix_space": True,
+    "legacy": True,
+    "bos_token": None,
+    "eos_token": None,
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "tokenizer_class": "LlamaTokenizer",
+    "clean_up_tokenization_spaces": False,
 }
 IMAGE_SEQ_LEN = 2
 
@@ -182,16 +220,21 @@ def processors(tmp_path_factory):
     shutil.copy(os.path.join(TINY_RANDOM, "tokenizer.model"), source)
     (source / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
     tokenizer = transformers.TokenizersBackend.from_pretrained(source, extra_special_tokens={"image_token": "<|img|>"})
-    transformers.AriaProcessor(image_processor=transformers.AriaImageProcessorPil(), tokenizer=tokenizer,
-                               chat_template=DEFAULT_CHAT_TEMPLATE,
-                               size_conversion={490: IMAGE_SEQ_LEN, 980: IMAGE_SEQ_LEN}).save_pretrained(out)
+    transformers.AriaProcessor(
+        image_processor=transformers.AriaImageProcessorPil(),
+        tokenizer=tokenizer,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+        size_conversion={490: IMAGE_SEQ_LEN, 980: IMAGE_SEQ_LEN},
+    ).save_pretrained(out)
     return transformers.AriaProcessor.from_pretrained(out), AriaProcessor.from_pretrained(out)
 
 
 def photos() -> list[Image.Image]:
     rng = np.random.default_rng(1)
-    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in
-            ((120, 90, 3), (80, 120, 3), (60, 100, 3))]
+    return [
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        for shape in ((120, 90, 3), (80, 120, 3), (60, 100, 3))
+    ]
 
 
 def test_processor_no_image_splitting(processors):
@@ -216,8 +259,9 @@ def test_processor_no_image_splitting(processors):
     assert nested["pixel_values"].shape == (3, 3, 980, 980) and nested["pixel_mask"].shape == (3, 980, 980)
     flat = ours(text=prompts, images=[image1, image2, image3], padding=True)
     np.testing.assert_array_equal(flat["input_ids"], nested["input_ids"])
-    expected = ref(text=prompts, images=[[image1], [image2, image3]], padding=True, padding_side="left",
-                   return_tensors="np")
+    expected = ref(
+        text=prompts, images=[[image1], [image2, image3]], padding=True, padding_side="left", return_tensors="np"
+    )
     np.testing.assert_array_equal(nested["input_ids"], expected["input_ids"])
     np.testing.assert_array_equal(nested["pixel_values"], expected["pixel_values"])
 
@@ -239,15 +283,19 @@ def test_processor_apply_chat_template(processors):
     with pytest.raises(ValueError, match="content item"):
         ours.apply_chat_template([{"role": "user", "content": [{"type": "image"}, "What do these images show?"]}])
     messages = [
-        {"role": "user", "content": [{"type": "text", "text": "What do these images show?"}, {"type": "image"},
-                                     {"type": "image"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What do these images show?"}, {"type": "image"}, {"type": "image"}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "The first image shows the statue of Liberty."}]},
         {"role": "user", "content": [{"type": "text", "text": "And who is that?"}]},
     ]
     rendered = ours.apply_chat_template(messages, add_generation_prompt=True)
     assert rendered == ref.apply_chat_template(messages, add_generation_prompt=True)
-    assert rendered.startswith("<|im_start|>user\nWhat do these images show?<fim_prefix><|img|><fim_suffix>"
-                               "<fim_prefix><|img|><fim_suffix><|im_end|>\n")
+    assert rendered.startswith(
+        "<|im_start|>user\nWhat do these images show?<fim_prefix><|img|><fim_suffix>"
+        "<fim_prefix><|img|><fim_suffix><|im_end|>\n"
+    )
     assert rendered.endswith("<|im_start|>user\nAnd who is that?<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -255,17 +303,20 @@ def test_processor_chat_template_accepts_processing_kwargs(processors, tmp_path)
     """test_image_chat_template_accepts_processing_kwargs."""
     _, ours = processors
     messages = [[{"role": "user", "content": [{"type": "text", "text": "What is shown in this image?"}]}]]
-    tokenized = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, padding="max_length",
-                                         max_length=50)
+    tokenized = ours.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, padding="max_length", max_length=50
+    )
     assert len(tokenized[0]) == 50
-    tokenized = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, truncation=True,
-                                         max_length=5)
+    tokenized = ours.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, truncation=True, max_length=5
+    )
     assert len(tokenized[0]) == 5
     path = tmp_path / "stop.png"
     photos()[0].save(path)
     messages[0][0]["content"].append({"type": "image", "url": str(path)})
-    out = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                   max_image_size=980, return_tensors="np")
+    out = ours.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, max_image_size=980, return_tensors="np"
+    )
     assert list(out["pixel_values"].shape) == [1, 3, 980, 980]
 
 

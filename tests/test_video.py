@@ -117,18 +117,22 @@ def one_line_error(excinfo) -> str:
 # Sampling and timestamps
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("total, num_frames, expected", [
-    (24, 8, [1, 4, 7, 10, 13, 16, 19, 22]),       # the middle of each stretch of 3 frames
-    (24, 3, [4, 12, 20]),
-    (10, 3, [1, 5, 8]),
-    (100, 1, [50]),
-    (1, 1, [0]),
-    (7, None, [0, 1, 2, 3, 3, 4, 5, 6]),          # None -> 8 frames, more than the video has
-    (7, 0, [0, 1, 2, 3, 3, 4, 5, 6]),             # <= 0 -> 8 as well
-    (16, -1, [1, 3, 5, 7, 9, 11, 13, 15]),
-    (2, 4, [0, 0, 1, 1]),                         # more asked than there are: indices repeat
-    (3, 5, [0, 0, 1, 2, 2]),
-])
+
+@pytest.mark.parametrize(
+    "total, num_frames, expected",
+    [
+        (24, 8, [1, 4, 7, 10, 13, 16, 19, 22]),  # the middle of each stretch of 3 frames
+        (24, 3, [4, 12, 20]),
+        (10, 3, [1, 5, 8]),
+        (100, 1, [50]),
+        (1, 1, [0]),
+        (7, None, [0, 1, 2, 3, 3, 4, 5, 6]),  # None -> 8 frames, more than the video has
+        (7, 0, [0, 1, 2, 3, 3, 4, 5, 6]),  # <= 0 -> 8 as well
+        (16, -1, [1, 3, 5, 7, 9, 11, 13, 15]),
+        (2, 4, [0, 0, 1, 1]),  # more asked than there are: indices repeat
+        (3, 5, [0, 0, 1, 2, 2]),
+    ],
+)
 def test_sample_frame_indices(total, num_frames, expected):
     assert sample_frame_indices(total, num_frames) == expected
 
@@ -150,10 +154,19 @@ def test_sample_frame_indices_is_the_midpoint_rule_in_floats():
         sample_frame_indices(10, 2.5)
 
 
-@pytest.mark.parametrize("seconds, text", [
-    (0, "[00:00]"), (0.99, "[00:00]"), (59.999, "[00:59]"), (60, "[01:00]"), (61.5, "[01:01]"),
-    (599, "[09:59]"), (4503.2, "[75:03]"), (6000, "[100:00]"),
-])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "[00:00]"),
+        (0.99, "[00:00]"),
+        (59.999, "[00:59]"),
+        (60, "[01:00]"),
+        (61.5, "[01:01]"),
+        (599, "[09:59]"),
+        (4503.2, "[75:03]"),
+        (6000, "[100:00]"),
+    ],
+)
 def test_frame_timestamp(seconds, text):
     assert frame_timestamp(seconds) == text
 
@@ -166,6 +179,7 @@ def test_frame_timestamp_rejects_negative_times():
 # ------------------------------------------------------------------------------------------
 # Decoding
 # ------------------------------------------------------------------------------------------
+
 
 def test_test_clip_frames_identify_themselves():
     assert [identify(clip_frame(i)) for i in range(NUM_FRAMES)] == list(range(NUM_FRAMES))
@@ -188,7 +202,15 @@ def test_load_video_default_is_eight_frames(clips):
     loaded = load_video(clips["mp4"])
     assert loaded.indices == [1, 4, 7, 10, 13, 16, 19, 22]
     assert [frame_timestamp(t) for t in loaded.timestamps] == [
-        "[00:00]", "[00:01]", "[00:01]", "[00:02]", "[00:03]", "[00:04]", "[00:04]", "[00:05]"]
+        "[00:00]",
+        "[00:01]",
+        "[00:01]",
+        "[00:02]",
+        "[00:03]",
+        "[00:04]",
+        "[00:04]",
+        "[00:05]",
+    ]
 
 
 def test_load_video_from_a_list_of_frames():
@@ -206,6 +228,7 @@ def test_load_video_from_a_list_of_frames():
 # ------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------
+
 
 def test_missing_file(tmp_path):
     path = tmp_path / "missing.mp4"
@@ -258,6 +281,7 @@ def test_still_image_is_not_a_video(tmp_path):
 # The processor's video items
 # ------------------------------------------------------------------------------------------
 
+
 def ask(*content, question="What shape is in the image?") -> list[dict]:
     return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
 
@@ -269,10 +293,12 @@ def frame_item(text: str) -> list[dict]:
 def test_video_item_renders_timestamps_and_one_image_per_frame(processor, clips):
     frames = [clip_frame(0), clip_frame(HALF)]
     from_list = ask({"type": "video", "video": frames}, question="What happens?")  # all frames, 1 fps
-    expected = ("<|im_start|>user\n"
-                "[00:00]<fim_prefix><|img|><fim_suffix>\n"
-                "[00:01]<fim_prefix><|img|><fim_suffix>\n"
-                "What happens?<|im_end|>\n<|im_start|>assistant\n")
+    expected = (
+        "<|im_start|>user\n"
+        "[00:00]<fim_prefix><|img|><fim_suffix>\n"
+        "[00:01]<fim_prefix><|img|><fim_suffix>\n"
+        "What happens?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert processor.apply_chat_template(from_list, add_generation_prompt=True) == expected
 
     # A file: 2 of 24 frames at 4 fps are frames 6 and 18, at 1.5 s and 4.5 s.
@@ -281,10 +307,15 @@ def test_video_item_renders_timestamps_and_one_image_per_frame(processor, clips)
         "<|im_start|>user\n"
         "[00:01]<fim_prefix><|img|><fim_suffix>\n"
         "[00:04]<fim_prefix><|img|><fim_suffix>\n"
-        "What happens?<|im_end|>\n<|im_start|>assistant\n")
+        "What happens?<|im_end|>\n<|im_start|>assistant\n"
+    )
     messages, images = processor.prepare_messages(from_file)
-    assert messages == [{"role": "user", "content": [*frame_item("[00:01]"), *frame_item("[00:04]"),
-                                                     {"type": "text", "text": "What happens?"}]}]
+    assert messages == [
+        {
+            "role": "user",
+            "content": [*frame_item("[00:01]"), *frame_item("[00:04]"), {"type": "text", "text": "What happens?"}],
+        }
+    ]
     assert [identify(image) for image in images] == [6, 18]
     assert from_file[0]["content"][0]["type"] == "video"  # the caller's messages are left as they were
 
@@ -305,12 +336,17 @@ def test_rendering_then_encoding_decodes_the_file_once(processor, clips, monkeyp
 def test_from_messages_puts_frames_among_the_images_in_order(processor):
     frames = [clip_frame(i) for i in range(NUM_FRAMES)]
     first, last = clip_frame(3), clip_frame(20)  # passed images, told apart from the frames by index
-    messages = [{"role": "user", "content": [
-        {"type": "image"},
-        {"type": "video", "video": frames, "num_frames": 3, "fps": FPS},
-        {"type": "image", "image": last},
-        {"type": "text", "text": "What changed?"},
-    ]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "video", "video": frames, "num_frames": 3, "fps": FPS},
+                {"type": "image", "image": last},
+                {"type": "text", "text": "What changed?"},
+            ],
+        }
+    ]
     inputs = processor.from_messages(messages, images=[first])
     expected_images = [first, frames[4], frames[12], frames[20], last]
     expected = processor.image_processor(expected_images)
@@ -341,6 +377,7 @@ def test_from_messages_image_count_errors(processor):
 # The demo model sees the sampled frame
 # ------------------------------------------------------------------------------------------
 
+
 def test_demo_model_answers_about_the_sampled_frame(processor, tmp_path):
     """A clip of three red circles then three blue squares, cut in two halves; one frame
     sampled from each half (its middle) must be what the model describes. The scenes are static
@@ -355,7 +392,9 @@ def test_demo_model_answers_about_the_sampled_frame(processor, tmp_path):
     inputs = processor.from_messages(conversations)
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(DEMO_MODEL)
     sequences = model.generate(**inputs, max_new_tokens=4)
-    replies = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    replies = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     replies = [reply.split(demo_task.END_OF_TURN)[0] for reply in replies]
-    assert [demo_task.answers_match(reply, answer) for reply, answer in zip(replies, ("circle", "square"))] == \
-        [True, True], replies
+    assert [demo_task.answers_match(reply, answer) for reply, answer in zip(replies, ("circle", "square"))] == [
+        True,
+        True,
+    ], replies

@@ -26,13 +26,22 @@ from tiny_models import make_text_model
 
 # Non-square everywhere (hidden 32, expert width 8 -> gate_up 16, shared width 16, GQA 4/2 heads
 # of 8, vocab 128) so that a missing or extra transpose cannot go unnoticed.
-TINY = dict(hidden_size=32, intermediate_size=8, num_attention_heads=4, num_key_value_heads=2,
-            moe_num_experts=4, moe_topk=2, vocab_size=128, num_hidden_layers=2)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    moe_num_experts=4,
+    moe_topk=2,
+    vocab_size=128,
+    num_hidden_layers=2,
+)
 NUM_LAYERS = TINY["num_hidden_layers"]
 PROMPT = np.array([[1, 5, 9, 33, 64, 100, 127, 2]], np.int32)
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def read_tensors(path) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file, copied out of the memory map (any dtype, bf16 too)."""
@@ -46,8 +55,7 @@ def write_checkpoint(directory, tensors: dict[str, np.ndarray], config: dict, sh
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     if shards == 1:
-        safetensors.numpy.save_file(tensors, os.path.join(directory, "model.safetensors"),
-                                    metadata={"format": "pt"})
+        safetensors.numpy.save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
         return directory
     keys = sorted(tensors)
     weight_map = {}
@@ -56,8 +64,7 @@ def write_checkpoint(directory, tensors: dict[str, np.ndarray], config: dict, sh
         part = {k: tensors[k] for k in keys[s::shards]}
         safetensors.numpy.save_file(part, os.path.join(directory, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
-    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-             "weight_map": weight_map}
+    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f)
     return directory
@@ -132,29 +139,51 @@ def expected_params(tensors: dict[str, np.ndarray], prefix: str = "model.") -> d
 def original_format_config(text_config: dict) -> dict:
     """The remote-code multimodal config.json: aria_moe_lm with the real expert width in
     moe_intermediate_size and an unused intermediate_size."""
-    text = {k: v for k, v in text_config.items()
-            if k not in ("architectures", "rope_parameters", "transformers_version", "dtype")}
-    text.update(model_type="aria_moe_lm", moe_intermediate_size=text_config["intermediate_size"],
-                intermediate_size=999, rope_theta=text_config["rope_parameters"]["rope_theta"],
-                architectures=["AriaForCausalLM"])
+    text = {
+        k: v
+        for k, v in text_config.items()
+        if k not in ("architectures", "rope_parameters", "transformers_version", "dtype")
+    }
+    text.update(
+        model_type="aria_moe_lm",
+        moe_intermediate_size=text_config["intermediate_size"],
+        intermediate_size=999,
+        rope_theta=text_config["rope_parameters"]["rope_theta"],
+        architectures=["AriaForCausalLM"],
+    )
     return {
-        "architectures": ["AriaForConditionalGeneration"], "model_type": "aria",
-        "image_token_index": 9, "projector_patch_to_query_dict": {"1225": 128, "4900": 256},
+        "architectures": ["AriaForConditionalGeneration"],
+        "model_type": "aria",
+        "image_token_index": 9,
+        "projector_patch_to_query_dict": {"1225": 128, "4900": 256},
         "text_config": text,
-        "vision_config": {"model_type": "aria_vision_model", "hidden_size": 1152, "image_size": 980,
-                          "intermediate_size": 4304, "num_attention_heads": 16,
-                          "num_hidden_layers": 27, "patch_size": 14},
+        "vision_config": {
+            "model_type": "aria_vision_model",
+            "hidden_size": 1152,
+            "image_size": 980,
+            "intermediate_size": 4304,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 27,
+            "patch_size": 14,
+        },
     }
 
 
 def transformers_multimodal_config(text_config: dict) -> dict:
     return {
-        "architectures": ["AriaForConditionalGeneration"], "model_type": "aria",
-        "image_token_index": 9, "pad_token_id": 2,
+        "architectures": ["AriaForConditionalGeneration"],
+        "model_type": "aria",
+        "image_token_index": 9,
+        "pad_token_id": 2,
         "projector_patch_to_query_dict": {"1225": 128, "4900": 256},
         "text_config": {k: v for k, v in text_config.items() if k != "architectures"},
-        "vision_config": {"model_type": "idefics3_vision", "image_size": 980, "intermediate_size": 4304,
-                          "num_hidden_layers": 27, "patch_size": 14},
+        "vision_config": {
+            "model_type": "idefics3_vision",
+            "image_size": 980,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "patch_size": 14,
+        },
     }
 
 
@@ -165,6 +194,7 @@ def error_message(excinfo) -> str:
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -203,19 +233,23 @@ def bad(tmp_path):
 
 # ----------------------------------------------------------------------------- the baseline
 
+
 def test_text_only_checkpoint_layout(tiny_model, tiny_tensors, tiny):
     """The loader puts every hub tensor where the hand-written layout says (float32, exact)."""
     _, torch_model = tiny
     assert_params_identical(tiny_model.params, expected_params(tiny_tensors))
     # ...and the saved file is the torch model's weights (so the expectation is not circular)
     state = torch_model.state_dict()
-    np.testing.assert_array_equal(tiny_tensors["model.layers.1.mlp.experts.fc1.weight"],
-                                  state["model.layers.1.mlp.experts.gate_up_proj"].numpy())
-    np.testing.assert_array_equal(tiny_tensors["model.layers.0.self_attn.k_proj.weight"],
-                                  state["model.layers.0.self_attn.k_proj.weight"].numpy())
+    np.testing.assert_array_equal(
+        tiny_tensors["model.layers.1.mlp.experts.fc1.weight"], state["model.layers.1.mlp.experts.gate_up_proj"].numpy()
+    )
+    np.testing.assert_array_equal(
+        tiny_tensors["model.layers.0.self_attn.k_proj.weight"], state["model.layers.0.self_attn.k_proj.weight"].numpy()
+    )
 
 
 # ----------------------------------------------------------------------------- key generations
+
 
 def test_original_rhymes_naming_and_config(tiny_dir, tiny_tensors, tiny_model, tmp_path):
     tensors = {"language_model." + key: value for key, value in tiny_tensors.items()}
@@ -243,7 +277,7 @@ def test_transformers_in_memory_naming(tiny_dir, tiny_tensors, tiny_model, tmp_p
         key = key.replace("mlp.experts.fc1.weight", "mlp.experts.gate_up_proj")
         key = key.replace("mlp.experts.fc2.weight", "mlp.experts.down_proj")
         if key.startswith("model."):
-            key = "model.language_model." + key[len("model."):]
+            key = "model.language_model." + key[len("model.") :]
         tensors[key] = value
     tensors["model.vision_tower.post_layernorm.weight"] = np.zeros(5, np.float32)
     tensors["model.multi_modal_projector.query"] = np.zeros((2, 5), np.float32)
@@ -269,21 +303,29 @@ def test_text_only_state_dict_saved_raw(tiny, tiny_model, tmp_path):
 
 # ----------------------------------------------------------------------------- sharding
 
+
 def test_sharded_checkpoint(tiny_dir, tiny_tensors, tiny_model, tmp_path):
-    directory = write_checkpoint(tmp_path / "sharded", tiny_tensors,
-                                 load_json(os.path.join(tiny_dir, "config.json")), shards=3)
+    directory = write_checkpoint(
+        tmp_path / "sharded", tiny_tensors, load_json(os.path.join(tiny_dir, "config.json")), shards=3
+    )
     names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
     assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     # stacked params really come from several files
     index = load_json(os.path.join(directory, "model.safetensors.index.json"))["weight_map"]
-    assert len({index[f"model.layers.{i}.input_layernorm.weight"] for i in range(NUM_LAYERS)}
-               | {index["lm_head.weight"], index["model.embed_tokens.weight"]}) > 1
+    assert (
+        len(
+            {index[f"model.layers.{i}.input_layernorm.weight"] for i in range(NUM_LAYERS)}
+            | {index["lm_head.weight"], index["model.embed_tokens.weight"]}
+        )
+        > 1
+    )
     assert_params_identical(AriaTextForCausalLM.from_pretrained(directory).params, tiny_model.params)
 
 
 def test_index_lists_a_missing_shard(tiny_dir, tiny_tensors, tmp_path):
-    directory = write_checkpoint(tmp_path / "sharded", tiny_tensors,
-                                 load_json(os.path.join(tiny_dir, "config.json")), shards=3)
+    directory = write_checkpoint(
+        tmp_path / "sharded", tiny_tensors, load_json(os.path.join(tiny_dir, "config.json")), shards=3
+    )
     os.remove(os.path.join(directory, "model-00002-of-00003.safetensors"))
     with pytest.raises(CheckpointError) as err:
         AriaTextForCausalLM.from_pretrained(directory)
@@ -291,8 +333,9 @@ def test_index_lists_a_missing_shard(tiny_dir, tiny_tensors, tmp_path):
 
 
 def test_same_key_in_two_shards(tiny_dir, tiny_tensors, tmp_path):
-    directory = write_checkpoint(tmp_path / "sharded", tiny_tensors,
-                                 load_json(os.path.join(tiny_dir, "config.json")), shards=3)
+    directory = write_checkpoint(
+        tmp_path / "sharded", tiny_tensors, load_json(os.path.join(tiny_dir, "config.json")), shards=3
+    )
     index = load_json(os.path.join(directory, "model.safetensors.index.json"))["weight_map"]
     key = "model.layers.1.mlp.router.weight"
     other = next(n for n in sorted(set(index.values())) if n != index[key])
@@ -309,8 +352,9 @@ def test_same_key_in_two_shards(tiny_dir, tiny_tensors, tmp_path):
 
 
 def test_several_files_without_index_rejected(tiny_dir, tiny_tensors, tmp_path):
-    directory = write_checkpoint(tmp_path / "sharded", tiny_tensors,
-                                 load_json(os.path.join(tiny_dir, "config.json")), shards=2)
+    directory = write_checkpoint(
+        tmp_path / "sharded", tiny_tensors, load_json(os.path.join(tiny_dir, "config.json")), shards=2
+    )
     os.remove(os.path.join(directory, "model.safetensors.index.json"))
     with pytest.raises(CheckpointError) as err:
         AriaTextForCausalLM.from_pretrained(directory)
@@ -318,6 +362,7 @@ def test_several_files_without_index_rejected(tiny_dir, tiny_tensors, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bf16
+
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bf16_checkpoint(tiny_bf16, dtype):
@@ -334,14 +379,19 @@ def test_bf16_checkpoint(tiny_bf16, dtype):
     np.testing.assert_array_equal(got["['lm_head']"], state["lm_head.weight"].T)
     np.testing.assert_array_equal(
         got["['layers']['mlp']['experts_gate_up']"],
-        np.stack([state[f"model.layers.{i}.mlp.experts.gate_up_proj"] for i in range(NUM_LAYERS)]))
+        np.stack([state[f"model.layers.{i}.mlp.experts.gate_up_proj"] for i in range(NUM_LAYERS)]),
+    )
     np.testing.assert_array_equal(
         got["['layers']['self_attn']['q_proj']"],
-        np.stack([state[f"model.layers.{i}.self_attn.q_proj.weight"].T.reshape(d, n, h)
-                  for i in range(NUM_LAYERS)]))
+        np.stack([state[f"model.layers.{i}.self_attn.q_proj.weight"].T.reshape(d, n, h) for i in range(NUM_LAYERS)]),
+    )
     # every leaf, by the hand-written layout (from the torch state_dict, saved-file names)
-    hub_names = {k.replace("mlp.experts.gate_up_proj", "mlp.experts.fc1.weight")
-                 .replace("mlp.experts.down_proj", "mlp.experts.fc2.weight"): v for k, v in state.items()}
+    hub_names = {
+        k.replace("mlp.experts.gate_up_proj", "mlp.experts.fc1.weight").replace(
+            "mlp.experts.down_proj", "mlp.experts.fc2.weight"
+        ): v
+        for k, v in state.items()
+    }
     assert len(hub_names) == len(state)
     expected = flat_params(expected_params(hub_names))
     assert sorted(expected) == sorted(got)
@@ -351,11 +401,11 @@ def test_bf16_checkpoint(tiny_bf16, dtype):
     if dtype == "bfloat16":
         raw = read_tensors(os.path.join(directory, "model.safetensors"))
         assert raw["model.norm.weight"].dtype == np.dtype(jax.numpy.bfloat16)
-        assert np.array_equal(params["['norm']['scale']"].view(np.uint16),
-                              raw["model.norm.weight"].view(np.uint16))
+        assert np.array_equal(params["['norm']['scale']"].view(np.uint16), raw["model.norm.weight"].view(np.uint16))
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 def test_missing_key(tiny_dir, bad):
     key = "model.layers.1.mlp.router.weight"
@@ -377,13 +427,16 @@ def test_extra_unknown_key(tiny_dir, bad):
     assert os.path.join(bad, "model.safetensors") in message
 
 
-@pytest.mark.parametrize("key,make", [
-    ("model.layers.0.mlp.router.weight", lambda w: np.ascontiguousarray(w.T)),          # transposed
-    ("model.layers.1.self_attn.k_proj.weight", lambda w: np.ascontiguousarray(w.T)),    # (32,16) vs (16,32)
-    ("model.layers.1.mlp.experts.fc2.weight", lambda w: np.ascontiguousarray(w.transpose(0, 2, 1))),
-    ("model.embed_tokens.weight", lambda w: np.concatenate([w, w[:1]])),               # resized
-    ("model.norm.weight", lambda w: w[:-1].copy()),
-])
+@pytest.mark.parametrize(
+    "key,make",
+    [
+        ("model.layers.0.mlp.router.weight", lambda w: np.ascontiguousarray(w.T)),  # transposed
+        ("model.layers.1.self_attn.k_proj.weight", lambda w: np.ascontiguousarray(w.T)),  # (32,16) vs (16,32)
+        ("model.layers.1.mlp.experts.fc2.weight", lambda w: np.ascontiguousarray(w.transpose(0, 2, 1))),
+        ("model.embed_tokens.weight", lambda w: np.concatenate([w, w[:1]])),  # resized
+        ("model.norm.weight", lambda w: w[:-1].copy()),
+    ],
+)
 def test_wrong_shape(tiny_dir, tiny_tensors, bad, key, make):
     replacement = make(tiny_tensors[key])
     assert replacement.shape != tiny_tensors[key].shape
@@ -439,10 +492,13 @@ def test_gate_up_under_both_names(tiny_dir, tiny_tensors, bad):
     assert os.path.join(bad, "model.safetensors") in message
 
 
-@pytest.mark.parametrize("layers,expected", [
-    (1, ("unknown", "model.layers.1.")),   # the checkpoint has a layer the config does not
-    (3, ("missing", "model.layers.2.")),   # the config has a layer the checkpoint does not
-])
+@pytest.mark.parametrize(
+    "layers,expected",
+    [
+        (1, ("unknown", "model.layers.1.")),  # the checkpoint has a layer the config does not
+        (3, ("missing", "model.layers.2.")),  # the config has a layer the checkpoint does not
+    ],
+)
 def test_layer_count_mismatch(tiny_dir, bad, layers, expected):
     shutil.copytree(tiny_dir, bad)
     config = load_json(os.path.join(bad, "config.json"))
@@ -462,6 +518,7 @@ def test_checkpoint_error_is_exported():
 
 
 # ----------------------------------------------------------------------------- pickle checkpoints
+
 
 class _Bait:
     """Unpickling this calls open(marker, "w"): the marker file appears iff it was unpickled."""
@@ -505,8 +562,9 @@ def test_pickle_file_path_refused_by_loader(tiny_dir, tmp_path):
     path = _pickle_checkpoint(tmp_path / "bin", marker, tiny_dir)
     config = aria_jax.config.text_config_from_pretrained(tmp_path / "bin")
     with pytest.raises(CheckpointError) as err:
-        load_params(path, {"language_model": param_shapes(config, np.float32)}, np.float32,
-                    components=("language_model",))
+        load_params(
+            path, {"language_model": param_shapes(config, np.float32)}, np.float32, components=("language_model",)
+        )
     message = error_message(err)
     assert "pickle" in message and "pytorch_model.bin" in message
     with pytest.raises(CheckpointError):
@@ -525,6 +583,7 @@ def test_pickle_file_path_refused_by_from_pretrained(tiny_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- robustness
+
 
 def test_model_usable_after_rejected_loads(tiny_dir, tiny_model, tmp_path):
     before = np.asarray(tiny_model(PROMPT).logits)
@@ -547,6 +606,7 @@ def test_model_usable_after_rejected_loads(tiny_dir, tiny_model, tmp_path):
 
 
 # ----------------------------------------------------------------------------- lazy reading
+
 
 def _bases(array):
     while array is not None:
@@ -573,5 +633,6 @@ def test_safetensors_get_is_a_memmap_view(tiny_dir, tiny_bf16):
     array = f16.get("model.embed_tokens.weight")
     assert any(isinstance(a, np.memmap) for a in _bases(array))
     assert array.dtype == np.dtype(jax.numpy.bfloat16)
-    np.testing.assert_array_equal(array.astype(np.float32),
-                                  torch_model.state_dict()["model.embed_tokens.weight"].float().numpy())
+    np.testing.assert_array_equal(
+        array.astype(np.float32), torch_model.state_dict()["model.embed_tokens.weight"].float().numpy()
+    )

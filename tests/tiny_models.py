@@ -12,9 +12,16 @@ import os
 import torch
 
 TEXT_DEFAULTS = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=4, moe_num_experts=4, moe_topk=2,
-    moe_num_shared_experts=2, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    moe_num_experts=4,
+    moe_topk=2,
+    moe_num_shared_experts=2,
+    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
     max_position_embeddings=4096,
 )
 
@@ -47,16 +54,27 @@ def make_text_model(directory: str | os.PathLike, seed: int = 0, dtype=torch.flo
 
 
 VISION_DEFAULTS = dict(
-    model_type="idefics3_vision", hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
-    intermediate_size=64, image_size=28, patch_size=14,
+    model_type="idefics3_vision",
+    hidden_size=32,
+    num_attention_heads=2,
+    num_hidden_layers=1,
+    intermediate_size=64,
+    image_size=28,
+    patch_size=14,
 )
 # 28 / 14 = 2 patches per side: a crop has 1 (half-size) or 4 (full-size) patches.
 PROJECTOR_PATCH_TO_QUERY = {1: 2, 4: 4}
 
 
-def make_multimodal_model(directory: str | os.PathLike, seed: int = 0, dtype=torch.float32, *,
-                          vision_overrides: dict | None = None,
-                          projector_patch_to_query: dict[int, int] | None = None, **text_overrides):
+def make_multimodal_model(
+    directory: str | os.PathLike,
+    seed: int = 0,
+    dtype=torch.float32,
+    *,
+    vision_overrides: dict | None = None,
+    projector_patch_to_query: dict[int, int] | None = None,
+    **text_overrides,
+):
     """Builds, randomizes and saves a tiny transformers `AriaForConditionalGeneration` (vision
     tower, projector and MoE decoder; `text_overrides` go into its text_config,
     `vision_overrides` into its vision_config, `projector_patch_to_query` replaces

@@ -25,13 +25,21 @@ from aria_jax import train
 
 IMAGE_TOKEN_ID = 9
 PAD_ID = 2
-FIRST_TEXT_ID = 10          # random text ids stay clear of the special ids and the image token
+FIRST_TEXT_ID = 10  # random text ids stay clear of the special ids and the image token
 IGNORE_INDEX = -100
-IMAGE = "image"             # a prompt segment: one crop, as its image tokens
+IMAGE = "image"  # a prompt segment: one crop, as its image tokens
 
 
-def make_batch(seed: int, rows, *, crop_side: int, tokens_per_crop: int, padding: str = "right",
-               padding_crops: int = 0, vocab_size: int = 128) -> dict[str, np.ndarray]:
+def make_batch(
+    seed: int,
+    rows,
+    *,
+    crop_side: int,
+    tokens_per_crop: int,
+    padding: str = "right",
+    padding_crops: int = 0,
+    vocab_size: int = 128,
+) -> dict[str, np.ndarray]:
     """A batch as `aria_jax.train` takes it. `rows`: per row, (prompt, answer): prompt is a list
     of segments, an int n for n random text tokens or IMAGE for one crop; answer is the number of
     random tokens that end the row, the only labelled ones (labels -100 on the prompt, its image
@@ -47,7 +55,7 @@ def make_batch(seed: int, rows, *, crop_side: int, tokens_per_crop: int, padding
             if segment == IMAGE:
                 mask = np.ones((crop_side, crop_side), bool)
                 if len(pixels) % 2:
-                    mask[crop_side * 5 // 14:] = False   # 28 px: the bottom row of 14-px patches
+                    mask[crop_side * 5 // 14 :] = False  # 28 px: the bottom row of 14-px patches
                 pixels.append(rng.standard_normal((3, crop_side, crop_side)).astype(np.float32) * mask)
                 pixel_masks.append(mask)
                 tokens += [IMAGE_TOKEN_ID] * tokens_per_crop
@@ -57,9 +65,11 @@ def make_batch(seed: int, rows, *, crop_side: int, tokens_per_crop: int, padding
         token_rows.append(tokens + answer_tokens)
         label_rows.append([IGNORE_INDEX] * len(tokens) + answer_tokens)
     length = max(map(len, token_rows))
-    batch = {"input_ids": np.full((len(rows), length), PAD_ID, np.int32),
-             "attention_mask": np.zeros((len(rows), length), np.int32),
-             "labels": np.full((len(rows), length), IGNORE_INDEX, np.int32)}
+    batch = {
+        "input_ids": np.full((len(rows), length), PAD_ID, np.int32),
+        "attention_mask": np.zeros((len(rows), length), np.int32),
+        "labels": np.full((len(rows), length), IGNORE_INDEX, np.int32),
+    }
     for row, (tokens, labels) in enumerate(zip(token_rows, label_rows)):
         span = slice(length - len(tokens), length) if padding == "left" else slice(0, len(tokens))
         batch["input_ids"][row, span] = tokens
@@ -84,8 +94,9 @@ def mesh_micro_batches() -> list[dict[str, np.ndarray]]:
 # params far more than the comparison's tolerance. Adam's first step is lr x g / (|g| + eps), so
 # a gradient within rounding of 0 (the key biases': attention ignores them) moves its param by up
 # to +-lr at random; eps 1e-6 instead of 1e-8 damps that 100-fold.
-TRAIN_CONFIG = train.TrainConfig(learning_rate=1e-3, adam_eps=1e-6, z_loss_coeff=1e-3, aux_loss_coeff=1e-2,
-                                 grad_accum_steps=2)
+TRAIN_CONFIG = train.TrainConfig(
+    learning_rate=1e-3, adam_eps=1e-6, z_loss_coeff=1e-3, aux_loss_coeff=1e-2, grad_accum_steps=2
+)
 
 
 def on_host(tree) -> dict[str, np.ndarray]:
@@ -100,21 +111,28 @@ def step_results(model, batches) -> dict:
     trainable, frozen = train.split_params(model.params, TRAIN_CONFIG)
     options = dict(config=model.config, train_config=TRAIN_CONFIG)
 
-    @jax.jit   # both in one jit: one compilation instead of two, for the same computations
+    @jax.jit  # both in one jit: one compilation instead of two, for the same computations
     def grads_and_step(state, frozen, batches):
-        return (train.loss_and_grads(state.trainable, frozen, batches, **options),
-                train.train_step(state, frozen, batches, **options))
+        return (
+            train.loss_and_grads(state.trainable, frozen, batches, **options),
+            train.train_step(state, frozen, batches, **options),
+        )
 
     (metrics, grads), (state, step_metrics) = grads_and_step(train.init_state(trainable, TRAIN_CONFIG), frozen, batches)
-    return {"metrics": jax.tree.map(float, metrics), "grads": on_host(grads),
-            "step_metrics": jax.tree.map(float, step_metrics), "before": on_host(trainable),
-            "after": on_host(state.trainable)}
+    return {
+        "metrics": jax.tree.map(float, metrics),
+        "grads": on_host(grads),
+        "step_metrics": jax.tree.map(float, step_metrics),
+        "before": on_host(trainable),
+        "after": on_host(state.trainable),
+    }
 
 
 def compare(mesh_run: dict, one_device: dict) -> dict:
     """What the test asserts on: metrics as [one device, mesh]; per grad,
     [max |mesh - one device|, max |one device|]; per param after the step, the 2-norms
     [|mesh - one device|, |one device|, |update on one device|]."""
+
     def pairs(name):
         return {key: [one_device[name][key], mesh_run[name][key]] for key in one_device[name]}
 
@@ -124,10 +142,14 @@ def compare(mesh_run: dict, one_device: dict) -> dict:
     return {
         "metrics": pairs("metrics"),
         "step_metrics": pairs("step_metrics"),
-        "grads": {path: [float(np.abs(mesh_run["grads"][path] - grad).max()), float(np.abs(grad).max())]
-                  for path, grad in one_device["grads"].items()},
-        "params": {path: [norm(mesh_run["after"][path] - after), norm(after), norm(after - one_device["before"][path])]
-                   for path, after in one_device["after"].items()},
+        "grads": {
+            path: [float(np.abs(mesh_run["grads"][path] - grad).max()), float(np.abs(grad).max())]
+            for path, grad in one_device["grads"].items()
+        },
+        "params": {
+            path: [norm(mesh_run["after"][path] - after), norm(after), norm(after - one_device["before"][path])]
+            for path, after in one_device["after"].items()
+        },
     }
 
 
@@ -139,12 +161,20 @@ def run(model_dir: str) -> dict:
         model = aria_jax.AriaForConditionalGeneration.from_pretrained(model_dir, mesh=mesh)
         placed = train.batch_to_mesh(batches, mesh)
         experts = model.params["language_model"]["layers"]["mlp"]["experts_gate_up"]
-        placement = {name: {"shape": list(array.shape),
-                            "shard_shapes": [list(shard.data.shape) for shard in array.addressable_shards]}
-                     for name, array in [("input_ids", placed["input_ids"]), ("experts_gate_up", experts)]}
+        placement = {
+            name: {
+                "shape": list(array.shape),
+                "shard_shapes": [list(shard.data.shape) for shard in array.addressable_shards],
+            }
+            for name, array in [("input_ids", placed["input_ids"]), ("experts_gate_up", experts)]
+        }
         on_mesh = step_results(model, placed)
-    return {"device_count": jax.device_count(), "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
-            "placement": placement, **compare(on_mesh, one_device)}
+    return {
+        "device_count": jax.device_count(),
+        "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
+        "placement": placement,
+        **compare(on_mesh, one_device),
+    }
 
 
 if __name__ == "__main__":

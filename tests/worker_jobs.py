@@ -12,7 +12,6 @@ import pytest
 from repo_paths import ROOT
 
 
-
 def worker_env(num_devices: int) -> dict:
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
@@ -31,8 +30,9 @@ class Job:
         self.stdout_path = os.path.join(directory, f"{name}.out")
         self.stderr_path = os.path.join(directory, f"{name}.err")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen([sys.executable, script, *args], stdout=out, stderr=err,
-                                            env=worker_env(num_devices), cwd=ROOT)
+            self.process = subprocess.Popen(
+                [sys.executable, script, *args], stdout=out, stderr=err, env=worker_env(num_devices), cwd=ROOT
+            )
         self._result = None
 
     def result(self, timeout: float) -> dict:
@@ -46,7 +46,7 @@ class Job:
                 lines = [line for line in f.read().splitlines() if line.startswith("RESULT ")]
             if self.process.returncode != 0 or not lines:
                 pytest.fail(f"{self.name} exited with {self.process.returncode}\n{self.tail()}")
-            self._result = json.loads(lines[-1][len("RESULT "):])
+            self._result = json.loads(lines[-1][len("RESULT ") :])
         return self._result
 
     def tail(self, chars: int = 4000) -> str:

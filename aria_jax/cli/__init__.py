@@ -15,9 +15,11 @@ from aria_jax.cli.options import CommandLineParser, UserError
 SUBCOMMANDS = (generate, chat, convert, plan, finetune, serve, bench)  # in the order --help lists them
 
 
-def build_parser(subcommands=SUBCOMMANDS, prog: str = "aria-jax",
-                 description: str = "Aria in JAX: generation, fine-tuning and checkpoint conversion."
-                 ) -> argparse.ArgumentParser:
+def build_parser(
+    subcommands=SUBCOMMANDS,
+    prog: str = "aria-jax",
+    description: str = "Aria in JAX: generation, fine-tuning and checkpoint conversion.",
+) -> argparse.ArgumentParser:
     parser = CommandLineParser(prog=prog, description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     for subcommand in subcommands:
@@ -42,4 +44,3 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The `aria-jax` console script."""
     return run(build_parser(), argv)
-

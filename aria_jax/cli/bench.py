@@ -10,11 +10,13 @@ from aria_jax.cli.options import add_command
 
 def add(commands) -> None:
     command = add_command(
-        commands, "bench", "benchmark against transformers on the same random weights; prints a markdown table",
+        commands,
+        "bench",
+        "benchmark against transformers on the same random weights; prints a markdown table",
         description="Benchmark aria_jax against transformers' PyTorch Aria on the same random weights (a "
-                    "small bench config, saved once in --cache-dir), each side in its own subprocess: prefill, "
-                    "decode and image prefill, and an MoE micro-benchmark, printed as a markdown table with the "
-                    "machine's limits beside the numbers.",
+        "small bench config, saved once in --cache-dir), each side in its own subprocess: prefill, "
+        "decode and image prefill, and an MoE micro-benchmark, printed as a markdown table with the "
+        "machine's limits beside the numbers.",
     )
     add_options(command)
     command.set_defaults(run=run)

@@ -11,18 +11,22 @@ from aria_jax.cli.options import UserError, add_answer_options, add_command
 
 def add(commands) -> None:
     command = add_command(
-        commands, "chat", "a multi-turn conversation with a model, images attached with /image",
+        commands,
+        "chat",
+        "a multi-turn conversation with a model, images attached with /image",
         description="Talk with a model, one line per message. Each turn the whole conversation, earlier "
-                    "images and answers included, is rendered with the chat template, and the answer streams "
-                    "to stdout. Commands: /image PATH attaches an image to the next message, /reset starts "
-                    "over, /help lists the commands, /quit or end of input (Ctrl-D) leaves. On a terminal a "
-                    "'> ' prompt is shown; with piped input stdout holds only the answers, one per question, "
-                    "and errors are single lines on stderr.",
+        "images and answers included, is rendered with the chat template, and the answer streams "
+        "to stdout. Commands: /image PATH attaches an image to the next message, /reset starts "
+        "over, /help lists the commands, /quit or end of input (Ctrl-D) leaves. On a terminal a "
+        "'> ' prompt is shown; with piped input stdout holds only the answers, one per question, "
+        "and errors are single lines on stderr.",
     )
-    command.add_argument("--model", required=True,
-                         help="hub-format model directory (config.json, safetensors, tokenizer)")
-    add_answer_options(command, 256,
-                       "tokens per answer at most (fewer once the conversation nears the model's context)")
+    command.add_argument(
+        "--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)"
+    )
+    add_answer_options(
+        command, 256, "tokens per answer at most (fewer once the conversation nears the model's context)"
+    )
     command.set_defaults(run=run)
 
 
@@ -40,7 +44,13 @@ def run(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         enable_line_editing()
-    settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, max_image_size=args.max_image_size, split_image=args.split_image,
-                        kv_cache_dtype=args.kv_cache_dtype)
+    settings = Settings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_image_size=args.max_image_size,
+        split_image=args.split_image,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
     ChatSession(model, processor, multimodal, settings, interactive=interactive).run()

@@ -86,8 +86,16 @@ class ChatSession:
     """Turns input lines into commands and answers. `model` and `processor` are loaded already;
     `multimodal` says whether the model takes images."""
 
-    def __init__(self, model, processor, multimodal: bool, settings: Settings,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr, interactive: bool = False):
+    def __init__(
+        self,
+        model,
+        processor,
+        multimodal: bool,
+        settings: Settings,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+        interactive: bool = False,
+    ):
         self.model, self.processor, self.multimodal = model, processor, multimodal
         self.settings = settings
         self.out, self.err, self.interactive = out, err, interactive
@@ -177,11 +185,16 @@ class ChatSession:
         pieces = []
         try:
             for piece in self.model.stream(
-                    **inputs, max_new_tokens=self.answer_budget(inputs["input_ids"].shape[1]),
-                    do_sample=settings.temperature > 0, temperature=settings.temperature, top_p=settings.top_p,
-                    # A different seed per turn, so sampled turns differ but a session can be replayed;
-                    # wrapping keeps a seed near 2**64 - 1 usable past the first turn.
-                    seed=(settings.seed + self.conversation.turns) % SEED_LIMIT, kv_cache_dtype=settings.kv_cache_dtype):
+                **inputs,
+                max_new_tokens=self.answer_budget(inputs["input_ids"].shape[1]),
+                do_sample=settings.temperature > 0,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                # A different seed per turn, so sampled turns differ but a session can be replayed;
+                # wrapping keeps a seed near 2**64 - 1 usable past the first turn.
+                seed=(settings.seed + self.conversation.turns) % SEED_LIMIT,
+                kv_cache_dtype=settings.kv_cache_dtype,
+            ):
                 self.out.write(piece)
                 self.out.flush()
                 pieces.append(piece)
@@ -199,8 +212,12 @@ class ChatSession:
     def model_inputs(self, question: str) -> dict:
         messages, images = self.conversation.with_question(question)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(text=prompt, images=images or None, max_image_size=self.settings.max_image_size,
-                                split_image=self.settings.split_image)
+        inputs = self.processor(
+            text=prompt,
+            images=images or None,
+            max_image_size=self.settings.max_image_size,
+            split_image=self.settings.split_image,
+        )
         if not self.multimodal:
             inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
         return inputs
@@ -210,8 +227,10 @@ class ChatSession:
         conversation grows every turn, and a shorter last answer beats none."""
         room = self.model.text_config.max_position_embeddings - prompt_length
         if room < 1:
-            raise ValueError(f"the conversation fills the model's context of "
-                             f"{self.model.text_config.max_position_embeddings} tokens; /reset starts a new one")
+            raise ValueError(
+                f"the conversation fills the model's context of "
+                f"{self.model.text_config.max_position_embeddings} tokens; /reset starts a new one"
+            )
         return min(self.settings.max_new_tokens, room)
 
     # ------------------------------------------------------------------ messages

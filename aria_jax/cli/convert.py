@@ -12,33 +12,51 @@ from aria_jax.cli.options import add_command, byte_size, positive_int
 
 def add(commands) -> None:
     conv = add_command(
-        commands, "convert", "convert a hub checkpoint (safetensors) into a self-contained orbax checkpoint",
+        commands,
+        "convert",
+        "convert a hub checkpoint (safetensors) into a self-contained orbax checkpoint",
         description="Convert a hub-format model directory (transformers or original rhymes-ai naming, one or "
-                    "many safetensors files) into a self-contained directory: normalized config.json, the "
-                    "tokenizer, processor and chat template files, and the params as orbax checkpoints, which "
-                    "restore faster and straight into a device mesh. Shows a progress bar over bytes and ends "
-                    "with a summary line.",
+        "many safetensors files) into a self-contained directory: normalized config.json, the "
+        "tokenizer, processor and chat template files, and the params as orbax checkpoints, which "
+        "restore faster and straight into a device mesh. Shows a progress bar over bytes and ends "
+        "with a summary line.",
     )
     conv.add_argument("source", help="hub-format model directory (config.json, safetensors, tokenizer files)")
     conv.add_argument("destination", help="directory to create")
-    conv.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                      help="dtype of the stored params (default: the source's)")
-    conv.add_argument("--strict", action="store_true",
-                      help="refuse weights holding NaN or infinite values instead of naming them in a warning")
-    conv.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                      help="store the decoder's linear weights quantized (int8 per output channel, int4 in groups), "
-                           "scales beside them; from_pretrained loads them as stored")
+    conv.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="dtype of the stored params (default: the source's)",
+    )
+    conv.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse weights holding NaN or infinite values instead of naming them in a warning",
+    )
+    conv.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="store the decoder's linear weights quantized (int8 per output channel, int4 in groups), "
+        "scales beside them; from_pretrained loads them as stored",
+    )
     conv.add_argument("--group-size", type=positive_int, default=128, help="int4: inputs per scale")
-    conv.add_argument("--quantize-vision", action="store_true",
-                      help="with --quantize: the vision tower's and projector's linear weights too")
+    conv.add_argument(
+        "--quantize-vision",
+        action="store_true",
+        help="with --quantize: the vision tower's and projector's linear weights too",
+    )
     add_writing_options(conv)
     conv.set_defaults(run=run_convert)
 
     exp = add_command(
-        commands, "export", "write a converted checkpoint back as hub-format safetensors that transformers loads",
+        commands,
+        "export",
+        "write a converted checkpoint back as hub-format safetensors that transformers loads",
         description="Write a checkpoint made by `aria-jax convert` back as a hub-format directory: sharded "
-                    "safetensors with an index, config.json and the tokenizer files, which transformers' "
-                    "from_pretrained loads. Shows a progress bar over bytes and ends with a summary line.",
+        "safetensors with an index, config.json and the tokenizer files, which transformers' "
+        "from_pretrained loads. Shows a progress bar over bytes and ends with a summary line.",
     )
     exp.add_argument("source", help="converted checkpoint directory (made by `aria-jax convert`)")
     exp.add_argument("destination", help="directory to create")
@@ -49,8 +67,11 @@ def add(commands) -> None:
 
 def add_writing_options(command: argparse.ArgumentParser) -> None:
     """What convert and export share: a destination that may exist, and a progress bar."""
-    command.add_argument("--overwrite", action="store_true",
-                         help="replace the destination if it exists and is what this command writes (or empty)")
+    command.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the destination if it exists and is what this command writes (or empty)",
+    )
     command.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,9 +81,17 @@ def run_convert(args: argparse.Namespace) -> None:
     quiet_orbax()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteWarning)  # said below, in one line
-        summary = convert_checkpoint(args.source, args.destination, dtype=args.dtype, overwrite=args.overwrite,
-                                     quiet=args.quiet, strict=args.strict, quantize=args.quantize,
-                                     group_size=args.group_size, quantize_vision=args.quantize_vision)
+        summary = convert_checkpoint(
+            args.source,
+            args.destination,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            strict=args.strict,
+            quantize=args.quantize,
+            group_size=args.group_size,
+            quantize_vision=args.quantize_vision,
+        )
     if summary.nonfinite:
         print(f"aria-jax: warning: {nonfinite_message(summary.nonfinite)} (--strict refuses them)", file=sys.stderr)
     print(summary.line())
@@ -72,8 +101,9 @@ def run_export(args: argparse.Namespace) -> None:
     from convert.conversion import export_checkpoint
 
     quiet_orbax()
-    summary = export_checkpoint(args.source, args.destination, overwrite=args.overwrite, quiet=args.quiet,
-                                max_shard_bytes=args.max_shard_size)
+    summary = export_checkpoint(
+        args.source, args.destination, overwrite=args.overwrite, quiet=args.quiet, max_shard_bytes=args.max_shard_size
+    )
     print(summary.line())
 
 

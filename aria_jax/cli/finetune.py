@@ -10,12 +10,13 @@ from aria_jax.cli.options import UserError, add_command, parse_mesh, positive_in
 
 def add(commands) -> None:
     command = add_command(
-        commands, "finetune",
+        commands,
+        "finetune",
         "fine-tune (full or LoRA) on a dataset folder; resumes from the newest checkpoint in --out",
         description="Fine-tune a model, fully or with LoRA adapters, on a folder in the original Aria "
-                    "repository's dataset format (train.jsonl and its images). Checkpoints, metrics.jsonl and "
-                    "the final model (and adapters) are written to --out; a run started again with the same "
-                    "settings resumes from the newest checkpoint there. Shows a progress bar over steps.",
+        "repository's dataset format (train.jsonl and its images). Checkpoints, metrics.jsonl and "
+        "the final model (and adapters) are written to --out; a run started again with the same "
+        "settings resumes from the newest checkpoint there. Shows a progress bar over steps.",
     )
     option = command.add_argument
     option("--model", required=True, help="model directory (hub format or converted)")
@@ -32,8 +33,11 @@ def add(commands) -> None:
     option("--aux-loss-coeff", type=float, default=1e-3, help="router load-balancing loss coefficient")
     option("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank; 0: full fine-tuning")
     option("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (scale = alpha / rank)")
-    option("--lora-targets", help="comma-separated weights to adapt (default: every projection of the decoder "
-           "layers, routed experts included; also: lm_head)")
+    option(
+        "--lora-targets",
+        help="comma-separated weights to adapt (default: every projection of the decoder "
+        "layers, routed experts included; also: lm_head)",
+    )
     option("--freeze-vision", action="store_true", help="do not train the vision tower")
     option("--freeze-projector", action="store_true", help="do not train the projector")
     option("--freeze-language-model", action="store_true", help="do not train the text decoder")
@@ -65,16 +69,29 @@ def run(args: argparse.Namespace) -> None:
         targets = DEFAULT_TARGETS if args.lora_targets is None else tuple(args.lora_targets.split(","))
         lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
     train_config = TrainConfig(
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, z_loss_coeff=args.z_loss_coeff,
-        aux_loss_coeff=args.aux_loss_coeff, grad_accum_steps=args.grad_accum, remat=args.remat,
-        freeze_vision=args.freeze_vision, freeze_projector=args.freeze_projector,
-        freeze_language_model=args.freeze_language_model, lora=lora,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        total_steps=args.steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        z_loss_coeff=args.z_loss_coeff,
+        aux_loss_coeff=args.aux_loss_coeff,
+        grad_accum_steps=args.grad_accum,
+        remat=args.remat,
+        freeze_vision=args.freeze_vision,
+        freeze_projector=args.freeze_projector,
+        freeze_language_model=args.freeze_language_model,
+        lora=lora,
     )
     settings = RunSettings(
-        batch_size=args.batch_size, max_image_size=args.max_image_size, split_image=args.split_image,
-        max_length=args.max_length, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        seed=args.seed, dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_image_size=args.max_image_size,
+        split_image=args.split_image,
+        max_length=args.max_length,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        seed=args.seed,
+        dtype=args.dtype,
     )
     mesh = make_mesh(**mesh_sizes) if mesh_sizes else None
     result = finetune(args.model, args.data, args.out, train_config, settings, mesh=mesh, progress=not args.quiet)

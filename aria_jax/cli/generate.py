@@ -10,14 +10,17 @@ from aria_jax.cli.options import UserError, add_answer_options, add_command
 
 def add(commands) -> None:
     command = add_command(
-        commands, "generate", "answer a prompt about zero or more images, streaming the answer",
+        commands,
+        "generate",
+        "answer a prompt about zero or more images, streaming the answer",
         description="Answer one prompt, about zero or more images, with a model directory in hub format "
-                    "(or a converted checkpoint). The prompt is wrapped in the chat template as a user turn "
-                    "with the images first; the answer streams to stdout as it is generated and stops at "
-                    "<|im_end|>. Greedy unless --temperature is above 0. Loading progress goes to stderr.",
+        "(or a converted checkpoint). The prompt is wrapped in the chat template as a user turn "
+        "with the images first; the answer streams to stdout as it is generated and stops at "
+        "<|im_end|>. Greedy unless --temperature is above 0. Loading progress goes to stderr.",
     )
-    command.add_argument("--model", required=True,
-                         help="hub-format model directory (config.json, safetensors, tokenizer)")
+    command.add_argument(
+        "--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)"
+    )
     command.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     command.add_argument("--prompt", required=True, help="the question or instruction")
     add_answer_options(command, 32, "tokens to generate at most")
@@ -39,14 +42,24 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{args.model}: a text-only model; it takes no --image")
     check_text(args.prompt, "--prompt")
     processor = aria_jax.AriaProcessor.from_pretrained(args.model)
-    inputs = processor(text=chat_prompt(processor, args.prompt, len(args.image)), images=args.image or None,
-                       max_image_size=args.max_image_size, split_image=args.split_image)
+    inputs = processor(
+        text=chat_prompt(processor, args.prompt, len(args.image)),
+        images=args.image or None,
+        max_image_size=args.max_image_size,
+        split_image=args.split_image,
+    )
     check_sampling_options(args, inputs["input_ids"].shape[1], args.max_new_tokens)
     model = load_model(args.model, multimodal, args.dtype, args.quantize)
     if not multimodal:
         inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
-    for piece in model.stream(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                              kv_cache_dtype=args.kv_cache_dtype):
+    for piece in model.stream(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        kv_cache_dtype=args.kv_cache_dtype,
+    ):
         print(piece, end="", flush=True)
     print()

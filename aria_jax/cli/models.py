@@ -26,9 +26,19 @@ def check_sampling_options(args: argparse.Namespace, prompt_length: int, max_new
     from aria_jax.config import text_config_from_pretrained
     from aria_jax.host_loop import check_request
 
-    check_request(1, prompt_length, text_config_from_pretrained(args.model), None, max_new_tokens=max_new_tokens,
-                  do_sample=args.temperature > 0, temperature=args.temperature, top_k=0, top_p=args.top_p,
-                  seed=args.seed, stop_strings=None)
+    check_request(
+        1,
+        prompt_length,
+        text_config_from_pretrained(args.model),
+        None,
+        max_new_tokens=max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_strings=None,
+    )
 
 
 def load_model(model_dir: str, multimodal: bool, dtype: str, quantize: str | None = None, mesh=None):
@@ -41,7 +51,7 @@ def load_model(model_dir: str, multimodal: bool, dtype: str, quantize: str | Non
 
 @contextlib.contextmanager
 def progress_line(what: str):
-    """"WHAT ... done in 2.0s" on stderr, so a slow step shows it is under way while stdout
+    """ "WHAT ... done in 2.0s" on stderr, so a slow step shows it is under way while stdout
     stays for the answer alone."""
     print(f"{what} ...", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -23,8 +23,7 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.required or not action.option_strings or action.default is argparse.SUPPRESS \
-                or "default" in text:
+        if action.required or not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
             return text
         if action.nargs == 0 and action.default is False:  # store_true
             return f"{text} (default: off)"
@@ -62,7 +61,7 @@ def byte_size(text: str) -> int:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"expert=8,tensor=1" -> {"expert": 8, "tensor": 1}."""
+    """ "expert=8,tensor=1" -> {"expert": 8, "tensor": 1}."""
     from aria_jax.sharding import MESH_AXES  # here: importing JAX would slow every --help
 
     sizes = {}
@@ -80,17 +79,30 @@ def add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, ma
     command.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     command.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     command.add_argument("--seed", type=int, default=0, help="sampling seed, an integer in [0, 2**64)")
-    command.add_argument("--max-image-size", type=positive_int, default=None,
-                         help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's")
+    command.add_argument(
+        "--max-image-size",
+        type=positive_int,
+        default=None,
+        help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's",
+    )
     command.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
-    command.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                         help="parameter and compute dtype")
-    command.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                         help="quantize the decoder's weights while loading (int4 in groups of 128 inputs)")
+    command.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype"
+    )
+    command.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="quantize the decoder's weights while loading (int4 in groups of 128 inputs)",
+    )
     add_kv_cache_dtype_option(command)
 
 
 def add_kv_cache_dtype_option(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--kv-cache-dtype", choices=["int8"], default=None,
-                         help="keep the KV cache in int8, a scale per token and head (about half the memory of "
-                              "bfloat16); default: the compute dtype")
+    command.add_argument(
+        "--kv-cache-dtype",
+        choices=["int8"],
+        default=None,
+        help="keep the KV cache in int8, a scale per token and head (about half the memory of "
+        "bfloat16); default: the compute dtype",
+    )

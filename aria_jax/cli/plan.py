@@ -17,38 +17,55 @@ from aria_jax.cli.options import UserError, add_command, add_kv_cache_dtype_opti
 
 def add(commands) -> None:
     command = add_command(
-        commands, "plan", "memory (and, with --target, estimated time) of generation, compiled without weights",
+        commands,
+        "plan",
+        "memory (and, with --target, estimated time) of generation, compiled without weights",
         description="Will it fit, and how fast will it run? Compile generate()'s prefill and decode for a model "
-                    "config on a mesh, without loading any weights. Without --target: on simulated CPU devices, "
-                    "a table of per-device memory (params, KV cache, the peaks of prefill and decode). With "
-                    "--target (e.g. v5e:2x4, h100:8): with that accelerator's own compiler, on this machine, "
-                    "per chip memory and whether it fits the chip's HBM, the compiler's estimated time (decode: "
-                    "per token) and the roofline beside it. Times are compiler estimates, not timings.",
+        "config on a mesh, without loading any weights. Without --target: on simulated CPU devices, "
+        "a table of per-device memory (params, KV cache, the peaks of prefill and decode). With "
+        "--target (e.g. v5e:2x4, h100:8): with that accelerator's own compiler, on this machine, "
+        "per chip memory and whether it fits the chip's HBM, the compiler's estimated time (decode: "
+        "per token) and the roofline beside it. Times are compiler estimates, not timings.",
     )
     command.add_argument("--config", default="configs/aria.json", help="config.json (or a model directory)")
     command.add_argument("--mesh", default="expert=8", help="mesh axis sizes, e.g. data=2,expert=8,tensor=4")
-    command.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                         help="param and compute dtype")
+    command.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="param and compute dtype")
     command.add_argument("--batch", type=positive_int, default=8, help="rows generated together")
-    command.add_argument("--max-length", type=positive_int, default=8192,
-                         help="KV cache length (prompt + new tokens)")
-    command.add_argument("--prompt-length", type=positive_int, default=None,
-                         help="prefill length, rounded up to its bucket as generate() pads it "
-                              "(default: half of --max-length)")
-    command.add_argument("--target", default=None,
-                         help="compile for this accelerator, e.g. v5e:2x4 (TPU: pip install 'aria-jax[tpu]') or "
-                              "h100:8 (pip install 'aria-jax[gpu-compile]'); an unknown name lists the supported ones")
-    command.add_argument("--moe-backend", default=None,
-                         help="routed-expert implementation to compile, as AriaTextConfig.moe_backend "
-                              "(default: the config's)")
+    command.add_argument("--max-length", type=positive_int, default=8192, help="KV cache length (prompt + new tokens)")
+    command.add_argument(
+        "--prompt-length",
+        type=positive_int,
+        default=None,
+        help="prefill length, rounded up to its bucket as generate() pads it (default: half of --max-length)",
+    )
+    command.add_argument(
+        "--target",
+        default=None,
+        help="compile for this accelerator, e.g. v5e:2x4 (TPU: pip install 'aria-jax[tpu]') or "
+        "h100:8 (pip install 'aria-jax[gpu-compile]'); an unknown name lists the supported ones",
+    )
+    command.add_argument(
+        "--moe-backend",
+        default=None,
+        help="routed-expert implementation to compile, as AriaTextConfig.moe_backend (default: the config's)",
+    )
     add_kv_cache_dtype_option(command)
-    command.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                         help="weights quantized as from_pretrained(quantize=...) stores them")
+    command.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="weights quantized as from_pretrained(quantize=...) stores them",
+    )
     command.add_argument("--group-size", type=positive_int, default=128, help="int4: inputs per scale")
-    command.add_argument("--json", default=None, metavar="PATH",
-                         help="with --target: write every figure to PATH as JSON")
-    command.add_argument("--dump-hlo", default=None, metavar="DIR",
-                         help="with --target: write each compiled program's optimized HLO to DIR/<program>.txt")
+    command.add_argument(
+        "--json", default=None, metavar="PATH", help="with --target: write every figure to PATH as JSON"
+    )
+    command.add_argument(
+        "--dump-hlo",
+        default=None,
+        metavar="DIR",
+        help="with --target: write each compiled program's optimized HLO to DIR/<program>.txt",
+    )
     command.set_defaults(run=run)
 
 
@@ -67,8 +84,9 @@ def run(args: argparse.Namespace) -> None:
 
     config = config_from_pretrained(args.config)
     if args.moe_backend:
-        config = dataclasses.replace(config, text_config=dataclasses.replace(config.text_config,
-                                                                             moe_backend=args.moe_backend))
+        config = dataclasses.replace(
+            config, text_config=dataclasses.replace(config.text_config, moe_backend=args.moe_backend)
+        )
     prompt_length = args.prompt_length or args.max_length // 2
     quantization = Quantization.of(args.quantize, args.group_size)
     if args.target:
@@ -78,12 +96,23 @@ def run(args: argparse.Namespace) -> None:
     from aria_jax.sharding import make_mesh
 
     mesh = make_mesh(**mesh_sizes)
-    print(plan_memory(config, mesh, resolve_dtype(args.dtype), args.batch, args.max_length, prompt_length,
-                      quantization, args.kv_cache_dtype).table())
+    print(
+        plan_memory(
+            config,
+            mesh,
+            resolve_dtype(args.dtype),
+            args.batch,
+            args.max_length,
+            prompt_length,
+            quantization,
+            args.kv_cache_dtype,
+        ).table()
+    )
 
 
-def plan_for_target(args: argparse.Namespace, mesh_sizes: dict[str, int], config, dtype, prompt_length: int,
-                    quantization=None) -> None:
+def plan_for_target(
+    args: argparse.Namespace, mesh_sizes: dict[str, int], config, dtype, prompt_length: int, quantization=None
+) -> None:
     from aria_jax.accelerators import parse_target, prepare_environment, target_devices
     from aria_jax.plan import GenerationShape
     from aria_jax.plan_target import dump_hlo, plan_target, write_json

@@ -12,34 +12,51 @@ from aria_jax.cli.options import UserError, add_command, add_kv_cache_dtype_opti
 
 def add(commands) -> None:
     command = add_command(
-        commands, "serve", "an OpenAI-compatible HTTP server with continuous batching",
+        commands,
+        "serve",
+        "an OpenAI-compatible HTTP server with continuous batching",
         description="Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions (text and image_url "
-                    "parts, images as data: URLs), POST /v1/completions, GET /v1/models, GET /health (200 once "
-                    "ready) and GET /metrics (Prometheus). Requests share --max-batch decode slots: each is "
-                    "prefilled into a free slot while the others keep decoding, and leaves it as soon as it "
-                    "ends. On several hosts run the same command on every process with --distributed; process "
-                    "0 serves HTTP.",
+        "parts, images as data: URLs), POST /v1/completions, GET /v1/models, GET /health (200 once "
+        "ready) and GET /metrics (Prometheus). Requests share --max-batch decode slots: each is "
+        "prefilled into a free slot while the others keep decoding, and leaves it as soon as it "
+        "ends. On several hosts run the same command on every process with --distributed; process "
+        "0 serves HTTP.",
     )
     option = command.add_argument
     option("--model", required=True, help="model directory (hub format or converted), with its tokenizer")
     option("--host", default="127.0.0.1", help="address to listen on")
     option("--port", type=int, default=8000, help="port to listen on")
     option("--max-batch", type=positive_int, default=8, help="decode slots: requests answered at once")
-    option("--max-length", type=positive_int, default=None,
-           help="cache positions per slot, prompt and answer (default: the model's context, at most 4096)")
+    option(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="cache positions per slot, prompt and answer (default: the model's context, at most 4096)",
+    )
     option("--max-queue", type=int, default=64, help="requests waiting beyond it get 429")
     option("--decode-steps", type=positive_int, default=8, help="tokens per slot between admissions of new requests")
-    option("--served-model-name", default=None,
-           help="the model id clients ask for (default: the model directory's name)")
-    option("--allowed-media-dir", default=None,
-           help="image_url may name local files under this directory (otherwise only data: URLs)")
-    option("--dtype", choices=["float32", "bfloat16"], default="float32",
-           help="param and compute dtype (bfloat16 on TPU and GPU)")
+    option(
+        "--served-model-name", default=None, help="the model id clients ask for (default: the model directory's name)"
+    )
+    option(
+        "--allowed-media-dir",
+        default=None,
+        help="image_url may name local files under this directory (otherwise only data: URLs)",
+    )
+    option(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="param and compute dtype (bfloat16 on TPU and GPU)",
+    )
     option("--quantize", choices=["int8", "int4"], default=None, help="quantize the decoder's weights as they load")
     add_kv_cache_dtype_option(command)
     option("--mesh", default=None, help="mesh axis sizes over all devices, e.g. data=2,expert=4")
-    option("--distributed", action="store_true",
-           help="several processes: jax.distributed.initialize (on TPU pods it reads the environment)")
+    option(
+        "--distributed",
+        action="store_true",
+        help="several processes: jax.distributed.initialize (on TPU pods it reads the environment)",
+    )
     option("--coordinator", default=None, help="with --distributed off TPU: process 0's host:port")
     option("--num-processes", type=int, default=None, help="with --distributed off TPU")
     option("--process-id", type=int, default=None, help="with --distributed off TPU")
@@ -69,8 +86,14 @@ def run(args: argparse.Namespace) -> None:
     processor = aria_jax.AriaProcessor.from_pretrained(args.model)
     mesh = aria_jax.make_mesh(**mesh_sizes) if mesh_sizes else None
     model = load_model(args.model, multimodal, args.dtype, args.quantize, mesh)
-    engine = Engine(model, max_batch=args.max_batch, max_length=args.max_length, decode_steps=args.decode_steps,
-                    max_queue=args.max_queue, kv_cache_dtype=args.kv_cache_dtype)
+    engine = Engine(
+        model,
+        max_batch=args.max_batch,
+        max_length=args.max_length,
+        decode_steps=args.decode_steps,
+        max_queue=args.max_queue,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
     if jax.process_index() != 0:
         engine.follow()
         return
@@ -78,7 +101,11 @@ def run(args: argparse.Namespace) -> None:
         engine.warm_up()
     name = args.served_model_name or default_model_name(args.model)
     app = create_app(engine, processor, name, allowed_media_dir=args.allowed_media_dir)
-    print(f"aria-jax: serving {name} on http://{args.host}:{args.port} ({args.max_batch} slots of "
-          f"{engine.max_length} positions)", file=sys.stderr, flush=True)
+    print(
+        f"aria-jax: serving {name} on http://{args.host}:{args.port} ({args.max_batch} slots of "
+        f"{engine.max_length} positions)",
+        file=sys.stderr,
+        flush=True,
+    )
     with engine:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
