@@ -62,27 +62,12 @@ class ImageError(ValueError):
 # The 19 split shapes (no 1 x 1), in tiles of 490 pixels: transformers' default
 # `split_resolutions` (`image_processing_pil_aria.py`) and rhymes-ai's. transformers reads each
 # pair as (rows, cols), i.e. (height, width); rhymes-ai's original code reads it as (cols, rows).
+# fmt: off
 DEFAULT_SPLIT_TILES = (
-    (1, 2),
-    (1, 3),
-    (1, 4),
-    (1, 5),
-    (1, 6),
-    (1, 7),
-    (1, 8),
-    (2, 4),
-    (2, 3),
-    (2, 2),
-    (2, 1),
-    (3, 1),
-    (3, 2),
-    (4, 1),
-    (4, 2),
-    (5, 1),
-    (6, 1),
-    (7, 1),
-    (8, 1),
+    (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3), (2, 2),
+    (2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1), (7, 1), (8, 1),
 )
+# fmt: on
 SPLIT_TILE_SIZE = 490
 DEFAULT_SPLIT_RESOLUTIONS = tuple(
     (rows * SPLIT_TILE_SIZE, cols * SPLIT_TILE_SIZE) for rows, cols in DEFAULT_SPLIT_TILES

@@ -25,6 +25,7 @@ import sentencepiece
 import torch
 import transformers
 
+from aria_jax.image_processing import DEFAULT_SPLIT_TILES
 from aria_jax.tokenizer import DEFAULT_CHAT_TEMPLATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,30 +63,9 @@ TOKENIZER_CONFIG = {
     },
 }
 # The tiny model's crops: 70 px (5 x 5 patches of 14 -> 8 queries) and 140 px (10 x 10 -> 16),
-# the analogues of Aria's 490 / 980; images are split on a grid of 70 px tiles (Aria: 490).
+# the analogues of Aria's 490 / 980; images are split into Aria's grids of 70 px tiles (Aria: 490).
 MIN_IMAGE_SIZE = 28
 SPLIT_TILE = 70
-SPLIT_TILES = [
-    (1, 2),
-    (1, 3),
-    (1, 4),
-    (1, 5),
-    (1, 6),
-    (1, 7),
-    (1, 8),
-    (2, 4),
-    (2, 3),
-    (2, 2),
-    (2, 1),
-    (3, 1),
-    (3, 2),
-    (4, 1),
-    (4, 2),
-    (5, 1),
-    (6, 1),
-    (7, 1),
-    (8, 1),
-]
 
 
 def training_text() -> str:
@@ -148,7 +128,7 @@ def write_processor_files(config: transformers.AriaConfig) -> None:
     image_processor = transformers.AriaImageProcessorPil(
         max_image_size=max(sizes),
         min_image_size=MIN_IMAGE_SIZE,
-        split_resolutions=[[rows * SPLIT_TILE, cols * SPLIT_TILE] for rows, cols in SPLIT_TILES],
+        split_resolutions=[[rows * SPLIT_TILE, cols * SPLIT_TILE] for rows, cols in DEFAULT_SPLIT_TILES],
     )
     processor = transformers.AriaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, size_conversion=sizes

@@ -17,6 +17,7 @@ import zlib
 
 import jax
 import numpy as np
+import transformers
 import pytest
 import torch
 from PIL import Image, ImageOps
@@ -491,30 +492,8 @@ def test_from_pretrained_reads_aria_processor_config(tmp_path):
 def test_from_pretrained_defaults_and_bad_configs(tmp_path):
     defaults = AriaImageProcessor.from_pretrained(tmp_path)  # no files at all
     assert repr(defaults) == repr(AriaImageProcessor())
-    assert defaults.split_resolutions == tuple(
-        (a * 490, b * 490)
-        for a, b in [
-            (1, 2),
-            (1, 3),
-            (1, 4),
-            (1, 5),
-            (1, 6),
-            (1, 7),
-            (1, 8),
-            (2, 4),
-            (2, 3),
-            (2, 2),
-            (2, 1),
-            (3, 1),
-            (3, 2),
-            (4, 1),
-            (4, 2),
-            (5, 1),
-            (6, 1),
-            (7, 1),
-            (8, 1),
-        ]
-    )
+    # transformers' AriaImageProcessor default: Aria's 19 split grids in (height, width) pixels
+    assert defaults.split_resolutions == tuple(map(tuple, transformers.AriaImageProcessor().split_resolutions))
 
     (tmp_path / "processor_config.json").write_text(json.dumps({"size_conversion": {"490": 128}}))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_image_size": 490}))
