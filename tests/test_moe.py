@@ -311,7 +311,7 @@ def test_the_params_with_an_expert_axis_are_those_of_the_expert_table():
     """Every param whose logical axes include "experts" is in `ROUTED_EXPERT_AXES`, with the
     table's axes behind the layer axis: what checkpoint chunking, quantization, LoRA and decode
     read from the table is what the model declares."""
-    from aria_jax.expert_weights import ROUTED_EXPERT_AXES, is_routed_expert_weight
+    from aria_jax.expert_weights import EXPERT_AXIS, INPUT_AXIS, ROUTED_EXPERT_AXES, is_routed_expert_weight
     from aria_jax.modeling import text_param_shapes
 
     config = AriaTextConfig(
@@ -328,3 +328,5 @@ def test_the_params_with_an_expert_axis_are_those_of_the_expert_table():
     with_expert_axis = {path[-1].key: tuple(leaf.names) for path, leaf in boxed if "experts" in leaf.names}
     assert with_expert_axis == {name: ("layers", *axes) for name, axes in ROUTED_EXPERT_AXES.items()}
     assert not any(is_routed_expert_weight(path[-1].key) for path, leaf in boxed if "experts" not in leaf.names)
+    # the axis positions stated beside the table are the table's: (experts, in, out)
+    assert all(axes[EXPERT_AXIS] == "experts" and INPUT_AXIS == EXPERT_AXIS + 1 for axes in ROUTED_EXPERT_AXES.values())
