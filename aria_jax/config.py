@@ -33,22 +33,22 @@ TEXT_MODEL_TYPES = ("aria_text", ORIGINAL_TEXT_MODEL_TYPE)
 VISION_MODEL_TYPES = ("idefics3_vision", "aria_vision_model", "siglip_vision_model")
 SUPPORTED_ROPE_TYPES = ("default",)
 SUPPORTED_MOE_BACKENDS = ("auto", "ragged_dot", "looped", "gathered", "dense")
-SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")  # aria_jax.layers.ACTIVATIONS
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu")  # aria_jax.layers.ACTIVATIONS
 # Token ids and positions are int32 on device, so every count, size and id must be below 2**31;
 # that bound also keeps products of two of them (a weight's element count) inside int64.
 INT32_LIMIT = 2**31
 
 
-def _require(condition: bool, field: str, value: Any, why: str) -> None:
+def require(condition: bool, field: str, value: Any, why: str) -> None:
     if not condition:
         raise ConfigError(f"invalid config: {field}={value!r}: {why}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # true is no count nor id
 
 
-def _is_finite(value: Any) -> bool:
+def is_finite(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
     try:
@@ -57,29 +57,29 @@ def _is_finite(value: Any) -> bool:
         return False
 
 
-def _positive_ints(config: Any, fields: tuple[str, ...], prefix: str = "") -> None:
+def positive_ints(config: Any, fields: tuple[str, ...], prefix: str = "") -> None:
     for field in fields:
         value = getattr(config, field)
-        _require(
-            _is_int(value) and 0 < value < INT32_LIMIT, prefix + field, value, "must be a positive integer below 2**31"
+        require(
+            is_int(value) and 0 < value < INT32_LIMIT, prefix + field, value, "must be a positive integer below 2**31"
         )
 
 
-def _positive_float(field: str, value: Any) -> None:
-    _require(_is_finite(value) and value > 0, field, value, "must be a finite positive number")
+def positive_float(field: str, value: Any) -> None:
+    require(is_finite(value) and value > 0, field, value, "must be a finite positive number")
 
 
-def _token_id(field: str, value: Any) -> None:
-    _require(
-        value is None or (_is_int(value) and 0 <= value < INT32_LIMIT),
+def check_token_id(field: str, value: Any) -> None:
+    require(
+        value is None or (is_int(value) and 0 <= value < INT32_LIMIT),
         field,
         value,
         "must be null or a token id (an integer in 0 .. 2**31 - 1)",
     )
 
 
-def _json_object(field: str, value: Any) -> dict[str, Any]:
-    _require(isinstance(value, dict), field, value, "must be a JSON object")
+def json_object(field: str, value: Any) -> dict[str, Any]:
+    require(isinstance(value, dict), field, value, "must be a JSON object")
     return value
 
 
@@ -116,8 +116,8 @@ class AriaTextConfig:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if (
             self.head_dim is None
-            and _is_int(self.hidden_size)
-            and _is_int(self.num_attention_heads)
+            and is_int(self.hidden_size)
+            and is_int(self.num_attention_heads)
             and self.num_attention_heads > 0
         ):
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
@@ -130,7 +130,7 @@ class AriaTextConfig:
         self.validate()
 
     def validate(self) -> None:
-        _positive_ints(
+        positive_ints(
             self,
             (
                 "vocab_size",
@@ -145,49 +145,48 @@ class AriaTextConfig:
                 "max_position_embeddings",
             ),
         )
-        _require(
+        require(
             self.hidden_size % self.num_attention_heads == 0,
             "num_attention_heads",
             self.num_attention_heads,
             f"must divide hidden_size={self.hidden_size}",
         )
-        _require(
+        require(
             self.num_attention_heads % self.num_key_value_heads == 0,
             "num_key_value_heads",
             self.num_key_value_heads,
             f"must divide num_attention_heads={self.num_attention_heads}",
         )
-        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings")
-        _require(
+        require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings")
+        require(
             self.moe_topk <= self.moe_num_experts,
             "moe_topk",
             self.moe_topk,
             f"cannot exceed moe_num_experts={self.moe_num_experts}",
         )
-        _require(
-            _is_int(self.moe_num_shared_experts) and 0 <= self.moe_num_shared_experts < INT32_LIMIT,
+        require(
+            is_int(self.moe_num_shared_experts) and 0 <= self.moe_num_shared_experts < INT32_LIMIT,
             "moe_num_shared_experts",
             self.moe_num_shared_experts,
             "must be a non-negative integer below 2**31",
         )
-        _positive_float("rms_norm_eps", self.rms_norm_eps)
-        _positive_float("rope_theta", self.rope_theta)
-        _token_id("bos_token_id", self.bos_token_id)
-        _token_id("pad_token_id", self.pad_token_id)
-        _require(
-            isinstance(self.eos_token_id, tuple)
-            and all(_is_int(i) and 0 <= i < INT32_LIMIT for i in self.eos_token_id),
+        positive_float("rms_norm_eps", self.rms_norm_eps)
+        positive_float("rope_theta", self.rope_theta)
+        check_token_id("bos_token_id", self.bos_token_id)
+        check_token_id("pad_token_id", self.pad_token_id)
+        require(
+            isinstance(self.eos_token_id, tuple) and all(is_int(i) and 0 <= i < INT32_LIMIT for i in self.eos_token_id),
             "eos_token_id",
             self.eos_token_id,
             "must be null, a token id or a list of token ids (integers in 0 .. 2**31 - 1)",
         )
-        _require(
+        require(
             self.hidden_act in SUPPORTED_ACTIVATIONS,
             "hidden_act",
             self.hidden_act,
             f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
-        _require(
+        require(
             self.moe_backend in SUPPORTED_MOE_BACKENDS,
             "moe_backend",
             self.moe_backend,
@@ -206,9 +205,9 @@ class AriaTextConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaTextConfig":
         """Reads a `text_config` (or a text-only config.json) of either generation."""
-        _json_object("text_config", d)
+        json_object("text_config", d)
         model_type = d.get("model_type", "aria_text")
-        _require(
+        require(
             model_type in TEXT_MODEL_TYPES,
             "text_config.model_type",
             model_type,
@@ -228,7 +227,7 @@ class AriaTextConfig:
         if missing:
             raise ConfigError(f"invalid config: missing field {missing[0]!r} in text config ({model_type})")
         for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-            _require(not d.get(flag, False), flag, d.get(flag), "Aria has no such weights; only false is supported")
+            require(not d.get(flag, False), flag, d.get(flag), "Aria has no such weights; only false is supported")
 
         fields = {ours: d[theirs] for ours, theirs in required.items()}
         for name in (
@@ -244,12 +243,12 @@ class AriaTextConfig:
         ):
             if d.get(name) is not None:
                 fields[name] = d[name]
-        rope_theta, rope_type = _read_rope(d)
-        _require(
+        rope_theta, rope_type = read_rope(d)
+        require(
             rope_type in SUPPORTED_ROPE_TYPES, "rope_type", rope_type, f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
         if rope_theta is not None:
-            _positive_float("rope_theta", rope_theta)
+            positive_float("rope_theta", rope_theta)
             fields["rope_theta"] = float(rope_theta)
         return cls(**fields)
 
@@ -278,10 +277,10 @@ class AriaTextConfig:
         }
 
 
-def _read_rope(d: dict[str, Any]) -> tuple[float | None, str]:
+def read_rope(d: dict[str, Any]) -> tuple[float | None, str]:
     """rope theta and type from `rope_parameters`, `rope_scaling` or the top-level `rope_theta`."""
-    params = _json_object("rope_parameters", d.get("rope_parameters") or {})
-    scaling = _json_object("rope_scaling", d.get("rope_scaling") or {})
+    params = json_object("rope_parameters", d.get("rope_parameters") or {})
+    scaling = json_object("rope_scaling", d.get("rope_scaling") or {})
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     theta = params.get("rope_theta", d.get("rope_theta"))
     return theta, rope_type
@@ -302,7 +301,7 @@ class AriaVisionConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
     def __post_init__(self):
-        _positive_ints(
+        positive_ints(
             self,
             (
                 "hidden_size",
@@ -314,26 +313,26 @@ class AriaVisionConfig:
             ),
             prefix="vision_config.",
         )
-        _require(
-            _is_int(self.num_channels) and self.num_channels == 3,
+        require(
+            is_int(self.num_channels) and self.num_channels == 3,
             "vision_config.num_channels",
             self.num_channels,
             "must be 3: the image processor makes RGB crops",
         )
-        _positive_float("vision_config.layer_norm_eps", self.layer_norm_eps)
-        _require(
+        positive_float("vision_config.layer_norm_eps", self.layer_norm_eps)
+        require(
             self.hidden_act in SUPPORTED_ACTIVATIONS,
             "vision_config.hidden_act",
             self.hidden_act,
             f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
-        _require(
+        require(
             self.hidden_size % self.num_attention_heads == 0,
             "vision_config.num_attention_heads",
             self.num_attention_heads,
             f"must divide vision hidden_size={self.hidden_size}",
         )
-        _require(
+        require(
             self.patch_size <= self.image_size,
             "vision_config.patch_size",
             self.patch_size,
@@ -353,9 +352,9 @@ class AriaVisionConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaVisionConfig":
         # The hub file's `attention_heads` key is a typo that transformers ignores; so do we.
-        _json_object("vision_config", d)
+        json_object("vision_config", d)
         model_type = d.get("model_type", "idefics3_vision")
-        _require(
+        require(
             model_type in VISION_MODEL_TYPES,
             "vision_config.model_type",
             model_type,
@@ -402,10 +401,10 @@ class AriaConfig:
     pad_token_id: int = 2
 
     def __post_init__(self):
-        _require(
+        require(
             isinstance(self.text_config, AriaTextConfig), "text_config", self.text_config, "must be an AriaTextConfig"
         )
-        _require(
+        require(
             isinstance(self.vision_config, AriaVisionConfig),
             "vision_config",
             self.vision_config,
@@ -413,34 +412,34 @@ class AriaConfig:
         )
         pairs = patch_to_query_pairs(self.projector_patch_to_query)
         object.__setattr__(self, "projector_patch_to_query", pairs)
-        _require(len(pairs) > 0, "projector_patch_to_query_dict", {}, "must not be empty")
+        require(len(pairs) > 0, "projector_patch_to_query_dict", {}, "must not be empty")
         for patches, queries in pairs:
-            _require(
+            require(
                 0 < patches < INT32_LIMIT,
                 "projector_patch_to_query_dict",
                 dict(pairs),
                 f"key {patches} must be a positive number of patches below 2**31",
             )
-            _require(
+            require(
                 0 < queries < INT32_LIMIT,
                 "projector_patch_to_query_dict",
                 dict(pairs),
                 f"query count {queries} must be positive and below 2**31",
             )
         max_patches = self.vision_config.num_patches_per_side**2
-        _require(
+        require(
             bool(self.used_patch_to_query),
             "projector_patch_to_query_dict",
             dict(pairs),
             f"no key is a square number of patches at most {max_patches} (the vision grid): no crop could be projected",
         )
-        _require(
-            _is_int(self.image_token_index) and 0 <= self.image_token_index < self.text_config.vocab_size,
+        require(
+            is_int(self.image_token_index) and 0 <= self.image_token_index < self.text_config.vocab_size,
             "image_token_index",
             self.image_token_index,
             f"must be a token id below vocab_size={self.text_config.vocab_size}",
         )
-        _token_id("pad_token_id", self.pad_token_id)
+        check_token_id("pad_token_id", self.pad_token_id)
 
     @property
     def max_queries(self) -> int:
@@ -460,7 +459,7 @@ class AriaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "AriaConfig":
-        _json_object("config", d)
+        json_object("config", d)
         if "text_config" not in d:
             raise ConfigError(
                 f"config.json has no 'text_config': a text-only model (model_type "
@@ -503,8 +502,8 @@ def patch_to_query_pairs(mapping: Any) -> tuple[tuple[int, int], ...]:
     for patches, queries in items:
         if isinstance(patches, str) and patches.isascii() and patches.isdecimal():
             patches = int(patches)
-        _require(
-            _is_int(patches) and _is_int(queries),
+        require(
+            is_int(patches) and is_int(queries),
             field,
             dict(items),
             f"{patches!r}: {queries!r} is not a pair of integers",
