@@ -21,7 +21,7 @@ import json
 import math
 import numbers
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -110,6 +110,10 @@ class AriaTextConfig:
     # reference), "auto" (gathered for few tokens, as in decode, else looped on CPU and
     # ragged_dot elsewhere).
     moe_backend: str = "auto"
+    # What the shared decoder can also be (Qwen2-VL's config sets them): Aria has none of them.
+    attention_bias: ClassVar[bool] = False
+    mrope_section: ClassVar[tuple[int, ...]] = ()
+    tie_word_embeddings: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

@@ -10,7 +10,8 @@ token at a time to stream). Every sampling setting and `max_new_tokens` are trac
 changing them never recompiles; only the shapes (batch, prompt bucket, cache length) do.
 
 Token i of a row is written at cache index T + i - 1 (T = prompt bucket) with position id
-`prompt tokens of the row + i - 1`, so left padding never shifts positions.
+`first_new_position + i - 1`, where first_new_position is one past the prompt's largest position
+(with plain RoPE, the row's count of real prompt tokens), so left padding never shifts positions.
 
 Prefill's `kv_cache_dtype` chooses the cache's form (`kv_cache`: None, or "int8" with scales);
 decode takes whatever cache the state holds.
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from aria_jax.buckets import PREFILL_CHUNK
 from aria_jax.config import AriaTextConfig
 from aria_jax.kv_cache import check_kv_cache_dtype, init_cache, init_per_layer, per_layer, pinned
-from aria_jax.modeling import STACKED_IN_DECODE, TextDecoder, layer_params, unrolled_cached_step
+from aria_jax.modeling import STACKED_IN_DECODE, TextDecoder, default_position_ids, layer_params, unrolled_cached_step
 from aria_jax.quantization import dequantize_tree
 from aria_jax.sharding import constrain, on_one_cpu
 
@@ -45,7 +46,9 @@ class Sampling:
 class DecodeState:
     cache: list[dict]  # per layer {"k", "v"}: (B, K, S, H) (int8: and their scales, (B, K, S))
     key_mask: jax.Array  # (B, S) bool: prompt tokens, then every generated slot
-    prompt_lengths: jax.Array  # (B,) real prompt tokens per row
+    # (B,) the position id of each row's first new token: one past the prompt's largest (its
+    # count of real tokens, or further with Qwen2-VL's M-RoPE, whose image positions are 2D)
+    first_new_position: jax.Array
     tokens: jax.Array  # (B, max_new_tokens) generated so far, pad after a row is done
     done: jax.Array  # (B,) bool
     step: jax.Array  # () tokens generated so far (same for every row)
@@ -113,6 +116,7 @@ def prefill(
     attention_mask,
     sampling: Sampling,
     stop_ids,
+    position_ids=None,
     *,
     config: AriaTextConfig,
     cache_length: int,
@@ -123,7 +127,8 @@ def prefill(
 ) -> DecodeState:
     """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token.
     T must be at most `chunk` or a multiple of it (`buckets.prompt_bucket`). `kv_cache_dtype`:
-    one of `kv_cache.KV_CACHE_DTYPES`."""
+    one of `kv_cache.KV_CACHE_DTYPES`. position_ids: by default the count of real tokens before
+    each (B, T); Qwen2-VL's M-RoPE gives (B, T, 3)."""
     check_kv_cache_dtype(kv_cache_dtype)
     batch, prompt_len, _ = prompt_embeds.shape
     chunk = min(chunk, prompt_len)
@@ -131,7 +136,9 @@ def prefill(
         raise ValueError(f"prompt of {prompt_len} tokens: longer than one chunk ({chunk}) and not a multiple of it")
     mask = attention_mask.astype(bool)
     key_mask = jnp.concatenate([mask, jnp.ones((batch, cache_length - prompt_len), bool)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    positions = default_position_ids(mask) if position_ids is None else position_ids
+    real = mask.reshape(*mask.shape, *(1,) * (positions.ndim - 2))
+    first_new_position = jnp.max(jnp.where(real, positions, -1), axis=tuple(range(1, positions.ndim))) + 1
     # XLA:CPU copies each layer's weights out of the scan's stacks, and its experts once more for
     # their matmuls: there the layers run unrolled (a prompt of one chunk as one chunk), the
     # experts read in the stacks.
@@ -159,7 +166,7 @@ def prefill(
     key_mask = constrain(key_mask, "batch", None)
     token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
     tokens = jnp.full((batch, max_new_tokens_capacity), config.pad_id, jnp.int32).at[:, 0].set(token)
-    return DecodeState(cache, key_mask, mask.sum(axis=-1).astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
+    return DecodeState(cache, key_mask, first_new_position.astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
 
 
 def _prefill_in_chunks(
@@ -234,7 +241,7 @@ def decode(
     def one_token(state):
         previous = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # (B, 1)
         embeds = decoder.apply({"params": text_params}, previous, method=TextDecoder.embed)
-        positions = (state.prompt_lengths + state.step - 1)[:, None]
+        positions = (state.first_new_position + state.step - 1)[:, None]
         logits, cache = unrolled_cached_step(
             text_params,
             embeds,

@@ -394,6 +394,7 @@ class Engine:
                 prompt.padded_mask,
                 request.sampling,
                 request.stop_ids,
+                prompt.position_ids,
                 cache_length=self.max_length,
                 # generate(max_length=) takes this capacity: the two share the compiled prefill
                 max_new_tokens_capacity=self.max_length - prompt.padded_ids.shape[1],

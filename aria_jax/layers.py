@@ -7,6 +7,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aria_jax.quantization import QuantizedArray, dequantized, is_quantized
 
@@ -75,10 +76,25 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def rope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables (B, T, head_dim) for non-interleaved (rotate_half) RoPE, computed in float32."""
+def rope_cos_sin(
+    position_ids: jax.Array, head_dim: int, theta: float, dtype, mrope_section: tuple[int, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables (B, T, head_dim) for non-interleaved (rotate_half) RoPE, computed in float32.
+
+    M-RoPE (Qwen2-VL, `mrope_section` given): position_ids (B, T, 3) hold a (temporal, height,
+    width) position per token, or (B, T) one position for all three (text); the first
+    mrope_section[0] rotary frequencies turn with the temporal position, the next
+    mrope_section[1] with the height, the rest with the width."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # (B, T, head_dim/2)
+    positions = position_ids.astype(jnp.float32)
+    if mrope_section:
+        if positions.ndim == 2:
+            positions = positions[..., None]
+        stream_of_frequency = np.repeat(np.arange(len(mrope_section)), mrope_section)
+        freqs = jnp.broadcast_to(positions, (*positions.shape[:2], len(mrope_section)))[..., stream_of_frequency]
+        freqs = freqs * inv_freq
+    else:
+        freqs = positions[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 

@@ -22,6 +22,7 @@ from aria_jax.expert_weights import ROUTED_EXPERT_AXES
 from aria_jax.layers import RMSNorm, adapted, default_kernel_init, param_with_axes, rope_cos_sin
 from aria_jax.kv_cache import pinned
 from aria_jax.quantization import dequantized, project
+from aria_jax.mlp import MLP
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
 from aria_jax.self_attention import Attention
@@ -54,7 +55,11 @@ class DecoderLayer(nn.Module):
             x = x + attended
         with jax.named_scope("moe"):
             normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-            x = x + MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)(normed)
+            if cfg.moe_num_experts:
+                mlp = MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)
+            else:
+                mlp = MLP(cfg, name="mlp", **kw)
+            x = x + mlp(normed)
         return x, cache
 
 
@@ -93,14 +98,15 @@ class TextDecoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, dispatch=self.dispatch, **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
-        self.lm_head = param_with_axes(
-            self,
-            "lm_head",
-            default_kernel_init,
-            (cfg.hidden_size, cfg.vocab_size),
-            ("vocab_embed", "vocab"),
-            self.param_dtype,
-        )
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param_with_axes(
+                self,
+                "lm_head",
+                default_kernel_init,
+                (cfg.hidden_size, cfg.vocab_size),
+                ("vocab_embed", "vocab"),
+                self.param_dtype,
+            )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
@@ -114,12 +120,12 @@ class TextDecoder(nn.Module):
             attention_mask = jnp.ones((batch, length), jnp.int32)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
+        cos, sin = rope_tables(self.config, position_ids, self.dtype)
         x, _ = self.layers(x, cos, sin, attention_mask.astype(bool), None, None)
         return self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        lm_head = self.lm_head
+        lm_head = self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
         if self.has_variable("lora", "lm_head_lora_a"):
             lm_head = adapted(self, "lm_head", dequantized(lm_head, self.dtype))
         return project(self.norm(hidden), lm_head, self.dtype)
@@ -134,7 +140,7 @@ class TextDecoder(nn.Module):
         the many tokens outweigh copying each layer's weights and cache slice in and out of the
         scan. Decode runs them unrolled (`unrolled_cached_step`)."""
         x = inputs_embeds.astype(self.dtype)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
+        cos, sin = rope_tables(self.config, position_ids, self.dtype)
         x, cache = self.layers(x, cos, sin, key_mask, cache, cache_index)
         return self.logits(x[:, -1]), cache
 
@@ -150,7 +156,7 @@ def layer_params(params, index: int):
     """Layer `index`'s params out of the decoder's stacks, but for its routed experts, which stay
     stacked over layers (`STACKED_IN_DECODE`): the MoE reads them there."""
     stacked = params["layers"]
-    in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE}
+    in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE if name in stacked["mlp"]}
     sliced = jax.tree.map(
         operator.itemgetter(index), {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}}
     )
@@ -177,7 +183,7 @@ def unrolled_cached_step(
     the stacks already (ahead of a loop over decode steps); by default they are taken here."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     x = inputs_embeds.astype(dtype)
-    cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
+    cos, sin = rope_tables(config, position_ids, dtype)
     updated = []
     for index, layer_cache in enumerate(cache):
         layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index, dispatch=dispatch)
@@ -194,6 +200,11 @@ def unrolled_cached_step(
         x, layer_cache = layer.apply({"params": this_layer}, x, cos, sin, key_mask, layer_cache, cache_index)
         updated.append(layer_cache)
     return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), updated
+
+
+def rope_tables(config, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """The decoder's RoPE cos and sin (B, T, head_dim): position_ids (B, T), or (B, T, 3) with M-RoPE."""
+    return rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype, config.mrope_section)
 
 
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:

@@ -96,15 +96,22 @@ class Prompt:
     ids: np.ndarray  # (B, T) the prompt as given
     padded_ids: np.ndarray  # (B, bucket) left-padded (`Generator.pad_prompt`)
     padded_mask: np.ndarray  # (B, bucket)
-    pixel_values: np.ndarray | None  # checked, crops padded to a power of two
-    pixel_mask: np.ndarray | None
+    # The model family's image inputs, checked and ready for its embedding (`_Pretrained.media`):
+    # Aria's pixel_values (crops padded to a power of two) and pixel_mask; Qwen2-VL's vision rows.
+    media: dict[str, np.ndarray]
     request: Request
+    # (B, bucket, 3) M-RoPE positions of the padded prompt (Qwen2-VL); None: the count of real tokens.
+    position_ids: np.ndarray | None = None
 
 
 class _Pretrained:
-    """What both model classes share: dtype, tokenizer, input checks, generate and stream."""
+    """What every model class shares: dtype, tokenizer, input checks, generate and stream.
+
+    A family names its image inputs in `MEDIA_ARGUMENTS` (in positional order, after input_ids
+    and attention_mask), checks them in `_checked_media` and embeds them in `_embedded`."""
 
     text_config: AriaTextConfig
+    MEDIA_ARGUMENTS: tuple[str, ...] = ()
 
     def __init__(self, dtype, tokenizer=None, mesh=None):
         self.dtype = resolve_dtype(dtype)
@@ -123,12 +130,17 @@ class _Pretrained:
 
         return AriaTokenizer.from_pretrained(directory)
 
-    def _checked_images(self, ids, pixel_values, pixel_mask):
-        """pixel_values and pixel_mask checked against the image tokens of `ids`, crops padded."""
+    def _checked_media(self, ids: np.ndarray, **media) -> dict[str, np.ndarray]:
+        """The image inputs (`MEDIA_ARGUMENTS`) checked against the image tokens of `ids` (a bad one
+        raises `RequestError`), as `_embedded` takes them; {} without images."""
         raise NotImplementedError
 
-    def _embedded(self, ids, pixel_values, pixel_mask):
+    def _embedded(self, ids, **media) -> jax.Array:
         raise NotImplementedError
+
+    def _prompt_positions(self, padded_ids: np.ndarray, padded_mask: np.ndarray, media: dict) -> np.ndarray | None:
+        """The padded prompt's position ids, when they are not the count of real tokens."""
+        return None
 
     @property
     def text_params(self):
@@ -146,35 +158,35 @@ class _Pretrained:
         compiles these very functions."""
         return self._embed_prompt, self._generator.prefill, self._generator.decode
 
-    def prompt(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, **settings) -> Prompt:
+    def prompt(self, input_ids, attention_mask=None, *media, **settings) -> Prompt:
         """Checks a generation request on the host (`generate`'s arguments; a bad one raises
         `RequestError` naming it) and pads its prompt to the bucket, without running anything."""
+        named_media = {name: settings.pop(name) for name in self.MEDIA_ARGUMENTS if name in settings}
+        media = bind_media(self.MEDIA_ARGUMENTS, "prompt", media, named_media)
         ids, mask, _ = self._check_text(input_ids, attention_mask, None)
         empty_rows = np.flatnonzero(~mask.any(axis=1))
         if empty_rows.size:
             raise RequestError(f"attention_mask row {empty_rows[0]} is all zeros: that row has no prompt to answer")
         request = check_request(ids.shape[0], ids.shape[1], self.text_config, self.tokenizer, **settings)
-        pixel_values, pixel_mask = self._checked_images(ids, pixel_values, pixel_mask)
+        media = self._checked_media(ids, **media)
         padded_ids, padded_mask = self._generator.pad_prompt(ids, mask)
-        return Prompt(ids, padded_ids, padded_mask, pixel_values, pixel_mask, request)
+        positions = self._prompt_positions(padded_ids, padded_mask, media)
+        return Prompt(ids, padded_ids, padded_mask, media, request, positions)
 
     def prompt_embeddings(self, prompt: Prompt) -> jax.Array:
         """The padded prompt's embeddings (B, T, D), image features in place of image tokens."""
-        return self._embedded(prompt.padded_ids, prompt.pixel_values, prompt.pixel_mask)
+        return self._embedded(prompt.padded_ids, **prompt.media)
 
-    def _prepare(self, input_ids, attention_mask, pixel_values, pixel_mask, settings):
+    def _prepare(self, input_ids, attention_mask, media: tuple, named_media: dict, settings: dict):
         """Checks the request, pads the prompt to its bucket and embeds it (images merged)."""
-        prompt = self.prompt(input_ids, attention_mask, pixel_values, pixel_mask, **settings)
-        return prompt.ids, self.prompt_embeddings(prompt), prompt.padded_mask, prompt.request
+        prompt = self.prompt(input_ids, attention_mask, *media, **named_media, **settings)
+        return prompt, self.prompt_embeddings(prompt)
 
     def generate(
         self,
         input_ids,
         attention_mask=None,
-        pixel_values=None,
-        pixel_mask=None,
-        num_crops=None,
-        *,
+        *media,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature=1.0,
@@ -184,8 +196,11 @@ class _Pretrained:
         stop_strings=(),
         max_length: int | None = None,
         kv_cache_dtype: str | None = None,
+        **named_media,
     ) -> np.ndarray:
-        """Returns (B, T + max_new_tokens) int32: the prompt, then the new tokens, then the pad
+        """`media`: the model's image inputs, by position or name (`MEDIA_ARGUMENTS`): Aria's
+        pixel_values, pixel_mask, num_crops (accepted, not needed); Qwen2-VL's pixel_values,
+        image_grid_thw. Returns (B, T + max_new_tokens) int32: the prompt, then the new tokens, then the pad
         id once a row has stopped. The config's eos ids always stop a row. `stop_strings` (a str
         is one stop string, or a list of them) stop it too, in addition to `<|im_end|>`, the
         model's end of turn, which stops by default when the checkpoint ships a tokenizer (stop
@@ -195,11 +210,11 @@ class _Pretrained:
         or one per row. `kv_cache_dtype="int8"` keeps the KV cache in int8 with a scale per token
         and head (about half a bfloat16 cache's memory; `aria_jax.kv_cache`). A bad argument
         raises `RequestError` naming it, before anything runs."""
-        ids, embeds, mask, request = self._prepare(
+        prompt, embeds = self._prepare(
             input_ids,
             attention_mask,
-            pixel_values,
-            pixel_mask,
+            media,
+            named_media,
             dict(
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
@@ -211,17 +226,16 @@ class _Pretrained:
                 kv_cache_dtype=kv_cache_dtype,
             ),
         )
-        new_tokens = self._generator.generate(self._text_params, embeds, mask, request, max_length)
-        return np.concatenate([ids, new_tokens], axis=1)
+        new_tokens = self._generator.generate(
+            self._text_params, embeds, prompt.padded_mask, prompt.request, max_length, prompt.position_ids
+        )
+        return np.concatenate([prompt.ids, new_tokens], axis=1)
 
     def stream(
         self,
         input_ids,
         attention_mask=None,
-        pixel_values=None,
-        pixel_mask=None,
-        num_crops=None,
-        *,
+        *media,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature=1.0,
@@ -231,15 +245,16 @@ class _Pretrained:
         stop_strings=(),
         max_length: int | None = None,
         kv_cache_dtype: str | None = None,
+        **named_media,
     ):
         """Like `generate` (the same arguments, stop strings and errors), but yields the
         answer's text as it is produced: a str per piece for one prompt, a tuple of str (one per
         row) for a batch. The text ends before the first stop string."""
-        _, embeds, mask, request = self._prepare(
+        prompt, embeds = self._prepare(
             input_ids,
             attention_mask,
-            pixel_values,
-            pixel_mask,
+            media,
+            named_media,
             dict(
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
@@ -251,7 +266,9 @@ class _Pretrained:
                 kv_cache_dtype=kv_cache_dtype,
             ),
         )
-        return self._generator.stream(self._text_params, embeds, mask, request, max_length)
+        return self._generator.stream(
+            self._text_params, embeds, prompt.padded_mask, prompt.request, max_length, prompt.position_ids
+        )
 
     def _check_text(self, input_ids, attention_mask, position_ids):
         ids = as_array("input_ids", input_ids)
@@ -283,6 +300,21 @@ class _Pretrained:
         return ids.astype(np.int32), mask.astype(np.int32), position_ids
 
 
+def bind_media(names: tuple[str, ...], call: str, positional: tuple, named: dict) -> dict:
+    """A family's image arguments (`names`, in positional order) bound to what a call passed, as
+    Python binds arguments."""
+    if len(positional) > len(names):
+        raise TypeError(f"{call}() takes at most {len(names)} image arguments after attention_mask: {', '.join(names)}")
+    bound = dict(zip(names, positional))
+    for name, value in named.items():
+        if name not in names:
+            raise TypeError(f"{call}() got an unexpected keyword argument {name!r}")
+        if name in bound:
+            raise TypeError(f"{call}() got multiple values for argument {name!r}")
+        bound[name] = value
+    return bound
+
+
 def as_array(name: str, value) -> np.ndarray:
     try:
         return np.asarray(value)
@@ -292,6 +324,8 @@ def as_array(name: str, value) -> np.ndarray:
 
 class AriaTextForCausalLM(_Pretrained):
     """The Aria MoE decoder alone: token ids -> logits, and greedy generation."""
+
+    MEDIA_ARGUMENTS = ("pixel_values", "pixel_mask", "num_crops")  # none taken: a clear error
 
     def __init__(self, config: AriaTextConfig, params: dict, dtype="float32", tokenizer=None, mesh=None):
         self.config = self.text_config = config
@@ -341,17 +375,19 @@ class AriaTextForCausalLM(_Pretrained):
     def _text_params(self):
         return self.params
 
-    def _checked_images(self, ids, pixel_values, pixel_mask):
+    def _checked_media(self, ids, pixel_values=None, pixel_mask=None, num_crops=None):
         if pixel_values is not None:
             raise RequestError("AriaTextForCausalLM takes no images; use AriaForConditionalGeneration")
-        return None, None
+        return {}
 
-    def _embedded(self, ids, pixel_values, pixel_mask):
+    def _embedded(self, ids):
         return self._embed(self.params, ids)
 
 
 class AriaForConditionalGeneration(_Pretrained):
     """The whole model: images and tokens -> logits, and greedy generation."""
+
+    MEDIA_ARGUMENTS = ("pixel_values", "pixel_mask", "num_crops")
 
     def __init__(self, config: AriaConfig, params: dict, dtype="float32", tokenizer=None, mesh=None):
         self.config = config
@@ -458,13 +494,18 @@ class AriaForConditionalGeneration(_Pretrained):
     def _text_params(self):
         return self.params["language_model"]
 
-    def _checked_images(self, ids, pixel_values, pixel_mask):
+    def _checked_media(self, ids, pixel_values=None, pixel_mask=None, num_crops=None):
         pixel_values, pixel_mask = self._check_images(ids, pixel_values, pixel_mask)
         if pixel_values is None:
-            return None, None
-        return pad_crops(pixel_values, pixel_mask)
+            return {}
+        pixel_values, pixel_mask = pad_crops(pixel_values, pixel_mask)
+        return (
+            {"pixel_values": pixel_values}
+            if pixel_mask is None
+            else {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        )
 
-    def _embedded(self, ids, pixel_values, pixel_mask):
+    def _embedded(self, ids, pixel_values=None, pixel_mask=None):
         return self._embeddings(self.params, ids, pixel_values, pixel_mask)
 
 

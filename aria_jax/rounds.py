@@ -38,7 +38,7 @@ class Round:
 
 
 # What followers need of each admission: the device inputs, never the host-side stop strings.
-_PROMPT_ARRAYS = ("padded_ids", "padded_mask", "pixel_values", "pixel_mask")
+_PROMPT_ARRAYS = ("padded_ids", "padded_mask", "position_ids")
 _SAMPLING_ARRAYS = ("temperature", "top_k", "top_p", "seed")
 
 
@@ -53,6 +53,8 @@ def encode(round_: Round) -> bytes:
         for name in _PROMPT_ARRAYS:
             if getattr(prompt, name) is not None:
                 arrays[f"{index}/{name}"] = getattr(prompt, name)
+        for name, value in prompt.media.items():
+            arrays[f"{index}/media/{name}"] = value
         for name in _SAMPLING_ARRAYS:
             arrays[f"{index}/sampling/{name}"] = np.asarray(getattr(request.sampling, name))
         arrays[f"{index}/stop_ids"] = request.stop_ids
@@ -75,9 +77,9 @@ def decode(data: bytes) -> Round:
         sampling = Sampling(*(array(f"sampling/{name}") for name in _SAMPLING_ARRAYS))
         request = Request(entry["max_new_tokens"], sampling, array("stop_ids"), (), entry["kv_cache_dtype"])
         padded_ids = array("padded_ids")
-        prompt = Prompt(
-            padded_ids, padded_ids, array("padded_mask"), array("pixel_values"), array("pixel_mask"), request
-        )
+        media_prefix = f"{index}/media/"
+        media = {name[len(media_prefix) :]: value for name, value in arrays.items() if name.startswith(media_prefix)}
+        prompt = Prompt(padded_ids, padded_ids, array("padded_mask"), media, request, array("position_ids"))
         admissions.append(Admission(entry["slot"], prompt))
     return Round(admissions, arrays["release"], header["decode"], header["stop"])
 

@@ -46,6 +46,15 @@ class Attention(nn.Module):
         w_k = kernel("k_proj", (d, k, h), ("attention_embed", "kv_heads", "head_dim"))
         w_v = kernel("v_proj", (d, k, h), ("attention_embed", "kv_heads", "head_dim"))
         w_o = kernel("o_proj", (n, h, d), ("q_heads", "head_dim", "attention_embed"))
+        if cfg.attention_bias:
+            b_q, b_k, b_v = (
+                param_with_axes(self, name, nn.initializers.zeros, (heads, h), (axis, "head_dim"), self.param_dtype)
+                for name, heads, axis in (
+                    ("q_bias", n, "q_heads"),
+                    ("k_bias", k, "kv_heads"),
+                    ("v_bias", k, "kv_heads"),
+                )
+            )
 
         # Decode's few rows go whole to every chip, which multiplies them by its own slice of the
         # weights' model dimension: otherwise the compiler gathers the weights to the rows.
@@ -55,9 +64,12 @@ class Attention(nn.Module):
         with jax.named_scope("qkv"):
             q = jnp.einsum("btd,dnh->btnh", x, w_q)
             key = jnp.einsum("btd,dkh->btkh", x, w_k)
+            value = jnp.einsum("btd,dkh->btkh", x, w_v)
+            if cfg.attention_bias:
+                q, key, value = (y + bias.astype(self.dtype) for y, bias in ((q, b_q), (key, b_k), (value, b_v)))
             # Keys and values (B, K, T, H), as cached. Transposed after the matmul: asked of it,
             # XLA:CPU transposes the weights instead, at every step.
-            value = jnp.einsum("btd,dkh->btkh", x, w_v).swapaxes(1, 2)
+            value = value.swapaxes(1, 2)
         with jax.named_scope("rope"):
             q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin).swapaxes(1, 2)
         if cache is not None and positions_split(cache["k"].shape):

@@ -107,7 +107,7 @@ def insert(
             cache,
             into_row(slots.key_mask, key_mask),
             into_row(slots.write_index, jnp.reshape(prompt_length, (1,))),
-            into_row(slots.positions, prefilled.prompt_lengths),
+            into_row(slots.positions, prefilled.first_new_position),
             into_row(slots.last_token, first_token[:, 0]),
             into_row(slots.generated, jnp.ones((1,), jnp.int32)),
             into_row(slots.max_new_tokens, jnp.reshape(max_new_tokens, (1,))),

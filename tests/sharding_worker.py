@@ -439,7 +439,7 @@ def run_split_cache(results: dict) -> None:
 
     def prefilled(text, chunk):
         padded_ids, padded_mask = text.generator.pad_prompt(ids, mask)
-        embeds = text._embedded(padded_ids, None, None)
+        embeds = text._embedded(padded_ids)
         request = check_request(
             len(ids),
             ids.shape[1],

@@ -309,8 +309,11 @@ def test_rounds_cross_processes_as_npz_without_pickle(tiny):
     assert (back.decode, back.stop, back.release.tolist()) == (True, False, [True, False, False])
     (admission,) = back.admissions
     assert admission.slot == 2
-    for name in ("padded_ids", "padded_mask", "pixel_values", "pixel_mask"):
+    for name in ("padded_ids", "padded_mask"):
         np.testing.assert_array_equal(getattr(admission.prompt, name), getattr(prompt, name), err_msg=name)
+    assert sorted(admission.prompt.media) == sorted(prompt.media) == ["pixel_mask", "pixel_values"]
+    for name, value in prompt.media.items():
+        np.testing.assert_array_equal(admission.prompt.media[name], value, err_msg=name)
     request = admission.prompt.request
     assert request.max_new_tokens == 5
     np.testing.assert_array_equal(request.stop_ids, prompt.request.stop_ids)

@@ -519,13 +519,10 @@ def test_cpu_decode_step_copies_no_layer_weights(batch):
     weight_sizes = {leaf.size // config.num_hidden_layers for leaf in jax.tree.leaves(layers) if leaf.ndim >= 3}
     assert len(weight_sizes) >= 3, weight_sizes  # attention, shared experts, routed experts
     ids, mask = left_padded(5, (9,) * batch, config.vocab_size)
-    _, embeds, padded_mask, request = model._prepare(
-        ids,
-        mask,
-        None,
-        None,
-        dict(max_new_tokens=8, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None),
+    prompt = model.prompt(
+        ids, mask, max_new_tokens=8, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_strings=None
     )
+    embeds, padded_mask, request = model.prompt_embeddings(prompt), prompt.padded_mask, prompt.request
     prompt_len = embeds.shape[1]
     generator = model.generator
     state = generator.prefill(

@@ -419,7 +419,7 @@ def test_chunked_prefill_is_one_shot_prefill(text_pair):
     ids, mask = left_padded(13, (3000, 2200), TEXT_CONFIG["vocab_size"])
     padded_ids, padded_mask = ours.generator.pad_prompt(ids.astype(np.int32), mask.astype(np.int32))
     assert padded_ids.shape[1] == 3072
-    embeds = ours._embedded(padded_ids, None, None)
+    embeds = ours._embedded(padded_ids)
     request = check_request(
         2,
         ids.shape[1],

@@ -1,0 +1,34 @@
+"""The dense gated MLP of decoders without experts (Qwen2's): down(act(x @ gate) * (x @ up))."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
+from aria_jax.quantization import dequantized
+
+
+class MLP(nn.Module):
+    """x (..., D) -> (..., D). The width splits over the mesh's `tensor` axis ("mlp")."""
+
+    config: object  # a text config: hidden_size, intermediate_size, hidden_act
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, f = cfg.hidden_size, cfg.intermediate_size
+
+        def kernel(name, shape, axes):
+            weight = param_with_axes(self, name, default_kernel_init, shape, axes, self.param_dtype)
+            return adapted(self, name, dequantized(weight, self.dtype))
+
+        gate = kernel("gate_proj", (d, f), ("embed", "mlp"))
+        up = kernel("up_proj", (d, f), ("embed", "mlp"))
+        down = kernel("down_proj", (f, d), ("mlp", "embed"))
+        x = x.astype(self.dtype)
+        hidden = ACTIVATIONS[cfg.hidden_act](jnp.einsum("...d,df->...f", x, gate)) * jnp.einsum("...d,df->...f", x, up)
+        return jnp.einsum("...f,fd->...d", hidden, down)
