@@ -296,7 +296,7 @@ class TorchZipCheckpoint:
             return CheckpointError(f"{self.path}: key {key}: {problem}")
 
         if not isinstance(key, str):
-            raise CheckpointError(f"{self.path}: key {key!r} is a {type(key).__name__}, not a string")
+            raise CheckpointError(f"{self.path}: key {key!r} is not a string (a {type(key).__name__})")
         if not isinstance(record, TensorRecord):
             what = "a nested dict (nested state dicts are not read)" if isinstance(record, dict) else _type_name(record)
             raise bad(f"holds {what}, not a tensor")

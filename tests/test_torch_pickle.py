@@ -308,7 +308,7 @@ def test_truncated_zip(tmp_path):
     [
         ({"w": torch.ones(2), "step": 3}, "key step: holds builtins.int, not a tensor"),
         ({"model": {"w": torch.ones(2)}}, "key model: holds a nested dict"),
-        ({"w": torch.ones(2), 7: torch.ones(1)}, "key 7 is a int, not a string"),
+        ({"w": torch.ones(2), 7: torch.ones(1)}, r"key 7 is not a string \(a int\)"),
         ([torch.ones(2)], "holds a builtins.list, not a state dict"),
     ],
     ids=["int value", "nested dict", "int key", "list"],
