@@ -18,9 +18,10 @@ import numpy as np
 
 from aria_jax.checkpoint import Piece, plan_pieces
 from aria_jax.config import AriaConfig, AriaTextConfig
+from aria_jax.families import key_table_for
 from aria_jax.files import atomic_directory, copy_side_files, holds_only, pause_point, write_json
 from aria_jax.safetensors_io import SafetensorsFile, SafetensorsWriter
-from aria_jax.weights import INDEX_FILE, RULE_FOR_PATH, flatten_tree, hub_key
+from aria_jax.weights import INDEX_FILE, KeyTable, flatten_tree, hub_key
 
 MAX_SHARD_BYTES = 5 * 10**9  # the hub's (and save_pretrained's) default shard size
 # Stamped into every safetensors file we write, beside transformers' {"format": "pt"}: it is how
@@ -53,17 +54,19 @@ def hub_config(config: AriaConfig | AriaTextConfig, dtype) -> dict:
 def unused_hub_tensors(config: AriaConfig | AriaTextConfig, dtype) -> dict[str, np.ndarray]:
     """Tensors transformers' model has and Aria never uses: the vision tower's post_layernorm,
     zeros, as the hub's own conversion writes them."""
-    if isinstance(config, AriaTextConfig):
+    if not isinstance(config, AriaConfig):
         return {}
     zeros = np.zeros(config.vision_config.hidden_size, dtype)
     return {"vision_tower.post_layernorm.weight": zeros, "vision_tower.post_layernorm.bias": zeros}
 
 
-def hub_tensors(pieces: list[Piece], dtype, text_only: bool, constants: dict[str, np.ndarray]) -> list[HubTensor]:
+def hub_tensors(
+    pieces: list[Piece], dtype, text_only: bool, constants: dict[str, np.ndarray], table: KeyTable
+) -> list[HubTensor]:
     tensors = []
     for piece in pieces:
         for path, shape in piece.leaves.items():
-            rule = RULE_FOR_PATH[path]
+            rule = table.rule_for_path(path)
             tensors.append(
                 HubTensor(hub_key(rule, piece.layer, text_only), rule.layout.hub_shape(shape), np.dtype(dtype))
             )
@@ -97,7 +100,8 @@ def write_hub_weights(
     """Writes every tensor of `pieces` (arrays from `read_piece(piece)`, one piece in memory at a
     time) into `directory` as hub safetensors, with an index when there are several shards."""
     constants = unused_hub_tensors(config, dtype)
-    tensors = hub_tensors(pieces, dtype, isinstance(config, AriaTextConfig), constants)
+    table = key_table_for(config)
+    tensors = hub_tensors(pieces, dtype, isinstance(config, AriaTextConfig), constants, table)
     names = shard_names(tensors, max_shard_bytes)
     writers: dict[str, SafetensorsWriter] = {}
 
@@ -114,7 +118,7 @@ def write_hub_weights(
     for piece in pieces:
         arrays = read_piece(piece)
         for path in piece.leaves:
-            write(position, RULE_FOR_PATH[path].layout.to_hub(np.asarray(arrays[path], dtype)))
+            write(position, table.rule_for_path(path).layout.to_hub(np.asarray(arrays[path], dtype)))
             position += 1
         del arrays
         pause_point("hub-weights:piece-written")

@@ -31,7 +31,7 @@ from aria_jax.modeling import (
 from aria_jax.projector import queries_for_patches
 from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization, quantize_params, quantized_shapes
 from aria_jax.sharding import MeshRunner, check_layout, param_sharding_for
-from aria_jax.weights import COMPONENTS, HubCheckpoint, load_params
+from aria_jax.weights import ARIA_KEYS, COMPONENTS, HubCheckpoint, KeyTable, load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -72,11 +72,12 @@ def load_or_restore(
     components: tuple[str, ...],
     mesh=None,
     quantization: Quantization | None = None,
+    table: KeyTable = ARIA_KEYS,
 ) -> dict:
     """Params of `components` ({component: boxed shapes}), each built directly in its sharding
     on `mesh` (or on device 0): no device or host ever holds more than its share. With
     `quantization`, the weights it covers are quantized as they are read (a checkpoint converted
-    with `--quantize` loads as stored)."""
+    with `--quantize` loads as stored). `table`: the model family's hub key table."""
     if not isinstance(weights, HubCheckpoint):
         quantization = loaded_quantization(Manifest.read(weights), quantization)
     sharding_for = None
@@ -85,7 +86,7 @@ def load_or_restore(
         sharding_for = param_sharding_for(quantized_shapes(boxed_shapes, quantization), mesh)
     shapes = shape_tree(boxed_shapes)
     if isinstance(weights, HubCheckpoint):
-        return load_params(weights, shapes, dtype, components, sharding_for, quantization)
+        return load_params(weights, shapes, dtype, components, sharding_for, quantization, table)
     return restore_params(weights, shapes, dtype, components, sharding_for, quantization)
 
 

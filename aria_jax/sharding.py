@@ -106,19 +106,29 @@ def check_layout(config: AriaConfig | AriaTextConfig, mesh, quantization=None) -
     """Every sharded dimension divides over its mesh axis; otherwise say which and what fits.
     With int4 `quantization` (`aria_jax.quantization`), the routed experts' groups along their
     model dimension must divide over `tensor` too: each shard dequantizes its own slice."""
-    text = config.text_config if isinstance(config, AriaConfig) else config
+    text = getattr(config, "text_config", config)
     tensor_dims = {
         "num_attention_heads": text.num_attention_heads,
         "num_key_value_heads": text.num_key_value_heads,
         "vocab_size": text.vocab_size,
-        "hidden_size": text.hidden_size,  # the experts' model dimension
     }
+    if text.moe_num_experts:
+        tensor_dims["hidden_size"] = text.hidden_size  # the experts' model dimension
+    else:
+        tensor_dims["intermediate_size"] = text.intermediate_size  # the dense MLP's width
     if isinstance(config, AriaConfig):
         tensor_dims["vision num_attention_heads"] = config.vision_config.num_attention_heads
         tensor_dims["vision intermediate_size"] = config.vision_config.intermediate_size
+    elif hasattr(config, "vision_config"):  # Qwen2-VL's tower
+        tensor_dims["vision num_heads"] = config.vision_config.num_heads
+        tensor_dims["vision mlp width"] = config.vision_config.mlp_width
     expert_size, tensor_size = mesh_axis_size(mesh, "expert"), mesh_axis_size(mesh, "tensor")
     devices = math.prod(mesh.axis_sizes)
-    expert_dims = {"moe_num_experts": text.moe_num_experts, "shared expert width": text.shared_expert_size}
+    expert_dims = (
+        {"moe_num_experts": text.moe_num_experts, "shared expert width": text.shared_expert_size}
+        if text.moe_num_experts
+        else {}
+    )
     for name, value in expert_dims.items():
         if value % expert_size:
             valid = [d for d in _divisors(math.gcd(*expert_dims.values())) if devices % d == 0]

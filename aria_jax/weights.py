@@ -21,6 +21,7 @@ is transposed between generations: only names differ.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -217,6 +218,41 @@ RENAMES = tuple(
 
 
 RULE_FOR_PATH = {rule.path: rule for rule in ALL_RULES}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyTable:
+    """A model family's hub checkpoints: where every tensor goes (`rules`, in the canonical
+    naming), how other namings map onto it (`renames`, applied in order), keys that carry nothing
+    to load (`ignored`), the params' top-level components, and what to say when a checkpoint
+    lacks one of them (`without_component`)."""
+
+    rules: tuple[KeyRule, ...]
+    renames: tuple[tuple[re.Pattern, str], ...]
+    ignored: tuple[re.Pattern, ...]
+    components: tuple[str, ...]
+    without_component: str
+
+    def canonical(self, key: str) -> str:
+        for pattern, replacement in self.renames:
+            key = pattern.sub(replacement, key, count=1)
+        return key
+
+    @functools.cached_property
+    def _rule_of_path(self) -> dict[tuple[str, ...], KeyRule]:
+        return {rule.path: rule for rule in self.rules}
+
+    def rule_for_path(self, path: tuple[str, ...]) -> KeyRule | None:
+        return self._rule_of_path.get(path)
+
+
+ARIA_KEYS = KeyTable(
+    ALL_RULES,
+    RENAMES,
+    IGNORED,
+    COMPONENTS,
+    "has no {component} weights (a text-only checkpoint?); load it with AriaTextForCausalLM",
+)
 # Text-only checkpoints (AriaTextForCausalLM) name the decoder without the component prefix.
 TEXT_ONLY_NAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
 
@@ -232,9 +268,8 @@ def hub_key(rule: KeyRule, layer: int | None, text_only: bool = False) -> str:
 
 
 def canonical_key(key: str) -> str:
-    for pattern, replacement in RENAMES:
-        key = pattern.sub(replacement, key, count=1)
-    return key
+    """Aria's canonical name of a key (`KeyTable.canonical` of `ARIA_KEYS`)."""
+    return ARIA_KEYS.canonical(key)
 
 
 def spelled_like(missing: str, present: dict[str, str]) -> str:
@@ -338,6 +373,16 @@ class HubCheckpoint:
     def get(self, key: str) -> np.ndarray:
         return self.file_of[key].get(key)
 
+    def file_path(self, key: str) -> str:
+        return self.file_of[key].path
+
+    def nbytes(self, key: str) -> int:
+        return self.file_of[key].nbytes(key)
+
+    def read(self, key: str) -> np.ndarray:
+        """A fresh copy (`SafetensorsFile.read`): nothing stays mapped once it is dropped."""
+        return self.file_of[key].read(key)
+
 
 def _refuse_pickle(paths: list[str]) -> None:
     for p in paths:
@@ -360,12 +405,17 @@ class Source:
 
 
 def plan_load(
-    checkpoint: HubCheckpoint, param_shapes: dict[tuple[str, ...], tuple[int, ...]], components: tuple[str, ...]
+    checkpoint: HubCheckpoint,
+    param_shapes: dict[tuple[str, ...], tuple[int, ...]],
+    components: tuple[str, ...],
+    table: KeyTable = ARIA_KEYS,
 ) -> dict[tuple[str, ...], list[Source]]:
     """Maps every param path (of `components`) to its hub tensors, one per layer for stacked
     params, checking the checkpoint from its headers alone: unknown, duplicated, mis-shaped and
-    missing keys are errors naming the file and the key."""
-    rules = [rule for rule in ALL_RULES if rule.path[0] in components]
+    missing keys are errors naming the file and the key. `checkpoint`: anything with keys(),
+    shape(key), dtype(key), get(key), file_path(key) and path (`torch_pickle.TorchZipCheckpoint`
+    too)."""
+    rules = [rule for rule in table.rules if rule.path[0] in components]
     by_key: dict[str, tuple[KeyRule, int]] = {}
     for rule in rules:
         layers = range(param_shapes[rule.path][0]) if rule.stacked else [0]
@@ -373,22 +423,23 @@ def plan_load(
             by_key[rule.template.format(i=i)] = (rule, i)
 
     raw_keys = checkpoint.keys()
-    present = {canonical_key(key).split(".")[0] for key in raw_keys}
+    present = {table.canonical(key).split(".")[0] for key in raw_keys}
     for component in components:
-        if component != "language_model" and component not in present:
-            raise CheckpointError(
-                f"{checkpoint.path}: has no {component} weights (a text-only checkpoint?); "
-                "load it with AriaTextForCausalLM"
-            )
+        prefix = next(rule.template.split(".")[0] for rule in rules if rule.path[0] == component)
+        if component != "language_model" and prefix not in present:
+            raise CheckpointError(f"{checkpoint.path}: " + table.without_component.format(component=component))
     plan: dict[tuple[str, ...], list[Source | None]] = {
         rule.path: [None] * (param_shapes[rule.path][0] if rule.stacked else 1) for rule in rules
     }
+    other_components = tuple(
+        rule.template.split(".")[0] + "." for rule in table.rules if rule.path[0] not in components
+    )
     for key in raw_keys:
-        canonical = canonical_key(key)
-        file = checkpoint.file_of[key].path
+        canonical = table.canonical(key)
+        file = checkpoint.file_path(key)
         if canonical not in by_key:
-            known_elsewhere = canonical.startswith(tuple(c + "." for c in COMPONENTS if c not in components))
-            if known_elsewhere or any(p.fullmatch(canonical) for p in IGNORED):
+            known_elsewhere = bool(other_components) and canonical.startswith(other_components)
+            if known_elsewhere or any(p.fullmatch(canonical) for p in table.ignored):
                 continue
             raise CheckpointError(f"{file}: unknown key {key}")
         rule, layer = by_key[canonical]
@@ -400,7 +451,7 @@ def plan_load(
             raise CheckpointError(f"{file}: key {key} has shape {checkpoint.shape(key)}, expected {expected}")
         if checkpoint.dtype(key) not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"{file}: key {key} has dtype {DTYPE_NAMES[checkpoint.dtype(key)]}; Aria's weights "
+                f"{file}: key {key} has dtype {DTYPE_NAMES[checkpoint.dtype(key)]}; the model's weights "
                 f"are floating point ({', '.join(DTYPE_NAMES[t] for t in FLOAT_DTYPES)})"
             )
         plan[rule.path][layer] = Source(key, rule)
@@ -409,7 +460,7 @@ def plan_load(
         rule.template.format(i=i) for rule in rules for i, source in enumerate(plan[rule.path]) if source is None
     ]
     if missing:
-        present = {canonical_key(key): key for key in raw_keys}
+        present = {table.canonical(key): key for key in raw_keys}
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{checkpoint.path}: missing key {spelled_like(missing[0], present)}{more}")
     return plan
@@ -448,6 +499,7 @@ def load_params(
     components: tuple[str, ...] = COMPONENTS,
     sharding_for: Callable[[tuple[str, ...]], jax.sharding.Sharding] | None = None,
     quantization: Quantization | None = None,
+    table: KeyTable = ARIA_KEYS,
 ) -> dict:
     """Builds the params of `components` (a tree {component: subtree of shape tuples}) directly
     from the checkpoint, each array placed in `sharding_for(path)` (default: device 0). Arrays
@@ -456,7 +508,7 @@ def load_params(
     if not isinstance(checkpoint, HubCheckpoint):
         checkpoint = HubCheckpoint(checkpoint)
     flat_shapes = flatten_tree(param_shapes_tree)
-    plan = plan_load(checkpoint, flat_shapes, components)
+    plan = plan_load(checkpoint, flat_shapes, components, table)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def placed(path, shape, read):

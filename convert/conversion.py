@@ -17,14 +17,13 @@ import numpy as np
 from tqdm import tqdm
 
 from aria_jax.checkpoint import CONVERTED, Manifest, is_whole_conversion, plan_pieces, write_pieces
-from aria_jax.config import AriaConfig, AriaTextConfig, is_multimodal, read_config_json
 from aria_jax.export import EXPORTED, MAX_SHARD_BYTES, hub_config, is_exported, write_hub_weights
 from aria_jax.safetensors_io import CheckpointError
 from aria_jax.files import atomic_directory, copy_side_files, write_json
-from aria_jax.modeling import multimodal_param_shapes, text_param_shapes
+from aria_jax.families import config_from_directory, key_table_for, param_layout
 from aria_jax.pretrained import resolve_dtype, shape_tree
 from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization
-from aria_jax.weights import COMPONENTS, HubCheckpoint, flatten_tree, plan_load
+from aria_jax.weights import HubCheckpoint, KeyTable, flatten_tree, plan_load
 
 
 class NonFiniteWarning(UserWarning):
@@ -60,18 +59,16 @@ def human_bytes(count: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelLayout:
-    config: AriaConfig | AriaTextConfig
+    config: object  # AriaConfig, AriaTextConfig or Qwen2VLConfig (`families`)
     components: tuple[str, ...]
     flat_shapes: dict[tuple[str, ...], tuple[int, ...]]
+    table: KeyTable
 
     @classmethod
     def of(cls, directory: str) -> "ModelLayout":
-        d = read_config_json(directory)
-        if is_multimodal(d):
-            config = AriaConfig.from_hf_dict(d)
-            return cls(config, COMPONENTS, flatten_tree(shape_tree(multimodal_param_shapes(config))))
-        config = AriaTextConfig.from_hf_dict(d)
-        return cls(config, ("language_model",), flatten_tree({"language_model": shape_tree(text_param_shapes(config))}))
+        config = config_from_directory(directory)
+        components, boxed_shapes = param_layout(config)
+        return cls(config, components, flatten_tree(shape_tree(boxed_shapes)), key_table_for(config))
 
 
 def _progress(total: int, description: str, quiet: bool) -> tqdm:
@@ -118,19 +115,19 @@ def convert_checkpoint(
     checkpoint = HubCheckpoint(source)  # refuses pickles and unreadable files before anything else
     directory = source if os.path.isdir(source) else os.path.dirname(source)
     model = ModelLayout.of(directory)
-    plan = plan_load(checkpoint, model.flat_shapes, model.components)
+    plan = plan_load(checkpoint, model.flat_shapes, model.components, model.table)
     for path, shape in model.flat_shapes.items() if quantization else ():  # a bad group size fails before writing
         if (input_axes := quantization.input_axes(path)) is not None:
             quantization.scales_shape(path, shape, input_axes)
     keys = [s.key for sources in plan.values() for s in sources]
-    source_dtypes = [checkpoint.file_of[key].dtype(key) for key in keys]
+    source_dtypes = [checkpoint.dtype(key) for key in keys]
     target = np.dtype(resolve_dtype(dtype) if dtype else max(source_dtypes, key=lambda t: t.itemsize))
     # A narrowing cast happens on reading; a widening one is left to orbax, so that what is held
     # is never larger than the source tensor.
     held_itemsize = min(target.itemsize, max(t.itemsize for t in source_dtypes))
-    largest = max(checkpoint.file_of[key].nbytes(key) for key in keys)
+    largest = max(checkpoint.nbytes(key) for key in keys)
     pieces = plan_pieces(model.flat_shapes, model.components, held_itemsize, largest)
-    total = sum(checkpoint.file_of[key].nbytes(key) for key in keys)
+    total = sum(checkpoint.nbytes(key) for key in keys)
 
     nonfinite: dict[str, tuple[int, int]] = {}
     with (
@@ -143,12 +140,12 @@ def convert_checkpoint(
         def read_leaf(path, layer):
             sources = plan[path]
             found = sources[0 if layer is None else layer]
-            tensor = checkpoint.file_of[found.key].read(found.key)
+            tensor = checkpoint.read(found.key)
             counts = count_nonfinite(tensor)
             if any(counts):
                 if strict:
                     raise CheckpointError(
-                        f"{checkpoint.file_of[found.key].path}: key {found.key} holds {counts[0]} "
+                        f"{checkpoint.file_path(found.key)}: key {found.key} holds {counts[0]} "
                         f"NaN and {counts[1]} infinite values (refused with strict)"
                     )
                 nonfinite[found.key] = counts

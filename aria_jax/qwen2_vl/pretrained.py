@@ -1,0 +1,220 @@
+"""`Qwen2VLForConditionalGeneration`: Qwen2-VL's user-facing model, on the shared machinery
+(`aria_jax.pretrained._Pretrained`: input checks, generate, stream, the engine, meshes, loading).
+
+What differs from Aria is on the host: image inputs are the processor's flattened patches and
+their grids (checked here against the prompt's image tokens, then cut into vision rows), and the
+prompt's positions are M-RoPE's (`rope_index.mrope_positions`), computed for the padded prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+from aria_jax.host_loop import RequestError
+from aria_jax.pretrained import CausalLMOutput, _Pretrained, load_or_restore, open_weights, resolve_dtype
+from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization, quantize_params
+from aria_jax.qwen2_vl.config import Qwen2VLConfig, qwen2_vl_config_from_pretrained
+from aria_jax.qwen2_vl.modeling import init_qwen2_vl_params, qwen2_vl_apply, qwen2_vl_param_shapes
+from aria_jax.qwen2_vl.rope_index import mrope_positions
+from aria_jax.qwen2_vl.vision import vision_rows
+from aria_jax.qwen2_vl.weights import COMPONENTS, key_table
+
+# The processor's outputs that carry images and videos; what `_embedded` takes of them.
+DEVICE_MEDIA = ("patches", "patch_mask", "patch_positions", "image_rows", "video_rows")
+
+
+class Qwen2VLForConditionalGeneration(_Pretrained):
+    """Images, videos and tokens -> logits, and generation. `generate(**processor_outputs)` works:
+    `mm_token_type_ids` is accepted and not needed (the ids say which tokens are images)."""
+
+    MEDIA_ARGUMENTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+
+    def __init__(self, config: Qwen2VLConfig, params: dict, dtype="float32", tokenizer=None, mesh=None):
+        self.config = config
+        self.text_config = config.text_config
+        self.params = params
+        super().__init__(dtype, tokenizer, mesh)
+
+        def apply(method=None):
+            return self._run.wrap(
+                jax.jit(functools.partial(qwen2_vl_apply, config=config, method=method, dtype=self.dtype))
+            )
+
+        self._forward = apply()
+        self._embeddings = apply("input_embeddings")
+        self._embed_prompt = self._embeddings
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype="float32", mesh=None, quantize=None, group_size: int = DEFAULT_GROUP_SIZE
+    ) -> "Qwen2VLForConditionalGeneration":
+        """Loads a Qwen2-VL checkpoint: a hub-format directory (transformers 4.45 or 5 naming) or
+        one converted by `aria-jax convert`; with `mesh`, every param is built in its sharding."""
+        jdtype = resolve_dtype(dtype)
+        config = qwen2_vl_config_from_pretrained(path)
+        table = key_table(config.text_config.tie_word_embeddings)
+        params = load_or_restore(
+            open_weights(path),
+            config,
+            qwen2_vl_param_shapes(config, jdtype),
+            jdtype,
+            COMPONENTS,
+            mesh,
+            Quantization.of(quantize, group_size),
+            table,
+        )
+        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
+
+    @classmethod
+    def from_random(
+        cls, config: Qwen2VLConfig, seed: int = 0, dtype="float32", quantize=None, group_size: int = DEFAULT_GROUP_SIZE
+    ) -> "Qwen2VLForConditionalGeneration":
+        jdtype = resolve_dtype(dtype)
+        params = init_qwen2_vl_params(config, jax.random.key(seed), jdtype)
+        return cls(config, quantize_params(params, Quantization.of(quantize, group_size)), jdtype)
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+    ) -> CausalLMOutput:
+        """Logits (B, T, vocab). position_ids: by default M-RoPE's for these ids and grids."""
+        ids, mask, positions = self._check_text(input_ids, attention_mask, None)
+        media = self._checked_media(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if position_ids is not None:
+            positions = np.asarray(position_ids)
+            if positions.ndim == 3 and positions.shape[0] == 3:  # transformers' (3, B, T)
+                positions = positions.transpose(1, 2, 0)
+        else:
+            positions = self._prompt_positions(ids, mask, media)
+        device_media = {name: media[name] for name in DEVICE_MEDIA if name in media}
+        return CausalLMOutput(self._forward(self.params, ids, mask, positions, **device_media))
+
+    @property
+    def _text_params(self):
+        return self.params["language_model"]
+
+    def _checked_media(
+        self,
+        ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+    ) -> dict:
+        """The images' and videos' patches checked against their grids and the prompt's image and
+        video tokens, cut into vision rows (`vision.vision_rows`); the grids are kept for the
+        positions."""
+        vision = self.config.vision_config
+        kinds = []
+        for name, token, patches, grids in (
+            ("image", self.config.image_token_id, pixel_values, image_grid_thw),
+            ("video", self.config.video_token_id, pixel_values_videos, video_grid_thw),
+        ):
+            num_tokens = int((ids == token).sum())
+            if patches is None:
+                if num_tokens:
+                    raise RequestError(
+                        f"input_ids hold {num_tokens} {name} tokens but no {name} pixel values were given"
+                    )
+                if grids is not None:
+                    raise RequestError(f"{name}_grid_thw was given without the {name}s' pixel values")
+                continue
+            patches, grids = self._check_patches(name, patches, grids)
+            expected = int(grids.prod(axis=1).sum()) // vision.merge_area
+            if num_tokens != expected:
+                raise RequestError(
+                    f"{name} tokens and {name} features do not match: input_ids hold {num_tokens} {name} tokens, "
+                    f"{name}_grid_thw gives {expected} features"
+                )
+            check_runs(ids, token, grids.prod(axis=1) // vision.merge_area, name)
+            kinds.append((name, patches, grids))
+        if not kinds:
+            return {}
+        all_patches = np.concatenate([patches for _, patches, _ in kinds])
+        all_grids = np.concatenate([grids for _, _, grids in kinds])
+        patches, patch_mask, patch_positions, counts = vision_rows(all_patches, all_grids, vision.spatial_merge_size)
+        patches, patch_mask, patch_positions = pad_rows(patches, patch_mask, patch_positions)
+        media = {"patches": patches, "patch_mask": patch_mask, "patch_positions": patch_positions}
+        merged_per_row = patches.shape[1] // vision.merge_area
+        first_row = 0
+        for name, _, grids in kinds:
+            rows = int(grids[:, 0].sum())
+            media[f"{name}_rows"] = np.concatenate(
+                [row * merged_per_row + np.arange(counts[row]) for row in range(first_row, first_row + rows)]
+            ).astype(np.int32)
+            media[f"{name}_grid_thw"] = grids
+            first_row += rows
+        return media
+
+    def _check_patches(self, name: str, patches, grids) -> tuple[np.ndarray, np.ndarray]:
+        vision = self.config.vision_config
+        patches = np.asarray(patches, np.float32)
+        if grids is None:
+            raise RequestError(f"{name} pixel values were given without {name}_grid_thw")
+        grids = np.asarray(grids)
+        if grids.ndim != 2 or grids.shape[1] != 3 or not np.issubdtype(grids.dtype, np.integer) or (grids < 1).any():
+            raise RequestError(f"{name}_grid_thw must be (n, 3) positive integers (t, h, w), got {grids.tolist()}")
+        merge = vision.spatial_merge_size
+        if (grids[:, 1:] % merge).any():
+            raise RequestError(f"{name}_grid_thw {grids.tolist()}: heights and widths must be multiples of {merge}")
+        if patches.ndim != 2 or patches.shape != (int(grids.prod(axis=1).sum()), vision.patch_features):
+            raise RequestError(
+                f"{name} pixel values must be ({int(grids.prod(axis=1).sum())}, {vision.patch_features}) for "
+                f"{name}_grid_thw {grids.tolist()}, got {patches.shape}"
+            )
+        return patches, grids.astype(np.int64)
+
+    def _prompt_positions(self, padded_ids, padded_mask, media) -> np.ndarray:
+        vision = self.config.vision_config
+        return mrope_positions(
+            padded_ids,
+            padded_mask,
+            media.get("image_grid_thw"),
+            media.get("video_grid_thw"),
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+            spatial_merge_size=vision.spatial_merge_size,
+        )
+
+    def _embedded(self, ids, **media):
+        return self._embeddings(self.params, ids, **{name: media[name] for name in DEVICE_MEDIA if name in media})
+
+
+def check_runs(ids: np.ndarray, token: int, tokens_per_grid: np.ndarray, name: str) -> None:
+    """Each run of `token` in the prompt (row by row) is one image's (video's) tokens, in order."""
+    runs = []
+    for row in ids:
+        is_token = np.concatenate([[False], row == token, [False]])
+        edges = np.flatnonzero(np.diff(is_token.astype(np.int8)))
+        runs.extend((edges[1::2] - edges[::2]).tolist())
+    if runs != tokens_per_grid.tolist():
+        raise RequestError(
+            f"the prompt's runs of {name} tokens are {runs} long; {name}_grid_thw gives {tokens_per_grid.tolist()}"
+            f" (one run per {name}, in order)"
+        )
+
+
+def pad_rows(patches: np.ndarray, patch_mask: np.ndarray, patch_positions: np.ndarray):
+    """Pads the row count to a power of two with blank, fully valid rows (never read), so that
+    requests with different numbers of images reuse compiled code."""
+    rows = patches.shape[0]
+    extra = (1 << (rows - 1).bit_length()) - rows
+    if not extra:
+        return patches, patch_mask, patch_positions
+    return (
+        np.concatenate([patches, np.zeros((extra, *patches.shape[1:]), patches.dtype)]),
+        np.concatenate([patch_mask, np.ones((extra, *patch_mask.shape[1:]), bool)]),
+        np.concatenate([patch_positions, np.zeros((extra, *patch_positions.shape[1:]), patch_positions.dtype)]),
+    )
