@@ -51,6 +51,7 @@ class Layout:
               (in dims..., out dims...), the first n axes being the input.
     reshape:  same data, our param splits its one axis (a bias into (heads, head_dim)).
     conv:     a torch Conv2d weight (out, in, kh, kw); ours is (in, kh, kw, out).
+    conv3d:   a torch Conv3d weight (out, in, kt, kh, kw); ours is (in, kt, kh, kw, out).
     """
 
     kind: str
@@ -64,6 +65,8 @@ class Layout:
             return (math.prod(param_shape),)
         if self.kind == "conv":
             return (param_shape[3],) + tuple(param_shape[:3])
+        if self.kind == "conv3d":
+            return (param_shape[4],) + tuple(param_shape[:4])
         return tuple(param_shape)
 
     def to_param(self, tensor: np.ndarray, param_shape: tuple[int, ...]) -> np.ndarray:
@@ -73,6 +76,8 @@ class Layout:
             return tensor.reshape(param_shape)
         if self.kind == "conv":
             return tensor.transpose(1, 2, 3, 0)
+        if self.kind == "conv3d":
+            return tensor.transpose(1, 2, 3, 4, 0)
         return tensor
 
     def to_hub(self, param: np.ndarray) -> np.ndarray:
@@ -83,6 +88,8 @@ class Layout:
             return param.reshape(-1)
         if self.kind == "conv":
             return param.transpose(3, 0, 1, 2)
+        if self.kind == "conv3d":
+            return param.transpose(4, 0, 1, 2, 3)
         return param
 
 
