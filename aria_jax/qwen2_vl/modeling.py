@@ -80,10 +80,10 @@ def _init_inputs(config: Qwen2VLConfig):
     )
 
 
-def qwen2_vl_apply(params, *args, config: Qwen2VLConfig, method: str | None = None, dtype=jnp.float32):
+def qwen2_vl_apply(params, *args, config: Qwen2VLConfig, method: str | None = None, dtype=jnp.float32, **kwargs):
     """`Qwen2VLModel(config).apply` over a params pytree; `method` names a `Qwen2VLModel` method."""
     model = Qwen2VLModel(config, dtype=dtype, param_dtype=dtype)
-    return model.apply({"params": params}, *args, method=getattr(Qwen2VLModel, method) if method else None)
+    return model.apply({"params": params}, *args, method=getattr(Qwen2VLModel, method) if method else None, **kwargs)
 
 
 def init_qwen2_vl_params(config: Qwen2VLConfig, rng: jax.Array, dtype=jnp.float32):
