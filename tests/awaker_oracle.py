@@ -305,6 +305,17 @@ def add_awaker_adapters(
     return model.eval()
 
 
+def cast_like_release(model, dtype: torch.dtype):
+    """Cast an adapted model to `dtype` the way the release ends up: everything in `dtype`
+    (MoE adapters and routers included) except the q/k/v LoRA A and B, which stay float32."""
+    model.to(dtype)
+    for module in adapted_modules(model).values():
+        if isinstance(module, AwakerLoraLinear):
+            module.lora_A.float()
+            module.lora_B.float()
+    return model
+
+
 def adapted_modules(model) -> dict[str, nn.Module]:
     """{"layers.{L}.self_attn.q_proj": module, ...} for every wrapped linear."""
     out = {}

@@ -163,15 +163,30 @@ def test_o_proj_by_hand(adapted):
     assert not hasattr(mlp.up_proj, "w_gate") and not hasattr(mlp.down_proj, "ln")
 
 
+def test_bfloat16_keeps_the_release_dtypes(adapted):
+    ids, mask = text_prompt()
+    span = ao.prompt_pos(ids, **IDS)
+    want = ao.awaker_logits(adapted, ids, mask, prompt_pos=span)
+    ao.cast_like_release(adapted, torch.bfloat16)
+    layer = adapted.model.language_model.layers[0]
+    assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert layer.self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert layer.mlp.gate_proj.w_gate.weight.dtype == layer.mlp.up_proj.lora_moe_B["g"].weight.dtype == torch.bfloat16
+    assert layer.mlp.gate_proj.route(torch.zeros(1, 64, dtype=torch.bfloat16) + 0.1).weight.dtype == torch.float16
+    got = ao.awaker_logits(adapted, ids, mask, prompt_pos=span)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05 * want.abs().max().item())
+
+
 def test_text_prompt_same_tokens_in_both_gate_modes(adapted):
     ids, mask = text_prompt()
     span = ao.prompt_pos(ids, **IDS)
     phases = []
-    released = ao.awaker_generate(adapted, ids, mask, prompt_pos=span, max_new_tokens=6, phases=phases)
-    features = ao.awaker_generate(adapted, ids, mask, prompt_pos=span, max_new_tokens=6, gate="image_features")
-    assert phases == ["prefill"] + ["decode"] * 5
+    released = ao.awaker_generate(adapted, ids, mask, prompt_pos=span, max_new_tokens=4, phases=phases)
+    features = ao.awaker_generate(adapted, ids, mask, prompt_pos=span, max_new_tokens=4, gate="image_features")
+    assert phases == ["prefill"] + ["decode"] * 3
     assert torch.equal(released, features)
-    assert torch.equal(released, greedy_by_full_forwards(adapted, ids, mask, None, None, span, 6))
+    assert torch.equal(released, greedy_by_full_forwards(adapted, ids, mask, None, None, span, 4))
 
 
 def route_apart(model, first: torch.Tensor, second: torch.Tensor) -> None:
@@ -200,14 +215,14 @@ def test_image_prompt_gate_modes_route_differently(adapted):
     assert all(r.expert.tolist() == [0] for r in prefill.values())
     assert all(r.expert.tolist() == [1] for r in decode.values())
 
-    run = dict(max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+    run = dict(max_new_tokens=4, output_logits=True, return_dict_in_generate=True)
     released = ao.awaker_generate(adapted, ids, mask, pixel_values, grid, span, **run)
     features = ao.awaker_generate(adapted, ids, mask, pixel_values, grid, span, gate="image_features", **run)
     torch.testing.assert_close(released.logits[0], features.logits[0], rtol=0, atol=0)  # same prefill
     assert (released.logits[1] - features.logits[1]).abs().max() > 1e-3  # the later steps differ
 
     # image_features = the prefill gate everywhere = greedy by full forwards.
-    full = greedy_by_full_forwards(adapted, ids, mask, pixel_values, grid, span, 5)
+    full = greedy_by_full_forwards(adapted, ids, mask, pixel_values, grid, span, 4)
     assert torch.equal(features.sequences, full)
 
     # released: the prompt's cache keeps the prefill routing, the next token routes by `decode`.
@@ -249,14 +264,14 @@ def test_left_padded_batch_matches_single_rows(adapted):
     assert span.tolist() == [ao.prompt_pos(image_ids, **IDS)[0].tolist(), [7 + pad, 13 + pad]]
 
     batch_logits = ao.awaker_logits(adapted, ids, mask, pixel_values, grid, span)
-    batch_tokens = ao.awaker_generate(adapted, ids, mask, pixel_values, grid, span, max_new_tokens=5)
+    batch_tokens = ao.awaker_generate(adapted, ids, mask, pixel_values, grid, span, max_new_tokens=3)
     singles = [(image_ids, pixel_values, grid), (text_ids, None, None)]
     for row, (single, pv, g) in enumerate(singles):
         one_mask = torch.ones_like(single)
         one_span = ao.prompt_pos(single, **IDS)
         logits = ao.awaker_logits(adapted, single, one_mask, pv, g, one_span)
         torch.testing.assert_close(batch_logits[row, -single.shape[1] :], logits[0], rtol=0, atol=1e-5)
-        tokens = ao.awaker_generate(adapted, single, one_mask, pv, g, one_span, max_new_tokens=5)
+        tokens = ao.awaker_generate(adapted, single, one_mask, pv, g, one_span, max_new_tokens=3)
         assert torch.equal(batch_tokens[row, -tokens.shape[1] :], tokens[0])
 
 
