@@ -48,12 +48,16 @@ Where the gate input comes from (greedy generation, as released):
     prefill (the prompt step): G = token embeddings of the prompt with the vision tower's image
         features written into the image-pad positions (what the decoder itself gets).
     every later step: G = token embeddings of all ids so far, with NO image substitution (the
-        image positions keep the `<|image_pad|>` token's embedding; video never enters G). Only
-        the span matters, and it lies in the prompt, so this p is the same at every later step.
+        image positions keep the `<|image_pad|>` token's embedding; video features never enter
+        G while generating). Only the span matters, and it lies in the prompt, so this p is the
+        same at every later step.
+    A forward outside generation (no ids history passed, e.g. training) uses the decoder's own
+    input embeddings, image and video features included: that is `awaker_logits`' prefill gate.
     The prompt's keys/values stay in the KV cache with the prefill's routing; the new tokens are
     computed with the later-step routing. For a text-only prompt the two inputs are equal.
-    `gate="image_features"` uses the prefill input at every step instead (a deviation from the
-    release: the behaviour its own comments describe as intended).
+    `gate="image_features"` uses the prefill input at every step instead: a deviation from the
+    release, which its code comment there (run the vision tower the first time only and keep the
+    result) suggests was the intent.
 
 prompt_pos, per row of the (left-padded) batch, indices in the padded row:
     start = index of the first `<|vision_start|>` when the row has an image, else (index of the
