@@ -52,7 +52,8 @@ Where the gate input comes from (greedy generation, as released):
         G while generating). Only the span matters, and it lies in the prompt, so this p is the
         same at every later step.
     A forward outside generation (no ids history passed, e.g. training) uses the decoder's own
-    input embeddings, image and video features included: that is `awaker_logits`' prefill gate.
+    input embeddings, image and video features included (for an image prompt that is the gate of
+    `awaker_logits`; this oracle takes no video).
     The prompt's keys/values stay in the KV cache with the prefill's routing; the new tokens are
     computed with the later-step routing. For a text-only prompt the two inputs are equal.
     `gate="image_features"` uses the prefill input at every step instead: a deviation from the
