@@ -114,6 +114,7 @@ class AriaTextConfig:
     attention_bias: ClassVar[bool] = False
     mrope_section: ClassVar[tuple[int, ...]] = ()
     tie_word_embeddings: ClassVar[bool] = False
+    lora_rank: ClassVar[int] = 0  # Awaker's adapters (`qwen2_vl.awaker`)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

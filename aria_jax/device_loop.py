@@ -52,6 +52,8 @@ class DecodeState:
     tokens: jax.Array  # (B, max_new_tokens) generated so far, pad after a row is done
     done: jax.Array  # (B,) bool
     step: jax.Array  # () tokens generated so far (same for every row)
+    # (B, D) what Awaker's routers read at every decode step (`qwen2_vl.awaker`); None for the rest
+    gate_input: jax.Array | None = None
 
 
 def sample_tokens(logits: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
@@ -117,6 +119,7 @@ def prefill(
     sampling: Sampling,
     stop_ids,
     position_ids=None,
+    gate_inputs=None,
     *,
     config: AriaTextConfig,
     cache_length: int,
@@ -128,7 +131,8 @@ def prefill(
     """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token.
     T must be at most `chunk` or a multiple of it (`buckets.prompt_bucket`). `kv_cache_dtype`:
     one of `kv_cache.KV_CACHE_DTYPES`. position_ids: by default the count of real tokens before
-    each (B, T); Qwen2-VL's M-RoPE gives (B, T, 3)."""
+    each (B, T); Qwen2-VL's M-RoPE gives (B, T, 3). gate_inputs: Awaker's router inputs (B, D)
+    for the prompt and for the decode steps after it (`qwen2_vl.awaker`), or None."""
     check_kv_cache_dtype(kv_cache_dtype)
     batch, prompt_len, _ = prompt_embeds.shape
     chunk = min(chunk, prompt_len)
@@ -153,12 +157,22 @@ def prefill(
             positions,
             init_cache(config, batch, prompt_len, dtype, kv_cache_dtype),
             0,
+            None if gate_inputs is None else gate_inputs[0],
             method=TextDecoder.cached_step,
         )
         cache = per_layer(prompt_cache, cache_length)
     else:
         logits, cache = _prefill_in_chunks(
-            text_params, prompt_embeds, key_mask, positions, chunk, cache_length, config, dtype, kv_cache_dtype
+            text_params,
+            prompt_embeds,
+            key_mask,
+            positions,
+            chunk,
+            cache_length,
+            config,
+            dtype,
+            kv_cache_dtype,
+            None if gate_inputs is None else gate_inputs[0],
         )
     # As decode lays them out: left to the compiler, they came out split over the positions,
     # and each decode step gathered the whole cache back.
@@ -166,7 +180,14 @@ def prefill(
     key_mask = constrain(key_mask, "batch", None)
     token, done = _finish(sample_tokens(logits, jnp.int32(0), sampling), jnp.zeros((batch,), bool), config, stop_ids)
     tokens = jnp.full((batch, max_new_tokens_capacity), config.pad_id, jnp.int32).at[:, 0].set(token)
-    return DecodeState(cache, key_mask, first_new_position.astype(jnp.int32), *_replicated(tokens, done), jnp.int32(1))
+    return DecodeState(
+        cache,
+        key_mask,
+        first_new_position.astype(jnp.int32),
+        *_replicated(tokens, done),
+        jnp.int32(1),
+        None if gate_inputs is None else gate_inputs[1],
+    )
 
 
 def _prefill_in_chunks(
@@ -179,6 +200,7 @@ def _prefill_in_chunks(
     config: AriaTextConfig,
     dtype,
     kv_cache_dtype,
+    gate_input=None,
 ):
     """A long prompt `chunk` tokens at a time, each chunk's queries at their place in the cache,
     straight into decode's per-layer cache buffers: the layers run unrolled, as in decode, so the
@@ -192,7 +214,16 @@ def _prefill_in_chunks(
             jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in (prompt_embeds, positions)
         )
         logits, cache = unrolled_cached_step(
-            text_params, embeds, key_mask, chunk_positions, cache, start, config=config, dtype=dtype, dispatch=True
+            text_params,
+            embeds,
+            key_mask,
+            chunk_positions,
+            cache,
+            start,
+            config=config,
+            dtype=dtype,
+            dispatch=True,
+            gate_input=gate_input,
         )
         return cache, logits
 
@@ -252,6 +283,7 @@ def decode(
             config=config,
             dtype=dtype,
             layers=layers,
+            gate_input=state.gate_input,
         )
         token, done = _finish(sample_tokens(logits, state.step, sampling), state.done, config, stop_ids)
         tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)

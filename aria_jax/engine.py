@@ -388,13 +388,14 @@ class Engine:
         params = self.model.text_params
         for admission in round_.admissions:
             prompt, request = admission.prompt, admission.prompt.request
+            embeds = self.model.prompt_embeddings(prompt)
             prefilled = self._prefill(
                 params,
-                self.model.prompt_embeddings(prompt),
+                embeds,
                 prompt.padded_mask,
                 request.sampling,
                 request.stop_ids,
-                prompt.position_ids,
+                **self.model.prefill_inputs(prompt, embeds),
                 cache_length=self.max_length,
                 # generate(max_length=) takes this capacity: the two share the compiled prefill
                 max_new_tokens_capacity=self.max_length - prompt.padded_ids.shape[1],

@@ -31,9 +31,13 @@ def key_table_for(config) -> KeyTable:
     """The hub key table of the config's family."""
     if isinstance(config, (AriaConfig, AriaTextConfig)):
         return ARIA_KEYS
-    from aria_jax.qwen2_vl.weights import key_table
+    from aria_jax.qwen2_vl.config import AwakerConfig
+    from aria_jax.qwen2_vl.weights import awaker_key_table, key_table
 
-    return key_table(config.text_config.tie_word_embeddings)
+    text = config.text_config
+    if isinstance(config, AwakerConfig):
+        return awaker_key_table(text.tie_word_embeddings, text.moe_lora_experts)
+    return key_table(text.tie_word_embeddings)
 
 
 def param_layout(config, dtype=jnp.float32) -> tuple[tuple[str, ...], dict]:

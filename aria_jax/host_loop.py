@@ -216,11 +216,11 @@ class Generator:
         request: Request,
         chunk: int,
         max_length: int | None = None,
-        position_ids=None,
+        prefill_inputs: dict | None = None,
     ) -> Iterator[np.ndarray]:
         """Runs generation, yielding the (B, max_new_tokens) token buffer after prefill and after
         every decode chunk; rows stopped by a stop string are cut after the token completing it.
-        `position_ids`: the padded prompt's, when not the count of real tokens (`prefill`)."""
+        `prefill_inputs`: what else the model's prompt takes (`prefill`'s position_ids, gate_inputs)."""
         batch, prompt_len, _ = prompt_embeds.shape
         needed = prompt_len + request.max_new_tokens
         if max_length is not None and not is_integer(max_length):
@@ -235,7 +235,7 @@ class Generator:
             attention_mask,
             request.sampling,
             stop_ids,
-            position_ids,
+            **(prefill_inputs or {}),
             cache_length=cache_length,
             max_new_tokens_capacity=cache_length - prompt_len,
             kv_cache_dtype=request.kv_cache_dtype,
@@ -268,15 +268,15 @@ class Generator:
         return tokens, done
 
     def generate(
-        self, params, prompt_embeds, attention_mask, request: Request, max_length=None, position_ids=None
+        self, params, prompt_embeds, attention_mask, request: Request, max_length=None, prefill_inputs=None
     ) -> np.ndarray:
         chunk = GENERATE_CHUNK if request.stop_texts else request.max_new_tokens
-        for tokens in self.steps(params, prompt_embeds, attention_mask, request, chunk, max_length, position_ids):
+        for tokens in self.steps(params, prompt_embeds, attention_mask, request, chunk, max_length, prefill_inputs):
             pass
         return tokens
 
     def stream(
-        self, params, prompt_embeds, attention_mask, request: Request, max_length=None, position_ids=None
+        self, params, prompt_embeds, attention_mask, request: Request, max_length=None, prefill_inputs=None
     ) -> Iterator[str | tuple[str, ...]]:
         """Decoded text as it grows, one piece per STREAM_CHUNK decode steps (a jitted call costs
         more than a loop iteration, so single-step calls would make streaming ~20% slower than
@@ -303,7 +303,7 @@ class Generator:
 
         tokens = None
         for tokens in self.steps(
-            params, prompt_embeds, attention_mask, request, STREAM_CHUNK, max_length, position_ids
+            params, prompt_embeds, attention_mask, request, STREAM_CHUNK, max_length, prefill_inputs
         ):
             pieces = new_pieces(tokens, final=False)
             if any(pieces):

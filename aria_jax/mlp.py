@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aria_jax.qwen2_vl import awaker
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.quantization import dequantized
 
@@ -18,7 +19,9 @@ class MLP(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, gate_input: jax.Array | None = None) -> jax.Array:
+        """`gate_input` (B, D): the per-sequence input of Awaker's router (`qwen2_vl.awaker`),
+        for configs with its adapters; its gate_proj router routes up_proj and down_proj too."""
         cfg = self.config
         d, f = cfg.hidden_size, cfg.intermediate_size
 
@@ -30,5 +33,13 @@ class MLP(nn.Module):
         up = kernel("up_proj", (d, f), ("embed", "mlp"))
         down = kernel("down_proj", (f, d), ("mlp", "embed"))
         x = x.astype(self.dtype)
-        hidden = ACTIVATIONS[cfg.hidden_act](jnp.einsum("...d,df->...f", x, gate)) * jnp.einsum("...d,df->...f", x, up)
-        return jnp.einsum("...f,fd->...d", hidden, down)
+        gated, lifted = jnp.einsum("...d,df->...f", x, gate), jnp.einsum("...d,df->...f", x, up)
+        if cfg.lora_rank:
+            routing = awaker.route(self, "gate_proj", gate_input, cfg)
+            gated = awaker.plus(gated, awaker.experts_term(self, "gate_proj", x, f, routing, cfg, "embed", "mlp"))
+            lifted = awaker.plus(lifted, awaker.experts_term(self, "up_proj", x, f, routing, cfg, "embed", "mlp"))
+        hidden = ACTIVATIONS[cfg.hidden_act](gated) * lifted
+        out = jnp.einsum("...f,fd->...d", hidden, down)
+        if cfg.lora_rank:
+            out = awaker.plus(out, awaker.experts_term(self, "down_proj", hidden, d, routing, cfg, "mlp", "embed"))
+        return out

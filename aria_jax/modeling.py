@@ -11,6 +11,7 @@ and compile time does not grow with depth.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import flax.linen as nn
@@ -41,14 +42,16 @@ class DecoderLayer(nn.Module):
     dispatch: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, key_mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, key_mask, cache=None, cache_index=None, gate_input=None):
         """One layer; key_mask (B, S) marks real tokens; `cache` is this layer's slice of the KV
-        cache (or None), returned updated."""
+        cache (or None), returned updated. `gate_input`: Awaker's per-sequence router input."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, "batch", None, None)
         with jax.named_scope("attention"):
             normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-            attended = Attention(cfg, name="self_attn", **kw)(normed, cos, sin, key_mask, pinned(cache), cache_index)
+            attended = Attention(cfg, name="self_attn", **kw)(
+                normed, cos, sin, key_mask, pinned(cache), cache_index, gate_input
+            )
             if cache is not None:
                 attended, cache = attended
                 cache = pinned(cache)  # in and out alike: a loop carrying it keeps one layout
@@ -58,7 +61,7 @@ class DecoderLayer(nn.Module):
             if cfg.moe_num_experts:
                 mlp = MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)
             else:
-                mlp = MLP(cfg, name="mlp", **kw)
+                mlp = functools.partial(MLP(cfg, name="mlp", **kw), gate_input=gate_input)
             x = x + mlp(normed)
         return x, cache
 
@@ -93,7 +96,7 @@ class TextDecoder(nn.Module):
             nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
             variable_axes=LAYER_COLLECTIONS,
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, dispatch=self.dispatch, **kw)
@@ -111,9 +114,10 @@ class TextDecoder(nn.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, gate_input=None):
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T) 1 = token, 0 = pad;
-        position_ids (B, T), by default counting only attended tokens so left padding is harmless."""
+        position_ids (B, T) (or (B, T, 3), M-RoPE), by default counting only attended tokens so left
+        padding is harmless; gate_input (B, D): Awaker's router input (`qwen2_vl.awaker`)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         batch, length = x.shape[:2]
         if attention_mask is None:
@@ -121,7 +125,7 @@ class TextDecoder(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         cos, sin = rope_tables(self.config, position_ids, self.dtype)
-        x, _ = self.layers(x, cos, sin, attention_mask.astype(bool), None, None)
+        x, _ = self.layers(x, cos, sin, attention_mask.astype(bool), None, None, gate_input)
         return self.logits(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -130,7 +134,7 @@ class TextDecoder(nn.Module):
             lm_head = adapted(self, "lm_head", dequantized(lm_head, self.dtype))
         return project(self.norm(hidden), lm_head, self.dtype)
 
-    def cached_step(self, inputs_embeds, key_mask, position_ids, cache, cache_index):
+    def cached_step(self, inputs_embeds, key_mask, position_ids, cache, cache_index, gate_input=None):
         """Runs tokens through the decoder against the KV cache and appends them to it.
 
         inputs_embeds (B, T, D) sit at sequence index `cache_index` (the same for every row);
@@ -141,7 +145,7 @@ class TextDecoder(nn.Module):
         scan. Decode runs them unrolled (`unrolled_cached_step`)."""
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_tables(self.config, position_ids, self.dtype)
-        x, cache = self.layers(x, cos, sin, key_mask, cache, cache_index)
+        x, cache = self.layers(x, cos, sin, key_mask, cache, cache_index, gate_input)
         return self.logits(x[:, -1]), cache
 
 
@@ -175,6 +179,7 @@ def unrolled_cached_step(
     dtype=jnp.float32,
     dispatch: bool = False,
     layers=None,
+    gate_input=None,
 ):
     """`TextDecoder.cached_step` with the layers unrolled, for decode (and, with `dispatch`, a long
     prompt's chunks). cache: one {"k", "v"} of (B, K, S, H) per layer (`kv_cache.per_layer`),
@@ -197,7 +202,9 @@ def unrolled_cached_step(
             this_layer = layer_params({"layers": stacked}, index)
         else:
             this_layer = layer_params(params, index)
-        x, layer_cache = layer.apply({"params": this_layer}, x, cos, sin, key_mask, layer_cache, cache_index)
+        x, layer_cache = layer.apply(
+            {"params": this_layer}, x, cos, sin, key_mask, layer_cache, cache_index, gate_input
+        )
         updated.append(layer_cache)
     return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), updated
 

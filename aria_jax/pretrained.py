@@ -174,6 +174,11 @@ class _Pretrained:
         positions = self._prompt_positions(padded_ids, padded_mask, media)
         return Prompt(ids, padded_ids, padded_mask, media, request, positions)
 
+    def prefill_inputs(self, prompt: Prompt, embeds: jax.Array) -> dict:
+        """What prefill takes besides the embeddings and mask (`device_loop.prefill`): the prompt's
+        position ids when they are not the count of real tokens."""
+        return {} if prompt.position_ids is None else {"position_ids": prompt.position_ids}
+
     def prompt_embeddings(self, prompt: Prompt) -> jax.Array:
         """The padded prompt's embeddings (B, T, D), image features in place of image tokens."""
         return self._embedded(prompt.padded_ids, **prompt.media)
@@ -228,7 +233,12 @@ class _Pretrained:
             ),
         )
         new_tokens = self._generator.generate(
-            self._text_params, embeds, prompt.padded_mask, prompt.request, max_length, prompt.position_ids
+            self._text_params,
+            embeds,
+            prompt.padded_mask,
+            prompt.request,
+            max_length,
+            self.prefill_inputs(prompt, embeds),
         )
         return np.concatenate([prompt.ids, new_tokens], axis=1)
 
@@ -268,7 +278,12 @@ class _Pretrained:
             ),
         )
         return self._generator.stream(
-            self._text_params, embeds, prompt.padded_mask, prompt.request, max_length, prompt.position_ids
+            self._text_params,
+            embeds,
+            prompt.padded_mask,
+            prompt.request,
+            max_length,
+            self.prefill_inputs(prompt, embeds),
         )
 
     def _check_text(self, input_ids, attention_mask, position_ids):

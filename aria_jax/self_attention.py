@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from aria_jax.attention import DECODE_QUERIES, attention, attention_beside_cache
 from aria_jax.config import AriaTextConfig
+from aria_jax.qwen2_vl import awaker
 from aria_jax.context_parallel import attention_over_split_cache
 from aria_jax.kv_cache import entries, furthest, positions_split, readable, written
 from aria_jax.layers import adapted, apply_rope, default_kernel_init, param_with_axes
@@ -30,11 +31,13 @@ class Attention(nn.Module):
         key_mask: jax.Array,
         cache: dict | None = None,
         cache_index=None,
+        gate_input: jax.Array | None = None,
     ):
         """x (B, T, D); key_mask (B, S) True = a real token (S = T without a cache). Causal.
         Without a cache: (B, T, D). With a layer cache {"k", "v"} of (B, K, S, H) (int8 with their
         scales, see `kv_cache`) and the sequence index of x's first token, or of each row's one
-        token (`kv_cache.is_per_row`): ((B, T, D), updated cache)."""
+        token (`kv_cache.is_per_row`): ((B, T, D), updated cache). `gate_input` (B, D): the
+        per-sequence input of Awaker's routers (`qwen2_vl.awaker`), for configs with its adapters."""
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -67,6 +70,15 @@ class Attention(nn.Module):
             value = jnp.einsum("btd,dkh->btkh", x, w_v)
             if cfg.attention_bias:
                 q, key, value = (y + bias.astype(self.dtype) for y, bias in ((q, b_q), (key, b_k), (value, b_v)))
+            if cfg.lora_rank:
+                q, key, value = (
+                    awaker.plus(y, awaker.lora_term(self, name, x, (heads, h), (axis, "head_dim"), cfg))
+                    for y, name, heads, axis in (
+                        (q, "q", n, "q_heads"),
+                        (key, "k", k, "kv_heads"),
+                        (value, "v", k, "kv_heads"),
+                    )
+                )
             # Keys and values (B, K, T, H), as cached. Transposed after the matmul: asked of it,
             # XLA:CPU transposes the weights instead, at every step.
             value = value.swapaxes(1, 2)
@@ -86,10 +98,15 @@ class Attention(nn.Module):
                     key, value, scales = readable(cache, self.dtype)
             with jax.named_scope("attend"):
                 out = attention(q, key, value, key_mask, 0 if cache is None else furthest(cache_index), scales=scales)
+        attended = out
         if few_rows:
             out = constrain(project_out(constrain(out, None, None, None, None), w_o), None, None, "attention_embed")
         else:
             out = project_out(out, w_o)
+        if cfg.lora_rank:
+            routing = awaker.route(self, "o_proj", gate_input, cfg)
+            flat = attended.reshape(*attended.shape[:2], n * h)
+            out = awaker.plus(out, awaker.experts_term(self, "o_proj", flat, d, routing, cfg, out_axis="embed"))
         return out if cache is None else (out, cache)
 
 

@@ -37,6 +37,7 @@ class Slots:
     done: jax.Array  # (B,) bool: free, or finished
     sampling: Sampling  # (B,) each
     stop_ids: jax.Array  # (B, W) int32, -1 padded
+    gate_input: jax.Array | None = None  # (B, D) Awaker's router input (`qwen2_vl.awaker`), else None
 
 
 def empty_slots(
@@ -67,6 +68,7 @@ def empty_slots(
             jnp.ones((num_slots,), bool),
             sampling,
             jnp.full((num_slots, stop_id_width), -1, jnp.int32),
+            jnp.zeros((num_slots, config.hidden_size), dtype) if config.lora_rank else None,
         )
     )
 
@@ -114,6 +116,7 @@ def insert(
             into_row(slots.done, done),
             jax.tree.map(into_row, slots.sampling, sampling),
             into_row(slots.stop_ids, stop_ids),
+            None if slots.gate_input is None else into_row(slots.gate_input, prefilled.gate_input),
         )
     )
 
@@ -156,6 +159,7 @@ def decode_slots(
             config=config,
             dtype=dtype,
             layers=layers,
+            gate_input=slots.gate_input,
         )
         token = jnp.where(busy, sample_tokens(logits, slots.generated, slots.sampling), config.pad_id)
         stopped = jnp.any(token[:, None] == slots.stop_ids, axis=-1) | (slots.generated + 1 >= slots.max_new_tokens)

@@ -99,15 +99,32 @@ LINEAR, LINEAR_2_IN = Layout("linear", 1), Layout("linear", 2)
 
 @dataclasses.dataclass(frozen=True)
 class KeyRule:
-    """Hub tensor `template` (canonical naming, `{i}` for the layer) -> param at `path`."""
+    """Hub tensor `template` (canonical naming, `{i}` for the layer) -> param at `path`.
+
+    With `parts`, the template names one tensor per part (`{part}`), stacked along the param's
+    axis after the layers one, in this order: LoRA experts stored one tensor each (Awaker's)."""
 
     template: str
     path: tuple[str, ...]
     layout: Layout = COPY
+    parts: tuple[str, ...] = ()
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.template
+
+    @property
+    def num_parts(self) -> int:
+        return max(1, len(self.parts))
+
+    def keys(self, num_layers: int) -> list[str]:
+        """Every hub key of the rule, in plan order: layer by layer, part by part."""
+        layers = range(num_layers) if self.stacked else [0]
+        return [self.template.format(i=i, part=part) for i in layers for part in self.parts or [None]]
+
+    def part_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape one hub tensor fills: the param's without its layer and part axes."""
+        return tuple(param_shape)[int(self.stacked) + int(bool(self.parts)) :]
 
 
 def _rules(prefix: str, path: tuple[str, ...], entries) -> tuple[KeyRule, ...]:
@@ -405,7 +422,7 @@ def _refuse_pickle(paths: list[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """One hub tensor feeding one param (or one layer slice of a stacked param)."""
+    """One hub tensor feeding one param (or one layer slice of a stacked param, or one part)."""
 
     key: str
     rule: KeyRule
@@ -418,16 +435,15 @@ def plan_load(
     table: KeyTable = ARIA_KEYS,
 ) -> dict[tuple[str, ...], list[Source]]:
     """Maps every param path (of `components`) to its hub tensors, one per layer for stacked
-    params, checking the checkpoint from its headers alone: unknown, duplicated, mis-shaped and
+    params (and per part, layer by layer, for rules with parts), checking the checkpoint from its headers alone: unknown, duplicated, mis-shaped and
     missing keys are errors naming the file and the key. `checkpoint`: anything with keys(),
     shape(key), dtype(key), get(key), file_path(key) and path (`torch_pickle.TorchZipCheckpoint`
     too)."""
     rules = [rule for rule in table.rules if rule.path[0] in components]
     by_key: dict[str, tuple[KeyRule, int]] = {}
     for rule in rules:
-        layers = range(param_shapes[rule.path][0]) if rule.stacked else [0]
-        for i in layers:
-            by_key[rule.template.format(i=i)] = (rule, i)
+        for slot, key in enumerate(rule.keys(param_shapes[rule.path][0])):
+            by_key[key] = (rule, slot)
 
     raw_keys = checkpoint.keys()
     present = {table.canonical(key).split(".")[0] for key in raw_keys}
@@ -436,7 +452,7 @@ def plan_load(
         if component != "language_model" and prefix not in present:
             raise CheckpointError(f"{checkpoint.path}: " + table.without_component.format(component=component))
     plan: dict[tuple[str, ...], list[Source | None]] = {
-        rule.path: [None] * (param_shapes[rule.path][0] if rule.stacked else 1) for rule in rules
+        rule.path: [None] * len(rule.keys(param_shapes[rule.path][0])) for rule in rules
     }
     other_components = tuple(
         rule.template.split(".")[0] + "." for rule in table.rules if rule.path[0] not in components
@@ -449,11 +465,10 @@ def plan_load(
             if known_elsewhere or any(p.fullmatch(canonical) for p in table.ignored):
                 continue
             raise CheckpointError(f"{file}: unknown key {key}")
-        rule, layer = by_key[canonical]
-        if plan[rule.path][layer] is not None:
-            raise CheckpointError(f"{file}: duplicated key {key}: the same tensor as {plan[rule.path][layer].key}")
-        param_shape = param_shapes[rule.path][1:] if rule.stacked else param_shapes[rule.path]
-        expected = rule.layout.hub_shape(param_shape)
+        rule, slot = by_key[canonical]
+        if plan[rule.path][slot] is not None:
+            raise CheckpointError(f"{file}: duplicated key {key}: the same tensor as {plan[rule.path][slot].key}")
+        expected = rule.layout.hub_shape(rule.part_shape(param_shapes[rule.path]))
         if checkpoint.shape(key) != expected:
             raise CheckpointError(f"{file}: key {key} has shape {checkpoint.shape(key)}, expected {expected}")
         if checkpoint.dtype(key) not in FLOAT_DTYPES:
@@ -461,10 +476,13 @@ def plan_load(
                 f"{file}: key {key} has dtype {DTYPE_NAMES[checkpoint.dtype(key)]}; the model's weights "
                 f"are floating point ({', '.join(DTYPE_NAMES[t] for t in FLOAT_DTYPES)})"
             )
-        plan[rule.path][layer] = Source(key, rule)
+        plan[rule.path][slot] = Source(key, rule)
 
     missing = [
-        rule.template.format(i=i) for rule in rules for i, source in enumerate(plan[rule.path]) if source is None
+        key
+        for rule in rules
+        for key, source in zip(rule.keys(param_shapes[rule.path][0]), plan[rule.path])
+        if source is None
     ]
     if missing:
         present = {table.canonical(key): key for key in raw_keys}
@@ -486,17 +504,33 @@ def read_param(
     """The (slice `index` of the) param built from its hub tensors, one tensor in memory at a time."""
     index = index or tuple(slice(None) for _ in shape)
 
+    rule = sources[0].rule
+
     def one(source: Source, param_shape, rest):
         tensor = source.rule.layout.to_param(checkpoint.get(source.key), param_shape)
         return np.asarray(tensor[rest], dtype=dtype)
 
-    if not sources[0].rule.stacked:
-        return one(sources[0], shape, index)
+    def one_layer(layer_sources: list[Source], param_shape, rest):
+        if not rule.parts:
+            return one(layer_sources[0], param_shape, rest)
+        parts = range(param_shape[0])[rest[0]]
+        return np.stack([one(layer_sources[p], param_shape[1:], rest[1:]) for p in parts]).astype(dtype, copy=False)
+
+    if not rule.stacked:
+        return one_layer(sources, shape, index)
     layers = range(shape[0])[index[0]]
     out = np.empty((len(layers),) + tuple(len(range(n)[s]) for n, s in zip(shape[1:], index[1:])), dtype)
     for row, layer in enumerate(layers):
-        out[row] = one(sources[layer], shape[1:], index[1:])
+        out[row] = one_layer(layer_sources(sources, layer), shape[1:], index[1:])
     return out
+
+
+def layer_sources(sources: list[Source], layer: int | None) -> list[Source]:
+    """A stacked param's sources for one layer (one per part), or an unstacked param's all."""
+    if layer is None:
+        return sources
+    parts = sources[0].rule.num_parts
+    return sources[layer * parts : (layer + 1) * parts]
 
 
 def load_params(

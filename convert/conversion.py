@@ -23,7 +23,7 @@ from aria_jax.files import atomic_directory, copy_side_files, write_json
 from aria_jax.families import config_from_directory, key_table_for, param_layout
 from aria_jax.pretrained import resolve_dtype, shape_tree
 from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization
-from aria_jax.weights import HubCheckpoint, KeyTable, flatten_tree, plan_load
+from aria_jax.weights import HubCheckpoint, KeyTable, flatten_tree, layer_sources, plan_load
 
 
 class NonFiniteWarning(UserWarning):
@@ -137,9 +137,7 @@ def convert_checkpoint(
         ) as partial,
     ):
 
-        def read_leaf(path, layer):
-            sources = plan[path]
-            found = sources[0 if layer is None else layer]
+        def read_tensor(found, shape):
             tensor = checkpoint.read(found.key)
             counts = count_nonfinite(tensor)
             if any(counts):
@@ -149,9 +147,16 @@ def convert_checkpoint(
                         f"NaN and {counts[1]} infinite values (refused with strict)"
                     )
                 nonfinite[found.key] = counts
-            shape = model.flat_shapes[path][1:] if layer is not None else model.flat_shapes[path]
-            param = found.rule.layout.to_param(tensor, shape)
             bar.update(tensor.nbytes)
+            return found.rule.layout.to_param(tensor, shape)
+
+        def read_leaf(path, layer):
+            found = layer_sources(plan[path], layer)
+            rule = found[0].rule
+            part_shape = rule.part_shape(model.flat_shapes[path])
+            param = read_tensor(found[0], part_shape)
+            if rule.parts:
+                param = np.stack([param] + [read_tensor(source, part_shape) for source in found[1:]])
             input_axes = quantization.input_axes(path, one_layer=layer is not None) if quantization else None
             if input_axes is not None:
                 return dict(zip(("values", "scales"), quantization.quantize(param, path, input_axes)))

@@ -54,6 +54,7 @@ class Qwen2VLTextConfig:
     attention_bias: ClassVar[bool] = True
     # Every layer's MLP is one dense SiLU MLP (no experts).
     moe_num_experts: ClassVar[int] = 0
+    lora_rank: ClassVar[int] = 0  # no Awaker adapters (`AwakerTextConfig`)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -186,6 +187,29 @@ class Qwen2VLTextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AwakerTextConfig(Qwen2VLTextConfig):
+    """Qwen2's decoder with Awaker2.5-VL's adapters (`qwen2_vl.awaker`): LoRA of `lora_rank` on
+    q/k/v, and `moe_lora_experts` routed LoRA experts plus a general one on o_proj and the MLP,
+    all scaled by lora_alpha / lora_rank. The release: rank 256, alpha 512, 4 experts."""
+
+    lora_rank: int = 256
+    lora_alpha: float = 512.0
+    moe_lora_experts: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_ints(self, ("lora_rank", "moe_lora_experts"), prefix="awaker.")
+        positive_float("awaker.lora_alpha", self.lora_alpha)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return super().to_hf_dict()  # the adapters' settings are the top-level "awaker" object
+
+
+@dataclasses.dataclass(frozen=True)
 class Qwen2VLVisionConfig:
     """The vision tower: a ViT over 14 x 14 x 2 (temporal) patches with 2D rotary positions, then a
     merger of 2 x 2 neighbouring patches into one token of the decoder's width (`hidden_size`)."""
@@ -306,18 +330,26 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen2VLConfig":
+        """A Qwen2-VL config.json; with an "awaker" object (written by `aria-jax convert --awaker`),
+        an AwakerConfig."""
         json_object("config", d)
         model_type = d.get("model_type")
         require(model_type in MODEL_TYPES, "model_type", model_type, f"expected one of {', '.join(MODEL_TYPES)}")
         text = d["text_config"] if isinstance(d.get("text_config"), dict) else d
-        fields: dict[str, Any] = {
-            "text_config": Qwen2VLTextConfig.from_hf_dict(text, top=d),
-            "vision_config": Qwen2VLVisionConfig.from_hf_dict(d.get("vision_config") or {}),
-        }
+        text_config = Qwen2VLTextConfig.from_hf_dict(text, top=d)
+        fields: dict[str, Any] = {"vision_config": Qwen2VLVisionConfig.from_hf_dict(d.get("vision_config") or {})}
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             if d.get(name) is not None:
                 fields[name] = d[name]
-        return cls(**fields)
+        if d.get("awaker") is None:
+            return Qwen2VLConfig(text_config=text_config, **fields)
+        awaker = json_object("awaker", d["awaker"])
+        adapters = {name: awaker[name] for name in ("lora_rank", "lora_alpha", "moe_lora_experts") if name in awaker}
+        for name in ("im_start_token_id", "im_end_token_id"):
+            if awaker.get(name) is not None:
+                fields[name] = awaker[name]
+        text_config = AwakerTextConfig(**dataclasses.asdict(text_config), **adapters)
+        return AwakerConfig(text_config=text_config, **fields)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """transformers 5's config.json."""
@@ -331,6 +363,40 @@ class Qwen2VLConfig:
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
             "tie_word_embeddings": self.text_config.tie_word_embeddings,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class AwakerConfig(Qwen2VLConfig):
+    """Awaker2.5-VL: Qwen2-VL with `AwakerTextConfig`'s adapters, and the ids of the tokens its
+    routers' span is found by (they live in the tokenizer; the converter writes them here)."""
+
+    im_start_token_id: int = 151644
+    im_end_token_id: int = 151645
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(isinstance(self.text_config, AwakerTextConfig), "text_config", self.text_config, "an AwakerTextConfig")
+        for name in ("im_start_token_id", "im_end_token_id"):
+            value = getattr(self, name)
+            require(
+                is_int(value) and 0 <= value < self.text_config.vocab_size,
+                f"awaker.{name}",
+                value,
+                f"must be a token id below vocab_size={self.text_config.vocab_size}",
+            )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        text = self.text_config
+        return {
+            **super().to_hf_dict(),
+            "awaker": {
+                "lora_rank": text.lora_rank,
+                "lora_alpha": text.lora_alpha,
+                "moe_lora_experts": text.moe_lora_experts,
+                "im_start_token_id": self.im_start_token_id,
+                "im_end_token_id": self.im_end_token_id,
+            },
         }
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.modeling import TextDecoder, merge_image_features
+from aria_jax.qwen2_vl.awaker import span_means
 from aria_jax.qwen2_vl.config import Qwen2VLConfig
 from aria_jax.qwen2_vl.vision import Qwen2VLVisionTower
 
@@ -60,13 +61,29 @@ class Qwen2VLModel(nn.Module):
         patch_positions=None,
         image_rows=None,
         video_rows=None,
+        gate_spans=None,
     ):
+        """gate_spans (B, 2): with Awaker's adapters, each row's span of the embeddings whose mean
+        its routers read (`awaker.prompt_spans`)."""
         embeds = self.input_embeddings(input_ids, patches, patch_mask, patch_positions, image_rows, video_rows)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        gate_input = None if gate_spans is None else span_means(embeds, gate_spans)
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, gate_input=gate_input
+        )
+
+    def gate_inputs(self, input_ids, embeds, gate_spans, plain_after_prompt: bool):
+        """Awaker's router inputs (B, D) for the prompt step and for the steps after it: the span
+        means of the prompt's embeddings (image features in), then, with `plain_after_prompt` (the
+        release), of its token embeddings alone (image positions hold the image-pad token's)."""
+        prompt_gate = span_means(embeds, gate_spans)
+        if not plain_after_prompt:
+            return prompt_gate, prompt_gate
+        return prompt_gate, span_means(self.language_model.embed(input_ids), gate_spans)
 
 
 def _init_inputs(config: Qwen2VLConfig):
-    """Inputs that touch every parameter: one row of one merge window, one image token."""
+    """Inputs that touch every parameter: one row of one merge window, one image token (and a
+    gate span over it, for Awaker's routers)."""
     vision = config.vision_config
     window = vision.merge_area
     return (
@@ -77,6 +94,8 @@ def _init_inputs(config: Qwen2VLConfig):
         jnp.ones((1, window), bool),
         jnp.zeros((1, window, 2), jnp.int32),
         jnp.zeros((1,), jnp.int32),
+        None,
+        jnp.array([[0, 1]], jnp.int32) if config.text_config.lora_rank else None,
     )
 
 

@@ -15,13 +15,15 @@ import jax
 import numpy as np
 
 from aria_jax.host_loop import RequestError
-from aria_jax.pretrained import CausalLMOutput, _Pretrained, load_or_restore, open_weights, resolve_dtype
+from aria_jax.pretrained import CausalLMOutput, Prompt, _Pretrained, load_or_restore, open_weights, resolve_dtype
+from aria_jax.qwen2_vl.awaker import prompt_spans
+from aria_jax.safetensors_io import CheckpointError
 from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization, quantize_params
-from aria_jax.qwen2_vl.config import Qwen2VLConfig, qwen2_vl_config_from_pretrained
+from aria_jax.qwen2_vl.config import AwakerConfig, Qwen2VLConfig, qwen2_vl_config_from_pretrained
 from aria_jax.qwen2_vl.modeling import init_qwen2_vl_params, qwen2_vl_apply, qwen2_vl_param_shapes
 from aria_jax.qwen2_vl.rope_index import mrope_positions
 from aria_jax.qwen2_vl.vision import vision_rows
-from aria_jax.qwen2_vl.weights import COMPONENTS, key_table
+from aria_jax.qwen2_vl.weights import COMPONENTS, awaker_key_table, key_table
 
 # The processor's outputs that carry images and videos; what `_embedded` takes of them.
 DEVICE_MEDIA = ("patches", "patch_mask", "patch_positions", "image_rows", "video_rows")
@@ -89,16 +91,22 @@ class Qwen2VLForConditionalGeneration(_Pretrained):
         mm_token_type_ids=None,
     ) -> CausalLMOutput:
         """Logits (B, T, vocab). position_ids: by default M-RoPE's for these ids and grids."""
-        ids, mask, positions = self._check_text(input_ids, attention_mask, None)
+        ids, mask, _ = self._check_text(input_ids, attention_mask, None)
         media = self._checked_media(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if position_ids is not None:
-            positions = np.asarray(position_ids)
-            if positions.ndim == 3 and positions.shape[0] == 3:  # transformers' (3, B, T)
-                positions = positions.transpose(1, 2, 0)
-        else:
-            positions = self._prompt_positions(ids, mask, media)
+        positions = self._positions(ids, mask, media, position_ids)
         device_media = {name: media[name] for name in DEVICE_MEDIA if name in media}
         return CausalLMOutput(self._forward(self.params, ids, mask, positions, **device_media))
+
+    def _positions(self, ids, mask, media, position_ids) -> np.ndarray:
+        """The given position ids ((B, T, 3), or transformers' (3, B, T)), else M-RoPE's."""
+        if position_ids is None:
+            return self._prompt_positions(ids, mask, media)
+        positions = np.asarray(position_ids)
+        if positions.ndim == 3 and positions.shape[0] == 3 and positions.shape[1:] == ids.shape:
+            positions = positions.transpose(1, 2, 0)
+        if positions.shape not in (ids.shape, (*ids.shape, 3)) or not np.issubdtype(positions.dtype, np.integer):
+            raise RequestError(f"position_ids must be integers of shape {ids.shape} or {(*ids.shape, 3)}")
+        return positions.astype(np.int32)
 
     @property
     def _text_params(self):
@@ -218,3 +226,129 @@ def pad_rows(patches: np.ndarray, patch_mask: np.ndarray, patch_positions: np.nd
         np.concatenate([patch_mask, np.ones((extra, *patch_mask.shape[1:]), bool)]),
         np.concatenate([patch_positions, np.zeros((extra, *patch_positions.shape[1:]), patch_positions.dtype)]),
     )
+
+
+class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Awaker2.5-VL: Qwen2-VL with LoRA on q/k/v and LoRA experts routed once per sequence
+    (`awaker`), loaded from a checkpoint that `aria-jax convert BASE --awaker AWAKER.bin` built.
+
+    The routers read the mean of the layer-0 embeddings over each row's prompt span: `prompt_pos`
+    (B, 2) [start, end) in the rows as given, or derived from the ids as Awaker's README does
+    (`awaker.prompt_spans`). `gate="released"` (the default) reproduces the released model: the
+    prompt step routes by the embeddings with the image features in, every later step by the
+    plain token embeddings (image positions hold the image-pad token's embedding), so an image
+    prompt's routing can change after the first token. `gate="image_features"` keeps the prompt
+    step's routing for every step (a deviation from the release; what its code comments suggest
+    was meant)."""
+
+    MEDIA_ARGUMENTS = Qwen2VLForConditionalGeneration.MEDIA_ARGUMENTS + ("prompt_pos",)
+    GATES = ("released", "image_features")
+
+    def __init__(self, config: AwakerConfig, params: dict, dtype="float32", tokenizer=None, mesh=None, gate="released"):
+        if not isinstance(config, AwakerConfig):
+            raise TypeError(f"AwakerForConditionalGeneration takes an AwakerConfig, got {type(config).__name__}")
+        if gate not in self.GATES:
+            raise ValueError(f"gate={gate!r}: one of {', '.join(self.GATES)}")
+        super().__init__(config, params, dtype, tokenizer, mesh)
+        self.gate = gate
+        self._gate_inputs = self._run.wrap(
+            jax.jit(
+                functools.partial(qwen2_vl_apply, config=config, method="gate_inputs", dtype=self.dtype),
+                static_argnames=("plain_after_prompt",),
+            )
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype="float32",
+        mesh=None,
+        quantize=None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        gate: str = "released",
+    ) -> "AwakerForConditionalGeneration":
+        """Loads a checkpoint converted with `aria-jax convert BASE_DIR DST --awaker AWAKER.bin`."""
+        jdtype = resolve_dtype(dtype)
+        config = qwen2_vl_config_from_pretrained(path)
+        if not isinstance(config, AwakerConfig):
+            raise CheckpointError(
+                f"{os.fspath(path)}: a Qwen2-VL checkpoint without Awaker's adapters (its config.json has no "
+                "'awaker' object); build one with `aria-jax convert BASE_DIR DST --awaker pytorch_model.bin`, "
+                "or load this one with Qwen2VLForConditionalGeneration"
+            )
+        text = config.text_config
+        params = load_or_restore(
+            open_weights(path),
+            config,
+            qwen2_vl_param_shapes(config, jdtype),
+            jdtype,
+            COMPONENTS,
+            mesh,
+            Quantization.of(quantize, group_size),
+            awaker_key_table(text.tie_word_embeddings, text.moe_lora_experts),
+        )
+        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh, gate)
+
+    @classmethod
+    def from_random(
+        cls, config: AwakerConfig, seed: int = 0, dtype="float32", gate: str = "released"
+    ) -> "AwakerForConditionalGeneration":
+        jdtype = resolve_dtype(dtype)
+        return cls(config, init_qwen2_vl_params(config, jax.random.key(seed), jdtype), jdtype, gate=gate)
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        mm_token_type_ids=None,
+        prompt_pos=None,
+    ) -> CausalLMOutput:
+        """Logits (B, T, vocab), routed by the prompt's embeddings with the image features in
+        (the prompt step of generation)."""
+        ids, mask, _ = self._check_text(input_ids, attention_mask, None)
+        media = self._checked_media(
+            ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, prompt_pos=prompt_pos
+        )
+        positions = self._positions(ids, mask, media, position_ids)
+        device_media = {name: media[name] for name in DEVICE_MEDIA if name in media}
+        return CausalLMOutput(
+            self._forward(self.params, ids, mask, positions, **device_media, gate_spans=media["gate_spans"])
+        )
+
+    def _checked_media(self, ids, *args, prompt_pos=None, **kwargs) -> dict:
+        media = super()._checked_media(ids, *args, **kwargs)
+        if prompt_pos is None:
+            try:
+                spans = prompt_spans(
+                    ids,
+                    vision_start_token_id=self.config.vision_start_token_id,
+                    im_start_token_id=self.config.im_start_token_id,
+                    im_end_token_id=self.config.im_end_token_id,
+                )
+            except ValueError as err:
+                raise RequestError(f"{err}; or pass prompt_pos") from None
+        else:
+            spans = np.asarray(prompt_pos)
+            batch, length = ids.shape
+            if spans.shape != (batch, 2) or not np.issubdtype(spans.dtype, np.integer):
+                raise RequestError(f"prompt_pos must be ({batch}, 2) integers [start, end), got {spans.shape}")
+            bad = np.flatnonzero((spans[:, 0] < 0) | (spans[:, 0] >= spans[:, 1]) | (spans[:, 1] > length))
+            if bad.size:
+                raise RequestError(
+                    f"prompt_pos row {bad[0]} is {spans[bad[0]].tolist()}: not a non-empty span of the {length} tokens"
+                )
+        return {**media, "gate_spans": spans.astype(np.int32)}
+
+    def prefill_inputs(self, prompt: Prompt, embeds: jax.Array) -> dict:
+        """The M-RoPE positions, and the routers' inputs for the prompt step and the steps after."""
+        spans = prompt.media["gate_spans"] + (prompt.padded_ids.shape[1] - prompt.ids.shape[1])  # left padding
+        gates = self._gate_inputs(
+            self.params, prompt.padded_ids, embeds, spans, plain_after_prompt=self.gate == "released"
+        )
+        return {**super().prefill_inputs(prompt, embeds), "gate_inputs": gates}

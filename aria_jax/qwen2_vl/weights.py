@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from aria_jax.qwen2_vl.vision import VISION_RULES
-from aria_jax.weights import COPY, LINEAR, LINEAR_2_IN, RESHAPE, KeyTable, _rules
+from aria_jax.weights import COPY, LINEAR, LINEAR_2_IN, RESHAPE, KeyRule, KeyTable, _rules
 
 _LAYER = "model.layers.{i}."
 
@@ -58,3 +58,33 @@ def key_table(tie_word_embeddings: bool, renames=RENAMES, extra_rules=(), ignore
         COMPONENTS,
         "has no {component} weights: not a Qwen2-VL checkpoint",
     )
+
+
+def awaker_rules(num_experts: int):
+    """Awaker's adapters: LoRA "default" on q/k/v, MoE-LoRA experts "0".."E-1" and "g" on o_proj
+    and the MLP (one tensor per expert, stacked into one param), routers on o_proj and gate_proj."""
+    experts = tuple(str(e) for e in range(num_experts)) + ("g",)
+    entries, moe = [], []
+    for name in ("q", "k", "v"):
+        proj = f"{_LAYER}self_attn.{name}_proj.lora_"
+        entries.append((proj + "A.default.weight", ("layers", "self_attn", f"{name}_lora_a"), LINEAR))
+        entries.append((proj + "B.default.weight", ("layers", "self_attn", f"{name}_lora_b"), LINEAR))
+    for module, target in (("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
+        proj = f"{_LAYER}{module}.{target}."
+        for side in ("a", "b"):
+            template = proj + f"lora_moe_{side.upper()}.{{part}}.weight"
+            path = ("language_model", "layers", module, f"{target}_experts_{side}")
+            moe.append(KeyRule(template, path, LINEAR, experts))
+        if target in ("o_proj", "gate_proj"):
+            entries.append((proj + "w_gate.weight", ("layers", module, f"{target}_router_kernel"), LINEAR))
+            entries.append((proj + "w_gate.bias", ("layers", module, f"{target}_router_bias"), COPY))
+            entries.append((proj + "ln.weight", ("layers", module, f"{target}_router_norm"), COPY))
+    return _rules("", ("language_model",), entries) + tuple(moe)
+
+
+# Awaker's pytorch_model.bin is a peft PeftModel's state dict: every key under `base_model.model.`.
+AWAKER_RENAMES = ((re.compile(r"^base_model\.model\."), ""),) + RENAMES
+
+
+def awaker_key_table(tie_word_embeddings: bool, num_experts: int) -> KeyTable:
+    return key_table(tie_word_embeddings, AWAKER_RENAMES, awaker_rules(num_experts))
