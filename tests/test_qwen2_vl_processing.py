@@ -354,7 +354,9 @@ def test_padding_truncation_and_tensor_types(processor, reference):
         got = processor(text=prompts, images=images, padding_side="right", return_tensors=None, **options)
         assert got["input_ids"] == [list(row) for row in want["input_ids"]], options
         assert got["attention_mask"] == [list(row) for row in want["attention_mask"]], options
-    with pytest.raises(ProcessorError, match="truncation to max_length=20 cuts row 0's image tokens"):
+    with pytest.raises(
+        ProcessorError, match=r"truncation to max_length=20 cuts row 0's <\|image_pad\|> tokens \(0 of 6 kept\)"
+    ):
         processor(text=prompts, images=images, truncation=True, max_length=20)
     with pytest.raises(ValueError):  # transformers refuses the same cut
         quiet(reference, text=prompts, images=images, truncation=True, max_length=20)
@@ -424,13 +426,15 @@ def test_processor_errors(processor, reference, checkpoint, tmp_path):
         processor(text=prompt, images=np.zeros((5, 1200, 3), np.uint8))
     with pytest.raises(ImageError, match="must be uint8"):
         processor(text=prompt, images=np.zeros((50, 50, 3), np.float64))
-    with pytest.raises(ProcessorError, match="videos are not supported"):
+    with pytest.raises(ProcessorError, match=r"1 <\|video_pad\|> placeholder\(s\) but 0 video\(s\)"):
         processor(text="<|vision_start|><|video_pad|><|vision_end|>")
+    with pytest.raises(ImageError, match="frames must all have one size; got 30x40, 40x30"):
+        processor(text="<|video_pad|>", videos=[np.zeros((30, 40, 3), np.uint8), np.zeros((40, 30, 3), np.uint8)])
     with pytest.raises(ProcessorError, match="text must be a string or a list of strings, got int in the list"):
         processor(text=["a", 3])
     with pytest.raises(ProcessorError, match="padding_side"):
         processor(text="a", padding_side="middle")
-    with pytest.raises(ProcessorError, match="pass text, images, or both"):
+    with pytest.raises(ProcessorError, match="pass text, images or videos"):
         processor()
     # config.json's image token must be the tokenizer's.
     for name in os.listdir(checkpoint):
@@ -440,3 +444,45 @@ def test_processor_errors(processor, reference, checkpoint, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "image_token_id": 3}))
     with pytest.raises(ProcessorError, match="config.json has image_token_id=3"):
         Qwen2VLProcessor.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Videos (transformers 5's video processor needs torchvision: checked against our image path)
+# --------------------------------------------------------------------------------------------
+
+
+def test_video_patches_are_frame_pairs_of_the_image_path():
+    ours = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    frames = [np.asarray(photo(name, (150, 100))) for name in ("astronaut.png", "chelsea.png", "coffee.png")]
+    still = ours.process_videos([frames[0], frames[0]])
+    assert np.array_equal(still["pixel_values_videos"], ours(frames[0])["pixel_values"])
+    video = ours.process_videos([np.stack(frames)])  # one (T, H, W, C) array; 3 frames -> 2 groups
+    grid_t, grid_h, grid_w = video["video_grid_thw"][0].tolist()
+    assert (grid_t, grid_h, grid_w) == (2, *ours(frames[0])["image_grid_thw"][0, 1:].tolist())
+    rows = video["pixel_values_videos"].reshape(grid_t, grid_h * grid_w, 3, 2, 14, 14)
+    singles = [ours(frame)["pixel_values"].reshape(grid_h * grid_w, 3, 2, 14, 14)[:, :, 0] for frame in frames]
+    assert np.array_equal(rows[0, :, :, 0], singles[0]) and np.array_equal(rows[0, :, :, 1], singles[1])
+    # The odd frame count is completed with the last frame, as transformers does.
+    assert np.array_equal(rows[1, :, :, 0], singles[2]) and np.array_equal(rows[1, :, :, 1], singles[2])
+
+
+def test_processor_expands_video_placeholders(processor):
+    frames = [np.asarray(photo("rocket.jpg", (120, 80)))] * 4
+    conversation = [
+        {
+            "role": "user",
+            "content": [{"type": "video", "video": frames}, {"type": "image"}, {"type": "text", "text": "Same?"}],
+        }
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt.count("<|video_pad|>") == 1 and prompt.count("<|image_pad|>") == 1
+    image = photo("coffee.png", (60, 40))
+    inputs = processor(text=prompt, images=[image], videos=[frames], return_mm_token_type_ids=True)
+    video_tokens = int(inputs["video_grid_thw"].prod()) // 4
+    assert (inputs["input_ids"] == processor.video_token_id).sum() == video_tokens
+    assert (inputs["mm_token_type_ids"] == 2).sum() == video_tokens
+    assert (inputs["mm_token_type_ids"] == 1).sum() == int(inputs["image_grid_thw"].prod()) // 4
+    assert inputs["pixel_values_videos"].shape[0] == int(inputs["video_grid_thw"].prod())
+    # apply_chat_template(tokenize=True) takes the video item's own frames.
+    ids = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, images=[image])
+    assert ids == [inputs["input_ids"][0].tolist()]

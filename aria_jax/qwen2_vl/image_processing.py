@@ -22,6 +22,13 @@ Per image:
 `image_grid_thw[i] = (1, H / patch_size, W / patch_size)`; image i takes `t * h * w` rows of
 `pixel_values` and `t * h * w / merge_size**2` tokens in the prompt.
 
+Videos (`process_videos`: lists of frames, or (T, H, W, C) arrays) go through the same steps,
+frame by frame, as transformers 4.45's image processor took them: this processor's min/max
+pixels, the frame count completed to a multiple of temporal_patch_size with copies of the last
+frame, `video_grid_thw = (T / temporal_patch_size, h, w)`. transformers 5's separate video
+processor (torchvision only) has its own pixel bounds (video_preprocessor_config.json) and
+optional frame sampling; frames are not sampled here.
+
 Differences from the oracle, on purpose: array inputs follow Aria's rules (see
 `aria_jax.image_processing`: uint8 only, the channel axis read last-first, grayscale and alpha
 arrays accepted); `do_resize=False` with sides that are not multiples of 28, and sizes that come
@@ -118,6 +125,11 @@ def _flat_images(images: Any) -> list:
     if not isinstance(images, (list, tuple)):
         return [images]
     return [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
+
+
+def _is_video(value: Any) -> bool:
+    """A list of frames or a 4-D array (a frame itself is neither)."""
+    return isinstance(value, (list, tuple)) or is_batch_array(value)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -272,13 +284,56 @@ class Qwen2VLImageProcessor:
         """One image -> its (t*h*w, C*T*P*P) float32 patches and (t, h, w) grid."""
         rgb = to_rgb_array(image, self.do_convert_rgb)
         new_height, new_width = self.resized_size(*rgb.shape[:2])
-        if self.do_resize:
-            rgb = np.asarray(Image.fromarray(rgb).resize((new_width, new_height), resample=self.resample))
-        pixels = np.stack([self._level_to_value[channel][rgb[:, :, channel]] for channel in range(3)])
+        pixels = self._frames_to_values([rgb], new_height, new_width)
         # A still image is a clip of temporal_patch_size identical frames.
-        frames = np.broadcast_to(pixels[None], (self.temporal_patch_size, *pixels.shape))
+        frames = np.broadcast_to(pixels, (self.temporal_patch_size, *pixels.shape[1:]))
         patches = patchify(frames, self.patch_size, self.merge_size, self.temporal_patch_size)
         return patches, (1, new_height // self.patch_size, new_width // self.patch_size)
+
+    def _frames_to_values(self, frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
+        """RGB uint8 frames -> (T, 3, height, width) float32 values, resized if asked."""
+        values = []
+        for rgb in frames:
+            if self.do_resize:
+                rgb = np.asarray(Image.fromarray(rgb).resize((width, height), resample=self.resample))
+            values.append(np.stack([self._level_to_value[channel][rgb[:, :, channel]] for channel in range(3)]))
+        return np.stack(values)
+
+    def video_to_patches(self, frames: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One video (a list of frames, or a (T, H, W[, C]) uint8 array) -> its patches and
+        (t, h, w) grid. Every frame is resized to `smart_resize` of the (common) frame size with
+        this processor's min/max pixels, as transformers 4.45's image processor did for videos;
+        a frame count that is not a multiple of temporal_patch_size is completed by repeating
+        the last frame (4.45 and 5 alike)."""
+        frames = list(as_array(frames)) if is_batch_array(frames) else frames
+        if not isinstance(frames, (list, tuple)) or not frames:
+            raise ImageError(f"a video is a non-empty list of frames or a 4-D uint8 array; got {type(frames).__name__}")
+        rgb_frames = [to_rgb_array(frame, self.do_convert_rgb) for frame in frames]
+        sizes = sorted({frame.shape[:2] for frame in rgb_frames})
+        if len(sizes) > 1:
+            raise ImageError(f"a video's frames must all have one size; got {', '.join(f'{h}x{w}' for h, w in sizes)}")
+        new_height, new_width = self.resized_size(*sizes[0])
+        values = self._frames_to_values(rgb_frames, new_height, new_width)
+        missing = -len(values) % self.temporal_patch_size
+        if missing:
+            values = np.concatenate([values, np.repeat(values[-1:], missing, axis=0)])
+        patches = patchify(values, self.patch_size, self.merge_size, self.temporal_patch_size)
+        grid = (len(values) // self.temporal_patch_size, new_height // self.patch_size, new_width // self.patch_size)
+        return patches, grid
+
+    def process_videos(self, videos: Any, return_tensors: str | None = None) -> dict[str, Any]:
+        """Preprocess one video or a list of videos (see `video_to_patches`): `pixel_values_videos`
+        (sum of t*h*w, 3 * temporal_patch_size * patch_size**2) float32 and `video_grid_thw`
+        (num_videos, 3) int64."""
+        if is_batch_array(videos) or (isinstance(videos, (list, tuple)) and videos and not _is_video(videos[0])):
+            videos = [videos]  # a single video
+        if not isinstance(videos, (list, tuple)) or not videos:
+            raise ValueError("no videos given")
+        all_patches, grids = zip(*(self.video_to_patches(video) for video in videos))
+        return to_tensors(
+            {"pixel_values_videos": np.concatenate(all_patches), "video_grid_thw": np.asarray(grids, dtype=np.int64)},
+            return_tensors,
+        )
 
     def __call__(self, images: Any, return_tensors: str | None = None) -> dict[str, Any]:
         """Preprocess one image or a list of images (also a list of lists, flattened in order).

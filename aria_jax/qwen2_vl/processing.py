@@ -17,7 +17,11 @@ tokenizer's side, right), as for Aria's processor, for generation.
 Options follow Aria's processor (`aria_jax.processing`): `padding`, `truncation`, `max_length`,
 `padding_side`, `return_tensors` ("np", "jax", "pt", or None for lists of ids). Bad arguments
 raise `ProcessorError`, unusable images `ImageError`, both ValueErrors naming the problem.
-Videos (`<|video_pad|>`) are not supported yet.
+
+Videos (`videos=`: lists of frames already sampled, or (T, H, W, C) uint8 arrays) fill the
+`<|video_pad|>` placeholders the same way, giving `pixel_values_videos` and `video_grid_thw`
+(see `Qwen2VLImageProcessor.process_videos` for how they differ from transformers 5's video
+processor).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 # apply_chat_template(tokenize=True) arguments that go to the processor, not to the template.
-PROCESSOR_OPTIONS = ("images", "padding_side", "return_tensors", "padding", "truncation", "max_length")
+PROCESSOR_OPTIONS = ("images", "videos", "padding_side", "return_tensors", "padding", "truncation", "max_length")
 # mm_token_type_ids values, as transformers writes them.
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 
@@ -149,43 +153,49 @@ class Qwen2VLProcessor:
         """Model inputs for a prompt or a batch of prompts (see the module docstring).
 
         `images`: one image, a flat list in placeholder order across the batch, or one list per
-        prompt. The number of `<|image_pad|>` placeholders and of images must agree.
+        prompt; `videos`: one video (a list of frames or a 4-D uint8 array) or a list of them, in
+        `<|video_pad|>` order. Placeholders and images (videos) must agree in number.
         `padding`: True / "longest" (the default), "max_length" (to `max_length`), False /
         "do_not_pad"; `truncation=True` cuts rows to `max_length` on the right (cutting into
-        image tokens is an error, as in transformers). `return_mm_token_type_ids=True` adds
-        transformers' `mm_token_type_ids` (1 at image tokens), which its model requires.
+        image or video tokens is an error, as in transformers). `return_mm_token_type_ids=True`
+        adds transformers' `mm_token_type_ids` (1 at image tokens, 2 at video tokens), which its
+        model requires.
         """
-        if videos is not None:
-            raise ProcessorError("videos are not supported yet; pass frames as images")
         if return_tensors not in (None, *TENSOR_TYPES):
             raise ProcessorError(f"return_tensors={return_tensors!r}: use one of {', '.join(TENSOR_TYPES)} or None")
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         padding_asked, padding = padding, _padding_strategy(padding, max_length)
         truncate = _truncates(truncation)
-        if text is None and images is None:
-            raise ProcessorError("pass text, images, or both")
+        if text is None and images is None and videos is None:
+            raise ProcessorError("pass text, images or videos, or text with them")
         prompts = self._prompts(text)
         flat_images = self._flat_images(images, prompts)
+        video_list = self._video_list(videos)
         if prompts is not None:
-            found = sum(prompt.count(self.image_token) for prompt in prompts)
-            if found != len(flat_images):
-                raise ProcessorError(
-                    f"the text has {found} {self.image_token} placeholder(s) but {len(flat_images)} image(s) were "
-                    f"passed; each image needs exactly one {self.image_token} in the text"
-                )
-            if any(self.video_token in prompt for prompt in prompts):
-                raise ProcessorError(f"the text has {self.video_token}: videos are not supported yet")
+            for token, given, what in (
+                (self.image_token, len(flat_images), "image"),
+                (self.video_token, len(video_list), "video"),
+            ):
+                found = sum(prompt.count(token) for prompt in prompts)
+                if found != given:
+                    raise ProcessorError(
+                        f"the text has {found} {token} placeholder(s) but {given} {what}(s) were passed; "
+                        f"each {what} needs exactly one {token} in the text"
+                    )
 
         out: dict[str, Any] = {}
         if flat_images:
-            out = self.image_processor(flat_images)
+            out.update(self.image_processor(flat_images))
+        if video_list:
+            out.update(self.image_processor.process_videos(video_list))
         if prompts is not None:
-            grids = out["image_grid_thw"] if flat_images else np.zeros((0, 3), np.int64)
-            expanded = self.expand_image_tokens(prompts, grids)
+            no_grids = np.zeros((0, 3), np.int64)
+            expanded = self.expand_image_tokens(prompts, out.get("image_grid_thw", no_grids))
+            expanded = self.expand_image_tokens(expanded, out.get("video_grid_thw", no_grids), self.video_token)
             ids = [self.tokenizer.encode(prompt) for prompt in expanded]
             if truncate and max_length is not None:
-                ids = self._truncate(ids, expanded, max_length)
+                ids = self._truncate_rows(ids, expanded, max_length)
             if padding is not None:
                 length = max_length if padding == "max_length" else max(len(row) for row in ids)
                 ids, mask = pad_batch(ids, self.pad_token_id, length, padding_side)
@@ -193,17 +203,8 @@ class Qwen2VLProcessor:
                 mask = [[1] * len(row) for row in ids]
             text_inputs = {"input_ids": ids, "attention_mask": mask}
             if return_mm_token_type_ids:
-                text_inputs["mm_token_type_ids"] = [
-                    [
-                        IMAGE_TYPE
-                        if t == self.image_token_id
-                        else VIDEO_TYPE
-                        if t == self.video_token_id
-                        else TEXT_TYPE
-                        for t in row
-                    ]
-                    for row in ids
-                ]
+                kinds = {self.image_token_id: IMAGE_TYPE, self.video_token_id: VIDEO_TYPE}
+                text_inputs["mm_token_type_ids"] = [[kinds.get(token, TEXT_TYPE) for token in row] for row in ids]
             if return_tensors is not None:
                 lengths = sorted({len(row) for row in ids})
                 if len(lengths) > 1:
@@ -215,9 +216,37 @@ class Qwen2VLProcessor:
                     key: np.asarray(rows, np.int32).reshape(len(ids), -1) for key, rows in text_inputs.items()
                 }
             out = {**text_inputs, **out}
-        if return_tensors is None:  # lists of ids; the image arrays stay numpy
+        if return_tensors is None:  # lists of ids; the pixel arrays stay numpy
             return out
         return to_tensors(out, return_tensors)
+
+    def _video_list(self, videos: Any) -> list:
+        """`videos` as a list of videos: one video (a list of frames or a 4-D array) or a list of them."""
+        if videos is None:
+            return []
+        if is_batch_array(videos):
+            return [videos]
+        if not _is_list(videos):
+            raise ProcessorError(
+                f"videos must be a video (a list of frames or a 4-D array) or a list of videos, got {type(videos).__name__}"
+            )
+        if videos and not all(_is_list(video) or is_batch_array(video) for video in videos):
+            return [videos]  # the frames of one video
+        return list(videos)
+
+    def _truncate_rows(self, ids: list[list[int]], expanded: list[str], max_length: int) -> list[list[int]]:
+        """Rows cut to `max_length` tokens on the right; a cut through image or video tokens is an
+        error (their features would have no place), as transformers' processor checks."""
+        ids = [row[:max_length] for row in ids]
+        for row, (row_ids, prompt) in enumerate(zip(ids, expanded)):
+            for token, token_id in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
+                kept, wanted = row_ids.count(token_id), prompt.count(token)
+                if kept != wanted:
+                    raise ProcessorError(
+                        f"truncation to max_length={max_length} cuts row {row}'s {token} tokens ({kept} of {wanted} "
+                        f"kept): raise max_length or turn truncation off"
+                    )
+        return ids
 
     def _prompts(self, text: Any) -> list[str] | None:
         if text is None:
@@ -258,23 +287,23 @@ class Qwen2VLProcessor:
                     )
         return [image for row_images in images for image in row_images]
 
-    def expand_image_tokens(self, prompts: Sequence[str], image_grid_thw: Any) -> list[str]:
-        """Each prompt with the i-th `<|image_pad|>` (across the batch) repeated
-        prod(image_grid_thw[i]) / merge_size**2 times."""
-        counts = iter(self.num_image_tokens(grid) for grid in np.asarray(image_grid_thw).reshape(-1, 3))
+    def expand_image_tokens(self, prompts: Sequence[str], grid_thw: Any, token: str | None = None) -> list[str]:
+        """Each prompt with the i-th `token` (default `<|image_pad|>`; `<|video_pad|>` with the
+        videos' grids) across the batch repeated prod(grid_thw[i]) / merge_size**2 times."""
+        token = token or self.image_token
+        counts = iter(self.num_image_tokens(grid) for grid in np.asarray(grid_thw).reshape(-1, 3))
         expanded = []
         for prompt in prompts:
-            first, *rest = prompt.split(self.image_token)
-            expanded.append(first + "".join(self.image_token * next(counts) + part for part in rest))
+            first, *rest = prompt.split(token)
+            expanded.append(first + "".join(token * next(counts) + part for part in rest))
         return expanded
 
     def num_image_tokens(self, grid_thw: Sequence[int]) -> int:
-        """Prompt tokens of an image with this (t, h, w) patch grid."""
+        """Prompt tokens of an image or video with this (t, h, w) patch grid."""
         grid_t, grid_h, grid_w = (int(n) for n in grid_thw)
         return grid_t * grid_h * grid_w // self.image_processor.merge_size**2
 
-    # Aria's: they only need `tokenizer`, `image_token` and `image_token_id`.
-    _truncate = AriaProcessor._truncate
+    # Aria's: they only need `tokenizer`.
     decode = AriaProcessor.decode
     batch_decode = AriaProcessor.batch_decode
     decode_replies = AriaProcessor.decode_replies
@@ -297,7 +326,8 @@ class Qwen2VLProcessor:
         `tokenize=True` gives the processor's inputs for the rendered prompts: `input_ids` (one
         row per conversation), or everything with `return_dict=True`. The images are the image
         items' own ("image", "url" or "path") and, for items without one, the next of
-        `images=` in order. Processor options (`padding` (default False here, as transformers),
+        `images=` in order; videos are `videos=`, else the video items' own "video" frames.
+        Processor options (`padding` (default False here, as transformers),
         `truncation`, `max_length`, `return_tensors` (default None: lists), `padding_side`) come
         from `kwargs`; the rest go to the template."""
         template = chat_template or self.chat_template
@@ -315,6 +345,16 @@ class Qwen2VLProcessor:
         batched = isinstance(rendered, list)
         conversations = messages if batched else [messages]
         images = self._conversation_images(conversations, options.pop("images", None))
+        if options.get("videos") is None:
+            own_videos = [
+                item.get("video")
+                for conversation in conversations
+                for message in conversation
+                if isinstance(message, dict) and _is_list(message.get("content"))
+                for item in message["content"]
+                if isinstance(item, dict) and item.get("type") == "video"
+            ]
+            options["videos"] = own_videos or None
         options.setdefault("return_tensors", None)
         options.setdefault("padding", False)
         inputs = self(text=rendered if batched else [rendered], images=images or None, **options)
