@@ -486,3 +486,6 @@ def test_processor_expands_video_placeholders(processor):
     # apply_chat_template(tokenize=True) takes the video item's own frames.
     ids = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, images=[image])
     assert ids == [inputs["input_ids"][0].tolist()]
+    file_item = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]
+    with pytest.raises(ProcessorError, match='needs "video": its frames .* got str'):
+        processor.apply_chat_template(file_item, tokenize=True)

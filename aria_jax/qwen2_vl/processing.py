@@ -354,6 +354,12 @@ class Qwen2VLProcessor:
                 for item in message["content"]
                 if isinstance(item, dict) and item.get("type") == "video"
             ]
+            for video in own_videos:
+                if not (_is_list(video) or is_batch_array(video)):
+                    raise ProcessorError(
+                        'a {"type": "video"} item needs "video": its frames (a list of images or a 4-D uint8 '
+                        f"array; files are not decoded here), got {type(video).__name__}"
+                    )
             options["videos"] = own_videos or None
         options.setdefault("return_tensors", None)
         options.setdefault("padding", False)
