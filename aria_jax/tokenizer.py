@@ -102,11 +102,13 @@ def generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     return [(left, right) for left, right, _ in merges]
 
 
-def _tokenizer_from_json(path: str) -> Tokenizer:
+def _tokenizer_from_json(path: str, byte_level: bool = False) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception as err:  # tokenizers raises a bare Exception on a bad file
         raise TokenizerError(f"{path}: not a tokenizers file ({err})") from err
+    if byte_level:  # a byte-level (GPT-2 style) model, e.g. Qwen2's: its tokenizer.json as it is
+        return tokenizer
     # Aria's tokenizer is sentencepiece-style; a byte-level (GPT-2 style) one is another model's.
     for part in (tokenizer.pre_tokenizer, tokenizer.decoder):
         if part is not None and b'"ByteLevel"' in part.__getstate__():
@@ -314,7 +316,10 @@ class AriaTokenizer:
         self.name_or_path = name_or_path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "AriaTokenizer":
+    def from_pretrained(cls, path: str | os.PathLike, byte_level: bool = False) -> "AriaTokenizer":
+        """Load a checkpoint's tokenizer. A tokenizer.json with a ByteLevel pre-tokenizer or
+        decoder (GPT-2 / Qwen2 style) is refused as not Aria's unless `byte_level=True`, which
+        other model families (Qwen2-VL) pass; everything else is the same for them."""
         directory = os.fspath(path)
         if not os.path.isdir(directory):
             raise TokenizerError(f"{directory}: not a directory")
@@ -341,7 +346,7 @@ class AriaTokenizer:
         chat_template = _read_chat_template(kwargs, file)
         added = _config_added_tokens(kwargs, file, json_path)
         if json_path is not None:
-            tokenizer = _tokenizer_from_json(json_path)
+            tokenizer = _tokenizer_from_json(json_path, byte_level)
         else:
             tokenizer = _tokenizer_from_sentencepiece(spm_path, kwargs, added)
         named, special = _add_special_tokens(tokenizer, kwargs, added)

@@ -162,14 +162,9 @@ def tiny_qwen2_vl_config(tokenizer=None, **overrides):
 @contextlib.contextmanager
 def _video_processor_optional():
     """transformers' `Qwen2VLProcessor` insists on a video processor, which needs torchvision;
-    without torchvision, let `video_processor=None` through its class check (images and text
-    work as usual)."""
+    let `video_processor=None` through its class check (images and text work as usual)."""
     from transformers.processing_utils import ProcessorMixin
-    from transformers.utils import is_torchvision_available
 
-    if is_torchvision_available():
-        yield
-        return
     original = ProcessorMixin.check_argument_for_proper_class
 
     def check(self, argument_name, argument):
@@ -184,28 +179,43 @@ def _video_processor_optional():
         ProcessorMixin.check_argument_for_proper_class = original
 
 
-def make_tiny_processor():
-    """transformers' `Qwen2VLProcessor` over the tiny tokenizer and CHAT_TEMPLATE (its image
-    processor is the PIL backend when torchvision is missing)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+def _transformers_processor(image_processor, tokenizer, chat_template):
+    """transformers' `Qwen2VLProcessor`; with torchvision, its video processor takes the image
+    processor's pixel bounds (as transformers 4.45's single processor did), else it has none."""
+    from transformers import Qwen2VLProcessor
+    from transformers.utils import is_torchvision_available
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    video_processor = None
+    if is_torchvision_available():
+        from transformers import Qwen2VLVideoProcessor
+
+        video_processor = Qwen2VLVideoProcessor(
+            size=dict(image_processor.size), cap_pixels_per_frame=False, do_sample_frames=False
+        )
     with _video_processor_optional():
         return Qwen2VLProcessor(
-            image_processor=image_processor, tokenizer=make_tiny_tokenizer(), chat_template=CHAT_TEMPLATE
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            chat_template=chat_template,
         )
 
 
-def load_transformers_processor(directory, image_processor=None):
-    """transformers' `Qwen2VLProcessor` read from a tiny checkpoint `directory`: its own
-    `from_pretrained` when torchvision is installed, else assembled from the saved tokenizer,
-    image processor (`image_processor`, default `Qwen2VLImageProcessor.from_pretrained`) and
-    chat template."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
-    from transformers.utils import is_torchvision_available
+def make_tiny_processor():
+    """transformers' `Qwen2VLProcessor` over the tiny tokenizer and CHAT_TEMPLATE (its image
+    processor is the PIL backend when torchvision is missing)."""
+    from transformers import Qwen2VLImageProcessor
 
-    if image_processor is None and is_torchvision_available():
-        return Qwen2VLProcessor.from_pretrained(directory)
+    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return _transformers_processor(image_processor, make_tiny_tokenizer(), CHAT_TEMPLATE)
+
+
+def load_transformers_processor(directory, image_processor=None):
+    """transformers' `Qwen2VLProcessor` assembled from a tiny checkpoint `directory`: the saved
+    tokenizer, image processor (`image_processor`, default `Qwen2VLImageProcessor.from_pretrained`)
+    and chat template. (Its own `from_pretrained` needs torchvision for the video processor.)"""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
     directory = os.fspath(directory)
     image_processor = image_processor or Qwen2VLImageProcessor.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -216,8 +226,7 @@ def load_transformers_processor(directory, image_processor=None):
     else:
         with open(os.path.join(directory, "chat_template.json"), encoding="utf-8") as file:
             chat_template = json.load(file)["chat_template"]
-    with _video_processor_optional():
-        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    return _transformers_processor(image_processor, tokenizer, chat_template)
 
 
 def save_processor(processor, directory) -> None:
