@@ -121,15 +121,18 @@ class _Pretrained:
         self._run = MeshRunner(mesh)
         self._generator = Generator(self.text_config, self.dtype, tokenizer, self._run)
 
-    @staticmethod
-    def _load_tokenizer(path):
+    # Whether the family's tokenizer is byte-level (GPT-2 / Qwen2 style) rather than Aria's.
+    BYTE_LEVEL_TOKENIZER = False
+
+    @classmethod
+    def _load_tokenizer(cls, path):
         """The checkpoint's tokenizer if it ships one (needed for stop strings and streaming)."""
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         if not any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "tokenizer.model")):
             return None
         from aria_jax.tokenizer import AriaTokenizer
 
-        return AriaTokenizer.from_pretrained(directory)
+        return AriaTokenizer.from_pretrained(directory, byte_level=cls.BYTE_LEVEL_TOKENIZER)
 
     def _checked_media(self, ids: np.ndarray, **media) -> dict[str, np.ndarray]:
         """The image inputs (`MEDIA_ARGUMENTS`) checked against the image tokens of `ids` (a bad one

@@ -100,7 +100,7 @@ def size_to_queries_from_config(config: dict) -> dict[int, int] | None:
     return out
 
 
-def _padding_strategy(padding: Any, max_length: Any) -> str | None:
+def padding_strategy(padding: Any, max_length: Any) -> str | None:
     """transformers' `padding` values -> "longest", "max_length" or None (no padding)."""
     if max_length is not None and (
         isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length <= 0
@@ -117,7 +117,7 @@ def _padding_strategy(padding: Any, max_length: Any) -> str | None:
     raise ProcessorError(f"padding={padding!r}: use True, 'longest', 'max_length', False or 'do_not_pad'")
 
 
-def _truncates(truncation: Any) -> bool:
+def truncates(truncation: Any) -> bool:
     """transformers' `truncation` values (one sequence: every strategy cuts it) -> whether to cut."""
     if truncation is True or truncation in ("longest_first", "only_first", "only_second"):
         return True
@@ -370,8 +370,8 @@ class AriaProcessor:
             raise ProcessorError(f"return_tensors={return_tensors!r}: use one of {', '.join(TENSOR_TYPES)} or None")
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        padding_asked, padding = padding, _padding_strategy(padding, max_length)
-        truncate = _truncates(truncation)
+        padding_asked, padding = padding, padding_strategy(padding, max_length)
+        truncate = truncates(truncation)
         if text is None and images is None:
             raise ProcessorError("pass text, images, or both")
         size = self.crop_size(max_image_size)

@@ -364,6 +364,15 @@ class TorchZipCheckpoint:
     def file_path(self, key: str) -> str:
         return self.path
 
+    def nbytes(self, key: str) -> int:
+        """The tensor's size in bytes (what `get` returns, not the storage it views)."""
+        entry = self._entries[key]
+        return math.prod(entry.shape) * entry.dtype.itemsize
+
+    def read(self, key: str) -> np.ndarray:
+        """`get`: every read is a fresh copy here (the interface of `weights.HubCheckpoint`)."""
+        return self.get(key)
+
     def get(self, key: str) -> np.ndarray:
         """A fresh contiguous array: only the bytes spanned by the tensor are read."""
         entry = self._entries[key]

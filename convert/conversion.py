@@ -7,8 +7,10 @@ piece or layer in memory at a time, and report progress over bytes.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import re
 import resource
 import time
 import warnings
@@ -23,6 +25,7 @@ from aria_jax.files import atomic_directory, copy_side_files, write_json
 from aria_jax.families import config_from_directory, key_table_for, param_layout
 from aria_jax.pretrained import resolve_dtype, shape_tree
 from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization
+from aria_jax.torch_pickle import TorchZipCheckpoint
 from aria_jax.weights import HubCheckpoint, KeyTable, flatten_tree, layer_sources, plan_load
 
 
@@ -70,6 +73,62 @@ class ModelLayout:
         components, boxed_shapes = param_layout(config)
         return cls(config, components, flatten_tree(shape_tree(boxed_shapes)), key_table_for(config))
 
+    @classmethod
+    def for_awaker(cls, base_directory: str, checkpoint, lora_alpha: float | None) -> "ModelLayout":
+        """Awaker on the Qwen2-VL base at `base_directory`: its adapters' rank and expert count
+        read from the checkpoint's shapes, the routers' span tokens from the base's tokenizer."""
+        from aria_jax.qwen2_vl.config import AwakerConfig, AwakerTextConfig, Qwen2VLConfig
+
+        base = config_from_directory(base_directory)
+        if not isinstance(base, Qwen2VLConfig) or isinstance(base, AwakerConfig):
+            raise CheckpointError(
+                f"{base_directory}: --awaker needs the Qwen2-VL base directory, not a {type(base).__name__}'s"
+            )
+        rank, experts = awaker_adapter_shape(checkpoint)
+        ids = special_token_ids(base_directory, ("<|im_start|>", "<|im_end|>"))
+        text = AwakerTextConfig(
+            **dataclasses.asdict(base.text_config),
+            lora_rank=rank,
+            lora_alpha=2.0 * rank if lora_alpha is None else float(lora_alpha),
+            moe_lora_experts=experts,
+        )
+        base_fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "text_config"}
+        config = AwakerConfig(
+            text_config=text, im_start_token_id=ids["<|im_start|>"], im_end_token_id=ids["<|im_end|>"], **base_fields
+        )
+        components, boxed_shapes = param_layout(config)
+        return cls(config, components, flatten_tree(shape_tree(boxed_shapes)), key_table_for(config))
+
+
+AWAKER_LORA_A = re.compile(r"(?:base_model\.model\.)?model\.layers\.0\.self_attn\.q_proj\.lora_A\.default\.weight")
+AWAKER_EXPERT_A = re.compile(r"(?:base_model\.model\.)?model\.layers\.0\.self_attn\.o_proj\.lora_moe_A\.(\d+)\.weight")
+
+
+def awaker_adapter_shape(checkpoint) -> tuple[int, int]:
+    """(LoRA rank, routed experts) of an Awaker state dict, from layer 0's keys and shapes."""
+    keys = checkpoint.keys()
+    lora_a = [key for key in keys if AWAKER_LORA_A.fullmatch(key)]
+    experts = {int(match.group(1)) for key in keys if (match := AWAKER_EXPERT_A.fullmatch(key))}
+    if not lora_a or not experts:
+        raise CheckpointError(
+            f"{checkpoint.path}: no Awaker adapters (no layer-0 q_proj.lora_A.default / o_proj.lora_moe_A.<n> keys)"
+        )
+    if experts != set(range(len(experts))):
+        raise CheckpointError(f"{checkpoint.path}: o_proj's experts are numbered {sorted(experts)}, expected 0..n-1")
+    return checkpoint.shape(lora_a[0])[0], len(experts)
+
+
+def special_token_ids(directory: str, tokens: tuple[str, ...]) -> dict[str, int]:
+    """The ids the tokenizer at `directory` gives special tokens; an error names a missing one."""
+    from aria_jax.tokenizer import AriaTokenizer
+
+    tokenizer = AriaTokenizer.from_pretrained(directory, byte_level=True)
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in tokens if token not in vocab]
+    if missing:
+        raise CheckpointError(f"{directory}: the tokenizer has no {missing[0]} token")
+    return {token: vocab[token] for token in tokens}
+
 
 def _progress(total: int, description: str, quiet: bool) -> tqdm:
     return tqdm(
@@ -98,10 +157,19 @@ def convert_checkpoint(
     quantize=None,
     group_size: int = DEFAULT_GROUP_SIZE,
     quantize_vision: bool = False,
+    awaker: str | os.PathLike | None = None,
+    awaker_lora_alpha: float | None = None,
 ) -> Summary:
     """Converts a hub-format directory (hub or original rhymes-ai naming, one or several
     safetensors files) into a self-contained converted checkpoint at `destination`, with params
-    in `dtype` (default: the source's widest float type).
+    in `dtype` (default: the source's widest float type; with `awaker`, the type most of its bytes
+    are in).
+
+    `awaker`: Awaker2.5-VL's `pytorch_model.bin` (all of its weights, base and adapters), read
+    without running its pickle (`torch_pickle`); `source` is then the Qwen2-VL base directory,
+    which gives the config, tokenizer and processor files. The adapters' rank and expert count
+    are read from the weights; their alpha is not stored there: `awaker_lora_alpha`, by default
+    twice the rank (the release: rank 256, alpha 512).
 
     NaN and infinite values are counted per tensor as it streams by: they are converted as they
     are, with a NonFiniteWarning naming the tensors (`Summary.nonfinite` has the counts), or with
@@ -112,16 +180,28 @@ def convert_checkpoint(
     start = time.perf_counter()
     quantization = Quantization.of(quantize, group_size, quantize_vision)
     source = os.fspath(source)
-    checkpoint = HubCheckpoint(source)  # refuses pickles and unreadable files before anything else
     directory = source if os.path.isdir(source) else os.path.dirname(source)
-    model = ModelLayout.of(directory)
+    if awaker is None:
+        checkpoint = HubCheckpoint(source)  # refuses pickles and unreadable files before anything else
+        model = ModelLayout.of(directory)
+    else:
+        checkpoint = TorchZipCheckpoint(awaker)  # refuses any pickle that would run code
+        model = ModelLayout.for_awaker(directory, checkpoint, awaker_lora_alpha)
     plan = plan_load(checkpoint, model.flat_shapes, model.components, model.table)
     for path, shape in model.flat_shapes.items() if quantization else ():  # a bad group size fails before writing
         if (input_axes := quantization.input_axes(path)) is not None:
             quantization.scales_shape(path, shape, input_axes)
     keys = [s.key for sources in plan.values() for s in sources]
     source_dtypes = [checkpoint.dtype(key) for key in keys]
-    target = np.dtype(resolve_dtype(dtype) if dtype else max(source_dtypes, key=lambda t: t.itemsize))
+    if dtype:
+        target = np.dtype(resolve_dtype(dtype))
+    elif awaker is None:
+        target = max(source_dtypes, key=lambda t: t.itemsize)
+    else:  # its q/k/v adapters are float32 beside bfloat16 weights: keep the weights' type
+        bytes_in = collections.Counter()
+        for key, source_dtype in zip(keys, source_dtypes):
+            bytes_in[source_dtype] += checkpoint.nbytes(key)
+        target = np.dtype(bytes_in.most_common(1)[0][0])
     # A narrowing cast happens on reading; a widening one is left to orbax, so that what is held
     # is never larger than the source tensor.
     held_itemsize = min(target.itemsize, max(t.itemsize for t in source_dtypes))

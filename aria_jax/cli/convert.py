@@ -47,6 +47,19 @@ def add(commands) -> None:
         action="store_true",
         help="with --quantize: the vision tower's and projector's linear weights too",
     )
+    conv.add_argument(
+        "--awaker",
+        metavar="PYTORCH_MODEL_BIN",
+        default=None,
+        help="build Awaker2.5-VL from its pytorch_model.bin (read without running its pickle); SOURCE is then "
+        "the Qwen2-VL base directory (config, tokenizer and processor files)",
+    )
+    conv.add_argument(
+        "--awaker-lora-alpha",
+        type=float,
+        default=None,
+        help="the adapters' alpha, which the .bin does not store (default: twice their rank, as released)",
+    )
     add_writing_options(conv)
     conv.set_defaults(run=run_convert)
 
@@ -91,6 +104,8 @@ def run_convert(args: argparse.Namespace) -> None:
             quantize=args.quantize,
             group_size=args.group_size,
             quantize_vision=args.quantize_vision,
+            awaker=args.awaker,
+            awaker_lora_alpha=args.awaker_lora_alpha,
         )
     if summary.nonfinite:
         print(f"aria-jax: warning: {nonfinite_message(summary.nonfinite)} (--strict refuses them)", file=sys.stderr)

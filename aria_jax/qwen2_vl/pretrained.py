@@ -34,6 +34,7 @@ class Qwen2VLForConditionalGeneration(_Pretrained):
     `mm_token_type_ids` is accepted and not needed (the ids say which tokens are images)."""
 
     MEDIA_ARGUMENTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+    BYTE_LEVEL_TOKENIZER = True
 
     def __init__(self, config: Qwen2VLConfig, params: dict, dtype="float32", tokenizer=None, mesh=None):
         self.config = config

@@ -33,7 +33,7 @@ import numpy as np
 
 from aria_jax.config import read_optional_json
 from aria_jax.image_processing import TENSOR_TYPES, as_array, is_batch_array, to_tensors
-from aria_jax.processing import PROCESSOR_CONFIG, AriaProcessor, ProcessorError, _padding_strategy, _truncates
+from aria_jax.processing import PROCESSOR_CONFIG, AriaProcessor, ProcessorError, padding_strategy, truncates
 from aria_jax.qwen2_vl.image_processing import Qwen2VLImageProcessor
 from aria_jax.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
@@ -165,8 +165,8 @@ class Qwen2VLProcessor:
             raise ProcessorError(f"return_tensors={return_tensors!r}: use one of {', '.join(TENSOR_TYPES)} or None")
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        padding_asked, padding = padding, _padding_strategy(padding, max_length)
-        truncate = _truncates(truncation)
+        padding_asked, padding = padding, padding_strategy(padding, max_length)
+        truncate = truncates(truncation)
         if text is None and images is None and videos is None:
             raise ProcessorError("pass text, images or videos, or text with them")
         prompts = self._prompts(text)
