@@ -97,7 +97,7 @@ class Prompt:
     ids: np.ndarray  # (B, T) the prompt as given
     padded_ids: np.ndarray  # (B, bucket) left-padded (`Generator.pad_prompt`)
     padded_mask: np.ndarray  # (B, bucket)
-    # The model family's image inputs, checked and ready for its embedding (`_Pretrained.media`):
+    # The model family's image inputs, checked and ready for its embedding (`_checked_media`):
     # Aria's pixel_values (crops padded to a power of two) and pixel_mask; Qwen2-VL's vision rows.
     media: dict[str, np.ndarray]
     request: Request

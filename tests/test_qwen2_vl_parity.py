@@ -88,12 +88,16 @@ def test_greedy_tokens_match_transformers(tiny, case):
     prompts, images = CASES[case]
     inputs = chat(processor, prompts, images)
     length = inputs["input_ids"].shape[1]
-    expected = theirs.generate(**inputs, max_new_tokens=32, do_sample=False, min_new_tokens=32)[:, length:].numpy()
+    expected = theirs.generate(**inputs, max_new_tokens=32, do_sample=False)[:, length:].numpy()
     got = ours.generate(**as_numpy(inputs), max_new_tokens=32, stop_strings=None)[:, length:]
-    eos = set(ours.config.text_config.eos_token_id)
+    assert_same_answers(got, expected, ours.config.text_config.eos_token_id)
+
+
+def assert_same_answers(got: np.ndarray, expected: np.ndarray, eos: tuple[int, ...]):
+    """Each row's tokens identical up to and including transformers' first end of turn."""
     for row_got, row_expected in zip(got, expected):
         stop = next((i + 1 for i, token in enumerate(row_expected) if token in eos), len(row_expected))
-        # transformers was kept going past its end of turn (min_new_tokens); ours stops there.
+        assert stop >= 8, "too short an answer to compare: pick another prompt"
         assert row_got[:stop].tolist() == row_expected[:stop].tolist()
 
 
@@ -135,3 +139,23 @@ def test_tied_embeddings(tmp_path):
     assert_logits_close(
         np.asarray(ours(**as_numpy(inputs)).logits), theirs(**inputs).logits.numpy(), inputs["attention_mask"].numpy()
     )
+
+
+def test_a_prompt_longer_than_a_prefill_chunk():
+    """An image inside a prompt of two prefill chunks (`buckets.PREFILL_CHUNK`): the chunks' M-RoPE
+    positions and the image features land where one-shot transformers puts them."""
+    from aria_jax.buckets import PREFILL_CHUNK
+
+    from transformers import Qwen2VLForConditionalGeneration as Reference
+
+    directory = tiny_qwen2_vl_dir(seed=2, text_config={"max_position_embeddings": 3 * PREFILL_CHUNK})
+    theirs = Reference.from_pretrained(directory, attn_implementation="eager").eval()
+    ours = Qwen2VLForConditionalGeneration.from_pretrained(directory)
+    processor = load_transformers_processor(directory)
+    words = " ".join(["the sea is calm and the sky is clear"] * (PREFILL_CHUNK // 15))
+    inputs = chat(processor, [(words + " What is in the picture?", 1)], [photo(90, 130, 7)])
+    length = inputs["input_ids"].shape[1]
+    assert PREFILL_CHUNK < length <= 2 * PREFILL_CHUNK
+    expected = theirs.generate(**inputs, max_new_tokens=8, do_sample=False)[:, length:].numpy()
+    got = ours.generate(**as_numpy(inputs), max_new_tokens=8, stop_strings=None)[:, length:]
+    assert_same_answers(got, expected, ours.config.text_config.eos_token_id)
