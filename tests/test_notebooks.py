@@ -101,4 +101,5 @@ def test_there_are_notebooks():
         "03_tpu_pod_inference.ipynb",
         "04_finetune_lora.ipynb",
         "05_video.ipynb",
+        "06_awaker.ipynb",
     ]

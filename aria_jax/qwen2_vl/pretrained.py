@@ -248,8 +248,6 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
     def __init__(self, config: AwakerConfig, params: dict, dtype="float32", tokenizer=None, mesh=None, gate="released"):
         if not isinstance(config, AwakerConfig):
             raise TypeError(f"AwakerForConditionalGeneration takes an AwakerConfig, got {type(config).__name__}")
-        if gate not in self.GATES:
-            raise ValueError(f"gate={gate!r}: one of {', '.join(self.GATES)}")
         super().__init__(config, params, dtype, tokenizer, mesh)
         self.gate = gate
         self._gate_inputs = self._run.wrap(
@@ -258,6 +256,18 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 static_argnames=("plain_after_prompt",),
             )
         )
+
+    @property
+    def gate(self) -> str:
+        """Where the routers' input comes from after the prompt step: "released" or "image_features"
+        (see the class docstring); settable between calls (no recompilation)."""
+        return self._gate
+
+    @gate.setter
+    def gate(self, gate: str) -> None:
+        if gate not in self.GATES:
+            raise ValueError(f"gate={gate!r}: one of {', '.join(self.GATES)}")
+        self._gate = gate
 
     @classmethod
     def from_pretrained(
