@@ -146,6 +146,12 @@ class _Pretrained:
         """The padded prompt's position ids, when they are not the count of real tokens."""
         return None
 
+    def _jitted(self, apply, method: str | None = None, **jit_options):
+        """`apply(params, ..., config=, method=, dtype=)` (a family's functional apply) jitted for
+        this model's config and dtype, run on its mesh."""
+        function = functools.partial(apply, config=self.config, method=method, dtype=self.dtype)
+        return self._run.wrap(jax.jit(function, **jit_options))
+
     @property
     def text_params(self):
         """The decoder's params: what `generator`'s prefill and decode take."""
@@ -413,16 +419,10 @@ class AriaForConditionalGeneration(_Pretrained):
         self.text_config = config.text_config
         self.params = params
         super().__init__(dtype, tokenizer, mesh)
-
-        def apply(method=None):
-            return self._run.wrap(
-                jax.jit(functools.partial(multimodal_apply, config=config, method=method, dtype=self.dtype))
-            )
-
-        self._forward = apply()
-        self._embeddings = apply("input_embeddings")
-        self._vision_features = apply("vision_features")
-        self._image_features = apply("image_features")
+        self._forward = self._jitted(multimodal_apply)
+        self._embeddings = self._jitted(multimodal_apply, "input_embeddings")
+        self._vision_features = self._jitted(multimodal_apply, "vision_features")
+        self._image_features = self._jitted(multimodal_apply, "image_features")
         self._embed_prompt = self._embeddings
 
     @classmethod

@@ -127,9 +127,10 @@ def make_tokenizer():
     return tokenizer
 
 
-def make_config(tokenizer):
+def make_config(tokenizer, **overrides):
     """A tiny `transformers.Qwen2VLConfig` (2 decoder layers of width 64, a 2-block vision tower)
-    whose token ids are `tokenizer`'s."""
+    whose token ids are `tokenizer`'s. `overrides` are top-level config keys; `text_config` and
+    `vision_config` dicts are merged into the defaults."""
     from transformers import Qwen2VLConfig
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
@@ -157,7 +158,9 @@ def make_config(tokenizer):
         spatial_merge_size=2,
         temporal_patch_size=2,
     )
-    return Qwen2VLConfig(
+    text_config.update(overrides.pop("text_config", None) or {})
+    vision_config.update(overrides.pop("vision_config", None) or {})
+    settings = dict(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
@@ -169,6 +172,7 @@ def make_config(tokenizer):
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
+    return Qwen2VLConfig(**{**settings, **overrides})
 
 
 def make_base(directory: str, seed: int = 0):

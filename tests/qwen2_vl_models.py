@@ -12,151 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
+import importlib.util
 import json
 import os
 import tempfile
 
-# The special tokens of Qwen2-VL's tokenizer, in their hub order (ids 151643..151656 there).
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+from repo_paths import ROOT
 
-# Qwen2-VL-7B-Instruct's chat_template (chat_template.json on the hub), verbatim.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-BPE_VOCAB_SIZE = 400  # 256 byte symbols + merges; the special tokens come after.
-MIN_PIXELS = 56 * 56  # 4 patches of 28x28: one merged token
-MAX_PIXELS = 28 * 28 * 64  # at most 64 merged tokens per image
-
-
-def _english_lines(count: int = 300) -> list[str]:
-    """Deterministic plain-English sentences (with digits and punctuation) to train on."""
-    subjects = ["The cat", "A small dog", "My neighbour", "The old astronaut", "Every child", "The rocket"]
-    verbs = ["looks at", "carries", "describes", "paints", "finds", "remembers", "sees"]
-    objects = ["a cup of coffee", "the red door", "two bright stars", "the quiet river", "an image", "this picture"]
-    endings = [".", "!", "?", ", then leaves.", " in the morning.", " near the window."]
-    lines = []
-    for index, (subject, verb, thing, ending) in enumerate(itertools.product(subjects, verbs, objects, endings)):
-        if len(lines) == count:
-            break
-        lines.append(f"{subject} {verb} {thing}{ending} It is {index % 97} o'clock, isn't it?")
-    return lines
-
-
-def make_tiny_tokenizer():
-    """A transformers `Qwen2Tokenizer` (Qwen2's normalizer, split regex and byte-level BPE)
-    trained on `_english_lines`, with SPECIAL_TOKENS appended; eos `<|im_end|>` and pad
-    `<|endoftext|>` as in Qwen2-VL-*-Instruct."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-    from tokenizers import Regex
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    bpe.train_from_iterator(_english_lines(), trainer=trainer)
-    vocab = bpe.get_vocab()
-    # Special tokens take the ids right after the BPE vocabulary, in hub order.
-    vocab.update({token: len(vocab) + index for index, token in enumerate(SPECIAL_TOKENS)})
-    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    return tokenizer
+# The tokenizer, chat template and config are the ones scripts/make_tiny_awaker.py builds (a
+# script, so loaded by path).
+_SCRIPT = os.path.join(ROOT, "scripts", "make_tiny_awaker.py")
+_spec = importlib.util.spec_from_file_location("make_tiny_awaker", _SCRIPT)
+tiny_models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_models)
+SPECIAL_TOKENS, CHAT_TEMPLATE = tiny_models.SPECIAL_TOKENS, tiny_models.CHAT_TEMPLATE
+MIN_PIXELS, MAX_PIXELS = tiny_models.MIN_PIXELS, tiny_models.MAX_PIXELS
+make_tiny_tokenizer = tiny_models.make_tokenizer
 
 
 def tiny_qwen2_vl_config(tokenizer=None, **overrides):
-    """The tiny `transformers.Qwen2VLConfig`; token ids are `tokenizer`'s (the tiny one by
-    default). `overrides` are top-level config keys; `text_config`/`vision_config` dicts
-    are merged into the defaults."""
-    from transformers import Qwen2VLConfig
-
-    tokenizer = tokenizer or make_tiny_tokenizer()
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        # transformers 5 stores Qwen2-VL's "mrope" as "default" plus mrope_section
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
-    vision_config = dict(
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        hidden_size=64,
-        mlp_ratio=4,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    text_config.update(overrides.pop("text_config", {}) or {})
-    vision_config.update(overrides.pop("vision_config", {}) or {})
-    settings = dict(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
-    settings.update(overrides)
-    return Qwen2VLConfig(**settings)
+    """The tiny `transformers.Qwen2VLConfig` (`make_tiny_awaker.make_config`); token ids are
+    `tokenizer`'s (the tiny one by default)."""
+    return tiny_models.make_config(tokenizer or make_tiny_tokenizer(), **overrides)
 
 
 @contextlib.contextmanager
@@ -268,3 +145,25 @@ def tiny_qwen2_vl_dir(seed: int = 0, tie_word_embeddings: bool = False, **config
     """`make_tiny_qwen2_vl` into a temporary directory made once per argument set (per process;
     overrides must be JSON values). Treat the directory as read-only."""
     return _cached_dir(seed, tie_word_embeddings, json.dumps(config_overrides, sort_keys=True))
+
+
+def photo(height: int, width: int, seed: int):
+    """A smooth random picture (random noise would make every patch alike to the model)."""
+    import numpy as np
+    from PIL import Image
+
+    small = np.random.default_rng(seed).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+def chat(processor, prompts: list[tuple[str, int]], images: list):
+    """transformers processor outputs (torch) for a batch of (text, image count) user turns, left-padded."""
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": text}]}],
+            add_generation_prompt=True,
+        )
+        for text, count in prompts
+    ]
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")

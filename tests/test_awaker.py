@@ -12,21 +12,15 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import awaker_oracle as oracle
 from aria_jax.qwen2_vl.pretrained import AwakerForConditionalGeneration
 from aria_jax.safetensors_io import CheckpointError
 from convert.conversion import convert_checkpoint
-from qwen2_vl_models import load_transformers_processor, tiny_qwen2_vl_dir
+from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir
 
 torch.set_grad_enabled(False)
 RANK = 4
-
-
-def photo(height: int, width: int, seed: int) -> Image.Image:
-    small = np.random.default_rng(seed).integers(0, 256, (4, 6, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +40,6 @@ def awaker(tmp_path_factory):
         vision_start_id=vocab["<|vision_start|>"], im_start_id=vocab["<|im_start|>"], im_end_id=vocab["<|im_end|>"]
     )
     return theirs, ours, processor, ids
-
-
-def chat(processor, prompts, images):
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": text}]}],
-            add_generation_prompt=True,
-        )
-        for text, count in prompts
-    ]
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
 
 
 CASES = {

@@ -10,20 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from aria_jax.qwen2_vl.pretrained import Qwen2VLForConditionalGeneration
-from qwen2_vl_models import load_transformers_processor, tiny_qwen2_vl_dir
+from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir
 
 torch.set_grad_enabled(False)
-
-
-def photo(height: int, width: int, seed: int) -> Image.Image:
-    """A smooth random picture (random noise would make every patch alike to the model)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +26,6 @@ def tiny():
     theirs = Reference.from_pretrained(directory, attn_implementation="eager").eval()
     processor = load_transformers_processor(directory)
     return directory, Qwen2VLForConditionalGeneration.from_pretrained(directory), theirs, processor
-
-
-def chat(processor, prompts: list[tuple[str, int]], images: list[Image.Image]):
-    """Processor outputs (torch) for a batch of (text, image count) user turns, left-padded."""
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": text}]}],
-            add_generation_prompt=True,
-        )
-        for text, count in prompts
-    ]
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
 
 
 def as_numpy(inputs) -> dict:

@@ -8,12 +8,12 @@ prompt's positions are M-RoPE's (`rope_index.mrope_positions`), computed for the
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import numpy as np
 
+from aria_jax.families import key_table_for
 from aria_jax.host_loop import RequestError
 from aria_jax.pretrained import CausalLMOutput, Prompt, _Pretrained, load_or_restore, open_weights, resolve_dtype
 from aria_jax.qwen2_vl.awaker import prompt_spans
@@ -23,7 +23,7 @@ from aria_jax.qwen2_vl.config import AwakerConfig, Qwen2VLConfig, qwen2_vl_confi
 from aria_jax.qwen2_vl.modeling import init_qwen2_vl_params, qwen2_vl_apply, qwen2_vl_param_shapes
 from aria_jax.qwen2_vl.rope_index import mrope_positions
 from aria_jax.qwen2_vl.vision import vision_rows
-from aria_jax.qwen2_vl.weights import COMPONENTS, awaker_key_table, key_table
+from aria_jax.qwen2_vl.weights import COMPONENTS
 
 # The processor's outputs that carry images and videos; what `_embedded` takes of them.
 DEVICE_MEDIA = ("patches", "patch_mask", "patch_positions", "image_rows", "video_rows")
@@ -41,14 +41,8 @@ class Qwen2VLForConditionalGeneration(_Pretrained):
         self.text_config = config.text_config
         self.params = params
         super().__init__(dtype, tokenizer, mesh)
-
-        def apply(method=None):
-            return self._run.wrap(
-                jax.jit(functools.partial(qwen2_vl_apply, config=config, method=method, dtype=self.dtype))
-            )
-
-        self._forward = apply()
-        self._embeddings = apply("input_embeddings")
+        self._forward = self._jitted(qwen2_vl_apply)
+        self._embeddings = self._jitted(qwen2_vl_apply, "input_embeddings")
         self._embed_prompt = self._embeddings
 
     @classmethod
@@ -57,20 +51,22 @@ class Qwen2VLForConditionalGeneration(_Pretrained):
     ) -> "Qwen2VLForConditionalGeneration":
         """Loads a Qwen2-VL checkpoint: a hub-format directory (transformers 4.45 or 5 naming) or
         one converted by `aria-jax convert`; with `mesh`, every param is built in its sharding."""
-        jdtype = resolve_dtype(dtype)
         config = qwen2_vl_config_from_pretrained(path)
-        table = key_table(config.text_config.tie_word_embeddings)
-        params = load_or_restore(
-            open_weights(path),
-            config,
-            qwen2_vl_param_shapes(config, jdtype),
-            jdtype,
-            COMPONENTS,
-            mesh,
-            Quantization.of(quantize, group_size),
-            table,
-        )
-        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh)
+        if isinstance(config, AwakerConfig):
+            raise CheckpointError(
+                f"{os.fspath(path)}: an Awaker2.5-VL checkpoint (its config.json has an 'awaker' object); "
+                "load it with AwakerForConditionalGeneration"
+            )
+        return cls(*cls._loaded(path, config, dtype, mesh, Quantization.of(quantize, group_size)), mesh)
+
+    @classmethod
+    def _loaded(cls, path, config: Qwen2VLConfig, dtype, mesh, quantization) -> tuple:
+        """(config, params, dtype, tokenizer) of the checkpoint at `path`."""
+        jdtype = resolve_dtype(dtype)
+        shapes = qwen2_vl_param_shapes(config, jdtype)
+        weights = open_weights(path)
+        params = load_or_restore(weights, config, shapes, jdtype, COMPONENTS, mesh, quantization, key_table_for(config))
+        return config, params, jdtype, cls._load_tokenizer(os.fspath(path))
 
     @classmethod
     def from_random(
@@ -250,12 +246,7 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
             raise TypeError(f"AwakerForConditionalGeneration takes an AwakerConfig, got {type(config).__name__}")
         super().__init__(config, params, dtype, tokenizer, mesh)
         self.gate = gate
-        self._gate_inputs = self._run.wrap(
-            jax.jit(
-                functools.partial(qwen2_vl_apply, config=config, method="gate_inputs", dtype=self.dtype),
-                static_argnames=("plain_after_prompt",),
-            )
-        )
+        self._gate_inputs = self._jitted(qwen2_vl_apply, "gate_inputs", static_argnames=("plain_after_prompt",))
 
     @property
     def gate(self) -> str:
@@ -280,7 +271,6 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
         gate: str = "released",
     ) -> "AwakerForConditionalGeneration":
         """Loads a checkpoint converted with `aria-jax convert BASE_DIR DST --awaker AWAKER.bin`."""
-        jdtype = resolve_dtype(dtype)
         config = qwen2_vl_config_from_pretrained(path)
         if not isinstance(config, AwakerConfig):
             raise CheckpointError(
@@ -288,18 +278,7 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 "'awaker' object); build one with `aria-jax convert BASE_DIR DST --awaker pytorch_model.bin`, "
                 "or load this one with Qwen2VLForConditionalGeneration"
             )
-        text = config.text_config
-        params = load_or_restore(
-            open_weights(path),
-            config,
-            qwen2_vl_param_shapes(config, jdtype),
-            jdtype,
-            COMPONENTS,
-            mesh,
-            Quantization.of(quantize, group_size),
-            awaker_key_table(text.tie_word_embeddings, text.moe_lora_experts),
-        )
-        return cls(config, params, jdtype, cls._load_tokenizer(os.fspath(path)), mesh, gate)
+        return cls(*cls._loaded(path, config, dtype, mesh, Quantization.of(quantize, group_size)), mesh, gate)
 
     @classmethod
     def from_random(
