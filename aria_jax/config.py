@@ -83,6 +83,49 @@ def json_object(field: str, value: Any) -> dict[str, Any]:
     return value
 
 
+def eos_ids(value: Any) -> Any:
+    """A config's eos_token_id as a tuple: one id, a list of them, or none (anything else is left
+    for `check_decoder` to name)."""
+    if isinstance(value, int):
+        return (value,)
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_decoder(config: Any) -> None:
+    """What every decoder config holds (Aria's and Qwen2's): heads that divide, norms, rotary
+    base, token ids and activation. Counts are checked positive before (`positive_ints`)."""
+    require(
+        config.hidden_size % config.num_attention_heads == 0,
+        "num_attention_heads",
+        config.num_attention_heads,
+        f"must divide hidden_size={config.hidden_size}",
+    )
+    require(
+        config.num_attention_heads % config.num_key_value_heads == 0,
+        "num_key_value_heads",
+        config.num_key_value_heads,
+        f"must divide num_attention_heads={config.num_attention_heads}",
+    )
+    positive_float("rms_norm_eps", config.rms_norm_eps)
+    positive_float("rope_theta", config.rope_theta)
+    check_token_id("bos_token_id", config.bos_token_id)
+    check_token_id("pad_token_id", config.pad_token_id)
+    require(
+        isinstance(config.eos_token_id, tuple) and all(is_int(i) and 0 <= i < INT32_LIMIT for i in config.eos_token_id),
+        "eos_token_id",
+        config.eos_token_id,
+        "must be null, a token id or a list of token ids (integers in 0 .. 2**31 - 1)",
+    )
+    require(
+        config.hidden_act in SUPPORTED_ACTIVATIONS,
+        "hidden_act",
+        config.hidden_act,
+        f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class AriaTextConfig:
     """The MoE decoder. `intermediate_size` is the width of one routed expert."""
@@ -126,12 +169,7 @@ class AriaTextConfig:
             and self.num_attention_heads > 0
         ):
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
-        elif self.eos_token_id is None:
-            object.__setattr__(self, "eos_token_id", ())
-        elif isinstance(self.eos_token_id, (list, tuple)):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        object.__setattr__(self, "eos_token_id", eos_ids(self.eos_token_id))
         self.validate()
 
     def validate(self) -> None:
@@ -150,18 +188,7 @@ class AriaTextConfig:
                 "max_position_embeddings",
             ),
         )
-        require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "num_attention_heads",
-            self.num_attention_heads,
-            f"must divide hidden_size={self.hidden_size}",
-        )
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0,
-            "num_key_value_heads",
-            self.num_key_value_heads,
-            f"must divide num_attention_heads={self.num_attention_heads}",
-        )
+        check_decoder(self)
         require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary embeddings")
         require(
             self.moe_topk <= self.moe_num_experts,
@@ -174,22 +201,6 @@ class AriaTextConfig:
             "moe_num_shared_experts",
             self.moe_num_shared_experts,
             "must be a non-negative integer below 2**31",
-        )
-        positive_float("rms_norm_eps", self.rms_norm_eps)
-        positive_float("rope_theta", self.rope_theta)
-        check_token_id("bos_token_id", self.bos_token_id)
-        check_token_id("pad_token_id", self.pad_token_id)
-        require(
-            isinstance(self.eos_token_id, tuple) and all(is_int(i) and 0 <= i < INT32_LIMIT for i in self.eos_token_id),
-            "eos_token_id",
-            self.eos_token_id,
-            "must be null, a token id or a list of token ids (integers in 0 .. 2**31 - 1)",
-        )
-        require(
-            self.hidden_act in SUPPORTED_ACTIVATIONS,
-            "hidden_act",
-            self.hidden_act,
-            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
         require(
             self.moe_backend in SUPPORTED_MOE_BACKENDS,

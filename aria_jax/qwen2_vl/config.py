@@ -16,10 +16,10 @@ import dataclasses
 from typing import Any, ClassVar
 
 from aria_jax.config import (
-    INT32_LIMIT,
     SUPPORTED_ACTIVATIONS,
     ConfigError,
-    check_token_id,
+    check_decoder,
+    eos_ids,
     is_int,
     json_object,
     positive_float,
@@ -59,12 +59,7 @@ class Qwen2VLTextConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
-        elif self.eos_token_id is None:
-            object.__setattr__(self, "eos_token_id", ())
-        elif isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        object.__setattr__(self, "eos_token_id", eos_ids(self.eos_token_id))
         if isinstance(self.mrope_section, list):
             object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
         positive_ints(
@@ -79,18 +74,7 @@ class Qwen2VLTextConfig:
                 "max_position_embeddings",
             ),
         )
-        require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "num_attention_heads",
-            self.num_attention_heads,
-            f"must divide hidden_size={self.hidden_size}",
-        )
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0,
-            "num_key_value_heads",
-            self.num_key_value_heads,
-            f"must divide num_attention_heads={self.num_attention_heads}",
-        )
+        check_decoder(self)
         require(
             isinstance(self.mrope_section, tuple)
             and len(self.mrope_section) == 3
@@ -99,22 +83,6 @@ class Qwen2VLTextConfig:
             "mrope_section",
             self.mrope_section,
             f"must be three counts of rotary frequencies summing to head_dim / 2 = {self.head_dim // 2}",
-        )
-        positive_float("rms_norm_eps", self.rms_norm_eps)
-        positive_float("rope_theta", self.rope_theta)
-        check_token_id("bos_token_id", self.bos_token_id)
-        check_token_id("pad_token_id", self.pad_token_id)
-        require(
-            isinstance(self.eos_token_id, tuple) and all(is_int(i) and 0 <= i < INT32_LIMIT for i in self.eos_token_id),
-            "eos_token_id",
-            self.eos_token_id,
-            "must be null, a token id or a list of token ids",
-        )
-        require(
-            self.hidden_act in SUPPORTED_ACTIVATIONS,
-            "hidden_act",
-            self.hidden_act,
-            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}",
         )
         require(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings, "a bool")
 
