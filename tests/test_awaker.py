@@ -142,3 +142,22 @@ def test_convert_refuses_a_bin_whose_pickle_would_run_code(tmp_path, monkeypatch
         convert_checkpoint(tiny_qwen2_vl_dir(), tmp_path / "out", awaker=path)
     assert not (tmp_path / "awaker_pickle_ran").exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_spans_follow_awakers_readme():
+    """From the first <|vision_start|> when the row holds an image; else (a video alone, or text)
+    two past the second <|im_start|>; to the second <|im_end|>."""
+    from aria_jax.qwen2_vl.awaker import prompt_spans
+
+    START, END, VISION, IMAGE, VIDEO, PAD = 1, 2, 3, 4, 5, 0
+    ids = np.array(
+        [
+            [PAD, START, 9, END, START, 9, 9, VISION, IMAGE, IMAGE, 9, END, START],
+            [START, 9, END, START, 9, 9, VISION, VIDEO, VIDEO, 9, END, START, 9],
+            [PAD, PAD, PAD, START, 9, END, START, 9, 9, 9, 9, END, START],
+        ]
+    )
+    tokens = dict(image_token_id=IMAGE, vision_start_token_id=VISION, im_start_token_id=START, im_end_token_id=END)
+    assert prompt_spans(ids, **tokens).tolist() == [[7, 11], [5, 10], [8, 11]]
+    with pytest.raises(ValueError, match="row 0"):
+        prompt_spans(ids[:, 6:], **tokens)

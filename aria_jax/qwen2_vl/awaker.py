@@ -99,15 +99,20 @@ def plus(y: jax.Array, term: jax.Array) -> jax.Array:
 
 
 def prompt_spans(
-    input_ids: np.ndarray, *, vision_start_token_id: int, im_start_token_id: int, im_end_token_id: int
+    input_ids: np.ndarray,
+    *,
+    image_token_id: int,
+    vision_start_token_id: int,
+    im_start_token_id: int,
+    im_end_token_id: int,
 ) -> np.ndarray:
     """Each row's gate span [start, end) (B, 2), as Awaker's README computes `prompt_pos`: from the
-    first `<|vision_start|>` if the row has one, else two past the second `<|im_start|>`, to the
-    second `<|im_end|>` (with the default system prompt: the user's turn). Raises ValueError
-    naming the row when a row has no such span."""
+    first `<|vision_start|>` if the row holds an image, else (videos too) two past the second
+    `<|im_start|>`, to the second `<|im_end|>` (with the default system prompt: the user's turn).
+    Raises ValueError naming the row when a row has no such span."""
     spans = []
     for row, ids in enumerate(np.asarray(input_ids)):
-        vision = np.flatnonzero(ids == vision_start_token_id)
+        vision = np.flatnonzero(ids == vision_start_token_id) if (ids == image_token_id).any() else []
         starts, ends = np.flatnonzero(ids == im_start_token_id), np.flatnonzero(ids == im_end_token_id)
         if len(ends) < 2 or (not len(vision) and len(starts) < 2):
             raise ValueError(

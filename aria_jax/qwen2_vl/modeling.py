@@ -66,19 +66,22 @@ class Qwen2VLModel(nn.Module):
         """gate_spans (B, 2): with Awaker's adapters, each row's span of the embeddings whose mean
         its routers read (`awaker.prompt_spans`)."""
         embeds = self.input_embeddings(input_ids, patches, patch_mask, patch_positions, image_rows, video_rows)
-        gate_input = None if gate_spans is None else span_means(embeds, gate_spans)
+        gate_input = None if gate_spans is None else self.gate_inputs(input_ids, embeds, gate_spans, False)[0]
         return self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, gate_input=gate_input
         )
 
     def gate_inputs(self, input_ids, embeds, gate_spans, plain_after_prompt: bool):
         """Awaker's router inputs (B, D) for the prompt step and for the steps after it: the span
-        means of the prompt's embeddings (image features in), then, with `plain_after_prompt` (the
-        release), of its token embeddings alone (image positions hold the image-pad token's)."""
-        prompt_gate = span_means(embeds, gate_spans)
+        means of the prompt's embeddings with the image features in (video positions keep the
+        video-pad token's embedding: the release writes only images' features there), then, with
+        `plain_after_prompt` (the release), of its token embeddings alone."""
+        plain = self.language_model.embed(input_ids)
+        with_images = jnp.where((input_ids == self.config.video_token_id)[..., None], plain, embeds)
+        prompt_gate = span_means(with_images, gate_spans)
         if not plain_after_prompt:
             return prompt_gate, prompt_gate
-        return prompt_gate, span_means(self.language_model.embed(input_ids), gate_spans)
+        return prompt_gate, span_means(plain, gate_spans)
 
 
 def _init_inputs(config: Qwen2VLConfig):

@@ -317,6 +317,7 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
             try:
                 spans = prompt_spans(
                     ids,
+                    image_token_id=self.config.image_token_id,
                     vision_start_token_id=self.config.vision_start_token_id,
                     im_start_token_id=self.config.im_start_token_id,
                     im_end_token_id=self.config.im_end_token_id,
