@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
+from aria_jax.config import AriaConfig, AriaTextConfig
 from aria_jax.checkpoint import CONVERTED, Manifest, is_whole_conversion, plan_pieces, write_pieces
 from aria_jax.export import EXPORTED, MAX_SHARD_BYTES, hub_config, is_exported, write_hub_weights
 from aria_jax.safetensors_io import CheckpointError
@@ -187,6 +188,8 @@ def convert_checkpoint(
     else:
         checkpoint = TorchZipCheckpoint(awaker)  # refuses any pickle that would run code
         model = ModelLayout.for_awaker(directory, checkpoint, awaker_lora_alpha)
+    if quantization and not isinstance(model.config, (AriaConfig, AriaTextConfig)):
+        raise ValueError(f"{source}: --quantize is for Aria checkpoints; Qwen2-VL's weights are converted as they are")
     plan = plan_load(checkpoint, model.flat_shapes, model.components, model.table)
     for path, shape in model.flat_shapes.items() if quantization else ():  # a bad group size fails before writing
         if (input_axes := quantization.input_axes(path)) is not None:
@@ -273,6 +276,11 @@ def export_checkpoint(
             "holds float weights, so export the float conversion (convert without --quantize)"
         )
     model = ModelLayout.of(source)
+    if any(rule.parts for rule in model.table.rules):
+        raise CheckpointError(
+            f"{source}: an Awaker checkpoint; export writes hub safetensors, and Awaker's hub form is a "
+            "pickle (pytorch_model.bin), which aria-jax does not write"
+        )
     manifest.check_covers(model.flat_shapes, model.components)
     pieces = [piece for piece in manifest.pieces if piece.component in model.components]
     total = sum(int(np.prod(shape)) * manifest.dtype.itemsize for piece in pieces for shape in piece.leaves.values())

@@ -25,7 +25,7 @@ RANK = 4
 
 @pytest.fixture(scope="module")
 def awaker(tmp_path_factory):
-    """(oracle model, our model, processor, token ids) for one tiny Awaker."""
+    """(oracle model, our model, processor, token ids, converted directory) for one tiny Awaker."""
     from transformers import Qwen2VLForConditionalGeneration as Reference
 
     base = tiny_qwen2_vl_dir()
@@ -39,7 +39,7 @@ def awaker(tmp_path_factory):
     ids = dict(
         vision_start_id=vocab["<|vision_start|>"], im_start_id=vocab["<|im_start|>"], im_end_id=vocab["<|im_end|>"]
     )
-    return theirs, ours, processor, ids
+    return theirs, ours, processor, ids, directory / "converted"
 
 
 CASES = {
@@ -61,7 +61,7 @@ def oracle_inputs(inputs, ids):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_the_oracle(awaker, case):
-    theirs, ours, processor, ids = awaker
+    theirs, ours, processor, ids, _ = awaker
     inputs = chat(processor, *CASES[case])
     expected = oracle.awaker_logits(theirs, **oracle_inputs(inputs, ids)).numpy()
     got = np.asarray(ours(**{name: value.numpy() for name, value in inputs.items()}).logits)
@@ -72,7 +72,7 @@ def test_logits_match_the_oracle(awaker, case):
 @pytest.mark.parametrize("gate", ["released", "image_features"])
 @pytest.mark.parametrize("case", ["image", "padded batch"])
 def test_greedy_tokens_match_the_oracle(awaker, case, gate):
-    theirs, ours, processor, ids = awaker
+    theirs, ours, processor, ids, _ = awaker
     inputs = chat(processor, *CASES[case])
     length = inputs["input_ids"].shape[1]
     expected = oracle.awaker_generate(theirs, **oracle_inputs(inputs, ids), max_new_tokens=32, gate=gate)[
@@ -95,7 +95,7 @@ def test_greedy_tokens_match_the_oracle(awaker, case, gate):
 def test_the_released_gate_changes_routing_after_the_prompt_step(awaker):
     """On an image prompt the two gate modes agree on the first token and part ways after, as the
     oracle's do: the released model routes later steps by the plain token embeddings."""
-    theirs, ours, processor, ids = awaker
+    theirs, ours, processor, ids, _ = awaker
     inputs = {name: value.numpy() for name, value in chat(processor, *CASES["image"]).items()}
     released = ours.generate(**inputs, max_new_tokens=32, stop_strings=None)
     ours.gate = "image_features"
@@ -109,7 +109,7 @@ def test_the_released_gate_changes_routing_after_the_prompt_step(awaker):
 
 
 def test_prompt_pos_given_equals_derived(awaker):
-    theirs, ours, processor, ids = awaker
+    theirs, ours, processor, ids, _ = awaker
     inputs = {name: value.numpy() for name, value in chat(processor, *CASES["padded batch"]).items()}
     spans = oracle.prompt_pos(torch.as_tensor(inputs["input_ids"]), **ids).numpy()
     derived = np.asarray(ours(**inputs).logits)
@@ -120,7 +120,7 @@ def test_prompt_pos_given_equals_derived(awaker):
 
 
 def test_a_prompt_without_the_chat_template_is_refused(awaker):
-    _, ours, processor, _ = awaker
+    _, ours, processor, _, _ = awaker
     ids = np.asarray([processor.tokenizer.encode("no turns here")])
     with pytest.raises(Exception, match="prompt_pos"):
         ours.generate(ids, max_new_tokens=2)
@@ -161,3 +161,14 @@ def test_prompt_spans_follow_awakers_readme():
     assert prompt_spans(ids, **tokens).tolist() == [[7, 11], [5, 10], [8, 11]]
     with pytest.raises(ValueError, match="row 0"):
         prompt_spans(ids[:, 6:], **tokens)
+
+
+def test_export_and_quantize_say_what_they_do_not_do(awaker, tmp_path):
+    from convert.conversion import export_checkpoint
+
+    converted = awaker[-1]
+    with pytest.raises(CheckpointError, match="pickle"):
+        export_checkpoint(converted, tmp_path / "hub")
+    with pytest.raises(ValueError, match="--quantize is for Aria"):
+        convert_checkpoint(tiny_qwen2_vl_dir(), tmp_path / "quantized", quantize="int8")
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "quantized").exists()

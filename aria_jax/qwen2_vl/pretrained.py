@@ -18,7 +18,6 @@ from aria_jax.host_loop import RequestError
 from aria_jax.pretrained import CausalLMOutput, Prompt, _Pretrained, load_or_restore, open_weights, resolve_dtype
 from aria_jax.qwen2_vl.awaker import prompt_spans
 from aria_jax.safetensors_io import CheckpointError
-from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization, quantize_params
 from aria_jax.qwen2_vl.config import AwakerConfig, Qwen2VLConfig, qwen2_vl_config_from_pretrained
 from aria_jax.qwen2_vl.modeling import init_qwen2_vl_params, qwen2_vl_apply, qwen2_vl_param_shapes
 from aria_jax.qwen2_vl.rope_index import mrope_positions
@@ -46,9 +45,7 @@ class Qwen2VLForConditionalGeneration(_Pretrained):
         self._embed_prompt = self._embeddings
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, dtype="float32", mesh=None, quantize=None, group_size: int = DEFAULT_GROUP_SIZE
-    ) -> "Qwen2VLForConditionalGeneration":
+    def from_pretrained(cls, path: str | os.PathLike, dtype="float32", mesh=None) -> "Qwen2VLForConditionalGeneration":
         """Loads a Qwen2-VL checkpoint: a hub-format directory (transformers 4.45 or 5 naming) or
         one converted by `aria-jax convert`; with `mesh`, every param is built in its sharding."""
         config = qwen2_vl_config_from_pretrained(path)
@@ -57,24 +54,22 @@ class Qwen2VLForConditionalGeneration(_Pretrained):
                 f"{os.fspath(path)}: an Awaker2.5-VL checkpoint (its config.json has an 'awaker' object); "
                 "load it with AwakerForConditionalGeneration"
             )
-        return cls(*cls._loaded(path, config, dtype, mesh, Quantization.of(quantize, group_size)), mesh)
+        return cls(*cls._loaded(path, config, dtype, mesh), mesh)
 
     @classmethod
-    def _loaded(cls, path, config: Qwen2VLConfig, dtype, mesh, quantization) -> tuple:
+    def _loaded(cls, path, config: Qwen2VLConfig, dtype, mesh) -> tuple:
         """(config, params, dtype, tokenizer) of the checkpoint at `path`."""
         jdtype = resolve_dtype(dtype)
         shapes = qwen2_vl_param_shapes(config, jdtype)
         weights = open_weights(path)
-        params = load_or_restore(weights, config, shapes, jdtype, COMPONENTS, mesh, quantization, key_table_for(config))
+        params = load_or_restore(weights, config, shapes, jdtype, COMPONENTS, mesh, None, key_table_for(config))
         return config, params, jdtype, cls._load_tokenizer(os.fspath(path))
 
     @classmethod
-    def from_random(
-        cls, config: Qwen2VLConfig, seed: int = 0, dtype="float32", quantize=None, group_size: int = DEFAULT_GROUP_SIZE
-    ) -> "Qwen2VLForConditionalGeneration":
+    def from_random(cls, config: Qwen2VLConfig, seed: int = 0, dtype="float32") -> "Qwen2VLForConditionalGeneration":
         jdtype = resolve_dtype(dtype)
         params = init_qwen2_vl_params(config, jax.random.key(seed), jdtype)
-        return cls(config, quantize_params(params, Quantization.of(quantize, group_size)), jdtype)
+        return cls(config, params, jdtype)
 
     def __call__(
         self,
@@ -262,13 +257,7 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
 
     @classmethod
     def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype="float32",
-        mesh=None,
-        quantize=None,
-        group_size: int = DEFAULT_GROUP_SIZE,
-        gate: str = "released",
+        cls, path: str | os.PathLike, dtype="float32", mesh=None, gate: str = "released"
     ) -> "AwakerForConditionalGeneration":
         """Loads a checkpoint converted with `aria-jax convert BASE_DIR DST --awaker AWAKER.bin`."""
         config = qwen2_vl_config_from_pretrained(path)
@@ -278,7 +267,7 @@ class AwakerForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 "'awaker' object); build one with `aria-jax convert BASE_DIR DST --awaker pytorch_model.bin`, "
                 "or load this one with Qwen2VLForConditionalGeneration"
             )
-        return cls(*cls._loaded(path, config, dtype, mesh, Quantization.of(quantize, group_size)), mesh, gate)
+        return cls(*cls._loaded(path, config, dtype, mesh), mesh, gate)
 
     @classmethod
     def from_random(
