@@ -6,8 +6,15 @@ import argparse
 import os
 import sys
 
-from aria_jax.cli.models import load_model, progress_line, takes_images
-from aria_jax.cli.options import UserError, add_command, add_kv_cache_dtype_option, parse_mesh, positive_int
+from aria_jax.cli.models import check_family_options, load_model, load_processor, model_family, progress_line
+from aria_jax.cli.options import (
+    UserError,
+    add_awaker_gate_option,
+    add_command,
+    add_kv_cache_dtype_option,
+    parse_mesh,
+    positive_int,
+)
 
 
 def add(commands) -> None:
@@ -15,7 +22,7 @@ def add(commands) -> None:
         commands,
         "serve",
         "an OpenAI-compatible HTTP server with continuous batching",
-        description="Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions (text and image_url "
+        description="Serve a model (Aria, Qwen2-VL or Awaker2.5-VL, told apart by its config.json) over HTTP with OpenAI's API: POST /v1/chat/completions (text and image_url "
         "parts, images as data: URLs), POST /v1/completions, GET /v1/models, GET /health (200 once "
         "ready) and GET /metrics (Prometheus). Requests share --max-batch decode slots: each is "
         "prefilled into a free slot while the others keep decoding, and leaves it as soon as it "
@@ -51,6 +58,7 @@ def add(commands) -> None:
     )
     option("--quantize", choices=["int8", "int4"], default=None, help="quantize the decoder's weights as they load")
     add_kv_cache_dtype_option(command)
+    add_awaker_gate_option(command)
     option("--mesh", default=None, help="mesh axis sizes over all devices, e.g. data=2,expert=4")
     option(
         "--distributed",
@@ -75,7 +83,8 @@ def run(args: argparse.Namespace) -> None:
 
     from aria_jax.engine import Engine
 
-    multimodal = takes_images(args.model)
+    family = model_family(args.model)
+    check_family_options(args, family)
     if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
         raise UserError(f"--allowed-media-dir {args.allowed_media_dir}: no such directory")
     try:
@@ -83,9 +92,9 @@ def run(args: argparse.Namespace) -> None:
         import uvicorn
     except ImportError as err:
         raise UserError(f"serving needs the serve extra (pip install 'aria-jax[serve]'): {err}") from None
-    processor = aria_jax.AriaProcessor.from_pretrained(args.model)
+    processor = load_processor(args.model, family)
     mesh = aria_jax.make_mesh(**mesh_sizes) if mesh_sizes else None
-    model = load_model(args.model, multimodal, args.dtype, args.quantize, mesh)
+    model = load_model(args.model, family, args.dtype, args.quantize, mesh, gate=args.awaker_gate)
     engine = Engine(
         model,
         max_batch=args.max_batch,
