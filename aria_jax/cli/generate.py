@@ -21,9 +21,10 @@ def add(commands) -> None:
         "generate",
         "answer a prompt about zero or more images, streaming the answer",
         description="Answer one prompt, about zero or more images, with a model directory in hub format "
-        "(or a converted checkpoint) of Aria, Qwen2-VL or Awaker2.5-VL, told apart by its config.json. The prompt is wrapped in the chat template as a user turn "
-        "with the images first; the answer streams to stdout as it is generated and stops at "
-        "<|im_end|>. Greedy unless --temperature is above 0. Loading progress goes to stderr.",
+        "(or a converted checkpoint) of Aria, Qwen2-VL or Awaker2.5-VL, told apart by its config.json. "
+        "The prompt is wrapped in the chat template as a user turn with the images first; the answer "
+        "streams to stdout as it is generated and stops at <|im_end|>. Greedy unless --temperature is "
+        "above 0. Loading progress goes to stderr.",
     )
     command.add_argument(
         "--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)"

@@ -66,11 +66,6 @@ def model_family(model_dir: str) -> Family:
     return ARIA if is_multimodal(config) else ARIA_TEXT
 
 
-def takes_images(model_dir: str) -> bool:
-    """Whether the model in `model_dir` is multimodal; a UserError if there is no such directory."""
-    return model_family(model_dir).multimodal
-
-
 def check_family_options(args: argparse.Namespace, family: Family) -> None:
     """Options of one family given for a checkpoint of another, refused before anything loads."""
     aria_options = [

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from aria_jax.cli.models import check_family_options, load_model, load_processor, model_family, progress_line
+from aria_jax.cli.models import Family, check_family_options, load_model, load_processor, model_family, progress_line
 from aria_jax.cli.options import (
     UserError,
     add_awaker_gate_option,
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         engine.follow()
         return
     with progress_line("compiling"):
-        engine.warm_up()
+        warm_up(engine, processor, family)
     name = args.served_model_name or default_model_name(args.model)
     app = create_app(engine, processor, name, allowed_media_dir=args.allowed_media_dir)
     print(
@@ -118,3 +118,18 @@ def run(args: argparse.Namespace) -> None:
     )
     with engine:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def warm_up(engine, processor, family: Family) -> None:
+    """`engine.warm_up()`; for Awaker, whose routers read the prompt's chat turns
+    (`qwen2_vl.awaker.prompt_spans`) and so refuse the one-token prompt that warms the others
+    up, the same steps with the chat template's shortest prompt."""
+    if not family.gates:
+        engine.warm_up()
+        return
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], True)
+    handle = engine.submit(processor(text=prompt)["input_ids"], max_new_tokens=2, stop_strings=None)
+    while engine.step():
+        pass
+    handle.result()
+    engine.tokens_generated = 0
