@@ -1,7 +1,8 @@
 """`aria-jax generate`, `chat` and `serve` on Qwen2-VL and Awaker2.5-VL checkpoints, the family told
 by config.json: answers equal the Python API's (an image, a second chat turn with the first in the
-history, Awaker's two gates after `aria-jax convert --awaker`, an image chat completion over HTTP),
-and Aria's options, or Awaker's, are refused for a family that has none of them."""
+history, Awaker's two gates after `aria-jax convert --awaker`, chat completions over HTTP, with an
+image for Qwen2-VL and after serve's warm-up for Awaker), and Aria's options, or Awaker's, are
+refused for a family that has none of them."""
 
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def test_awaker_generate_equals_the_python_api_with_each_gate(capsys, awaker_dir
 
 def test_serve_answers_an_image_chat_completion(qwen2_vl_dir, qwen2_vl, image_file):
     """The server's app over an engine on the model `aria-jax serve` loads for the checkpoint."""
+    from aria_jax.cli.serve import warm_up
     from aria_jax.engine import Engine
     from aria_jax.server import create_app
     from test_serve import Server, data_url
@@ -137,9 +139,10 @@ def test_serve_answers_an_image_chat_completion(qwen2_vl_dir, qwen2_vl, image_fi
     assert family == QWEN2_VL
     image = Image.open(image_file).convert("RGB")
     expected = api_answer(*qwen2_vl, [user(QUESTION, 1)], [image])
+    processor = load_processor(qwen2_vl_dir, family)
     engine = Engine(load_model(qwen2_vl_dir, family, "float32"), max_batch=2, max_length=256)
-    engine.warm_up()
-    server = Server(create_app(engine, load_processor(qwen2_vl_dir, family), "tiny-qwen2-vl"))
+    warm_up(engine, processor, family)
+    server = Server(create_app(engine, processor, "tiny-qwen2-vl"))
     try:
         with engine:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -147,6 +150,34 @@ def test_serve_answers_an_image_chat_completion(qwen2_vl_dir, qwen2_vl, image_fi
             response = client.chat.completions.create(
                 model="tiny-qwen2-vl",
                 messages=[{"role": "user", "content": content}],
+                max_tokens=MAX_NEW_TOKENS,
+                temperature=0,
+            )
+    finally:
+        server.close()
+    assert response.choices[0].message.content == expected
+
+
+def test_serve_warms_up_and_answers_awaker(awaker_dir):
+    """Awaker's routers read the prompt's chat turns, so serve warms it up with a chat prompt;
+    a text chat completion then gives the Python API's answer."""
+    from aria_jax.cli.serve import warm_up
+    from aria_jax.engine import Engine
+    from aria_jax.server import create_app
+    from test_serve import Server
+
+    processor = load_processor(awaker_dir, AWAKER)
+    model = load_model(awaker_dir, AWAKER, "float32")
+    expected = api_answer(model, processor, [user(QUESTION)], [])
+    engine = Engine(model, max_batch=2, max_length=256)
+    warm_up(engine, processor, AWAKER)
+    server = Server(create_app(engine, processor, "tiny-awaker"))
+    try:
+        with engine:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+            response = client.chat.completions.create(
+                model="tiny-awaker",
+                messages=[{"role": "user", "content": QUESTION}],
                 max_tokens=MAX_NEW_TOKENS,
                 temperature=0,
             )
