@@ -83,10 +83,10 @@ def add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, ma
         "--max-image-size",
         type=positive_int,
         default=None,
-        help="crop size in pixels (490 or 980 for Aria; Aria only); default: the checkpoint's",
+        help="Aria only: crop size in pixels, 490 or 980; default: the checkpoint's",
     )
     command.add_argument(
-        "--split-image", action="store_true", help="also feed high-resolution tiles of each image (Aria only)"
+        "--split-image", action="store_true", help="Aria only: also feed high-resolution tiles of each image"
     )
     command.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype"
