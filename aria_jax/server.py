@@ -99,7 +99,7 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
     app = FastAPI(title="aria-jax", docs_url=None, redoc_url=None)
     metrics = Metrics(engine)
     engine.metrics = metrics
-    multimodal = hasattr(engine.model, "image_features")
+    multimodal = hasattr(getattr(engine.model, "config", None), "vision_config")  # Aria's or Qwen2-VL's
 
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
@@ -145,7 +145,7 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
     def submit(inputs: dict, body, loop):
         """Runs on a worker thread: image decoding and tokenizing must not hold the event loop."""
         settings = body.settings(engine.max_length - prompt_bucket(inputs["input_ids"].shape[1]))
-        return engine.submit(**inputs, **settings, loop=loop)
+        return engine.submit(*engine_arguments(engine.model, inputs), **settings, loop=loop)
 
     async def submitted(make_inputs, body):
         loop = asyncio.get_running_loop()
@@ -168,7 +168,7 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
             messages, images = aria_messages(body.messages, allowed_media_dir)
             if images and not multimodal:
                 raise InvalidRequest("this model is text-only: it takes no images", "messages")
-            return processor.from_messages(messages, images=images or None)
+            return chat_inputs(processor, messages, images)
 
         handle = await submitted(inputs, body)
         return await answer(handle, body, request, chat=True)
@@ -262,6 +262,24 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
         yield {"data": "[DONE]"}
 
     return app
+
+
+def chat_inputs(processor, messages: list[dict], images: list) -> dict:
+    """The model inputs of a conversation: Aria's processor renders and processes it in one call,
+    Qwen2-VL's in two."""
+    if hasattr(processor, "from_messages"):
+        return processor.from_messages(messages, images=images or None)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=prompt, images=images or None)
+
+
+def engine_arguments(model, inputs: dict) -> tuple:
+    """The processor's outputs as `Engine.submit` takes them, by position: it hands its two image
+    arguments on to `model.prompt` by position, which binds them to the family's first two
+    (`MEDIA_ARGUMENTS`: Aria's pixel_values and pixel_mask, Qwen2-VL's pixel_values and
+    image_grid_thw). A family's later ones (Awaker's prompt_pos) are derived from the ids."""
+    media = (inputs.get(name) for name in model.MEDIA_ARGUMENTS[:2])
+    return (inputs["input_ids"], inputs.get("attention_mask"), *media)
 
 
 def usage(completion: Completion) -> dict:

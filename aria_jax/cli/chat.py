@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aria_jax.cli.models import check_sampling_options, load_model, takes_images
+from aria_jax.cli.models import (
+    check_family_options,
+    check_sampling_options,
+    image_options,
+    load_model,
+    load_processor,
+    model_family,
+)
 from aria_jax.cli.options import UserError, add_answer_options, add_command
 
 
@@ -31,16 +38,16 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import aria_jax
     from aria_jax.cli.chat_session import ChatSession, Settings, enable_line_editing
 
-    multimodal = takes_images(args.model)
+    family = model_family(args.model)
+    check_family_options(args, family)
     check_sampling_options(args, 0, max_new_tokens=1)  # chat shortens answers to the context left
-    processor = aria_jax.AriaProcessor.from_pretrained(args.model)
+    processor = load_processor(args.model, family)
     if args.max_image_size is not None and args.max_image_size not in processor.allowed_sizes:
         allowed = ", ".join(str(size) for size in processor.allowed_sizes)
         raise UserError(f"max_image_size={args.max_image_size} is not allowed; use one of: {allowed}")
-    model = load_model(args.model, multimodal, args.dtype, args.quantize)
+    model = load_model(args.model, family, args.dtype, args.quantize, gate=args.awaker_gate)
     interactive = sys.stdin.isatty()
     if interactive:
         enable_line_editing()
@@ -49,8 +56,7 @@ def run(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        max_image_size=args.max_image_size,
-        split_image=args.split_image,
+        image_options=image_options(args),
         kv_cache_dtype=args.kv_cache_dtype,
     )
-    ChatSession(model, processor, multimodal, settings, interactive=interactive).run()
+    ChatSession(model, processor, family.multimodal, settings, interactive=interactive).run()

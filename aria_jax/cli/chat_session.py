@@ -42,13 +42,12 @@ class Settings:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    max_image_size: int | None = None
-    split_image: bool = False
+    image_options: dict = dataclasses.field(default_factory=dict)  # Aria's max_image_size and split_image, if set
     kv_cache_dtype: str | None = None
 
 
 def user_message(text: str, num_images: int) -> dict:
-    """The images first, then the text, as Aria's own examples (and `chat_prompt`) do."""
+    """The images first, then the text, as Aria's and Qwen2-VL's own examples (and `chat_prompt`) do."""
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
     return {"role": "user", "content": content}
 
@@ -212,12 +211,7 @@ class ChatSession:
     def model_inputs(self, question: str) -> dict:
         messages, images = self.conversation.with_question(question)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(
-            text=prompt,
-            images=images or None,
-            max_image_size=self.settings.max_image_size,
-            split_image=self.settings.split_image,
-        )
+        inputs = self.processor(text=prompt, images=images or None, **self.settings.image_options)
         if not self.multimodal:
             inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
         return inputs

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from aria_jax.cli.models import check_sampling_options, load_model, takes_images
+from aria_jax.cli.models import (
+    check_family_options,
+    check_sampling_options,
+    image_options,
+    load_model,
+    load_processor,
+    model_family,
+)
 from aria_jax.cli.options import UserError, add_answer_options, add_command
 
 
@@ -14,9 +21,10 @@ def add(commands) -> None:
         "generate",
         "answer a prompt about zero or more images, streaming the answer",
         description="Answer one prompt, about zero or more images, with a model directory in hub format "
-        "(or a converted checkpoint). The prompt is wrapped in the chat template as a user turn "
-        "with the images first; the answer streams to stdout as it is generated and stops at "
-        "<|im_end|>. Greedy unless --temperature is above 0. Loading progress goes to stderr.",
+        "(or a converted checkpoint) of Aria, Qwen2-VL or Awaker2.5-VL, told apart by its config.json. "
+        "The prompt is wrapped in the chat template as a user turn with the images first; the answer "
+        "streams to stdout as it is generated and stops at <|im_end|>. Greedy unless --temperature is "
+        "above 0. Loading progress goes to stderr.",
     )
     command.add_argument(
         "--model", required=True, help="hub-format model directory (config.json, safetensors, tokenizer)"
@@ -28,29 +36,26 @@ def add(commands) -> None:
 
 
 def chat_prompt(processor, prompt: str, num_images: int) -> str:
-    """One user turn: the images first, then the text, as Aria's own examples do."""
+    """One user turn: the images first, then the text, as Aria's and Qwen2-VL's own examples do."""
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def run(args: argparse.Namespace) -> None:
-    import aria_jax
     from aria_jax.tokenizer import check_text
 
-    multimodal = takes_images(args.model)
-    if args.image and not multimodal:
+    family = model_family(args.model)
+    if args.image and not family.multimodal:
         raise UserError(f"{args.model}: a text-only model; it takes no --image")
+    check_family_options(args, family)
     check_text(args.prompt, "--prompt")
-    processor = aria_jax.AriaProcessor.from_pretrained(args.model)
+    processor = load_processor(args.model, family)
     inputs = processor(
-        text=chat_prompt(processor, args.prompt, len(args.image)),
-        images=args.image or None,
-        max_image_size=args.max_image_size,
-        split_image=args.split_image,
+        text=chat_prompt(processor, args.prompt, len(args.image)), images=args.image or None, **image_options(args)
     )
     check_sampling_options(args, inputs["input_ids"].shape[1], args.max_new_tokens)
-    model = load_model(args.model, multimodal, args.dtype, args.quantize)
-    if not multimodal:
+    model = load_model(args.model, family, args.dtype, args.quantize, gate=args.awaker_gate)
+    if not family.multimodal:
         inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
     for piece in model.stream(
         **inputs,

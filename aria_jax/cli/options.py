@@ -83,9 +83,11 @@ def add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, ma
         "--max-image-size",
         type=positive_int,
         default=None,
-        help="crop size in pixels (490 or 980 for Aria); default: the checkpoint's",
+        help="Aria only: crop size in pixels, 490 or 980; default: the checkpoint's",
     )
-    command.add_argument("--split-image", action="store_true", help="also feed high-resolution tiles of each image")
+    command.add_argument(
+        "--split-image", action="store_true", help="Aria only: also feed high-resolution tiles of each image"
+    )
     command.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter and compute dtype"
     )
@@ -96,6 +98,18 @@ def add_answer_options(command: argparse.ArgumentParser, max_new_tokens: int, ma
         help="quantize the decoder's weights while loading (int4 in groups of 128 inputs)",
     )
     add_kv_cache_dtype_option(command)
+    add_awaker_gate_option(command)
+
+
+def add_awaker_gate_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--awaker-gate",
+        choices=["released", "image_features"],
+        default=None,
+        help="Awaker2.5-VL checkpoints only: what its expert routers read after the first answer token; "
+        "released (the default) is the released model's plain token embeddings, image_features keeps the "
+        "prompt step's routing (image features in) for every token",
+    )
 
 
 def add_kv_cache_dtype_option(command: argparse.ArgumentParser) -> None:

@@ -6,8 +6,15 @@ import argparse
 import os
 import sys
 
-from aria_jax.cli.models import load_model, progress_line, takes_images
-from aria_jax.cli.options import UserError, add_command, add_kv_cache_dtype_option, parse_mesh, positive_int
+from aria_jax.cli.models import Family, check_family_options, load_model, load_processor, model_family, progress_line
+from aria_jax.cli.options import (
+    UserError,
+    add_awaker_gate_option,
+    add_command,
+    add_kv_cache_dtype_option,
+    parse_mesh,
+    positive_int,
+)
 
 
 def add(commands) -> None:
@@ -15,7 +22,7 @@ def add(commands) -> None:
         commands,
         "serve",
         "an OpenAI-compatible HTTP server with continuous batching",
-        description="Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions (text and image_url "
+        description="Serve a model (Aria, Qwen2-VL or Awaker2.5-VL, told apart by its config.json) over HTTP with OpenAI's API: POST /v1/chat/completions (text and image_url "
         "parts, images as data: URLs), POST /v1/completions, GET /v1/models, GET /health (200 once "
         "ready) and GET /metrics (Prometheus). Requests share --max-batch decode slots: each is "
         "prefilled into a free slot while the others keep decoding, and leaves it as soon as it "
@@ -51,6 +58,7 @@ def add(commands) -> None:
     )
     option("--quantize", choices=["int8", "int4"], default=None, help="quantize the decoder's weights as they load")
     add_kv_cache_dtype_option(command)
+    add_awaker_gate_option(command)
     option("--mesh", default=None, help="mesh axis sizes over all devices, e.g. data=2,expert=4")
     option(
         "--distributed",
@@ -75,7 +83,8 @@ def run(args: argparse.Namespace) -> None:
 
     from aria_jax.engine import Engine
 
-    multimodal = takes_images(args.model)
+    family = model_family(args.model)
+    check_family_options(args, family)
     if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
         raise UserError(f"--allowed-media-dir {args.allowed_media_dir}: no such directory")
     try:
@@ -83,9 +92,9 @@ def run(args: argparse.Namespace) -> None:
         import uvicorn
     except ImportError as err:
         raise UserError(f"serving needs the serve extra (pip install 'aria-jax[serve]'): {err}") from None
-    processor = aria_jax.AriaProcessor.from_pretrained(args.model)
+    processor = load_processor(args.model, family)
     mesh = aria_jax.make_mesh(**mesh_sizes) if mesh_sizes else None
-    model = load_model(args.model, multimodal, args.dtype, args.quantize, mesh)
+    model = load_model(args.model, family, args.dtype, args.quantize, mesh, gate=args.awaker_gate)
     engine = Engine(
         model,
         max_batch=args.max_batch,
@@ -98,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         engine.follow()
         return
     with progress_line("compiling"):
-        engine.warm_up()
+        warm_up(engine, processor, family)
     name = args.served_model_name or default_model_name(args.model)
     app = create_app(engine, processor, name, allowed_media_dir=args.allowed_media_dir)
     print(
@@ -109,3 +118,18 @@ def run(args: argparse.Namespace) -> None:
     )
     with engine:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def warm_up(engine, processor, family: Family) -> None:
+    """`engine.warm_up()`; for Awaker, whose routers read the prompt's chat turns
+    (`qwen2_vl.awaker.prompt_spans`) and so refuse the one-token prompt that warms the others
+    up, the same steps with the chat template's shortest prompt."""
+    if not family.gates:
+        engine.warm_up()
+        return
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], True)
+    handle = engine.submit(processor(text=prompt)["input_ids"], max_new_tokens=2, stop_strings=None)
+    while engine.step():
+        pass
+    handle.result()
+    engine.tokens_generated = 0
