@@ -21,7 +21,7 @@ class Family:
     model_class_name: str
     processor_class_name: str
     multimodal: bool
-    aria_image_options: bool  # takes --max-image-size and --split-image (Aria's crops and tiles)
+    aria_image_options: bool  # takes --max-image-size, --split-image (Aria's crops and tiles) and --quantize
     gates: tuple[str, ...] = ()  # Awaker's router inputs (`AwakerForConditionalGeneration.GATES`)
 
     @property
@@ -81,6 +81,8 @@ def check_family_options(args: argparse.Namespace, family: Family) -> None:
             f"{' and '.join(aria_options)}: Aria's image options; {args.model} holds a {family.name} model, whose "
             "processor sizes each image itself (min_pixels and max_pixels of its preprocessor config)"
         )
+    if getattr(args, "quantize", None) and not family.aria_image_options:
+        raise UserError(f"--quantize is for Aria checkpoints; {args.model} holds a {family.name} model")
     gate = getattr(args, "awaker_gate", None)
     if gate is not None and not family.gates:
         raise UserError(f"--awaker-gate is for Awaker2.5-VL checkpoints; {args.model} holds a {family.name} model")
@@ -127,8 +129,10 @@ def load_model(
 ):
     """The family's model; `gate` (Awaker's only, checked by `check_family_options`) defaults to the release's."""
     options = {"gate": gate or family.gates[0]} if family.gates else {}
+    if quantize:  # Aria's (`check_family_options`)
+        options["quantize"] = quantize
     with progress_line(f"loading {model_dir}"):
-        return family.model_class.from_pretrained(model_dir, dtype=dtype, quantize=quantize, mesh=mesh, **options)
+        return family.model_class.from_pretrained(model_dir, dtype=dtype, mesh=mesh, **options)
 
 
 @contextlib.contextmanager
