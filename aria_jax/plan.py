@@ -37,11 +37,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aria_jax.buckets import prompt_bucket
 from aria_jax.config import AriaConfig, ConfigError
 from aria_jax.device_loop import Sampling
+from aria_jax.families import param_layout
 from aria_jax.host_loop import STOP_ID_SLOTS
 from aria_jax.kv_cache import check_kv_cache_dtype
-from aria_jax.families import param_layout
 from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.quantization import Quantization, array_bytes, quantized_shapes
+from aria_jax.qwen2_vl.config import AwakerConfig
 from aria_jax.sharding import check_layout, param_sharding_for
 from aria_jax.weights import flatten_tree, unflatten_tree
 
@@ -111,7 +112,6 @@ def generation_model(config, params: dict, dtype, mesh):
     check_plannable(config)
     if isinstance(config, AriaConfig):
         return AriaForConditionalGeneration(config, params, dtype, mesh=mesh)
-    from aria_jax.qwen2_vl.config import AwakerConfig
     from aria_jax.qwen2_vl.pretrained import AwakerForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     model_class = (
@@ -231,7 +231,7 @@ def compile_generation(
     if not isinstance(config, AriaConfig):
         # M-RoPE's (temporal, height, width) positions, computed on the host (`_prompt_positions`).
         prefill_inputs["position_ids"] = host_array((batch, prompt, 3), jnp.int32)
-    if hasattr(model, "_gate_inputs"):
+    if isinstance(config, AwakerConfig):
         # Awaker's routers read the span means of the prompt's embeddings (`prefill_inputs`).
         gates = compile_program(
             "gate inputs",

@@ -20,7 +20,9 @@ from test_plan import figure
 from test_plan_target import needs_libtpu, run_plan
 
 CONFIGS = {"qwen2_vl": "qwen2-vl-7b.json", "awaker": "awaker2.5-vl.json"}
-BATCH, PROMPT, CACHE = 2, 16, 64
+# 4 rows: a router input (B, D), whole or split over data=2 or tensor=2, is then told apart from a
+# 1-layer model's stacked (1, D) norm scales.
+BATCH, PROMPT, CACHE = 4, 16, 64
 
 
 def config_path(family: str) -> str:
@@ -158,5 +160,5 @@ def test_one_layer_full_width_model_on_v5e_2x2(tmp_path, family):
     prefill_hlo = (tmp_path / "hlo" / "prefill.txt").read_text()
     entry = prefill_hlo[prefill_hlo.index("ENTRY") :].split("\n\n")[0]
     assert re.search(rf"s32\[{BATCH},{PROMPT},3\]", entry)
-    router_inputs = len(re.findall(rf"= bf16\[{BATCH},3584\]\S* parameter\(", entry))
+    router_inputs = len(re.findall(rf"= bf16\[({BATCH}|{BATCH // 2}),(3584|1792)\]\S* parameter\(", entry))
     assert router_inputs == (2 if family == "awaker" else 0)

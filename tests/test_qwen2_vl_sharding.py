@@ -139,14 +139,16 @@ def test_logits_match_single_device(mesh_results, reference, run):
 def test_params_are_split_over_the_mesh(mesh_results, run):
     """Heads, MLP width and vocabulary over tensor (each device holds its half); Awaker's adapters
     split their heads and MLP width alike; the logits' rows over data."""
-    family, (_, _, tensor) = run
+    family, (_, expert, tensor) = run
     result = mesh_results[run_id(run)]
     params = result["params"]
-    # q_proj (layers, model dim, heads, head dim): the heads over tensor, each device its share
+    # q_proj (layers, model dim, heads, head dim): the heads over tensor, the model dimension over
+    # expert (`attention_embed`), each device its share
     layers, width, heads, head_dim = params["q_proj"]["shape"]
     assert axes(params["q_proj"]["spec"][2]) == ["tensor"]
+    assert set(axes(params["q_proj"]["spec"][1])) <= {"expert"}
     assert {tuple(shard["shape"]) for shard in params["q_proj"]["shards"]} == {
-        (layers, width, heads // tensor, head_dim)
+        (layers, width // expert, heads // tensor, head_dim)
     }
     assert [axes(entry) for entry in params["gate_proj"]["spec"]] == [[], [], ["tensor"]]
     assert "tensor" in axes(params["lm_head"]["spec"][1])
