@@ -9,6 +9,12 @@ inputs laid out as the previous program's compiled outputs). Generation runs one
 token; the plan compiles them for a prompt of `prompt_length` tokens (rounded up to its bucket,
 as `generate()` pads it) and a KV cache of `max_length`.
 
+The model is the config's family's (`generation_model`): Aria, Qwen2-VL or Awaker2.5-VL, each
+with the inputs its `prefill_inputs` gives prefill for a text prompt: Qwen2-VL's M-RoPE positions
+(B, T, 3), a host array, and Awaker's router inputs, the outputs of its gate-inputs program
+(compiled here as the embedding is, for their layout). Image prompts are not planned: the vision
+tower's weights are counted as held on the device, its programs are not compiled.
+
 `plan_memory` is the host-CPU plan: each device's memory, on a CPU mesh of as many simulated
 devices as the mesh has. The partitioning, and so the per-device params and KV cache, are the
 same as on the real devices. Temporaries are not: XLA:CPU multiplies bf16 in float32 and keeps
@@ -29,13 +35,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aria_jax.buckets import prompt_bucket
-from aria_jax.config import AriaConfig
+from aria_jax.config import AriaConfig, ConfigError
 from aria_jax.device_loop import Sampling
+from aria_jax.families import param_layout
 from aria_jax.host_loop import STOP_ID_SLOTS
 from aria_jax.kv_cache import check_kv_cache_dtype
-from aria_jax.modeling import multimodal_param_shapes
 from aria_jax.pretrained import AriaForConditionalGeneration
 from aria_jax.quantization import Quantization, array_bytes, quantized_shapes
+from aria_jax.qwen2_vl.config import AwakerConfig
 from aria_jax.sharding import check_layout, param_sharding_for
 from aria_jax.weights import flatten_tree, unflatten_tree
 
@@ -91,10 +98,32 @@ class RefusedProgram:
     message: str
 
 
-def abstract_params(config: AriaConfig, mesh, dtype, quantization: Quantization | None = None) -> dict:
+def check_plannable(config) -> None:
+    """Plans are for the multimodal models (Aria, Qwen2-VL, Awaker2.5-VL), whose text prompts
+    `generate()` embeds before prefill."""
+    if not hasattr(config, "vision_config"):
+        raise ConfigError(
+            f"plan takes a multimodal config (Aria, Qwen2-VL or Awaker2.5-VL), got a {type(config).__name__}"
+        )
+
+
+def generation_model(config, params: dict, dtype, mesh):
+    """The model `generate()` runs for `config`'s family, holding `params` (abstract or real)."""
+    check_plannable(config)
+    if isinstance(config, AriaConfig):
+        return AriaForConditionalGeneration(config, params, dtype, mesh=mesh)
+    from aria_jax.qwen2_vl.pretrained import AwakerForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    model_class = (
+        AwakerForConditionalGeneration if isinstance(config, AwakerConfig) else Qwen2VLForConditionalGeneration
+    )
+    return model_class(config, params, dtype, mesh=mesh)
+
+
+def abstract_params(config, mesh, dtype, quantization: Quantization | None = None) -> dict:
     """The multimodal params as ShapeDtypeStructs, each with the sharding the loaders give it
     (quantized as `quantization` stores them)."""
-    boxed = quantized_shapes(multimodal_param_shapes(config, dtype), quantization)
+    boxed = quantized_shapes(param_layout(config, dtype)[1], quantization)
     sharding_for = param_sharding_for(boxed, mesh)
     flat = flatten_tree(jax.tree_util.tree_map(lambda p: p.value, boxed, is_leaf=lambda x: hasattr(x, "names")))
     return unflatten_tree(
@@ -134,7 +163,7 @@ def _unused_argument_bytes(traced, abstract_params) -> int:
 
 
 def compile_generation(
-    config: AriaConfig,
+    config,
     mesh,
     dtype,
     shape: GenerationShape,
@@ -148,12 +177,13 @@ def compile_generation(
     program that does not fit would need); the program then carries the refusal, or, refused
     again, ends the list (the next program takes its outputs). Without `when_refused` (or when
     it returns None) the error propagates."""
+    check_plannable(config)
     check_layout(config, mesh, quantization)
     dtype = jnp.dtype(dtype)
     params = abstract_params(config, mesh, dtype, quantization)
     text_params = params["language_model"]
     other_weights = per_device_bytes({k: v for k, v in params.items() if k != "language_model"})
-    model = AriaForConditionalGeneration(config, params, dtype, mesh=mesh)
+    model = generation_model(config, params, dtype, mesh)
     embed_prompt, prefill, decode = model.generation_functions()
     replicated = NamedSharding(mesh, P())
 
@@ -193,17 +223,36 @@ def compile_generation(
 
     # A text prompt's embedding (no images) runs first; compiled here for the layout of its
     # output, which is prefill's input.
-    embedding = compile_program("prompt embedding", embed_prompt.trace(params, ids, None, None), params, 0)
+    embedding = compile_program("prompt embedding", embed_prompt.trace(params, ids), params, 0)
     if isinstance(embedding, RefusedProgram):
         return [embedding]
+    embeds = _outputs_as_inputs(embedding.compiled)
+    prefill_inputs = {}
+    if not isinstance(config, AriaConfig):
+        # M-RoPE's (temporal, height, width) positions, computed on the host (`_prompt_positions`).
+        prefill_inputs["position_ids"] = host_array((batch, prompt, 3), jnp.int32)
+    if isinstance(config, AwakerConfig):
+        # Awaker's routers read the span means of the prompt's embeddings (`prefill_inputs`).
+        gates = compile_program(
+            "gate inputs",
+            model._gate_inputs.trace(
+                params, ids, embeds, host_array((batch, 2), jnp.int32), plain_after_prompt=model.gate == "released"
+            ),
+            params,
+            0,
+        )
+        if isinstance(gates, RefusedProgram):
+            return [gates]
+        prefill_inputs["gate_inputs"] = _outputs_as_inputs(gates.compiled)
     prefill_program = compile_program(
         "prefill",
         prefill.trace(
             text_params,
-            _outputs_as_inputs(embedding.compiled),
+            embeds,
             mask,
             sampling,
             stop_ids,
+            **prefill_inputs,
             cache_length=shape.cache_length,
             max_new_tokens_capacity=shape.max_new_tokens,
             kv_cache_dtype=shape.kv_cache_dtype,
@@ -282,7 +331,7 @@ class Plan:
 
 
 def plan_memory(
-    config: AriaConfig,
+    config,
     mesh,
     dtype,
     batch: int,

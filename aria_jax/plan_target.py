@@ -21,7 +21,6 @@ import os
 import jax.numpy as jnp
 
 from aria_jax.accelerators import Chip, Target
-from aria_jax.config import AriaConfig
 from aria_jax.hlo_cost import Cost, ProgramCost
 from aria_jax.plan import (
     GenerationShape,
@@ -103,7 +102,7 @@ class TargetPlan:
     mesh_shape: dict[str, int]
     shape: GenerationShape
     dtype: str
-    moe_backend: str
+    moe_backend: str | None  # None: a dense decoder (Qwen2-VL, Awaker2.5-VL)
     params_per_chip: int
     programs: list[ProgramReport | UncompiledProgram]
     hlo: dict[str, str]
@@ -164,7 +163,7 @@ class TargetPlan:
             f"{chip.hbm_bytes / 2**30:.1f} GiB HBM per chip); mesh {mesh}",
             f"batch {shape.batch}, prompt {shape.prompt_length}, KV cache {shape.cache_length} "
             f"({shape.max_new_tokens} new tokens{', int8' if shape.kv_cache_dtype == 'int8' else ''}), "
-            f"{self.weights}, moe_backend {self.moe_backend}; "
+            f"{self.weights}{'' if self.moe_backend is None else f', moe_backend {self.moe_backend}'}; "
             f"params {self.params_in_all / GB:.2f} GB in all, {self.params_per_chip / GB:.2f} GB per chip",
         ]
         for program in self.programs:
@@ -284,8 +283,9 @@ def _heaviest(cost: ProgramCost) -> list[dict]:
 
 
 def plan_target(
-    config: AriaConfig, target: Target, mesh, dtype, shape: GenerationShape, quantization: Quantization | None = None
+    config, target: Target, mesh, dtype, shape: GenerationShape, quantization: Quantization | None = None
 ) -> TargetPlan:
+    """Compiles generation of `config`'s model (Aria, Qwen2-VL or Awaker2.5-VL) for `target`."""
     chip = target.chip
     dtype = jnp.dtype(dtype)
     programs = compile_generation(
@@ -311,12 +311,12 @@ def plan_target(
         if program.name == "decode":
             estimate = _estimate(cost, shape.decode_steps)
             step_bytes = decode_step_bytes(
-                text, dtype, shape.batch, shape.cache_length, quantization, shape.kv_cache_dtype
+                config, dtype, shape.batch, shape.cache_length, quantization, shape.kv_cache_dtype
             )
             roofline = Roofline(sum(step_bytes.values()) / (target.num_chips * chip.hbm_bytes_per_second), step_bytes)
         else:
             estimate = _estimate(cost, None)
-            flops = prefill_flops(text, dtype, shape.batch, shape.prompt_length)
+            flops = prefill_flops(config, dtype, shape.batch, shape.prompt_length)
             roofline = Roofline(flops / (target.num_chips * chip.peak_flops), flops=flops)
         reports.append(
             ProgramReport(
@@ -343,7 +343,7 @@ def plan_target(
         dict(zip(mesh.axis_names, mesh.axis_sizes)),
         shape,
         dtype.name,
-        text.moe_backend,
+        getattr(text, "moe_backend", None),
         per_device_bytes(params),
         reports,
         hlo,

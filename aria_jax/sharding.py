@@ -143,9 +143,10 @@ def check_layout(config: AriaConfig | AriaTextConfig, mesh, quantization=None) -
         if value % tensor_size:
             valid = [d for d in _divisors(tensor_ok) if devices % d == 0]
             suggestion = max(valid)
+            other_axis = "expert" if text.moe_num_experts else "data"  # a dense model has no experts to split
             raise LayoutError(
                 f"{name}={value} does not divide over tensor={tensor_size}; tensor sizes that fit this model: "
-                f"{', '.join(map(str, valid))} (for example expert={devices // suggestion}, tensor={suggestion})"
+                f"{', '.join(map(str, valid))} (for example {other_axis}={devices // suggestion}, tensor={suggestion})"
             )
 
 

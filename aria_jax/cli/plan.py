@@ -14,6 +14,10 @@ import sys
 
 from aria_jax.cli.options import UserError, add_command, add_kv_cache_dtype_option, parse_mesh, positive_int
 
+ARIA_DEFAULT_MESH = "expert=8"
+# A dense decoder has no experts to split: its heads and MLP width over tensor, rows over data.
+DENSE_DEFAULT_MESH = "data=2,tensor=4"
+
 
 def add(commands) -> None:
     command = add_command(
@@ -27,8 +31,17 @@ def add(commands) -> None:
         "per chip memory and whether it fits the chip's HBM, the compiler's estimated time (decode: "
         "per token) and the roofline beside it. Times are compiler estimates, not timings.",
     )
-    command.add_argument("--config", default="configs/aria.json", help="config.json (or a model directory)")
-    command.add_argument("--mesh", default="expert=8", help="mesh axis sizes, e.g. data=2,expert=8,tensor=4")
+    command.add_argument(
+        "--config",
+        default="configs/aria.json",
+        help="config.json (or a model directory) of Aria, Qwen2-VL or Awaker2.5-VL, e.g. configs/qwen2-vl-7b.json",
+    )
+    command.add_argument(
+        "--mesh",
+        default=None,
+        help="mesh axis sizes, e.g. data=2,expert=8,tensor=4 (default: Aria expert=8; "
+        f"Qwen2-VL and Awaker, dense, {DENSE_DEFAULT_MESH})",
+    )
     command.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="param and compute dtype")
     command.add_argument("--batch", type=positive_int, default=8, help="rows generated together")
     command.add_argument("--max-length", type=positive_int, default=8192, help="KV cache length (prompt + new tokens)")
@@ -69,7 +82,20 @@ def add(commands) -> None:
     command.set_defaults(run=run)
 
 
+def default_mesh(config_path: str) -> str:
+    """The --mesh default for the config's family, read without JAX (it must not start yet)."""
+    from aria_jax.config import read_config_json
+    from aria_jax.qwen2_vl.config import is_qwen2_vl
+
+    try:
+        return DENSE_DEFAULT_MESH if is_qwen2_vl(read_config_json(config_path)) else ARIA_DEFAULT_MESH
+    except (ValueError, OSError):  # reported when the config is loaded
+        return ARIA_DEFAULT_MESH
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.mesh is None:
+        args.mesh = default_mesh(args.config)
     if args.target:
         mesh_sizes = parse_mesh(args.mesh)
         prepare_target_environment(args.target)
@@ -78,11 +104,15 @@ def run(args: argparse.Namespace) -> None:
     if not args.target and (args.json or args.dump_hlo):
         raise UserError("--json and --dump-hlo need --target (the host-CPU plan prints memory only)")
 
-    from aria_jax.config import config_from_pretrained
+    from aria_jax.families import config_from_directory
+    from aria_jax.plan import check_plannable
     from aria_jax.pretrained import resolve_dtype
     from aria_jax.quantization import Quantization
 
-    config = config_from_pretrained(args.config)
+    config = config_from_directory(args.config)
+    check_plannable(config)
+    if args.moe_backend and not config.text_config.moe_num_experts:
+        raise UserError(f"--moe-backend: {args.config} is a dense model, with no routed experts")
     if args.moe_backend:
         config = dataclasses.replace(
             config, text_config=dataclasses.replace(config.text_config, moe_backend=args.moe_backend)
