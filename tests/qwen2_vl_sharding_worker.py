@@ -20,7 +20,7 @@ from sharding_worker import describe, layout_name
 
 # (data, expert, tensor) layouts of 8 devices. The tiny Qwen2-VL's 4 heads, 2 kv heads and 2
 # vision heads divide over tensor=2 at most; the expert axis of a dense model splits rows.
-LAYOUTS = {"qwen2_vl": [(4, 1, 2), (2, 2, 2)], "awaker": [(4, 1, 2)]}
+LAYOUTS = {"qwen2_vl": [(2, 2, 2)], "awaker": [(4, 1, 2)]}
 NEW_TOKENS = 8
 
 

@@ -119,7 +119,7 @@ def test_moe_backend_is_refused_for_a_dense_model():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", ["awaker"])  # Qwen2-VL's programs and Awaker's router inputs: one compile
 def test_one_layer_full_width_model_on_v5e_2x2(tmp_path, family):
     result = run_plan(
         "--target",

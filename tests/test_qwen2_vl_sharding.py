@@ -22,10 +22,10 @@ import qwen2_vl_sharding_worker as worker
 from aria_jax.families import config_from_directory
 from aria_jax.sharding import LayoutError, check_layout
 from convert.conversion import convert_checkpoint
-from qwen2_vl_models import load_transformers_processor, tiny_qwen2_vl_dir
+from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir
 from qwen2_vl_sharding_worker import LAYOUTS, NEW_TOKENS, layout_name
 from repo_paths import ROOT
-from test_awaker import RANK, chat, photo
+from test_awaker import RANK
 from worker_jobs import Job
 
 WORKER = os.path.abspath(worker.__file__)
