@@ -11,7 +11,6 @@ and compile time does not grow with depth.
 
 from __future__ import annotations
 
-import functools
 import operator
 
 import flax.linen as nn
@@ -59,10 +58,9 @@ class DecoderLayer(nn.Module):
         with jax.named_scope("moe"):
             normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
             if cfg.moe_num_experts:
-                mlp = MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)
+                x = x + MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)(normed)
             else:
-                mlp = functools.partial(MLP(cfg, name="mlp", **kw), gate_input=gate_input)
-            x = x + mlp(normed)
+                x = x + MLP(cfg, name="mlp", **kw)(normed, gate_input)
         return x, cache
 
 
