@@ -19,7 +19,15 @@ from aria_jax.safetensors_io import CheckpointError
 from convert.conversion import convert_checkpoint
 from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(scope="module", autouse=True)
+def without_autograd():
+    """transformers' forward builds no graph here (and `.numpy()` takes its outputs); only for this
+    module: other tests train with torch."""
+    with torch.no_grad():
+        yield
+
+
 RANK = 4
 
 

@@ -15,7 +15,13 @@ from safetensors.numpy import load_file, save_file
 from aria_jax.qwen2_vl.pretrained import Qwen2VLForConditionalGeneration
 from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(scope="module", autouse=True)
+def without_autograd():
+    """transformers' forward builds no graph here (and `.numpy()` takes its outputs); only for this
+    module: other tests train with torch."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -91,13 +91,14 @@ class ChatSession:
         processor,
         multimodal: bool,
         settings: Settings,
-        out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
         interactive: bool = False,
     ):
         self.model, self.processor, self.multimodal = model, processor, multimodal
         self.settings = settings
-        self.out, self.err, self.interactive = out, err, interactive
+        # The streams of the moment, not of import time (a caller may have replaced them since).
+        self.out, self.err, self.interactive = out or sys.stdout, err or sys.stderr, interactive
         self.conversation = Conversation()
 
     # ------------------------------------------------------------------ the loop
