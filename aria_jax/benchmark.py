@@ -31,6 +31,7 @@ import numpy as np
 
 from aria_jax.config import ARIA_CROP_SIZE_TO_QUERIES, ARIA_PATCH_TO_QUERY
 from aria_jax.expert_weights import is_routed_expert_weight
+from aria_jax.resident_memory import peak_resident_bytes
 
 # ----------------------------------------------------------------------------- the bench model
 
@@ -123,8 +124,8 @@ def first_and_best(run, repeats: int):
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """This process's peak resident memory."""
+    return peak_resident_bytes() / 1e9
 
 
 def prefill_result(prompt_tokens: int, first: float, best: float, tokens: np.ndarray) -> dict:

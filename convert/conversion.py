@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import os
 import re
-import resource
 import time
 import warnings
 
@@ -26,6 +25,7 @@ from aria_jax.files import atomic_directory, copy_side_files, write_json
 from aria_jax.families import config_from_directory, key_table_for, param_layout
 from aria_jax.pretrained import resolve_dtype, shape_tree
 from aria_jax.quantization import DEFAULT_GROUP_SIZE, Quantization
+from aria_jax.resident_memory import peak_resident_bytes
 from aria_jax.torch_pickle import TorchZipCheckpoint
 from aria_jax.weights import HubCheckpoint, KeyTable, flatten_tree, layer_sources, plan_load
 
@@ -45,7 +45,7 @@ class Summary:
 
     @property
     def peak_memory_bytes(self) -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return peak_resident_bytes()
 
     def line(self) -> str:
         return (

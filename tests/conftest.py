@@ -1,8 +1,9 @@
 """Shared pytest set-up and hooks.
 
 Notebook timings: tests/test_notebooks.py records how long each notebook took to execute
-(through the `notebook_timings` fixture), and the terminal summary prints one line per notebook,
-so the times show in the CI log even under `python -m pytest -q`.
+(through the `notebook_timings` fixture, as a property of the test's report, so that it reaches
+the main process from pytest-xdist's workers), and the terminal summary prints one line per
+notebook, so the times show in the CI log even under `python -m pytest -q`.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ import pytest
 # every subprocess a test starts.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-NOTEBOOK_TIMINGS = pytest.StashKey[list]()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.stash[NOTEBOOK_TIMINGS] = []
+NOTEBOOK_SECONDS = "notebook seconds"  # the name of the report property
+notebook_seconds: list[tuple[str, float]] = []  # in the process that prints the summary
 
 
 @pytest.fixture
-def notebook_timings(request: pytest.FixtureRequest) -> list:
-    """Append (notebook name, seconds) for each notebook that executed without error."""
-    return request.config.stash[NOTEBOOK_TIMINGS]
+def notebook_timings(request: pytest.FixtureRequest):
+    """Call with (notebook name, seconds) for each notebook that executed without error."""
+    return lambda name, seconds: request.node.user_properties.append((NOTEBOOK_SECONDS, (name, seconds)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    notebook_seconds.extend(value for key, value in report.user_properties if key == NOTEBOOK_SECONDS)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    for name, seconds in config.stash.get(NOTEBOOK_TIMINGS, []):
+    for name, seconds in notebook_seconds:
         terminalreporter.write_line(f"notebook {name}: executed without error in {seconds:.1f} s")

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import jax.numpy as jnp
@@ -119,27 +118,37 @@ def write_hub_checkpoint(directory: str, config: dict) -> tuple[dict, dict, int,
     return numbers, where, total, max(nbytes(shape) for _, shape in tensors)
 
 
+# Starts the command and prints its exit code and peak RSS (KiB). The command's ru_maxrss starts
+# from the memory map it was exec'd from: from this small launcher's, not from pytest's (GBs).
+LAUNCHER = """
+import os, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[2:], stdout=sys.stderr, stderr=subprocess.STDOUT)  # into the log
+watchdog = threading.Timer(float(sys.argv[1]), child.kill)
+watchdog.start()
+_, status, usage = os.wait4(child.pid, 0)
+watchdog.cancel()
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def convert_measuring_peak(source: str, destination: str, *extra: str, timeout: float = 600) -> tuple[int, int, str]:
-    """Runs `aria-jax convert` in a child; returns its exit code, its own peak RSS in bytes
-    (os.wait4 gives that child's rusage, not the max over all children so far) and its output."""
+    """Runs `aria-jax convert` in a grandchild (through LAUNCHER); returns its exit code, its own
+    peak RSS in bytes (os.wait4 gives that process's rusage alone) and its output."""
     log = destination + ".log"
+    command = [sys.executable, "-m", "aria_jax.cli", "convert", source, destination, "--quiet", *extra]
     with open(log, "w") as out:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "aria_jax.cli", "convert", source, destination, "--quiet", *extra],
+        launched = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(timeout), *command],
             cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE,
+            stderr=out,
+            text=True,
+            check=True,
         )
-        watchdog = threading.Timer(timeout, child.kill)
-        watchdog.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            watchdog.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
+    code, peak_kib = map(int, launched.stdout.split())
     with open(log, encoding="utf-8", errors="replace") as f:
         output = f.read()
-    return child.returncode, usage.ru_maxrss * 1024, output  # Linux reports KiB
+    return code, peak_kib * 1024, output  # Linux reports KiB
 
 
 def bits(array: np.ndarray) -> np.ndarray:

@@ -535,13 +535,14 @@ def test_48k_prompt_generates_in_bounded_memory(tmp_path):
         max_position_embeddings=LONG_CONTEXT,
     )
     script = textwrap.dedent(f"""
-        import json, resource
+        import json
         import numpy as np
         import aria_jax
+        from aria_jax.resident_memory import peak_resident_bytes
         model = aria_jax.AriaTextForCausalLM.from_pretrained({str(tmp_path)!r}, dtype="float32")
         ids = np.random.default_rng(0).integers(3, 128, size=(1, {PROMPT_48K}))
         tokens = model.generate(ids, max_new_tokens=6)[0, {PROMPT_48K}:]
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        peak_gb = peak_resident_bytes() / 1e9
         print(json.dumps({{"tokens": tokens.tolist(), "peak_gb": peak_gb}}))
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)

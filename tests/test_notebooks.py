@@ -67,7 +67,7 @@ def test_notebook_executes(path, kernel_spec_manager, notebook_timings):
         if output.output_type == "error"
     ]
     assert not errors, errors
-    notebook_timings.append((notebook_id(path), seconds))
+    notebook_timings(notebook_id(path), seconds)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
