@@ -29,6 +29,8 @@ def notebook_timings(request: pytest.FixtureRequest):
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call":  # the teardown's report carries the call's properties again
+        return
     notebook_seconds.extend(value for key, value in report.user_properties if key == NOTEBOOK_SECONDS)
 
 
