@@ -196,10 +196,7 @@ class Engine:
         self,
         input_ids,
         attention_mask=None,
-        pixel_values=None,
-        pixel_mask=None,
-        num_crops=None,
-        *,
+        *media,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature=1.0,
@@ -208,12 +205,13 @@ class Engine:
         seed=0,
         stop_strings=(),
         loop: asyncio.AbstractEventLoop | None = None,
+        **named_media,
     ) -> Handle:
         """Queues one prompt, as the processor gives it (`engine.submit(**inputs, ...)`: token
-        ids (1, T) or (T,), padding in `attention_mask` dropped, images) with `generate`'s
-        settings; returns its `Handle`. Raises `RequestError` for a bad request, `QueueFull`
-        when `max_queue` requests wait, `EngineStopped` after `stop()`. `num_crops` is accepted
-        and not needed."""
+        ids (1, T) or (T,), padding in `attention_mask` dropped, the model's image inputs by
+        position or name as `generate` takes them) with `generate`'s settings; returns its
+        `Handle`. Raises `RequestError` for a bad request, `QueueFull` when `max_queue` requests
+        wait, `EngineStopped` after `stop()`."""
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -227,8 +225,8 @@ class Engine:
         prompt = self.model.prompt(
             ids,
             None,
-            pixel_values,
-            pixel_mask,
+            *media,
+            **named_media,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,

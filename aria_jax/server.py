@@ -145,7 +145,8 @@ def create_app(engine: Engine, processor, model_name: str, *, allowed_media_dir:
     def submit(inputs: dict, body, loop):
         """Runs on a worker thread: image decoding and tokenizing must not hold the event loop."""
         settings = body.settings(engine.max_length - prompt_bucket(inputs["input_ids"].shape[1]))
-        return engine.submit(*engine_arguments(engine.model, inputs), **settings, loop=loop)
+        media = media_inputs(engine.model, inputs)
+        return engine.submit(inputs["input_ids"], inputs.get("attention_mask"), **media, **settings, loop=loop)
 
     async def submitted(make_inputs, body):
         loop = asyncio.get_running_loop()
@@ -273,13 +274,10 @@ def chat_inputs(processor, messages: list[dict], images: list) -> dict:
     return processor(text=prompt, images=images or None)
 
 
-def engine_arguments(model, inputs: dict) -> tuple:
-    """The processor's outputs as `Engine.submit` takes them, by position: it hands its two image
-    arguments on to `model.prompt` by position, which binds them to the family's first two
-    (`MEDIA_ARGUMENTS`: Aria's pixel_values and pixel_mask, Qwen2-VL's pixel_values and
-    image_grid_thw). A family's later ones (Awaker's prompt_pos) are derived from the ids."""
-    media = (inputs.get(name) for name in model.MEDIA_ARGUMENTS[:2])
-    return (inputs["input_ids"], inputs.get("attention_mask"), *media)
+def media_inputs(model, inputs: dict) -> dict:
+    """The processor's image outputs that the model's family takes (`MEDIA_ARGUMENTS`: Aria's
+    pixel_values, pixel_mask, num_crops; Qwen2-VL's pixel_values, image_grid_thw), by name."""
+    return {name: inputs[name] for name in model.MEDIA_ARGUMENTS if name in inputs}
 
 
 def usage(completion: Completion) -> dict:

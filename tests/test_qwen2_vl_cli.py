@@ -158,6 +158,27 @@ def test_serve_answers_an_image_chat_completion(qwen2_vl_dir, qwen2_vl, image_fi
     assert response.choices[0].message.content == expected
 
 
+def test_engine_takes_the_processor_outputs_by_name(qwen2_vl, image_file):
+    """`engine.submit(**inputs)` with Qwen2-VL's image inputs (pixel_values, image_grid_thw) by
+    name, or by position, answers as `generate` does."""
+    from aria_jax.engine import Engine
+
+    model, processor = qwen2_vl
+    messages = [user(QUESTION, 1)]
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       images=[Image.open(image_file).convert("RGB")])  # fmt: skip
+    assert {"pixel_values", "image_grid_thw"} <= set(inputs)
+    expected = api_answer(model, processor, messages, [Image.open(image_file).convert("RGB")])
+    with Engine(model, max_batch=2, max_length=256) as engine:
+        by_name = engine.submit(**inputs, max_new_tokens=MAX_NEW_TOKENS).result()
+        media = (inputs["pixel_values"], inputs["image_grid_thw"])
+        by_position = engine.submit(
+            inputs["input_ids"], inputs["attention_mask"], *media, max_new_tokens=MAX_NEW_TOKENS
+        )
+        by_position = by_position.result()
+    assert by_name.text == by_position.text == expected
+
+
 def test_serve_warms_up_and_answers_awaker(awaker_dir):
     """Awaker's routers read the prompt's chat turns, so serve warms it up with a chat prompt;
     a text chat completion then gives the Python API's answer."""
