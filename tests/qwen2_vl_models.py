@@ -5,7 +5,7 @@ here on generated English, with Qwen2-VL's special tokens appended after the voc
 in the real one), Qwen2-VL-7B-Instruct's chat template, a `Qwen2VLProcessor` whose image
 processor allows 4..64 merged tokens per image, and a random float32
 `Qwen2VLForConditionalGeneration`. `tiny_qwen2_vl_dir(...)` caches one per argument set in a
-temporary directory, for fixtures.
+temporary directory, for fixtures. `without_autograd`: a module's autouse fixture, once imported.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import importlib.util
 import json
 import os
 import tempfile
+
+import pytest
 
 from repo_paths import ROOT
 
@@ -28,6 +30,16 @@ _spec.loader.exec_module(tiny_models)
 SPECIAL_TOKENS, CHAT_TEMPLATE = tiny_models.SPECIAL_TOKENS, tiny_models.CHAT_TEMPLATE
 MIN_PIXELS, MAX_PIXELS = tiny_models.MIN_PIXELS, tiny_models.MAX_PIXELS
 make_tiny_tokenizer = tiny_models.make_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def without_autograd():
+    """transformers' forward builds no graph in the importing module (and `.numpy()` takes its
+    outputs); only there: other tests train with torch."""
+    import torch
+
+    with torch.no_grad():
+        yield
 
 
 def tiny_qwen2_vl_config(tokenizer=None, **overrides):

@@ -17,15 +17,7 @@ import awaker_oracle as oracle
 from aria_jax.qwen2_vl.pretrained import AwakerForConditionalGeneration
 from aria_jax.safetensors_io import CheckpointError
 from convert.conversion import convert_checkpoint
-from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def without_autograd():
-    """transformers' forward builds no graph here (and `.numpy()` takes its outputs); only for this
-    module: other tests train with torch."""
-    with torch.no_grad():
-        yield
+from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir, without_autograd  # noqa: F401 (an autouse fixture)
 
 
 RANK = 4

@@ -164,14 +164,13 @@ def test_engine_takes_the_processor_outputs_by_name(qwen2_vl, image_file):
     from aria_jax.engine import Engine
 
     model, processor = qwen2_vl
-    messages = [user(QUESTION, 1)]
-    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                       images=[Image.open(image_file).convert("RGB")])  # fmt: skip
+    messages, image = [user(QUESTION, 1)], Image.open(image_file).convert("RGB")
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=[image])
     assert {"pixel_values", "image_grid_thw"} <= set(inputs)
-    expected = api_answer(model, processor, messages, [Image.open(image_file).convert("RGB")])
+    expected = api_answer(model, processor, messages, [image])
+    media = (inputs["pixel_values"], inputs["image_grid_thw"])
     with Engine(model, max_batch=2, max_length=256) as engine:
         by_name = engine.submit(**inputs, max_new_tokens=MAX_NEW_TOKENS).result()
-        media = (inputs["pixel_values"], inputs["image_grid_thw"])
         by_position = engine.submit(
             inputs["input_ids"], inputs["attention_mask"], *media, max_new_tokens=MAX_NEW_TOKENS
         )

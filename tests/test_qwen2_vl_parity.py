@@ -9,19 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 from aria_jax.qwen2_vl.pretrained import Qwen2VLForConditionalGeneration
-from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def without_autograd():
-    """transformers' forward builds no graph here (and `.numpy()` takes its outputs); only for this
-    module: other tests train with torch."""
-    with torch.no_grad():
-        yield
+from qwen2_vl_models import chat, load_transformers_processor, photo, tiny_qwen2_vl_dir, without_autograd  # noqa: F401 (an autouse fixture)
 
 
 @pytest.fixture(scope="module")
