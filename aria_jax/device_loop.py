@@ -26,7 +26,14 @@ import jax.numpy as jnp
 from aria_jax.buckets import PREFILL_CHUNK
 from aria_jax.config import AriaTextConfig
 from aria_jax.kv_cache import check_kv_cache_dtype, init_cache, init_per_layer, per_layer, pinned
-from aria_jax.modeling import STACKED_IN_DECODE, TextDecoder, default_position_ids, layer_params, unrolled_cached_step
+from aria_jax.modeling import (
+    STACKED_IN_DECODE,
+    TextDecoder,
+    default_position_ids,
+    layer_params,
+    scanned_cached_step,
+    unrolled_cached_step,
+)
 from aria_jax.quantization import dequantize_tree
 from aria_jax.sharding import constrain, on_one_cpu
 
@@ -149,16 +156,17 @@ def prefill(
     if chunk == prompt_len and not on_one_cpu():
         # The prompt's keys and values stacked, as the layer scan makes them; then each layer's own
         # cache buffer: less memory than scanning over the whole cache and splitting it after.
-        decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype, dispatch=True)
-        logits, prompt_cache = decoder.apply(
-            {"params": text_params},
+        logits, prompt_cache = scanned_cached_step(
+            text_params,
             prompt_embeds,
             mask,
             positions,
             init_cache(config, batch, prompt_len, dtype, kv_cache_dtype),
             0,
-            None if gate_inputs is None else gate_inputs[0],
-            method=TextDecoder.cached_step,
+            config=config,
+            dtype=dtype,
+            dispatch=True,
+            gate_input=None if gate_inputs is None else gate_inputs[0],
         )
         cache = per_layer(prompt_cache, cache_length)
     else:

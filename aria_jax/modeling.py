@@ -207,6 +207,45 @@ def unrolled_cached_step(
     return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), updated
 
 
+def scanned_cached_step(
+    params,
+    inputs_embeds,
+    key_mask,
+    position_ids,
+    cache,
+    cache_index,
+    *,
+    config: AriaTextConfig,
+    dtype=jnp.float32,
+    dispatch: bool = False,
+    gate_input=None,
+):
+    """`TextDecoder.cached_step` (a stacked cache, (layers, ...), the layers in a loop compiled
+    once: a prompt's prefill), but for the routed experts, which are not taken out of the stacks:
+    the loop's index is each layer's `layer_index`, and on TPU the MoE's kernel reads the layer's
+    experts where they lie. A scan of the decoder module copies every layer's slice of them
+    (most of the weights) out of the stacks before its grouped matmuls."""
+    decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
+    x = inputs_embeds.astype(dtype)
+    cos, sin = rope_tables(config, position_ids, dtype)
+    stacked = params["layers"]
+    in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE if name in stacked["mlp"]}
+    per_layer = {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}}
+
+    def one_layer(x, inputs):
+        index, this_layer, layer_cache = inputs
+        layer = DecoderLayer(config, dtype=dtype, param_dtype=dtype, layer_index=index, dispatch=dispatch)
+        this_layer = {**this_layer, "mlp": {**this_layer["mlp"], **in_stack}}
+        x, layer_cache = layer.apply(
+            {"params": this_layer}, x, cos, sin, key_mask, layer_cache, cache_index, gate_input
+        )
+        return x, layer_cache
+
+    indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+    x, cache = jax.lax.scan(one_layer, x, (indices, per_layer, cache))
+    return decoder.apply({"params": params}, x[:, -1], method=TextDecoder.logits), cache
+
+
 def rope_tables(config, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """The decoder's RoPE cos and sin (B, T, head_dim): position_ids (B, T), or (B, T, 3) with M-RoPE."""
     return rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype, config.mrope_section)

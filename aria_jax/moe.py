@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.expert_weights import ROUTED_EXPERT_AXES
-from aria_jax.grouped_matmul import stacked_grouped_matmul
+from aria_jax.grouped_matmul import row_tiled_grouped_matmul, stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.quantization import QuantizedArray, dequantized, spec_for
 from aria_jax.sharding import compile_platform, mesh_axis_size, on_several_devices
@@ -81,40 +81,47 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_sam
         weights,
         expert_ids,
         gate_up.shape[0],
-        sum_hidden,
-        lambda rows, sizes: jax.lax.ragged_dot(rows, gate_up, sizes),
+        lambda rows, sizes: _glu(sum_hidden(jax.lax.ragged_dot(rows, gate_up, sizes))),
         lambda rows, sizes: jax.lax.ragged_dot(rows, down, sizes),
     )
 
 
-def routed_experts_in_stack(layer: int, interpret: bool = False):
-    """The sorted backend for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D): the TPU
-    kernel `stacked_grouped_matmul` reads `layer`'s experts where they lie, only those that hold
-    rows (`interpret`: run it in Pallas' interpreter, on any platform)."""
+def routed_experts_in_stack(layer: int | jax.Array, interpret: bool = False):
+    """The sorted backend for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D), on TPU
+    kernels that read `layer`'s experts where they lie, only those that hold rows: for a decode
+    step's few (token, slot) pairs `stacked_grouped_matmul` (`layer` an int: the layers run
+    unrolled), for more (a prompt's) `row_tiled_grouped_matmul`, its gating fused (`layer` may be
+    a loop's index). `interpret`: run them in Pallas' interpreter, on any platform."""
 
     def run(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
+        if isinstance(layer, int) and expert_ids.size <= IN_STACK_MAX_PAIRS:
+            up = functools.partial(stacked_grouped_matmul, weights=gate_up, layer=layer, interpret=interpret)
+            gated = lambda rows, sizes: _glu(sum_hidden(up(rows, group_sizes=sizes)))  # noqa: E731
+            projection = functools.partial(stacked_grouped_matmul, weights=down, layer=layer, interpret=interpret)
+        else:
+            tiled = functools.partial(row_tiled_grouped_matmul, layer=layer, interpret=interpret)
+            if sum_hidden is _same:
+                gated = lambda rows, sizes: tiled(rows, gate_up, group_sizes=sizes, activation=jax.nn.silu)  # noqa: E731
+            else:  # the up-projection's partial sums are added over the mesh before the gating
+                gated = lambda rows, sizes: _glu(sum_hidden(tiled(rows, gate_up, group_sizes=sizes)))  # noqa: E731
+            projection = functools.partial(tiled, weights=down)
         return _sorted_pairs(
-            x,
-            weights,
-            expert_ids,
-            gate_up.shape[1],
-            sum_hidden,
-            lambda rows, sizes: stacked_grouped_matmul(rows, gate_up, layer, sizes, interpret),
-            lambda rows, sizes: stacked_grouped_matmul(rows, down, layer, sizes, interpret),
+            x, weights, expert_ids, gate_up.shape[1], gated, lambda rows, sizes: projection(rows, group_sizes=sizes)
         )
 
     return run
 
 
-def _sorted_pairs(x, weights, expert_ids, num_experts, sum_hidden, up_projection, down_projection):
-    """The (token, slot) pairs sorted by expert, each expert's rows through its projections
-    (`*_projection(rows, group_sizes)`: grouped matmuls), then back in order and weighted."""
+def _sorted_pairs(x, weights, expert_ids, num_experts, gated_projection, down_projection):
+    """The (token, slot) pairs sorted by expert, each expert's rows through its gated
+    up-projection and its down-projection (`*_projection(rows, group_sizes)`: grouped matmuls),
+    then back in order and weighted."""
     num_tokens, top_k = expert_ids.shape
     flat_expert_ids = expert_ids.reshape(-1)  # (T*K,)
     order = jnp.argsort(flat_expert_ids, stable=True)  # rows grouped by expert
     group_sizes = jnp.bincount(flat_expert_ids, length=num_experts).astype(jnp.int32)
     x_sorted = x[order // top_k]  # (T*K, D)
-    activations = _glu(sum_hidden(up_projection(x_sorted, group_sizes)))
+    activations = gated_projection(x_sorted, group_sizes)
     out_sorted = down_projection(activations, group_sizes)  # (T*K, D)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
@@ -340,10 +347,11 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
     mesh = jax.sharding.get_abstract_mesh()
     shards = mesh_axis_size(mesh, "expert")
     rows = ("data", "expert") if mesh_axis_size(mesh, "data") > 1 else ("expert",)
+    layers = (None,) * (gate_up.ndim - 3)  # a leading layer axis: weights stacked over layers
 
     def local_tokens(x, weights, expert_ids, gate_up, down, shared_gate, shared_up, shared_down):
         num_tokens, top_k = expert_ids.shape
-        num_local, model_dim = gate_up.shape[0], x.shape[-1]
+        num_local, model_dim = gate_up.shape[-3], x.shape[-1]
         num_pairs = num_tokens * top_k
         capacity = math.ceil(num_pairs * DISPATCH_SLACK / shards)
         destination = (expert_ids // num_local).reshape(-1)  # (P,) shard of each pair
@@ -392,8 +400,8 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
             P(rows),
             P(rows),
             P(rows),
-            spec_for(gate_up, P("expert")),
-            spec_for(down, P("expert")),
+            spec_for(gate_up, P(*layers, "expert")),
+            spec_for(down, P(*layers, "expert")),
             P(),
             P(),
             P(),
@@ -474,13 +482,14 @@ class MoE(nn.Module):
                 self.param_dtype,
             )
             pairs = math.prod(x.shape[:-1]) * cfg.moe_topk
+            quantized = isinstance(gate_up, QuantizedArray)
             if (
                 compile_platform() == "tpu"
                 and cfg.moe_backend in ("auto", "ragged_dot")
-                and pairs <= IN_STACK_MAX_PAIRS
+                and (pairs <= IN_STACK_MAX_PAIRS and isinstance(self.layer_index, int) or not quantized)
             ):
                 backend = routed_experts_in_stack(self.layer_index)
-            elif backend in READ_IN_STACK and not on_mesh:
+            elif backend in READ_IN_STACK and not on_mesh and isinstance(self.layer_index, int):
                 backend = functools.partial(backend, layer=self.layer_index)
             else:
                 gate_up, down = gate_up[self.layer_index], down[self.layer_index]
@@ -499,7 +508,7 @@ class MoE(nn.Module):
             weight("shared_up", (d, s), ("expert_embed", "shared_mlp")),
             weight("shared_down", (s, d), ("shared_mlp", "expert_embed")),
         )
-        if self.dispatch and gate_up.ndim == 3 and can_dispatch(tokens.shape[0]):
+        if self.dispatch and can_dispatch(tokens.shape[0]):
             with jax.named_scope("experts"):
                 out = experts_by_dispatch(backend, act, tokens, top_weights, top_ids, gate_up, down, shared)
         elif on_mesh:

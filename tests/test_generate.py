@@ -11,6 +11,8 @@ they run on models/tiny-random, which ships one (its weights are random too).
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import math
 
@@ -29,7 +31,7 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.device_loop import Sampling, sample_tokens
 from aria_jax.hlo_text import Module, arrays_of
 from aria_jax.kv_cache import init_cache, per_layer
-from aria_jax.modeling import TextDecoder, init_text_params, text_forward, unrolled_cached_step
+from aria_jax.modeling import TextDecoder, init_text_params, scanned_cached_step, text_forward, unrolled_cached_step
 from test_multimodal_parity import build_rows, emulated_crop, noise_image
 from tiny_models import make_multimodal_model, make_text_model
 from repo_paths import TINY_RANDOM
@@ -240,6 +242,28 @@ def greedy_cached_steps(model, ids, mask, cache=None):
         if i + 1 < STEPS:
             logits, cache = step(model.params, tokens[-1][:, None], (mask.sum(1) + i)[:, None], cache, prompt + i)
     return step_logits, tokens, cache
+
+
+def test_prefill_loop_over_layers_equals_the_decoder_scan(text_pair):
+    """What generation prefills a prompt with (`scanned_cached_step`: the layer loop with the
+    routed experts left in their stacks, read at the loop's index) against the decoder module's
+    own layer scan: the same logits and cache."""
+    model = text_pair.no_eos
+    config = model.config
+    ids, mask = left_padded(8, (10, 3), config.vocab_size)
+    decoder = TextDecoder(config)
+    embeds = decoder.apply({"params": model.params}, jnp.asarray(ids), method=TextDecoder.embed)
+    key_mask = jnp.asarray(mask, bool)
+    positions = jnp.asarray(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+    cache = init_cache(config, *ids.shape, jnp.float32)
+    expected = decoder.apply(
+        {"params": model.params}, embeds, key_mask, positions, cache, 0, method=TextDecoder.cached_step
+    )
+    got = jax.jit(functools.partial(scanned_cached_step, config=config))(
+        model.params, embeds, key_mask, positions, cache, 0
+    )
+    for name, a, b in [("logits", got[0], expected[0]), *[(k, got[1][k], expected[1][k]) for k in ("k", "v")]]:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_cached_logits_equal_uncached_forward_at_every_step(text_pair):

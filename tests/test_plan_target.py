@@ -104,8 +104,13 @@ def test_two_layer_full_width_model_on_v5e_2x2(bfloat16_plan):
     assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2 + 2
     assert not re.search(r"= bf16\[16,2560,3328\]|= bf16\[16,1664,2560\]", decode_hlo)
     # Prefill sends each (token, slot) pair to its expert's chip; decode (2 tokens) does not.
+    prefill_hlo = (directory / "hlo" / "prefill.txt").read_text()
     dispatch = re.compile(r" all-to-all\(.*op_name=\"[^\"]*/experts/shard_map/[^\"]*all_to_all\"")
-    assert dispatch.search((directory / "hlo" / "prefill.txt").read_text()) and not dispatch.search(decode_hlo)
+    assert dispatch.search(prefill_hlo) and not dispatch.search(decode_hlo)
+    # Prefill's loop over the layers reads each layer's experts in the stacks too (the row-tiled
+    # kernel, its gating fused: no copy of a layer's 16 local experts, no gating of its own).
+    assert prefill_hlo.count("jit(_row_tiled_grouped_matmul)/pallas_call") > 0
+    assert not re.search(r"= bf16\[(1,)?16,(2560,3328|3328,2560|1664,2560|2560,1664)\]", prefill_hlo)
 
     chip = plan["chip"]
     assert (plan["target"], plan["chips"], plan["batch"], plan["prompt_length"], plan["cache_length"]) == (
@@ -132,10 +137,8 @@ def test_two_layer_full_width_model_on_v5e_2x2(bfloat16_plan):
         assert program["fits"] == (program["peak"] <= chip["hbm_bytes"])
         estimate, roofline = program["estimate"], program["roofline"]
         assert estimate["seconds"] >= estimate["seconds_cheapest"] > 0
-        if program["name"] == "prefill":
-            assert 0.5 < estimate["compiler_share"] <= 1  # mostly the compiler's own cycles
-        else:  # the experts' kernels carry no compiler cycles: their declared costs
-            assert 0 < estimate["compiler_share"] < 1
+        # the experts' kernels carry no compiler cycles: their declared costs
+        assert 0 < estimate["compiler_share"] < 1
         assert program["ratio"] == pytest.approx(estimate["seconds"] / roofline["seconds"])
         assert program["heaviest"] and all(item["seconds"] > 0 for item in program["heaviest"])
         # The table prints the same figures.
