@@ -54,10 +54,12 @@ def attention(
     "dense" builds the whole score matrix (`dot_product_attention`, the reference); "blockwise"
     runs an online softmax over key blocks; "flash" is the Pallas TPU flash attention kernel
     (`flash_attention`: self-attention of a whole sequence only); "decode" is the Pallas TPU
-    kernel for a few causal queries against a KV cache (`decode_attention`; Pallas' interpreter
-    elsewhere). "auto": on TPU, decode for up to DECODE_QUERIES causal queries; else dense for
-    small score matrices; past DENSE_LIMIT, flash where it applies on TPU, else blockwise. Rows
-    with no key to attend (left pads) are finite garbage in all; callers ignore them.
+    kernel for causal queries against a KV cache, a decode step's few or a chunk's many in blocks
+    (`decode_attention`; Pallas' interpreter elsewhere). "auto": on TPU, decode for up to
+    DECODE_QUERIES causal queries; else dense for small score matrices; past DENSE_LIMIT, flash
+    where it applies on TPU, else on TPU decode for causal queries (a prompt's chunk at its place
+    in the cache), else blockwise. Rows with no key to attend (left pads) are finite garbage in
+    all; callers ignore them.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: must be one of {IMPLEMENTATIONS}")
@@ -69,6 +71,8 @@ def attention(
             implementation = "dense"
         elif compile_platform() == "tpu" and flash_applies(num_queries, num_keys, query_offset):
             implementation = "flash"
+        elif compile_platform() == "tpu" and query_offset is not None:
+            implementation = "decode"
         else:
             implementation = "blockwise"
     if implementation == "dense":
@@ -87,11 +91,8 @@ def attention(
             k, v = from_int8(k, scales[0], q.dtype), from_int8(v, scales[1], q.dtype)
         return flash_attention(q, k, v, key_mask, causal=query_offset is not None)
     if implementation == "decode":
-        if not decode_applies(num_queries, query_offset):
-            raise ValueError(
-                f"decode attention takes up to {DECODE_QUERIES} causal queries: not {num_queries} "
-                f"at offset {query_offset}"
-            )
+        if query_offset is None:
+            raise ValueError("decode attention takes causal queries at an offset into the keys: not query_offset=None")
         return decode_attention(q, k, v, key_mask, query_offset, scales)
     return blockwise_attention(q, k, v, key_mask, query_offset, block, scales)
 

@@ -1,12 +1,14 @@
-"""Decode attention on TPU: a few queries per row against a whole KV cache, as a Pallas kernel
-that reads every cached key and value once.
+"""Attention against a KV cache on TPU: a decode step's few queries per row (or a prompt chunk's
+many, in blocks of rows) against the whole cache, as a Pallas kernel that reads every cached
+key and value once per block of queries.
 
 Why a kernel: XLA compiles a decode step's attention (one query per row and head against S
 cached keys) as broadcast-multiply-reduce fusions that the TPU compiler itself estimates at a
 fraction of HBM bandwidth, and at batch 32 the cache is a quarter of what a step must read.
 Here blocks of keys and values of several heads stream through an online softmax; blocks past
-the last position any query may attend are neither computed nor fetched again (their block
-index repeats, which the pipeline does not copy twice). The result is the softmax statistics
+the last position any query of a block may attend are neither computed nor fetched again (their
+block index repeats, which the pipeline does not copy twice): a chunk's early queries skip the
+keys after them. The result is the softmax statistics
 (max, sum, unnormalized values) of `attention.dense_stats`, so that callers normalize them or
 merge them over a cache whose positions are split over the mesh.
 
@@ -27,6 +29,8 @@ from jax.experimental.pallas import tpu as pltpu
 ROW_ALIGN = 8  # sublanes: a head's query rows are padded to a multiple
 LANES = 128  # the running max and sum are kept lane-replicated
 KEY_BLOCK = 512  # keys per step (a cache of fewer: all of it at once)
+QUERY_BLOCK = 256  # a head's query rows per block, when it has more (a prompt chunk's)
+VMEM_BYTES = 48 * 2**20  # a block of query rows, its statistics and a block of keys and values
 BLOCK_BYTES = 1 << 20  # keys (and as many values) per step, over the heads of a block
 
 
@@ -43,14 +47,32 @@ def head_block(num_kv_heads: int, keys: int, head_dim: int, itemsize: int, scale
     return max(allowed) if allowed else num_kv_heads
 
 
+def last_query(block, num_queries: int, rows: int, query_rows: int):
+    """The latest query (its index t) among a block of a head's rows, ordered (group, t)."""
+    first_row = block * query_rows
+    last_row = jnp.minimum(first_row + query_rows, rows) - 1
+    return jnp.where(first_row // num_queries == last_row // num_queries, last_row % num_queries, num_queries - 1)
+
+
 def _kernel(
-    positions_ref, q_ref, k_ref, v_ref, mask_ref, *refs, num_queries: int, keys: int, num_keys: int, scaled: bool
+    positions_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    mask_ref,
+    *refs,
+    num_queries: int,
+    rows: int,
+    keys: int,
+    num_keys: int,
+    scaled: bool,
 ):
     """`scaled`: k and v are int8, their scales (heads, keys) follow the mask."""
     if scaled:
         k_scale_ref, v_scale_ref, *refs = refs
     max_ref, sum_ref, values_ref, max_scratch, sum_scratch, values_scratch = refs
-    step = pl.program_id(2)
+    query_block, step = pl.program_id(2), pl.program_id(3)
+    query_rows = q_ref.shape[1]
     query_index, key_offset = positions_ref[0], positions_ref[1]
     first_key = key_offset + step * keys
     ragged = num_keys % keys != 0  # the last block runs past the cache: what it reads there is garbage
@@ -61,11 +83,12 @@ def _kernel(
         sum_scratch[...] = jnp.zeros_like(sum_scratch)
         values_scratch[...] = jnp.zeros_like(values_scratch)
 
-    @pl.when(first_key <= query_index + num_queries - 1)  # some query may attend this block
+    # some query of the block may attend this block of keys
+    @pl.when(first_key <= query_index + last_query(query_block, num_queries, rows, query_rows))
     def _():
-        rows = q_ref.shape[1]
-        key_position = first_key + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
-        query_position = query_index + jax.lax.broadcasted_iota(jnp.int32, (rows, keys), 0) % num_queries
+        key_position = first_key + jax.lax.broadcasted_iota(jnp.int32, (query_rows, keys), 1)
+        row = query_block * query_rows + jax.lax.broadcasted_iota(jnp.int32, (query_rows, keys), 0)
+        query_position = query_index + row % num_queries
         allowed = (mask_ref[...] > 0) & (key_position <= query_position)
         if ragged:
             allowed &= key_position < key_offset + num_keys
@@ -98,7 +121,7 @@ def _kernel(
             max_scratch[head] = jnp.broadcast_to(new_max, max_scratch.shape[1:])
             sum_scratch[head] = jnp.broadcast_to(new_sum, sum_scratch.shape[1:])
 
-    @pl.when(step == pl.num_programs(2) - 1)
+    @pl.when(step == pl.num_programs(3) - 1)
     def _():
         max_ref[...] = max_scratch[...]
         sum_ref[...] = sum_scratch[...]
@@ -125,7 +148,8 @@ def decode_attention_stats(
     _, num_kv_heads, num_keys, _ = k.shape
     groups = num_heads // num_kv_heads
     rows = groups * num_queries
-    padded_rows = -(-rows // ROW_ALIGN) * ROW_ALIGN
+    query_rows = min(QUERY_BLOCK, -(-rows // ROW_ALIGN) * ROW_ALIGN)
+    padded_rows = -(-rows // query_rows) * query_rows
     scaled = scales is not None
     # A head's rows: its group's queries, (g, t) in order; pads after them are never read.
     q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, q.dtype)
@@ -136,38 +160,40 @@ def decode_attention_stats(
     heads = head_block(num_kv_heads, keys, head_dim, k.dtype.itemsize, scaled)
     positions = jnp.stack([jnp.asarray(query_index, jnp.int32), jnp.asarray(key_offset, jnp.int32)])
 
-    def key_step(step, positions):
-        """Blocks past the last query's position repeat the last one it may attend: not fetched."""
-        last = (positions[0] + num_queries - 1 - positions[1]) // keys
-        return jnp.clip(jnp.minimum(step, last), 0, num_blocks - 1)
+    def key_step(query_block, step, positions):
+        """Blocks past the block's last query's position repeat the last one it may attend: not fetched."""
+        last_position = positions[0] + last_query(query_block, num_queries, rows, query_rows)
+        return jnp.clip(jnp.minimum(step, (last_position - positions[1]) // keys), 0, num_blocks - 1)
 
-    per_head = pl.BlockSpec((None, heads, padded_rows, head_dim), lambda b, h, s, positions: (b, h, 0, 0))
-    cached = pl.BlockSpec((None, heads, keys, head_dim), lambda b, h, s, positions: (b, h, key_step(s, positions), 0))
-    mask = pl.BlockSpec((None, 1, keys), lambda b, h, s, positions: (b, 0, key_step(s, positions)))
-    per_key = pl.BlockSpec((None, heads, keys), lambda b, h, s, positions: (b, h, key_step(s, positions)))
-    lane_stats = pl.BlockSpec((None, heads, padded_rows, LANES), lambda b, h, s, positions: (b, h, 0, 0))
+    per_head = pl.BlockSpec((None, heads, query_rows, head_dim), lambda b, h, r, s, positions: (b, h, r, 0))
+    cached = pl.BlockSpec(
+        (None, heads, keys, head_dim), lambda b, h, r, s, positions: (b, h, key_step(r, s, positions), 0)
+    )
+    mask = pl.BlockSpec((None, 1, keys), lambda b, h, r, s, positions: (b, 0, key_step(r, s, positions)))
+    per_key = pl.BlockSpec((None, heads, keys), lambda b, h, r, s, positions: (b, h, key_step(r, s, positions)))
+    lane_stats = pl.BlockSpec((None, heads, query_rows, LANES), lambda b, h, r, s, positions: (b, h, r, 0))
     itemsize = k.dtype.itemsize
     cost = pl.CostEstimate(
         flops=4 * batch * num_kv_heads * padded_rows * num_keys * head_dim,
         transcendentals=batch * num_kv_heads * padded_rows * num_keys,
-        bytes_accessed=2 * k.size * itemsize
+        # the cache once per block of queries (a static count: every block may reach every key)
+        bytes_accessed=(padded_rows // query_rows)
+        * (2 * k.size * itemsize + batch * num_keys * 4 + (2 * batch * num_kv_heads * num_keys * 4 if scaled else 0))
         + q.size * q.dtype.itemsize
-        + batch * num_keys * 4
-        + (2 * batch * num_kv_heads * num_keys * 4 if scaled else 0)
         + batch * num_kv_heads * padded_rows * (head_dim + 2 * LANES) * 4,
     )
     stats_shape = (batch, num_kv_heads, padded_rows)
     running_max, running_sum, values = pl.pallas_call(
-        functools.partial(_kernel, num_queries=num_queries, keys=keys, num_keys=num_keys, scaled=scaled),
+        functools.partial(_kernel, num_queries=num_queries, rows=rows, keys=keys, num_keys=num_keys, scaled=scaled),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(batch, num_kv_heads // heads, num_blocks),
+            grid=(batch, num_kv_heads // heads, padded_rows // query_rows, num_blocks),
             in_specs=[per_head, cached, cached, mask] + ([per_key, per_key] if scaled else []),
             out_specs=[lane_stats, lane_stats, per_head],
             scratch_shapes=[
-                pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
-                pltpu.VMEM((heads, padded_rows, LANES), jnp.float32),
-                pltpu.VMEM((heads, padded_rows, head_dim), jnp.float32),
+                pltpu.VMEM((heads, query_rows, LANES), jnp.float32),
+                pltpu.VMEM((heads, query_rows, LANES), jnp.float32),
+                pltpu.VMEM((heads, query_rows, head_dim), jnp.float32),
             ],
         ),
         out_shape=[
@@ -175,7 +201,9 @@ def decode_attention_stats(
             jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
             jax.ShapeDtypeStruct((*stats_shape, head_dim), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_BYTES
+        ),
         cost_estimate=cost,
         interpret=interpret,
     )(positions, q, k, v, key_mask.astype(jnp.int32)[:, None, :], *(scales if scaled else ()))

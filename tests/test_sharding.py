@@ -327,8 +327,7 @@ def test_attention_over_a_split_cache_is_the_dense_one(mesh_results, case):
     layout = tuple(SPLIT_ATTENTION_CASES[case][0])
     assert run["case"][0] == list(layout)
     assert run["max_diff"] <= 1e-5, run
-    if SPLIT_ATTENTION_CASES[case][5] <= 8:  # a decode step's few queries: the decode kernel too
-        assert run["kernel_max_diff"] <= 1e-5, run
+    assert run["kernel_max_diff"] <= 1e-5, run  # each shard's statistics from the decode kernel
     assert run["cache_diff"] == 0.0, "the new keys and values are written exactly where they belong"
     assert run["cache_spec"][2] == position_axes(layout), run["cache_spec"]
 
@@ -343,8 +342,7 @@ def test_attention_over_a_split_int8_cache_is_the_dense_one(mesh_results, case):
     assert run["int8_cache_equal"], "the rounded keys, values and scales are written where they belong"
     assert run["int8_scale_spec"] == run["cache_spec"][:3]
     assert run["int8_max_diff"] <= 1e-5, run
-    if SPLIT_ATTENTION_CASES[case][5] <= 8:
-        assert run["int8_kernel_max_diff"] <= 1e-5, run
+    assert run["int8_kernel_max_diff"] <= 1e-5, run
 
 
 @pytest.mark.parametrize("layout", INT8_CACHE_LAYOUTS, ids=layout_name)
