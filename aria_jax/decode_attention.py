@@ -30,7 +30,6 @@ ROW_ALIGN = 8  # sublanes: a head's query rows are padded to a multiple
 LANES = 128  # the running max and sum are kept lane-replicated
 KEY_BLOCK = 512  # keys per step (a cache of fewer: all of it at once)
 QUERY_BLOCK = 256  # a head's query rows per block, when it has more (a prompt chunk's)
-VMEM_BYTES = 48 * 2**20  # a block of query rows, its statistics and a block of keys and values
 BLOCK_BYTES = 1 << 20  # keys (and as many values) per step, over the heads of a block
 
 
@@ -201,9 +200,7 @@ def decode_attention_stats(
             jax.ShapeDtypeStruct((*stats_shape, LANES), jnp.float32),
             jax.ShapeDtypeStruct((*stats_shape, head_dim), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_BYTES
-        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost,
         interpret=interpret,
     )(positions, q, k, v, key_mask.astype(jnp.int32)[:, None, :], *(scales if scaled else ()))

@@ -144,7 +144,6 @@ ROW_TILES = ((8192, 512), (2048, 256), (0, 128))
 # The largest column block of one weight, in bytes: blocks of a few MiB stay well inside the
 # chip's memory, double-buffered, beside a row tile and its float32 accumulator.
 WEIGHT_BLOCK_BYTES = 4 * 2**20
-KERNEL_VMEM_BYTES = 48 * 2**20
 
 
 def row_tile(num_rows: int) -> int:
@@ -313,9 +312,7 @@ def _row_tiled_grouped_matmul(rows, weights, layer, group_sizes, activation, ste
         ),
         out_shape=jax.ShapeDtypeStruct((num_rows, out_width), rows.dtype, manual_axis_type=jax.typeof(weights).mat),
         # Both dimensions carry state: a tile's accumulator over its steps, in order.
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("arbitrary", "arbitrary"), vmem_limit_bytes=KERNEL_VMEM_BYTES
-        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
         cost_estimate=cost,
         interpret=interpret,
     )(layer, step_tile, group, fetched, flags, offsets, rows, *(weights,) * halves)

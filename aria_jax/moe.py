@@ -89,25 +89,31 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_sam
 def routed_experts_in_stack(layer: int | jax.Array, interpret: bool = False):
     """The sorted backend for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D), on TPU
     kernels that read `layer`'s experts where they lie, only those that hold rows: for a decode
-    step's few (token, slot) pairs `stacked_grouped_matmul` (`layer` an int: the layers run
-    unrolled), for more (a prompt's) `row_tiled_grouped_matmul`, its gating fused (`layer` may be
-    a loop's index). `interpret`: run them in Pallas' interpreter, on any platform."""
+    step's few (token, slot) pairs, and for quantized experts (read as stored),
+    `stacked_grouped_matmul` (`layer` an int: the layers run unrolled); for more (a prompt's)
+    `row_tiled_grouped_matmul`, its gating fused (`layer` may be a loop's index). `interpret`: run them in Pallas' interpreter, on any platform."""
 
     def run(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
-        if isinstance(layer, int) and expert_ids.size <= IN_STACK_MAX_PAIRS:
-            up = functools.partial(stacked_grouped_matmul, weights=gate_up, layer=layer, interpret=interpret)
-            gated = lambda rows, sizes: _glu(sum_hidden(up(rows, group_sizes=sizes)))  # noqa: E731
-            projection = functools.partial(stacked_grouped_matmul, weights=down, layer=layer, interpret=interpret)
+        if isinstance(layer, int) and (expert_ids.size <= IN_STACK_MAX_PAIRS or isinstance(gate_up, QuantizedArray)):
+
+            def gated(rows, sizes):
+                return _glu(sum_hidden(stacked_grouped_matmul(rows, gate_up, layer, sizes, interpret)))
+
+            def projected(rows, sizes):
+                return stacked_grouped_matmul(rows, down, layer, sizes, interpret)
+
         else:
-            tiled = functools.partial(row_tiled_grouped_matmul, layer=layer, interpret=interpret)
-            if sum_hidden is _same:
-                gated = lambda rows, sizes: tiled(rows, gate_up, group_sizes=sizes, activation=jax.nn.silu)  # noqa: E731
-            else:  # the up-projection's partial sums are added over the mesh before the gating
-                gated = lambda rows, sizes: _glu(sum_hidden(tiled(rows, gate_up, group_sizes=sizes)))  # noqa: E731
-            projection = functools.partial(tiled, weights=down)
-        return _sorted_pairs(
-            x, weights, expert_ids, gate_up.shape[1], gated, lambda rows, sizes: projection(rows, group_sizes=sizes)
-        )
+            # fused, unless the up-projection's partial sums are added over the mesh before the gating
+            fused = jax.nn.silu if sum_hidden is _same else None
+
+            def gated(rows, sizes):
+                out = row_tiled_grouped_matmul(rows, gate_up, layer, sizes, fused, interpret=interpret)
+                return out if fused else _glu(sum_hidden(out))
+
+            def projected(rows, sizes):
+                return row_tiled_grouped_matmul(rows, down, layer, sizes, interpret=interpret)
+
+        return _sorted_pairs(x, weights, expert_ids, gate_up.shape[1], gated, projected)
 
     return run
 
