@@ -157,12 +157,15 @@ STACKED_IN_DECODE = tuple(ROUTED_EXPERT_AXES)
 def layer_params(params, index: int):
     """Layer `index`'s params out of the decoder's stacks, but for its routed experts, which stay
     stacked over layers (`STACKED_IN_DECODE`): the MoE reads them there."""
-    stacked = params["layers"]
-    in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE if name in stacked["mlp"]}
-    sliced = jax.tree.map(
-        operator.itemgetter(index), {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}}
-    )
+    per_layer, in_stack = split_off_routed_experts(params["layers"])
+    sliced = jax.tree.map(operator.itemgetter(index), per_layer)
     return {**sliced, "mlp": {**sliced["mlp"], **in_stack}}
+
+
+def split_off_routed_experts(stacked) -> tuple[dict, dict]:
+    """The decoder's stacked layer params as (all but the routed experts, the routed experts)."""
+    in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE if name in stacked["mlp"]}
+    return {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}}, in_stack
 
 
 def unrolled_cached_step(
@@ -228,9 +231,7 @@ def scanned_cached_step(
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     x = inputs_embeds.astype(dtype)
     cos, sin = rope_tables(config, position_ids, dtype)
-    stacked = params["layers"]
-    in_stack = {name: stacked["mlp"][name] for name in STACKED_IN_DECODE if name in stacked["mlp"]}
-    per_layer = {**stacked, "mlp": {k: v for k, v in stacked["mlp"].items() if k not in in_stack}}
+    per_layer, in_stack = split_off_routed_experts(params["layers"])
 
     def one_layer(x, inputs):
         index, this_layer, layer_cache = inputs
