@@ -33,11 +33,16 @@ def column_block(width: int) -> int:
     return next((block for block in (256, LANE) if width % block == 0), width)
 
 
+def group_offsets(group_sizes: jax.Array) -> jax.Array:
+    """The groups' first rows and, last, the end of the last group: (G + 1,)."""
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes).astype(jnp.int32)])
+
+
 def group_order(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(row offsets of the groups (G + 1,), the groups with rows first (G,), how many have rows (1,)).
     The tail repeats the last group with rows, so that its weights are not fetched again."""
     num_groups = group_sizes.shape[0]
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes).astype(jnp.int32)])
+    offsets = group_offsets(group_sizes)
     has_rows = group_sizes > 0
     count = jnp.sum(has_rows).astype(jnp.int32)
     active = jnp.nonzero(has_rows, size=num_groups, fill_value=0)[0].astype(jnp.int32)
@@ -172,7 +177,7 @@ def tile_steps(group_sizes: jax.Array, num_tiles: int, tile: int) -> tuple[jax.A
     computes; 2: its tile's first step, which zeroes the accumulator); and the groups' row offsets."""
     num_groups = group_sizes.shape[0]
     num_steps = num_tiles + num_groups - 1
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes).astype(jnp.int32)])
+    offsets = group_offsets(group_sizes)
     ends = offsets[1:]
     tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile
     has_rows = tile_start < offsets[-1]
@@ -267,14 +272,12 @@ def _row_tiled_grouped_matmul(rows, weights, layer, group_sizes, activation, ste
 
     group_bytes = depth * width * weights.dtype.itemsize
     rows_bytes = num_tiles * tile * depth * rows.dtype.itemsize
-    steps_outer = (
-        num_steps * group_bytes + rows_bytes <= min(num_steps, num_groups) * group_bytes + columns * rows_bytes
-    )
-    weight_bytes, row_bytes = (
-        (num_steps * group_bytes, rows_bytes)
-        if steps_outer
-        else (min(num_steps, num_groups) * group_bytes, columns * rows_bytes)
-    )
+    # (weight bytes, row bytes) read with the steps outermost, and with the column blocks outermost
+    by_steps = (num_steps * group_bytes, rows_bytes)
+    by_columns = (min(num_steps, num_groups) * group_bytes, columns * rows_bytes)
+    if steps_outer is None:
+        steps_outer = sum(by_steps) <= sum(by_columns)
+    weight_bytes, row_bytes = by_steps if steps_outer else by_columns
     cost = pl.CostEstimate(
         flops=2 * num_steps * tile * depth * width,
         transcendentals=num_steps * tile * out_width if activation else 0,
