@@ -30,7 +30,7 @@ from aria_jax.device_loop import decode_params
 from aria_jax.host_loop import STOP_ID_SLOTS, RequestError, possible_stop_start
 from aria_jax.pretrained import Prompt
 from aria_jax.rounds import Admission, Round, broadcast_round
-from aria_jax.sharding import MeshRunner
+from aria_jax.sharding import MeshRunner, jit_for
 from aria_jax.slots import decode_slots, empty_slots, insert
 
 DEFAULT_MAX_LENGTH = 4096  # cache positions per slot, when the model's context is longer
@@ -39,11 +39,10 @@ DEFAULT_MAX_QUEUE = 64
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
-# Compiled once per shape and config, whichever engine calls them.
-_empty_slots = jax.jit(empty_slots, static_argnums=range(6))
-_insert = jax.jit(insert, donate_argnames=("slots",))
-_decode_slots = jax.jit(decode_slots, static_argnames=("num_steps", "config", "dtype"), donate_argnames=("slots",))
-_decode_params = jax.jit(decode_params, static_argnums=(1, 2))
+@functools.cache
+def _jitted(platform: str, function, **jit_options):
+    """Made once per platform: compiled once per shape and config, whichever engine calls them."""
+    return jit_for(platform, function, **jit_options)
 
 
 class QueueFull(RuntimeError):
@@ -173,11 +172,27 @@ class Engine:
         self._prefill = generator.prefill
         run = MeshRunner(model.mesh)
         self._empty = functools.partial(
-            run.wrap(_empty_slots), config, max_batch, max_length, STOP_ID_SLOTS, model.dtype, kv_cache_dtype
+            run.wrap(_jitted(run.platform, empty_slots, static_argnums=tuple(range(6)))),
+            config,
+            max_batch,
+            max_length,
+            STOP_ID_SLOTS,
+            model.dtype,
+            kv_cache_dtype,
         )
-        self._insert = run.wrap(_insert)
+        self._insert = run.wrap(_jitted(run.platform, insert, donate_argnames=("slots",)))
         self._decode = functools.partial(
-            run.wrap(_decode_slots), config=config, dtype=model.dtype, num_steps=decode_steps
+            run.wrap(
+                _jitted(
+                    run.platform,
+                    decode_slots,
+                    static_argnames=("num_steps", "config", "dtype"),
+                    donate_argnames=("slots",),
+                )
+            ),
+            config=config,
+            dtype=model.dtype,
+            num_steps=decode_steps,
         )
         self._run = run
         self._decode_inputs = None  # (params, layers) for `decode_slots`, made at the first round
@@ -426,7 +441,8 @@ class Engine:
             _, layers = jax.eval_shape(functools.partial(decode_params, config=config, dtype=dtype), params)
         if layers is None:
             return params, None
-        return self._run.wrap(_decode_params)(params, config, dtype)
+        jitted = _jitted(self._run.platform, decode_params, static_argnums=(1, 2))
+        return self._run.wrap(jitted)(params, config, dtype)
 
     def _deliver_first_token(self, slot: int, token: int) -> None:
         """Hands a request just prefilled its first token and text."""

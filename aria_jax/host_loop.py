@@ -186,18 +186,14 @@ class Generator:
 
     def __init__(self, config: AriaTextConfig, dtype, tokenizer=None, runner: MeshRunner = MeshRunner()):
         self.config, self.dtype, self.tokenizer = config, dtype, tokenizer
-        self.prefill = runner.wrap(
-            jax.jit(
-                functools.partial(prefill, config=config, dtype=dtype),
-                static_argnames=("cache_length", "max_new_tokens_capacity", "chunk", "kv_cache_dtype"),
-            )
+        self.prefill = runner.jit(
+            functools.partial(prefill, config=config, dtype=dtype),
+            static_argnames=("cache_length", "max_new_tokens_capacity", "chunk", "kv_cache_dtype"),
         )
-        self.decode = runner.wrap(
-            jax.jit(
-                functools.partial(decode, config=config, dtype=dtype),
-                static_argnames=("prompt_len",),
-                donate_argnames=("state",),
-            )
+        self.decode = runner.jit(
+            functools.partial(decode, config=config, dtype=dtype),
+            static_argnames=("prompt_len",),
+            donate_argnames=("state",),
         )
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray):

@@ -150,7 +150,7 @@ class _Pretrained:
         """`apply(params, ..., config=, method=, dtype=)` (a family's functional apply) jitted for
         this model's config and dtype, run on its mesh."""
         function = functools.partial(apply, config=self.config, method=method, dtype=self.dtype)
-        return self._run.wrap(jax.jit(function, **jit_options))
+        return self._run.jit(function, **jit_options)
 
     @property
     def text_params(self):
@@ -356,12 +356,10 @@ class AriaTextForCausalLM(_Pretrained):
         self.config = self.text_config = config
         self.params = params
         super().__init__(dtype, tokenizer, mesh)
-        self._forward = self._run.wrap(jax.jit(functools.partial(text_forward, config=config, dtype=self.dtype)))
-        self._embed = self._run.wrap(
-            jax.jit(
-                lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
-                    {"params": params}, ids, method=TextDecoder.embed
-                )
+        self._forward = self._run.jit(functools.partial(text_forward, config=config, dtype=self.dtype))
+        self._embed = self._run.jit(
+            lambda params, ids: TextDecoder(config, dtype=self.dtype, param_dtype=self.dtype).apply(
+                {"params": params}, ids, method=TextDecoder.embed
             )
         )
         self._embed_prompt = self._embed

@@ -487,6 +487,38 @@ for name in ("v5e:2x2", "v6e:2x2", "v5p:2x2x1"):
         assert 0.8 <= float(fraction) <= 1.0, (name, fraction)
 
 
+@needs_libtpu
+def test_one_row_matmuls_stay_on_the_matrix_units_in_the_models_programs():
+    """The models compile for TPU with COMPILER_OPTIONS: a matmul of one row (decode at batch 1)
+    stays a matmul (`convolution` in TPU HLO), where plain jax.jit makes it a product and a sum."""
+    code = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from aria_jax.accelerators import parse_target, prepare_environment, target_devices
+from aria_jax.sharding import MeshRunner, make_mesh
+target = parse_target("v5e:2x2")
+prepare_environment(target)
+mesh = make_mesh(expert=4, devices=target_devices(target))
+runner = MeshRunner(mesh)
+assert runner.platform == "tpu"
+row = jax.ShapeDtypeStruct((1, 2560), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+weights = jax.ShapeDtypeStruct((2560, 2560), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+for name, jitted in (("plain", jax.jit(jnp.matmul)), ("model", runner.jit(jnp.matmul))):
+    hlo = jitted.trace(row, weights).lower().compile().as_text()
+    print(name, " convolution(" in hlo, " reduce(" in hlo)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["plain False True", "model True False"]
+
+
 # -- the roofline, by hand -------------------------------------------------------------------------
 
 SMALL = AriaTextConfig(
