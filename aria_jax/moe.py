@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.expert_weights import ROUTED_EXPERT_AXES
+from aria_jax.fused_experts import fused_experts
 from aria_jax.grouped_matmul import row_tiled_grouped_matmul, stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.quantization import QuantizedArray, dequantized, spec_for
@@ -87,13 +88,22 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_sam
 
 
 def routed_experts_in_stack(layer: int | jax.Array, interpret: bool = False):
-    """The sorted backend for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D), on TPU
-    kernels that read `layer`'s experts where they lie, only those that hold rows: for a decode
-    step's few (token, slot) pairs, and for quantized experts (read as stored),
-    `stacked_grouped_matmul` (`layer` an int: the layers run unrolled); for more (a prompt's)
-    `row_tiled_grouped_matmul`, its gating fused (`layer` may be a loop's index). `interpret`: run them in Pallas' interpreter, on any platform."""
+    """The routed experts for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D), on TPU
+    kernels that read `layer`'s experts where they lie, only those that hold rows. A decode step's
+    few (token, slot) pairs (`layer` an int: the layers run unrolled): `fused_experts`, unsorted,
+    or, when the up-projection's partial sums are added over the mesh before the gating or the
+    experts are quantized (read as stored), the sorted pairs through `stacked_grouped_matmul`. More
+    pairs (a prompt's): sorted, through `row_tiled_grouped_matmul`, its gating fused (`layer` may
+    be a loop's index). `interpret`: run them in Pallas' interpreter, on any platform."""
 
     def run(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
+        few_pairs = isinstance(layer, int) and expert_ids.size <= IN_STACK_MAX_PAIRS
+        if few_pairs and sum_hidden is _same and not isinstance(gate_up, QuantizedArray):
+            num_experts = gate_up.shape[1]
+            # ids past the local experts (pairs routed to another shard) select no column
+            combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype))
+            top_k = expert_ids.shape[1]
+            return fused_experts(x, combine, gate_up, down, layer, top_k, jax.nn.silu, interpret).astype(x.dtype)
         if isinstance(layer, int) and (expert_ids.size <= IN_STACK_MAX_PAIRS or isinstance(gate_up, QuantizedArray)):
 
             def gated(rows, sizes):

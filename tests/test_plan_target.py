@@ -98,10 +98,11 @@ def test_two_layer_full_width_model_on_v5e_2x2(bfloat16_plan):
     # Each program's optimized HLO, the decode one named so.
     assert sorted(os.listdir(directory / "hlo")) == ["decode.txt", "prefill.txt"]
     assert decode_hlo.startswith("HloModule jit_decode") and '"estimated_cycles"' in decode_hlo
-    # Decode reads each layer's experts in place: the grouped-matmul kernel, once per projection
-    # and layer, and no copy of a layer's 16 local experts out of the stack; attention reads the
-    # cache (its positions split over the chips) in the decode kernel, once per layer.
-    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2 + 2
+    # Decode reads each layer's experts in place: the fused experts' kernel, once per layer, and
+    # no copy of a layer's 16 local experts out of the stack; attention reads the cache (its
+    # positions split over the chips) in the decode kernel, once per layer.
+    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 + 2
+    assert decode_hlo.count("jit(fused_experts)/pallas_call") == 2
     assert not re.search(r"= bf16\[16,2560,3328\]|= bf16\[16,1664,2560\]", decode_hlo)
     # Prefill sends each (token, slot) pair to its expert's chip; decode (2 tokens) does not.
     prefill_hlo = (directory / "hlo" / "prefill.txt").read_text()
@@ -185,7 +186,7 @@ def test_decode_rows_split_over_the_chips_keep_the_attention_weights_split(tmp_p
     )
     assert result.returncode == 0, result.stderr
     decode_hlo = (tmp_path / "hlo" / "decode.txt").read_text()
-    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 * 2 + 2
+    assert decode_hlo.count('custom_call_target="tpu_custom_call"') == 2 + 2  # experts, attention
     assert re.search(r"all-reduce[^\n]*self_attn/qkv", decode_hlo)  # the partial sums over the chips
     assert not re.search(r"all-gather[^ ]* = [^\n]*bf16\[(1,)?(2560,20,128|20,128,2560)\]", decode_hlo)
 
@@ -247,7 +248,7 @@ def test_int8_kv_cache_halves_the_decode_cache_on_v5e(tmp_path):
 def test_int8_weights_halve_the_params_and_are_dequantized_inside_their_matmuls(bfloat16_plan, tmp_path):
     """`--quantize int8`: the params count a byte per weight (and a float32 scale per output
     column) in all and per chip; decode's program holds no bfloat16 copy of a weight (its
-    temporaries do not grow), and its experts still run in the grouped-matmul kernel."""
+    temporaries do not grow), and its experts still run in a kernel."""
     result, int8_plan, int8_hlo = plan_two_layers(tmp_path, "--quantize", "int8")
     _, _, bfloat16, bfloat16_hlo = bfloat16_plan
     plans = {"bfloat16": {**bfloat16, "decode_hlo": bfloat16_hlo}, "int8": {**int8_plan, "decode_hlo": int8_hlo}}
@@ -264,9 +265,10 @@ def test_int8_weights_halve_the_params_and_are_dequantized_inside_their_matmuls(
         < 0.51 * decode["bfloat16"]["roofline"]["bytes"]["routed experts"]
     )
     assert re.search(r"s8\[2,16,2560,3328\]", plans["int8"]["decode_hlo"])  # (layers, experts / 4, D, 2F)
-    assert plans["int8"]["decode_hlo"].count("stacked_grouped_matmul") == plans["bfloat16"]["decode_hlo"].count(
-        "stacked_grouped_matmul"
-    )
+    # quantized experts run in the grouped-matmul kernel, which reads them as stored, once per
+    # projection and layer (bfloat16 ones in the fused kernel, once per layer)
+    kernels = {name: re.findall(r"jit\((\w+)\)/pallas_call", plan["decode_hlo"]) for name, plan in plans.items()}
+    assert kernels["int8"].count("stacked_grouped_matmul") == 2 * kernels["bfloat16"].count("fused_experts") == 4
 
 
 def test_unsupported_target_is_a_one_line_error():
