@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aria_jax.quantization import QuantizedArray, dequantized, is_quantized
+from aria_jax.sharding import compile_platform
 
 # Parameters are kept as plain arrays; logical axis names travel with them at init time
 # (`nn.with_logical_partitioning`) so that one rules table can map them onto a mesh.
@@ -99,11 +100,22 @@ def rope_cos_sin(
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
+def rotate_half(x: jax.Array) -> jax.Array:
+    """(-second half, first half) of the last axis. On TPU as a matmul by that signed permutation:
+    halves of a 128-lane head move across lanes, which the TPU compiler estimated at 6% of a
+    64K-token prefill; the matrix units give the same numbers (one input times +-1 per output)."""
+    half = x.shape[-1] // 2
+    if compile_platform() != "tpu":
+        return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    eye = np.eye(half, dtype=np.float32)
+    rotation = np.block([[np.zeros_like(eye), eye], [-eye, np.zeros_like(eye)]])  # row i: where x[i] goes
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # float32 exact, not in bf16 passes
+    return jnp.einsum("...i,io->...o", x, rotation.astype(x.dtype), precision=precision)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x: (B, T, heads, head_dim); cos/sin: (B, T, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
 
 
 class LayerNorm(nn.Module):
