@@ -457,6 +457,20 @@ def test_what_the_compiler_does_not_estimate_costs_its_bytes_or_its_flops():
     )
 
 
+def compiled_on_the_cpu_host(code: str) -> str:
+    """The output of a Python script that compiles for a target, run with JAX on the CPU."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @needs_libtpu
 def test_chip_clocks_agree_with_the_compilers_matmul_estimate():
     """Cycles become seconds through CHIPS' clocks: the compiler's estimate of a large bf16 matmul
@@ -474,16 +488,7 @@ for name in ("v5e:2x2", "v6e:2x2", "v5p:2x2x1"):
     chip = CHIPS[target.chip_key]
     print(name, 2 * 4096**3 / (cycles / chip.clock_hz) / chip.peak_flops)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert result.returncode == 0, result.stderr
-    fractions = dict(line.split() for line in result.stdout.splitlines())
+    fractions = dict(line.split() for line in compiled_on_the_cpu_host(code).splitlines())
     assert sorted(fractions) == ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
     for name, fraction in fractions.items():
         assert 0.8 <= float(fraction) <= 1.0, (name, fraction)
@@ -509,16 +514,7 @@ for name, jitted in (("plain", jax.jit(jnp.matmul)), ("model", runner.jit(jnp.ma
     hlo = jitted.trace(row, weights).lower().compile().as_text()
     print(name, " convolution(" in hlo, " reduce(" in hlo)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:2] == ["plain False True", "model True False"]
+    assert compiled_on_the_cpu_host(code).split("\n")[:2] == ["plain False True", "model True False"]
 
 
 # -- the roofline, by hand -------------------------------------------------------------------------
