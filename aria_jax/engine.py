@@ -40,9 +40,14 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 
 
 @functools.cache
-def _jitted(platform: str, function, **jit_options):
-    """Made once per platform: compiled once per shape and config, whichever engine calls them."""
-    return jit_for(platform, function, **jit_options)
+def _jitted_for(platform: str, int4_weights: bool, function, **jit_options):
+    """Made once per platform and options: compiled once per shape and config, whichever engine calls them."""
+    return jit_for(platform, function, int4_weights, **jit_options)
+
+
+def _jitted(run: MeshRunner, function, **jit_options):
+    """`function` jitted as `run.jit` does it, shared by the engines that run like `run`."""
+    return run.wrap(_jitted_for(run.platform, run.int4_weights, function, **jit_options))
 
 
 class QueueFull(RuntimeError):
@@ -170,9 +175,9 @@ class Engine:
         generator = model.generator
         self._generator, self._pad_id = generator, config.pad_id
         self._prefill = generator.prefill
-        run = MeshRunner(model.mesh)
+        run = model.runner
         self._empty = functools.partial(
-            run.wrap(_jitted(run.platform, empty_slots, static_argnums=tuple(range(6)))),
+            _jitted(run, empty_slots, static_argnums=tuple(range(6))),
             config,
             max_batch,
             max_length,
@@ -180,16 +185,9 @@ class Engine:
             model.dtype,
             kv_cache_dtype,
         )
-        self._insert = run.wrap(_jitted(run.platform, insert, donate_argnames=("slots",)))
+        self._insert = _jitted(run, insert, donate_argnames=("slots",))
         self._decode = functools.partial(
-            run.wrap(
-                _jitted(
-                    run.platform,
-                    decode_slots,
-                    static_argnames=("num_steps", "config", "dtype"),
-                    donate_argnames=("slots",),
-                )
-            ),
+            _jitted(run, decode_slots, static_argnames=("num_steps", "config", "dtype"), donate_argnames=("slots",)),
             config=config,
             dtype=model.dtype,
             num_steps=decode_steps,
@@ -441,8 +439,7 @@ class Engine:
             _, layers = jax.eval_shape(functools.partial(decode_params, config=config, dtype=dtype), params)
         if layers is None:
             return params, None
-        jitted = _jitted(self._run.platform, decode_params, static_argnums=(1, 2))
-        return self._run.wrap(jitted)(params, config, dtype)
+        return _jitted(self._run, decode_params, static_argnums=(1, 2))(params, config, dtype)
 
     def _deliver_first_token(self, slot: int, token: int) -> None:
         """Hands a request just prefilled its first token and text."""

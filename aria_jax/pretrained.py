@@ -118,8 +118,14 @@ class _Pretrained:
         self.dtype = resolve_dtype(dtype)
         self.tokenizer = tokenizer
         self.mesh = mesh
-        self._run = MeshRunner(mesh)
+        int4_weights = any(leaf.dtype == jnp.int4 for leaf in jax.tree.leaves(self.params))
+        self._run = MeshRunner(mesh, int4_weights)
         self._generator = Generator(self.text_config, self.dtype, tokenizer, self._run)
+
+    @property
+    def runner(self) -> MeshRunner:
+        """Runs the model's programs on its mesh, compiled with its platform's options."""
+        return self._run
 
     # Whether the family's tokenizer is byte-level (GPT-2 / Qwen2 style) rather than Aria's.
     BYTE_LEVEL_TOKENIZER = False

@@ -497,7 +497,8 @@ for name in ("v5e:2x2", "v6e:2x2", "v5p:2x2x1"):
 @needs_libtpu
 def test_one_row_matmuls_stay_on_the_matrix_units_in_the_models_programs():
     """The models compile for TPU with COMPILER_OPTIONS: a matmul of one row (decode at batch 1)
-    stays a matmul (`convolution` in TPU HLO), where plain jax.jit makes it a product and a sum."""
+    stays a matmul (`convolution` in TPU HLO), where plain jax.jit makes it a product and a sum;
+    so do models with int4 weights, whose conversion fuses into the product."""
     code = """
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -510,11 +511,12 @@ runner = MeshRunner(mesh)
 assert runner.platform == "tpu"
 row = jax.ShapeDtypeStruct((1, 2560), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
 weights = jax.ShapeDtypeStruct((2560, 2560), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
-for name, jitted in (("plain", jax.jit(jnp.matmul)), ("model", runner.jit(jnp.matmul))):
+int4_runner = MeshRunner(mesh, int4_weights=True)
+for name, jitted in (("plain", jax.jit(jnp.matmul)), ("model", runner.jit(jnp.matmul)), ("int4", int4_runner.jit(jnp.matmul))):
     hlo = jitted.trace(row, weights).lower().compile().as_text()
     print(name, " convolution(" in hlo, " reduce(" in hlo)
 """
-    assert compiled_on_the_cpu_host(code).split("\n")[:2] == ["plain False True", "model True False"]
+    assert compiled_on_the_cpu_host(code).split("\n")[:3] == ["plain False True", "model True False", "int4 False True"]
 
 
 # -- the roofline, by hand -------------------------------------------------------------------------

@@ -119,6 +119,8 @@ def test_kl_is_the_schemes_own_rounding(text_dir, float_model, scheme):
     print(f"{scheme}: mean KL ours {kl_ours:.3e}, simulated {kl_simulated:.3e}")
     assert kl_simulated > 1e-5  # the rounding is visible: the comparison can fail
     assert kl_ours <= 1.1 * kl_simulated and kl_simulated <= 1.1 * kl_ours
+    # int4 models compile with the TPU's one-row matmul rewrite (`sharding.COMPILER_OPTIONS`)
+    assert quantized.runner.int4_weights == (scheme == "int4") and not float_model.runner.int4_weights
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
