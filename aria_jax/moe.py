@@ -90,15 +90,17 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_sam
 def routed_experts_in_stack(layer: int | jax.Array, interpret: bool = False):
     """The routed experts for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D), on TPU
     kernels that read `layer`'s experts where they lie, only those that hold rows. A decode step's
-    few (token, slot) pairs (`layer` an int: the layers run unrolled): `fused_experts`, unsorted,
-    or, when the up-projection's partial sums are added over the mesh before the gating or the
-    experts are quantized (read as stored), the sorted pairs through `stacked_grouped_matmul`. More
+    few (token, slot) pairs (`layer` an int: the layers run unrolled): up to FUSED_MAX_TOKENS
+    tokens `fused_experts`, unsorted; more, or when the up-projection's partial sums are added
+    over the mesh before the gating, or for quantized experts (read as stored), the sorted pairs
+    through `stacked_grouped_matmul`. More
     pairs (a prompt's): sorted, through `row_tiled_grouped_matmul`, its gating fused (`layer` may
     be a loop's index). `interpret`: run them in Pallas' interpreter, on any platform."""
 
     def run(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
         few_pairs = isinstance(layer, int) and expert_ids.size <= IN_STACK_MAX_PAIRS
-        if few_pairs and sum_hidden is _same and not isinstance(gate_up, QuantizedArray):
+        fused = expert_ids.shape[0] <= FUSED_MAX_TOKENS and sum_hidden is _same
+        if few_pairs and fused and not isinstance(gate_up, QuantizedArray):
             num_experts = gate_up.shape[1]
             # ids past the local experts (pairs routed to another shard) select no column
             combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype))
@@ -434,6 +436,11 @@ ROUTED_EXPERT_BACKENDS = {
     "auto": routed_experts_auto,
 }
 
+
+# Decode steps of at most this many tokens run their experts fused (`fused_experts`). With 32
+# (v6e 2x4, expert=8) the TPU compiler moved each layer's KV cache into VMEM and back around
+# attention, 2.8 ms of a 10 ms step; up to 8 the fused kernel was faster on every chip measured.
+FUSED_MAX_TOKENS = 8
 
 # The in-stack kernel multiplies every row by each expert that holds some: for decode's few
 # (token, slot) pairs. More pairs (a long prompt's chunks) take the layer's experts sliced out.
