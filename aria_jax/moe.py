@@ -12,9 +12,10 @@ Routed experts have interchangeable implementations that tests hold to each othe
   reads only the chosen experts, the fast path for decode (few tokens, many experts).
 - `routed_experts_dense`: every expert on every token, combined with the routing weights. The
   reference: simple enough to check by eye.
-- `routed_experts_in_stack(layer)`: decode on TPU, where the layers run unrolled. The sorted
-  rows, with a Pallas kernel (`grouped_matmul`) that reads the layer's experts inside the
-  weights stacked over layers and skips experts without rows: no copy of a layer's experts.
+- `routed_experts_in_stack(layer)`: on TPU, Pallas kernels that read the layer's experts inside
+  the weights stacked over layers and skip experts without rows: no copy of a layer's experts.
+  A decode step of few tokens through every local expert that holds any (`fused_experts`), else
+  the sorted rows (`grouped_matmul`).
 `auto` chooses by the platform the program is compiled for (`compile_platform`).
 
 On a mesh, the routed and the shared experts run together under `jax.shard_map`
@@ -89,24 +90,23 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_sam
 
 def routed_experts_in_stack(layer: int | jax.Array, interpret: bool = False):
     """The routed experts for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D), on TPU
-    kernels that read `layer`'s experts where they lie, only those that hold rows. A decode step's
-    few (token, slot) pairs (`layer` an int: the layers run unrolled): up to FUSED_MAX_TOKENS
-    tokens `fused_experts`, unsorted; more, or when the up-projection's partial sums are added
-    over the mesh before the gating, or for quantized experts (read as stored), the sorted pairs
-    through `stacked_grouped_matmul`. More
-    pairs (a prompt's): sorted, through `row_tiled_grouped_matmul`, its gating fused (`layer` may
-    be a loop's index). `interpret`: run them in Pallas' interpreter, on any platform."""
+    kernels that read `layer`'s experts where they lie, only those that hold rows. A decode step
+    (`layer` an int: the layers run unrolled) of up to FUSED_MAX_TOKENS tokens: `fused_experts`,
+    unsorted, unless the up-projection's partial sums are added over the mesh before the gating
+    or the experts are quantized. Otherwise the pairs sorted by expert: up to IN_STACK_MAX_PAIRS
+    of them, and quantized experts (read as stored), through `stacked_grouped_matmul`; more (a
+    prompt's) through `row_tiled_grouped_matmul`, its gating fused (`layer` may be a loop's
+    index). `interpret`: run them in Pallas' interpreter, on any platform."""
 
     def run(x, weights, expert_ids, gate_up, down, sum_hidden=_same):
-        few_pairs = isinstance(layer, int) and expert_ids.size <= IN_STACK_MAX_PAIRS
-        fused = expert_ids.shape[0] <= FUSED_MAX_TOKENS and sum_hidden is _same
-        if few_pairs and fused and not isinstance(gate_up, QuantizedArray):
-            num_experts = gate_up.shape[1]
+        unrolled, quantized = isinstance(layer, int), isinstance(gate_up, QuantizedArray)
+        few_pairs = unrolled and expert_ids.size <= IN_STACK_MAX_PAIRS
+        if few_pairs and expert_ids.shape[0] <= FUSED_MAX_TOKENS and sum_hidden is _same and not quantized:
+            num_experts, top_k = gate_up.shape[1], expert_ids.shape[1]
             # ids past the local experts (pairs routed to another shard) select no column
             combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype))
-            top_k = expert_ids.shape[1]
             return fused_experts(x, combine, gate_up, down, layer, top_k, jax.nn.silu, interpret).astype(x.dtype)
-        if isinstance(layer, int) and (expert_ids.size <= IN_STACK_MAX_PAIRS or isinstance(gate_up, QuantizedArray)):
+        if few_pairs or (unrolled and quantized):
 
             def gated(rows, sizes):
                 return _glu(sum_hidden(stacked_grouped_matmul(rows, gate_up, layer, sizes, interpret)))
@@ -115,12 +115,12 @@ def routed_experts_in_stack(layer: int | jax.Array, interpret: bool = False):
                 return stacked_grouped_matmul(rows, down, layer, sizes, interpret)
 
         else:
-            # fused, unless the up-projection's partial sums are added over the mesh before the gating
-            fused = jax.nn.silu if sum_hidden is _same else None
+            # the gating fused, unless the up-projection's partial sums are added over the mesh before it
+            activation = jax.nn.silu if sum_hidden is _same else None
 
             def gated(rows, sizes):
-                out = row_tiled_grouped_matmul(rows, gate_up, layer, sizes, fused, interpret=interpret)
-                return out if fused else _glu(sum_hidden(out))
+                out = row_tiled_grouped_matmul(rows, gate_up, layer, sizes, activation, interpret=interpret)
+                return out if activation else _glu(sum_hidden(out))
 
             def projected(rows, sizes):
                 return row_tiled_grouped_matmul(rows, down, layer, sizes, interpret=interpret)
@@ -443,7 +443,7 @@ ROUTED_EXPERT_BACKENDS = {
 FUSED_MAX_TOKENS = 8
 
 # The in-stack kernel multiplies every row by each expert that holds some: for decode's few
-# (token, slot) pairs. More pairs (a long prompt's chunks) take the layer's experts sliced out.
+# (token, slot) pairs. More pairs (a prompt's) take the row-tiled kernel.
 IN_STACK_MAX_PAIRS = 512
 
 

@@ -498,7 +498,7 @@ for name in ("v5e:2x2", "v6e:2x2", "v5p:2x2x1"):
 def test_one_row_matmuls_stay_on_the_matrix_units_in_the_models_programs():
     """The models compile for TPU with COMPILER_OPTIONS: a matmul of one row (decode at batch 1)
     stays a matmul (`convolution` in TPU HLO), where plain jax.jit makes it a product and a sum;
-    so do models with int4 weights, whose conversion fuses into the product."""
+    models with int4 weights keep the product and sum, into which their conversion fuses."""
     code = """
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
