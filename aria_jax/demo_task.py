@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import sentencepiece
@@ -95,13 +96,17 @@ def _apart(a: Box, b: Box) -> bool:
     return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
 
 
-def sample_scene(rng: np.random.Generator, size: int = 112) -> Scene:
+def sample_scene(rng: np.random.Generator, size: int = 112, count: int | None = None) -> Scene:
     """A random scene: shape type, colour, background, and non-overlapping boxes (rejection
-    sampling; a layout that does not fit within 100 tries is started over)."""
+    sampling; a layout that does not fit within 100 tries is started over). `count` shapes, or
+    a random number of them."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    count = int(rng.integers(1, MAX_COUNT + 1))
+    if count is None:
+        count = int(rng.integers(1, MAX_COUNT + 1))
+    elif not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"count must be 1 to {MAX_COUNT}, got {count}")
     low, high = round(MIN_SIDE * size), round(MAX_SIDE * size)
     while True:
         boxes: list[Box] = []
@@ -164,11 +169,27 @@ QUESTIONS = {
 QUESTION_TYPES = ("shape", "color", "count", "where")
 
 
+def question_kinds(scene: Scene) -> tuple[str, ...]:
+    """The question types a scene can answer: "where" only about a lone shape, whose centre
+    `sample_scene` keeps clear of the midlines."""
+    return QUESTION_TYPES if scene.count == 1 else QUESTION_TYPES[:-1]
+
+
+def pick_kind(rng: np.random.Generator, kinds: Sequence[str], kind_weights: Mapping[str, float]) -> str:
+    """One of `kinds`, drawn in proportion to `kind_weights` (a weight per question type)."""
+    unknown = set(kind_weights) - set(QUESTION_TYPES)
+    if unknown or any(weight < 0 for weight in kind_weights.values()):
+        raise ValueError(f"kind_weights must map question types {QUESTION_TYPES} to weights >= 0, got {kind_weights}")
+    weights = np.array([kind_weights.get(kind, 0.0) for kind in kinds], dtype=np.float64)
+    if weights.sum() <= 0:
+        raise ValueError(f"kind_weights {dict(kind_weights)} give no weight to any of {tuple(kinds)}")
+    return kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+
+
 def make_qa(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, str]:
-    """A question about the scene (of type `kind`, else a random one) and its one-or-two-word
-    answer. "where" questions are asked about lone shapes only (whose centre `sample_scene`
-    keeps clear of the midlines)."""
-    kinds = QUESTION_TYPES if scene.count == 1 else QUESTION_TYPES[:-1]
+    """A question about the scene (of type `kind`, else a random one the scene allows) and its
+    one-or-two-word answer."""
+    kinds = question_kinds(scene)
     if kind is None:
         kind = kinds[rng.integers(len(kinds))]
     elif kind not in kinds:
@@ -196,11 +217,46 @@ def answers_match(predicted: str, answer: str) -> bool:
     return normalize(predicted) == normalize(answer)
 
 
-def sample(rng: np.random.Generator, size: int = 112) -> tuple[Image.Image, str, str]:
-    """One example: (image, question, answer)."""
-    image, scene = draw_scene(rng, size)
-    question, answer = make_qa(scene, rng)
-    return image, question, answer
+def sample(
+    rng: np.random.Generator, size: int = 112, kind: str | None = None, kind_weights: Mapping[str, float] | None = None
+) -> tuple[Image.Image, str, str]:
+    """One example: (image, question, answer). The question is of type `kind`, or drawn by
+    `kind_weights` (a "where" question comes with a lone shape), or else any type the scene
+    allows, all equally likely."""
+    scene, question, answer = _scene_and_question(rng, size, kind, kind_weights)
+    return render(scene), question, answer
+
+
+def _scene_and_question(
+    rng: np.random.Generator, size: int, kind: str | None, kind_weights: Mapping[str, float] | None
+) -> tuple[Scene, str, str]:
+    if kind is None and kind_weights is not None:
+        kind = pick_kind(rng, QUESTION_TYPES, kind_weights)
+    scene = sample_scene(rng, size, count=1 if kind == "where" else None)
+    return scene, *make_qa(scene, rng, kind)
+
+
+def sample_chat(
+    rng: np.random.Generator, turns: int, size: int = 112, kind_weights: Mapping[str, float] | None = None
+) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """One image and `turns` (question, answer) pairs about it. Each question's type is drawn by
+    `kind_weights` (default: all equally likely) among those the scene allows and not yet asked
+    in this round (a round ends when every type has been asked). The first question's type is
+    drawn before the scene, so the weights also decide how often a lone shape is shown."""
+    if turns < 1:
+        raise ValueError(f"a chat has at least one turn, got {turns}")
+    kind_weights = dict.fromkeys(QUESTION_TYPES, 1.0) if kind_weights is None else kind_weights
+    scene, question, answer = _scene_and_question(rng, size, None, kind_weights)
+    pairs, asked = [(question, answer)], {question_type(answer)}
+    for _ in range(turns - 1):
+        unasked = [kind for kind in question_kinds(scene) if kind not in asked and kind_weights.get(kind, 0) > 0]
+        if not unasked:  # every type has been asked: a new round
+            asked.clear()
+            unasked = [kind for kind in question_kinds(scene) if kind_weights.get(kind, 0) > 0]
+        kind = pick_kind(rng, unasked, kind_weights)
+        asked.add(kind)
+        pairs.append(make_qa(scene, rng, kind))
+    return render(scene), pairs
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,10 +266,19 @@ def sample(rng: np.random.Generator, size: int = 112) -> tuple[Image.Image, str,
 
 def conversation(question: str, answer: str) -> list[dict]:
     """One example in Aria's chat format: the image comes before the question."""
-    return [
-        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-    ]
+    return chat_messages([(question, answer)])
+
+
+def chat_messages(pairs: Sequence[tuple[str, str | None]]) -> list[dict]:
+    """A chat about one image in Aria's chat format: the image comes before the first question;
+    a last answer of None leaves the chat at the user's turn (a prompt to generate from)."""
+    messages = []
+    for turn, (question, answer) in enumerate(pairs):
+        image = [{"type": "image", "text": None}] if turn == 0 else []
+        messages.append({"role": "user", "content": [*image, {"type": "text", "text": question}]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
 
 
 def _is_dataset(folder: str) -> bool:
@@ -221,11 +286,21 @@ def _is_dataset(folder: str) -> bool:
 
 
 def write_dataset(
-    folder: str | os.PathLike, num_examples: int, seed: int, size: int = 112, overwrite: bool = False
+    folder: str | os.PathLike,
+    num_examples: int,
+    seed: int,
+    size: int = 112,
+    overwrite: bool = False,
+    kind_weights: Mapping[str, float] | None = None,
+    max_turns: int = 1,
 ) -> None:
     """`folder/train.jsonl` (one {"messages", "images"} record per line, as the original Aria
-    repository's fine-tuning data) and `folder/images/NNNNNN.png`. Written into a temporary sibling and renamed
-    into place, so `folder` is either complete or absent."""
+    repository's fine-tuning data) and `folder/images/NNNNNN.png`. Written into a temporary
+    sibling and renamed into place, so `folder` is either complete or absent.
+
+    By default each example is one question of any type its scene allows (`sample`); with
+    `kind_weights` or `max_turns` > 1, a chat of 1 to `max_turns` turns (equally likely) whose
+    question types are drawn by `kind_weights` (`sample_chat`)."""
     rng = np.random.default_rng(seed)
     with atomic_directory(
         folder, overwrite=overwrite, replaceable=_is_dataset, what="a data set written by write_dataset"
@@ -233,11 +308,14 @@ def write_dataset(
         os.makedirs(os.path.join(partial, "images"))
         with open(os.path.join(partial, "train.jsonl"), "w", encoding="utf-8") as lines:
             for index in range(num_examples):
-                image, question, answer = sample(rng, size)
-                messages = conversation(question, answer)
+                if kind_weights is None and max_turns == 1:
+                    image, question, answer = sample(rng, size)
+                    pairs = [(question, answer)]
+                else:
+                    image, pairs = sample_chat(rng, int(rng.integers(1, max_turns + 1)), size, kind_weights)
                 name = f"images/{index:06d}.png"
                 image.save(os.path.join(partial, name), format="PNG")
-                record = {"messages": messages, "images": [name]}
+                record = {"messages": chat_messages(pairs), "images": [name]}
                 lines.write(json.dumps(record) + "\n")
 
 
@@ -392,34 +470,72 @@ def question_type(answer: str) -> str:
     raise ValueError(f"{answer!r} is not an answer of the task")
 
 
-def evaluate(model, processor, num_questions: int, seed: int, batch_size: int = 50) -> dict:
+def ask(
+    model, processor, chats: Sequence[Sequence[tuple[str, str | None]]], images: Sequence[Image.Image]
+) -> list[str]:
+    """The model's replies to the last question of each chat (each about its image), through
+    processor -> generate -> decode as a user would ask them."""
+    prompts = [processor.apply_chat_template(chat_messages(chat), add_generation_prompt=True) for chat in chats]
+    inputs = processor(text=prompts, images=[[image] for image in images])
+    return processor.decode_replies(model.generate(**inputs, max_new_tokens=4), inputs)
+
+
+def evaluate(
+    model, processor, num_questions: int, seed: int, batch_size: int = 50, kinds: Sequence[str] | None = None
+) -> dict:
     """Asks `num_questions` freshly drawn questions through processor -> generate -> decode, as a
-    user would, and scores the answers by exact match. Returns {"accuracy", "by_type":
-    {type: accuracy}, "failures": [(question, expected, answered), ...], "replies": [answered, ...]}."""
+    user would, and scores the answers by exact match: of the types `kinds` in turn (an equal
+    share each), or by default of any type each scene allows (as `sample` draws them; "where"
+    questions are then 1 in 12). Returns {"accuracy", "by_type": {type: accuracy}, "failures":
+    [(question, expected, answered), ...], "replies": [answered, ...]}."""
     rng = np.random.default_rng(seed)
-    examples = [sample(rng) for _ in range(num_questions)]
+    examples = [sample(rng, kind=None if kinds is None else kinds[i % len(kinds)]) for i in range(num_questions)]
     correct: dict[str, list[bool]] = {kind: [] for kind in QUESTION_TYPES}
-    failures, all_replies = [], []
+    failures, replies = [], []
     for start in range(0, num_questions, batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [
-            processor.apply_chat_template(conversation(question, "")[:1], add_generation_prompt=True)
-            for _, question, _ in chunk
-        ]
-        inputs = processor(text=prompts, images=[[image] for image, _, _ in chunk])
-        sequences = model.generate(**inputs, max_new_tokens=4)
-        replies = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        replies = [reply.split(END_OF_TURN)[0] for reply in replies]  # the turn ends at <|im_end|>
-        all_replies += replies
-        for (_, question, answer), reply in zip(chunk, replies):
-            ok = answers_match(reply, answer)
-            correct[question_type(answer)].append(ok)
-            if not ok:
-                failures.append((question, answer, reply))
-    total = sum(len(v) for v in correct.values())
+        chats = [[(question, None)] for _, question, _ in chunk]
+        replies += ask(model, processor, chats, [image for image, _, _ in chunk])
+    for (_, question, answer), reply in zip(examples, replies):
+        ok = answers_match(reply, answer)
+        correct[question_type(answer)].append(ok)
+        if not ok:
+            failures.append((question, answer, reply))
     return {
-        "accuracy": sum(sum(v) for v in correct.values()) / total,
+        "accuracy": sum(sum(v) for v in correct.values()) / num_questions,
         "by_type": {kind: sum(v) / len(v) for kind, v in correct.items() if v},
         "failures": failures,
-        "replies": all_replies,
+        "replies": replies,
+    }
+
+
+def evaluate_chats(model, processor, num_chats: int, turns: int, seed: int) -> dict:
+    """Holds `num_chats` chats of `turns` questions about an image each (drawn in order by
+    `sample_chat(rng, turns)`, all types equally likely, from `np.random.default_rng(seed)`),
+    every turn asked after the model's own earlier replies, and scores each answer by exact
+    match. Returns {"accuracy", "by_turn": [accuracy per turn], "by_type": {type: accuracy},
+    "failures": [(chat so far, expected, answered), ...], "replies": [[answered per turn] per chat]}."""
+    rng = np.random.default_rng(seed)
+    images, all_pairs = zip(*(sample_chat(rng, turns) for _ in range(num_chats)))
+    histories: list[list[tuple[str, str | None]]] = [[] for _ in range(num_chats)]
+    by_turn, by_type, failures = [], {kind: [] for kind in QUESTION_TYPES}, []
+    for turn in range(turns):
+        chats = [[*history, (pairs[turn][0], None)] for history, pairs in zip(histories, all_pairs)]
+        replies = ask(model, processor, chats, images)
+        right = []
+        for history, pairs, reply in zip(histories, all_pairs, replies):
+            question, answer = pairs[turn]
+            ok = answers_match(reply, answer)
+            right.append(ok)
+            by_type[question_type(answer)].append(ok)
+            if not ok:
+                failures.append(([*history, (question, None)], answer, reply))
+            history.append((question, reply))
+        by_turn.append(float(np.mean(right)))
+    return {
+        "accuracy": float(np.mean(by_turn)),
+        "by_turn": by_turn,
+        "by_type": {kind: float(np.mean(v)) for kind, v in by_type.items() if v},
+        "failures": failures,
+        "replies": [[reply for _, reply in history] for history in histories],
     }

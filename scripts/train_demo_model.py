@@ -129,6 +129,15 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=40000, help="training examples to generate")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--kind-weights",
+        type=json.loads,
+        help='how often each question type is asked, as JSON ({"shape": 2, "color": 1, "count": 2, "where": 2}); '
+        "default: any type a scene allows, equally likely (1 in 12 questions is a where)",
+    )
+    parser.add_argument("--max-turns", type=int, default=1, help="training examples are chats of 1 to this many turns")
+    parser.add_argument("--max-length", type=int, default=48, help="tokens per example (six-turn chats need 144)")
+    parser.add_argument("--init", help="continue from this model directory instead of random weights")
     parser.add_argument("--work", default=os.path.join(ROOT, "build", "demo"), help="dataset, checkpoints, logs")
     parser.add_argument("--out", default=os.path.join(ROOT, "models", "aria-jax-demo"))
     args = parser.parse_args()
@@ -137,22 +146,35 @@ def main() -> None:
 
     data_dir = os.path.join(args.work, "data")
     if not os.path.isdir(data_dir):
-        demo_task.write_dataset(data_dir, args.examples, seed=SEED, size=IMAGE_SIZE)
-    initial = os.path.join(args.work, "initial")
-    write_initial_model(initial, demo_config(demo_task.VOCAB_SIZE))
+        demo_task.write_dataset(
+            data_dir,
+            args.examples,
+            seed=SEED,
+            size=IMAGE_SIZE,
+            kind_weights=args.kind_weights,
+            max_turns=args.max_turns,
+        )
+    initial = args.init
+    if initial is None:
+        initial = os.path.join(args.work, "initial")
+        write_initial_model(initial, demo_config(demo_task.VOCAB_SIZE))
     print(f"data and initial model ready after {time.perf_counter() - began:.0f} s", flush=True)
 
     train_config = TrainConfig(
         learning_rate=args.lr, warmup_steps=min(100, args.steps // 10), total_steps=args.steps, weight_decay=0.05
     )
-    settings = RunSettings(batch_size=args.batch_size, max_length=48, save_every=500, seed=SEED)
+    settings = RunSettings(batch_size=args.batch_size, max_length=args.max_length, save_every=500, seed=SEED)
     result = finetune(initial, data_dir, os.path.join(args.work, "run"), train_config, settings)
     print(f"trained {result.steps} steps after {time.perf_counter() - began:.0f} s", flush=True)
 
     model = aria_jax.AriaForConditionalGeneration.from_pretrained(result.model_dir)
     processor = aria_jax.AriaProcessor.from_pretrained(result.model_dir)
-    scores = demo_task.evaluate(model, processor, demo_task.EVALUATION_QUESTIONS, seed=demo_task.EVALUATION_SEED)
-    print(json.dumps({k: v for k, v in scores.items() if k != "failures"}, indent=1))
+    questions, seed = demo_task.EVALUATION_QUESTIONS, demo_task.EVALUATION_SEED
+    scores = demo_task.evaluate(model, processor, questions, seed)
+    by_type = demo_task.evaluate(model, processor, questions, seed, kinds=demo_task.QUESTION_TYPES)["by_type"]
+    chats = demo_task.evaluate_chats(model, processor, 40, 6, seed=seed + 1)
+    print(f"single questions: {scores['accuracy']:.1%}; {questions // 4} of each type: {by_type}")
+    print(f"40 six-turn chats: by turn {chats['by_turn']}, by type {chats['by_type']}")
     for question, expected, answered in scores["failures"][:10]:
         print(f"  missed: {question!r} expected {expected!r}, answered {answered!r}")
 

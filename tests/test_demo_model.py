@@ -15,8 +15,8 @@ import pytest
 import aria_jax
 from aria_jax import demo_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "models", "aria-jax-demo")
+from repo_paths import DEMO_MODEL as DEMO
+from repo_paths import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,26 @@ def test_demo_answers_questions_it_never_saw(demo):
     scores = demo_task.evaluate(model, processor, demo_task.EVALUATION_QUESTIONS, seed=demo_task.EVALUATION_SEED)
     assert scores["accuracy"] >= 0.9, (scores["by_type"], scores["failures"])
     assert set(scores["by_type"]) == set(demo_task.QUESTION_TYPES)
+
+
+def test_chats_are_scored_on_the_models_own_replies(demo):
+    """`evaluate_chats` asks each turn after the model's earlier replies: its first turn is the
+    single question, a later turn is what `ask` answers given that history, and its scores
+    count exactly the answers that differ from the truth."""
+    model, processor = demo
+    scores = demo_task.evaluate_chats(model, processor, 6, 2, seed=11)
+    rng = np.random.default_rng(11)
+    images, chats = zip(*(demo_task.sample_chat(rng, 2) for _ in range(6)))
+    replies = scores["replies"]
+    assert demo_task.ask(model, processor, [[(pairs[0][0], None)] for pairs in chats], images) == [
+        r[0] for r in replies
+    ]
+    history = [(chats[0][0][0], replies[0][0]), (chats[0][1][0], None)]
+    assert demo_task.ask(model, processor, [history], images[:1]) == [replies[0][1]]
+    right = [[demo_task.answers_match(r, a) for r, (_, a) in zip(row, pairs)] for row, pairs in zip(replies, chats)]
+    assert scores["by_turn"] == [float(np.mean(column)) for column in zip(*right)]
+    wrong_turns = sorted(turn + 1 for row in right for turn, ok in enumerate(row) if not ok)
+    assert sorted(len(chat) for chat, _, _ in scores["failures"]) == wrong_turns
 
 
 def test_transformers_reads_the_demo_as_we_do(demo):

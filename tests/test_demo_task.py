@@ -26,15 +26,20 @@ from aria_jax.demo_task import (
     MIN_SIDE,
     QUADRANT_MARGIN,
     QUADRANTS,
+    QUESTION_TYPES,
     QUESTIONS,
     SHAPES,
     VOCAB_SIZE,
     answers_match,
+    chat_messages,
     conversation,
     draw_scene,
     make_qa,
+    pick_kind,
     quadrant,
+    question_type,
     sample,
+    sample_chat,
     sample_scene,
     task_texts,
     write_dataset,
@@ -179,6 +184,59 @@ def test_sampling_is_deterministic_in_the_seed():
     assert task_texts(50, 1) == task_texts(50, 1) != task_texts(50, 2)
 
 
+def test_kind_weights_set_how_often_each_type_is_asked():
+    rng = np.random.default_rng(0)
+    weights = {"shape": 3, "color": 1, "count": 3, "where": 2}
+    kinds = [question_type(sample(rng, SIZE, kind_weights=weights)[2]) for _ in range(2000)]
+    for kind, weight in weights.items():
+        assert abs(kinds.count(kind) / len(kinds) - weight / 9) < 0.03, (kind, kinds.count(kind))
+    for kind in QUESTION_TYPES:  # a "where" question brings a lone shape of its own
+        assert all(question_type(sample(rng, SIZE, kind=kind)[2]) == kind for _ in range(20))
+    assert {question_type(sample(rng, SIZE, kind_weights={"where": 1})[2]) for _ in range(50)} == {"where"}
+
+    assert pick_kind(rng, ("shape", "color"), {"color": 1, "where": 5}) == "color"
+    with pytest.raises(ValueError, match="'size'"):
+        pick_kind(rng, QUESTION_TYPES, {"size": 1})
+    with pytest.raises(ValueError, match="no weight to any of"):
+        pick_kind(rng, ("shape", "count"), {"where": 1})
+    with pytest.raises(ValueError, match="count must be 1 to 3, got 4"):
+        sample_scene(rng, SIZE, count=4)
+
+
+def test_chats_ask_every_type_once_per_round_about_one_scene():
+    rng = np.random.default_rng(5)
+    rounds_seen = set()
+    for _ in range(200):
+        image, pairs = sample_chat(rng, 6, SIZE)
+        assert len(pairs) == 6
+        kinds = [question_type(answer) for _, answer in pairs]
+        shape = next(answer for (_, answer), kind in zip(pairs, kinds) if kind == "shape")
+        count = COUNT_WORDS.index(next(answer for (_, answer), kind in zip(pairs, kinds) if kind == "count")) + 1
+        round_length = 4 if count == 1 else 3  # "where" only about a lone shape
+        assert len(set(kinds[:round_length])) == round_length, kinds
+        assert len(set(kinds[round_length : 2 * round_length])) == len(kinds[round_length : 2 * round_length]), kinds
+        regions = [r for color in COLORS for r in components(image, color)]
+        assert len(regions) == count and shape in SHAPES
+        for question, answer in pairs:
+            assert "{" not in question and answer in ANSWERS
+        rounds_seen.add(round_length)
+    assert rounds_seen == {3, 4}
+    with pytest.raises(ValueError, match="at least one turn"):
+        sample_chat(rng, 0)
+
+
+def test_chat_messages_put_the_image_first_and_may_end_with_a_question():
+    pairs = [("What shape is in the image?", "circle"), ("Where is the circle?", None)]
+    messages = chat_messages(pairs)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0]["content"] == [
+        {"type": "image", "text": None},
+        {"type": "text", "text": "What shape is in the image?"},
+    ]
+    assert messages[2]["content"] == [{"type": "text", "text": "Where is the circle?"}]
+    assert chat_messages(pairs[:1]) == conversation("What shape is in the image?", "circle")
+
+
 @pytest.mark.parametrize(
     "predicted, answer, expected",
     [
@@ -224,6 +282,22 @@ def test_write_dataset(tmp_path):
         write_dataset(tmp_path / "a", 2, seed=4)
     write_dataset(tmp_path / "a", 2, seed=4, overwrite=True)
     assert len((tmp_path / "a" / "train.jsonl").read_text().splitlines()) == 2
+
+
+def test_write_dataset_of_chats(tmp_path):
+    weights = {"shape": 1, "where": 1}
+    write_dataset(tmp_path / "chats", 40, seed=3, size=SIZE, kind_weights=weights, max_turns=3)
+    rng = np.random.default_rng(3)
+    records = [json.loads(line) for line in (tmp_path / "chats" / "train.jsonl").read_text().splitlines()]
+    for index, record in enumerate(records):
+        image, pairs = sample_chat(rng, int(rng.integers(1, 4)), SIZE, weights)
+        assert record == {"messages": chat_messages(pairs), "images": [f"images/{index:06d}.png"]}
+        with Image.open(tmp_path / "chats" / record["images"][0]) as stored:
+            assert np.array_equal(np.asarray(stored), np.asarray(image))
+    turns = [sum(m["role"] == "assistant" for m in record["messages"]) for record in records]
+    assert set(turns) == {1, 2, 3}
+    answers = [m["content"][0]["text"] for record in records for m in record["messages"] if m["role"] == "assistant"]
+    assert {question_type(answer) for answer in answers} == {"shape", "where"}
 
 
 # -------------------------------------------------------------------------------- tokenizer
