@@ -247,13 +247,12 @@ def sample_chat(
         raise ValueError(f"a chat has at least one turn, got {turns}")
     kind_weights = dict.fromkeys(QUESTION_TYPES, 1.0) if kind_weights is None else kind_weights
     scene, question, answer = _scene_and_question(rng, size, None, kind_weights)
+    allowed = [kind for kind in question_kinds(scene) if kind_weights.get(kind, 0) > 0]
     pairs, asked = [(question, answer)], {question_type(answer)}
     for _ in range(turns - 1):
-        unasked = [kind for kind in question_kinds(scene) if kind not in asked and kind_weights.get(kind, 0) > 0]
-        if not unasked:  # every type has been asked: a new round
+        if asked.issuperset(allowed):  # every type has been asked: a new round
             asked.clear()
-            unasked = [kind for kind in question_kinds(scene) if kind_weights.get(kind, 0) > 0]
-        kind = pick_kind(rng, unasked, kind_weights)
+        kind = pick_kind(rng, [kind for kind in allowed if kind not in asked], kind_weights)
         asked.add(kind)
         pairs.append(make_qa(scene, rng, kind))
     return render(scene), pairs
