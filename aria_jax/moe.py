@@ -166,46 +166,76 @@ def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_s
 LOOP_BLOCKS = (8, 16, 32, 64)
 
 
+def _each_block(group_sizes, run, keep, carry):
+    """Visits each expert's sorted rows in blocks: the largest of LOOP_BLOCKS while it fits, the
+    remainder in the smallest that holds it. `run(expert, row, end, size)` (`size` static) returns
+    results padded to the largest block; `keep(carry, expert, row, results)` stores them. A
+    block's rows past `end` are the next expert's (or the zero padding at the end)."""
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    block_sizes = jnp.asarray(LOOP_BLOCKS)
+
+    def one_expert(expert, carry):
+        end = group_starts[expert] + group_sizes[expert]
+
+        def next_block(state):
+            row, carry = state
+            which = jnp.minimum(jnp.sum(block_sizes < end - row), len(LOOP_BLOCKS) - 1)
+            branches = [functools.partial(run, size=size) for size in LOOP_BLOCKS]
+            results = jax.lax.switch(which, branches, expert, row, end)
+            return row + block_sizes[which], keep(carry, expert, row, results)
+
+        return jax.lax.while_loop(lambda state: state[0] < end, next_block, (group_starts[expert], carry))[1]
+
+    return jax.lax.fori_loop(0, group_sizes.shape[0], one_expert, carry)
+
+
+def _expert_mlp(rows, gate_up, down):
+    return _glu(rows @ gate_up) @ down
+
+
+def _padded_rows(rows, size):
+    return jnp.pad(rows, ((0, LOOP_BLOCKS[-1] - size),) + ((0, 0),) * (rows.ndim - 1))
+
+
+def _looped_setup(x, expert_ids, num_experts):
+    """The pairs sorted by expert: their order, each expert's row count and x's rows in that
+    order followed by a largest block of zeros (the last block's padding)."""
+    top_k = expert_ids.shape[1]
+    flat_expert_ids = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_expert_ids, stable=True)
+    group_sizes = jnp.bincount(flat_expert_ids, length=num_experts).astype(jnp.int32)
+    x_sorted = jnp.concatenate([x[order // top_k], jnp.zeros((LOOP_BLOCKS[-1], x.shape[-1]), x.dtype)])
+    return order, group_sizes, x_sorted
+
+
+def _unsorted(sorted_rows, order):
+    """Rows sorted by expert (padding dropped) back in (token, slot) order."""
+    sorted_rows = sorted_rows[: order.shape[0]]
+    return jnp.zeros_like(sorted_rows).at[order].set(sorted_rows, unique_indices=True)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def routed_experts_looped(x, weights, expert_ids, gate_up, down, layer=None):
     """Same contract; sorted rows, then a loop over experts running dense matmuls on blocks of
     each expert's rows. Experts with no rows cost one loop test; padding rows of a block are
     rows of the next expert (or zeros at the end) whose results are overwritten or dropped.
-    Loops of data-dependent length have no reverse mode, so gradients come from the sorted
-    backend's (same values). `layer`: as in `routed_experts_gathered`; each block's expert is
-    taken from the stacks (XLA:CPU copies a layer's slice of them whole)."""
+    Gradients loop over the same blocks (`_looped_backward`). `layer`: as in
+    `routed_experts_gathered`; each block's expert is taken from the stacks (XLA:CPU copies a
+    layer's slice of them whole)."""
     if layer is not None:
         gate_up, down = _LayerView(gate_up, layer), _LayerView(down, layer)
     num_tokens, top_k = expert_ids.shape
-    num_experts, largest = gate_up.shape[0], LOOP_BLOCKS[-1]
-    flat_expert_ids = expert_ids.reshape(-1)
-    order = jnp.argsort(flat_expert_ids, stable=True)
-    group_sizes = jnp.bincount(flat_expert_ids, length=num_experts).astype(jnp.int32)
-    group_starts = jnp.cumsum(group_sizes) - group_sizes
-    x_sorted = jnp.concatenate([x[order // top_k], jnp.zeros((largest, x.shape[-1]), x.dtype)])
-    block_sizes = jnp.asarray(LOOP_BLOCKS)
+    order, group_sizes, x_sorted = _looped_setup(x, expert_ids, gate_up.shape[0])
 
-    def one_expert(expert, out_sorted):
-        start, end = group_starts[expert], group_starts[expert] + group_sizes[expert]
+    def run(expert, row, end, size):
+        rows = jax.lax.dynamic_slice_in_dim(x_sorted, row, size)
+        y = _expert_mlp(rows, dequantized(gate_up[expert], x.dtype), dequantized(down[expert], x.dtype))
+        return _padded_rows(y, size)
 
-        def run_block(size):
-            def run(row):
-                rows = jax.lax.dynamic_slice_in_dim(x_sorted, row, size)
-                y = _glu(rows @ dequantized(gate_up[expert], x.dtype)) @ dequantized(down[expert], x.dtype)
-                return jnp.pad(y, ((0, largest - size), (0, 0)))
+    def keep(out_sorted, expert, row, y):
+        return jax.lax.dynamic_update_slice_in_dim(out_sorted, y, row, 0)
 
-            return run
-
-        def next_block(carry):
-            row, out_sorted = carry
-            which = jnp.minimum(jnp.sum(block_sizes < end - row), len(LOOP_BLOCKS) - 1)  # smallest that holds them
-            y = jax.lax.switch(which, [run_block(size) for size in LOOP_BLOCKS], row)
-            return row + block_sizes[which], jax.lax.dynamic_update_slice_in_dim(out_sorted, y, row, 0)
-
-        return jax.lax.while_loop(lambda carry: carry[0] < end, next_block, (start, out_sorted))[1]
-
-    out_sorted = jax.lax.fori_loop(0, num_experts, one_expert, jnp.zeros_like(x_sorted))[:-largest]
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
+    out = _unsorted(_each_block(group_sizes, run, keep, jnp.zeros_like(x_sorted)), order)
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
 
 
@@ -227,6 +257,57 @@ def _looped_forward(x, weights, expert_ids, gate_up, down, layer):
 
 
 def _looped_backward(layer, saved, cotangent):
+    """The gradients block by block, as the forward pass ran: each block's expert MLP again, its
+    vjp for the rows' and the expert's gradients, and each row's routing-weight gradient (its
+    output against the cotangent). Rows of a block past its expert's are given no cotangent."""
+    x, weights, expert_ids, gate_up, down = saved
+    if isinstance(gate_up, QuantizedArray) or jax.sharding.get_abstract_mesh().manual_axes:
+        # Stored integers have no gradient. Inside shard_map, weights that the shards share need
+        # their gradients summed over the shards: the sorted backend's autodiff does that.
+        return _sorted_backward(layer, saved, cotangent)
+    num_tokens, top_k = expert_ids.shape
+    layer_gate_up = gate_up if layer is None else _LayerView(gate_up, layer)
+    layer_down = down if layer is None else _LayerView(down, layer)
+    order, group_sizes, x_sorted = _looped_setup(x, expert_ids, layer_gate_up.shape[0])
+    padding = jnp.zeros((LOOP_BLOCKS[-1],), order.dtype)
+    pair_token = jnp.concatenate([order // top_k, padding])
+    weight_sorted = jnp.concatenate([weights.reshape(-1)[order], padding.astype(weights.dtype)])
+    cotangent_sorted = cotangent[pair_token]
+
+    def run(expert, row, end, size):
+        rows = jax.lax.dynamic_slice_in_dim(x_sorted, row, size)
+        row_cotangent = jax.lax.dynamic_slice_in_dim(cotangent_sorted, row, size)
+        own = row + jnp.arange(size) < end
+        row_weight = jnp.where(own, jax.lax.dynamic_slice_in_dim(weight_sorted, row, size), 0)
+        expert_gate_up, expert_down = layer_gate_up[expert].astype(x.dtype), layer_down[expert].astype(x.dtype)
+        y, mlp_vjp = jax.vjp(_expert_mlp, rows, expert_gate_up, expert_down)
+        d_rows, d_gate_up, d_down = mlp_vjp(row_cotangent * row_weight[:, None])
+        d_weight = jnp.where(own, jnp.einsum("rd,rd->r", y, row_cotangent), 0)
+        return _padded_rows(d_rows, size), _padded_rows(d_weight, size), d_gate_up, d_down
+
+    def keep(carry, expert, row, results):
+        d_x_sorted, d_weight_sorted, d_gate_up, d_down = carry
+        d_rows, d_weight, d_expert_gate_up, d_expert_down = results
+        return (
+            jax.lax.dynamic_update_slice_in_dim(d_x_sorted, d_rows, row, 0),
+            jax.lax.dynamic_update_slice_in_dim(d_weight_sorted, d_weight, row, 0),
+            d_gate_up.at[expert].add(d_expert_gate_up),
+            d_down.at[expert].add(d_expert_down),
+        )
+
+    zeros = tuple(
+        jnp.zeros(shape, x.dtype)
+        for shape in (x_sorted.shape, weight_sorted.shape, layer_gate_up.shape, layer_down.shape)
+    )
+    d_x_sorted, d_weight_sorted, d_gate_up, d_down = _each_block(group_sizes, run, keep, zeros)
+    d_x = jnp.zeros_like(x).at[pair_token[: order.shape[0]]].add(d_x_sorted[: order.shape[0]])
+    d_weights = _unsorted(d_weight_sorted, order).reshape(num_tokens, top_k).astype(weights.dtype)
+    if layer is not None:
+        d_gate_up, d_down = jnp.zeros_like(gate_up).at[layer].set(d_gate_up), jnp.zeros_like(down).at[layer].set(d_down)
+    return d_x, d_weights, None, d_gate_up.astype(gate_up.dtype), d_down.astype(down.dtype)
+
+
+def _sorted_backward(layer, saved, cotangent):
     x, weights, expert_ids, gate_up, down = saved
 
     def sorted_backend(x, w, gu, dn):

@@ -9,6 +9,8 @@ notebook, so the times show in the CI log even under `python -m pytest -q`.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -17,6 +19,17 @@ import pytest
 # errors would see. The tests run on the CPU; set before anything imports JAX, and inherited by
 # every subprocess a test starts.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Many tests, and the commands, notebooks and README blocks they start, compile the same programs
+# for the same small checkpoints: JAX's persistent compilation cache lets every process after the
+# first load them. A directory of this run's own (every run starts empty), made by the first
+# process that loads this file and inherited by pytest-xdist's workers and every subprocess.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aria_jax_tests_compiled_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    _made_compilation_cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _made_compilation_cache = None
 
 NOTEBOOK_SECONDS = "notebook seconds"  # the name of the report property
 notebook_seconds: list[tuple[str, float]] = []  # in the process that prints the summary
@@ -37,3 +50,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     for name, seconds in notebook_seconds:
         terminalreporter.write_line(f"notebook {name}: executed without error in {seconds:.1f} s")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _made_compilation_cache:
+        shutil.rmtree(_made_compilation_cache, ignore_errors=True)

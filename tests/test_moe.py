@@ -165,6 +165,30 @@ def test_backends_read_a_layer_in_stacked_weights(case, path):
     assert max_diff(jax.jit(routed_experts_dense)(x, weights, expert_ids, gate_up, down), on_layer) <= TOLERANCE
 
 
+@pytest.mark.parametrize("case", ["t155_e6_k1_block_boundaries_empty"], indirect=True)
+def test_looped_gradients_in_stacked_weights(case):
+    """The looped backend's own backward with `layer`: the stack's gradient is the layer's own
+    weights' gradient in that layer and zero in the others."""
+    name, (x, weights, ids, gate_up, down) = case
+    cotangent = jnp.asarray(normal(98, x.shape))
+    stack_gate_up, stack_down = jnp.stack([gate_up[::-1], gate_up, 2 * gate_up]), jnp.stack([-down, down, 3 * down])
+
+    def grads(layer, gate_up, down):
+        def f(x, weights, gate_up, down):
+            return jnp.sum(routed_experts_looped(x, weights, ids, gate_up, down, layer) * cotangent)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(x, weights, gate_up, down)
+
+    in_stack = grads(1, stack_gate_up, stack_down)
+    own = grads(None, gate_up, down)
+    for what, a, b in zip(("x", "weights"), in_stack[:2], own[:2]):
+        assert max_diff(a, b) <= TOLERANCE, f"{name}: d/d{what}"
+    for what, stack, layer_grad in zip(("gate_up", "down"), in_stack[2:], own[2:]):
+        assert stack.shape == (3, *layer_grad.shape)
+        assert max_diff(stack[1], layer_grad) <= TOLERANCE and float(jnp.max(jnp.abs(layer_grad))) > 0.1, what
+        assert not jnp.any(stack[0]) and not jnp.any(stack[2]), f"{name}: d/d{what} leaks into other layers"
+
+
 # Op-by-op (un-jitted) execution compiles every primitive for every shape: two cases suffice.
 @pytest.mark.parametrize("case", ["t16_e4_k2", "t12_e6_k2_empty_experts"], indirect=True)
 def test_unjitted_sorted_equals_dense(case):
