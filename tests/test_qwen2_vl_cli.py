@@ -35,21 +35,6 @@ def api_answer(model, processor, messages: list[dict], images: list, max_new_tok
     return processor.decode_replies(model.generate(**inputs, max_new_tokens=max_new_tokens), inputs)[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every command here compiles the programs the Python API compiled for the same checkpoint
-    just before: JAX's persistent cache lets it reuse them."""
-    import jax
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-
-
 @pytest.fixture(scope="module")
 def qwen2_vl_dir() -> str:
     return tiny_qwen2_vl_dir()
