@@ -192,7 +192,7 @@ def train(initial: str, stages: Sequence[Stage], work: str, batch_size: int, fir
         settings = RunSettings(batch_size=batch_size, max_length=stage.max_length, save_every=500, seed=SEED + index)
         result = finetune(model_dir, data_dir, os.path.join(work, f"stage-{index}"), train_config, settings)
         model_dir = result.model_dir
-        print(f"stage {index}: {result.steps} steps, last loss {result.metrics[-1]['loss']:.4f}", flush=True)
+        print(f"stage {index}: {result.steps} steps", flush=True)
     return model_dir
 
 
@@ -218,6 +218,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_stage and args.init is None:
         parser.error("--from-stage needs --init: the model the stage before it left")
+    if not 0 <= args.from_stage < len(args.stages):
+        parser.error(f"--from-stage {args.from_stage}: the schedule has stages 0 to {len(args.stages) - 1}")
     began = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
 
