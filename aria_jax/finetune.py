@@ -275,6 +275,12 @@ def finetune(
                     pause_point(f"finetune:saved-step-{step + 1}")
         manager.wait_until_finished()
     finally:  # an open manager's threads fail at interpreter exit, after the error message
+        # close() does not wait for the removal of temporary directories that the constructor
+        # started in a thread (a save would have): a run refused before its first save exits
+        # while that thread still runs, and orbax logs its failure to stderr.
+        cleanup = getattr(manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
         manager.close()
 
     steps_done = int(state.step)
