@@ -134,12 +134,14 @@ def prefill(
     chunk: int = PREFILL_CHUNK,
     dtype=jnp.float32,
     kv_cache_dtype: str | None = None,
+    views=None,
 ) -> DecodeState:
     """prompt_embeds (B, T, D), attention_mask (B, T) left-padded -> state holding the first token.
     T must be at most `chunk` or a multiple of it (`buckets.prompt_bucket`). `kv_cache_dtype`:
     one of `kv_cache.KV_CACHE_DTYPES`. position_ids: by default the count of real tokens before
     each (B, T); Qwen2-VL's M-RoPE gives (B, T, 3). gate_inputs: Awaker's router inputs (B, D)
-    for the prompt and for the decode steps after it (`qwen2_vl.awaker`), or None."""
+    for the prompt and for the decode steps after it (`qwen2_vl.awaker`), or None. `views`:
+    `layer_views.layer_views` of the params, or None."""
     check_kv_cache_dtype(kv_cache_dtype)
     batch, prompt_len, _ = prompt_embeds.shape
     chunk = min(chunk, prompt_len)
@@ -181,6 +183,7 @@ def prefill(
             dtype,
             kv_cache_dtype,
             None if gate_inputs is None else gate_inputs[0],
+            views,
         )
     # As decode lays them out: left to the compiler, they came out split over the positions,
     # and each decode step gathered the whole cache back.
@@ -209,10 +212,12 @@ def _prefill_in_chunks(
     dtype,
     kv_cache_dtype,
     gate_input=None,
+    layers=None,
 ):
     """A long prompt `chunk` tokens at a time, each chunk's queries at their place in the cache,
     straight into decode's per-layer cache buffers: the layers run unrolled, as in decode, so the
     cache exists once (a layer scan would stack it, and splitting it into layers would copy it).
+    `layers`: each layer's params, if the caller has them apart (`unrolled_cached_step`).
     Returns the last token's logits and the per-layer cache."""
     batch, prompt_len, _ = prompt_embeds.shape
     cache = init_per_layer(config, batch, cache_length, dtype, kv_cache_dtype)
@@ -231,29 +236,33 @@ def _prefill_in_chunks(
             config=config,
             dtype=dtype,
             dispatch=True,
+            layers=layers,
             gate_input=gate_input,
         )
         return cache, logits
 
+    if prompt_len == chunk:  # at a static place: attention reads only the cache's first `chunk` keys
+        cache, logits = one_chunk(cache, 0)
+        return logits, cache
     cache, logits = jax.lax.scan(one_chunk, cache, jnp.arange(0, prompt_len, chunk, dtype=jnp.int32))
     return logits[-1], cache
 
 
-def decode_params(text_params, config: AriaTextConfig, dtype):
+def decode_params(text_params, config: AriaTextConfig, dtype, views=None):
     """(params, layers) for a loop of decode steps: `unrolled_cached_step`'s params and `layers`.
 
     XLA:CPU copies a layer's weights out of the stacks for each matmul that reads them, at every
     step (a TPU's matmuls read them in place). On one CPU device they are taken out once, ahead
     of the steps, and read where they lie, for one copy of the layers' weights (but the routed
-    experts') per call. Quantized ones are dequantized there too: XLA:CPU would convert them at
-    every step (its matmuls read float operands); the routed experts stay quantized, and each
-    step dequantizes only those its tokens chose. Elsewhere: the params as they are, no layers."""
+    experts') per call; none given `views` (`layer_views.layer_views`). Quantized ones are
+    dequantized there too: XLA:CPU would convert them at every step (its matmuls read float
+    operands); the routed experts stay quantized, and each step dequantizes only those its tokens
+    chose. Elsewhere: the params as they are, no layers."""
     if not on_one_cpu():
         return text_params, None
-    layers = [
-        dequantize_tree(layer_params(text_params, index), dtype, keep=STACKED_IN_DECODE)
-        for index in range(config.num_hidden_layers)
-    ]
+    if views is None:
+        views = [layer_params(text_params, index) for index in range(config.num_hidden_layers)]
+    layers = [dequantize_tree(layer, dtype, keep=STACKED_IN_DECODE) for layer in views]
     return dequantize_tree({name: part for name, part in text_params.items() if name != "layers"}, dtype), layers
 
 
@@ -268,11 +277,13 @@ def decode(
     config: AriaTextConfig,
     prompt_len: int,
     dtype=jnp.float32,
+    views=None,
 ) -> DecodeState:
-    """Up to `num_steps` more tokens, stopping early at `max_new_tokens` or when every row is done."""
+    """Up to `num_steps` more tokens, stopping early at `max_new_tokens` or when every row is done.
+    `views`: `layer_views.layer_views` of the params, or None."""
     decoder = TextDecoder(config, dtype=dtype, param_dtype=dtype)
     last_step = jnp.minimum(state.step + num_steps, max_new_tokens)
-    text_params, layers = decode_params(text_params, config, dtype)
+    text_params, layers = decode_params(text_params, config, dtype, views)
 
     def keep_going(state):
         return (state.step < last_step) & ~jnp.all(state.done)

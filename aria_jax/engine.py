@@ -29,6 +29,7 @@ import numpy as np
 from aria_jax.device_loop import decode_params
 from aria_jax.host_loop import STOP_ID_SLOTS, RequestError, possible_stop_start
 from aria_jax.pretrained import Prompt
+from aria_jax.quantization import holds_quantized
 from aria_jax.rounds import Admission, Round, broadcast_round
 from aria_jax.sharding import MeshRunner, jit_for
 from aria_jax.slots import decode_slots, empty_slots, insert
@@ -411,6 +412,7 @@ class Engine:
                 # generate(max_length=) takes this capacity: the two share the compiled prefill
                 max_new_tokens_capacity=self.max_length - prompt.padded_ids.shape[1],
                 kv_cache_dtype=self.kv_cache_dtype,
+                views=self.model.generator.views(params),
             )
             stop_ids = request.stop_ids[:STOP_ID_SLOTS]  # the rest stop on the host
             self._slots = self._insert(
@@ -430,15 +432,19 @@ class Engine:
         return jax.device_get((new_tokens, self._slots.generated, self._slots.done))
 
     def _params_for_decode(self) -> tuple:
-        """On one CPU device, each layer's weights out of the stacks (dequantized), made once for
-        the engine's life rather than at every round's decode call, as `generate` makes them per
-        call (`device_loop.decode_params`): a second copy of all but the routed experts, for decode
-        steps as fast as generate's. Elsewhere the params as they are."""
+        """On one CPU device, each layer's weights apart from the stacks, made once for the
+        engine's life rather than at every round's decode call: the stacks' own memory
+        (`layer_views`), or for quantized params a dequantized copy of all but the routed experts
+        (`device_loop.decode_params`), for decode steps as fast as generate's. Elsewhere the
+        params as they are."""
         config, dtype, params = self.model.text_config, self.model.dtype, self.model.text_params
         with jax.set_mesh(self.model.mesh) if self.model.mesh is not None else contextlib.nullcontext():
             _, layers = jax.eval_shape(functools.partial(decode_params, config=config, dtype=dtype), params)
         if layers is None:
             return params, None
+        views = self.model.generator.views(params)
+        if views is not None and not holds_quantized(params):
+            return params, views
         return _jitted(self._run, decode_params, static_argnums=(1, 2))(params, config, dtype)
 
     def _deliver_first_token(self, slot: int, token: int) -> None:

@@ -20,6 +20,7 @@ from aria_jax.buckets import bucket_length, prompt_bucket
 from aria_jax.config import AriaTextConfig
 from aria_jax.device_loop import DecodeState, Sampling, decode, prefill
 from aria_jax.kv_cache import KV_CACHE_DTYPES
+from aria_jax.layer_views import layer_views
 from aria_jax.sharding import MeshRunner
 from aria_jax.tokenizer import TokenizerError, check_text
 
@@ -195,6 +196,13 @@ class Generator:
             static_argnames=("prompt_len",),
             donate_argnames=("state",),
         )
+        self._views = (None, None)  # (params, their layer_views)
+
+    def views(self, params) -> list | None:
+        """`layer_views.layer_views` of `params`, made on the first call with these params."""
+        if self._views[0] is not params:
+            self._views = (params, layer_views(params, self.config.num_hidden_layers))
+        return self._views[1]
 
     def pad_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Left-pads to the prompt bucket (`buckets.prompt_bucket`); returns the padded ids and mask."""
@@ -235,6 +243,7 @@ class Generator:
             cache_length=cache_length,
             max_new_tokens_capacity=cache_length - prompt_len,
             kv_cache_dtype=request.kv_cache_dtype,
+            views=self.views(params),
         )
         while True:
             tokens, step, done = jax.device_get((state.tokens, state.step, state.done))  # one transfer
@@ -247,7 +256,14 @@ class Generator:
             if step >= request.max_new_tokens or bool(np.all(done)):
                 return
             state = self.decode(
-                params, state, chunk, request.max_new_tokens, request.sampling, stop_ids, prompt_len=prompt_len
+                params,
+                state,
+                chunk,
+                request.max_new_tokens,
+                request.sampling,
+                stop_ids,
+                prompt_len=prompt_len,
+                views=self.views(params),
             )
 
     def _cut_at_stop_strings(self, tokens, step, done, stop_texts):

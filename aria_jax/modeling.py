@@ -58,10 +58,21 @@ class DecoderLayer(nn.Module):
         with jax.named_scope("moe"):
             normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
             if cfg.moe_num_experts:
-                x = x + MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)(normed)
+                moe = MoE(cfg, name="mlp", layer_index=self.layer_index, dispatch=self.dispatch, **kw)
+                x = x + moe(normed, own_mask(key_mask, cache_index, x.shape[1]))
             else:
                 x = x + MLP(cfg, name="mlp", **kw)(normed, gate_input)
         return x, cache
+
+
+def own_mask(key_mask: jax.Array, cache_index, num_tokens: int) -> jax.Array | None:
+    """Which of a layer's tokens are real (B, T), where that is known without a traced offset:
+    the keys' mask itself without a cache, or its slice at a static cache index."""
+    if cache_index is None:
+        return key_mask
+    if isinstance(cache_index, int):
+        return key_mask[:, cache_index : cache_index + num_tokens]
+    return None
 
 
 # Collections stacked over the layer axis by the layer scans: the weights, LoRA adapters

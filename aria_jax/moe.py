@@ -5,9 +5,9 @@ Routed experts have interchangeable implementations that tests hold to each othe
   rows are contiguous, then one grouped matmul (`jax.lax.ragged_dot`) per projection. Work is
   proportional to tokens x top-k on backends with a real grouped matmul (TPU, GPU); XLA:CPU
   lowers it to a dense matmul over every expert.
-- `routed_experts_looped`: the same sorted rows, but a loop over the experts that holds rows,
-  each running plain matmuls on blocks of its own rows: work proportional to the routed pairs
-  on CPU, where matmuls are fast and `ragged_dot` is not.
+- `routed_experts_looped`: the rows laid out by expert, each expert's padded to whole blocks,
+  then loops of plain matmuls over the blocks: work proportional to the routed pairs on CPU,
+  where matmuls are fast and `ragged_dot` is not.
 - `routed_experts_gathered`: each (token, slot) multiplies by its own gathered expert weights;
   reads only the chosen experts, the fast path for decode (few tokens, many experts).
 - `routed_experts_dense`: every expert on every token, combined with the routing weights. The
@@ -29,6 +29,7 @@ import functools
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -39,7 +40,7 @@ from aria_jax.fused_experts import fused_experts
 from aria_jax.grouped_matmul import row_tiled_grouped_matmul, stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.quantization import QuantizedArray, dequantized, spec_for
-from aria_jax.sharding import compile_platform, mesh_axis_size, on_several_devices
+from aria_jax.sharding import compile_platform, mesh_axis_size, on_one_cpu, on_several_devices
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -161,81 +162,124 @@ def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_s
     return jnp.einsum("tkd,tk->td", out, weights)
 
 
-# Row blocks of the looped backend. An expert's rows run as blocks of the largest, and a remainder
-# as the smallest of these that holds it: few wasted rows, and few compiled matmul shapes.
-LOOP_BLOCKS = (8, 16, 32, 64)
+# Row blocks of the looped backend. An expert's rows run as blocks of the largest, and the rest
+# as one block of the smallest of these that holds it. On XLA:CPU a block costs a fixed part
+# (reading the expert's weights) plus a part per row: few wasted rows and few blocks matter more
+# than few compiled matmul shapes.
+LOOP_BLOCKS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
 
-def _each_block(group_sizes, run, keep, carry):
-    """Visits each expert's sorted rows in blocks: the largest of LOOP_BLOCKS while it fits, the
-    remainder in the smallest that holds it. `run(expert, row, end, size)` (`size` static) returns
-    results padded to the largest block; `keep(carry, expert, row, results)` stores them. A
-    block's rows past `end` are the next expert's (or the zero padding at the end)."""
-    group_starts = jnp.cumsum(group_sizes) - group_sizes
-    block_sizes = jnp.asarray(LOOP_BLOCKS)
+@flax.struct.dataclass
+class _BlockPlan:
+    """The (token, slot) pairs laid out by expert, each expert's rows padded to whole blocks, so
+    that no block reaches into another expert's rows; the blocks, grouped by size.
 
-    def one_expert(expert, carry):
-        end = group_starts[expert] + group_sizes[expert]
+    `row_of_pair` (P,): each pair's row in the layout (pairs for no local expert: `rows`, a row
+    no block covers); `block_expert`, `block_row` (blocks,): each block's expert and first row,
+    the blocks of each size together, sizes in LOOP_BLOCKS' order; `size_first`, `size_count`
+    (len(LOOP_BLOCKS),): where each size's blocks begin in them, and how many there are."""
 
-        def next_block(state):
-            row, carry = state
-            which = jnp.minimum(jnp.sum(block_sizes < end - row), len(LOOP_BLOCKS) - 1)
-            branches = [functools.partial(run, size=size) for size in LOOP_BLOCKS]
-            results = jax.lax.switch(which, branches, expert, row, end)
-            return row + block_sizes[which], keep(carry, expert, row, results)
+    row_of_pair: jax.Array
+    block_expert: jax.Array
+    block_row: jax.Array
+    size_first: jax.Array
+    size_count: jax.Array
+    num_pairs: int = flax.struct.field(pytree_node=False)
+    rows: int = flax.struct.field(pytree_node=False)
 
-        return jax.lax.while_loop(lambda state: state[0] < end, next_block, (group_starts[expert], carry))[1]
 
-    return jax.lax.fori_loop(0, group_sizes.shape[0], one_expert, carry)
+def _used_sizes(num_pairs: int) -> tuple[int, ...]:
+    """The block sizes that `num_pairs` rows can need: a size is used for a rest larger than the
+    size before it."""
+    return tuple(size for size, before in zip(LOOP_BLOCKS, (0, *LOOP_BLOCKS)) if before < num_pairs)
+
+
+def _block_plan(expert_ids: jax.Array, num_experts: int) -> _BlockPlan:
+    flat_ids = expert_ids.reshape(-1)
+    num_pairs, largest = flat_ids.shape[0], LOOP_BLOCKS[-1]
+    sizes = jnp.asarray(LOOP_BLOCKS)
+    # static bounds: each expert wastes less than the widest gap between block sizes
+    widest_gap = max(b - a for a, b in zip((0, *LOOP_BLOCKS), LOOP_BLOCKS))
+    rows = max(num_pairs + num_experts * (widest_gap - 1), _used_sizes(num_pairs)[-1])
+    max_blocks = num_experts + num_pairs // largest
+
+    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)  # ids past the experts: none
+    whole, rest = group_sizes // largest, group_sizes % largest
+    rest_size_index = jnp.sum(sizes[None, :] < rest[:, None], axis=1)  # smallest size holding the rest
+    padded = whole * largest + jnp.where(rest > 0, sizes[rest_size_index], 0)
+    padded_start = jnp.cumsum(padded) - padded
+
+    order = jnp.argsort(flat_ids, stable=True)  # pairs grouped by expert
+    sorted_ids = flat_ids[order]
+    group_start = jnp.cumsum(group_sizes) - group_sizes
+    local = sorted_ids < num_experts
+    safe_ids = jnp.where(local, sorted_ids, 0)
+    row_sorted = jnp.where(local, padded_start[safe_ids] + jnp.arange(num_pairs) - group_start[safe_ids], rows)
+    row_of_pair = jnp.zeros((num_pairs,), jnp.int32).at[order].set(row_sorted, unique_indices=True)
+
+    blocks_per_expert = whole + (rest > 0)
+    blocks_end = jnp.cumsum(blocks_per_expert)
+    block = jnp.arange(max_blocks)
+    expert = jnp.minimum(jnp.searchsorted(blocks_end, block, side="right"), num_experts - 1)
+    nth = block - (blocks_end - blocks_per_expert)[expert]
+    size_index = jnp.where(nth < whole[expert], len(LOOP_BLOCKS) - 1, rest_size_index[expert])
+    size_index = jnp.where(block < blocks_end[-1], size_index, len(LOOP_BLOCKS))  # past the last: none
+    by_size = jnp.argsort(size_index, stable=True)
+    size_count = jnp.bincount(size_index, length=len(LOOP_BLOCKS)).astype(jnp.int32)
+    return _BlockPlan(
+        num_pairs=num_pairs,
+        row_of_pair=row_of_pair,
+        block_expert=expert[by_size],
+        block_row=(padded_start[expert] + nth * largest)[by_size],
+        size_first=jnp.cumsum(size_count) - size_count,
+        size_count=size_count,
+        rows=rows,
+    )
+
+
+def _each_block(plan: _BlockPlan, run, carry):
+    """`carry = run(carry, expert, row, size)` for every block (`size` static): a loop per block
+    size, no branches (XLA:CPU ran an expert's matmuls half again as slowly in a `lax.switch`
+    branch as in a loop's body)."""
+    for index, size in enumerate(_used_sizes(plan.num_pairs)):
+
+        def one_block(block, carry, size=size):
+            return run(carry, plan.block_expert[block], plan.block_row[block], size)
+
+        first = plan.size_first[index]
+        carry = jax.lax.fori_loop(first, first + plan.size_count[index], one_block, carry)
+    return carry
 
 
 def _expert_mlp(rows, gate_up, down):
     return _glu(rows @ gate_up) @ down
 
 
-def _padded_rows(rows, size):
-    return jnp.pad(rows, ((0, LOOP_BLOCKS[-1] - size),) + ((0, 0),) * (rows.ndim - 1))
-
-
-def _looped_setup(x, expert_ids, num_experts):
-    """The pairs sorted by expert: their order, each expert's row count and x's rows in that
-    order followed by a largest block of zeros (the last block's padding)."""
-    top_k = expert_ids.shape[1]
-    flat_expert_ids = expert_ids.reshape(-1)
-    order = jnp.argsort(flat_expert_ids, stable=True)
-    group_sizes = jnp.bincount(flat_expert_ids, length=num_experts).astype(jnp.int32)
-    x_sorted = jnp.concatenate([x[order // top_k], jnp.zeros((LOOP_BLOCKS[-1], x.shape[-1]), x.dtype)])
-    return order, group_sizes, x_sorted
-
-
-def _unsorted(sorted_rows, order):
-    """Rows sorted by expert (padding dropped) back in (token, slot) order."""
-    sorted_rows = sorted_rows[: order.shape[0]]
-    return jnp.zeros_like(sorted_rows).at[order].set(sorted_rows, unique_indices=True)
+def _laid_out(values: jax.Array, plan: _BlockPlan) -> jax.Array:
+    """(P, ...) pair values at their rows of the layout, zeros elsewhere; one row more, past the
+    blocks, where pairs for no local expert go."""
+    layout = jnp.zeros((plan.rows + 1, *values.shape[1:]), values.dtype)
+    return layout.at[plan.row_of_pair].set(values, unique_indices=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def routed_experts_looped(x, weights, expert_ids, gate_up, down, layer=None):
-    """Same contract; sorted rows, then a loop over experts running dense matmuls on blocks of
-    each expert's rows. Experts with no rows cost one loop test; padding rows of a block are
-    rows of the next expert (or zeros at the end) whose results are overwritten or dropped.
-    Gradients loop over the same blocks (`_looped_backward`). `layer`: as in
-    `routed_experts_gathered`; each block's expert is taken from the stacks (XLA:CPU copies a
-    layer's slice of them whole)."""
+    """Same contract; the pairs laid out by expert (`_BlockPlan`), then loops of dense matmuls
+    over blocks of each expert's rows. Experts with no rows cost nothing; a block's padding rows
+    are zeros, their results unread. Gradients loop over the same blocks (`_looped_backward`).
+    `layer`: as in `routed_experts_gathered`; each block's expert is taken from the stacks."""
     if layer is not None:
         gate_up, down = _LayerView(gate_up, layer), _LayerView(down, layer)
     num_tokens, top_k = expert_ids.shape
-    order, group_sizes, x_sorted = _looped_setup(x, expert_ids, gate_up.shape[0])
+    plan = _block_plan(expert_ids, gate_up.shape[0])
+    x_laid_out = _laid_out(jnp.repeat(x, top_k, axis=0), plan)
 
-    def run(expert, row, end, size):
-        rows = jax.lax.dynamic_slice_in_dim(x_sorted, row, size)
+    def run(out, expert, row, size):
+        rows = jax.lax.dynamic_slice_in_dim(x_laid_out, row, size)
         y = _expert_mlp(rows, dequantized(gate_up[expert], x.dtype), dequantized(down[expert], x.dtype))
-        return _padded_rows(y, size)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, row, 0)
 
-    def keep(out_sorted, expert, row, y):
-        return jax.lax.dynamic_update_slice_in_dim(out_sorted, y, row, 0)
-
-    out = _unsorted(_each_block(group_sizes, run, keep, jnp.zeros_like(x_sorted)), order)
+    out = _each_block(plan, run, jnp.zeros_like(x_laid_out))[plan.row_of_pair]
     return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
 
 
@@ -259,7 +303,7 @@ def _looped_forward(x, weights, expert_ids, gate_up, down, layer):
 def _looped_backward(layer, saved, cotangent):
     """The gradients block by block, as the forward pass ran: each block's expert MLP again, its
     vjp for the rows' and the expert's gradients, and each row's routing-weight gradient (its
-    output against the cotangent). Rows of a block past its expert's are given no cotangent."""
+    output against the cotangent). Padding rows have zero inputs and cotangents: they add nothing."""
     x, weights, expert_ids, gate_up, down = saved
     if isinstance(gate_up, QuantizedArray) or jax.sharding.get_abstract_mesh().manual_axes:
         # Stored integers have no gradient. Inside shard_map, weights that the shards share need
@@ -268,43 +312,35 @@ def _looped_backward(layer, saved, cotangent):
     num_tokens, top_k = expert_ids.shape
     layer_gate_up = gate_up if layer is None else _LayerView(gate_up, layer)
     layer_down = down if layer is None else _LayerView(down, layer)
-    order, group_sizes, x_sorted = _looped_setup(x, expert_ids, layer_gate_up.shape[0])
-    padding = jnp.zeros((LOOP_BLOCKS[-1],), order.dtype)
-    pair_token = jnp.concatenate([order // top_k, padding])
-    weight_sorted = jnp.concatenate([weights.reshape(-1)[order], padding.astype(weights.dtype)])
-    cotangent_sorted = cotangent[pair_token]
+    plan = _block_plan(expert_ids, layer_gate_up.shape[0])
+    x_laid_out = _laid_out(jnp.repeat(x, top_k, axis=0), plan)
+    cotangent_laid_out = _laid_out(jnp.repeat(cotangent, top_k, axis=0) * weights.reshape(-1, 1), plan)
+    cotangent_of_output = _laid_out(jnp.repeat(cotangent, top_k, axis=0), plan)
 
-    def run(expert, row, end, size):
-        rows = jax.lax.dynamic_slice_in_dim(x_sorted, row, size)
-        row_cotangent = jax.lax.dynamic_slice_in_dim(cotangent_sorted, row, size)
-        own = row + jnp.arange(size) < end
-        row_weight = jnp.where(own, jax.lax.dynamic_slice_in_dim(weight_sorted, row, size), 0)
+    def run(carry, expert, row, size):
+        d_x, d_weight, d_gate_up, d_down = carry
+        rows = jax.lax.dynamic_slice_in_dim(x_laid_out, row, size)
         expert_gate_up, expert_down = layer_gate_up[expert].astype(x.dtype), layer_down[expert].astype(x.dtype)
         y, mlp_vjp = jax.vjp(_expert_mlp, rows, expert_gate_up, expert_down)
-        d_rows, d_gate_up, d_down = mlp_vjp(row_cotangent * row_weight[:, None])
-        d_weight = jnp.where(own, jnp.einsum("rd,rd->r", y, row_cotangent), 0)
-        return _padded_rows(d_rows, size), _padded_rows(d_weight, size), d_gate_up, d_down
-
-    def keep(carry, expert, row, results):
-        d_x_sorted, d_weight_sorted, d_gate_up, d_down = carry
-        d_rows, d_weight, d_expert_gate_up, d_expert_down = results
+        d_rows, d_expert_gate_up, d_expert_down = mlp_vjp(jax.lax.dynamic_slice_in_dim(cotangent_laid_out, row, size))
+        d_row_weight = jnp.einsum("rd,rd->r", y, jax.lax.dynamic_slice_in_dim(cotangent_of_output, row, size))
         return (
-            jax.lax.dynamic_update_slice_in_dim(d_x_sorted, d_rows, row, 0),
-            jax.lax.dynamic_update_slice_in_dim(d_weight_sorted, d_weight, row, 0),
+            jax.lax.dynamic_update_slice_in_dim(d_x, d_rows, row, 0),
+            jax.lax.dynamic_update_slice_in_dim(d_weight, d_row_weight, row, 0),
             d_gate_up.at[expert].add(d_expert_gate_up),
             d_down.at[expert].add(d_expert_down),
         )
 
     zeros = tuple(
         jnp.zeros(shape, x.dtype)
-        for shape in (x_sorted.shape, weight_sorted.shape, layer_gate_up.shape, layer_down.shape)
+        for shape in (x_laid_out.shape, x_laid_out.shape[:1], layer_gate_up.shape, layer_down.shape)
     )
-    d_x_sorted, d_weight_sorted, d_gate_up, d_down = _each_block(group_sizes, run, keep, zeros)
-    d_x = jnp.zeros_like(x).at[pair_token[: order.shape[0]]].add(d_x_sorted[: order.shape[0]])
-    d_weights = _unsorted(d_weight_sorted, order).reshape(num_tokens, top_k).astype(weights.dtype)
+    d_x_laid_out, d_weight_laid_out, d_gate_up, d_down = _each_block(plan, run, zeros)
+    d_x = d_x_laid_out[plan.row_of_pair].reshape(num_tokens, top_k, -1).sum(axis=1)
+    d_weights = d_weight_laid_out[plan.row_of_pair].reshape(num_tokens, top_k).astype(weights.dtype)
     if layer is not None:
         d_gate_up, d_down = jnp.zeros_like(gate_up).at[layer].set(d_gate_up), jnp.zeros_like(down).at[layer].set(d_down)
-    return d_x, d_weights, None, d_gate_up.astype(gate_up.dtype), d_down.astype(down.dtype)
+    return d_x.astype(x.dtype), d_weights, None, d_gate_up.astype(gate_up.dtype), d_down.astype(down.dtype)
 
 
 def _sorted_backward(layer, saved, cotangent):
@@ -542,7 +578,10 @@ class MoE(nn.Module):
     dispatch: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+        """x (..., D). `token_mask` (x's leading shape): which tokens are real, if known. On one
+        CPU device padding tokens are then routed to no expert (their outputs are the shared
+        experts' alone): the looped backend skips them."""
         cfg = self.config
         d, e, f, s = cfg.hidden_size, cfg.moe_num_experts, cfg.intermediate_size, cfg.shared_expert_size
 
@@ -606,6 +645,8 @@ class MoE(nn.Module):
             router_logits, top_weights, top_ids = route(tokens, router, cfg.moe_topk)
             # Kept only when the caller asks for "intermediates": training's auxiliary losses.
             self.sow("intermediates", "router_logits", router_logits)
+            if token_mask is not None and on_one_cpu():
+                top_ids = jnp.where(token_mask.reshape(-1, 1), top_ids, e)
         act = ACTIVATIONS[cfg.hidden_act]
         shared = (
             weight("shared_gate", (d, s), ("expert_embed", "shared_mlp")),

@@ -219,6 +219,11 @@ def array_bytes(shape: tuple[int, ...], dtype) -> int:
     return -(-math.prod(shape) * bits // 8)
 
 
+def holds_quantized(params: dict) -> bool:
+    """Whether a params tree holds any quantized weight."""
+    return any(is_quantized(child) or (isinstance(child, dict) and holds_quantized(child)) for child in params.values())
+
+
 def dequantize_tree(params: dict, dtype, keep: tuple[str, ...] = ()) -> dict:
     """A params tree with its quantized weights in `dtype`, but those named in `keep`."""
 

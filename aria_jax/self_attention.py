@@ -96,6 +96,12 @@ class Attention(nn.Module):
                 with jax.named_scope("cache_write"):
                     cache = written(cache, entries(cache, key, value), cache_index)
                     key, value, scales = readable(cache, self.dtype)
+                if isinstance(cache_index, int):
+                    # x's tokens are the cache's last ones any query can see: the keys after are in
+                    # every query's future, so they are not read at all
+                    seen = cache_index + x.shape[1]
+                    key, value, key_mask = key[:, :, :seen], value[:, :, :seen], key_mask[:, :seen]
+                    scales = None if scales is None else tuple(scale[:, :, :seen] for scale in scales)
             with jax.named_scope("attend"):
                 out = attention(q, key, value, key_mask, 0 if cache is None else furthest(cache_index), scales=scales)
         attended = out

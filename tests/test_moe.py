@@ -87,14 +87,14 @@ def _last_expert_only(num_tokens):  # E=4, top-1, all to the last expert (groups
     return [[3] for _ in range(num_tokens)]
 
 
-# E=6, top-1, group sizes that sit on and around the looped backend's row blocks (8, 16, 32, 64):
-# a block filled exactly, one row over (a second block), the largest block plus a remainder,
-# an empty first expert and a single-row last one.
-BLOCK_BOUNDARY_SIZES = (0, 65, 64, 9, 16, 1)
+# E=6, top-1, group sizes that sit on and around the looped backend's row blocks (8, 16, 24, ...,
+# 64, 80, ..., 128): the largest block plus one row (a second block), the largest exactly, one
+# row past a size, a size exactly, an empty first expert and a single-row last one.
+BLOCK_BOUNDARY_SIZES = (0, 129, 128, 65, 16, 1)
 
 
 def _block_boundaries(num_tokens):
-    assert num_tokens == sum(BLOCK_BOUNDARY_SIZES) and LOOP_BLOCKS == (8, 16, 32, 64)
+    assert num_tokens == sum(BLOCK_BOUNDARY_SIZES) and LOOP_BLOCKS[-1] == 128 and {16, 64, 80} <= set(LOOP_BLOCKS)
     return [[expert] for expert, size in enumerate(BLOCK_BOUNDARY_SIZES) for _ in range(size)][::-1]
 
 
@@ -109,7 +109,7 @@ CASES = {
     "t10_e5_k1_one_expert_takes_all": (10, 5, 1, _one_expert_takes_all),
     "t9_e4_k3_one_expert_in_every_token": (9, 4, 3, _one_expert_in_every_token),
     "t8_e4_k1_last_expert_only": (8, 4, 1, _last_expert_only),
-    "t155_e6_k1_block_boundaries_empty": (sum(BLOCK_BOUNDARY_SIZES), 6, 1, _block_boundaries),
+    "t339_e6_k1_block_boundaries_empty": (sum(BLOCK_BOUNDARY_SIZES), 6, 1, _block_boundaries),
     "t150_e64_k6_random": (150, 64, 6, None),
 }
 
@@ -165,7 +165,7 @@ def test_backends_read_a_layer_in_stacked_weights(case, path):
     assert max_diff(jax.jit(routed_experts_dense)(x, weights, expert_ids, gate_up, down), on_layer) <= TOLERANCE
 
 
-@pytest.mark.parametrize("case", ["t155_e6_k1_block_boundaries_empty"], indirect=True)
+@pytest.mark.parametrize("case", ["t339_e6_k1_block_boundaries_empty"], indirect=True)
 def test_looped_gradients_in_stacked_weights(case):
     """The looped backend's own backward with `layer`: the stack's gradient is the layer's own
     weights' gradient in that layer and zero in the others."""
@@ -231,9 +231,10 @@ def test_fast_path_gradients_equal_dense(case, path):
     reference = loss(routed_experts_dense)(x, weights, gate_up, down)
     for what, a, b in zip(("x", "weights", "gate_up", "down"), ours, reference):
         assert a.shape == b.shape
-        diff = max_diff(a, b)
-        print(f"[{name}] grad {what} max|diff| = {diff:.2e}")
-        assert diff <= TOLERANCE, f"{name}: d/d{what} differs by {diff}"
+        diff, scale = max_diff(a, b), max(1.0, float(jnp.max(jnp.abs(b))))
+        print(f"[{name}] grad {what} max|diff| = {diff:.2e}, max|grad| = {scale:.2e}")
+        # a weight's gradient sums over its expert's rows: float32 rounding grows with its size
+        assert diff <= TOLERANCE * scale, f"{name}: d/d{what} differs by {diff} (max |grad| {scale})"
     # Unused experts get exactly zero gradient on both paths; used ones get some.
     used = group_sizes(ids, gate_up.shape[0]) > 0
     for grad in (ours[2], ours[3]):

@@ -160,8 +160,8 @@ def test_blockwise_attention_matches_transformers(case, monkeypatch):
     blocks of 64 so that rows span several blocks and some blocks hold only padding."""
     whole_rows = attention_module.blockwise_attention
 
-    def small_blocks(q, k, v, key_mask, query_offset, block, scales=None):
-        return whole_rows(q, k, v, key_mask, query_offset, 64, scales)
+    def small_blocks(q, k, v, key_mask, query_offset, block, scales=None, query_block=None):
+        return whole_rows(q, k, v, key_mask, query_offset, 64, scales, query_block)
 
     monkeypatch.setattr(attention_module, "DENSE_LIMIT", 0)
     monkeypatch.setattr(attention_module, "blockwise_attention", small_blocks)
