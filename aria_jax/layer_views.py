@@ -25,8 +25,8 @@ def on_one_cpu_device(tree) -> bool:
 def layer_views(text_params: dict, num_layers: int) -> list[dict] | None:
     """`modeling.layer_params(text_params, i)` for every layer i, all but the routed experts (which
     stay stacked: the MoE reads a layer's experts in the stacks) as views of the stacks; None
-    unless the params are concrete arrays on one CPU device. A slice whose memory is not aligned
-    as XLA needs is copied by `device_put` instead: correct, only not free."""
+    unless the params are concrete arrays on one CPU device. Where `device_put` cannot alias a
+    slice (memory not aligned as XLA needs; int4 arrays) it copies it: correct, only not free."""
     stacked = text_params["layers"]
     if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(stacked)) or not on_one_cpu_device(stacked):
         return None

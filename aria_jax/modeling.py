@@ -66,10 +66,9 @@ class DecoderLayer(nn.Module):
 
 
 def own_mask(key_mask: jax.Array, cache_index, num_tokens: int) -> jax.Array | None:
-    """Which of a layer's tokens are real (B, T), where that is known without a traced offset:
-    the keys' mask itself without a cache, or its slice at a static cache index."""
-    if cache_index is None:
-        return key_mask
+    """Which of a prompt's tokens are real (B, T) when it is prefilled at a static place in the
+    cache (its slice of the keys' mask), else None. Only generation, which reads the real tokens'
+    results alone, is told: a forward pass's logits at padding positions stay transformers'."""
     if isinstance(cache_index, int):
         return key_mask[:, cache_index : cache_index + num_tokens]
     return None
