@@ -314,16 +314,18 @@ def _looped_backward(layer, saved, cotangent):
     layer_down = down if layer is None else _LayerView(down, layer)
     plan = _block_plan(expert_ids, layer_gate_up.shape[0])
     x_laid_out = _laid_out(jnp.repeat(x, top_k, axis=0), plan)
-    cotangent_laid_out = _laid_out(jnp.repeat(cotangent, top_k, axis=0) * weights.reshape(-1, 1), plan)
-    cotangent_of_output = _laid_out(jnp.repeat(cotangent, top_k, axis=0), plan)
+    cotangent_laid_out = _laid_out(jnp.repeat(cotangent, top_k, axis=0), plan)
+    weight_laid_out = _laid_out(weights.reshape(-1), plan)
 
     def run(carry, expert, row, size):
         d_x, d_weight, d_gate_up, d_down = carry
         rows = jax.lax.dynamic_slice_in_dim(x_laid_out, row, size)
         expert_gate_up, expert_down = layer_gate_up[expert].astype(x.dtype), layer_down[expert].astype(x.dtype)
         y, mlp_vjp = jax.vjp(_expert_mlp, rows, expert_gate_up, expert_down)
-        d_rows, d_expert_gate_up, d_expert_down = mlp_vjp(jax.lax.dynamic_slice_in_dim(cotangent_laid_out, row, size))
-        d_row_weight = jnp.einsum("rd,rd->r", y, jax.lax.dynamic_slice_in_dim(cotangent_of_output, row, size))
+        row_cotangent = jax.lax.dynamic_slice_in_dim(cotangent_laid_out, row, size)
+        row_weight = jax.lax.dynamic_slice_in_dim(weight_laid_out, row, size)
+        d_rows, d_expert_gate_up, d_expert_down = mlp_vjp(row_cotangent * row_weight[:, None])
+        d_row_weight = jnp.einsum("rd,rd->r", y, row_cotangent)
         return (
             jax.lax.dynamic_update_slice_in_dim(d_x, d_rows, row, 0),
             jax.lax.dynamic_update_slice_in_dim(d_weight, d_row_weight, row, 0),
