@@ -142,8 +142,18 @@ def _sorted_pairs(x, weights, expert_ids, num_experts, gated_projection, down_pr
     x_sorted = x[order // top_k]  # (T*K, D)
     activations = gated_projection(x_sorted, group_sizes)
     out_sorted = down_projection(activations, group_sizes)  # (T*K, D)
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
-    return jnp.einsum("tkd,tk->td", out.reshape(num_tokens, top_k, -1), weights)
+    # Back in order by one gather (a scatter of the rows is two passes on TPU), slot-major
+    sorted_row = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
+    return slot_weighted_sum(out_sorted[sorted_row.reshape(num_tokens, top_k).T], weights.T)
+
+
+def slot_weighted_sum(rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_k weights[k, t] * rows[k, t, :], accumulated in float32. Slot-major (K, T, D) rows
+    need no relayout (token-major (T, K, D) pads K to a sublane tile on TPU, a copy), and the sum
+    is elementwise, not a matmul K deep per token: one term per slot, so that the conversions
+    fuse into the sum instead of writing a float32 copy of the rows."""
+    terms = (rows[k].astype(jnp.float32) * weights[k, :, None].astype(jnp.float32) for k in range(rows.shape[0]))
+    return functools.reduce(jnp.add, terms).astype(jnp.result_type(rows.dtype, weights.dtype))
 
 
 def routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=None):
@@ -488,7 +498,7 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
 
     def local_tokens(x, weights, expert_ids, gate_up, down, shared_gate, shared_up, shared_down):
         num_tokens, top_k = expert_ids.shape
-        num_local, model_dim = gate_up.shape[-3], x.shape[-1]
+        num_local = gate_up.shape[-3]
         num_pairs = num_tokens * top_k
         capacity = math.ceil(num_pairs * DISPATCH_SLACK / shards)
         destination = (expert_ids // num_local).reshape(-1)  # (P,) shard of each pair
@@ -520,10 +530,9 @@ def experts_by_dispatch(backend, act, x, weights, expert_ids, gate_up, down, sha
             received = exchange(x[pair_of_slot // top_k])
             received_ids = exchange(jnp.where(filled, pair_ids[pair_of_slot], num_local))
             done = backend(received, jnp.ones((slots, 1), x.dtype), received_ids[:, None], gate_up, down)
-            returned = exchange(done)[jnp.minimum(target, slots - 1)].reshape(num_tokens, top_k, model_dim)
-            return round_index + 1, out + jnp.einsum(
-                "tkd,tk->td", returned, jnp.where(in_round, flat_weights, 0).reshape(num_tokens, top_k)
-            )
+            returned = exchange(done)[jnp.minimum(target, slots - 1).reshape(num_tokens, top_k).T]
+            slot_weights = jnp.where(in_round, flat_weights, 0).reshape(num_tokens, top_k).T
+            return round_index + 1, out + slot_weighted_sum(returned, slot_weights).astype(out.dtype)
 
         flat_weights = weights.reshape(-1)
         no_output = jnp.zeros_like(x)  # varies over the shards, as x

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+
 from repo_paths import ROOT
 
 
@@ -13,6 +15,33 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "aria_jax.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    """`aria-jax plan ARGS` in a fresh process without the tests' XLA_FLAGS: the plan simulates
+    its own devices."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, "-m", "aria_jax.cli", "plan", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def two_layer_config(directory) -> str:
+    """configs/aria.json at full width with 2 decoder and 2 vision layers, written to
+    `directory`/config.json: full Aria's programs at a fraction of their compile time."""
+    with open(os.path.join(ROOT, "configs", "aria.json")) as f:
+        config = json.load(f)
+    config["text_config"]["num_hidden_layers"] = 2
+    config["vision_config"]["num_hidden_layers"] = 2
+    path = os.path.join(directory, "config.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
 
 
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:

@@ -1,49 +1,27 @@
-"""`aria-jax plan`: per-device memory of the full-size model, compiled without weights."""
+"""`aria-jax plan`: per-device memory of full-width models, compiled without weights."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 
 from aria_jax.config import config_from_pretrained
 from aria_jax.modeling import multimodal_param_shapes
-from repo_paths import ROOT
-
-
-def run_plan(*args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run(
-        [sys.executable, "-m", "aria_jax.cli", "plan", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from cli_helpers import run_plan, two_layer_config
 
 
 def figure(output: str, label: str) -> float:
     return float(re.search(rf"{label} +([\d.]+) GB", output).group(1))
 
 
-def test_full_size_plan_on_8_simulated_devices():
+def test_full_width_plan_on_8_simulated_devices(tmp_path):
+    """Full Aria's widths with 2 layers (notebook 02 plans all 28 of them)."""
+    config_file = two_layer_config(tmp_path)
     result = run_plan(
-        "--config",
-        "configs/aria.json",
-        "--mesh",
-        "expert=8",
-        "--dtype",
-        "bfloat16",
-        "--batch",
-        "8",
-        "--max-length",
-        "1024",
+        "--config", config_file, "--mesh", "expert=8", "--dtype", "bfloat16", "--batch", "8", "--max-length", "1024"
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -51,7 +29,7 @@ def test_full_size_plan_on_8_simulated_devices():
 
     # Params per device: the routed experts, the shared experts' width, the vocabulary and the
     # decoder attention's model dimension split 8 ways, everything else whole.
-    config = config_from_pretrained(os.path.join(ROOT, "configs", "aria.json"))
+    config = config_from_pretrained(config_file)
     shapes = jax.tree_util.tree_leaves_with_path(
         multimodal_param_shapes(config, jnp.bfloat16), is_leaf=lambda x: hasattr(x, "names")
     )

@@ -18,36 +18,13 @@ from aria_jax.accelerators import CHIPS, Chip
 from aria_jax.config import AriaTextConfig
 from aria_jax.hlo_cost import ProgramCost
 from aria_jax.roofline import decode_step_bytes, prefill_flops
+from cli_helpers import run_plan, two_layer_config
 from repo_paths import ROOT
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="the TPU compiler (libtpu) is not installed: pip install -e '.[test]'",
 )
-
-
-def run_plan(*args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run(
-        [sys.executable, "-m", "aria_jax.cli", "plan", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def two_layer_config(directory) -> str:
-    """configs/aria.json at full width with 2 decoder and 2 vision layers."""
-    with open(os.path.join(ROOT, "configs", "aria.json")) as f:
-        config = json.load(f)
-    config["text_config"]["num_hidden_layers"] = 2
-    config["vision_config"]["num_hidden_layers"] = 2
-    path = os.path.join(directory, "config.json")
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return path
 
 
 def plan_two_layers(directory, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:

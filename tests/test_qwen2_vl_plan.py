@@ -17,7 +17,8 @@ from aria_jax.qwen2_vl.config import AwakerConfig, Qwen2VLConfig
 from aria_jax.roofline import decode_step_bytes
 from repo_paths import ROOT
 from test_plan import figure
-from test_plan_target import needs_libtpu, run_plan
+from cli_helpers import run_plan
+from test_plan_target import needs_libtpu
 
 CONFIGS = {"qwen2_vl": "qwen2-vl-7b.json", "awaker": "awaker2.5-vl.json"}
 # 4 rows: a router input (B, D), whole or split over data=2 or tensor=2, is then told apart from a
