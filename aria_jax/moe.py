@@ -142,7 +142,7 @@ def _sorted_pairs(x, weights, expert_ids, num_experts, gated_projection, down_pr
     x_sorted = x[order // top_k]  # (T*K, D)
     activations = gated_projection(x_sorted, group_sizes)
     out_sorted = down_projection(activations, group_sizes)  # (T*K, D)
-    # Back in order by one gather (a scatter of the rows is two passes on TPU), slot-major
+    # Back in order by one gather of the rows (scattering them is two passes on TPU), slot-major
     sorted_row = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
     return slot_weighted_sum(out_sorted[sorted_row.reshape(num_tokens, top_k).T], weights.T)
 
