@@ -256,9 +256,12 @@ class ProgramCost:
             return self._fusion_bytes(instruction, computation)
         result = instruction.shape
         if instruction.opcode.endswith("-start") and instruction.shape.startswith("("):
-            # (operand alias, destination, context...): only the destination is written
+            # Only the destination is written: copy-start's first element ((destination, source
+            # alias, context); a prefetch into VMEM writes no HBM), the others' second ((operand
+            # alias, destination, context...)).
             tuple_arrays = arrays_of(instruction.shape)
-            result_bytes = tuple_arrays[1].bytes if len(tuple_arrays) > 1 and tuple_arrays[1].memory_space == 0 else 0
+            written = tuple_arrays[0 if instruction.opcode == "copy-start" else 1] if len(tuple_arrays) > 1 else None
+            result_bytes = written.bytes if written is not None and written.memory_space == 0 else 0
         else:
             result_bytes = hbm_bytes(result)
         if instruction.opcode == "slice-start":

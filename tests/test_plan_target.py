@@ -414,6 +414,33 @@ def test_what_the_compiler_does_not_estimate_costs_its_bytes_or_its_flops():
     )
 
 
+ASYNC_COPIES_HLO = """HloModule jit_copies, num_partitions=1
+
+ENTRY %main (w: bf16[1024,512], v: bf16[256,512]) -> (bf16[1024,512], bf16[256,512]) {
+  %w = bf16[1024,512]{1,0} parameter(0)
+  %v = bf16[256,512]{1,0} parameter(1)
+  %to_vmem = (bf16[1024,512]{1,0:S(1)}, bf16[1024,512]{1,0}, u32[]{:S(2)}) copy-start(%w)
+  %in_vmem = bf16[1024,512]{1,0:S(1)} copy-done(%to_vmem)
+  %in_hbm = (bf16[256,512]{1,0}, bf16[256,512]{1,0}, u32[]{:S(2)}) copy-start(%v)
+  %copied = bf16[256,512]{1,0} copy-done(%in_hbm)
+  ROOT %out = (bf16[1024,512]{1,0:S(1)}, bf16[256,512]{1,0}) tuple(%in_vmem, %copied)
+}
+"""
+
+
+def test_a_copy_into_vmem_reads_hbm_once():
+    """copy-start's shape is (destination, source alias, context): a prefetch of weights into the
+    chip's VMEM (S(1)) reads them from HBM and writes no HBM; a copy within HBM reads and writes."""
+    chip = Chip(
+        "test", peak_flops=1e12, hbm_bytes_per_second=1e9, hbm_bytes=0, interconnect_bytes_per_second=1e9, clock_hz=1e9
+    )
+    cost = ProgramCost(ASYNC_COPIES_HLO, chip)
+    seconds = {instruction.name: time for time, instruction in cost.heaviest(10)}
+    assert seconds["to_vmem"] == pytest.approx(1024 * 512 * 2 / 1e9)
+    assert seconds["in_hbm"] == pytest.approx(2 * 256 * 512 * 2 / 1e9)
+    assert cost.total.seconds == pytest.approx((1024 * 512 * 2 + 2 * 256 * 512 * 2) / 1e9)
+
+
 def compiled_on_the_cpu_host(code: str) -> str:
     """The output of a Python script that compiles for a target, run with JAX on the CPU."""
     result = subprocess.run(
