@@ -71,6 +71,9 @@ COLLECTIVES = {
 # Custom calls that only reserve memory.
 ALLOCATING_CUSTOM_CALLS = {"AllocateBuffer"}
 SLICING_OPCODES = {"dynamic-slice", "slice", "gather"}
+# Where an asynchronous start's tuple holds its destination: copy-start's is (destination, source
+# alias, context); the collectives' starts are (operand alias, destination, context...).
+ASYNC_DESTINATION = {"copy-start": 0}
 # Inside a fusion these only re-index their operand: nothing is read until something uses them.
 RE_INDEXING_OPCODES = {"bitcast", "reshape", "transpose"}
 MATMUL_OPCODES = {"dot", "ragged-dot"}
@@ -254,18 +257,15 @@ class ProgramCost:
         """HBM bytes read and written: operands and result."""
         if instruction.opcode == "fusion":
             return self._fusion_bytes(instruction, computation)
-        result = instruction.shape
-        if instruction.opcode.endswith("-start") and instruction.shape.startswith("("):
-            # Only the destination is written: copy-start's first element ((destination, source
-            # alias, context); a prefetch into VMEM writes no HBM), the others' second ((operand
-            # alias, destination, context...)).
-            tuple_arrays = arrays_of(instruction.shape)
-            written = tuple_arrays[0 if instruction.opcode == "copy-start" else 1] if len(tuple_arrays) > 1 else None
-            result_bytes = written.bytes if written is not None and written.memory_space == 0 else 0
-        else:
-            result_bytes = hbm_bytes(result)
         if instruction.opcode == "slice-start":
             return arrays_of(instruction.shape)[1].bytes  # reads the slice, wherever it goes
+        if instruction.opcode.endswith("-start") and instruction.shape.startswith("("):
+            # Only the destination is written, and only if it is in HBM (a prefetch into VMEM is not).
+            tuple_arrays = arrays_of(instruction.shape)
+            written = tuple_arrays[ASYNC_DESTINATION.get(instruction.opcode, 1)] if len(tuple_arrays) > 1 else None
+            result_bytes = written.bytes if written is not None and written.memory_space == 0 else 0
+        else:
+            result_bytes = hbm_bytes(instruction.shape)
         if instruction.opcode in SLICING_OPCODES:
             return 2 * result_bytes  # reads only what it keeps
         if instruction.opcode == "dynamic-update-slice":

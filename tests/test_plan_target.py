@@ -349,6 +349,10 @@ ENTRY %main (arg: f32[8]) -> f32[8] {
 """
 
 CYCLE_CLOCK = Chip("one cycle a nanosecond, everything else free", math.inf, math.inf, 0, math.inf, 1e9)
+# A chip whose costs are easy to compute by hand: 1 GB/s of HBM and of interconnect, 1 TFLOP/s.
+BYTES_AT_1_GB_PER_S = Chip(
+    "test", peak_flops=1e12, hbm_bytes_per_second=1e9, hbm_bytes=0, interconnect_bytes_per_second=1e9, clock_hz=1e9
+)
 
 
 def test_cycles_are_summed_with_the_trip_counts_of_nested_loops():
@@ -396,9 +400,7 @@ ENTRY %main (a: bf16[256,1024], b: bf16[1024,512], w: bf16[8,1024,512], ids: s32
 
 
 def test_what_the_compiler_does_not_estimate_costs_its_bytes_or_its_flops():
-    chip = Chip(
-        "test", peak_flops=1e12, hbm_bytes_per_second=1e9, hbm_bytes=0, interconnect_bytes_per_second=1e9, clock_hz=1e9
-    )
+    chip = BYTES_AT_1_GB_PER_S
     cost = ProgramCost(CUSTOM_CALL_HLO, chip)
     kernel_bytes = (256 * 1024 + 1024 * 512 + 256 * 512) * 2  # operands and result, bf16
     dot_flops = 2 * 256 * 512 * 1024
@@ -431,10 +433,7 @@ ENTRY %main (w: bf16[1024,512], v: bf16[256,512]) -> (bf16[1024,512], bf16[256,5
 def test_a_copy_into_vmem_reads_hbm_once():
     """copy-start's shape is (destination, source alias, context): a prefetch of weights into the
     chip's VMEM (S(1)) reads them from HBM and writes no HBM; a copy within HBM reads and writes."""
-    chip = Chip(
-        "test", peak_flops=1e12, hbm_bytes_per_second=1e9, hbm_bytes=0, interconnect_bytes_per_second=1e9, clock_hz=1e9
-    )
-    cost = ProgramCost(ASYNC_COPIES_HLO, chip)
+    cost = ProgramCost(ASYNC_COPIES_HLO, BYTES_AT_1_GB_PER_S)
     seconds = {instruction.name: time for time, instruction in cost.heaviest(10)}
     assert seconds["to_vmem"] == pytest.approx(1024 * 512 * 2 / 1e9)
     assert seconds["in_hbm"] == pytest.approx(2 * 256 * 512 * 2 / 1e9)
