@@ -26,7 +26,7 @@ from aria_jax.mlp import MLP
 from aria_jax.moe import MoE
 from aria_jax.projector import Projector
 from aria_jax.self_attention import Attention
-from aria_jax.sharding import constrain
+from aria_jax.sharding import constrain, take_rows
 from aria_jax.vision import VisionTower, patch_mask_from_pixel_mask
 
 
@@ -120,7 +120,7 @@ class TextDecoder(nn.Module):
             )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+        return take_rows(self.embed_tokens, input_ids, "vocab").astype(self.dtype)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, gate_input=None):
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T) 1 = token, 0 = pad;

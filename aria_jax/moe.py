@@ -385,7 +385,9 @@ routed_experts_looped.defvjp(_looped_forward, _looped_backward)
 
 def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=None):
     """By the platform the program is compiled for. TPU and GPU: the grouped matmul, whose
-    kernel runs each expert's rows on the matrix units and skips experts with none. CPU: gathered
+    kernel runs each expert's rows on the matrix units and skips experts with none; on GPU, with
+    the experts stacked over layers (`layer`) and fewer pairs than experts, gathered weights read
+    in the stack instead (the grouped matmul would take a copy of the layer's). CPU: gathered
     weights for a few (token, slot) pairs (decode), else the looped backend (a gather copies
     slowly on CPU, so from a few tokens on, batched decode included, the loop is faster).
     `layer`: as in `routed_experts_gathered`. Quantized experts on GPU take the CPU's backends:
@@ -400,6 +402,8 @@ def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same,
         if layer is not None:
             gate_up, down = gate_up[layer], down[layer]
         return routed_experts_looped(x, weights, expert_ids, dequantized(gate_up, x.dtype), dequantized(down, x.dtype))
+    if compile_platform() in ("gpu", "cuda") and layer is not None and expert_ids.size < gate_up.shape[-3]:
+        return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
     if compile_platform() != "cpu" or (sum_hidden is not _same and not few_pairs):
         # the grouped matmul; on CPU too when a collective completes the up-projection, which
         # cannot run inside the looped backend's loops of data-dependent length
@@ -590,9 +594,10 @@ IN_STACK_MAX_PAIRS = 512
 class MoE(nn.Module):
     """`layer_index`: for decode, where the layers run unrolled. The routed experts' params are
     then the whole stacks over layers, (L, E, D, 2F) and (L, E, F, D), and this layer's experts
-    are read inside them: in place by the TPU kernel, sliced out elsewhere. `dispatch`: on a
-    mesh, send tokens to their experts' shards (`experts_by_dispatch`) where it applies;
-    inference only (prefill)."""
+    are read inside them: in place by the TPU kernel; on GPU, for fewer (token, slot) pairs than
+    a shard has experts, by gathering the chosen ones (XLA:GPU fuses the gather into the matmul);
+    sliced out elsewhere. `dispatch`: on a mesh, send tokens to their experts' shards
+    (`experts_by_dispatch`) where it applies; inference only (prefill)."""
 
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
@@ -655,7 +660,11 @@ class MoE(nn.Module):
                 and (pairs <= IN_STACK_MAX_PAIRS and isinstance(self.layer_index, int) or not quantized)
             ):
                 backend = routed_experts_in_stack(self.layer_index)
-            elif backend in READ_IN_STACK and not on_mesh and isinstance(self.layer_index, int):
+            elif (
+                backend in READ_IN_STACK
+                and isinstance(self.layer_index, int)
+                and (not on_mesh or backend is routed_experts_auto and compile_platform() in ("gpu", "cuda"))
+            ):
                 backend = functools.partial(backend, layer=self.layer_index)
             else:
                 gate_up, down = gate_up[self.layer_index], down[self.layer_index]

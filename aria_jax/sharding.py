@@ -22,6 +22,7 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -180,6 +181,28 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(
         x, P(*(mesh_axes_for(name, size, mesh) for size, name in zip(x.shape, logical_axes)))
     )
+
+
+def take_rows(table: jax.Array, ids: jax.Array, logical: str) -> jax.Array:
+    """`table[ids]` for a table whose rows (logical axis `logical`) may split over the mesh.
+    Fewer ids than a shard holds rows (a decode step's tokens): each shard looks up the ids that
+    fall in its rows and the rows are summed over the shards, only one of them non-zero. XLA:GPU
+    would otherwise gather the whole table onto every device at every step (full Aria on 8 H100:
+    514 MB, 0.5 ms a token). More ids: the compiler's own lookup."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = None if mesh.empty else mesh_axes_for(logical, table.shape[0], mesh)
+    shard_rows = table.shape[0] // math.prod(mesh_axis_size(mesh, axis) for axis in axes or ())
+    if not axes or ids.size >= shard_rows:
+        return jnp.take(table, ids, axis=0)
+
+    def rows_here(table_shard, ids):
+        local = ids - jax.lax.axis_index(axes) * shard_rows
+        here = (local >= 0) & (local < shard_rows)
+        rows = jnp.where(here[..., None], jnp.take(table_shard, jnp.where(here, local, 0), axis=0), 0)
+        # float32: XLA:CPU cannot compile a bfloat16 all-reduce; exact, one term is not zero
+        return jax.lax.psum(rows.astype(jnp.float32), axes).astype(table.dtype)
+
+    return jax.shard_map(rows_here, axis_names=set(mesh.axis_names), in_specs=(P(axes), P()), out_specs=P())(table, ids)
 
 
 def replicate_to(mesh, array) -> jax.Array:

@@ -360,6 +360,107 @@ SPLIT_ATTENTION_CASES = [
 ]
 
 
+# (layout, ids): rows looked up in a 256-row table whose rows split over tensor x expert (32 a
+# shard when both multiply to 8): the first and last row of several shards; then more ids than a
+# shard holds rows, which take the compiler's lookup.
+TAKE_ROWS_CASES = [
+    ((1, 8, 1), [[0, 31], [32, 255]]),
+    ((1, 4, 2), [[63, 64], [100, 224]]),
+    ((2, 2, 2), [[5], [250]]),
+    ((1, 8, 1), [list(range(0, 256, 7))]),
+]
+
+
+def run_take_rows(results: dict) -> None:
+    """`sharding.take_rows` on a table split over the mesh: the rows it returns, in bfloat16, and
+    whether it took the lookup by shard (a shard_map in its program)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import aria_jax
+    from aria_jax.sharding import mesh_axes_for, take_rows
+
+    table = np.arange(256 * 4, dtype=np.float32).reshape(256, 4)
+    results["take_rows"] = []
+    for layout, ids in TAKE_ROWS_CASES:
+        mesh = aria_jax.make_mesh(*layout)
+        on_mesh = jax.device_put(
+            jnp.asarray(table, jnp.bfloat16), NamedSharding(mesh, P(mesh_axes_for("vocab", 256, mesh)))
+        )
+        with jax.set_mesh(mesh):
+            lookup = jax.jit(lambda t, i: take_rows(t, i, "vocab"))
+            rows = lookup(on_mesh, jnp.asarray(ids))
+            by_shard = "shard_map" in str(jax.make_jaxpr(lookup)(on_mesh, jnp.asarray(ids)))
+        results["take_rows"].append(
+            {"rows": np.asarray(rows.astype(jnp.float32)).tolist(), "by_shard": by_shard, "dtype": str(rows.dtype)}
+        )
+
+
+def output_shapes(jaxpr):
+    """The shape of every value a jaxpr's equations make, those of the jaxprs inside them too."""
+    for equation in jaxpr.eqns:
+        yield from (tuple(var.aval.shape) for var in equation.outvars)
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from output_shapes(inner)
+
+
+def run_gpu_decode_experts(results: dict) -> None:
+    """A decode layer's MoE (`layer_index`: the experts stacked over layers) by the rules for a
+    GPU (the compile platform patched to "gpu"; XLA:CPU runs the program): 32 experts, 4 a shard
+    on expert=8, so one token's 2 pairs gather their experts from the stack and 8 tokens' 16
+    take the layer's slice. Its outputs, the single-device layer's, and how many arrays of one
+    layer's experts (E, D, 2F) the program makes (a slice out of the stack makes one)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import aria_jax
+    from aria_jax import moe
+    from aria_jax.config import AriaTextConfig
+
+    config = AriaTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        moe_num_experts=32,
+        moe_topk=2,
+        moe_num_shared_experts=1,
+    )
+    layer = moe.MoE(config, layer_index=1)
+    params = layer.init(jax.random.key(0), jnp.zeros((1, 1, 32)))["params"]
+    params = jax.tree.map(
+        lambda p: (p.value if hasattr(p, "value") else p) * 10.0, params, is_leaf=lambda p: hasattr(p, "value")
+    )
+    one_layer = {(32, 32, 48), (4, 32, 48)}  # a layer's experts_gate_up, whole or one shard's
+    results["gpu_decode_experts"] = {}
+    for tokens in (1, 8):
+        x = jax.random.normal(jax.random.key(tokens), (tokens, 1, 32), jnp.float32)
+        reference = np.asarray(jax.jit(layer.apply)({"params": params}, x))
+        platform = moe.compile_platform
+        moe.compile_platform = lambda: "gpu"
+        try:
+            with jax.set_mesh(aria_jax.make_mesh(expert=8)):
+                out = np.asarray(jax.jit(layer.apply)({"params": params}, x))
+                jaxpr = jax.make_jaxpr(layer.apply)({"params": params}, x)
+        finally:
+            moe.compile_platform = platform
+        layer_copies = sum(shape in one_layer for shape in output_shapes(jaxpr.jaxpr))
+        results["gpu_decode_experts"][tokens] = {
+            "max_diff": float(np.abs(out - reference).max()),
+            "scale": float(np.abs(reference).max()),
+            "layer_copies": layer_copies,
+        }
+
+
 def run_split_cache(results: dict) -> None:
     """Caches whose positions split over the mesh (`kv_cache.cache_layout`): the split attention
     against the dense one on random inputs; a prompt prefilled in chunks into a split cache
@@ -552,6 +653,10 @@ def main_mesh(out_dir: str, parts: list[str]) -> None:
             run_moe_layouts(results)
         elif part == "text":
             run_text_model(results, out_dir)
+        elif part == "gpu_decode_experts":
+            run_gpu_decode_experts(results)
+        elif part == "take_rows":
+            run_take_rows(results)
         elif part == "split_cache":
             run_split_cache(results)
         elif part == "quantized":

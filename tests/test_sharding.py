@@ -56,7 +56,18 @@ LOGIT_TOLERANCE = 1e-5  # max |mesh - single device| <= LOGIT_TOLERANCE * max(1,
 NUM_EXPERTS, NUM_HEADS, VOCAB = 8, 4, 512  # models/tiny-random
 
 # What the 8-device process runs (see sharding_worker.main_mesh).
-MESH_PARTS = ["errors", *map(layout_name, LAYOUTS), "text", "moe", "split_cache", "quantized", "int8_cache", "engine"]
+MESH_PARTS = [
+    "errors",
+    *map(layout_name, LAYOUTS),
+    "text",
+    "moe",
+    "take_rows",
+    "gpu_decode_experts",
+    "split_cache",
+    "quantized",
+    "int8_cache",
+    "engine",
+]
 
 
 def within_tolerance(diff: float, scale: float) -> bool:
@@ -308,6 +319,29 @@ def test_moe_token_dispatch_matches_single_device(mesh_results, backend, layout,
     assert run["max_diff"] <= 1e-5 * max(1.0, run["scale"]), run
     assert run["can_dispatch"] == (layout[2] == 1)
     assert run["all_to_all"] == run["can_dispatch"]
+
+
+@pytest.mark.parametrize("case", range(len(worker.TAKE_ROWS_CASES)))
+def test_rows_of_a_table_split_over_the_mesh(mesh_results, case):
+    """A decode step's embeddings from a vocabulary split over tensor x expert: each shard looks
+    up the ids in its rows and the rows are summed over the shards (in float32, so a bfloat16 row
+    comes back exact); more ids than a shard holds rows take the compiler's lookup."""
+    ((_, expert, tensor), ids), result = worker.TAKE_ROWS_CASES[case], mesh_results["take_rows"][case]
+    table = np.arange(256 * 4, dtype=np.float32).reshape(256, 4)
+    np.testing.assert_array_equal(np.asarray(result["rows"]), table.astype(jax.numpy.bfloat16).astype(np.float32)[ids])
+    assert result["dtype"] == "bfloat16"
+    assert result["by_shard"] == (np.size(ids) < 256 // (expert * tensor))
+
+
+@pytest.mark.parametrize("tokens,layer_copies", [(1, 0), (8, 1)])
+def test_gpu_decode_reads_few_tokens_experts_in_the_stack(mesh_results, tokens, layer_copies):
+    """By the GPU's rules (run on XLA:CPU), a decode layer's MoE gathers the experts of one
+    token's 2 pairs from the stack over layers, no copy of the layer's experts; 8 tokens' 16
+    pairs (more than a shard's 4 experts) take one shard's slice of the layer. Both give the
+    single-device layer's output."""
+    result = mesh_results["gpu_decode_experts"][str(tokens)]
+    assert within_tolerance(result["max_diff"], result["scale"]), result
+    assert result["layer_copies"] == layer_copies
 
 
 # ----------------------------------------------------------------------------- 8 devices: a cache split over positions
