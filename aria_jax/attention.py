@@ -4,14 +4,17 @@ statistics that let attention over disjoint sets of keys be merged (`context_par
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import attention as gpu_flash
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.decode_attention import decode_attention_stats
 from aria_jax.kv_cache import entries, from_int8, furthest, is_per_row, readable, written
-from aria_jax.sharding import compile_platform, mesh_axes_for
+from aria_jax.sharding import compile_platform, compiling_for_gpu, mesh_axes_for
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
 # attention runs over key blocks (memory O(queries x block), not O(queries x keys)).
@@ -21,7 +24,10 @@ BLOCK = 512
 # (`cpu_tiles`).
 CPU_DENSE_QUERIES = 256
 CPU_WHOLE_KEYS = 2048
-FLASH_BLOCK = 128  # the TPU kernel's smallest tile: sequences are padded to a multiple of it
+FLASH_BLOCK = 128  # the flash kernels' smallest tile: sequences are padded to a multiple of it
+# The scope the GPU flash kernel runs in: XLA:GPU's Triton calls carry no cost estimate, and
+# `hlo_cost` reads the kernel's flops from the shapes of a call in this scope.
+GPU_FLASH_SCOPE = "gpu_flash_attention"
 # Causal queries per row up to which TPU runs the decode kernel (`decode_attention`): a decode
 # step's, with room for speculative ones.
 DECODE_QUERIES = 8
@@ -56,15 +62,15 @@ def attention(
     `query_offset` None: every query may attend every valid key (vision tower, projector). An int
     or traced scalar: causal, query t sits at sequence index `query_offset + t` of the keys.
     "dense" builds the whole score matrix (`dot_product_attention`, the reference); "blockwise"
-    runs an online softmax over key blocks; "flash" is the Pallas TPU flash attention kernel
-    (`flash_attention`: self-attention of a whole sequence only); "decode" is the Pallas TPU
-    kernel for causal queries against a KV cache, a decode step's few or a chunk's many in blocks
-    (`decode_attention`; Pallas' interpreter elsewhere). "auto": on TPU, decode for up to
-    DECODE_QUERIES causal queries; on CPU, blockwise past CPU_DENSE_QUERIES queries (`cpu_tiles`);
-    else dense for small score matrices; past DENSE_LIMIT, flash
-    where it applies on TPU, else on TPU decode for causal queries (a prompt's chunk at its place
+    runs an online softmax over key blocks; "flash" is a Pallas flash attention kernel, TPU's or,
+    compiled for a GPU, Triton's (`flash_attention`: self-attention of a whole sequence only);
+    "decode" is the Pallas TPU kernel for causal queries against a KV cache, a decode step's few
+    or a chunk's many in blocks (`decode_attention`; Pallas' interpreter elsewhere). "auto": on
+    TPU, decode for up to DECODE_QUERIES causal queries; on CPU, blockwise past CPU_DENSE_QUERIES
+    queries (`cpu_tiles`); else dense for small score matrices; past DENSE_LIMIT, flash where it
+    applies on TPU and GPU, else on TPU decode for causal queries (a prompt's chunk at its place
     in the cache), else blockwise. Rows with no key to attend (left pads) are finite garbage in
-    all; callers ignore them.
+    all, and with Triton's flash kernel every pad's own row; callers ignore them.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: must be one of {IMPLEMENTATIONS}")
@@ -78,7 +84,9 @@ def attention(
             block, query_block = cpu_tiles(num_keys, causal=query_offset is not None)
         elif num_queries * num_keys <= DENSE_LIMIT:
             implementation = "dense"
-        elif compile_platform() == "tpu" and flash_applies(num_queries, num_keys, query_offset):
+        elif (compile_platform() == "tpu" or compiling_for_gpu()) and flash_applies(
+            num_queries, num_keys, query_offset
+        ):
             implementation = "flash"
         elif compile_platform() == "tpu" and query_offset is not None:
             implementation = "decode"
@@ -168,41 +176,64 @@ def flash_applies(num_queries: int, num_keys: int, query_offset) -> bool:
     return aligned and num_queries == num_keys
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, causal: bool) -> jax.Array:
-    """jax's Pallas TPU flash attention, with `attention`'s contract. Padding is a segment id:
-    every query is in segment 1 and a key in 1 if real, 0 if not, so that a query attends only
-    real keys (a left pad, with none, averages every key it may see: finite garbage). The sequence
-    is padded to whole tiles with keys that are not real (after every query: causality holds).
-    On a mesh the kernel runs under shard_map, rows over the batch axes and heads over the head
-    axes (the compiler cannot partition a Pallas kernel)."""
+def flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, causal: bool, kernel: str | None = None
+) -> jax.Array:
+    """A Pallas flash attention kernel from jax, with `attention`'s contract: `kernel` "tpu", or
+    "gpu" (Triton's; Pallas' interpreter unless compiling for a GPU); default, the GPU's when
+    compiling for one, else the TPU's. The sequence is padded to whole tiles with keys that are
+    not real (after every query: causality holds). On a mesh the kernel runs under shard_map,
+    rows over the batch axes and heads over the head axes (the compiler cannot partition a Pallas
+    kernel)."""
     batch, length, num_heads, head_dim = q.shape
     groups = num_heads // k.shape[1]
     extra = -length % FLASH_BLOCK
-    q = jnp.pad(q, ((0, 0), (0, extra), (0, 0), (0, 0))).swapaxes(1, 2)
+    kernel = kernel or ("gpu" if compiling_for_gpu() else "tpu")
+    q = jnp.pad(q, ((0, 0), (0, extra), (0, 0), (0, 0)))
     k, v = (jnp.pad(jnp.repeat(x, groups, axis=1), ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (k, v))
-    key_mask = jnp.pad(key_mask, ((0, 0), (0, extra)))
-    block = next(b for b in (512, 256, FLASH_BLOCK) if (length + extra) % b == 0)
-    sizes = tpu_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1)
-
-    def run(q, k, v, key_mask):
-        segments = tpu_flash.SegmentIds(q=jnp.ones((q.shape[0], q.shape[2]), jnp.int32), kv=key_mask.astype(jnp.int32))
-        return tpu_flash.flash_attention(
-            q, k, v, segment_ids=segments, causal=causal, sm_scale=head_dim**-0.5, block_sizes=sizes
-        )
-
+    key_mask = jnp.pad(key_mask, ((0, 0), (0, extra))).astype(jnp.int32)
+    if kernel == "gpu":
+        run = functools.partial(_triton_flash, causal=causal, interpret=not compiling_for_gpu())
+    else:
+        run = functools.partial(_tpu_flash, causal=causal)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         rows, heads = mesh_axes_for("batch", batch, mesh), mesh_axes_for("q_heads", num_heads, mesh)
-        spec = P(rows, heads, None, None)
         # check_vma off: the kernel's output shapes do not say how they vary over the mesh.
         run = jax.shard_map(
             run,
             axis_names=set(mesh.axis_names),
-            in_specs=(spec, spec, spec, P(rows, None)),
-            out_specs=spec,
+            in_specs=(P(rows, None, heads, None), P(rows, heads, None, None), P(rows, heads, None, None), P(rows)),
+            out_specs=P(rows, None, heads, None),
             check_vma=False,
         )
-    return run(q, k, v, key_mask).swapaxes(1, 2)[:, :length]
+    return run(q, k, v, key_mask)[:, :length]
+
+
+def _tpu_flash(q, k, v, key_mask, causal):
+    """q (B, T, N, H); k, v (B, N, T, H); key_mask (B, T) 1/0 -> (B, T, N, H). Padding is a
+    segment id: every query is in segment 1 and a key in 1 if real, 0 if not, so that a query
+    attends only real keys (a left pad, with none, averages every key it may see: finite garbage)."""
+    length, head_dim = q.shape[1], q.shape[3]
+    block = next(b for b in (512, 256, FLASH_BLOCK) if length % b == 0)
+    sizes = tpu_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1)
+    segments = tpu_flash.SegmentIds(q=jnp.ones(key_mask.shape, jnp.int32), kv=key_mask)
+    out = tpu_flash.flash_attention(
+        q.swapaxes(1, 2), k, v, segment_ids=segments, causal=causal, sm_scale=head_dim**-0.5, block_sizes=sizes
+    )
+    return out.swapaxes(1, 2)
+
+
+def _triton_flash(q, k, v, key_mask, causal, interpret):
+    """`_tpu_flash`'s contract, in Triton's kernel (tiles of FLASH_BLOCK forward, its default; it
+    has a backward kernel). It takes one segment id per position, for queries and keys alike: a
+    real query (1) attends the real keys, a pad (0) the pads before it (itself at least: finite
+    garbage)."""
+    head_dim = q.shape[3]
+    with jax.named_scope(GPU_FLASH_SCOPE + ("_causal" if causal else "")):
+        return gpu_flash.mha(
+            q, k.swapaxes(1, 2), v.swapaxes(1, 2), key_mask, sm_scale=head_dim**-0.5, causal=causal, interpret=interpret
+        )
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scales=None) -> jax.Array:

@@ -31,6 +31,7 @@ import re
 from functools import cached_property
 
 from aria_jax.accelerators import Chip
+from aria_jax.attention import GPU_FLASH_SCOPE
 from aria_jax.hlo_text import Array, Computation, Instruction, Module, arrays_of, hbm_bytes, trip_count
 
 # Instructions that move no data of their own: bookkeeping, aliases, and the second half of
@@ -314,8 +315,21 @@ class ProgramCost:
             per_output = math.prod(kernel[0].dims) // kernel[0].dims[labels.group(1).index("o")]
             return 2.0 * math.prod(result[0].dims) * per_output
         if opcode == "custom-call":
+            if GPU_FLASH_SCOPE in instruction.source:
+                return self._flash_attention_flops(instruction, computation, result[0])
             return self._custom_call_matmul_flops(instruction, computation, result[0])
         return 0.0
+
+    def _flash_attention_flops(self, instruction: Instruction, computation: Computation, result: Array) -> float:
+        """`attention._triton_flash`: q (B, T, N, H) and k (B, S, N, H) make two matmuls of
+        B x N x T x S x H (scores, then values), H padded to a power of two by the kernel; a
+        causal kernel skips the blocks above the diagonal, about half."""
+        keys = arrays_of(self.operand_shape(computation, instruction.operands[1]))
+        if not keys:
+            return 0.0
+        batch, queries, heads, head_dim = result.dims
+        flops = 4.0 * batch * heads * queries * keys[0].dims[1] * (1 << (head_dim - 1).bit_length())
+        return flops / 2 if GPU_FLASH_SCOPE + "_causal" in instruction.source else flops
 
     def _custom_call_matmul_flops(self, instruction: Instruction, computation: Computation, result: Array) -> float:
         """Library matmuls (cuBLAS on GPU) state their contracting dimensions in the config."""

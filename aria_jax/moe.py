@@ -40,7 +40,7 @@ from aria_jax.fused_experts import fused_experts
 from aria_jax.grouped_matmul import row_tiled_grouped_matmul, stacked_grouped_matmul
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.quantization import QuantizedArray, dequantized, spec_for
-from aria_jax.sharding import compile_platform, mesh_axis_size, on_one_cpu, on_several_devices
+from aria_jax.sharding import compile_platform, compiling_for_gpu, mesh_axis_size, on_one_cpu, on_several_devices
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -383,10 +383,6 @@ def _sorted_backward(layer, saved, cotangent):
 routed_experts_looped.defvjp(_looped_forward, _looped_backward)
 
 
-def _compiling_for_gpu() -> bool:
-    return compile_platform() in ("gpu", "cuda")
-
-
 def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=None):
     """By the platform the program is compiled for. TPU and GPU: the grouped matmul, whose
     kernel runs each expert's rows on the matrix units and skips experts with none; on GPU, with
@@ -400,13 +396,13 @@ def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same,
     every row by every expert. For many pairs the loop reads the layer's experts dequantized
     once: on int4 blocks XLA:GPU lays the whole stack of experts out again for its matmuls."""
     few_pairs = expert_ids.size < gate_up.shape[-3] // 4
-    if _compiling_for_gpu() and isinstance(gate_up, QuantizedArray) and sum_hidden is _same:
+    if compiling_for_gpu() and isinstance(gate_up, QuantizedArray) and sum_hidden is _same:
         if few_pairs:
             return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
         if layer is not None:
             gate_up, down = gate_up[layer], down[layer]
         return routed_experts_looped(x, weights, expert_ids, dequantized(gate_up, x.dtype), dequantized(down, x.dtype))
-    if _compiling_for_gpu() and layer is not None and expert_ids.size < gate_up.shape[-3]:
+    if compiling_for_gpu() and layer is not None and expert_ids.size < gate_up.shape[-3]:
         return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
     if compile_platform() != "cpu" or (sum_hidden is not _same and not few_pairs):
         # the grouped matmul; on CPU too when a collective completes the up-projection, which
@@ -667,7 +663,7 @@ class MoE(nn.Module):
             elif (
                 backend in READ_IN_STACK
                 and isinstance(self.layer_index, int)
-                and (not on_mesh or backend is routed_experts_auto and _compiling_for_gpu())
+                and (not on_mesh or backend is routed_experts_auto and compiling_for_gpu())
             ):
                 backend = functools.partial(backend, layer=self.layer_index)
             else:

@@ -82,6 +82,11 @@ def compile_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+def compiling_for_gpu() -> bool:
+    """Whether the program being traced is for an NVIDIA GPU (JAX names the platform either way)."""
+    return compile_platform() in ("gpu", "cuda")
+
+
 def on_several_devices() -> bool:
     """Whether the program being traced runs on a mesh of more than one device."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -445,14 +445,14 @@ def run_gpu_decode_experts(results: dict) -> None:
     for tokens in (1, 8):
         x = jax.random.normal(jax.random.key(tokens), (tokens, 1, 32), jnp.float32)
         reference = np.asarray(jax.jit(layer.apply)({"params": params}, x))
-        platform = moe.compile_platform
-        moe.compile_platform = lambda: "gpu"
+        platform = moe.compile_platform, moe.compiling_for_gpu
+        moe.compile_platform, moe.compiling_for_gpu = (lambda: "gpu"), (lambda: True)
         try:
             with jax.set_mesh(aria_jax.make_mesh(expert=8)):
                 out = np.asarray(jax.jit(layer.apply)({"params": params}, x))
                 jaxpr = jax.make_jaxpr(layer.apply)({"params": params}, x)
         finally:
-            moe.compile_platform = platform
+            moe.compile_platform, moe.compiling_for_gpu = platform
         layer_copies = sum(shape in one_layer for shape in output_shapes(jaxpr.jaxpr))
         results["gpu_decode_experts"][tokens] = {
             "max_diff": float(np.abs(out - reference).max()),

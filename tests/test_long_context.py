@@ -37,6 +37,7 @@ from aria_jax.attention import (
     blockwise_stats,
     combined,
     dense_stats,
+    flash_attention,
     normalized,
 )
 from aria_jax.buckets import PREFILL_CHUNK, prompt_bucket
@@ -123,20 +124,54 @@ FLASH_CASES = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
 @pytest.mark.parametrize("case", list(FLASH_CASES))
-def test_flash_attention_is_the_dense_reference(case):
-    """The Pallas TPU kernel, in Pallas' TPU interpreter on this CPU."""
+def test_flash_attention_is_the_dense_reference(case, kernel):
+    """The Pallas TPU kernel in Pallas' TPU interpreter, and Triton's in Pallas' interpreter, on
+    this CPU. Triton's kernel takes one segment id for queries and keys: a pad's own row is
+    garbage there (as the rows of queries with no key to attend are in every implementation)."""
     length, heads, kv_heads, causal = FLASH_CASES[case]
     q, k, v = random_qkv(2, 2, length, length, heads, kv_heads, 16)
     key_mask = np.ones((2, length), bool)
     key_mask[0, :37] = False
     offset = 0 if causal else None
     dense = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="dense")
-    with pltpu.force_tpu_interpret_mode():
-        flash = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="flash")
+    if kernel == "tpu":
+        with pltpu.force_tpu_interpret_mode():
+            flash = attention(q, k, v, jnp.asarray(key_mask), offset, implementation="flash")
+    else:
+        flash = flash_attention(q, k, v, jnp.asarray(key_mask), causal, kernel="gpu")
     assert np.isfinite(np.asarray(flash)).all()
-    keep = rows_with_a_key(key_mask, length, offset)
+    keep = rows_with_a_key(key_mask, length, offset) & (key_mask if kernel == "gpu" else True)
     np.testing.assert_allclose(np.asarray(flash)[keep], np.asarray(dense)[keep], rtol=0, atol=2e-6)
+
+
+def test_long_attention_compiled_for_a_gpu_is_tritons_flash_kernel(monkeypatch):
+    """Past DENSE_LIMIT, self-attention of a whole sequence traced for a GPU runs Triton's flash
+    kernel, not the blockwise loop; a chunk of queries at an offset into the keys stays blockwise."""
+    monkeypatch.setattr(attention_module, "compile_platform", lambda: "gpu")
+    monkeypatch.setattr(attention_module, "compiling_for_gpu", lambda: True)
+    length = 2 * int(DENSE_LIMIT**0.5)
+    q, k, v = random_qkv(3, 1, length, length, 2, 2, 16)
+    key_mask = jnp.ones((1, length), bool)
+
+    def kernels(queries, offset):
+        jaxpr = jax.make_jaxpr(lambda q, k, v, m: attention(q, k, v, m, offset))(q[:, :queries], k, v, key_mask)
+        return [eqn.params["name"] for eqn in all_equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+
+    assert kernels(length, 0) == ["mha_forward"]
+    assert kernels(length, None) == ["mha_forward"]
+    assert kernels(length // 2, length // 2) == []
+
+
+def all_equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from all_equations(inner)
 
 
 def test_flash_attention_refuses_a_chunk_of_queries():
@@ -240,6 +275,24 @@ def test_blockwise_attention_gradients_are_the_dense_ones():
 
     for name, dense, blockwise in zip("qkv", loss("dense"), loss("blockwise")):
         np.testing.assert_allclose(np.asarray(blockwise), np.asarray(dense), rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_tritons_flash_attention_gradients_are_the_dense_ones():
+    """Fine-tuning on a GPU goes through Triton's backward kernels (in Pallas' interpreter here),
+    with GQA, a left-padded row and a length padded to whole tiles."""
+    q, k, v = random_qkv(1, 2, 200, 200, 4, 2, 16)
+    key_mask = jnp.asarray(np.arange(200)[None, :] >= np.array([[0], [23]]))
+
+    def loss(attend):
+        def of(q, k, v):
+            return jnp.sum(jnp.where(key_mask[:, :, None, None], attend(q, k, v), 0.0) ** 2)
+
+        return jax.grad(of, argnums=(0, 1, 2))(q, k, v)
+
+    dense = loss(lambda q, k, v: attention(q, k, v, key_mask, 0, implementation="dense"))
+    flash = loss(lambda q, k, v: flash_attention(q, k, v, key_mask, causal=True, kernel="gpu"))
+    for name, expected, got in zip("qkv", dense, flash):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5, err_msg=name)
 
 
 def test_auto_attention_is_blockwise_past_the_dense_limit():

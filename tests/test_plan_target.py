@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from aria_jax import attention as attention_module
 from aria_jax.accelerators import CHIPS, Chip
 from aria_jax.config import AriaTextConfig
 from aria_jax.hlo_cost import ProgramCost
@@ -414,6 +415,30 @@ def test_what_the_compiler_does_not_estimate_costs_its_bytes_or_its_flops():
     assert ProgramCost(CUSTOM_CALL_HLO, compute_bound).total.seconds == pytest.approx(
         kernel_bytes / 1e9 + dot_flops / 1e8 + (slice_bytes + fused_slice_bytes) / 1e9
     )
+
+
+TRITON_FLASH_HLO = """HloModule jit_attention, num_partitions=1
+
+ENTRY %main (q: bf16[2,512,4,72], k: bf16[2,512,4,72], v: bf16[2,512,4,72], s: s32[2,512]) -> bf16[2,512,4,72] {
+  %q = bf16[2,512,4,72]{3,2,1,0} parameter(0)
+  %k = bf16[2,512,4,72]{3,2,1,0} parameter(1)
+  %v = bf16[2,512,4,72]{3,2,1,0} parameter(2)
+  %s = s32[2,512]{1,0} parameter(3)
+  ROOT %flash = bf16[2,512,4,72]{3,2,1,0} custom-call(%q, %k, %v, %s), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/SCOPE/jit(mha)/mha_forward/pallas_call"}
+}
+"""
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tritons_flash_attention_costs_its_two_matmuls(causal):
+    """XLA:GPU's Triton calls carry no cost: the flash kernel's flops come from its shapes, the
+    head dimension padded to a power of two as the kernel pads it, half of them when causal."""
+    scope = attention_module.GPU_FLASH_SCOPE + ("_causal" if causal else "")
+    cost = ProgramCost(
+        TRITON_FLASH_HLO.replace("SCOPE", scope), dataclasses.replace(BYTES_AT_1_GB_PER_S, peak_flops=1e9)
+    )
+    flops = 4 * 2 * 4 * 512 * 512 * 128 / (2 if causal else 1)
+    assert cost.total.seconds == pytest.approx(flops / 1e9)
 
 
 ASYNC_COPIES_HLO = """HloModule jit_copies, num_partitions=1
