@@ -32,6 +32,7 @@ from functools import cached_property
 
 from aria_jax.accelerators import Chip
 from aria_jax.attention import GPU_FLASH_SCOPE
+from aria_jax.grouped_matmul_gpu import SCOPE as GPU_GROUPED_MATMUL_SCOPE
 from aria_jax.hlo_text import Array, Computation, Instruction, Module, arrays_of, hbm_bytes, trip_count
 
 # Instructions that move no data of their own: bookkeeping, aliases, and the second half of
@@ -238,7 +239,7 @@ class ProgramCost:
 
     def bytes_or_flops_seconds(self, instruction: Instruction, computation: Computation) -> float:
         chip = self.chip
-        declared = declared_kernel_cost(instruction)
+        declared = declared_kernel_cost(instruction) or self.triton_kernel_cost(instruction, computation)
         if declared is not None:
             flops, bytes_accessed = declared
             return max(bytes_accessed / chip.hbm_bytes_per_second, flops / chip.peak_flops)
@@ -315,21 +316,37 @@ class ProgramCost:
             per_output = math.prod(kernel[0].dims) // kernel[0].dims[labels.group(1).index("o")]
             return 2.0 * math.prod(result[0].dims) * per_output
         if opcode == "custom-call":
-            if GPU_FLASH_SCOPE in instruction.source:
-                return self._flash_attention_flops(instruction, computation, result[0])
             return self._custom_call_matmul_flops(instruction, computation, result[0])
         return 0.0
 
-    def _flash_attention_flops(self, instruction: Instruction, computation: Computation, result: Array) -> float:
-        """`attention._triton_flash`: q (B, T, N, H) and k (B, S, N, H) make two matmuls of
-        B x N x T x S x H (scores, then values), H padded to a power of two by the kernel; a
-        causal kernel skips the blocks above the diagonal, about half."""
-        keys = arrays_of(self.operand_shape(computation, instruction.operands[1]))
-        if not keys:
-            return 0.0
-        batch, queries, heads, head_dim = result.dims
-        flops = 4.0 * batch * heads * queries * keys[0].dims[1] * (1 << (head_dim - 1).bit_length())
-        return flops / 2 if GPU_FLASH_SCOPE + "_causal" in instruction.source else flops
+    def triton_kernel_cost(self, instruction: Instruction, computation: Computation) -> tuple[float, float] | None:
+        """(flops, bytes) of our Triton kernels, read from their shapes: XLA:GPU's Triton calls
+        carry no cost estimate (Pallas' Triton lowering drops it). None for any other instruction.
+
+        `attention._triton_flash`: q (B, T, N, H) and k (B, S, N, H) make two matmuls of
+        B x N x T x S x H (scores, then values), H padded to a power of two by the kernel; a causal
+        kernel skips the blocks above the diagonal, about half. It reads its operands once.
+
+        `grouped_matmul_gpu`: rows (M, K) by weights (L, G, K, N) read in place, at most
+        min(M, G) groups' (K, N) of one layer: the static worst case, each row its own group."""
+        if instruction.opcode != "custom-call" or not instruction.operands:
+            return None
+        source = instruction.source
+        result = arrays_of(instruction.shape)
+        operands = [arrays_of(self.operand_shape(computation, name)) for name in instruction.operands]
+        if GPU_FLASH_SCOPE in source and len(operands) > 1 and operands[1]:
+            batch, queries, heads, head_dim = result[0].dims
+            flops = 4.0 * batch * heads * queries * operands[1][0].dims[1] * (1 << (head_dim - 1).bit_length())
+            return (flops / 2 if GPU_FLASH_SCOPE + "_causal" in source else flops), self.bytes_moved(
+                instruction, computation
+            )
+        if GPU_GROUPED_MATMUL_SCOPE in source and len(operands) == 4 and operands[2] and operands[3]:
+            rows, weights = operands[2][0], operands[3][0]
+            num_rows, depth = rows.dims
+            _, num_groups, _, width = weights.dims
+            weight_bytes = min(num_rows, num_groups) * depth * width * weights.bytes // math.prod(weights.dims)
+            return 2.0 * num_rows * depth * width, rows.bytes + result[0].bytes + weight_bytes
+        return None
 
     def _custom_call_matmul_flops(self, instruction: Instruction, computation: Computation, result: Array) -> float:
         """Library matmuls (cuBLAS on GPU) state their contracting dimensions in the config."""

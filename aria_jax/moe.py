@@ -38,6 +38,8 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.expert_weights import ROUTED_EXPERT_AXES
 from aria_jax.fused_experts import fused_experts
 from aria_jax.grouped_matmul import row_tiled_grouped_matmul, stacked_grouped_matmul
+from aria_jax.grouped_matmul_gpu import fits as gpu_tiles_fit
+from aria_jax.grouped_matmul_gpu import stacked_grouped_matmul_gpu
 from aria_jax.layers import ACTIVATIONS, adapted, default_kernel_init, param_with_axes
 from aria_jax.quantization import QuantizedArray, dequantized, spec_for
 from aria_jax.sharding import compile_platform, compiling_for_gpu, mesh_axis_size, on_one_cpu, on_several_devices
@@ -86,6 +88,20 @@ def routed_experts_sorted(x, weights, expert_ids, gate_up, down, sum_hidden=_sam
         gate_up.shape[0],
         lambda rows, sizes: _glu(sum_hidden(jax.lax.ragged_dot(rows, gate_up, sizes))),
         lambda rows, sizes: jax.lax.ragged_dot(rows, down, sizes),
+    )
+
+
+def routed_experts_stacked_gpu(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=0):
+    """Same contract, for weights stacked over layers, (L, E, D, 2F) and (L, E, F, D), on GPU: the
+    pairs sorted by expert through `stacked_grouped_matmul_gpu`, which reads each expert's weights
+    where they lie in the stack (XLA's ragged_dot would take a copy of the layer's experts)."""
+    return _sorted_pairs(
+        x,
+        weights,
+        expert_ids,
+        gate_up.shape[1],
+        lambda rows, sizes: _glu(sum_hidden(stacked_grouped_matmul_gpu(rows, gate_up, layer, sizes))),
+        lambda rows, sizes: stacked_grouped_matmul_gpu(rows, down, layer, sizes),
     )
 
 
@@ -386,8 +402,9 @@ routed_experts_looped.defvjp(_looped_forward, _looped_backward)
 def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=None):
     """By the platform the program is compiled for. TPU and GPU: the grouped matmul, whose
     kernel runs each expert's rows on the matrix units and skips experts with none; on GPU, with
-    the experts stacked over layers (`layer`) and fewer pairs than experts, gathered weights read
-    in the stack instead (the grouped matmul would take a copy of the layer's). CPU: gathered
+    the experts stacked over layers (`layer`), fewer pairs than experts take gathered weights read
+    in the stack, and up to IN_STACK_MAX_PAIRS pairs a Triton grouped matmul that reads in the
+    stack (XLA's grouped matmul would take a copy of the layer's). CPU: gathered
     weights for a few (token, slot) pairs (decode), else the looped backend (a gather copies
     slowly on CPU, so from a few tokens on, batched decode included, the loop is faster).
     `layer`: as in `routed_experts_gathered`. Quantized experts on GPU take the CPU's backends:
@@ -404,6 +421,14 @@ def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same,
         return routed_experts_looped(x, weights, expert_ids, dequantized(gate_up, x.dtype), dequantized(down, x.dtype))
     if compiling_for_gpu() and layer is not None and expert_ids.size < gate_up.shape[-3]:
         return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
+    if (
+        compiling_for_gpu()
+        and layer is not None
+        and expert_ids.size <= IN_STACK_MAX_PAIRS
+        and gpu_tiles_fit(gate_up)
+        and gpu_tiles_fit(down)
+    ):
+        return routed_experts_stacked_gpu(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
     if compile_platform() != "cpu" or (sum_hidden is not _same and not few_pairs):
         # the grouped matmul; on CPU too when a collective completes the up-projection, which
         # cannot run inside the looped backend's loops of data-dependent length

@@ -26,6 +26,7 @@ from test_text_parity import (
     reference_generate,
     reference_logits,
 )
+from sharding_worker import pallas_kernels
 from tiny_models import make_multimodal_model, make_text_model
 
 import aria_jax
@@ -157,21 +158,11 @@ def test_long_attention_compiled_for_a_gpu_is_tritons_flash_kernel(monkeypatch):
 
     def kernels(queries, offset):
         jaxpr = jax.make_jaxpr(lambda q, k, v, m: attention(q, k, v, m, offset))(q[:, :queries], k, v, key_mask)
-        return [eqn.params["name"] for eqn in all_equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+        return pallas_kernels(jaxpr.jaxpr)
 
     assert kernels(length, 0) == ["mha_forward"]
     assert kernels(length, None) == ["mha_forward"]
     assert kernels(length // 2, length // 2) == []
-
-
-def all_equations(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    yield from all_equations(inner)
 
 
 def test_flash_attention_refuses_a_chunk_of_queries():

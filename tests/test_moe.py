@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from aria_jax.config import AriaTextConfig
+from aria_jax.grouped_matmul_gpu import stacked_grouped_matmul_gpu
 from aria_jax.moe import (
     LOOP_BLOCKS,
     MoE,
@@ -23,6 +24,7 @@ from aria_jax.moe import (
     routed_experts_gathered,
     routed_experts_looped,
     routed_experts_sorted,
+    routed_experts_stacked_gpu,
 )
 
 FAST_PATHS = {"sorted": routed_experts_sorted, "looped": routed_experts_looped, "gathered": routed_experts_gathered}
@@ -163,6 +165,51 @@ def test_backends_read_a_layer_in_stacked_weights(case, path):
         )
         assert max_diff(in_stack, expected) <= TOLERANCE, f"{name}, layer {layer}"
     assert max_diff(jax.jit(routed_experts_dense)(x, weights, expert_ids, gate_up, down), on_layer) <= TOLERANCE
+
+
+def test_gpu_grouped_matmul_multiplies_each_groups_rows_in_the_stack():
+    """Triton's kernel (in Pallas' interpreter): groups without rows, a group longer than a tile
+    of rows, rows past the last group (zeros), a traced layer, and tiles smaller than the largest
+    where those do not divide (depth 32, width 48)."""
+    layers, groups, depth, width = 3, 5, 32, 48
+    weights = normal(11, (layers, groups, depth, width))
+    sizes = np.array([3, 0, 20, 1, 0], np.int32)
+    rows = normal(12, (int(sizes.sum()) + 4, depth))
+    out = jax.jit(stacked_grouped_matmul_gpu)(rows, weights, jnp.int32(2), jnp.asarray(sizes))
+    expected = np.zeros((rows.shape[0], width), np.float32)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for group in range(groups):
+        expected[bounds[group] : bounds[group + 1]] = rows[bounds[group] : bounds[group + 1]] @ weights[2, group]
+    assert max_diff(out, expected) <= TOLERANCE * np.abs(expected).max()
+    assert np.all(np.asarray(out)[bounds[-1] :] == 0)
+
+
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "routed_elsewhere"])
+def test_gpu_backend_reads_a_layer_in_stacked_weights(routing):
+    """`routed_experts_stacked_gpu` (decode's batches on GPU): each layer of the stack gives the
+    dense reference on that layer's experts, with experts that no pair picks, and with pairs
+    routed to another shard's experts (the id one past the local ones, weight 0, as
+    `experts_over_mesh` hands them over)."""
+    tokens, experts, top_k, hidden, width = 12, 6, 2, 16, 16
+    x = normal(21, (tokens, hidden))
+    stack_gate_up = normal(22, (3, experts, hidden, 2 * width), hidden**-0.5)
+    stack_down = normal(23, (3, experts, width, hidden), width**-0.5)
+    scores = normal(24, (tokens, experts + top_k))
+    expert_ids = np.argsort(scores[:, :experts], axis=-1)[:, :top_k]
+    weights = softmax(scores[:, experts:])
+    if routing == "empty_experts":
+        expert_ids = np.tile([1, 4], (tokens, 1))
+    if routing == "routed_elsewhere":
+        expert_ids[::3, 0] = experts
+        weights[::3, 0] = 0.0
+    expert_ids = jnp.asarray(expert_ids, jnp.int32)
+    for layer in range(3):
+        got = jax.jit(functools.partial(routed_experts_stacked_gpu, layer=layer))(
+            x, weights, expert_ids, stack_gate_up, stack_down
+        )
+        expected = routed_experts_dense(x, weights, expert_ids, stack_gate_up[layer], stack_down[layer])
+        assert float(jnp.max(jnp.abs(expected))) > 0.1
+        assert max_diff(got, expected) <= TOLERANCE, f"{routing}, layer {layer}"
 
 
 @pytest.mark.parametrize("case", ["t339_e6_k1_block_boundaries_empty"], indirect=True)
