@@ -12,9 +12,10 @@ from jax.experimental.pallas.ops.gpu import attention as gpu_flash
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.sharding import PartitionSpec as P
 
+from aria_jax import cache_attention_gpu
 from aria_jax.decode_attention import decode_attention_stats
 from aria_jax.kv_cache import entries, from_int8, furthest, is_per_row, readable, written
-from aria_jax.sharding import compile_platform, compiling_for_gpu, mesh_axes_for
+from aria_jax.sharding import compile_platform, compiling_for_gpu, mesh_axes_for, pallas_interpreted
 
 # Score matrices up to this many (query, key) pairs per row and head are built whole; past it,
 # attention runs over key blocks (memory O(queries x block), not O(queries x keys)).
@@ -64,12 +65,12 @@ def attention(
     "dense" builds the whole score matrix (`dot_product_attention`, the reference); "blockwise"
     runs an online softmax over key blocks; "flash" is a Pallas flash attention kernel, TPU's or,
     compiled for a GPU, Triton's (`flash_attention`: self-attention of a whole sequence only);
-    "decode" is the Pallas TPU kernel for causal queries against a KV cache, a decode step's few
-    or a chunk's many in blocks (`decode_attention`; Pallas' interpreter elsewhere). "auto": on
-    TPU, decode for up to DECODE_QUERIES causal queries; on CPU, blockwise past CPU_DENSE_QUERIES
-    queries (`cpu_tiles`); else dense for small score matrices; past DENSE_LIMIT, flash where it
-    applies on TPU and GPU, else on TPU decode for causal queries (a prompt's chunk at its place
-    in the cache), else blockwise. Rows with no key to attend (left pads) are finite garbage in
+    "decode" is a Pallas kernel for causal queries against a KV cache, a decode step's few or a
+    chunk's many in blocks: TPU's or, compiled for a GPU, Triton's (`decode_stats`; Pallas'
+    interpreter elsewhere). "auto": on TPU, decode for up to DECODE_QUERIES causal queries; on
+    CPU, blockwise past CPU_DENSE_QUERIES queries (`cpu_tiles`); else dense for small score
+    matrices; past DENSE_LIMIT, flash where it applies on TPU and GPU, else on TPU and GPU decode
+    for causal queries (a prompt's chunk at its place in the cache), else blockwise. Rows with no key to attend (left pads) are finite garbage in
     all, and with Triton's flash kernel every pad's own row; callers ignore them.
     """
     if implementation not in IMPLEMENTATIONS:
@@ -88,7 +89,7 @@ def attention(
             num_queries, num_keys, query_offset
         ):
             implementation = "flash"
-        elif compile_platform() == "tpu" and query_offset is not None:
+        elif query_offset is not None and cache_kernel_applies(q.shape[-1]):
             implementation = "decode"
         else:
             implementation = "blockwise"
@@ -128,13 +129,22 @@ def decode_applies(num_queries: int, query_offset) -> bool:
     return query_offset is not None and num_queries <= DECODE_QUERIES
 
 
+def cache_kernel_applies(head_dim: int) -> bool:
+    """Whether the platform compiled for has a kernel for causal queries against a KV cache
+    (`decode_stats`): TPU's, or Triton's for heads it takes."""
+    return compile_platform() == "tpu" or compiling_for_gpu() and cache_attention_gpu.fits(head_dim)
+
+
 def decode_stats(
     q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, query_offset, key_offset=0, scales=None
 ):
-    """`dense_stats` from the decode kernel (`decode_attention_stats`): compiled on TPU, elsewhere
-    in Pallas' interpreter."""
+    """`dense_stats` from a kernel for causal queries against a KV cache: compiled for a GPU,
+    Triton's (`cache_attention_gpu`); else the TPU's (`decode_attention_stats`), compiled on TPU,
+    elsewhere in Pallas' interpreter."""
+    if compiling_for_gpu():
+        return cache_attention_gpu.cache_attention_stats_gpu(q, k, v, key_mask, query_offset, key_offset, scales)
     return decode_attention_stats(
-        q, k, v, key_mask, query_offset, key_offset, scales, interpret=compile_platform() != "tpu"
+        q, k, v, key_mask, query_offset, key_offset, scales, interpret=pallas_interpreted("tpu")
     )
 
 
@@ -193,7 +203,7 @@ def flash_attention(
     k, v = (jnp.pad(jnp.repeat(x, groups, axis=1), ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (k, v))
     key_mask = jnp.pad(key_mask, ((0, 0), (0, extra))).astype(jnp.int32)
     if kernel == "gpu":
-        run = functools.partial(_triton_flash, causal=causal, interpret=not compiling_for_gpu())
+        run = functools.partial(_triton_flash, causal=causal, interpret=pallas_interpreted("gpu"))
     else:
         run = functools.partial(_tpu_flash, causal=causal)
     mesh = jax.sharding.get_abstract_mesh()

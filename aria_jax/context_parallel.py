@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from aria_jax.attention import DENSE_LIMIT, decode_applies, decode_stats, normalized, rescaled, stats_by_size
+from aria_jax.attention import (
+    DENSE_LIMIT,
+    cache_kernel_applies,
+    decode_applies,
+    decode_stats,
+    normalized,
+    rescaled,
+    stats_by_size,
+)
 from aria_jax.kv_cache import entries, furthest, is_per_row, layer_specs, readable
 from aria_jax.sharding import compile_platform
 
@@ -34,9 +42,9 @@ def attention_over_split_cache(
     `kv_cache.is_per_row`) and attends q (B, T, N, H),
     causal, to every valid cached key: `Attention`'s cached path, for a cache whose positions the
     current mesh splits. Returns ((B, T, N, H), cache). `decode_kernel`: each shard's statistics
-    from the decode kernel (default: on TPU, for up to `attention.DECODE_QUERIES` queries or a
-    shard's score matrix past `attention.DENSE_LIMIT`, a prompt chunk's), else dense or
-    blockwise by size."""
+    from the cache kernel (`attention.decode_stats`; default: on TPU for up to
+    `attention.DECODE_QUERIES` queries, and on TPU and GPU for a shard's score matrix past
+    `attention.DENSE_LIMIT`, a prompt chunk's), else dense or blockwise by size."""
     mesh = jax.sharding.get_abstract_mesh()
     cache_specs = layer_specs(cache, mesh)
     rows, heads, positions, _ = cache_specs["k"]
@@ -61,7 +69,8 @@ def attention_over_split_cache(
         kernel = decode_kernel
         if kernel is None:
             many = num_queries * length > DENSE_LIMIT
-            kernel = compile_platform() == "tpu" and (decode_applies(num_queries, cache_index) or many)
+            kernel = compile_platform() == "tpu" and decode_applies(num_queries, cache_index)
+            kernel = kernel or many and cache_kernel_applies(q.shape[-1])
         if kernel:
             stats = decode_stats(q, keys, values, key_mask, furthest(cache_index), first, scales)
         else:

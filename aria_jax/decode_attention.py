@@ -53,6 +53,21 @@ def last_query(block, num_queries: int, rows: int, query_rows: int):
     return jnp.where(first_row // num_queries == last_row // num_queries, last_row % num_queries, num_queries - 1)
 
 
+def rows_by_kv_head(q: jax.Array, num_kv_heads: int, padded_rows: int, dtype) -> jax.Array:
+    """q (B, T, N, H), scaled by H^-0.5 -> (B, K, padded_rows, H): each key/value head's rows are
+    its group's queries, (g, t) in order; pads after them are never read."""
+    batch, num_queries, num_heads, head_dim = q.shape
+    groups = num_heads // num_kv_heads
+    q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, q.dtype)
+    q = jnp.einsum("btkgh->bkgth", q).reshape(batch, num_kv_heads, groups * num_queries, head_dim)
+    return jnp.pad(q, ((0, 0), (0, 0), (0, padded_rows - groups * num_queries), (0, 0))).astype(dtype)
+
+
+def per_query(x: jax.Array, groups: int, num_queries: int) -> jax.Array:
+    """A kernel's (B, K, R, ...) rows -> (B, K, G, T, ...), the pads dropped."""
+    return x[:, :, : groups * num_queries].reshape(*x.shape[:2], groups, num_queries, *x.shape[3:])
+
+
 def _kernel(
     positions_ref,
     q_ref,
@@ -151,10 +166,7 @@ def decode_attention_stats(
     query_rows = min(QUERY_BLOCK, -(-rows // ROW_ALIGN) * ROW_ALIGN)
     padded_rows = -(-rows // query_rows) * query_rows
     scaled = scales is not None
-    # A head's rows: its group's queries, (g, t) in order; pads after them are never read.
-    q = q.reshape(batch, num_queries, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, q.dtype)
-    q = jnp.einsum("btkgh->bkgth", q).reshape(batch, num_kv_heads, rows, head_dim)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0))).astype(q.dtype if scaled else k.dtype)
+    q = rows_by_kv_head(q, num_kv_heads, padded_rows, q.dtype if scaled else k.dtype)
     keys = min(KEY_BLOCK, num_keys)
     num_blocks = -(-num_keys // keys)
     heads = head_block(num_kv_heads, keys, head_dim, k.dtype.itemsize, scaled)
@@ -206,7 +218,4 @@ def decode_attention_stats(
         interpret=interpret,
     )(positions, q, k, v, key_mask.astype(jnp.int32)[:, None, :], *(scales if scaled else ()))
 
-    def per_query(x):  # (B, K, R, ...) -> (B, K, G, T, ...)
-        return x[:, :, :rows].reshape(batch, num_kv_heads, groups, num_queries, *x.shape[3:])
-
-    return per_query(running_max[:, :, 0]), per_query(running_sum[:, :, 0]), per_query(values)
+    return tuple(per_query(x, groups, num_queries) for x in (running_max[:, :, 0], running_sum[:, :, 0], values))

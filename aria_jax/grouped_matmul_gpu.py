@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from aria_jax.sharding import compiling_for_gpu
+from aria_jax.sharding import pallas_interpreted
 
 ROW_TILE = 16  # Triton's smallest matmul tile
 DEPTH_TILE = 64  # the largest tiles; smaller powers of two down to ROW_TILE where these do not divide
@@ -83,7 +83,7 @@ def stacked_grouped_matmul_gpu(
     their sum come out zero); weights (L, G, K, N); layer: an int or traced scalar -> (M, N).
     `interpret`: in Pallas' interpreter; by default unless the program is compiled for a GPU."""
     if interpret is None:
-        interpret = not compiling_for_gpu()
+        interpret = pallas_interpreted("gpu")
     num_rows, depth = rows.shape
     _, num_groups, weight_depth, width = weights.shape
     if weight_depth != depth or not fits(weights) or group_sizes.shape != (num_groups,):

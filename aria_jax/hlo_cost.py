@@ -31,6 +31,7 @@ import re
 from functools import cached_property
 
 from aria_jax.accelerators import Chip
+from aria_jax import cache_attention_gpu
 from aria_jax.attention import GPU_FLASH_SCOPE
 from aria_jax.grouped_matmul_gpu import SCOPE as GPU_GROUPED_MATMUL_SCOPE
 from aria_jax.hlo_text import Array, Computation, Instruction, Module, arrays_of, hbm_bytes, trip_count
@@ -328,7 +329,11 @@ class ProgramCost:
         kernel skips the blocks above the diagonal, about half. It reads its operands once.
 
         `grouped_matmul_gpu`: rows (M, K) by weights (L, G, K, N) read in place, at most
-        min(M, G) groups' (K, N) of one layer: the static worst case, each row its own group."""
+        min(M, G) groups' (K, N) of one layer: the static worst case, each row its own group.
+
+        `cache_attention_gpu`: q (B, K, R, H) against k (B, K, S, H) makes two matmuls of
+        B x K x R x S x H, and each block of R's rows reads the cache (keys, values, mask, an
+        int8 cache's scales) once: the static worst case, every block reaching every key."""
         if instruction.opcode != "custom-call" or not instruction.operands:
             return None
         source = instruction.source
@@ -346,6 +351,13 @@ class ProgramCost:
             _, num_groups, _, width = weights.dims
             weight_bytes = min(num_rows, num_groups) * depth * width * weights.bytes // math.prod(weights.dims)
             return 2.0 * num_rows * depth * width, rows.bytes + result[0].bytes + weight_bytes
+        if cache_attention_gpu.SCOPE in source and len(operands) >= 5 and all(operands[1:5]):
+            q, k = operands[1][0], operands[2][0]
+            batch, num_kv_heads, num_rows, head_dim = q.dims
+            blocks = -(-num_rows // cache_attention_gpu.QUERY_BLOCK)
+            cache_bytes = sum(array.bytes for operand in operands[2:] for array in operand)
+            flops = 4.0 * batch * num_kv_heads * num_rows * k.dims[2] * head_dim
+            return flops, blocks * cache_bytes + q.bytes + sum(array.bytes for array in result)
         return None
 
     def _custom_call_matmul_flops(self, instruction: Instruction, computation: Computation, result: Array) -> float:

@@ -87,6 +87,14 @@ def compiling_for_gpu() -> bool:
     return compile_platform() in ("gpu", "cuda")
 
 
+def pallas_interpreted(kernel_platform: str) -> bool:
+    """Whether a Pallas kernel written for `kernel_platform` ("tpu" or "gpu") runs in Pallas'
+    interpreter: the program being traced is for another platform (tests run accelerator kernels
+    on CPU this way)."""
+    compiled_for = "gpu" if compiling_for_gpu() else compile_platform()
+    return compiled_for != kernel_platform
+
+
 def on_several_devices() -> bool:
     """Whether the program being traced runs on a mesh of more than one device."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -426,38 +426,53 @@ def pallas_kernels(jaxpr) -> list[str]:
 GPU_DECODE_CASES = [(1, 32), (8, 32), (8, 24)]
 
 
+def gpu_decode_layer(width: int):
+    """A decode layer's MoE of 32 experts of `width`, stacked over 2 layers, and its params (scaled
+    up from the initializer's, so that differences show)."""
+    import jax
+    import jax.numpy as jnp
+
+    from aria_jax import moe
+    from aria_jax.config import AriaTextConfig
+
+    config = AriaTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        moe_num_experts=32,
+        moe_topk=2,
+        moe_num_shared_experts=1,
+    )
+    layer = moe.MoE(config, layer_index=1)
+    params = layer.init(jax.random.key(0), jnp.zeros((1, 1, 32)))["params"]
+    params = jax.tree.map(
+        lambda p: (p.value if hasattr(p, "value") else p) * 10.0, params, is_leaf=lambda p: hasattr(p, "value")
+    )
+    return layer, params
+
+
 def run_gpu_decode_experts(results: dict) -> None:
     """A decode layer's MoE (`layer_index`: the experts stacked over layers) by the rules for a
-    GPU (the compile platform patched to "gpu"; XLA:CPU runs the program, the Triton kernel in
-    Pallas' interpreter): 32 experts, 4 a shard on expert=8, for each of GPU_DECODE_CASES. Its
-    outputs, the single-device layer's, the Pallas kernels it calls, and how many arrays of one
-    layer's experts (E, D, 2F) the program makes (a slice out of the stack makes one)."""
+    GPU (the compile platform patched to "gpu"): 32 experts, 4 a shard on expert=8, for each of
+    GPU_DECODE_CASES. The Pallas kernels it calls, and how many arrays of one layer's experts
+    (E, D, 2F) the program makes (a slice out of the stack makes one); where it calls no kernel,
+    its outputs (XLA:CPU runs the program) and the single-device layer's."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import aria_jax
     from aria_jax import moe
-    from aria_jax.config import AriaTextConfig
 
     results["gpu_decode_experts"] = {}
+    layers = {}  # by expert width: (layer, its params)
     for tokens, width in GPU_DECODE_CASES:
-        config = AriaTextConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            moe_num_experts=32,
-            moe_topk=2,
-            moe_num_shared_experts=1,
-        )
-        layer = moe.MoE(config, layer_index=1)
-        params = layer.init(jax.random.key(0), jnp.zeros((1, 1, 32)))["params"]
-        params = jax.tree.map(
-            lambda p: (p.value if hasattr(p, "value") else p) * 10.0, params, is_leaf=lambda p: hasattr(p, "value")
-        )
+        if width not in layers:
+            layers[width] = gpu_decode_layer(width)
+        layer, params = layers[width]
         one_layer = {(32, 32, 2 * width), (4, 32, 2 * width)}  # a layer's experts_gate_up, whole or one shard's
         x = jax.random.normal(jax.random.key(tokens), (tokens, 1, 32), jnp.float32)
         reference = np.asarray(jax.jit(layer.apply)({"params": params}, x))

@@ -41,7 +41,9 @@ from aria_jax.attention import (
     flash_attention,
     normalized,
 )
+from aria_jax import cache_attention_gpu
 from aria_jax.buckets import PREFILL_CHUNK, prompt_bucket
+from aria_jax.cache_attention_gpu import cache_attention_stats_gpu
 from aria_jax.decode_attention import decode_attention_stats, head_block
 from aria_jax.host_loop import check_request
 from aria_jax.kv_cache import from_int8, to_int8
@@ -147,9 +149,10 @@ def test_flash_attention_is_the_dense_reference(case, kernel):
     np.testing.assert_allclose(np.asarray(flash)[keep], np.asarray(dense)[keep], rtol=0, atol=2e-6)
 
 
-def test_long_attention_compiled_for_a_gpu_is_tritons_flash_kernel(monkeypatch):
-    """Past DENSE_LIMIT, self-attention of a whole sequence traced for a GPU runs Triton's flash
-    kernel, not the blockwise loop; a chunk of queries at an offset into the keys stays blockwise."""
+def test_long_attention_compiled_for_a_gpu_runs_triton_kernels(monkeypatch):
+    """Past DENSE_LIMIT, attention traced for a GPU runs our Triton kernels, not the blockwise loop:
+    self-attention of a whole sequence Triton's flash kernel, a chunk of queries at an offset into
+    the keys (a prompt's later chunk against the cache) the cache kernel."""
     monkeypatch.setattr(attention_module, "compile_platform", lambda: "gpu")
     monkeypatch.setattr(attention_module, "compiling_for_gpu", lambda: True)
     length = 2 * int(DENSE_LIMIT**0.5)
@@ -162,7 +165,7 @@ def test_long_attention_compiled_for_a_gpu_is_tritons_flash_kernel(monkeypatch):
 
     assert kernels(length, 0) == ["mha_forward"]
     assert kernels(length, None) == ["mha_forward"]
-    assert kernels(length // 2, length // 2) == []
+    assert kernels(length // 2, length // 2) == ["cache_attention_stats_gpu"]
 
 
 def test_flash_attention_refuses_a_chunk_of_queries():
@@ -189,17 +192,24 @@ DECODE_CASES = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
 @pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_decode_kernel_statistics_are_the_dense_ones(case):
-    """The TPU decode kernel, in Pallas' TPU interpreter on this CPU: the softmax statistics of a
-    few queries against a cache, left padding and a hole in the keys included."""
+def test_decode_kernel_statistics_are_the_dense_ones(case, kernel):
+    """The cache kernels in Pallas' interpreters on this CPU, TPU's and Triton's: the softmax
+    statistics of queries against a cache, left padding and a hole in the keys included.
+    Triton's matmuls take heads of 16 at least."""
     batch, queries, heads, kv_heads, keys, head_dim, query_index, key_offset = DECODE_CASES[case]
+    if kernel == "gpu":
+        head_dim = max(head_dim, cache_attention_gpu.MIN_TILE)
     q, k, v = random_qkv(5, batch, queries, keys, heads, kv_heads, head_dim)
     key_mask = np.ones((batch, keys), bool)
     key_mask[0, :37] = False
     key_mask[-1, keys // 2 : keys // 2 + 9] = False
-    with pltpu.force_tpu_interpret_mode():
-        got = decode_attention_stats(q, k, v, jnp.asarray(key_mask), query_index, key_offset)
+    if kernel == "gpu":
+        got = cache_attention_stats_gpu(q, k, v, jnp.asarray(key_mask), query_index, key_offset, interpret=True)
+    else:
+        with pltpu.force_tpu_interpret_mode():
+            got = decode_attention_stats(q, k, v, jnp.asarray(key_mask), query_index, key_offset)
     want = dense_stats(q, k, v, jnp.asarray(key_mask), query_index, key_offset)
     got_max, got_sum, got_values = map(np.asarray, got)
     want_max, want_sum, want_values = map(np.asarray, want)
@@ -365,11 +375,15 @@ def test_attention_over_an_int8_cache_is_dense_attention_over_its_dequantized_ke
 INT8_DECODE_CASES = {**DECODE_CASES, "blocks_of_8_heads": (1, 1, 24, 24, 600, 128, 580, 0)}
 
 
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
 @pytest.mark.parametrize("case", list(INT8_DECODE_CASES))
-def test_decode_kernel_statistics_over_an_int8_cache(case):
-    """The TPU decode kernel reading an int8 cache and its scales (Pallas' TPU interpreter): the
-    dense statistics over the keys and values the cache holds, a last block past the cache included."""
+def test_decode_kernel_statistics_over_an_int8_cache(case, kernel):
+    """The cache kernels, TPU's and Triton's, reading an int8 cache and its scales (Pallas'
+    interpreters): the dense statistics over the keys and values the cache holds, a last block
+    past the cache included."""
     batch, queries, heads, kv_heads, keys, head_dim, query_index, key_offset = INT8_DECODE_CASES[case]
+    if kernel == "gpu":
+        head_dim = max(head_dim, cache_attention_gpu.MIN_TILE)
     q, k, v = random_qkv(5, batch, queries, keys, heads, kv_heads, head_dim)
     (k8, v8, scales), (k_held, v_held) = int8_cache(k, v)
     if case == "last_block_past_the_cache":  # what a block reads past the cache must not count
@@ -379,8 +393,11 @@ def test_decode_kernel_statistics_over_an_int8_cache(case):
     key_mask = np.ones((batch, keys), bool)
     key_mask[0, :37] = False
     key_mask[-1, keys // 2 : keys // 2 + 9] = False
-    with pltpu.force_tpu_interpret_mode():
-        got = decode_attention_stats(q, k8, v8, jnp.asarray(key_mask), query_index, key_offset, scales)
+    if kernel == "gpu":
+        got = cache_attention_stats_gpu(q, k8, v8, jnp.asarray(key_mask), query_index, key_offset, scales, True)
+    else:
+        with pltpu.force_tpu_interpret_mode():
+            got = decode_attention_stats(q, k8, v8, jnp.asarray(key_mask), query_index, key_offset, scales)
     want = dense_stats(q, k_held, v_held, jnp.asarray(key_mask), query_index, key_offset)
     got_max, got_sum, got_values = map(np.asarray, got)
     want_max, want_sum, want_values = map(np.asarray, want)

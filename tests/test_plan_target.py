@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from aria_jax import attention as attention_module
+from aria_jax import cache_attention_gpu
 from aria_jax.accelerators import CHIPS, Chip
 from aria_jax.config import AriaTextConfig
 from aria_jax.hlo_cost import ProgramCost
@@ -439,6 +440,34 @@ def test_tritons_flash_attention_costs_its_two_matmuls(causal):
     )
     flops = 4 * 2 * 4 * 512 * 512 * 128 / (2 if causal else 1)
     assert cost.total.seconds == pytest.approx(flops / 1e9)
+
+
+TRITON_CACHE_ATTENTION_HLO = """HloModule jit_attention, num_partitions=1
+
+ENTRY %main (p: s32[2], q: bf16[2,4,256,128], k: bf16[2,4,1024,128], v: bf16[2,4,1024,128], m: s32[2,1024]) -> (f32[2,4,256], f32[2,4,256], f32[2,4,256,128]) {
+  %p = s32[2]{0} parameter(0)
+  %q = bf16[2,4,256,128]{3,2,1,0} parameter(1)
+  %k = bf16[2,4,1024,128]{3,2,1,0} parameter(2)
+  %v = bf16[2,4,1024,128]{3,2,1,0} parameter(3)
+  %m = s32[2,1024]{1,0} parameter(4)
+  ROOT %stats = (f32[2,4,256]{2,1,0}, f32[2,4,256]{2,1,0}, f32[2,4,256,128]{3,2,1,0}) custom-call(%p, %q, %k, %v, %m), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/shard_map/gpu_cache_attention/cache_attention_stats_gpu/pallas_call"}
+}
+"""
+
+
+def test_tritons_cache_attention_reads_the_cache_once_per_block_of_queries():
+    """The cache kernel's Triton call carries no cost: its bytes are the cache (keys, values, mask)
+    once for each block of QUERY_BLOCK query rows (the static worst case), plus q and the
+    statistics; its flops two matmuls of B x K x R x S x H."""
+    blocks = 256 // cache_attention_gpu.QUERY_BLOCK
+    cache_bytes = 2 * (2 * 4 * 1024 * 128 * 2) + 2 * 1024 * 4
+    own_bytes = 2 * 4 * 256 * 128 * 2 + 2 * (2 * 4 * 256 * 4) + 2 * 4 * 256 * 128 * 4
+    by_bytes = ProgramCost(TRITON_CACHE_ATTENTION_HLO, dataclasses.replace(BYTES_AT_1_GB_PER_S, peak_flops=1e30))
+    assert by_bytes.total.seconds == pytest.approx((blocks * cache_bytes + own_bytes) / 1e9)
+    by_flops = ProgramCost(
+        TRITON_CACHE_ATTENTION_HLO, dataclasses.replace(BYTES_AT_1_GB_PER_S, peak_flops=1e9, hbm_bytes_per_second=1e30)
+    )
+    assert by_flops.total.seconds == pytest.approx(4 * 2 * 4 * 256 * 1024 * 128 / 1e9)
 
 
 ASYNC_COPIES_HLO = """HloModule jit_copies, num_partitions=1
