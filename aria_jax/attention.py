@@ -70,8 +70,9 @@ def attention(
     interpreter elsewhere). "auto": on TPU, decode for up to DECODE_QUERIES causal queries; on
     CPU, blockwise past CPU_DENSE_QUERIES queries (`cpu_tiles`); else dense for small score
     matrices; past DENSE_LIMIT, flash where it applies on TPU and GPU, else on TPU and GPU decode
-    for causal queries (a prompt's chunk at its place in the cache), else blockwise. Rows with no key to attend (left pads) are finite garbage in
-    all, and with Triton's flash kernel every pad's own row; callers ignore them.
+    for causal queries (a prompt's chunk at its place in the cache), else blockwise. Rows with no
+    key to attend (left pads) are finite garbage in all, and with Triton's flash kernel every
+    pad's own row; callers ignore them.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: must be one of {IMPLEMENTATIONS}")

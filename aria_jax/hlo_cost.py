@@ -30,8 +30,8 @@ import math
 import re
 from functools import cached_property
 
-from aria_jax.accelerators import Chip
 from aria_jax import cache_attention_gpu
+from aria_jax.accelerators import Chip
 from aria_jax.attention import GPU_FLASH_SCOPE
 from aria_jax.grouped_matmul_gpu import SCOPE as GPU_GROUPED_MATMUL_SCOPE
 from aria_jax.hlo_text import Array, Computation, Instruction, Module, arrays_of, hbm_bytes, trip_count

@@ -402,9 +402,10 @@ routed_experts_looped.defvjp(_looped_forward, _looped_backward)
 def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same, layer=None):
     """By the platform the program is compiled for. TPU and GPU: the grouped matmul, whose
     kernel runs each expert's rows on the matrix units and skips experts with none; on GPU, with
-    the experts stacked over layers (`layer`), fewer pairs than experts take gathered weights read
-    in the stack, and up to IN_STACK_MAX_PAIRS pairs a Triton grouped matmul that reads in the
-    stack (XLA's grouped matmul would take a copy of the layer's). CPU: gathered
+    the experts stacked over layers (`layer`, an int or a loop's index), fewer pairs than experts
+    take gathered weights read in the stack, and more our Triton grouped matmul that reads in the
+    stack (XLA:GPU's ragged_dot would take a copy of the layer's experts, and multiplies every
+    row by every expert: a dense matmul over all of them). CPU: gathered
     weights for a few (token, slot) pairs (decode), else the looped backend (a gather copies
     slowly on CPU, so from a few tokens on, batched decode included, the loop is faster).
     `layer`: as in `routed_experts_gathered`. Quantized experts on GPU take the CPU's backends:
@@ -421,13 +422,7 @@ def routed_experts_auto(x, weights, expert_ids, gate_up, down, sum_hidden=_same,
         return routed_experts_looped(x, weights, expert_ids, dequantized(gate_up, x.dtype), dequantized(down, x.dtype))
     if compiling_for_gpu() and layer is not None and expert_ids.size < gate_up.shape[-3]:
         return routed_experts_gathered(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
-    if (
-        compiling_for_gpu()
-        and layer is not None
-        and expert_ids.size <= IN_STACK_MAX_PAIRS
-        and gpu_tiles_fit(gate_up)
-        and gpu_tiles_fit(down)
-    ):
+    if compiling_for_gpu() and layer is not None and gpu_tiles_fit(gate_up) and gpu_tiles_fit(down):
         return routed_experts_stacked_gpu(x, weights, expert_ids, gate_up, down, sum_hidden, layer)
     if compile_platform() != "cpu" or (sum_hidden is not _same and not few_pairs):
         # the grouped matmul; on CPU too when a collective completes the up-projection, which
@@ -617,12 +612,13 @@ IN_STACK_MAX_PAIRS = 512
 
 
 class MoE(nn.Module):
-    """`layer_index`: for decode, where the layers run unrolled. The routed experts' params are
-    then the whole stacks over layers, (L, E, D, 2F) and (L, E, F, D), and this layer's experts
-    are read inside them: in place by the TPU kernel; on GPU, for fewer (token, slot) pairs than
-    a shard has experts, by gathering the chosen ones (XLA:GPU fuses the gather into the matmul);
-    sliced out elsewhere. `dispatch`: on a mesh, send tokens to their experts' shards
-    (`experts_by_dispatch`) where it applies; inference only (prefill)."""
+    """`layer_index`: for generation, an int where the layers run unrolled (decode), a loop's
+    index where they run in a loop (a prompt's prefill). The routed experts' params are then the
+    whole stacks over layers, (L, E, D, 2F) and (L, E, F, D), and this layer's experts are read
+    inside them: in place by the TPU kernels; on GPU, for fewer (token, slot) pairs than a shard
+    has experts, by gathering the chosen ones (XLA:GPU fuses the gather into the matmul), for
+    more by our Triton grouped matmul; sliced out elsewhere. `dispatch`: on a mesh, send tokens
+    to their experts' shards (`experts_by_dispatch`) where it applies; inference only (prefill)."""
 
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
@@ -685,10 +681,8 @@ class MoE(nn.Module):
                 and (pairs <= IN_STACK_MAX_PAIRS and isinstance(self.layer_index, int) or not quantized)
             ):
                 backend = routed_experts_in_stack(self.layer_index)
-            elif (
-                backend in READ_IN_STACK
-                and isinstance(self.layer_index, int)
-                and (not on_mesh or backend is routed_experts_auto and compiling_for_gpu())
+            elif (backend is routed_experts_auto and compiling_for_gpu()) or (
+                backend in READ_IN_STACK and isinstance(self.layer_index, int) and not on_mesh
             ):
                 backend = functools.partial(backend, layer=self.layer_index)
             else:

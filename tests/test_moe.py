@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sharding_worker import equations, output_shapes, pallas_kernels
+
+import aria_jax.moe as moe_module
 from aria_jax.config import AriaTextConfig
 from aria_jax.grouped_matmul_gpu import stacked_grouped_matmul_gpu
 from aria_jax.moe import (
@@ -167,13 +170,15 @@ def test_backends_read_a_layer_in_stacked_weights(case, path):
     assert max_diff(jax.jit(routed_experts_dense)(x, weights, expert_ids, gate_up, down), on_layer) <= TOLERANCE
 
 
-def test_gpu_grouped_matmul_multiplies_each_groups_rows_in_the_stack():
+@pytest.mark.parametrize("sizes", [[3, 0, 20, 1, 0], [70, 0, 210, 1, 40]], ids=["decode_tiles", "prompt_tiles"])
+def test_gpu_grouped_matmul_multiplies_each_groups_rows_in_the_stack(sizes):
     """Triton's kernel (in Pallas' interpreter): groups without rows, a group longer than a tile
     of rows, rows past the last group (zeros), a traced layer, and tiles smaller than the largest
-    where those do not divide (depth 32, width 48)."""
+    where those do not divide (depth 32, width 48); a decode step's few rows in tiles of 16, a
+    prompt's many (64 a group on average) in tiles of 64."""
     layers, groups, depth, width = 3, 5, 32, 48
     weights = normal(11, (layers, groups, depth, width))
-    sizes = np.array([3, 0, 20, 1, 0], np.int32)
+    sizes = np.array(sizes, np.int32)
     rows = normal(12, (int(sizes.sum()) + 4, depth))
     out = jax.jit(stacked_grouped_matmul_gpu)(rows, weights, jnp.int32(2), jnp.asarray(sizes))
     expected = np.zeros((rows.shape[0], width), np.float32)
@@ -182,6 +187,50 @@ def test_gpu_grouped_matmul_multiplies_each_groups_rows_in_the_stack():
         expected[bounds[group] : bounds[group + 1]] = rows[bounds[group] : bounds[group + 1]] @ weights[2, group]
     assert max_diff(out, expected) <= TOLERANCE * np.abs(expected).max()
     assert np.all(np.asarray(out)[bounds[-1] :] == 0)
+
+
+def test_gpu_prefill_reads_each_layers_experts_in_the_stack(monkeypatch):
+    """A prompt's layers run in a loop, the layer a traced index. Compiled for a GPU (the platform
+    patched; Pallas' interpreter runs the kernel here), each layer's many (token, slot) pairs go
+    through the Triton grouped matmul, which reads the stacks in place: no copy of a layer's
+    experts, and no dense matmul of every row by every expert (XLA:GPU's ragged_dot). Every
+    layer gives the MoE with that layer's experts alone."""
+    config = AriaTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        moe_num_experts=4,
+        moe_topk=2,
+        moe_num_shared_experts=1,
+    )
+    params = nn.meta.unbox(MoE(config, layer_index=0).init(jax.random.key(0), jnp.zeros((1, 1, 32)))["params"])
+    params = jax.tree.map(lambda p: p * 10.0, params)
+    x = jnp.asarray(normal(31, (2, 80, 32)))  # 320 pairs: a prompt's tiles of 64 rows
+
+    def one_layer(params, layer):
+        return {
+            **params,
+            "experts_gate_up": params["experts_gate_up"][layer],
+            "experts_down": params["experts_down"][layer],
+        }
+
+    expected = [np.asarray(jax.jit(MoE(config).apply)({"params": one_layer(params, i)}, x)) for i in range(3)]
+    monkeypatch.setattr(moe_module, "compile_platform", lambda: "gpu")
+    monkeypatch.setattr(moe_module, "compiling_for_gpu", lambda: True)
+
+    def in_loop(params, x, layer):
+        return MoE(config, layer_index=layer).apply({"params": params}, x)
+
+    jaxpr = jax.make_jaxpr(in_loop)(params, x, jnp.int32(1)).jaxpr
+    assert pallas_kernels(jaxpr) == ["stacked_grouped_matmul_gpu"] * 2
+    assert (4, 32, 64) not in output_shapes(jaxpr)  # a layer's experts_gate_up, copied out
+    assert not [e for e in equations(jaxpr) if e.primitive.name == "ragged_dot_general"]
+    for layer in range(3):
+        got = jax.jit(in_loop)(params, x, jnp.int32(layer))
+        assert max_diff(got, expected[layer]) <= TOLERANCE * np.abs(expected[layer]).max(), layer
 
 
 @pytest.mark.parametrize("routing", ["random", "empty_experts", "routed_elsewhere"])
