@@ -426,9 +426,11 @@ def pallas_kernels(jaxpr) -> list[str]:
 GPU_DECODE_CASES = [(1, 32), (8, 32), (8, 24)]
 
 
-def gpu_decode_layer(width: int):
-    """A decode layer's MoE of 32 experts of `width`, stacked over 2 layers, and its params (scaled
-    up from the initializer's, so that differences show)."""
+def stacked_moe(num_experts: int, num_layers: int, width: int):
+    """An MoE config of `num_experts` experts of `width` (model dimension 32, top 2, one shared
+    expert) and its generation params, the routed experts stacked over `num_layers` layers,
+    scaled up from the initializer's so that differences show."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
@@ -439,19 +441,15 @@ def gpu_decode_layer(width: int):
         vocab_size=64,
         hidden_size=32,
         intermediate_size=width,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
-        moe_num_experts=32,
+        moe_num_experts=num_experts,
         moe_topk=2,
         moe_num_shared_experts=1,
     )
-    layer = moe.MoE(config, layer_index=1)
-    params = layer.init(jax.random.key(0), jnp.zeros((1, 1, 32)))["params"]
-    params = jax.tree.map(
-        lambda p: (p.value if hasattr(p, "value") else p) * 10.0, params, is_leaf=lambda p: hasattr(p, "value")
-    )
-    return layer, params
+    params = moe.MoE(config, layer_index=0).init(jax.random.key(0), jnp.zeros((1, 1, 32)))["params"]
+    return config, jax.tree.map(lambda p: p * 10.0, nn.meta.unbox(params))
 
 
 def run_gpu_decode_experts(results: dict) -> None:
@@ -468,11 +466,12 @@ def run_gpu_decode_experts(results: dict) -> None:
     from aria_jax import moe
 
     results["gpu_decode_experts"] = {}
-    layers = {}  # by expert width: (layer, its params)
+    layers = {}  # by expert width: (config, params)
     for tokens, width in GPU_DECODE_CASES:
         if width not in layers:
-            layers[width] = gpu_decode_layer(width)
-        layer, params = layers[width]
+            layers[width] = stacked_moe(32, 2, width)
+        config, params = layers[width]
+        layer = moe.MoE(config, layer_index=1)
         one_layer = {(32, 32, 2 * width), (4, 32, 2 * width)}  # a layer's experts_gate_up, whole or one shard's
         x = jax.random.normal(jax.random.key(tokens), (tokens, 1, 32), jnp.float32)
         reference = np.asarray(jax.jit(layer.apply)({"params": params}, x))

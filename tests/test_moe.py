@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sharding_worker import equations, output_shapes, pallas_kernels
+from sharding_worker import equations, output_shapes, pallas_kernels, stacked_moe
 
 import aria_jax.moe as moe_module
 from aria_jax.config import AriaTextConfig
@@ -195,19 +195,7 @@ def test_gpu_prefill_reads_each_layers_experts_in_the_stack(monkeypatch):
     through the Triton grouped matmul, which reads the stacks in place: no copy of a layer's
     experts, and no dense matmul of every row by every expert (XLA:GPU's ragged_dot). Every
     layer gives the MoE with that layer's experts alone."""
-    config = AriaTextConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        moe_num_experts=4,
-        moe_topk=2,
-        moe_num_shared_experts=1,
-    )
-    params = nn.meta.unbox(MoE(config, layer_index=0).init(jax.random.key(0), jnp.zeros((1, 1, 32)))["params"])
-    params = jax.tree.map(lambda p: p * 10.0, params)
+    config, params = stacked_moe(4, 3, 32)
     x = jnp.asarray(normal(31, (2, 80, 32)))  # 320 pairs: a prompt's tiles of 64 rows
 
     def one_layer(params, layer):
